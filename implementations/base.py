@@ -1,0 +1,174 @@
+"""The interface every NTK plugin offers, and the checks and helpers they share.
+
+A plugin subclasses :class:`NTKPlugin`, sets ``name``, and implements ``_kernel``.
+``compute`` validates the inputs, runs ``_kernel`` and leaves the model as it
+found it (parameters, ``.grad``, train/eval flag), so plugins stay small.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+MODES = ("full", "trace", "diagonal")
+
+
+class UnsupportedModelError(ValueError):
+    """The plugin cannot handle this model; the message says why."""
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters the NTK differentiates: every parameter that requires grad."""
+    return {k: p for k, p in model.named_parameters() if p.requires_grad}
+
+
+def kernel_shape(n: int, m: int, o: int, mode: str) -> tuple[int, ...]:
+    return {"full": (n, m, o, o), "trace": (n, m), "diagonal": (n, m, o)}[mode]
+
+
+def reduce_full(kernel: torch.Tensor, mode: str) -> torch.Tensor:
+    """Reduce a full (N, M, O, O) kernel to the requested mode."""
+    if mode == "full":
+        return kernel
+    if mode == "trace":
+        return torch.einsum("nmaa->nm", kernel)
+    return torch.einsum("nmaa->nma", kernel).contiguous()
+
+
+_CONTRACTIONS = {"full": "naf,mbf->nmab", "trace": "naf,maf->nm", "diagonal": "naf,maf->nma"}
+
+
+def contract_jacobians(jac1: list[torch.Tensor], jac2: list[torch.Tensor], mode: str) -> torch.Tensor:
+    """Sum over parameter blocks of J1 J2ᵀ in the requested mode.
+
+    Each block is (N, O, P_i); trace and diagonal contract directly (N·M·O·P_i
+    instead of N·M·O²·P_i).
+    """
+    expr = _CONTRACTIONS[mode]
+    out = None
+    for j1, j2 in zip(jac1, jac2):
+        term = torch.einsum(expr, j1, j2)
+        out = term if out is None else out.add_(term)
+    return out
+
+
+def output_width(model: nn.Module, x: torch.Tensor) -> int:
+    """O, from a forward pass on one sample; the model must map (N, ...) to (N, O)."""
+    with torch.no_grad():
+        y = model(x[:1])
+    if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape[0] != 1:
+        shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ValueError(f"model output must have shape (N, O); got {shape} for a batch of 1")
+    return y.shape[1]
+
+
+def validate_inputs(model: nn.Module, x1, x2, mode: str) -> None:
+    """Raise a clear ValueError/TypeError for inputs no plugin can take."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
+    params = list(trainable_parameters(model).values())
+    if not params:
+        raise ValueError("model has no trainable parameters: its NTK is empty")
+    p0 = params[0]
+    for label, x in (("x1", x1), ("x2", x2)):
+        if x is None and label == "x2":
+            continue
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{label} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{label} has dtype {x.dtype}; the NTK needs floating-point inputs")
+        if x.dim() < 2:
+            raise ValueError(f"{label} must be batched, shape (N, ...); got {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError(f"{label} is an empty batch (shape {tuple(x.shape)})")
+        if x.device != p0.device:
+            raise ValueError(f"{label} is on {x.device} but the model's parameters are on {p0.device}")
+        if x.dtype != p0.dtype:
+            raise TypeError(
+                f"{label} has dtype {x.dtype} but the model's parameters are {p0.dtype}; "
+                f"convert one of them (e.g. model.to({x.dtype}))"
+            )
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{label} contains NaN or inf")
+    if x2 is not None and x1.shape[1:] != x2.shape[1:]:
+        raise ValueError(
+            f"x1 and x2 have different per-sample shapes: {tuple(x1.shape[1:])} vs {tuple(x2.shape[1:])}"
+        )
+
+
+@contextlib.contextmanager
+def model_state_preserved(model: nn.Module) -> Iterator[None]:
+    """Restore the train/eval flags and the ``.grad`` of every parameter on exit.
+
+    Plugins never write parameter values (the tests check that); autograd-based
+    ones may touch ``.grad``, which is put back as it was.
+    """
+    flags = {m: m.training for m in model.modules()}
+    params = list(model.parameters())
+    grads = [p.grad for p in params]
+    try:
+        yield
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+        for p, g in zip(params, grads):
+            p.grad = g
+
+
+class NTKPlugin:
+    """One algorithm for the empirical NTK Θ(x1, x2) = J(x1) J(x2)ᵀ."""
+
+    name: str = ""
+
+    def supports(self, model: nn.Module) -> str | None:
+        """None when this plugin can handle ``model``, otherwise the reason it cannot."""
+        return None
+
+    def compute(self, model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None, mode: str = "full") -> torch.Tensor:
+        """Θ(x1, x2) with shape (N, M, O, O) / (N, M) / (N, M, O) for full / trace / diagonal.
+
+        ``x2=None`` means x2 = x1. The result is on the inputs' device, in their dtype.
+        """
+        validate_inputs(model, x1, x2, mode)
+        o = output_width(model, x1)
+        reason = self.supports(model)
+        if reason is not None:
+            raise UnsupportedModelError(reason)
+        with model_state_preserved(model):
+            out = self._kernel(model, x1, x2, mode)
+        expected = kernel_shape(x1.shape[0], (x1 if x2 is None else x2).shape[0], o, mode)
+        if tuple(out.shape) != expected:
+            raise RuntimeError(f"{self.name} returned shape {tuple(out.shape)}, expected {expected}")
+        return out.to(device=x1.device, dtype=x1.dtype)
+
+    def _kernel(self, model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None, mode: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<NTK plugin {self.name}>"
+
+
+def functional_single(model: nn.Module) -> tuple[dict[str, torch.Tensor], Callable]:
+    """Detached trainable parameters and f(params, x_single) -> (O,) for torch.func."""
+    params = {k: v.detach() for k, v in trainable_parameters(model).items()}
+
+    def f(p, x):
+        return torch.func.functional_call(model, p, (x.unsqueeze(0),)).squeeze(0)
+
+    return params, f
+
+
+def chunks(n: int, size: int) -> list[slice]:
+    """Ragged slices of ``range(n)`` of at most ``size`` each."""
+    size = max(1, int(size))
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def numel(params: dict[str, torch.Tensor]) -> int:
+    return sum(math.prod(p.shape) for p in params.values())

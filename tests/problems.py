@@ -1,0 +1,75 @@
+"""Test problems, BackPACK-style: a model factory, inputs and an id; plugins are compared on them."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from bench import architectures
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    id: str
+    arch: str
+    params: tuple  # sorted (key, value) pairs for architectures.build
+    n: int
+    m: int | None  # None: x2 = None (the kernel of x1 with itself)
+
+    def model(self, dtype=torch.float64, device="cpu"):
+        return architectures.build(self.arch, seed=0, **dict(self.params)).model.to(dtype=dtype, device=device)
+
+    def inputs(self, dtype=torch.float64, device="cpu"):
+        """x1, x2 drawn in float32 (so float32 and float64 runs see the same numbers)."""
+        arch = architectures.build(self.arch, seed=0, **dict(self.params))
+        x1 = architectures.inputs(arch, self.n, seed=1, dtype=torch.float32).to(dtype=dtype, device=device)
+        if self.m is None:
+            return x1, None
+        x2 = architectures.inputs(arch, self.m, seed=2, dtype=torch.float32).to(dtype=dtype, device=device)
+        return x1, x2
+
+
+def _p(id, arch, n, m, **params):
+    return Problem(id, arch, tuple(sorted(params.items())), n, m)
+
+
+SMALL_MLP = dict(in_features=6, width=8, depth=2)
+SMALL_CNN = dict(channels=3, image=8)
+
+# Each architecture with O = 1 and O > 1, N != M and x2 = None.
+PROBLEMS = [
+    _p("mlp-relu-O1-N4M3", "mlp", 4, 3, out=1, **SMALL_MLP),
+    _p("mlp-relu-O3-N4M3", "mlp", 4, 3, out=3, **SMALL_MLP),
+    _p("mlp-relu-O3-x2None", "mlp", 4, None, out=3, **SMALL_MLP),
+    _p("mlp-tanh-O2-N3M5", "mlp", 3, 5, out=2, activation="tanh", **SMALL_MLP),
+    _p("mlp-gelu-nobias-O2-N3M2", "mlp", 3, 2, out=2, activation="gelu", bias=False, **SMALL_MLP),
+    _p("mlp-sigmoid-depth1-O4-x2None", "mlp", 3, None, in_features=5, width=7, depth=1, out=4, activation="sigmoid"),
+    _p("tutorial_cnn-O10-N2M3", "tutorial_cnn", 2, 3),
+    _p("tutorial_cnn-O10-x2None", "tutorial_cnn", 2, None),
+    _p("cnn-O1-N3M2", "cnn", 3, 2, out=1, **SMALL_CNN),
+    _p("cnn-O4-N2M3", "cnn", 2, 3, out=4, **SMALL_CNN),
+    _p("cnn-O4-x2None", "cnn", 3, None, out=4, **SMALL_CNN),
+    _p("resnet_tiny-O1-N3M2", "resnet_tiny", 3, 2, out=1, channels=2, image=6),
+    _p("resnet_tiny-O3-N2M3", "resnet_tiny", 2, 3, out=3, channels=2, image=6),
+    _p("resnet_tiny-O3-x2None", "resnet_tiny", 3, None, out=3, channels=2, image=6),
+]
+BY_ID = {p.id: p for p in PROBLEMS}
+
+# (plugin, architecture) pairs a built-in plugin must decline, and a word its reason must contain.
+EXPECTED_UNSUPPORTED = {
+    ("explicit_mlp", "tutorial_cnn"): "TutorialCNN",
+    ("explicit_mlp", "cnn"): "Conv2d",
+    ("explicit_mlp", "resnet_tiny"): "ResidualBlockNet",
+    ("backpack_sqrtggn", "tutorial_cnn"): "custom module",
+    ("backpack_sqrtggn", "resnet_tiny"): "custom module",
+}
+
+
+def rel_err(k: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖K − K_ref‖_F / ‖K_ref‖_F, in float64 on the CPU."""
+    k, ref = k.detach().cpu().double(), ref.detach().cpu().double()
+    return float(torch.linalg.vector_norm(k - ref) / torch.linalg.vector_norm(ref))
+
+
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
