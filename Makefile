@@ -36,3 +36,10 @@ report: $(DEPS)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Regression gate (pytest-benchmark; not part of make test).
+benchmark-save: $(DEPS)
+	$(PYTHON) -m pytest benchmarks -q --benchmark-only --benchmark-save=baseline
+
+benchmark-compare: $(DEPS)
+	$(PYTHON) -m pytest benchmarks -q --benchmark-only --benchmark-compare --benchmark-compare-fail=median:20%

@@ -109,11 +109,21 @@ def names() -> list[str]:
     return list(ZOO)
 
 
+def check_params(name: str, params: dict) -> None:
+    """Raise TypeError naming a parameter ``name`` does not take."""
+    try:
+        inspect.signature(ZOO[name]).bind(**params)
+    except TypeError as exc:
+        valid = ", ".join(inspect.signature(ZOO[name]).parameters) or "none"
+        raise TypeError(f"{name}: {exc}; valid parameters: {valid}") from None
+
+
 def build(name: str, seed: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
           **params) -> Architecture:
     """Build ``name`` with ``params``, its weights drawn from ``seed`` (the same seed, the same weights)."""
     if name not in ZOO:
         raise KeyError(f"unknown architecture {name!r}; valid names: {', '.join(ZOO)}")
+    check_params(name, params)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model, shape = ZOO[name](**params)

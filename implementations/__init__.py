@@ -19,6 +19,8 @@ _BUILTIN = {
     "explicit_mlp": "explicit_mlp",
     "backpack_batchgrad": "backpack_batchgrad",
     "backpack_sqrtggn": "backpack_sqrtggn",
+    "structured": "structured",
+    "auto": "auto",
 }
 _registered: dict[str, NTKPlugin] = {}
 

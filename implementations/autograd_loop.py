@@ -29,6 +29,15 @@ def jacobians_by_autograd(model, x):
 class AutogradLoop(NTKPlugin):
     name = "autograd_loop"
 
+    def estimate(self, stats, n, m, mode, symmetric):
+        """Each of the N·O backward passes runs through the whole batch's graph."""
+        from .costs import Estimate, contraction_flops, jacobian_bytes, kernel_numel
+
+        sides = [n] if symmetric else [n, m]
+        flops = sum(b * stats.o * (2 * b * stats.fp_flops) for b in sides) + contraction_flops(stats, n, m, mode)
+        peak = jacobian_bytes(stats, n, 0 if symmetric else m) + max(sides) * stats.activations * stats.itemsize
+        return Estimate(flops, peak + kernel_numel(n, m, stats.o, mode) * stats.itemsize)
+
     def _kernel(self, model, x1, x2, mode):
         j1 = jacobians_by_autograd(model, x1)
         j2 = j1 if x2 is None else jacobians_by_autograd(model, x2)

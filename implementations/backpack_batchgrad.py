@@ -56,6 +56,15 @@ class BackpackBatchGrad(NTKPlugin):
                 return f"backpack_batchgrad: BackPACK's BatchGrad has no rule for {type(m).__name__}"
         return None
 
+    def estimate(self, stats, n, m, mode, symmetric):
+        """One forward of [x1; x2], O backward passes (or one, O-wide), per-sample gradients, contraction."""
+        from .costs import Estimate, contraction_flops, jacobian_bytes, kernel_numel
+
+        side = n if symmetric else n + m
+        flops = side * (stats.fp_flops + stats.o * (2 * stats.fp_flops + 2 * stats.p)) + contraction_flops(stats, n, m, mode)
+        peak = 2 * jacobian_bytes(stats, n, 0 if symmetric else m) + side * stats.o * stats.activations * stats.itemsize
+        return Estimate(flops, peak + kernel_numel(n, m, stats.o, mode) * stats.itemsize)
+
     def _kernel(self, model, x1, x2, mode):
         import torch
         from backpack import backpack

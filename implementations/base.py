@@ -56,6 +56,20 @@ def contract_jacobians(jac1: list[torch.Tensor], jac2: list[torch.Tensor], mode:
     return out
 
 
+def gradient_gram(g1: torch.Tensor, g2: torch.Tensor, mode: str) -> torch.Tensor:
+    """Σ_c G1[a, n, c] G2[b, m, c] for G of shape (O, N, C), as one GEMM, in the mode's shape.
+
+    full → (N, M, O, O) as a permuted view, trace → (N, M), diagonal → (N, M, O).
+    """
+    o, n, c = g1.shape
+    m = g2.shape[1]
+    if mode == "full":
+        return (g1.reshape(o * n, c) @ g2.reshape(o * m, c).T).view(o, n, o, m).permute(1, 3, 0, 2)
+    if mode == "trace":
+        return g1.transpose(0, 1).reshape(n, o * c) @ g2.transpose(0, 1).reshape(m, o * c).T
+    return torch.bmm(g1, g2.transpose(1, 2)).permute(1, 2, 0)
+
+
 def output_width(model: nn.Module, x: torch.Tensor) -> int:
     """O, from a forward pass on one sample; the model must map (N, ...) to (N, O)."""
     with torch.no_grad():
@@ -130,10 +144,14 @@ class NTKPlugin:
         """None when this plugin can handle ``model``, otherwise the reason it cannot."""
         return None
 
-    def compute(self, model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None, mode: str = "full") -> torch.Tensor:
+    def compute(self, model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None, mode: str = "full",
+                memory_budget_bytes: int | None = None) -> torch.Tensor:
         """Θ(x1, x2) with shape (N, M, O, O) / (N, M) / (N, M, O) for full / trace / diagonal.
 
         ``x2=None`` means x2 = x1. The result is on the inputs' device, in their dtype.
+        With ``memory_budget_bytes`` the kernel is computed in tiles whose estimated
+        peak fits the budget (``blocking``); a kernel too large to sit next to a
+        tile within the budget is returned in CPU memory.
         """
         validate_inputs(model, x1, x2, mode)
         o = output_width(model, x1)
@@ -141,11 +159,33 @@ class NTKPlugin:
         if reason is not None:
             raise UnsupportedModelError(reason)
         with model_state_preserved(model):
-            out = self._kernel(model, x1, x2, mode)
+            if memory_budget_bytes is None:
+                out = self._kernel(model, x1, x2, mode)
+            else:
+                from .blocking import blocked_kernel
+
+                out = blocked_kernel(self.with_budget(memory_budget_bytes), model, x1, x2, mode, memory_budget_bytes)
         expected = kernel_shape(x1.shape[0], (x1 if x2 is None else x2).shape[0], o, mode)
         if tuple(out.shape) != expected:
             raise RuntimeError(f"{self.name} returned shape {tuple(out.shape)}, expected {expected}")
-        return out.to(device=x1.device, dtype=x1.dtype)
+        return out.to(dtype=x1.dtype) if memory_budget_bytes is not None else out.to(device=x1.device, dtype=x1.dtype)
+
+    def with_budget(self, memory_budget_bytes: int) -> "NTKPlugin":
+        """This plugin, for a call under a memory budget (plugins that tile internally override it)."""
+        return self
+
+    def estimate(self, stats, n: int, m: int, mode: str, symmetric: bool):
+        """Cost-model FLOPs and peak bytes for an N x M block (``costs.Estimate``).
+
+        The default is Jacobian contraction's: (N+M)·O Jacobian rows of P numbers
+        each, built with one backward per output, then contracted.
+        """
+        from .costs import Estimate, contraction_flops, jacobian_bytes, kernel_numel
+
+        side = n if symmetric else n + m
+        flops = side * stats.o * 3 * stats.fp_flops + contraction_flops(stats, n, m, mode)
+        peak = 2 * jacobian_bytes(stats, n, 0 if symmetric else m) + side * stats.o * stats.activations * stats.itemsize
+        return Estimate(flops, peak + kernel_numel(n, m, stats.o, mode) * stats.itemsize)
 
     def _kernel(self, model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None, mode: str) -> torch.Tensor:
         raise NotImplementedError

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from .base import NTKPlugin
+from .base import NTKPlugin, gradient_gram
 
 
 def _gelu_derivative(module: nn.GELU, z):
@@ -75,6 +75,16 @@ class ExplicitMLP(NTKPlugin):
             return "explicit_mlp: every parameter must require grad"
         return None
 
+    def estimate(self, stats, n, m, mode, symmetric):
+        """Per layer: X1 X2ᵀ (N·M·K), G1 G2ᵀ (N·M·O²·C in full mode) and the recursion G W (O·C·K per sample)."""
+        from .costs import Estimate, kernel_numel
+
+        side = n if symmetric else n + m
+        oo = stats.o * stats.o if mode == "full" else stats.o
+        flops = sum(2 * n * m * (layer.k + oo * layer.c) + 2 * side * stats.o * layer.c * layer.k for layer in stats.layers)
+        peak = side * (stats.o * stats.widths + stats.activations) * stats.itemsize
+        return Estimate(flops + side * stats.fp_flops, peak + 2 * kernel_numel(n, m, stats.o, mode) * stats.itemsize)
+
     @staticmethod
     def _forward(layers, x):
         """Inputs h_{l-1} of each Linear layer and the derivative chain after it."""
@@ -96,17 +106,17 @@ class ExplicitMLP(NTKPlugin):
 
     @staticmethod
     def _output_gradients(linears, derivs, n):
-        """G_l = ∂f/∂z_l for every Linear layer l, shape (N, O, d_out_l)."""
+        """G_l = ∂f/∂z_l for every Linear layer l, shape (O, N, d_out_l)."""
         o = linears[-1].out_features
         w = linears[-1].weight
-        g = torch.eye(o, dtype=w.dtype, device=w.device).expand(n, o, o)
+        g = torch.eye(o, dtype=w.dtype, device=w.device).unsqueeze(1).expand(o, n, o)
         for d in derivs[-1]:  # activations after the last Linear
-            g = g * d.unsqueeze(1)
+            g = g * d
         grads = [g]
         for l in range(len(linears) - 1, 0, -1):
             g = g @ linears[l].weight  # ∂f/∂h_{l-1}
             for d in reversed(derivs[l - 1]):
-                g = g * d.unsqueeze(1)
+                g = g * d
             grads.append(g)
         return grads[::-1]
 
@@ -120,13 +130,12 @@ class ExplicitMLP(NTKPlugin):
         else:
             in2, _, der2 = self._forward(layers, x2)
             g2 = self._output_gradients(linears, der2, x2.shape[0])
-        expr = {"full": "nak,mbk->nmab", "trace": "nak,mak->nm", "diagonal": "nak,mak->nma"}[mode]
         out = None
         for h1, h2, a, b, lin in zip(in1, in2, g1, g2, linears):
             xx = h1 @ h2.T
             if lin.bias is not None:
                 xx = xx + 1
-            gg = torch.einsum(expr, a, b)
+            gg = gradient_gram(a.contiguous(), b.contiguous(), mode)
             term = gg * xx.view(xx.shape + (1,) * (gg.dim() - 2))
             out = term if out is None else out.add_(term)
         return out

@@ -21,6 +21,22 @@ class NTKVectorProducts(NTKPlugin):
     def __init__(self, memory_budget_bytes: int = 1 << 30):
         self.memory_budget_bytes = memory_budget_bytes
 
+    @staticmethod
+    def _bytes_per_pair(o, p, itemsize):
+        """Each pair holds O cotangents of size P (and their tangents) at once."""
+        return 4 * o * p * itemsize
+
+    def with_budget(self, memory_budget_bytes):
+        return NTKVectorProducts(min(self.memory_budget_bytes, memory_budget_bytes))
+
+    def estimate(self, stats, n, m, mode, symmetric):
+        from .costs import Estimate, kernel_numel
+
+        per_pair = self._bytes_per_pair(stats.o, stats.p, stats.itemsize)
+        pairs = min(n * m, max(1, self.memory_budget_bytes // per_pair))
+        flops = n * m * stats.o * (5 * stats.fp_flops + 2 * stats.p)
+        return Estimate(flops, pairs * per_pair + kernel_numel(n, m, stats.o, "full") * stats.itemsize)
+
     def _kernel(self, model, x1, x2, mode):
         x2_ = x1 if x2 is None else x2
         params, f = functional_single(model)
@@ -37,9 +53,7 @@ class NTKVectorProducts(NTKPlugin):
             return vmap(column)(basis)  # [o, :] = Θ(a, b)[o, :]
 
         all_pairs = vmap(vmap(ntk_pair, (None, 0)), (0, None))
-        # Each pair holds O cotangents of size P plus O forward activations.
-        per_pair = 4 * o * numel(params) * x1.element_size()
-        pairs_per_tile = max(1, self.memory_budget_bytes // per_pair)
+        pairs_per_tile = max(1, self.memory_budget_bytes // self._bytes_per_pair(o, numel(params), x1.element_size()))
         m = x2_.shape[0]
         c2 = min(m, pairs_per_tile)
         c1 = max(1, pairs_per_tile // c2)

@@ -38,7 +38,8 @@ def _nt():
     return nt
 
 
-def kernel_fn(model: torch.nn.Module, implementation: str = "jacobian_contraction", mode: str = "full"):
+def kernel_fn(model: torch.nn.Module, implementation: str = "jacobian_contraction", mode: str = "full",
+              dtype: str = "float64"):
     """A jitted ``f(x1, x2_or_None) -> jax.Array`` computing neural-tangents' NTK of ``model``.
 
     ``mode`` uses neural-tangents' own ``trace_axes``/``diagonal_axes``, so
@@ -51,6 +52,7 @@ def kernel_fn(model: torch.nn.Module, implementation: str = "jacobian_contractio
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown neural-tangents implementation {implementation!r}; valid: {', '.join(IMPLEMENTATIONS)}")
     apply_fn, params = to_jax(model)
+    params = {k: v.astype(dtype) for k, v in params.items()}
     axes = {"full": ((), ()), "trace": ((-1,), ()), "diagonal": ((), (-1,))}
     if mode not in axes:
         raise ValueError(f"unknown mode {mode!r}; valid modes: full, trace, diagonal")
@@ -67,7 +69,7 @@ def kernel_fn(model: torch.nn.Module, implementation: str = "jacobian_contractio
         return k
 
     jitted = jax.jit(kernel)
-    return lambda x1, x2=None: jitted(x1, x2, params)
+    return lambda x1, x2=None: jitted(x1.astype(dtype), None if x2 is None else x2.astype(dtype), params)
 
 
 def to_numpy64(x: torch.Tensor) -> np.ndarray:

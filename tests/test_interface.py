@@ -12,7 +12,7 @@ from implementations import UnsupportedModelError
 from problems import EXPECTED_UNSUPPORTED
 
 BUILTIN = ["jacobian_contraction", "ntk_vector_products", "autograd_loop",
-           "explicit_mlp", "backpack_batchgrad", "backpack_sqrtggn"]
+           "explicit_mlp", "backpack_batchgrad", "backpack_sqrtggn", "structured", "auto"]
 ALL = implementations.names()
 
 

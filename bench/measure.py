@@ -1,0 +1,306 @@
+"""Run one job in this process: a case (time, peak memory, cost model, agreement) or a reference.
+
+``run_case(case, run_dir)`` returns the result row; ``ensure_reference(problem,
+run_dir)`` computes the float64 reference block of a problem once and stores it
+under ``run_dir/references``. Both are plain functions, so any executor (a
+local worker process, submitit, Ray) can call them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from . import architectures
+from .sweeps import Case, Problem
+
+TOLERANCE = {"float64": 1e-10, "float32": 1e-4}
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+REF_MAX_BLOCK = 64  # the reference covers the leading block of at most 64 x 64 samples ...
+REF_MAX_ENTRIES = 4_000_000  # ... and at most this many kernel entries (O = 100: 20 x 20 samples)
+
+
+# -- problems ----------------------------------------------------------------
+
+def build_problem(problem: Problem, dtype: torch.dtype, device: str):
+    """The model and the inputs x1, x2 (x2 None when M is x1): the same numbers in every dtype."""
+    arch = architectures.build(problem.arch, seed=0, **dict(problem.arch_params))
+    model = arch.model.to(dtype=dtype, device=device)
+    x1 = architectures.inputs(arch, problem.n, seed=1, dtype=torch.float32).to(dtype=dtype, device=device)
+    x2 = None
+    if problem.m is not None:
+        x2 = architectures.inputs(arch, problem.m, seed=2, dtype=torch.float32).to(dtype=dtype, device=device)
+    return arch, model, x1, x2
+
+
+def reference_block(problem: Problem, o: int) -> tuple[int, int]:
+    a = min(problem.n, REF_MAX_BLOCK, max(1, int(math.sqrt(REF_MAX_ENTRIES / (o * o)))))
+    b = a if problem.m is None else min(problem.m, a)
+    return a, b
+
+
+def _reference_path(problem: Problem, run_dir: Path) -> Path:
+    key = hashlib.sha1(problem.id.encode()).hexdigest()[:16]
+    return Path(run_dir) / "references" / key
+
+
+def ensure_reference(problem: Problem, run_dir: Path) -> dict:
+    """Compute (once) the float64 reference kernel of the problem's leading block; return its record."""
+    path = _reference_path(problem, run_dir)
+    if path.with_suffix(".json").exists():
+        return json.loads(path.with_suffix(".json").read_text())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arch, model, x1, x2 = build_problem(problem, torch.float64, "cpu")
+    a, b = reference_block(problem, arch.num_outputs)
+    x1b, x2b = x1[:a], (None if x2 is None else x2[:b])
+    import reference
+
+    reason = reference.available()
+    if reason is None:
+        source = "neural_tangents:structured_derivatives"
+        compute = lambda: reference.ntk(model, x1b, x2b, implementation="structured_derivatives")  # noqa: E731
+    else:
+        import implementations
+
+        source = "harness:jacobian_contraction:float64:cpu"
+        compute = lambda: implementations.get("jacobian_contraction").compute(model, x1b, x2b)  # noqa: E731
+    record = {"problem": problem.id, "block": [a, b], "source": source, "note": reason}
+    try:
+        kernel = compute()
+        torch.save(kernel, path.with_suffix(".pt"))
+        record["status"] = "ok"
+    except (RuntimeError, ValueError, NotImplementedError, MemoryError) as exc:
+        record.update(status="error", error=f"{type(exc).__name__}: {exc}"[:500])
+    write_reference_record(problem, run_dir, record)
+    return record
+
+
+def write_reference_record(problem: Problem, run_dir: Path, record: dict) -> None:
+    """Store a reference's record (atomically: a reader sees the old file or the new one)."""
+    meta_path = _reference_path(problem, run_dir).with_suffix(".json")
+    meta_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = meta_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"problem": problem.id, **record}))
+    tmp.replace(meta_path)
+
+
+def load_reference(problem: Problem, run_dir: Path):
+    meta_path = _reference_path(problem, run_dir).with_suffix(".json")
+    if not meta_path.exists():
+        return None, None
+    record = json.loads(meta_path.read_text())
+    if record.get("status") != "ok":
+        return record, None
+    return record, torch.load(_reference_path(problem, run_dir).with_suffix(".pt"))
+
+
+# -- measurement -------------------------------------------------------------
+
+def _rss_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def measure_peak_memory(fn, device: str):
+    """Run ``fn`` once; return (its result, peak memory in bytes above what was in use before).
+
+    CUDA: max_memory_allocated over the call. CPU: the process's peak RSS
+    (VmHWM, reset through /proc/self/clear_refs) over its RSS before the call.
+    """
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        return out, torch.cuda.max_memory_allocated() - base
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+        base = _rss_bytes("VmRSS")
+    except OSError:  # not Linux: no peak measurement
+        return fn(), None
+    out = fn()
+    return out, max(0, _rss_bytes("VmHWM") - base)
+
+
+def time_call(fn, budget_s: float):
+    """Median and IQR of ``fn``'s run time with torch.utils.benchmark (CUDA synchronised)."""
+    from torch.utils import benchmark
+
+    m = benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=budget_s)
+    return m.median, m.iqr, len(m.times) * m.number_per_run
+
+
+def agreement(k: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """(‖K − K_ref‖_F / ‖K_ref‖_F, max|ΔK| / mean|K_ref|), in float64."""
+    k, ref = k.detach().cpu().double(), ref.double()
+    diff = k - ref
+    return (float(torch.linalg.vector_norm(diff) / torch.linalg.vector_norm(ref)),
+            float(diff.abs().max() / ref.abs().mean()))
+
+
+def _status_of(exc: BaseException) -> str:
+    text = str(exc)
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in text \
+            or "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower():
+        return "oom"
+    return "error"
+
+
+class CaseUnsupported(Exception):
+    """The case's implementation cannot run this model here; the message says why."""
+
+
+def _kernel_fn(case: Case, model, x1, x2):
+    """(a zero-argument function computing the case's kernel, a converter of its output to torch)."""
+    import numpy as np
+
+    if case.impl.startswith("nt_"):
+        import reference
+
+        reason = reference.available()
+        if reason is not None:
+            raise CaseUnsupported(reason)
+        if case.device != "cpu":
+            raise CaseUnsupported("neural-tangents peers run on the CPU JAX backend only")
+        fn = reference.kernel_fn(model, case.impl[len("nt_"):], case.mode, dtype=case.dtype)
+        a, b = reference.to_numpy64(x1), None if x2 is None else reference.to_numpy64(x2)
+        return (lambda: fn(a, b).block_until_ready()), (lambda out: torch.from_numpy(np.asarray(out).copy()))
+    import implementations
+
+    plugin = implementations.get(case.impl)
+    reason = plugin.supports(model)
+    if reason is not None:
+        raise CaseUnsupported(reason)
+    budget = case.memory_budget_bytes
+    return (lambda: plugin.compute(model, x1, x2, mode=case.mode, memory_budget_bytes=budget)), (lambda out: out)
+
+
+def case_fields(case: Case) -> dict:
+    """The columns of a result row that the case alone determines."""
+    problem = case.problem
+    return {
+        "case_id": case.id, "impl": case.impl, "arch": problem.arch,
+        "arch_params": json.dumps(dict(problem.arch_params), sort_keys=True),
+        "N": problem.n, "M": problem.M, "x2": "x1" if problem.m is None else "separate",
+        "mode": case.mode, "dtype": case.dtype, "device": case.device,
+    }
+
+
+def _first_call(fn, to_torch, case, row):
+    """The warm-up call (compilation, for JAX peers); its result is the one checked for agreement."""
+    t0 = time.perf_counter()
+    kernel = to_torch(fn())
+    if case.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    row["first_call_s"] = time.perf_counter() - t0
+    if case.impl == "auto":
+        import implementations
+
+        row["auto_pick"], row["auto_reason"] = implementations.get("auto").last_choice
+    return kernel
+
+
+def run_case(case: Case, run_dir: Path) -> dict:
+    """Measure one case; never raises for a failure of the case itself (it becomes the status)."""
+    import implementations.base as base
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    problem = case.problem
+    row = {**case_fields(case), "cpu_threads": torch.get_num_threads()}
+    dtype = DTYPES[case.dtype]
+    arch, model, x1, x2 = build_problem(problem, dtype, case.device)
+    from implementations.costs import model_stats
+
+    stats = model_stats(model, x1[:1])
+    o, p, fp = stats.o, stats.p, stats.fp_flops
+    n, m = problem.n, problem.M
+    row.update(
+        O=o, P=p, fp_flops=fp,
+        predicted_jc_flops=(n + (0 if problem.m is None else m)) * o * fp + n * m * o * o * p,
+        predicted_vp_flops=n * m * o * fp,
+        kernel_bytes=math.prod(base.kernel_shape(n, m, o, case.mode)) * x1.element_size(),
+    )
+    try:
+        fn, to_torch = _kernel_fn(case, model, x1, x2)
+    except CaseUnsupported as exc:
+        row.update(status="unsupported", error=str(exc))
+        return row
+    record, ref = load_reference(problem, run_dir)
+    if not case.impl.startswith("nt_") and case.impl != "auto":
+        import implementations
+
+        est = implementations.get(case.impl).estimate(stats, n, m, case.mode, problem.m is None)
+        row.update(est_flops=est.flops, est_peak_bytes=est.bytes)
+    row["memory_budget_bytes"] = case.memory_budget_bytes
+    try:
+        try:
+            kernel = _first_call(fn, to_torch, case, row)
+        except Exception as exc:  # out of memory without a budget: finish blocked under the default one
+            if _status_of(exc) != "oom" or case.memory_budget_bytes is not None or case.impl.startswith("nt_"):
+                raise
+            from implementations.auto import default_memory_budget
+
+            row["blocked_after_oom"] = True
+            row["memory_budget_bytes"] = budget = default_memory_budget(x1.device)
+            if case.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            import implementations
+
+            plugin = implementations.get(case.impl)
+            fn = lambda: plugin.compute(model, x1, x2, mode=case.mode, memory_budget_bytes=budget)  # noqa: E731
+            kernel = _first_call(fn, to_torch, case, row)
+        _, row["peak_mem_bytes"] = measure_peak_memory(fn, case.device)
+        med, iqr, reps = time_call(fn, case.time_budget_s)
+        row.update(time_median_s=med, time_iqr_s=iqr, time_repeats=reps)
+    except Exception as exc:  # the case failed: record why and move on (status oom or error)
+        row.update(status=_status_of(exc), error=f"{type(exc).__name__}: {exc}"[:500])
+        return row
+    if ref is None:
+        row.update(reference=f"none: {record.get('error', 'not computed') if record else 'not computed'}", status="ok")
+        return row
+    a, b = record["block"]
+    rel, maxrel = agreement(kernel[:a, :b], base.reduce_full(ref, case.mode))
+    row.update(reference=record["source"], ref_block=f"{a}x{b}", rel_err=rel, max_abs_err_rel_mean=maxrel,
+               status="ok" if rel <= TOLERANCE[case.dtype] else "mismatch")
+    return row
+
+
+def environment() -> dict:
+    """Versions and machine facts for the header line of results.jsonl."""
+    import platform
+    import subprocess
+    from importlib import metadata
+
+    def version(dist):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        commit = None
+    return {
+        "torch": torch.__version__, "jax": version("jax"), "jaxlib": version("jaxlib"),
+        "neural_tangents": version("neural-tangents"), "backpack": version("backpack-for-pytorch"),
+        "numpy": version("numpy"), "python": platform.python_version(),
+        "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or platform.machine(),
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "git_commit": commit,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }

@@ -1,0 +1,82 @@
+"""Run a sweep: every case through an executor, each row appended to results.jsonl as it finishes.
+
+The first line of results.jsonl is a header with the environment; every other
+line is one case's row. Rows are flushed and fsynced one by one, so killing the
+runner loses no finished row, and ``resume=True`` skips the cases already there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from . import measure
+from .executors import Executor, LocalExecutor
+from .sweeps import Case
+
+REFERENCE_TIMEOUT_S = 900
+
+
+def read_results(path: Path) -> tuple[dict, list[dict]]:
+    """(header, rows) of a results.jsonl; a torn last line (the runner killed mid-write) is dropped."""
+    header, rows = {}, []
+    for line in Path(path).read_text().splitlines():
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "header" in obj:
+            header = header or obj["header"]
+        else:
+            rows.append(obj)
+    return header, rows
+
+
+def _append(f, obj: dict) -> None:
+    f.write(json.dumps(obj) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def run_sweep(cases: list[Case], out_dir: Path, sweep_name: str, executor: Executor | None = None,
+              resume: bool = False, progress: bool = True) -> Path:
+    """Run ``cases``, appending rows to ``out_dir/results.jsonl``; return that path."""
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "results.jsonl"
+    done: set[str] = set()
+    if path.exists() and path.stat().st_size > 0:
+        if not resume:
+            raise FileExistsError(f"{path} already exists: pass --resume to continue that run, or another --out")
+        header, rows = read_results(path)
+        done = {r["case_id"] for r in rows}
+        # Rewrite without a torn last line before appending to it.
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(o) + "\n" for o in [{"header": header}, *rows]))
+        tmp.replace(path)
+    todo = [c for c in cases if c.id not in done]
+    executor = executor or LocalExecutor(out_dir)
+    with open(path, "a") as f:
+        if not done:
+            _append(f, {"header": {**measure.environment(), "sweep": sweep_name, "cases": len(cases)}})
+        bar = tqdm(total=len(cases), initial=len(cases) - len(todo), disable=not progress, unit="case",
+                   dynamic_ncols=True)
+        references: set[str] = set()
+        try:
+            for case in todo:
+                bar.set_postfix_str(case.id, refresh=True)
+                if case.problem.id not in references:
+                    record = executor.run("reference", case.problem, REFERENCE_TIMEOUT_S)
+                    if "block" not in record:  # the reference job itself failed or timed out
+                        measure.write_reference_record(case.problem, out_dir, record)
+                    references.add(case.problem.id)
+                row = executor.run("case", case, case.timeout_s)
+                _append(f, {**measure.case_fields(case), **row})
+                bar.update()
+        finally:
+            bar.close()
+            executor.close()
+    return path

@@ -1,0 +1,130 @@
+"""Auto: pick the implementation for (model, N, M, O, mode, device) from the cost model.
+
+Every other built-in plugin that supports the model gives a cost-model
+estimate (FLOPs and peak bytes, from the layer shapes, P and [FP] measured by
+FlopCounterMode); the predicted time is ``overhead_s + flops · s_per_flop``
+with constants per plugin and device type fitted to measured runs
+(``auto_calibration.json``, written by ``ntkbench calibrate``). A plugin whose
+peak does not fit the memory budget is costed as blocked: its tiles' times
+add up. The cheapest prediction wins; ``last_choice`` says which and why.
+Cost: one forward pass on one sample to read the model, then the pick's own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import weakref
+from pathlib import Path
+
+import torch
+
+from .base import NTKPlugin
+from .costs import model_stats
+
+CALIBRATION_FILE = Path(__file__).with_name("auto_calibration.json")
+# Used for a plugin/device without fitted constants: 1 ms per call, 10 GFLOP/s (CPU) or 5 TFLOP/s (CUDA).
+DEFAULT_CONSTANTS = {"cpu": {"overhead_s": 1e-3, "s_per_flop": 1e-10}, "cuda": {"overhead_s": 1e-3, "s_per_flop": 2e-13}}
+CANDIDATES = ("explicit_mlp", "structured", "jacobian_contraction", "backpack_sqrtggn", "backpack_batchgrad",
+              "ntk_vector_products", "autograd_loop")
+
+
+def load_calibration(path: Path = CALIBRATION_FILE) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """80% of the free device memory (CUDA) or half the available RAM (CPU)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(0.8 * free)
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        return info["MemAvailable"] // 2
+    except (OSError, KeyError):
+        return 8 << 30
+
+
+class Auto(NTKPlugin):
+    name = "auto"
+
+    def __init__(self, calibration: dict | None = None):
+        self._calibration = calibration
+        self._stats_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.last_choice: tuple[str, str] | None = None
+
+    @property
+    def calibration(self) -> dict:
+        if self._calibration is None:
+            self._calibration = load_calibration()
+        return self._calibration
+
+    def supports(self, model):
+        if self._candidates(model):
+            return None
+        return "auto: no plugin supports this model"
+
+    @staticmethod
+    def _candidates(model):
+        import implementations
+
+        return [implementations.get(n) for n in CANDIDATES if implementations.get(n).supports(model) is None]
+
+    def predict(self, plugin, stats, n, m, mode, symmetric, device_type, budget) -> tuple[float, int]:
+        """(predicted seconds, tile edge) for ``plugin`` on an N x M kernel under ``budget`` bytes."""
+        from .blocking import tile_size
+
+        c = self.calibration.get(device_type, {}).get(plugin.name, DEFAULT_CONSTANTS[device_type])
+        b = tile_size(plugin.with_budget(budget), stats, n, m, mode, budget, symmetric)
+        if b >= max(n, m):
+            est = plugin.estimate(stats, n, m, mode, symmetric)
+            return c["overhead_s"] + est.flops * c["s_per_flop"], b
+        tiles = math.ceil(n / b) * math.ceil(m / b)
+        if symmetric:
+            tiles = (tiles + math.ceil(n / b)) // 2
+        est = plugin.estimate(stats, min(b, n), min(b, m), mode, False)
+        return tiles * (c["overhead_s"] + est.flops * c["s_per_flop"]), b
+
+    def _stats(self, model, x1):
+        """The model's cost-model statistics, cached per model, parameter shapes and input shape."""
+        key = (tuple(p.shape for p in model.parameters()), tuple(x1.shape[1:]), x1.dtype, x1.device)
+        per_model = self._stats_cache.setdefault(model, {})
+        if key not in per_model:
+            per_model[key] = model_stats(model, x1[:1])
+        return per_model[key]
+
+    def choose(self, model, x1, x2=None, mode="full", memory_budget_bytes=None):
+        """(the chosen plugin, why), from the cost model."""
+        stats = self._stats(model, x1)
+        n, m = x1.shape[0], (x1 if x2 is None else x2).shape[0]
+        device_type = "cuda" if x1.device.type == "cuda" else "cpu"
+        budget = memory_budget_bytes or default_memory_budget(x1.device)
+        costs = []
+        for plugin in self._candidates(model):
+            try:
+                seconds, tile = self.predict(plugin, stats, n, m, mode, x2 is None, device_type, budget)
+            except MemoryError:
+                continue
+            costs.append((seconds, plugin, tile))
+        if not costs:
+            raise MemoryError(f"auto: no plugin fits a memory budget of {budget:.3g} bytes")
+        costs.sort(key=lambda c: c[0])
+        seconds, best, tile = costs[0]
+        runner_up = f"; next {costs[1][1].name} {costs[1][0]:.3g} s" if len(costs) > 1 else ""
+        blocked = f", blocked in {tile}x{tile} tiles" if tile < max(n, m) else ""
+        return best, f"{best.name}: predicted {seconds:.3g} s{blocked}{runner_up} (P={stats.p}, O={stats.o}, [FP]={stats.fp_flops})"
+
+    def compute(self, model, x1, x2=None, mode="full", memory_budget_bytes=None):
+        from .base import validate_inputs
+
+        validate_inputs(model, x1, x2, mode)
+        plugin, why = self.choose(model, x1, x2, mode, memory_budget_bytes)
+        self.last_choice = (plugin.name, why)
+        budget = memory_budget_bytes
+        if budget is None:  # block only if the pick needs it under the default budget
+            budget = default_memory_budget(x1.device) if "blocked" in why else None
+        return plugin.compute(model, x1, x2, mode, memory_budget_bytes=budget)
+
+
+plugin = Auto()

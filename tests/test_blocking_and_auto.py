@@ -1,0 +1,95 @@
+"""Blocking gives the same kernel as one piece; auto picks a supported plugin and says why."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import implementations
+from implementations.blocking import tile_size
+from implementations.costs import model_stats
+from problems import BY_ID, rel_err
+
+BLOCK_PROBLEMS = ["mlp-relu-O3-x2None", "cnn-O4-N2M3", "resnet_tiny-O3-x2None"]
+
+
+def _budget_for_tiles(plugin, model, x1, x2, mode, edge=2):
+    """A budget that fits an edge x edge tile but not the whole kernel."""
+    stats = model_stats(model, x1[:1])
+    plugin = plugin.with_budget(1 << 40)
+    return int(plugin.estimate(stats, edge, edge, mode, False).bytes) + 1
+
+
+@pytest.mark.parametrize("mode", implementations.MODES)
+@pytest.mark.parametrize("problem_id", BLOCK_PROBLEMS)
+@pytest.mark.parametrize("plugin_name", [n for n in implementations.names() if n != "auto"])
+def test_blocked_equals_unblocked(plugin_name, problem_id, mode, monkeypatch):
+    problem = BY_ID[problem_id]
+    plugin = implementations.get(plugin_name)
+    model = problem.model()
+    if plugin.supports(model) is not None:
+        pytest.skip(plugin.supports(model))
+    x1, x2 = problem.inputs()
+    x1 = torch.cat([x1, x1[:1] * 0.5])  # 4 or 5 rows: a ragged last tile
+    whole = plugin.compute(model, x1, x2, mode=mode)
+    calls = []
+    original = type(plugin)._kernel
+    monkeypatch.setattr(type(plugin), "_kernel", lambda self, *a: calls.append(a[1].shape[0]) or original(self, *a))
+    budget = _budget_for_tiles(plugin, model, x1, x2, mode)
+    tiled = plugin.compute(model, x1, x2, mode=mode, memory_budget_bytes=budget)
+    assert len(calls) > 1 and max(calls) <= 2, calls
+    assert tiled.shape == whole.shape
+    assert rel_err(tiled, whole) <= 1e-12
+
+
+def test_symmetric_kernel_computes_each_pair_of_tiles_once(monkeypatch):
+    problem = BY_ID["mlp-relu-O3-x2None"]
+    plugin = implementations.get("jacobian_contraction")
+    model, (x1, _) = problem.model(), problem.inputs()  # N = 4 -> tiles of 2: 3 pairs, not 4
+    calls = []
+    original = type(plugin)._kernel
+    monkeypatch.setattr(type(plugin), "_kernel", lambda self, m, a, b, mode: calls.append(b is None) or original(self, m, a, b, mode))
+    budget = _budget_for_tiles(plugin, model, x1, None, "full")
+    out = plugin.compute(model, x1, mode="full", memory_budget_bytes=budget)
+    assert calls == [True, False, True]
+    assert torch.equal(out[2:4, 0:2], out[0:2, 2:4].permute(1, 0, 3, 2))  # the mirrored tile
+
+
+def test_budget_too_small_names_the_plugin():
+    problem = BY_ID["mlp-relu-O3-x2None"]
+    with pytest.raises(MemoryError, match="jacobian_contraction: a memory budget of 10 bytes is too small"):
+        implementations.get("jacobian_contraction").compute(problem.model(), problem.inputs()[0], memory_budget_bytes=10)
+
+
+def test_tile_size_is_whole_problem_when_it_fits():
+    problem = BY_ID["cnn-O4-N2M3"]
+    model, (x1, _) = problem.model(), problem.inputs()
+    stats = model_stats(model, x1[:1])
+    assert tile_size(implementations.get("structured"), stats, 7, 5, "full", 1 << 40, False) == 7
+
+
+@pytest.mark.parametrize("problem_id, allowed", [
+    ("mlp-relu-O3-N4M3", None),
+    ("tutorial_cnn-O10-N2M3", {"jacobian_contraction", "structured", "backpack_batchgrad", "ntk_vector_products", "autograd_loop"}),
+])
+def test_auto_picks_a_supported_plugin_and_says_why(problem_id, allowed):
+    problem = BY_ID[problem_id]
+    model, (x1, x2) = problem.model(), problem.inputs()
+    auto = implementations.get("auto")
+    auto.compute(model, x1, x2, mode="full")
+    name, why = auto.last_choice
+    assert implementations.get(name).supports(model) is None
+    assert allowed is None or name in allowed
+    assert why.startswith(name) and "predicted" in why and "P=" in why
+
+
+def test_auto_blocks_under_a_small_budget():
+    problem = BY_ID["mlp-relu-O3-x2None"]
+    model, (x1, _) = problem.model(), problem.inputs()
+    auto = implementations.get("auto")
+    whole = auto.compute(model, x1)
+    picked = implementations.get(auto.last_choice[0])
+    budget = _budget_for_tiles(picked, model, x1, None, "full")
+    tiled = auto.compute(model, x1, memory_budget_bytes=budget)
+    assert "blocked" in auto.last_choice[1]
+    assert rel_err(tiled, whole) <= 1e-12

@@ -1,0 +1,162 @@
+"""The sweep runner: sweeps as data, isolated cases, rows that survive interruption, the report."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bench import report, runner, sweeps
+from bench.executors import LocalExecutor
+
+ROOT = Path(__file__).parent.parent
+
+
+def _smoke(impls):
+    return sweeps.expand(sweeps.SWEEPS["smoke"], impls)
+
+
+def test_quick_sweep_covers_every_plugin_and_architecture_with_four_n_and_two_o():
+    cases = sweeps.expand(sweeps.SWEEPS["quick"])
+    assert {c.impl for c in cases} == set(sweeps.all_impls())
+    assert {c.problem.arch for c in cases} == {"mlp", "tutorial_cnn", "cnn", "resnet_tiny"}
+    for arch in ("mlp", "cnn", "resnet_tiny"):
+        probs = {c.problem for c in cases if c.problem.arch == arch}
+        assert len({p.n for p in probs if p.m is None}) >= 4
+        assert len({dict(p.arch_params)["out"] for p in probs}) >= 2
+    assert any(c.problem.m is not None for c in cases)
+    assert len({c.id for c in cases}) == len(cases)
+
+
+def test_gpu_sweep_reaches_n512_and_o100():
+    cases = sweeps.expand(sweeps.SWEEPS["gpu"])
+    assert max(c.problem.n for c in cases) >= 512
+    assert max(dict(c.problem.arch_params).get("out", 10) for c in cases) >= 100
+    widths = {dict(c.problem.arch_params).get("width") for c in cases if c.problem.arch == "mlp"}
+    assert {512, 2048} <= widths and any(c.problem.arch == "tutorial_cnn" for c in cases)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"arch": [{"name": "transformer", "N": [2]}]}, "unknown architecture 'transformer'; valid: mlp, tutorial_cnn"),
+    ({"impls": ["magic"], "arch": [{"name": "mlp", "N": [2]}]}, "unknown plugin 'magic'; valid: jacobian_contraction"),
+    ({"arch": [{"name": "mlp", "N": [2], "params": {"widht": 3}}]}, "unexpected keyword argument 'widht'"),
+    ({"arch": [{"name": "mlp", "N": [0]}]}, "positive integers"),
+    ({"modes": ["diag"], "arch": [{"name": "mlp", "N": [2]}]}, "unknown mode 'diag'"),
+    ({"arch": []}, "no [[arch]] entries"),
+    ({"arhc": [], "arch": [{"name": "mlp", "N": [2]}]}, "unknown key(s) ['arhc']"),
+])
+def test_invalid_sweeps_get_one_clear_line(spec, message):
+    with pytest.raises(sweeps.SweepError) as info:
+        sweeps.expand({"name": "bad", **spec})
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_sweep_file_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("name = 'x'\n[[arch]\n")
+    proc = subprocess.run([sys.executable, "-m", "bench", "run", "--sweep", str(bad), "--out", str(tmp_path / "r")],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
+    assert "not valid TOML" in proc.stderr
+
+
+def test_user_sweep_file_expands(tmp_path):
+    f = tmp_path / "mine.toml"
+    f.write_text('impls = ["explicit_mlp", "jacobian_contraction"]\nmodes = ["trace"]\n'
+                 '[[arch]]\nname = "mlp"\nparams = { in_features = 4, width = 8 }\nN = [2, 4]\nNM = [[4, 2]]\nO = [1, 3]\n')
+    cases = sweeps.expand(sweeps.load(str(f)))
+    assert len(cases) == 2 * 3 * 2 and {c.mode for c in cases} == {"trace"}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    runner.run_sweep(_smoke(None), out, "smoke", progress=False)
+    return out
+
+
+def test_a_run_records_every_case_with_checked_numbers(smoke_run):
+    header, rows = runner.read_results(smoke_run / "results.jsonl")
+    assert header["sweep"] == "smoke" and header["torch"] and "git_commit" in header
+    assert len(rows) == len(sweeps.all_impls())
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["time_median_s"] > 0 and r["peak_mem_bytes"] is not None
+        assert r["rel_err"] <= 1e-4 and r["reference"].startswith(("neural_tangents", "harness"))
+        assert r["predicted_jc_flops"] == 3 * r["O"] * r["fp_flops"] + 9 * r["O"] ** 2 * r["P"]
+        assert r["predicted_vp_flops"] == 9 * r["O"] * r["fp_flops"]
+
+
+def test_report_writes_csv_summary_and_plots(smoke_run, tmp_path):
+    summary = report.write_report(smoke_run, tmp_path)
+    df = pd.read_csv(tmp_path / "results.csv")
+    assert list(df.columns[: len(report.COLUMNS)]) == report.COLUMNS
+    text = summary.read_text()
+    assert "Median time:" in text and "explicit_mlp" in text and "Agreement with the reference:" in text
+    pngs = list(tmp_path.glob("*.png"))
+    assert len(pngs) >= 3 and all(p.stat().st_size > 1000 for p in pngs)
+
+
+def test_existing_run_needs_resume(smoke_run):
+    with pytest.raises(FileExistsError, match="--resume"):
+        runner.run_sweep(_smoke(None), smoke_run, "smoke", progress=False)
+
+
+class _InterruptAfter:
+    """An executor that runs k cases in-process, then acts as if the runner were killed."""
+
+    def __init__(self, run_dir, k):
+        self.run_dir, self.k, self.cases = run_dir, k, 0
+
+    def run(self, kind, payload, timeout_s):
+        from bench import measure
+
+        if kind == "reference":
+            return measure.ensure_reference(payload, self.run_dir)
+        if self.cases == self.k:
+            raise KeyboardInterrupt
+        self.cases += 1
+        return measure.run_case(payload, self.run_dir)
+
+    def close(self):
+        pass
+
+
+def test_interrupted_run_keeps_finished_rows_and_resumes(tmp_path):
+    cases = _smoke(["explicit_mlp", "jacobian_contraction", "autograd_loop"])
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_sweep(cases, tmp_path, "smoke", executor=_InterruptAfter(tmp_path, 2), progress=False)
+    with open(tmp_path / "results.jsonl", "a") as f:
+        f.write('{"case_id": "torn')  # killed in the middle of a write
+    _, rows = runner.read_results(tmp_path / "results.jsonl")
+    assert [r["impl"] for r in rows] == ["explicit_mlp", "jacobian_contraction"]
+    runner.run_sweep(cases, tmp_path, "smoke", executor=_InterruptAfter(tmp_path, 10), resume=True, progress=False)
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert all(json.loads(line) for line in lines) and len(lines) == 4
+    _, rows = runner.read_results(tmp_path / "results.jsonl")
+    assert sorted(r["impl"] for r in rows) == sorted(["explicit_mlp", "jacobian_contraction", "autograd_loop"])
+
+
+def test_timeout_and_crash_are_results_and_the_worker_is_replaced(tmp_path):
+    case = _smoke(["explicit_mlp"])[0]
+    ex = LocalExecutor(tmp_path)
+    try:
+        # Starting a worker alone (importing torch) takes longer than this.
+        assert ex.run("case", case, timeout_s=0.05)["status"] == "timeout"
+        killer = threading.Thread(target=lambda: (time.sleep(0.5), ex.proc.send_signal(signal.SIGTERM)))
+        killer.start()
+        crashed = ex.run("case", case, timeout_s=60)
+        killer.join()
+        assert crashed["status"] == "error" and "SIGTERM" in crashed["error"]
+        ok = ex.run("case", case, timeout_s=120)
+        assert ok["status"] == "ok", ok
+    finally:
+        ex.close()

@@ -1,0 +1,42 @@
+"""The structured plugin's two per-layer orders agree, and it declines what it has no rule for."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import implementations
+from implementations.structured import _layer_kernel
+from problems import rel_err
+
+
+@pytest.mark.parametrize("mode", implementations.MODES)
+@pytest.mark.parametrize("s, t", [(1, 1), (5, 5), (4, 7)])
+def test_gram_and_jacobian_orders_agree(mode, s, t):
+    g = torch.Generator().manual_seed(0)
+    n, m, k, o, c = 3, 4, 6, 2, 5
+    x1, x2 = torch.randn(n, s, k, generator=g, dtype=torch.float64), torch.randn(m, t, k, generator=g, dtype=torch.float64)
+    g1, g2 = torch.randn(o, n, s, c, generator=g, dtype=torch.float64), torch.randn(o, m, t, c, generator=g, dtype=torch.float64)
+    gram = _layer_kernel(x1, g1, x2, g2, mode, True, order="gram")
+    jac = _layer_kernel(x1, g1, x2, g2, mode, True, order="jacobian")
+    assert rel_err(gram, jac) <= 1e-13
+
+
+def test_structured_names_layers_without_a_rule():
+    plugin = implementations.get("structured")
+    assert "BatchNorm1d" in plugin.supports(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)))
+    assert "groups=2" in plugin.supports(nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 1)))
+
+
+def test_structured_rejects_shared_weights():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.lin(torch.tanh(self.lin(x)))
+
+    with pytest.raises(implementations.UnsupportedModelError, match="more than once"):
+        implementations.get("structured").compute(Twice(), torch.randn(2, 3))
