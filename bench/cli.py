@@ -1,4 +1,4 @@
-"""ntkbench run | report | list  (also: python -m bench ...)."""
+"""ntkbench run | report | list | calibrate  (also: python -m bench ...)."""
 
 from __future__ import annotations
 
@@ -62,6 +62,18 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_calibrate(args) -> int:
+    from implementations.auto import CALIBRATION_FILE
+
+    from . import calibrate
+
+    fitted = calibrate.calibrate([Path(r) for r in args.runs], Path(args.out or CALIBRATION_FILE))
+    for device, table in fitted.items():
+        for impl, c in table.items():
+            print(f"{device:5s} {impl:22s} overhead {c['overhead_s'] * 1e3:8.3f} ms  {1 / c['s_per_flop'] / 1e9 if c['s_per_flop'] else float('inf'):10.3g} GFLOP/s  ({c['cases']} cases)")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="ntkbench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -79,5 +91,9 @@ def main(argv=None) -> int:
     rep.add_argument("run", help="run directory holding results.jsonl")
     rep.add_argument("--out", help="where to write (default: the run directory)")
     rep.set_defaults(func=_cmd_report)
+    cal = sub.add_parser("calibrate", help="fit auto's cost-model constants to runs")
+    cal.add_argument("runs", nargs="+", help="run directories holding results.jsonl")
+    cal.add_argument("--out", help="calibration file (default implementations/auto_calibration.json)")
+    cal.set_defaults(func=_cmd_calibrate)
     args = parser.parse_args(argv)
     return args.func(args)

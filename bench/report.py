@@ -18,7 +18,7 @@ JC, VP = "jacobian_contraction", "ntk_vector_products"
 def load(run_dir: Path) -> tuple[dict, pd.DataFrame]:
     header, rows = read_results(Path(run_dir) / "results.jsonl")
     df = pd.DataFrame(rows)
-    for c in COLUMNS:
+    for c in COLUMNS + ["auto_pick"]:
         if c not in df.columns:
             df[c] = np.nan
     df["config"] = df["arch"] + df["arch_params"].map(_short_params)
@@ -71,7 +71,9 @@ def _time_cell(r, fastest):
 
 
 def fit_cost_model(df: pd.DataFrame) -> pd.DataFrame:
-    """Least-squares constants of the cost model per group: JC t = a·N·O·[FP] + b·N·M·O²·P, NTK-VP t = c·N·M·O·[FP]."""
+    """Non-negative least-squares constants of the cost model per group: JC t = a·N·O·[FP] + b·N·M·O²·P, NTK-VP t = c·N·M·O·[FP]."""
+    from scipy.optimize import nnls
+
     out = []
     for key, g in df[df["status"] == "ok"].groupby(["config", "O", "mode", "dtype", "device"]):
         jc, vp = g[g["impl"] == JC], g[g["impl"] == VP]
@@ -79,7 +81,7 @@ def fit_cost_model(df: pd.DataFrame) -> pd.DataFrame:
             continue
         n_side = jc["predicted_jc_flops"] - jc["N"] * jc["M"] * jc["O"] ** 2 * jc["P"]
         a_mat = np.stack([n_side.to_numpy(float), (jc["N"] * jc["M"] * jc["O"] ** 2 * jc["P"]).to_numpy(float)], 1)
-        coef, *_ = np.linalg.lstsq(a_mat, jc["time_median_s"].to_numpy(float), rcond=None)
+        coef, _ = nnls(a_mat, jc["time_median_s"].to_numpy(float))
         c = float(np.dot(vp["predicted_vp_flops"], vp["time_median_s"]) / np.dot(vp["predicted_vp_flops"], vp["predicted_vp_flops"]))
         both = pd.merge(jc[["size", "N", "time_median_s"]], vp[["size", "time_median_s"]], on="size", suffixes=("_jc", "_vp")).sort_values("N")
         faster = np.where(both["time_median_s_jc"] <= both["time_median_s_vp"], "JC", "NTK-VP")
@@ -90,6 +92,40 @@ def fit_cost_model(df: pd.DataFrame) -> pd.DataFrame:
             "faster (from the size shown on)": "; ".join(flips),
         })
     return pd.DataFrame(out)
+
+
+CASE_KEYS = ["config", "O", "size", "mode", "dtype", "device"]
+
+
+def _fastest(rows: pd.DataFrame) -> pd.DataFrame:
+    """The fastest row per case: its impl and time."""
+    return rows.sort_values("time_median_s").groupby(CASE_KEYS, sort=False).first()[["impl", "time_median_s"]]
+
+
+def auto_vs_fastest(df: pd.DataFrame) -> pd.DataFrame:
+    """Per case: auto's pick and time against the fastest of the other plugins (peers excluded)."""
+    ok = df[df["status"] == "ok"]
+    ours = ok[(ok["impl"] != "auto") & ~ok["impl"].str.startswith("nt_")]
+    auto = ok[ok["impl"] == "auto"].set_index(CASE_KEYS)[["auto_pick", "time_median_s"]]
+    j = auto.join(_fastest(ours), rsuffix="_fastest", how="inner").reset_index()
+    return pd.DataFrame({
+        **{k: j[k] for k in CASE_KEYS}, "auto pick": j["auto_pick"], "auto": j["time_median_s"].map(_fmt_time),
+        "fastest": j["impl"], "fastest time": j["time_median_s_fastest"].map(_fmt_time),
+        "auto / fastest": j["time_median_s"] / j["time_median_s_fastest"],
+    })
+
+
+def ours_vs_neural_tangents(df: pd.DataFrame) -> pd.DataFrame:
+    """Per case: the fastest of our plugins against the fastest neural-tangents implementation."""
+    ok = df[df["status"] == "ok"]
+    peer = ok["impl"].str.startswith("nt_")
+    j = _fastest(ok[~peer]).join(_fastest(ok[peer]), lsuffix="_ours", rsuffix="_nt", how="inner").reset_index()
+    return pd.DataFrame({
+        **{k: j[k] for k in CASE_KEYS},
+        "ours": j["impl_ours"] + " " + j["time_median_s_ours"].map(_fmt_time),
+        "neural-tangents": j["impl_nt"] + " " + j["time_median_s_nt"].map(_fmt_time),
+        "ours / nt": j["time_median_s_ours"] / j["time_median_s_nt"],
+    })
 
 
 def _slope(n, t) -> float:
@@ -172,6 +208,17 @@ def summary(header: dict, df: pd.DataFrame, plot_names: list[str]) -> str:
                   "JC: t ≈ a·(N+M')·O·[FP] + b·N·M·O²·P; NTK-VP: t ≈ c·N·M·O·[FP] (least squares over the sizes measured). "
                   "1/b and 1/c read as effective FLOP/s.", "",
                   fits.to_markdown(index=False, floatfmt=".3g"), ""]
+    autos = auto_vs_fastest(df)
+    if len(autos):
+        within = (autos["auto / fastest"] <= 1.10).mean()
+        lines += ["## auto's pick against the measured fastest", "",
+                  f"auto within 10% of the fastest plugin in {int((autos['auto / fastest'] <= 1.10).sum())} of "
+                  f"{len(autos)} cases ({within:.0%}).", "", autos.to_markdown(index=False, floatfmt=".3g"), ""]
+    peers = ours_vs_neural_tangents(df)
+    if len(peers):
+        lines += ["## The fastest of ours against the fastest of neural-tangents", "",
+                  f"Ours no slower in {int((peers['ours / nt'] <= 1.0).sum())} of {len(peers)} cases.", "",
+                  peers.to_markdown(index=False, floatfmt=".3g"), ""]
     if plot_names:
         lines += ["## Plots", ""] + [f"![{n}]({n})" for n in plot_names] + [""]
     return "\n".join(lines)

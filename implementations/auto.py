@@ -51,7 +51,7 @@ class Auto(NTKPlugin):
 
     def __init__(self, calibration: dict | None = None):
         self._calibration = calibration
-        self._stats_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._choices: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.last_choice: tuple[str, str] | None = None
 
     @property
@@ -86,17 +86,20 @@ class Auto(NTKPlugin):
         est = plugin.estimate(stats, min(b, n), min(b, m), mode, False)
         return tiles * (c["overhead_s"] + est.flops * c["s_per_flop"]), b
 
-    def _stats(self, model, x1):
-        """The model's cost-model statistics, cached per model, parameter shapes and input shape."""
-        key = (tuple(p.shape for p in model.parameters()), tuple(x1.shape[1:]), x1.dtype, x1.device)
-        per_model = self._stats_cache.setdefault(model, {})
+    def choose(self, model, x1, x2=None, mode="full", memory_budget_bytes=None):
+        """(the chosen plugin, why, the budget to compute it under or None), from the cost model.
+
+        Cached per model, input shapes, dtype, device, mode and budget: the weights do not change the pick.
+        """
+        key = (tuple(p.shape for p in model.parameters()), tuple(x1.shape), None if x2 is None else tuple(x2.shape),
+               x1.dtype, x1.device, mode, memory_budget_bytes)
+        per_model = self._choices.setdefault(model, {})
         if key not in per_model:
-            per_model[key] = model_stats(model, x1[:1])
+            per_model[key] = self._choose(model, x1, x2, mode, memory_budget_bytes)
         return per_model[key]
 
-    def choose(self, model, x1, x2=None, mode="full", memory_budget_bytes=None):
-        """(the chosen plugin, why), from the cost model."""
-        stats = self._stats(model, x1)
+    def _choose(self, model, x1, x2, mode, memory_budget_bytes):
+        stats = model_stats(model, x1[:1])
         n, m = x1.shape[0], (x1 if x2 is None else x2).shape[0]
         device_type = "cuda" if x1.device.type == "cuda" else "cpu"
         budget = memory_budget_bytes or default_memory_budget(x1.device)
@@ -112,18 +115,17 @@ class Auto(NTKPlugin):
         costs.sort(key=lambda c: c[0])
         seconds, best, tile = costs[0]
         runner_up = f"; next {costs[1][1].name} {costs[1][0]:.3g} s" if len(costs) > 1 else ""
-        blocked = f", blocked in {tile}x{tile} tiles" if tile < max(n, m) else ""
-        return best, f"{best.name}: predicted {seconds:.3g} s{blocked}{runner_up} (P={stats.p}, O={stats.o}, [FP]={stats.fp_flops})"
+        blocked = tile < max(n, m)
+        why = (f"{best.name}: predicted {seconds:.3g} s{f', blocked in {tile}x{tile} tiles' if blocked else ''}"
+               f"{runner_up} (P={stats.p}, O={stats.o}, [FP]={stats.fp_flops})")
+        return best, why, (budget if blocked else memory_budget_bytes)
 
     def compute(self, model, x1, x2=None, mode="full", memory_budget_bytes=None):
         from .base import validate_inputs
 
-        validate_inputs(model, x1, x2, mode)
-        plugin, why = self.choose(model, x1, x2, mode, memory_budget_bytes)
+        validate_inputs(model, x1, x2, mode)  # the pick validates again; this guards the pick itself
+        plugin, why, budget = self.choose(model, x1, x2, mode, memory_budget_bytes)
         self.last_choice = (plugin.name, why)
-        budget = memory_budget_bytes
-        if budget is None:  # block only if the pick needs it under the default budget
-            budget = default_memory_budget(x1.device) if "blocked" in why else None
         return plugin.compute(model, x1, x2, mode, memory_budget_bytes=budget)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from typing import Callable, Iterator
 
 import torch
@@ -70,14 +71,24 @@ def gradient_gram(g1: torch.Tensor, g2: torch.Tensor, mode: str) -> torch.Tensor
     return torch.bmm(g1, g2.transpose(1, 2)).permute(1, 2, 0)
 
 
+_OUTPUT_WIDTHS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
 def output_width(model: nn.Module, x: torch.Tensor) -> int:
-    """O, from a forward pass on one sample; the model must map (N, ...) to (N, O)."""
-    with torch.no_grad():
-        y = model(x[:1])
-    if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape[0] != 1:
-        shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-        raise ValueError(f"model output must have shape (N, O); got {shape} for a batch of 1")
-    return y.shape[1]
+    """O, from a forward pass on one sample (cached per model, parameter shapes and input shape).
+
+    The model must map (N, ...) to (N, O).
+    """
+    key = (tuple(p.shape for p in model.parameters()), tuple(x.shape[1:]), x.dtype, x.device)
+    widths = _OUTPUT_WIDTHS.setdefault(model, {})
+    if key not in widths:
+        with torch.no_grad():
+            y = model(x[:1])
+        if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape[0] != 1:
+            shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(f"model output must have shape (N, O); got {shape} for a batch of 1")
+        widths[key] = y.shape[1]
+    return widths[key]
 
 
 def validate_inputs(model: nn.Module, x1, x2, mode: str) -> None:

@@ -152,8 +152,12 @@ class Structured(NTKPlugin):
     def _side(self, model, x):
         y, layers = _record(model, x)
         n, o = y.shape
-        basis = torch.eye(o, dtype=y.dtype, device=y.device).unsqueeze(1).expand(o, n, o)
-        grads = torch.autograd.grad(y, [z for _, _, z in layers], grad_outputs=basis, is_grads_batched=True)
+        zs = [z for _, _, z in layers]
+        if o == 1:  # one plain backward pass
+            grads = [g.unsqueeze(0) for g in torch.autograd.grad(y, zs, grad_outputs=torch.ones_like(y))]
+        else:  # all O output basis vectors in one vmapped backward pass
+            basis = torch.eye(o, dtype=y.dtype, device=y.device).unsqueeze(1).expand(o, n, o)
+            grads = torch.autograd.grad(y, zs, grad_outputs=basis, is_grads_batched=True)
         return [(mod, *_positions(mod, xin.detach(), z, g)) for (mod, xin, z), g in zip(layers, grads)]
 
     def _kernel(self, model, x1, x2, mode):

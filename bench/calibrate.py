@@ -1,0 +1,44 @@
+"""Fit auto's cost-model constants to a run: t ≈ overhead_s + est_flops · s_per_flop, per plugin and device.
+
+The fit minimises the relative error over the plugin's ok cases (small and
+large cases count alike), with both constants kept non-negative.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .runner import read_results
+
+
+def _fit(flops: np.ndarray, t: np.ndarray) -> tuple[float, float]:
+    """Non-negative (overhead, seconds per FLOP) minimising Σ ((a + b·f) / t − 1)²."""
+    from scipy.optimize import nnls
+
+    (a, b), _ = nnls(np.stack([1 / t, flops / t], 1), np.ones_like(t))
+    return float(a), float(b)
+
+
+def calibrate(run_dirs: list[Path], out: Path) -> dict:
+    """Fit constants from the runs' ok rows and merge them into ``out``; return what was written."""
+    rows = [r for d in run_dirs for r in read_results(Path(d) / "results.jsonl")[1]]
+    fitted: dict[str, dict] = {}
+    groups: dict[tuple[str, str], list] = {}
+    for r in rows:
+        if r.get("status") == "ok" and r.get("est_flops") is not None and r.get("time_median_s"):
+            device = "cuda" if str(r["device"]).startswith("cuda") else "cpu"
+            groups.setdefault((device, r["impl"]), []).append((r["est_flops"], r["time_median_s"]))
+    for (device, impl), pts in sorted(groups.items()):
+        if len(pts) < 3:
+            continue
+        f, t = np.array(pts, dtype=float).T
+        a, b = _fit(f, t)
+        fitted.setdefault(device, {})[impl] = {"overhead_s": a, "s_per_flop": b, "cases": len(pts)}
+    existing = json.loads(out.read_text()) if out.exists() else {}
+    for device, table in fitted.items():
+        existing.setdefault(device, {}).update(table)
+    out.write_text(json.dumps(existing, indent=1, sort_keys=True) + "\n")
+    return fitted
