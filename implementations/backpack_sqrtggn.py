@@ -15,8 +15,7 @@ import math
 
 from torch import nn
 
-from .backpack_batchgrad import backpack_copy, quiet_backward_hooks
-from .base import NTKPlugin, contract_jacobians
+from ._backpack import BackpackPlugin
 
 
 def _second_order_modules():
@@ -25,7 +24,7 @@ def _second_order_modules():
     return tuple(SqrtGGNExact()._BackpropExtension__module_extensions)
 
 
-class BackpackSqrtGGN(NTKPlugin):
+class BackpackSqrtGGN(BackpackPlugin):
     name = "backpack_sqrtggn"
 
     def supports(self, model):
@@ -45,34 +44,17 @@ class BackpackSqrtGGN(NTKPlugin):
                 return f"backpack_sqrtggn: BackPACK's SqrtGGNExact has no rule for {type(m).__name__}"
         return None
 
-    def estimate(self, stats, n, m, mode, symmetric):
-        """One forward of [x1; x2], O backward passes (or one, O-wide), per-sample gradients, contraction."""
-        from .costs import Estimate, contraction_flops, jacobian_bytes, kernel_numel
-
-        side = n if symmetric else n + m
-        flops = side * (stats.fp_flops + stats.o * (2 * stats.fp_flops + 2 * stats.p)) + contraction_flops(stats, n, m, mode)
-        peak = 2 * jacobian_bytes(stats, n, 0 if symmetric else m) + side * stats.o * stats.activations * stats.itemsize
-        return Estimate(flops, peak + kernel_numel(n, m, stats.o, mode) * stats.itemsize)
-
-    def _kernel(self, model, x1, x2, mode):
+    def _jacobians(self, net, x, params):
         import torch
         from backpack import backpack, extend
         from backpack.extensions import SqrtGGNExact
 
-        n = x1.shape[0]
-        x = x1 if x2 is None else torch.cat([x1, x2])
-        net = backpack_copy(model)
-        params = [p for p in net.parameters() if p.requires_grad]
         y = net(x)
         loss = extend(nn.MSELoss(reduction="sum"))(y, torch.zeros_like(y))
-        with quiet_backward_hooks(), backpack(SqrtGGNExact()):
+        with backpack(SqrtGGNExact()):
             loss.backward()
-        scale = 1 / math.sqrt(2)
-        # sqrt_ggn_exact: (O, N, *shape) -> (N, O, P_i)
-        jac = [p.sqrt_ggn_exact.flatten(2).transpose(0, 1).mul(scale) for p in params]
-        j1 = [j[:n] for j in jac]
-        j2 = j1 if x2 is None else [j[n:] for j in jac]
-        return contract_jacobians(j1, j2, mode)
+        # sqrt_ggn_exact: (O, N, *shape) -> (N, O, P_i), times 1/√2
+        return [p.sqrt_ggn_exact.flatten(2).transpose(0, 1).mul(1 / math.sqrt(2)) for p in params]
 
 
 plugin = BackpackSqrtGGN()
