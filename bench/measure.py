@@ -110,11 +110,29 @@ def _rss_bytes(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def _glibc():
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim, libc.mallopt  # noqa: B018 - glibc only
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
 def measure_peak_memory(fn, device: str):
     """Run ``fn`` once; return (its result, peak memory in bytes above what was in use before).
 
-    CUDA: max_memory_allocated over the call. CPU: the process's peak RSS
-    (VmHWM, reset through /proc/self/clear_refs) over its RSS before the call.
+    CUDA: max_memory_allocated over the call. CPU: the process's peak RSS (VmHWM,
+    reset through /proc/self/clear_refs) over its RSS before the call. So that
+    memory freed by earlier calls and kept by malloc does not hide new
+    allocations, the heap is trimmed first and allocations of 64 KiB and more
+    are served by fresh mappings during the call (glibc's mallopt); afterwards
+    the mapping threshold is set to glibc's dynamic maximum, 32 MiB.
     """
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -124,21 +142,30 @@ def measure_peak_memory(fn, device: str):
         out = fn()
         torch.cuda.synchronize()
         return out, torch.cuda.max_memory_allocated() - base
+    libc = _glibc()
     try:
+        if libc is not None:
+            libc.malloc_trim(0)
+            libc.mallopt(_M_MMAP_THRESHOLD, 64 << 10)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
         base = _rss_bytes("VmRSS")
     except OSError:  # not Linux: no peak measurement
         return fn(), None
-    out = fn()
-    return out, max(0, _rss_bytes("VmHWM") - base)
+    try:
+        out = fn()
+        return out, max(0, _rss_bytes("VmHWM") - base)
+    finally:
+        if libc is not None:
+            libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
 
 
 def time_call(fn, budget_s: float):
     """Median and IQR of ``fn``'s run time with torch.utils.benchmark (CUDA synchronised)."""
     from torch.utils import benchmark
 
-    m = benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=budget_s)
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=budget_s)
     return m.median, m.iqr, len(m.times) * m.number_per_run
 
 

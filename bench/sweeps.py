@@ -103,8 +103,11 @@ def _builtin_sweeps() -> dict[str, dict]:
         },
         "mlp_cpu": {
             "name": "mlp_cpu",
-            "description": "The 670k-parameter MLP 784-512-512-10 at N=M=128 on the CPU (DESIGN.md's CPU case)",
-            "impls": ["all"], "modes": ["full"], "dtypes": ["float32"], "devices": ["cpu"],
+            "description": "The 670k-parameter MLP 784-512-512-10 at N=M=128 on the CPU (DESIGN.md's CPU case); "
+                           "NTK-VP left out: N²·O = 163,840 vjp/jvp pairs of a 670k-parameter net",
+            "impls": ["jacobian_contraction", "autograd_loop", "explicit_mlp", "backpack_batchgrad", "backpack_sqrtggn",
+                      "structured", "auto", "nt_jacobian_contraction", "nt_structured_derivatives"],
+            "modes": ["full"], "dtypes": ["float32"], "devices": ["cpu"],
             "time_budget_s": 1.0, "timeout_s": 300,
             "arch": [{"name": "mlp", "params": {"in_features": 784, "width": 512, "depth": 2}, "N": [128], "O": [10]}],
         },
