@@ -92,7 +92,7 @@ def _builtin_sweeps() -> dict[str, dict]:
             "name": "quick",
             "description": "CPU default: every plugin and zoo architecture, 4 N values, O in {1, 10}; a few minutes on 2 cores",
             "impls": ["all"], "modes": ["full"], "dtypes": ["float32"], "devices": ["cpu"],
-            "time_budget_s": 0.1, "timeout_s": 60,
+            "time_budget_s": 0.2, "timeout_s": 60,
             "arch": [
                 {"name": "mlp", "params": mlp, "N": [4, 8, 16, 32], "O": [1, 10], "NM": [[32, 8]]},
                 {"name": "mlp", "params": mlp, "N": [16, 32], "O": [10], "modes": ["trace", "diagonal"]},

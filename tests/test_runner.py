@@ -160,3 +160,15 @@ def test_timeout_and_crash_are_results_and_the_worker_is_replaced(tmp_path):
         assert ok["status"] == "ok", ok
     finally:
         ex.close()
+
+
+def test_without_neural_tangents_the_reference_is_the_harness_in_float64(tmp_path, monkeypatch):
+    import reference
+    from bench import measure
+
+    monkeypatch.setattr(reference, "available", lambda: "neural-tangents unavailable: test")
+    case = _smoke(["jacobian_contraction"])[0]
+    record = measure.ensure_reference(case.problem, tmp_path)
+    assert record["status"] == "ok" and record["source"] == "harness:structured:float64:cpu"
+    row = measure.run_case(case, tmp_path)
+    assert row["status"] == "ok" and row["reference"] == "harness:structured:float64:cpu" and row["rel_err"] <= 1e-4
