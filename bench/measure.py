@@ -39,6 +39,12 @@ def build_problem(problem: Problem, dtype: torch.dtype, device: str):
     return arch, model, x1, x2
 
 
+def problem_size(problem: Problem) -> dict:
+    """O and P of the problem's model (built on the CPU, no kernel computed)."""
+    arch = architectures.build(problem.arch, seed=0, **dict(problem.arch_params))
+    return {"O": arch.num_outputs, "P": arch.num_parameters}
+
+
 def reference_block(problem: Problem, o: int) -> tuple[int, int]:
     a = min(problem.n, REF_MAX_BLOCK, max(1, int(math.sqrt(REF_MAX_ENTRIES / (o * o)))))
     b = a if problem.m is None else min(problem.m, a)

@@ -21,6 +21,10 @@ def load(run_dir: Path) -> tuple[dict, pd.DataFrame]:
     for c in COLUMNS + ["auto_pick"]:
         if c not in df.columns:
             df[c] = np.nan
+    # A row the worker never answered (timeout, crash) lacks the model's O and P: take them from its problem's other rows.
+    problem = ["arch", "arch_params", "N", "M", "x2"]
+    for c in ("O", "P", "fp_flops", "predicted_jc_flops", "predicted_vp_flops"):
+        df[c] = df.groupby(problem, dropna=False)[c].transform("first")
     df["config"] = df["arch"] + df["arch_params"].map(_short_params)
     df["size"] = np.where(df["x2"] == "x1", "N=" + df["N"].astype(str), "N=" + df["N"].astype(str) + ", M=" + df["M"].astype(str))
     rest = [c for c in df.columns if c not in COLUMNS]
@@ -140,7 +144,8 @@ def plots(df: pd.DataFrame, out: Path) -> list[str]:
 
     made = []
     impls = _impl_order(df)
-    colors = {impl: plt.cm.tab10(i % 10) for i, impl in enumerate(impls)}
+    colors = {impl: plt.cm.tab20(i % 20) for i, impl in enumerate(impls)}
+    style = {impl: ("s--" if impl.startswith("nt_") else "o-") for impl in impls}  # peers dashed
     sq = df[(df["x2"] == "x1") & (df["status"] == "ok")]
     for config, g in sq.groupby("config"):
         panels = list(g.groupby(["O", "mode", "dtype", "device"]))
@@ -150,7 +155,7 @@ def plots(df: pd.DataFrame, out: Path) -> list[str]:
                 for impl in impls:
                     s = p[(p["impl"] == impl) & (p[col] > 0)].sort_values("N")
                     if len(s):
-                        ax.plot(s["N"], s[col], "o-", color=colors[impl],
+                        ax.plot(s["N"], s[col], style[impl], color=colors[impl],
                                 label=f"{impl} (slope {_slope(s['N'], s[col]):.2f})" if what == "time" else impl)
                 ax.set(xscale="log", yscale="log", xlabel="N (= M)", ylabel=label, title=f"O={o}, {mode}, {dtype}, {device}")
                 ax.legend(fontsize=7)
@@ -193,7 +198,8 @@ def summary(header: dict, df: pd.DataFrame, plot_names: list[str]) -> str:
               f"({', '.join(sorted(df['reference'].dropna().unique())) or 'none'}). ✗ marks a mismatch.", ""]
     for key, g in df.groupby(["config", "O", "mode", "dtype", "device"], sort=False):
         config, o, mode, dtype, device = key
-        lines += [f"## {config}, O={o}, {mode}, {dtype}, {device} (P={int(g['P'].dropna().iloc[0]) if g['P'].notna().any() else '?'})", ""]
+        p = int(g["P"].dropna().iloc[0]) if g["P"].notna().any() else "?"
+        lines += [f"## {config}, O={o:g}, {mode}, {dtype}, {device} (P={p})", ""]
         lines += ["Median time:", "", _pivot(g, impls, _time_cell).to_markdown(), ""]
         mem = _pivot(g, impls, lambda r, f: _fmt_bytes(r["peak_mem_bytes"]) if pd.notna(r["peak_mem_bytes"]) else "")
         lines += ["Peak memory:", "", mem.to_markdown(), ""]

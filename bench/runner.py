@@ -74,6 +74,8 @@ def run_sweep(cases: list[Case], out_dir: Path, sweep_name: str, executor: Execu
                         measure.write_reference_record(case.problem, out_dir, record)
                     references.add(case.problem.id)
                 row = executor.run("case", case, case.timeout_s)
+                if "O" not in row:  # the worker never answered (timeout, crash): the model's size from here
+                    row = {**measure.problem_size(case.problem), **row}
                 _append(f, {**measure.case_fields(case), **row})
                 bar.update()
         finally:
