@@ -41,5 +41,6 @@ clean-venv:
 benchmark-save: $(DEPS)
 	$(PYTHON) -m pytest benchmarks -q --benchmark-only --benchmark-save=baseline
 
+BENCHMARK_TOLERANCE ?= 20%
 benchmark-compare: $(DEPS)
-	$(PYTHON) -m pytest benchmarks -q --benchmark-only --benchmark-compare --benchmark-compare-fail=median:20%
+	$(PYTHON) -m pytest benchmarks -q --benchmark-only --benchmark-compare --benchmark-compare-fail=median:$(BENCHMARK_TOLERANCE)

@@ -2,6 +2,7 @@
 
     make benchmark-save      # store a baseline under .benchmarks/
     make benchmark-compare   # fail when a case's median is >20% slower than the baseline
+                             # (BENCHMARK_TOLERANCE=50% on a noisy shared CPU: medians drift by 20-40% there)
 
 Each benchmark is one runner case, timed in pedantic mode with CUDA
 synchronised inside the timed call; the case goes into ``extra_info``.
@@ -41,5 +42,5 @@ def test_case_speed(benchmark, case):
         return out
 
     benchmark.extra_info.update(measure.case_fields(case))
-    out = benchmark.pedantic(call, rounds=15, warmup_rounds=2, iterations=1)
+    out = benchmark.pedantic(call, rounds=30, warmup_rounds=3, iterations=1)
     assert out.shape[0] == case.problem.n
