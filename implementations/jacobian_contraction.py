@@ -9,7 +9,6 @@ contraction dominates, and runs out of memory when N·O·P does not fit.
 
 from __future__ import annotations
 
-import torch
 from torch.func import jacrev, vmap
 
 from .base import NTKPlugin, contract_jacobians, functional_single
