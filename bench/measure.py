@@ -8,6 +8,7 @@ local worker process, submitit, Ray) can call them.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -305,10 +306,7 @@ def run_case(case: Case, run_dir: Path) -> dict:
             row["memory_budget_bytes"] = budget = default_memory_budget(x1.device)
             if case.device.startswith("cuda"):
                 torch.cuda.empty_cache()
-            import implementations
-
-            plugin = implementations.get(case.impl)
-            fn = lambda: plugin.compute(model, x1, x2, mode=case.mode, memory_budget_bytes=budget)  # noqa: E731
+            fn, to_torch = _kernel_fn(dataclasses.replace(case, memory_budget_bytes=budget), model, x1, x2)
             kernel = _first_call(fn, to_torch, case, row)
         _, row["peak_mem_bytes"] = measure_peak_memory(fn, case.device)
         med, iqr, reps = time_call(fn, case.time_budget_s)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .base import NTKPlugin
+from .base import NTKPlugin, shape_keyed_cache
 from .costs import model_stats
 
 CALIBRATION_FILE = Path(__file__).with_name("auto_calibration.json")
@@ -91,12 +91,9 @@ class Auto(NTKPlugin):
 
         Cached per model, input shapes, dtype, device, mode and budget: the weights do not change the pick.
         """
-        key = (tuple(p.shape for p in model.parameters()), tuple(x1.shape), None if x2 is None else tuple(x2.shape),
-               x1.dtype, x1.device, mode, memory_budget_bytes)
-        per_model = self._choices.setdefault(model, {})
-        if key not in per_model:
-            per_model[key] = self._choose(model, x1, x2, mode, memory_budget_bytes)
-        return per_model[key]
+        key = (tuple(x1.shape), None if x2 is None else tuple(x2.shape), x1.dtype, x1.device, mode, memory_budget_bytes)
+        return shape_keyed_cache(self._choices, model, key,
+                                 lambda: self._choose(model, x1, x2, mode, memory_budget_bytes))
 
     def _choose(self, model, x1, x2, mode, memory_budget_bytes):
         stats = model_stats(model, x1[:1])

@@ -71,6 +71,18 @@ def gradient_gram(g1: torch.Tensor, g2: torch.Tensor, mode: str) -> torch.Tensor
     return torch.bmm(g1, g2.transpose(1, 2)).permute(1, 2, 0)
 
 
+def shape_keyed_cache(store: "weakref.WeakKeyDictionary", model: nn.Module, key: tuple, make: Callable):
+    """``make()`` cached per model (weakly) and per ``key`` plus the model's parameter shapes.
+
+    For facts that depend on the architecture and input shapes, not on the weights.
+    """
+    per_model = store.setdefault(model, {})
+    full_key = (tuple(p.shape for p in model.parameters()), *key)
+    if full_key not in per_model:
+        per_model[full_key] = make()
+    return per_model[full_key]
+
+
 _OUTPUT_WIDTHS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
@@ -79,16 +91,15 @@ def output_width(model: nn.Module, x: torch.Tensor) -> int:
 
     The model must map (N, ...) to (N, O).
     """
-    key = (tuple(p.shape for p in model.parameters()), tuple(x.shape[1:]), x.dtype, x.device)
-    widths = _OUTPUT_WIDTHS.setdefault(model, {})
-    if key not in widths:
+    def width():
         with torch.no_grad():
             y = model(x[:1])
         if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape[0] != 1:
             shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
             raise ValueError(f"model output must have shape (N, O); got {shape} for a batch of 1")
-        widths[key] = y.shape[1]
-    return widths[key]
+        return y.shape[1]
+
+    return shape_keyed_cache(_OUTPUT_WIDTHS, model, (tuple(x.shape[1:]), x.dtype, x.device), width)
 
 
 def validate_inputs(model: nn.Module, x1, x2, mode: str) -> None:

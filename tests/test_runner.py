@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from bench import report, runner, sweeps
 from bench.executors import LocalExecutor
@@ -172,3 +173,23 @@ def test_without_neural_tangents_the_reference_is_the_harness_in_float64(tmp_pat
     assert record["status"] == "ok" and record["source"] == "harness:structured:float64:cpu"
     row = measure.run_case(case, tmp_path)
     assert row["status"] == "ok" and row["reference"] == "harness:structured:float64:cpu" and row["rel_err"] <= 1e-4
+
+
+def test_a_case_out_of_memory_finishes_blocked(tmp_path, monkeypatch):
+    import implementations
+    from bench import measure
+
+    plugin = implementations.get("explicit_mlp")
+    original = type(plugin).compute
+
+    def compute(self, model, x1, x2=None, mode="full", memory_budget_bytes=None):
+        if memory_budget_bytes is None:
+            raise torch.OutOfMemoryError("pretend the device is full")
+        return original(self, model, x1, x2, mode, memory_budget_bytes=memory_budget_bytes)
+
+    monkeypatch.setattr(type(plugin), "compute", compute)
+    case = _smoke(["explicit_mlp"])[0]
+    measure.ensure_reference(case.problem, tmp_path)
+    row = measure.run_case(case, tmp_path)
+    assert row["status"] == "ok" and row["blocked_after_oom"] and row["memory_budget_bytes"] > 0
+    assert row["rel_err"] <= 1e-4
