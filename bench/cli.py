@@ -42,7 +42,8 @@ def _cmd_run(args) -> int:
         cases = [dataclasses.replace(c, **changes) for c in cases]
     out = Path(args.out or f"results/{spec['name']}")
     try:
-        path = runner.run_sweep(cases, out, spec["name"], resume=args.resume, progress=not args.no_progress)
+        path = runner.run_sweep(cases, out, spec["name"], resume=args.resume, progress=not args.no_progress,
+                                deadline_s=None if args.deadline is None else args.deadline * 60)
     except FileExistsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -84,6 +85,8 @@ def main(argv=None) -> int:
     run.add_argument("--resume", action="store_true", help="continue a run in OUT, skipping finished cases")
     run.add_argument("--impls", help="comma-separated plugins/peers to run instead of the sweep's")
     run.add_argument("--timeout", type=float, help="per-case timeout in seconds (overrides the sweep)")
+    run.add_argument("--deadline", type=float, metavar="MIN",
+                     help="start no case after MIN minutes (the rest: run again with --resume)")
     run.add_argument("--memory-budget", type=float, help="memory budget in GiB for plugins that tile their work")
     run.add_argument("--no-progress", action="store_true")
     run.set_defaults(func=_cmd_run)

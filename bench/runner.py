@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 from pathlib import Path
 
 from . import measure
@@ -40,8 +42,13 @@ def _append(f, obj: dict) -> None:
 
 
 def run_sweep(cases: list[Case], out_dir: Path, sweep_name: str, executor: Executor | None = None,
-              resume: bool = False, progress: bool = True) -> Path:
-    """Run ``cases``, appending rows to ``out_dir/results.jsonl``; return that path."""
+              resume: bool = False, progress: bool = True, deadline_s: float | None = None) -> Path:
+    """Run ``cases``, appending rows to ``out_dir/results.jsonl``; return that path.
+
+    ``deadline_s``: start no case after this many seconds (a time-limited session);
+    ``resume=True`` later runs the cases left.
+    """
+    start = time.monotonic()
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
@@ -66,7 +73,11 @@ def run_sweep(cases: list[Case], out_dir: Path, sweep_name: str, executor: Execu
                    dynamic_ncols=True)
         references: set[str] = set()
         try:
-            for case in todo:
+            for i, case in enumerate(todo):
+                if deadline_s is not None and time.monotonic() - start > deadline_s:
+                    print(f"deadline of {deadline_s:.0f} s reached: {len(todo) - i} of {len(cases)} cases left; "
+                          f"run again with --resume to finish them", file=sys.stderr)
+                    break
                 bar.set_postfix_str(case.id, refresh=True)
                 if case.problem.id not in references:
                     record = executor.run("reference", case.problem, REFERENCE_TIMEOUT_S)

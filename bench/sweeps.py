@@ -17,6 +17,8 @@ A sweep is a mapping (a Python dict here, or a TOML/JSON file a user passes):
     NM = [[32, 8]]              # extra N != M cases
     O = [1, 10]                 # sets the architecture's `out`
     modes = ["full", "trace"]   # optional: overrides the sweep's modes for this entry
+    impls = ["structured"]      # optional: overrides the sweep's plugins for this entry
+    memory_budget_gib = 8       # optional (also top-level): every case computes blocked under this budget
 
 Each (arch entry, O, N/M, mode, dtype, device, impl) is one :class:`Case`.
 """
@@ -32,8 +34,9 @@ from . import architectures
 
 NT_PEERS = ("nt_jacobian_contraction", "nt_ntk_vector_products", "nt_structured_derivatives")
 DTYPES = ("float32", "float64")
-TOP_KEYS = {"name", "impls", "modes", "dtypes", "devices", "time_budget_s", "timeout_s", "arch", "description"}
-ARCH_KEYS = {"name", "params", "N", "NM", "O", "modes"}
+TOP_KEYS = {"name", "impls", "modes", "dtypes", "devices", "time_budget_s", "timeout_s", "arch", "description",
+            "memory_budget_gib"}
+ARCH_KEYS = {"name", "params", "N", "NM", "O", "modes", "impls", "memory_budget_gib"}
 
 
 class SweepError(ValueError):
@@ -73,7 +76,8 @@ class Case:
     @property
     def id(self) -> str:
         """Stable key of the case (a key only, never parsed back)."""
-        return f"{self.impl}/{self.problem.id}/{self.mode}/{self.dtype}/{self.device}"
+        budget = "" if self.memory_budget_bytes is None else f"/budget={self.memory_budget_bytes}B"
+        return f"{self.impl}/{self.problem.id}/{self.mode}/{self.dtype}/{self.device}{budget}"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -87,6 +91,12 @@ class Case:
 
 def _builtin_sweeps() -> dict[str, dict]:
     mlp = {"in_features": 64, "width": 256, "depth": 2}
+    mlp512 = {"in_features": 784, "width": 512, "depth": 2}
+    mlp2048 = {"in_features": 784, "width": 2048, "depth": 2}
+    # On the GPU at N >= 128 the per-sample loops (autograd, NTK-VP) and BackPACK take tens of seconds per call.
+    fast = ["jacobian_contraction", "structured", "explicit_mlp", "auto", *NT_PEERS]
+    # Jacobian contraction too at MLP N=512 with O=100 (2·N²·O²·P = 3.5e15 FLOP) or width 2048 (3e14 FLOP, blocked).
+    fastest = fast[1:]
     return {
         "quick": {
             "name": "quick",
@@ -113,16 +123,27 @@ def _builtin_sweeps() -> dict[str, dict]:
         },
         "gpu": {
             "name": "gpu",
-            "description": "One 80 GB GPU: tutorial CNN and MLPs of width 512 and 2048, N up to 512, O up to 100",
+            "description": "One 80 GB GPU, about 15 minutes: issue 4's targets first (MLP N=512; O=100 under an 8 GiB "
+                           "budget), then the tutorial CNN, MLPs of width 512 and 2048 and a CNN, N up to 512; "
+                           "the slow loops only where they finish in seconds",
             "impls": ["all"], "modes": ["full"], "dtypes": ["float32"], "devices": ["cuda"],
-            "time_budget_s": 0.5, "timeout_s": 300,
+            "time_budget_s": 0.5, "timeout_s": 120,
             "arch": [
-                {"name": "tutorial_cnn", "N": [20, 64, 128, 256], "NM": [[20, 5]]},
-                {"name": "mlp", "params": {"in_features": 784, "width": 512, "depth": 2}, "N": [32, 128, 512], "O": [10, 100]},
-                {"name": "mlp", "params": {"in_features": 784, "width": 2048, "depth": 2}, "N": [32, 128, 512], "O": [10]},
-                {"name": "mlp", "params": {"in_features": 784, "width": 512, "depth": 2}, "N": [128], "O": [10],
-                 "modes": ["trace", "diagonal"]},
-                {"name": "cnn", "params": {"channels": 32, "image": 32}, "N": [32, 128, 512], "O": [10]},
+                {"name": "mlp", "params": mlp512, "N": [512], "O": [10], "impls": fast},
+                {"name": "mlp", "params": mlp512, "N": [128], "O": [100], "memory_budget_gib": 8,
+                 "impls": ["jacobian_contraction", "ntk_vector_products", "backpack_batchgrad", "backpack_sqrtggn",
+                           "structured", "explicit_mlp", "auto"]},
+                {"name": "tutorial_cnn", "N": [20, 64], "NM": [[20, 5]]},
+                {"name": "tutorial_cnn", "N": [128, 256], "impls": fast},
+                {"name": "mlp", "params": mlp512, "N": [32, 128], "O": [10]},
+                {"name": "mlp", "params": mlp512, "N": [128], "O": [10], "modes": ["trace", "diagonal"]},
+                {"name": "mlp", "params": mlp512, "N": [32], "O": [100]},
+                {"name": "mlp", "params": mlp512, "N": [512], "O": [100], "impls": fastest},
+                {"name": "mlp", "params": mlp2048, "N": [32], "O": [10]},
+                {"name": "mlp", "params": mlp2048, "N": [128], "O": [10], "impls": fast},
+                {"name": "mlp", "params": mlp2048, "N": [512], "O": [10], "impls": fastest},
+                {"name": "cnn", "params": {"channels": 32, "image": 32}, "N": [32], "O": [10]},
+                {"name": "cnn", "params": {"channels": 32, "image": 32}, "N": [128, 512], "O": [10], "impls": fast},
             ],
         },
         "smoke": {
@@ -176,12 +197,24 @@ def expand(spec: dict, impls_override: list[str] | None = None) -> list[Case]:
     unknown = set(spec) - TOP_KEYS
     if unknown:
         raise SweepError(f"sweep {name!r}: unknown key(s) {sorted(unknown)}; valid: {sorted(TOP_KEYS)}")
-    impls = impls_override or spec.get("impls", ["all"])
-    impls = all_impls() if impls == ["all"] else list(impls)
     valid_impls = all_impls()
-    for impl in impls:
-        if impl not in valid_impls:
-            raise SweepError(f"sweep {name!r}: unknown plugin {impl!r}; valid: {', '.join(valid_impls)}")
+
+    def impl_list(value, where):
+        impls = all_impls() if value == ["all"] else list(value)
+        for impl in impls:
+            if impl not in valid_impls:
+                raise SweepError(f"{where}: unknown plugin {impl!r}; valid: {', '.join(valid_impls)}")
+        return impls
+
+    def budget_bytes(value, where):
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise SweepError(f"{where}: memory_budget_gib must be a positive number of GiB, got {value!r}")
+        return int(value * 2**30)
+
+    top_impls = impl_list(impls_override or spec.get("impls", ["all"]), f"sweep {name!r}")
+    top_budget = budget_bytes(spec.get("memory_budget_gib"), f"sweep {name!r}")
     for key, valid in (("modes", implementations.MODES), ("dtypes", DTYPES)):
         for v in spec.get(key, []):
             if v not in valid:
@@ -214,6 +247,8 @@ def expand(spec: dict, impls_override: list[str] | None = None) -> list[Case]:
         for n, m in sizes:
             if not isinstance(n, int) or n < 1 or (m is not None and (not isinstance(m, int) or m < 1)):
                 raise SweepError(f"{where}: batch sizes must be positive integers, got N={n!r} M={m!r}")
+        impls = impl_list(entry["impls"], where) if "impls" in entry and not impls_override else top_impls
+        budget = budget_bytes(entry.get("memory_budget_gib"), where) if "memory_budget_gib" in entry else top_budget
         modes = entry.get("modes", spec.get("modes", ["full"]))
         for mode in modes:
             if mode not in implementations.MODES:
@@ -230,6 +265,7 @@ def expand(spec: dict, impls_override: list[str] | None = None) -> list[Case]:
                                     impl, problem, mode, dtype, device,
                                     time_budget_s=float(spec.get("time_budget_s", 0.3)),
                                     timeout_s=float(spec.get("timeout_s", 120)),
+                                    memory_budget_bytes=budget,
                                 ))
     ids = [c.id for c in cases]
     if len(set(ids)) != len(ids):

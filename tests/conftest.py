@@ -16,20 +16,33 @@ torch.backends.cudnn.allow_tf32 = False
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
+# NTKBENCH_REFERENCE=harness, on a machine without neural-tangents (the GPU machines): the plugins are checked
+# against the harness's own float64 CPU Jacobian contraction, which `make test` checks against neural-tangents.
+HARNESS_REFERENCE = os.environ.get("NTKBENCH_REFERENCE") == "harness"
+
+
+def _use_harness_reference() -> bool:
+    import reference
+
+    return HARNESS_REFERENCE and reference.available() is not None
+
 
 @functools.lru_cache(maxsize=None)
 def reference_full(problem_id: str) -> torch.Tensor:
-    """neural-tangents' full float64 kernel for a problem, computed once per process."""
+    """The full float64 kernel of a problem (neural-tangents'), computed once per process."""
     import reference
     from problems import BY_ID
 
     p = BY_ID[problem_id]
     x1, x2 = p.inputs()
+    if _use_harness_reference():
+        import implementations
+
+        return implementations.get("jacobian_contraction").compute(p.model(), x1, x2, mode="full")
     return reference.ntk(p.model(), x1, x2, mode="full")
 
 
-@pytest.fixture(scope="session")
-def nt_available():
+def _require_neural_tangents():
     import reference
 
     reason = reference.available()
@@ -37,3 +50,15 @@ def nt_available():
         if os.environ.get("NTKBENCH_REQUIRE_REFERENCE") == "1":  # make test: a missing reference is a failure
             pytest.fail(reason)
         pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def nt_available():
+    _require_neural_tangents()
+
+
+@pytest.fixture(scope="session")
+def kernel_reference():
+    """neural-tangents, or with NTKBENCH_REFERENCE=harness and no neural-tangents, the harness's float64 JC."""
+    if not _use_harness_reference():
+        _require_neural_tangents()

@@ -51,7 +51,7 @@ def check_against_reference(plugin, problem, mode, dtype, device):
     assert _hook_counts(model) == hooks
 
 
-@pytest.mark.usefixtures("nt_available")
+@pytest.mark.usefixtures("kernel_reference")
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
 @pytest.mark.parametrize("mode", implementations.MODES)

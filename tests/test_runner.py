@@ -52,11 +52,26 @@ def test_gpu_sweep_reaches_n512_and_o100():
     ({"modes": ["diag"], "arch": [{"name": "mlp", "N": [2]}]}, "unknown mode 'diag'"),
     ({"arch": []}, "no [[arch]] entries"),
     ({"arhc": [], "arch": [{"name": "mlp", "N": [2]}]}, "unknown key(s) ['arhc']"),
+    ({"arch": [{"name": "mlp", "N": [2], "impls": ["magic"]}]}, "arch entry 1: unknown plugin 'magic'"),
+    ({"arch": [{"name": "mlp", "N": [2], "memory_budget_gib": -1}]}, "memory_budget_gib must be a positive number"),
+    ({"memory_budget_gib": "8G", "arch": [{"name": "mlp", "N": [2]}]}, "memory_budget_gib must be a positive number"),
 ])
 def test_invalid_sweeps_get_one_clear_line(spec, message):
     with pytest.raises(sweeps.SweepError) as info:
         sweeps.expand({"name": "bad", **spec})
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_an_entry_can_narrow_the_plugins_and_set_a_memory_budget():
+    spec = {"name": "s", "impls": ["structured", "jacobian_contraction"], "memory_budget_gib": 2, "arch": [
+        {"name": "mlp", "N": [2]},
+        {"name": "mlp", "N": [2], "impls": ["structured"], "memory_budget_gib": 0.5},
+    ]}
+    cases = sweeps.expand(spec)
+    assert [(c.impl, c.memory_budget_bytes) for c in cases] == [
+        ("structured", 2 << 30), ("jacobian_contraction", 2 << 30), ("structured", 1 << 29)]
+    assert len({c.id for c in cases}) == 3  # the budget is part of the case's key
+    assert [c.impl for c in sweeps.expand(spec, ["explicit_mlp"])] == ["explicit_mlp"] * 2  # --impls wins
 
 
 def test_sweep_file_errors_are_one_line(tmp_path):
@@ -144,6 +159,17 @@ def test_interrupted_run_keeps_finished_rows_and_resumes(tmp_path):
     assert all(json.loads(line) for line in lines) and len(lines) == 4
     _, rows = runner.read_results(tmp_path / "results.jsonl")
     assert sorted(r["impl"] for r in rows) == sorted(["explicit_mlp", "jacobian_contraction", "autograd_loop"])
+
+
+def test_a_deadline_stops_starting_cases_and_resume_finishes_them(tmp_path, capsys):
+    cases = _smoke(["explicit_mlp", "jacobian_contraction"])
+    runner.run_sweep(cases, tmp_path, "smoke", executor=_InterruptAfter(tmp_path, 10), progress=False, deadline_s=0)
+    assert runner.read_results(tmp_path / "results.jsonl")[1] == []
+    assert "2 of 2 cases left" in capsys.readouterr().err
+    runner.run_sweep(cases, tmp_path, "smoke", executor=_InterruptAfter(tmp_path, 10), resume=True, progress=False,
+                     deadline_s=60)
+    assert [r["impl"] for r in runner.read_results(tmp_path / "results.jsonl")[1]] == ["explicit_mlp",
+                                                                                        "jacobian_contraction"]
 
 
 def test_timeout_and_crash_are_results_and_the_worker_is_replaced(tmp_path):

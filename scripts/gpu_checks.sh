@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# All the GPU work of one time-limited session, with the machine's own Python (no venv, no package index):
+#   1. the correctness suite, CUDA cases included, against the harness's float64 CPU reference
+#      (neural-tangents is not installed there; `make test` checks that reference against it);
+#   2. the `gpu` sweep, resumable, starting no case after DEADLINE_MIN minutes;
+#   3. the report of what has run so far.
+#
+#   scripts/gpu_checks.sh OUTDIR [RUN_DIR]     env: PYTHON (python3), DEADLINE_MIN (6), TESTS (1), TEST_TIMEOUT_S (240)
+#
+# OUTDIR receives tests.log, sweep.log, and run.tar.gz (the run directory without its cached references).
+set -u
+OUTDIR=${1:?usage: scripts/gpu_checks.sh OUTDIR [RUN_DIR]}
+RUN=${2:-results/$(date +%Y-%m-%d)-gpu}
+PYTHON=${PYTHON:-python3}
+mkdir -p "$OUTDIR" "$RUN"
+export PYTHONUNBUFFERED=1
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; $PYTHON -c 'import torch, numpy; print("torch", torch.__version__, "numpy", numpy.__version__, "cuda", torch.cuda.is_available())'; } >"$OUTDIR/env.txt" 2>&1
+
+if [ "${TESTS:-1}" = 1 ]; then
+    NTKBENCH_REFERENCE=harness timeout "${TEST_TIMEOUT_S:-240}" $PYTHON -m pytest -p no:cacheprovider -q -n 8 \
+        --timeout=200 -rfE tests >"$OUTDIR/tests.log" 2>&1
+    echo "tests: exit $?" | tee -a "$OUTDIR/tests.log"
+    tail -3 "$OUTDIR/tests.log"
+fi
+
+$PYTHON -m bench run --sweep gpu --out "$RUN" --resume --no-progress --deadline "${DEADLINE_MIN:-6}" \
+    >"$OUTDIR/sweep.log" 2>&1
+echo "sweep: exit $?" | tee -a "$OUTDIR/sweep.log"
+$PYTHON -m bench report "$RUN" >>"$OUTDIR/sweep.log" 2>&1
+tail -5 "$OUTDIR/sweep.log"
+tar -czf "$OUTDIR/run.tar.gz" --exclude=references -C "$(dirname "$RUN")" "$(basename "$RUN")"
