@@ -126,8 +126,8 @@ def ours_vs_neural_tangents(df: pd.DataFrame) -> pd.DataFrame:
     j = _fastest(ok[~peer]).join(_fastest(ok[peer]), lsuffix="_ours", rsuffix="_nt", how="inner").reset_index()
     return pd.DataFrame({
         **{k: j[k] for k in CASE_KEYS},
-        "ours": j["impl_ours"] + " " + j["time_median_s_ours"].map(_fmt_time),
-        "neural-tangents": j["impl_nt"] + " " + j["time_median_s_nt"].map(_fmt_time),
+        "ours": [f"{i} {_fmt_time(t)}" for i, t in zip(j["impl_ours"], j["time_median_s_ours"])],
+        "neural-tangents": [f"{i} {_fmt_time(t)}" for i, t in zip(j["impl_nt"], j["time_median_s_nt"])],
         "ours / nt": j["time_median_s_ours"] / j["time_median_s_nt"],
     })
 

@@ -71,6 +71,49 @@ def gradient_gram(g1: torch.Tensor, g2: torch.Tensor, mode: str) -> torch.Tensor
     return torch.bmm(g1, g2.transpose(1, 2)).permute(1, 2, 0)
 
 
+class KernelSum:
+    """A sum of per-layer kernel terms in a mode's shape, accumulated in place.
+
+    Full-mode Gram terms xx[n, m]·Σ_c G1[o, n, c] G2[p, m, c] are kept in the
+    (N, O, M, O) order the GEMM writes, so a layer costs one GEMM and one fused
+    multiply-add pass (no permuted reads); ``result()`` copies once to (N, M, O, O).
+    """
+
+    def __init__(self, mode: str):
+        self.mode, self.acc = mode, None
+
+    def add_gram(self, xx: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor, symmetric: bool = False) -> None:
+        """Add xx ⊙ (G1 G2ᵀ) for G of shape (O, N, C); ``symmetric``: g2 is g1 (x2 = None)."""
+        if self.mode != "full":
+            term = gradient_gram(g1, g2, self.mode)
+            self.add(term * xx.view(xx.shape + (1,) * (term.dim() - 2)))
+            return
+        o, n, c = g1.shape
+        m = g2.shape[1]
+        a1 = g1.transpose(0, 1).reshape(n * o, c)
+        a2 = a1 if symmetric else g2.transpose(0, 1).reshape(m * o, c)
+        prod = (a1 @ a2.T).view(n, o, m, o)
+        weight = xx.view(n, 1, m, 1)
+        if self.acc is None:
+            self.acc = prod.mul_(weight)
+        else:
+            self.acc.addcmul_(prod, weight)
+
+    def add(self, term: torch.Tensor) -> None:
+        """Add a fresh term in the mode's shape ((N, M, O, O) for full); the term may be overwritten."""
+        if self.mode == "full":
+            term = term.permute(0, 2, 1, 3)
+        if self.acc is None:
+            self.acc = term
+        else:
+            self.acc.add_(term)
+
+    def result(self) -> torch.Tensor:
+        if self.mode == "full":
+            return self.acc.permute(0, 2, 1, 3).contiguous()
+        return self.acc
+
+
 def shape_keyed_cache(store: "weakref.WeakKeyDictionary", model: nn.Module, key: tuple, make: Callable):
     """``make()`` cached per model (weakly) and per ``key`` plus the model's parameter shapes.
 

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from .base import NTKPlugin, gradient_gram
+from .base import KernelSum, NTKPlugin
 
 
 def _gelu_derivative(module: nn.GELU, z):
@@ -130,15 +130,13 @@ class ExplicitMLP(NTKPlugin):
         else:
             in2, _, der2 = self._forward(layers, x2)
             g2 = self._output_gradients(linears, der2, x2.shape[0])
-        out = None
+        total = KernelSum(mode)
         for h1, h2, a, b, lin in zip(in1, in2, g1, g2, linears):
             xx = h1 @ h2.T
             if lin.bias is not None:
                 xx = xx + 1
-            gg = gradient_gram(a.contiguous(), b.contiguous(), mode)
-            term = gg * xx.view(xx.shape + (1,) * (gg.dim() - 2))
-            out = term if out is None else out.add_(term)
-        return out
+            total.add_gram(xx, a, b, symmetric=x2 is None)
+        return total.result()
 
 
 plugin = ExplicitMLP()

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import NTKPlugin, UnsupportedModelError, contract_jacobians, gradient_gram
+from .base import KernelSum, NTKPlugin, UnsupportedModelError, contract_jacobians
 
 _RULES = (nn.Linear, nn.Conv2d)
 
@@ -91,8 +91,10 @@ def _layer_cost(n, m, o, s, t, k, c, mode):
     return jac, (n + m) * o * c * k
 
 
-def _layer_kernel(x1, g1, x2, g2, mode, has_bias, order=None):
-    """One weight's (and bias's) contribution, in the cheaper order (or ``order``: "gram" / "jacobian")."""
+def _add_layer(total: KernelSum, x1, g1, x2, g2, has_bias, order=None):
+    """Add one weight's (and bias's) contribution, in the cheaper order (or ``order``: "gram" / "jacobian")."""
+    mode = total.mode
+    symmetric = x2 is x1 and g2 is g1
     n, s, k = x1.shape
     o, _, _, c = g1.shape
     m, t = x2.shape[0], x2.shape[1]
@@ -102,18 +104,26 @@ def _layer_kernel(x1, g1, x2, g2, mode, has_bias, order=None):
             xx = x1[:, 0] @ x2[:, 0].T
             if has_bias:
                 xx = xx + 1
-            gg = gradient_gram(g1[:, :, 0], g2[:, :, 0], mode)
-            return gg * xx.view(xx.shape + (1,) * (gg.dim() - 2))
+            total.add_gram(xx, g1[:, :, 0], g2[:, :, 0], symmetric=symmetric)
+            return
         xx = torch.einsum("nsk,mtk->nmst", x1, x2)
         expr = {"full": "nmst,onsc,pmtc->nmop", "trace": "nmst,onsc,omtc->nm", "diagonal": "nmst,onsc,omtc->nmo"}[mode]
-        w = torch.einsum(expr, xx, g1, g2)
+        total.add(torch.einsum(expr, xx, g1, g2))
     else:
         j1 = torch.einsum("onsc,nsk->nock", g1, x1).flatten(2)
-        j2 = j1 if (x2 is x1 and g2 is g1) else torch.einsum("onsc,nsk->nock", g2, x2).flatten(2)
-        w = contract_jacobians([j1], [j2], mode)
+        j2 = j1 if symmetric else torch.einsum("onsc,nsk->nock", g2, x2).flatten(2)
+        total.add(contract_jacobians([j1], [j2], mode))
     if has_bias:
-        w = w + gradient_gram(g1.sum(2), g2.sum(2), mode)
-    return w
+        b1 = g1.sum(2)
+        total.add_gram(torch.ones(n, m, dtype=b1.dtype, device=b1.device), b1, b1 if symmetric else g2.sum(2),
+                       symmetric=symmetric)
+
+
+def _layer_kernel(x1, g1, x2, g2, mode, has_bias, order=None):
+    """One layer's contribution alone, in the mode's shape (for tests of the two orders)."""
+    total = KernelSum(mode)
+    _add_layer(total, x1, g1, x2, g2, has_bias, order)
+    return total.result()
 
 
 class Structured(NTKPlugin):
@@ -163,11 +173,10 @@ class Structured(NTKPlugin):
     def _kernel(self, model, x1, x2, mode):
         side1 = self._side(model, x1)
         side2 = side1 if x2 is None else self._side(model, x2)
-        out = None
+        total = KernelSum(mode)
         for (mod, a1, b1), (_, a2, b2) in zip(side1, side2):
-            term = _layer_kernel(a1, b1, a2, b2, mode, getattr(mod, "bias", None) is not None and mod.bias.requires_grad)
-            out = term if out is None else out.add_(term)
-        return out.detach()
+            _add_layer(total, a1, b1, a2, b2, getattr(mod, "bias", None) is not None and mod.bias.requires_grad)
+        return total.result().detach()
 
 
 plugin = Structured()

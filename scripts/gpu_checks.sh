@@ -5,7 +5,8 @@
 #   2. the `gpu` sweep, resumable, starting no case after DEADLINE_MIN minutes;
 #   3. the report of what has run so far.
 #
-#   scripts/gpu_checks.sh OUTDIR [RUN_DIR]     env: PYTHON (python3), DEADLINE_MIN (6), TESTS (1), TEST_TIMEOUT_S (240)
+#   scripts/gpu_checks.sh OUTDIR [RUN_DIR]     env: PYTHON (python3), DEADLINE_MIN (6), TESTS (1), TEST_TIMEOUT_S (240),
+#                                              TEST_SELECT (tests: pytest's selection)
 #
 # OUTDIR receives tests.log, sweep.log, and run.tar.gz (the run directory without its cached references).
 set -u
@@ -17,8 +18,9 @@ export PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; $PYTHON -c 'import torch, numpy; print("torch", torch.__version__, "numpy", numpy.__version__, "cuda", torch.cuda.is_available())'; } >"$OUTDIR/env.txt" 2>&1
 
 if [ "${TESTS:-1}" = 1 ]; then
-    NTKBENCH_REFERENCE=harness timeout "${TEST_TIMEOUT_S:-240}" $PYTHON -m pytest -p no:cacheprovider -q -n 8 \
-        --timeout=200 -rfE tests >"$OUTDIR/tests.log" 2>&1
+    # One thread per xdist worker: 8 workers with a thread per core each oversubscribe the CPU.
+    OMP_NUM_THREADS=1 NTKBENCH_REFERENCE=harness timeout "${TEST_TIMEOUT_S:-240}" $PYTHON -m pytest -p no:cacheprovider \
+        -q -n 8 --timeout=200 -rfE ${TEST_SELECT:-tests} >"$OUTDIR/tests.log" 2>&1
     echo "tests: exit $?" | tee -a "$OUTDIR/tests.log"
     tail -3 "$OUTDIR/tests.log"
 fi
