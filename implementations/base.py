@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 MODES = ("full", "trace", "diagonal")
+# Devices whose inputs are checked for NaN/inf before any work (free on the CPU; a stall on a GPU).
+EAGER_FINITE_CHECK = ("cpu",)
 
 
 class UnsupportedModelError(ValueError):
@@ -71,19 +73,26 @@ def gradient_gram(g1: torch.Tensor, g2: torch.Tensor, mode: str) -> torch.Tensor
     return torch.bmm(g1, g2.transpose(1, 2)).permute(1, 2, 0)
 
 
+# From this many rows (N·O), a symmetric full-mode Gram (x2 = None) is built from 3 of its 4 blocks.
+SYMMETRIC_SPLIT_MIN_ROWS = 2048
+
+
 class KernelSum:
     """A sum of per-layer kernel terms in a mode's shape, accumulated in place.
 
     Full-mode Gram terms xx[n, m]·Σ_c G1[o, n, c] G2[p, m, c] are kept in the
     (N, O, M, O) order the GEMM writes, so a layer costs one GEMM and one fused
     multiply-add pass (no permuted reads); ``result()`` copies once to (N, M, O, O).
+    A large symmetric kernel (x2 = None) computes only the upper blocks of the
+    split [first half, second half] and mirrors the lower-left one in that copy:
+    3/4 of the GEMM and multiply-add work.
     """
 
     def __init__(self, mode: str):
-        self.mode, self.acc = mode, None
+        self.mode, self.acc, self.mirror = mode, None, False
 
     def add_gram(self, xx: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor, symmetric: bool = False) -> None:
-        """Add xx ⊙ (G1 G2ᵀ) for G of shape (O, N, C); ``symmetric``: g2 is g1 (x2 = None)."""
+        """Add xx ⊙ (G1 G2ᵀ) for G of shape (O, N, C); ``symmetric``: g2 is g1 and xx is symmetric (x2 = None)."""
         if self.mode != "full":
             term = gradient_gram(g1, g2, self.mode)
             self.add(term * xx.view(xx.shape + (1,) * (term.dim() - 2)))
@@ -91,13 +100,36 @@ class KernelSum:
         o, n, c = g1.shape
         m = g2.shape[1]
         a1 = g1.transpose(0, 1).reshape(n * o, c)
+        if symmetric and n >= 2 and n * o >= SYMMETRIC_SPLIT_MIN_ROWS:
+            self._add_upper_blocks(xx, a1, n, o)
+            return
         a2 = a1 if symmetric else g2.transpose(0, 1).reshape(m * o, c)
-        prod = (a1 @ a2.T).view(n, o, m, o)
-        weight = xx.view(n, 1, m, 1)
-        if self.acc is None:
-            self.acc = prod.mul_(weight)
+        self._add_block(slice(None), slice(None), a1 @ a2.T, xx)
+
+    def _add_block(self, rows: slice, cols: slice, prod: torch.Tensor, xx: torch.Tensor) -> None:
+        """acc[rows, :, cols, :] += prod ⊙ xx[rows, cols] (or = on the first term)."""
+        o = self.o if self.acc is not None else prod.shape[0] // xx.shape[0]
+        weight = xx[rows, cols][:, None, :, None]
+        prod = prod.view(weight.shape[0], o, weight.shape[2], o)
+        if self.acc is None:  # the first term, covering the whole kernel
+            self.acc, self.o = prod.mul_(weight), o
         else:
-            self.acc.addcmul_(prod, weight)
+            self.acc[rows, :, cols, :].addcmul_(prod, weight)
+
+    def _add_upper_blocks(self, xx: torch.Tensor, a: torch.Tensor, n: int, o: int) -> None:
+        h = n // 2
+        top, bottom = a[: h * o], a[h * o:]
+        if self.acc is None:
+            self.acc, self.o = torch.empty(n, o, n, o, dtype=a.dtype, device=a.device), o
+            for rows, cols, lhs, rhs in ((slice(0, h), slice(0, h), top, top), (slice(0, h), slice(h, n), top, bottom),
+                                         (slice(h, n), slice(h, n), bottom, bottom)):
+                torch.mul((lhs @ rhs.T).view(lhs.shape[0] // o, o, rhs.shape[0] // o, o),
+                          xx[rows, cols][:, None, :, None], out=self.acc[rows, :, cols, :])
+        else:
+            self._add_block(slice(0, h), slice(0, h), top @ top.T, xx)
+            self._add_block(slice(0, h), slice(h, n), top @ bottom.T, xx)
+            self._add_block(slice(h, n), slice(h, n), bottom @ bottom.T, xx)
+        self.mirror, self.half = True, h
 
     def add(self, term: torch.Tensor) -> None:
         """Add a fresh term in the mode's shape ((N, M, O, O) for full); the term may be overwritten."""
@@ -105,13 +137,24 @@ class KernelSum:
             term = term.permute(0, 2, 1, 3)
         if self.acc is None:
             self.acc = term
+            if self.mode == "full":
+                self.o = term.shape[1]
         else:
             self.acc.add_(term)
 
     def result(self) -> torch.Tensor:
-        if self.mode == "full":
-            return self.acc.permute(0, 2, 1, 3).contiguous()
-        return self.acc
+        if self.mode != "full":
+            return self.acc
+        full = self.acc.permute(0, 2, 1, 3)
+        if not self.mirror:
+            return full.contiguous()
+        # Θ[n, m, o, p] = Θ[m, n, p, o]: the lower-left block from the upper-right one.
+        h = self.half
+        out = torch.empty(full.shape, dtype=full.dtype, device=full.device)
+        out[:h].copy_(full[:h])
+        out[h:, h:].copy_(full[h:, h:])
+        out[h:, :h].copy_(self.acc[:h, :, h:, :].permute(2, 0, 3, 1))
+        return out
 
 
 def shape_keyed_cache(store: "weakref.WeakKeyDictionary", model: nn.Module, key: tuple, make: Callable):
@@ -173,12 +216,18 @@ def validate_inputs(model: nn.Module, x1, x2, mode: str) -> None:
                 f"{label} has dtype {x.dtype} but the model's parameters are {p0.dtype}; "
                 f"convert one of them (e.g. model.to({x.dtype}))"
             )
-        if not bool(torch.isfinite(x).all()):
+        if x.device.type in EAGER_FINITE_CHECK and not bool(torch.isfinite(x).all()):  # else: in compute()
             raise ValueError(f"{label} contains NaN or inf")
     if x2 is not None and x1.shape[1:] != x2.shape[1:]:
         raise ValueError(
             f"x1 and x2 have different per-sample shapes: {tuple(x1.shape[1:])} vs {tuple(x2.shape[1:])}"
         )
+
+
+def _raise_if_not_finite(finite: torch.Tensor | None) -> None:
+    if finite is not None and not bool(finite.all()):
+        bad = [label for label, ok in zip(("x1", "x2"), finite.tolist()) if not ok]
+        raise ValueError(f"{bad[0]} contains NaN or inf")
 
 
 @contextlib.contextmanager
@@ -223,13 +272,23 @@ class NTKPlugin:
         reason = self.supports(model)
         if reason is not None:
             raise UnsupportedModelError(reason)
-        with model_state_preserved(model):
-            if memory_budget_bytes is None:
-                out = self._kernel(model, x1, x2, mode)
-            else:
-                from .blocking import blocked_kernel
+        # On a GPU the NaN/inf check is queued and read after the kernel's work is queued: reading it first
+        # would stall the CPU until the GPU is idle, serialising every call's launches with the GPU's work.
+        finite = None if x1.device.type in EAGER_FINITE_CHECK else torch.stack(
+            [torch.isfinite(x).all() for x in (x1, x2) if x is not None])
+        try:
+            with model_state_preserved(model):
+                if memory_budget_bytes is None:
+                    out = self._kernel(model, x1, x2, mode)
+                else:
+                    from .blocking import blocked_kernel
 
-                out = blocked_kernel(self.with_budget(memory_budget_bytes), model, x1, x2, mode, memory_budget_bytes)
+                    out = blocked_kernel(self.with_budget(memory_budget_bytes), model, x1, x2, mode,
+                                         memory_budget_bytes)
+        except Exception:
+            _raise_if_not_finite(finite)
+            raise
+        _raise_if_not_finite(finite)
         expected = kernel_shape(x1.shape[0], (x1 if x2 is None else x2).shape[0], o, mode)
         if tuple(out.shape) != expected:
             raise RuntimeError(f"{self.name} returned shape {tuple(out.shape)}, expected {expected}")

@@ -38,7 +38,7 @@ def main() -> None:
         plugin = implementations.get(name)
         fn = lambda: plugin.compute(model, x, mode=args.mode)  # noqa: E731
         fn()
-        t = benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=1.0)
+        t = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(min_run_time=1.0)
         print(f"\n=== {name}: median {t.median * 1e3:.3f} ms over {len(t.times)} blocks of {t.number_per_run}")
         activities = [torch.profiler.ProfilerActivity.CPU]
         if args.device.startswith("cuda"):

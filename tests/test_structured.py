@@ -40,3 +40,23 @@ def test_structured_rejects_shared_weights():
 
     with pytest.raises(implementations.UnsupportedModelError, match="more than once"):
         implementations.get("structured").compute(Twice(), torch.randn(2, 3))
+
+
+@pytest.mark.parametrize("problem_id", ["mlp-relu-O3-x2None", "mlp-sigmoid-depth1-O4-x2None", "cnn-O4-x2None", "tutorial_cnn-O10-x2None"])
+@pytest.mark.parametrize("plugin_name", ["structured", "explicit_mlp"])
+def test_symmetric_kernels_from_three_blocks_equal_the_plain_sum(plugin_name, problem_id, monkeypatch):
+    """x2 = None: the upper blocks computed and the lower-left mirrored give the same kernel, odd N included."""
+    import implementations.base as base
+    from problems import BY_ID
+
+    problem = BY_ID[problem_id]
+    plugin = implementations.get(plugin_name)
+    model = problem.model()
+    if plugin.supports(model) is not None:
+        pytest.skip(plugin.supports(model))
+    x1, _ = problem.inputs()
+    plain = implementations.get("jacobian_contraction").compute(model, x1)
+    monkeypatch.setattr(base, "SYMMETRIC_SPLIT_MIN_ROWS", 1)
+    for n in (x1.shape[0], x1.shape[0] - 1):
+        split = plugin.compute(model, x1[:n])
+        assert split.is_contiguous() and rel_err(split, plain[:n, :n]) <= 1e-12
