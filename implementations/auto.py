@@ -34,10 +34,13 @@ def load_calibration(path: Path = CALIBRATION_FILE) -> dict:
 
 
 def default_memory_budget(device: torch.device) -> int:
-    """80% of the free device memory (CUDA) or half the available RAM (CPU)."""
+    """80% of the free device memory, the allocator's cache included (CUDA), or half the available RAM (CPU)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(0.8 * free)
+        # Blocks PyTorch's caching allocator holds but no tensor uses are free to this process too: counting
+        # them out made auto block a 21 GB kernel after a 21 GB case on an 80 GB card (9.5 s instead of 0.13 s).
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(0.8 * (free + cached))
     try:
         with open("/proc/meminfo") as f:
             info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
@@ -120,7 +123,7 @@ class Auto(NTKPlugin):
     def compute(self, model, x1, x2=None, mode="full", memory_budget_bytes=None):
         from .base import validate_inputs
 
-        validate_inputs(model, x1, x2, mode)  # the pick validates again; this guards the pick itself
+        validate_inputs(model, x1, x2, mode, check_finite=False)  # guards the pick; the pick's compute checks NaN
         plugin, why, budget = self.choose(model, x1, x2, mode, memory_budget_bytes)
         self.last_choice = (plugin.name, why)
         return plugin.compute(model, x1, x2, mode, memory_budget_bytes=budget)

@@ -189,8 +189,8 @@ def output_width(model: nn.Module, x: torch.Tensor) -> int:
     return shape_keyed_cache(_OUTPUT_WIDTHS, model, (tuple(x.shape[1:]), x.dtype, x.device), width)
 
 
-def validate_inputs(model: nn.Module, x1, x2, mode: str) -> None:
-    """Raise a clear ValueError/TypeError for inputs no plugin can take."""
+def validate_inputs(model: nn.Module, x1, x2, mode: str, check_finite: bool = True) -> None:
+    """Raise a clear ValueError/TypeError for inputs no plugin can take (NaN/inf too, with ``check_finite``)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if mode not in MODES:
@@ -217,7 +217,7 @@ def validate_inputs(model: nn.Module, x1, x2, mode: str) -> None:
                 f"{label} has dtype {x.dtype} but the model's parameters are {p0.dtype}; "
                 f"convert one of them (e.g. model.to({x.dtype}))"
             )
-        if not bool(torch.isfinite(x).all()):
+        if check_finite and not bool(torch.isfinite(x).all()):
             raise ValueError(f"{label} contains NaN or inf")
     if x2 is not None and x1.shape[1:] != x2.shape[1:]:
         raise ValueError(

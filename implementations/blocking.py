@@ -59,8 +59,8 @@ def blocked_kernel(plugin, model, x1, x2, mode: str, budget: int) -> torch.Tenso
                 continue
             same = symmetric and i == j
             block = plugin._kernel(model, x1[si], None if same else xb[sj], mode)
-            out[si, sj] = block.to(out_device)
+            out[si, sj].copy_(block)  # one copy, across devices when the kernel lives in CPU memory
             if symmetric and j > i:
-                out[sj, si] = _mirror(block, mode).to(out_device)
+                out[sj, si].copy_(_mirror(block, mode))
             del block
     return out
