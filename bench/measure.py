@@ -191,6 +191,33 @@ def time_call(fn, budget_s: float):
     return statistics.median(times), q[2] - q[0], len(times) * number
 
 
+def time_paired(fn_a, fn_b, budget_s: float):
+    """(median of a, median of b, median of the ratios a/b) over alternating blocks of calls.
+
+    Two functions timed minutes apart see different machines (a shared VM's
+    speed drifts by tens of percent); timed in alternating blocks of the same
+    number of calls (a b, then b a, ...), each pair sees the same one. At least
+    5 pairs, more while the budget lasts.
+    """
+    import statistics
+
+    from torch.utils import benchmark
+
+    threads = torch.get_num_threads()
+    ta = benchmark.Timer(stmt="fn()", globals={"fn": fn_a}, num_threads=threads)
+    tb = benchmark.Timer(stmt="fn()", globals={"fn": fn_b}, num_threads=threads)
+    one = max(ta.timeit(1).median, tb.timeit(1).median)
+    number = max(1, int(budget_s / 10 / max(one, 1e-9)))
+    a, b = [], []
+    deadline = time.perf_counter() + budget_s
+    while len(a) < 5 or (time.perf_counter() < deadline and 2 * one * number < budget_s):
+        first, second = (ta, tb) if len(a) % 2 == 0 else (tb, ta)
+        t1, t2 = first.timeit(number).median, second.timeit(number).median
+        a.append(t1 if first is ta else t2)
+        b.append(t2 if first is ta else t1)
+    return statistics.median(a), statistics.median(b), statistics.median(x / y for x, y in zip(a, b))
+
+
 def agreement(k: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     """(‖K − K_ref‖_F / ‖K_ref‖_F, max|ΔK| / mean|K_ref|), in float64."""
     k, ref = k.detach().cpu().double(), ref.double()
@@ -261,6 +288,17 @@ def _first_call(fn, to_torch, case, row):
     return kernel
 
 
+def _auto_against_its_pick(case: Case, model, x1, x2, auto_fn) -> dict:
+    """auto and the plugin it picked, timed in alternating blocks: auto's own overhead, free of drift."""
+    import implementations
+
+    auto = implementations.get("auto")
+    pick, _, budget = auto.choose(model, x1, x2, case.mode, case.memory_budget_bytes)
+    pick_fn = lambda: pick.compute(model, x1, x2, mode=case.mode, memory_budget_bytes=budget)  # noqa: E731
+    auto_s, pick_s, ratio = time_paired(auto_fn, pick_fn, case.time_budget_s)
+    return {"paired_auto_s": auto_s, "paired_pick_s": pick_s, "auto_over_pick_paired": ratio}
+
+
 def run_case(case: Case, run_dir: Path) -> dict:
     """Measure one case; never raises for a failure of the case itself (it becomes the status)."""
     import implementations.base as base
@@ -311,6 +349,8 @@ def run_case(case: Case, run_dir: Path) -> dict:
         _, row["peak_mem_bytes"] = measure_peak_memory(fn, case.device)
         med, iqr, reps = time_call(fn, case.time_budget_s)
         row.update(time_median_s=med, time_iqr_s=iqr, time_repeats=reps)
+        if case.impl == "auto":
+            row.update(_auto_against_its_pick(case, model, x1, x2, fn))
     except Exception as exc:  # the case failed: record why and move on (status oom or error)
         row.update(status=_status_of(exc), error=f"{type(exc).__name__}: {exc}"[:500])
         return row

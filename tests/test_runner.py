@@ -109,6 +109,18 @@ def test_a_run_records_every_case_with_checked_numbers(smoke_run):
         assert r["rel_err"] <= 1e-4 and r["reference"].startswith(("neural_tangents", "harness"))
         assert r["predicted_jc_flops"] == 3 * r["O"] * r["fp_flops"] + 9 * r["O"] ** 2 * r["P"]
         assert r["predicted_vp_flops"] == 9 * r["O"] * r["fp_flops"]
+    auto = next(r for r in rows if r["impl"] == "auto")
+    assert auto["auto_pick"] in sweeps.all_impls() and auto["paired_auto_s"] > 0 and auto["paired_pick_s"] > 0
+    assert 0 < auto["auto_over_pick_paired"] < 100
+
+
+def test_paired_timing_sees_a_two_fold_difference():
+    import time as time_module
+
+    from bench.measure import time_paired
+
+    a, b, ratio = time_paired(lambda: time_module.sleep(0.004), lambda: time_module.sleep(0.002), 0.1)
+    assert a > b and 1.5 < ratio < 2.5
 
 
 def test_report_writes_csv_summary_and_plots(smoke_run, tmp_path):
@@ -117,6 +129,7 @@ def test_report_writes_csv_summary_and_plots(smoke_run, tmp_path):
     assert list(df.columns[: len(report.COLUMNS)]) == report.COLUMNS
     text = summary.read_text()
     assert "Median time:" in text and "explicit_mlp" in text and "Agreement with the reference:" in text
+    assert "auto / pick, paired" in text and "timed in alternating blocks" in text
     pngs = list(tmp_path.glob("*.png"))
     assert len(pngs) >= 3 and all(p.stat().st_size > 1000 for p in pngs)
 
