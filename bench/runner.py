@@ -84,7 +84,9 @@ def run_sweep(cases: list[Case], out_dir: Path, sweep_name: str, executor: Execu
                     if "block" not in record:  # the reference job itself failed or timed out
                         measure.write_reference_record(case.problem, out_dir, record)
                     references.add(case.problem.id)
+                started = time.monotonic()
                 row = executor.run("case", case, case.timeout_s)
+                row["case_wall_s"] = time.monotonic() - started  # the whole case: set-up, checks and timing
                 if "O" not in row:  # the worker never answered (timeout, crash): the model's size from here
                     row = {**measure.problem_size(case.problem), **row}
                 _append(f, {**measure.case_fields(case), **row})

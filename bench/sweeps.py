@@ -97,18 +97,28 @@ def _builtin_sweeps() -> dict[str, dict]:
     fast = ["jacobian_contraction", "structured", "explicit_mlp", "auto", *NT_PEERS]
     # Jacobian contraction too at MLP N=512 with O=100 (2·N²·O²·P = 3.5e15 FLOP) or width 2048 (3e14 FLOP, blocked).
     fastest = fast[1:]
+    # Every plugin but the per-sample loops, which take seconds a case from N=32 on 2 cores; every peer.
+    no_loops = ["jacobian_contraction", "explicit_mlp", "backpack_batchgrad", "backpack_sqrtggn", "structured", "auto",
+                *NT_PEERS]
+    small_cnn, tiny_resnet = {"channels": 16, "image": 16}, {"channels": 8, "image": 8}
     return {
         "quick": {
             "name": "quick",
-            "description": "CPU default: every plugin and zoo architecture, 4 N values, O in {1, 10}; a few minutes on 2 cores",
+            "description": "CPU default: every plugin and zoo architecture, 4 N values, O in {1, 10}, the per-sample "
+                           "loops (NTK-VP, autograd) up to N=16; about 10 minutes on 2 cores",
             "impls": ["all"], "modes": ["full"], "dtypes": ["float32"], "devices": ["cpu"],
-            "time_budget_s": 0.2, "timeout_s": 60,
+            "time_budget_s": 0.1, "timeout_s": 60,
             "arch": [
-                {"name": "mlp", "params": mlp, "N": [4, 8, 16, 32], "O": [1, 10], "NM": [[32, 8]]},
-                {"name": "mlp", "params": mlp, "N": [16, 32], "O": [10], "modes": ["trace", "diagonal"]},
-                {"name": "tutorial_cnn", "N": [2, 4, 8, 16]},
-                {"name": "cnn", "params": {"channels": 16, "image": 16}, "N": [4, 8, 16, 32], "O": [1, 10]},
-                {"name": "resnet_tiny", "params": {"channels": 8, "image": 8}, "N": [4, 8, 16, 32], "O": [1, 10]},
+                {"name": "mlp", "params": mlp, "N": [4, 8, 16], "O": [1, 10]},
+                {"name": "mlp", "params": mlp, "N": [32], "O": [1, 10], "NM": [[32, 8]], "impls": no_loops},
+                {"name": "mlp", "params": mlp, "N": [16], "O": [10], "modes": ["trace", "diagonal"]},
+                {"name": "mlp", "params": mlp, "N": [32], "O": [10], "modes": ["trace", "diagonal"], "impls": no_loops},
+                {"name": "tutorial_cnn", "N": [2, 4, 8]},
+                {"name": "tutorial_cnn", "N": [16], "impls": no_loops},
+                {"name": "cnn", "params": small_cnn, "N": [4, 8, 16], "O": [1, 10]},
+                {"name": "cnn", "params": small_cnn, "N": [32], "O": [1, 10], "impls": no_loops},
+                {"name": "resnet_tiny", "params": tiny_resnet, "N": [4, 8, 16], "O": [1, 10]},
+                {"name": "resnet_tiny", "params": tiny_resnet, "N": [32], "O": [1, 10], "impls": no_loops},
             ],
         },
         "mlp_cpu": {

@@ -42,6 +42,15 @@ def reference_full(problem_id: str) -> torch.Tensor:
     return reference.ntk(p.model(), x1, x2, mode="full")
 
 
+def supported_model(plugin, problem, **kwargs):
+    """The problem's model, or a skip naming why ``plugin`` declines it."""
+    model = problem.model(**kwargs)
+    reason = plugin.supports(model)
+    if reason is not None:
+        pytest.skip(reason)
+    return model
+
+
 def _require_neural_tangents():
     import reference
 

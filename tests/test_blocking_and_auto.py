@@ -8,6 +8,7 @@ import torch
 import implementations
 from implementations.blocking import tile_size
 from implementations.costs import model_stats
+from conftest import supported_model
 from problems import BY_ID, rel_err
 
 BLOCK_PROBLEMS = ["mlp-relu-O3-x2None", "cnn-O4-N2M3", "resnet_tiny-O3-x2None"]
@@ -26,9 +27,7 @@ def _budget_for_tiles(plugin, model, x1, x2, mode, edge=2):
 def test_blocked_equals_unblocked(plugin_name, problem_id, mode, monkeypatch):
     problem = BY_ID[problem_id]
     plugin = implementations.get(plugin_name)
-    model = problem.model()
-    if plugin.supports(model) is not None:
-        pytest.skip(plugin.supports(model))
+    model = supported_model(plugin, problem)
     x1, x2 = problem.inputs()
     x1 = torch.cat([x1, x1[:1] * 0.5])  # 4 or 5 rows: a ragged last tile
     whole = plugin.compute(model, x1, x2, mode=mode)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import implementations
-from conftest import DEVICES, reference_full
+from conftest import DEVICES, reference_full, supported_model
 from implementations.base import reduce_full
 from problems import PROBLEMS, TOLERANCE, rel_err
 
@@ -25,10 +25,7 @@ def _hook_counts(model):
 
 def check_against_reference(plugin, problem, mode, dtype, device):
     """Compute with ``plugin`` and assert agreement with neural-tangents and an untouched model."""
-    model = problem.model(dtype=dtype, device=device)
-    reason = plugin.supports(model)
-    if reason is not None:
-        pytest.skip(reason)
+    model = supported_model(plugin, problem, dtype=dtype, device=device)
     x1, x2 = problem.inputs(dtype=dtype, device=device)
     model.eval()
     sentinel = torch.ones_like(next(model.parameters()))

@@ -49,11 +49,11 @@ def test_symmetric_kernels_from_three_blocks_equal_the_plain_sum(plugin_name, pr
     import implementations.base as base
     from problems import BY_ID
 
+    from conftest import supported_model
+
     problem = BY_ID[problem_id]
     plugin = implementations.get(plugin_name)
-    model = problem.model()
-    if plugin.supports(model) is not None:
-        pytest.skip(plugin.supports(model))
+    model = supported_model(plugin, problem)
     x1, _ = problem.inputs()
     plain = implementations.get("jacobian_contraction").compute(model, x1)
     monkeypatch.setattr(base, "SYMMETRIC_SPLIT_MIN_ROWS", 1)
