@@ -123,8 +123,11 @@ class Auto(NTKPlugin):
     def compute(self, model, x1, x2=None, mode="full", memory_budget_bytes=None):
         from .base import validate_inputs
 
-        validate_inputs(model, x1, x2, mode, check_finite=False)  # guards the pick; the pick's compute checks NaN
-        plugin, why, budget = self.choose(model, x1, x2, mode, memory_budget_bytes)
+        try:
+            plugin, why, budget = self.choose(model, x1, x2, mode, memory_budget_bytes)
+        except Exception:  # bad input: say what is wrong with it (the pick's compute validates the rest)
+            validate_inputs(model, x1, x2, mode)
+            raise
         self.last_choice = (plugin.name, why)
         return plugin.compute(model, x1, x2, mode, memory_budget_bytes=budget)
 

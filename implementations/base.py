@@ -189,16 +189,15 @@ def output_width(model: nn.Module, x: torch.Tensor) -> int:
     return shape_keyed_cache(_OUTPUT_WIDTHS, model, (tuple(x.shape[1:]), x.dtype, x.device), width)
 
 
-def validate_inputs(model: nn.Module, x1, x2, mode: str, check_finite: bool = True) -> None:
-    """Raise a clear ValueError/TypeError for inputs no plugin can take (NaN/inf too, with ``check_finite``)."""
+def validate_inputs(model: nn.Module, x1, x2, mode: str) -> None:
+    """Raise a clear ValueError/TypeError for inputs no plugin can take."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
-    params = list(trainable_parameters(model).values())
-    if not params:
+    p0 = next((p for p in model.parameters() if p.requires_grad), None)
+    if p0 is None:
         raise ValueError("model has no trainable parameters: its NTK is empty")
-    p0 = params[0]
     for label, x in (("x1", x1), ("x2", x2)):
         if x is None and label == "x2":
             continue
@@ -217,7 +216,7 @@ def validate_inputs(model: nn.Module, x1, x2, mode: str, check_finite: bool = Tr
                 f"{label} has dtype {x.dtype} but the model's parameters are {p0.dtype}; "
                 f"convert one of them (e.g. model.to({x.dtype}))"
             )
-        if check_finite and not bool(torch.isfinite(x).all()):
+        if not bool(torch.isfinite(x).all()):
             raise ValueError(f"{label} contains NaN or inf")
     if x2 is not None and x1.shape[1:] != x2.shape[1:]:
         raise ValueError(
