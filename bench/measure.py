@@ -381,6 +381,11 @@ def environment() -> dict:
                                 cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
     except (OSError, subprocess.TimeoutExpired):
         commit = None
+    # The code that ran, whatever .git says (a copied working tree can carry a stale or no repository).
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha1()
+    for f in sorted(p for d in ("implementations", "bench", "reference") for p in (root / d).glob("*.py")):
+        digest.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
     return {
         "torch": torch.__version__, "jax": version("jax"), "jaxlib": version("jaxlib"),
         "neural_tangents": version("neural-tangents"), "backpack": version("backpack-for-pytorch"),
@@ -388,5 +393,6 @@ def environment() -> dict:
         "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or platform.machine(),
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
         "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "git_commit": commit,
+        "code_sha1": digest.hexdigest()[:12],
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

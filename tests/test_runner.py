@@ -102,6 +102,7 @@ def smoke_run(tmp_path_factory):
 def test_a_run_records_every_case_with_checked_numbers(smoke_run):
     header, rows = runner.read_results(smoke_run / "results.jsonl")
     assert header["sweep"] == "smoke" and header["torch"] and "git_commit" in header
+    assert len(header["code_sha1"]) == 12
     assert len(rows) == len(sweeps.all_impls())
     for r in rows:
         assert r["status"] == "ok", r
