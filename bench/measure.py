@@ -168,6 +168,13 @@ def measure_peak_memory(fn, device: str):
             libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
 
 
+def _timer(fn):
+    """torch.utils.benchmark's Timer for ``fn()`` with all CPU threads (its default is one)."""
+    from torch.utils import benchmark
+
+    return benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+
+
 def time_call(fn, budget_s: float):
     """(median, IQR, calls) of ``fn``'s run time over repeated blocks of calls.
 
@@ -177,9 +184,7 @@ def time_call(fn, budget_s: float):
     """
     import statistics
 
-    from torch.utils import benchmark
-
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    timer = _timer(fn)
     one = timer.timeit(1).median
     min_repeats = 5 if one < budget_s else 3
     number = max(1, int(budget_s / min_repeats / max(one, 1e-9)))
@@ -201,11 +206,7 @@ def time_paired(fn_a, fn_b, budget_s: float):
     """
     import statistics
 
-    from torch.utils import benchmark
-
-    threads = torch.get_num_threads()
-    ta = benchmark.Timer(stmt="fn()", globals={"fn": fn_a}, num_threads=threads)
-    tb = benchmark.Timer(stmt="fn()", globals={"fn": fn_b}, num_threads=threads)
+    ta, tb = _timer(fn_a), _timer(fn_b)
     one = max(ta.timeit(1).median, tb.timeit(1).median)
     number = max(1, int(budget_s / 10 / max(one, 1e-9)))
     a, b = [], []

@@ -58,14 +58,12 @@ def contract_jacobians(jac1: list[torch.Tensor], jac2: list[torch.Tensor], mode:
 
 
 def gradient_gram(g1: torch.Tensor, g2: torch.Tensor, mode: str) -> torch.Tensor:
-    """Σ_c G1[a, n, c] G2[b, m, c] for G of shape (O, N, C), as one GEMM, in the mode's shape.
+    """Σ_c G1[o, n, c] G2[o, m, c] for G of shape (O, N, C): trace → (N, M), diagonal → (N, M, O).
 
-    full → (N, M, O, O) as a permuted view, trace → (N, M), diagonal → (N, M, O).
+    (Full mode accumulates its Gram terms in :class:`KernelSum`.)
     """
     o, n, c = g1.shape
     m = g2.shape[1]
-    if mode == "full":
-        return (g1.reshape(o * n, c) @ g2.reshape(o * m, c).T).view(o, n, o, m).permute(1, 3, 0, 2)
     if mode == "trace":
         return g1.transpose(0, 1).reshape(n, o * c) @ g2.transpose(0, 1).reshape(m, o * c).T
     return torch.bmm(g1, g2.transpose(1, 2)).permute(1, 2, 0)
@@ -90,7 +88,8 @@ class KernelSum:
     """
 
     def __init__(self, mode: str):
-        self.mode, self.acc, self.mirror = mode, None, False
+        self.mode, self.acc = mode, None
+        self.half = None  # set when only the upper blocks are summed: the first half's size
 
     def add_gram(self, xx: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor, symmetric: bool = False) -> None:
         """Add xx ⊙ (G1 G2ᵀ) for G of shape (O, N, C); ``symmetric``: g2 is g1 and xx is symmetric (x2 = None)."""
@@ -107,30 +106,29 @@ class KernelSum:
         a2 = a1 if symmetric else g2.transpose(0, 1).reshape(m * o, c)
         self._add_block(slice(None), slice(None), a1 @ a2.T, xx)
 
-    def _add_block(self, rows: slice, cols: slice, prod: torch.Tensor, xx: torch.Tensor) -> None:
-        """acc[rows, :, cols, :] += prod ⊙ xx[rows, cols] (or = on the first term)."""
-        o = self.o if self.acc is not None else prod.shape[0] // xx.shape[0]
+    def _add_block(self, rows: slice, cols: slice, prod: torch.Tensor, xx: torch.Tensor,
+                   overwrite: bool = False) -> None:
+        """acc[rows, :, cols, :] += prod ⊙ xx[rows, cols] (= with ``overwrite``, or for the first term)."""
         weight = xx[rows, cols][:, None, :, None]
+        o = prod.shape[0] // weight.shape[0]
         prod = prod.view(weight.shape[0], o, weight.shape[2], o)
-        if self.acc is None:  # the first term, covering the whole kernel
-            self.acc, self.o = prod.mul_(weight), o
+        if self.acc is None:  # the first term, covering the whole kernel: its buffer becomes the sum
+            self.acc = prod.mul_(weight)
+        elif overwrite:
+            torch.mul(prod, weight, out=self.acc[rows, :, cols, :])
         else:
             self.acc[rows, :, cols, :].addcmul_(prod, weight)
 
     def _add_upper_blocks(self, xx: torch.Tensor, a: torch.Tensor, n: int, o: int) -> None:
         h = n // 2
         top, bottom = a[: h * o], a[h * o:]
-        if self.acc is None:
-            self.acc, self.o = torch.empty(n, o, n, o, dtype=a.dtype, device=a.device), o
-            for rows, cols, lhs, rhs in ((slice(0, h), slice(0, h), top, top), (slice(0, h), slice(h, n), top, bottom),
-                                         (slice(h, n), slice(h, n), bottom, bottom)):
-                torch.mul((lhs @ rhs.T).view(lhs.shape[0] // o, o, rhs.shape[0] // o, o),
-                          xx[rows, cols][:, None, :, None], out=self.acc[rows, :, cols, :])
-        else:
-            self._add_block(slice(0, h), slice(0, h), top @ top.T, xx)
-            self._add_block(slice(0, h), slice(h, n), top @ bottom.T, xx)
-            self._add_block(slice(h, n), slice(h, n), bottom @ bottom.T, xx)
-        self.mirror, self.half = True, h
+        first = self.acc is None
+        if first:
+            self.acc = torch.empty(n, o, n, o, dtype=a.dtype, device=a.device)
+        for rows, cols, lhs, rhs in ((slice(0, h), slice(0, h), top, top), (slice(0, h), slice(h, n), top, bottom),
+                                     (slice(h, n), slice(h, n), bottom, bottom)):
+            self._add_block(rows, cols, lhs @ rhs.T, xx, overwrite=first)
+        self.half = h
 
     def add(self, term: torch.Tensor) -> None:
         """Add a fresh term in the mode's shape ((N, M, O, O) for full); the term may be overwritten."""
@@ -138,8 +136,6 @@ class KernelSum:
             term = term.permute(0, 2, 1, 3)
         if self.acc is None:
             self.acc = term
-            if self.mode == "full":
-                self.o = term.shape[1]
         else:
             self.acc.add_(term)
 
@@ -147,7 +143,7 @@ class KernelSum:
         if self.mode != "full":
             return self.acc
         full = self.acc.permute(0, 2, 1, 3)
-        if not self.mirror:
+        if self.half is None:
             return full.contiguous()
         # Θ[n, m, o, p] = Θ[m, n, p, o]: the lower-left block from the upper-right one.
         h = self.half
