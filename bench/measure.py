@@ -289,15 +289,33 @@ def _first_call(fn, to_torch, case, row):
     return kernel
 
 
-def _auto_against_its_pick(case: Case, model, x1, x2, auto_fn) -> dict:
-    """auto and the plugin it picked, timed in alternating blocks: auto's own overhead, free of drift."""
+def _auto_paired(case: Case, model, x1, x2, auto_fn) -> dict:
+    """auto timed in alternating blocks against its pick and against ``case.compare_with``, free of drift.
+
+    ``auto_over_pick_paired`` is auto's own overhead; ``auto_over_fastest_paired`` is auto against the fastest
+    of all those (the largest ratio), the plugin named in ``paired_fastest``.
+    """
     import implementations
 
     auto = implementations.get("auto")
     pick, _, budget = auto.choose(model, x1, x2, case.mode, case.memory_budget_bytes)
     pick_fn = lambda: pick.compute(model, x1, x2, mode=case.mode, memory_budget_bytes=budget)  # noqa: E731
     auto_s, pick_s, ratio = time_paired(auto_fn, pick_fn, case.time_budget_s)
-    return {"paired_auto_s": auto_s, "paired_pick_s": pick_s, "auto_over_pick_paired": ratio}
+    row = {"paired_auto_s": auto_s, "paired_pick_s": pick_s, "auto_over_pick_paired": ratio}
+    ratios = {pick.name: ratio}
+    for name in case.compare_with:
+        if name in ratios:
+            continue
+        other = implementations.get(name)
+        other_fn = lambda: other.compute(model, x1, x2, mode=case.mode,  # noqa: E731
+                                         memory_budget_bytes=case.memory_budget_bytes)
+        try:
+            ratios[name] = time_paired(auto_fn, other_fn, case.time_budget_s)[2]
+        except Exception as exc:  # it ran in its own case; here it is only a comparison: say why, go on
+            row.setdefault("paired_errors", {})[name] = f"{type(exc).__name__}: {exc}"[:200]
+    fastest = max(ratios, key=ratios.get)
+    row.update(paired_ratios=ratios, paired_fastest=fastest, auto_over_fastest_paired=ratios[fastest])
+    return row
 
 
 def run_case(case: Case, run_dir: Path) -> dict:
@@ -351,7 +369,7 @@ def run_case(case: Case, run_dir: Path) -> dict:
         med, iqr, reps = time_call(fn, case.time_budget_s)
         row.update(time_median_s=med, time_iqr_s=iqr, time_repeats=reps)
         if case.impl == "auto":
-            row.update(_auto_against_its_pick(case, model, x1, x2, fn))
+            row.update(_auto_paired(case, model, x1, x2, fn))
     except Exception as exc:  # the case failed: record why and move on (status oom or error)
         row.update(status=_status_of(exc), error=f"{type(exc).__name__}: {exc}"[:500])
         return row

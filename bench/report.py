@@ -18,7 +18,7 @@ JC, VP = "jacobian_contraction", "ntk_vector_products"
 def load(run_dir: Path) -> tuple[dict, pd.DataFrame]:
     header, rows = read_results(Path(run_dir) / "results.jsonl")
     df = pd.DataFrame(rows)
-    for c in COLUMNS + ["auto_pick", "auto_over_pick_paired"]:
+    for c in COLUMNS + ["auto_pick", "auto_over_pick_paired", "auto_over_fastest_paired", "paired_fastest"]:
         if c not in df.columns:
             df[c] = np.nan
     # A row the worker never answered (timeout, crash) lacks the model's O and P: take them from its problem's other rows.
@@ -110,7 +110,8 @@ def auto_vs_fastest(df: pd.DataFrame) -> pd.DataFrame:
     """Per case: auto's pick and time against the fastest of the other plugins (peers excluded)."""
     ok = df[df["status"] == "ok"]
     ours = ok[(ok["impl"] != "auto") & ~ok["impl"].str.startswith("nt_")]
-    auto = ok[ok["impl"] == "auto"].set_index(CASE_KEYS)[["auto_pick", "time_median_s", "auto_over_pick_paired"]]
+    auto = ok[ok["impl"] == "auto"].set_index(CASE_KEYS)[["auto_pick", "time_median_s", "auto_over_pick_paired",
+                                                         "auto_over_fastest_paired", "paired_fastest"]]
     j = auto.join(_fastest(ours), rsuffix="_fastest", how="inner").reset_index()
     pick_time = ours.set_index(CASE_KEYS + ["impl"])["time_median_s"]
     pick = [pick_time.get((*key, p), np.nan) for key, p in zip(j[CASE_KEYS].itertuples(index=False), j["auto_pick"])]
@@ -120,6 +121,7 @@ def auto_vs_fastest(df: pd.DataFrame) -> pd.DataFrame:
         "auto / fastest": j["time_median_s"] / j["time_median_s_fastest"],
         "pick / fastest": np.asarray(pick, dtype=float) / j["time_median_s_fastest"],
         "auto / pick, paired": j["auto_over_pick_paired"],
+        "auto / fastest, paired": j["auto_over_fastest_paired"], "paired fastest": j["paired_fastest"],
     })
 
 
@@ -226,6 +228,7 @@ def summary(header: dict, df: pd.DataFrame, plot_names: list[str]) -> str:
         pick_close = int((autos["pick / fastest"] <= 1.10).sum())
         paired = autos["auto / pick, paired"].dropna()
         combined = int((autos["auto / pick, paired"] * autos["pick / fastest"] <= 1.10).sum())
+        direct = autos["auto / fastest, paired"].dropna()
         lines += ["## auto's pick against the measured fastest", "",
                   f"- auto's own time within 10% of the fastest plugin's, each timed separately: {within} of {k} "
                   f"cases ({within / k:.0%}).",
@@ -235,6 +238,11 @@ def summary(header: dict, df: pd.DataFrame, plot_names: list[str]) -> str:
                      f"machine's drift between cases): median {paired.median():.3f}, at most {paired.max():.3f}; "
                      f"(auto / pick, paired) × (pick / fastest) ≤ 1.10 in {combined} of {k} ({combined / k:.0%})."]
                     if len(paired) else []),
+                  *([f"- auto against the fastest, timed in alternating blocks against its pick and every plugin "
+                     f"whose separate time was within 25% of the fastest's (`auto / fastest, paired`: the largest "
+                     f"of those ratios): within 10% in {int((direct <= 1.10).sum())} of {len(direct)} cases "
+                     f"({(direct <= 1.10).mean():.0%}); median {direct.median():.3f}, at most {direct.max():.3f}."]
+                    if len(direct) else []),
                   "", autos.to_markdown(index=False, floatfmt=".3g"), ""]
     peers = ours_vs_neural_tangents(df)
     if len(peers):

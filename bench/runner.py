@@ -7,6 +7,7 @@ runner loses no finished row, and ``resume=True`` skips the cases already there.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -18,6 +19,23 @@ from .executors import Executor, LocalExecutor
 from .sweeps import Case
 
 REFERENCE_TIMEOUT_S = 900
+# auto is timed in alternating blocks against every plugin of its case within this factor of the fastest one's
+# separately measured time: which of them is really fastest, separate timings minutes apart cannot tell.
+COMPARE_WITHIN = 1.25
+MAX_COMPARED = 3
+
+
+def _group(case: Case) -> tuple:
+    """The cases that compute the same kernel the same way (all but the plugin)."""
+    return case.problem.id, case.mode, case.dtype, case.device, case.memory_budget_bytes
+
+
+def _near_fastest(times: dict[str, float]) -> tuple[str, ...]:
+    """The plugins whose time is within COMPARE_WITHIN of the fastest, fastest first (at most MAX_COMPARED)."""
+    if not times:
+        return ()
+    best = min(times.values())
+    return tuple(sorted((i for i, t in times.items() if t <= COMPARE_WITHIN * best), key=times.get)[:MAX_COMPARED])
 
 
 def read_results(path: Path) -> tuple[dict, list[dict]]:
@@ -65,6 +83,18 @@ def run_sweep(cases: list[Case], out_dir: Path, sweep_name: str, executor: Execu
         tmp.write_text("".join(json.dumps(o) + "\n" for o in [{"header": header}, *rows]))
         tmp.replace(path)
     todo = [c for c in cases if c.id not in done]
+    by_id = {c.id: c for c in cases}
+    group_times: dict[tuple, dict[str, float]] = {}  # our plugins' ok times so far, per group
+
+    def note(case: Case, row: dict) -> None:
+        if case.impl != "auto" and not case.impl.startswith("nt_") and row.get("status") == "ok" \
+                and not row.get("blocked_after_oom"):
+            group_times.setdefault(_group(case), {})[case.impl] = row["time_median_s"]
+
+    if done:
+        for r in read_results(path)[1]:
+            if r.get("case_id") in by_id:
+                note(by_id[r["case_id"]], r)
     executor = executor or LocalExecutor(out_dir)
     with open(path, "a") as f:
         if not done:
@@ -84,8 +114,11 @@ def run_sweep(cases: list[Case], out_dir: Path, sweep_name: str, executor: Execu
                     if "block" not in record:  # the reference job itself failed or timed out
                         measure.write_reference_record(case.problem, out_dir, record)
                     references.add(case.problem.id)
+                if case.impl == "auto":
+                    case = dataclasses.replace(case, compare_with=_near_fastest(group_times.get(_group(case), {})))
                 started = time.monotonic()
                 row = executor.run("case", case, case.timeout_s)
+                note(case, row)
                 row["case_wall_s"] = time.monotonic() - started  # the whole case: set-up, checks and timing
                 if "O" not in row:  # the worker never answered (timeout, crash): the model's size from here
                     row = {**measure.problem_size(case.problem), **row}

@@ -72,6 +72,9 @@ class Case:
     time_budget_s: float = 0.3
     timeout_s: float = 120.0
     memory_budget_bytes: int | None = None
+    # auto cases only: plugins to time auto against in alternating blocks, as well as its own pick. The runner
+    # sets it from the case's earlier rows (the ones near the fastest); not part of the case's identity.
+    compare_with: tuple[str, ...] = ()
 
     @property
     def id(self) -> str:
@@ -86,7 +89,7 @@ class Case:
     def from_dict(cls, d: dict) -> "Case":
         p = d["problem"]
         problem = Problem(p["arch"], tuple(tuple(kv) for kv in p["arch_params"]), p["n"], p["m"])
-        return cls(**{**d, "problem": problem})
+        return cls(**{**d, "problem": problem, "compare_with": tuple(d.get("compare_with", ()))})
 
 
 def _builtin_sweeps() -> dict[str, dict]:
@@ -259,6 +262,8 @@ def expand(spec: dict, impls_override: list[str] | None = None) -> list[Case]:
             if not isinstance(n, int) or n < 1 or (m is not None and (not isinstance(m, int) or m < 1)):
                 raise SweepError(f"{where}: batch sizes must be positive integers, got N={n!r} M={m!r}")
         impls = impl_list(entry["impls"], where) if "impls" in entry and not impls_override else top_impls
+        # auto runs after the other plugins of its problem, so the runner can time it against the fastest of them.
+        impls = sorted(impls, key=lambda i: 2 if i.startswith("nt_") else 1 if i == "auto" else 0)
         budget = budget_bytes(entry.get("memory_budget_gib"), where) if "memory_budget_gib" in entry else top_budget
         modes = entry.get("modes", spec.get("modes", ["full"]))
         for mode in modes:

@@ -130,6 +130,26 @@ class KernelSum:
             self._add_block(rows, cols, lhs @ rhs.T, xx, overwrite=first)
         self.half = h
 
+    def add_identity_gram(self, xx: torch.Tensor, o: int) -> None:
+        """Add xx[n, m]·δ_op: the Gram term of the output layer itself, whose G[o, n, c] = δ_oc.
+
+        No GEMM and, in full mode, a pass over the N·M·O diagonal entries only, instead of all N·M·O².
+        """
+        n, m = xx.shape
+        if self.mode == "trace":
+            term = xx * o
+        elif self.mode == "diagonal":
+            term = xx.unsqueeze(-1).expand(n, m, o)
+        else:
+            if self.acc is None:
+                self.acc = torch.zeros(n, o, m, o, dtype=xx.dtype, device=xx.device)
+            torch.diagonal(self.acc, dim1=1, dim2=3).add_(xx.unsqueeze(-1))
+            return
+        if self.acc is None:
+            self.acc = term.clone()
+        else:
+            self.acc.add_(term)
+
     def add(self, term: torch.Tensor) -> None:
         """Add a fresh term in the mode's shape ((N, M, O, O) for full); the term may be overwritten."""
         if self.mode == "full":
@@ -234,9 +254,11 @@ def model_state_preserved(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         for m, flag in flags.items():
-            m.training = flag
+            if m.training != flag:  # (nn.Module's attribute setter is slow; most calls change nothing)
+                m.training = flag
         for p, g in zip(params, grads):
-            p.grad = g
+            if p.grad is not g:
+                p.grad = g
 
 
 class NTKPlugin:

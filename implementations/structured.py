@@ -160,22 +160,41 @@ class Structured(NTKPlugin):
         return Estimate(flops, peak + (inter + 2 * kernel_numel(n, m, stats.o, mode)) * stats.itemsize)
 
     def _side(self, model, x):
+        """Per layer (module, X, G), with G None for the output layer itself (a Linear whose output is the model's:
+        G = I, no backward needed)."""
         y, layers = _record(model, x)
         n, o = y.shape
-        zs = [z for _, _, z in layers]
-        if o == 1:  # one plain backward pass
+        output_layer = next((i for i, (_, _, z) in enumerate(layers) if z is y), None)
+        zs = [z for i, (_, _, z) in enumerate(layers) if i != output_layer]
+        if not zs:
+            grads = []
+        elif o == 1:  # one plain backward pass
             grads = [g.unsqueeze(0) for g in torch.autograd.grad(y, zs, grad_outputs=torch.ones_like(y))]
         else:  # all O output basis vectors in one vmapped backward pass
             basis = torch.eye(o, dtype=y.dtype, device=y.device).unsqueeze(1).expand(o, n, o)
             grads = torch.autograd.grad(y, zs, grad_outputs=basis, is_grads_batched=True)
-        return [(mod, *_positions(mod, xin.detach(), z, g)) for (mod, xin, z), g in zip(layers, grads)]
+        grads = iter(grads)
+        out = []
+        for i, (mod, xin, z) in enumerate(layers):
+            if i == output_layer:
+                out.append((mod, xin.detach().reshape(n, -1), None))
+            else:
+                out.append((mod, *_positions(mod, xin.detach(), z, next(grads))))
+        return out
 
     def _kernel(self, model, x1, x2, mode):
         side1 = self._side(model, x1)
         side2 = side1 if x2 is None else self._side(model, x2)
         total = KernelSum(mode)
+        output_term = None
         for (mod, a1, b1), (_, a2, b2) in zip(side1, side2):
-            _add_layer(total, a1, b1, a2, b2, getattr(mod, "bias", None) is not None and mod.bias.requires_grad)
+            has_bias = getattr(mod, "bias", None) is not None and mod.bias.requires_grad
+            if b1 is None:  # the output layer: (X1 X2ᵀ + 1) ⊗ I, added last
+                output_term = (a1 @ a2.T + (1 if has_bias else 0), mod.out_features)
+                continue
+            _add_layer(total, a1, b1, a2, b2, has_bias)
+        if output_term is not None:
+            total.add_identity_gram(*output_term)
         return total.result().detach()
 
 

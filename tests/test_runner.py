@@ -113,6 +113,29 @@ def test_a_run_records_every_case_with_checked_numbers(smoke_run):
     auto = next(r for r in rows if r["impl"] == "auto")
     assert auto["auto_pick"] in sweeps.all_impls() and auto["paired_auto_s"] > 0 and auto["paired_pick_s"] > 0
     assert 0 < auto["auto_over_pick_paired"] < 100
+    # auto was also timed against the fastest of the plugins before it, and the largest ratio is the one reported
+    ours = {r["impl"]: r["time_median_s"] for r in rows if r["impl"] != "auto" and not r["impl"].startswith("nt_")}
+    assert min(ours, key=ours.get) in auto["paired_ratios"]
+    assert auto["auto_over_fastest_paired"] == max(auto["paired_ratios"].values())
+    assert auto["paired_fastest"] in auto["paired_ratios"] and auto["auto_pick"] in auto["paired_ratios"]
+
+
+def test_auto_runs_after_our_other_plugins_and_before_the_peers():
+    cases = sweeps.expand({"name": "s", "impls": ["nt_jacobian_contraction", "auto", "structured", "explicit_mlp"],
+                           "arch": [{"name": "mlp", "N": [2]}]})
+    assert [c.impl for c in cases] == ["structured", "explicit_mlp", "auto", "nt_jacobian_contraction"]
+
+
+def test_auto_is_compared_with_the_plugins_near_the_fastest():
+    times = {"a": 1.0, "b": 1.2, "c": 1.3, "d": 1.1, "e": 1.05}
+    assert runner._near_fastest(times) == ("a", "e", "d")  # within 25%, fastest first, at most 3
+    assert runner._near_fastest({"a": 2.0, "b": 9.0}) == ("a",) and runner._near_fastest({}) == ()
+    case = sweeps.expand({"name": "s", "impls": ["auto"], "arch": [{"name": "mlp", "N": [2]}]})[0]
+    import dataclasses
+
+    compared = dataclasses.replace(case, compare_with=("a", "b"))
+    assert compared.id == case.id  # not part of the case's identity
+    assert sweeps.Case.from_dict(json.loads(json.dumps(compared.to_dict()))) == compared
 
 
 def test_paired_timing_sees_a_two_fold_difference():
@@ -131,6 +154,7 @@ def test_report_writes_csv_summary_and_plots(smoke_run, tmp_path):
     text = summary.read_text()
     assert "Median time:" in text and "explicit_mlp" in text and "Agreement with the reference:" in text
     assert "auto / pick, paired" in text and "timed in alternating blocks" in text
+    assert "auto / fastest, paired" in text and "within 25% of the fastest" in text
     pngs = list(tmp_path.glob("*.png"))
     assert len(pngs) >= 3 and all(p.stat().st_size > 1000 for p in pngs)
 

@@ -60,3 +60,40 @@ def test_symmetric_kernels_from_three_blocks_equal_the_plain_sum(plugin_name, pr
     for n in (x1.shape[0], x1.shape[0] - 1):
         split = plugin.compute(model, x1[:n])
         assert split.is_contiguous() and rel_err(split, plain[:n, :n]) <= 1e-12
+
+
+@pytest.mark.parametrize("mode", implementations.MODES)
+@pytest.mark.parametrize("plugin_name", ["structured", "explicit_mlp"])
+@pytest.mark.parametrize("layers", [
+    lambda: [nn.Linear(5, 3)],  # the output layer alone: only the identity term
+    lambda: [nn.Linear(5, 4, bias=False), nn.Tanh(), nn.Linear(4, 3, bias=False)],
+    lambda: [nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3), nn.Sigmoid()],  # an activation after the last Linear
+], ids=["single-linear", "no-bias", "final-activation"])
+def test_output_layer_shortcut_matches_jacobian_contraction(plugin_name, layers, mode):
+    """The output Linear's G is the identity, its term (X X'ᵀ + 1) ⊗ I is added without a GEMM; and where an
+    activation follows it, G is not the identity and the general path runs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*layers()).double()
+    x1, x2 = torch.randn(4, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    jc, plugin = implementations.get("jacobian_contraction"), implementations.get(plugin_name)
+    for a, b in ((x1, x2), (x1, None)):
+        assert rel_err(plugin.compute(model, a, b, mode=mode), jc.compute(model, a, b, mode=mode)) <= 1e-12
+
+
+@pytest.mark.parametrize("mode", implementations.MODES)
+def test_identity_gram_as_first_or_later_term(mode):
+    """KernelSum.add_identity_gram adds xx[n, m]·δ_op whether or not a term came before it."""
+    from implementations.base import KernelSum, reduce_full
+
+    g = torch.Generator().manual_seed(0)
+    n, m, o, c = 3, 4, 2, 5
+    xx, yy = torch.randn(n, m, generator=g, dtype=torch.float64), torch.randn(n, m, generator=g, dtype=torch.float64)
+    g1, g2 = torch.randn(o, n, c, generator=g, dtype=torch.float64), torch.randn(o, m, c, generator=g, dtype=torch.float64)
+    identity = xx[:, :, None, None] * torch.eye(o, dtype=torch.float64)
+    gram = yy[:, :, None, None] * torch.einsum("onc,pmc->nmop", g1, g2)
+    alone, after = KernelSum(mode), KernelSum(mode)
+    alone.add_identity_gram(xx, o)
+    after.add_gram(yy, g1, g2)
+    after.add_identity_gram(xx, o)
+    assert torch.allclose(alone.result(), reduce_full(identity, mode))
+    assert torch.allclose(after.result(), reduce_full(identity + gram, mode))
