@@ -202,7 +202,7 @@ def time_paired(fn_a, fn_b, budget_s: float):
     Two functions timed minutes apart see different machines (a shared VM's
     speed drifts by tens of percent); timed in alternating blocks of the same
     number of calls (a b, then b a, ...), each pair sees the same one. At least
-    5 pairs, more while the budget lasts.
+    6 pairs (as many of each order), more while the budget lasts.
     """
     import statistics
 
@@ -211,7 +211,7 @@ def time_paired(fn_a, fn_b, budget_s: float):
     number = max(1, int(budget_s / 10 / max(one, 1e-9)))
     a, b = [], []
     deadline = time.perf_counter() + budget_s
-    while len(a) < 5 or (time.perf_counter() < deadline and 2 * one * number < budget_s):
+    while len(a) < 6 or (time.perf_counter() < deadline and 2 * one * number < budget_s):
         first, second = (ta, tb) if len(a) % 2 == 0 else (tb, ta)
         t1, t2 = first.timeit(number).median, second.timeit(number).median
         a.append(t1 if first is ta else t2)
@@ -289,6 +289,10 @@ def _first_call(fn, to_torch, case, row):
     return kernel
 
 
+# Paired timings compare two plugins a few percent apart: they get at least this budget, whatever the sweep's.
+PAIRED_MIN_BUDGET_S = 1.0
+
+
 def _auto_paired(case: Case, model, x1, x2, auto_fn) -> dict:
     """auto timed in alternating blocks against its pick and against ``case.compare_with``, free of drift.
 
@@ -298,9 +302,10 @@ def _auto_paired(case: Case, model, x1, x2, auto_fn) -> dict:
     import implementations
 
     auto = implementations.get("auto")
+    seconds = max(case.time_budget_s, PAIRED_MIN_BUDGET_S)
     pick, _, budget = auto.choose(model, x1, x2, case.mode, case.memory_budget_bytes)
     pick_fn = lambda: pick.compute(model, x1, x2, mode=case.mode, memory_budget_bytes=budget)  # noqa: E731
-    auto_s, pick_s, ratio = time_paired(auto_fn, pick_fn, case.time_budget_s)
+    auto_s, pick_s, ratio = time_paired(auto_fn, pick_fn, seconds)
     row = {"paired_auto_s": auto_s, "paired_pick_s": pick_s, "auto_over_pick_paired": ratio}
     ratios = {pick.name: ratio}
     for name in case.compare_with:
@@ -310,7 +315,7 @@ def _auto_paired(case: Case, model, x1, x2, auto_fn) -> dict:
         other_fn = lambda: other.compute(model, x1, x2, mode=case.mode,  # noqa: E731
                                          memory_budget_bytes=case.memory_budget_bytes)
         try:
-            ratios[name] = time_paired(auto_fn, other_fn, case.time_budget_s)[2]
+            ratios[name] = time_paired(auto_fn, other_fn, seconds)[2]
         except Exception as exc:  # it ran in its own case; here it is only a comparison: say why, go on
             row.setdefault("paired_errors", {})[name] = f"{type(exc).__name__}: {exc}"[:200]
     fastest = max(ratios, key=ratios.get)

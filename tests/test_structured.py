@@ -97,3 +97,36 @@ def test_identity_gram_as_first_or_later_term(mode):
     after.add_identity_gram(xx, o)
     assert torch.allclose(alone.result(), reduce_full(identity, mode))
     assert torch.allclose(after.result(), reduce_full(identity + gram, mode))
+
+
+def test_cpu_convolution_backend_is_the_measured_faster_one():
+    """oneDNN is kept unless PyTorch's own convolutions run the kernel >10% faster; slow calls skip the trial."""
+    import time
+
+    from implementations.structured import _onednn_is_faster
+
+    onednn = torch._C._get_mkldnn_enabled
+    calls = []
+
+    def run(fast_with_onednn, slow=0.0):
+        calls.append(onednn())
+        time.sleep(slow or (0.001 if onednn() == fast_with_onednn else 0.004))
+
+    assert _onednn_is_faster(lambda: run(True)) and not _onednn_is_faster(lambda: run(False))
+    calls.clear()
+    assert _onednn_is_faster(lambda: run(False, slow=0.06)) and all(calls)  # over 50 ms: native never tried
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this build")
+def test_structured_leaves_the_onednn_flag_as_it_was_and_agrees_on_both_backends():
+    from implementations import structured
+    from problems import BY_ID
+
+    problem = BY_ID["cnn-O4-N2M3"]
+    model, (x1, x2) = problem.model(), problem.inputs()
+    plugin, before = implementations.get("structured"), torch._C._get_mkldnn_enabled()
+    kernel = plugin.compute(model, x1, x2)
+    assert torch._C._get_mkldnn_enabled() == before and len(structured._CONV_BACKEND[model]) == 1
+    for enabled in (True, False):
+        with structured._onednn(enabled):
+            assert rel_err(plugin._layer_sum(model, x1, x2, "full"), kernel) <= 1e-12
