@@ -174,13 +174,28 @@ class KernelSum:
         return out
 
 
+def submodules(module: nn.Module) -> list[nn.Module]:
+    """The module and all its submodules (a shared one as often as it is reached), walking ``_modules`` directly:
+    per call, where ``model.modules()`` / ``parameters()`` (generators and a de-duplicating set) cost tens of µs."""
+    out = [module]
+    for child in module._modules.values():
+        if child is not None:
+            out.extend(submodules(child))
+    return out
+
+
+def _parameter_signature(module: nn.Module) -> tuple:
+    """(shape, requires_grad) of every parameter."""
+    return tuple((p.shape, p.requires_grad) for m in submodules(module) for p in m._parameters.values() if p is not None)
+
+
 def shape_keyed_cache(store: "weakref.WeakKeyDictionary", model: nn.Module, key: tuple, make: Callable):
     """``make()`` cached per model (weakly) and per ``key`` plus the model's parameter shapes.
 
     For facts that depend on the architecture and input shapes, not on the weights.
     """
     per_model = store.setdefault(model, {})
-    full_key = (tuple(p.shape for p in model.parameters()), *key)
+    full_key = (_parameter_signature(model), *key)
     if full_key not in per_model:
         per_model[full_key] = make()
     return per_model[full_key]
@@ -247,8 +262,9 @@ def model_state_preserved(model: nn.Module) -> Iterator[None]:
     Plugins never write parameter values (the tests check that); autograd-based
     ones may touch ``.grad``, which is put back as it was.
     """
-    flags = {m: m.training for m in model.modules()}
-    params = list(model.parameters())
+    modules = submodules(model)
+    flags = {m: m.training for m in modules}
+    params = list({id(p): p for m in modules for p in m._parameters.values() if p is not None}.values())
     grads = [p.grad for p in params]
     try:
         yield

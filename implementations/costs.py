@@ -24,6 +24,7 @@ class Layer:
     k: int  # inputs per position (patch size)
     c: int  # outputs per position (channels)
     bias: bool
+    is_output: bool = False  # a Linear whose output is the model's: its G is the identity
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +51,7 @@ class Estimate:
 def model_stats(model: nn.Module, x_single: torch.Tensor) -> ModelStats:
     from torch.utils.flop_counter import FlopCounterMode
 
-    layers, activations = [], [0]
+    layers, outputs, activations = [], [], [0]
 
     def hook(module, inputs, output):
         if isinstance(output, torch.Tensor):
@@ -67,6 +68,7 @@ def model_stats(model: nn.Module, x_single: torch.Tensor) -> ModelStats:
             layers.append(Layer("linear", s, module.in_features, module.out_features, module.bias is not None))
         else:
             layers.append(Layer("other", 1, sum(p.numel() for p in own), 1, False))
+        outputs.append(output)
 
     handles = [m.register_forward_hook(hook) for m in model.modules()]
     try:
@@ -76,6 +78,8 @@ def model_stats(model: nn.Module, x_single: torch.Tensor) -> ModelStats:
         for h in handles:
             h.remove()
     p = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    layers = [dataclasses.replace(layer, is_output=True) if z is y and layer.kind == "linear" else layer
+              for layer, z in zip(layers, outputs)]
     return ModelStats(p, y.shape[-1], int(counter.get_total_flops()), activations[0], tuple(layers), x_single.element_size())
 
 

@@ -76,12 +76,15 @@ class ExplicitMLP(NTKPlugin):
         return None
 
     def estimate(self, stats, n, m, mode, symmetric):
-        """Per layer: X1 X2ᵀ (N·M·K), G1 G2ᵀ (N·M·O²·C in full mode) and the recursion G W (O·C·K per sample)."""
+        """Per layer: X1 X2ᵀ (N·M·K), G1 G2ᵀ (N·M·O²·C in full mode) and the recursion G W (O·C·K per sample);
+        the output layer only X1 X2ᵀ and its diagonal add (N·M·O)."""
         from .costs import Estimate, kernel_numel
 
         side = n if symmetric else n + m
         oo = stats.o * stats.o if mode == "full" else stats.o
-        flops = sum(2 * n * m * (layer.k + oo * layer.c) + 2 * side * stats.o * layer.c * layer.k for layer in stats.layers)
+        flops = sum(2 * n * m * layer.k + (n * m * stats.o if layer.is_output else
+                                           2 * n * m * oo * layer.c + 2 * side * stats.o * layer.c * layer.k)
+                    for layer in stats.layers)
         peak = side * (stats.o * stats.widths + stats.activations) * stats.itemsize
         return Estimate(flops + side * stats.fp_flops, peak + 2 * kernel_numel(n, m, stats.o, mode) * stats.itemsize)
 

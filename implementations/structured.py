@@ -200,6 +200,9 @@ class Structured(NTKPlugin):
         flops = side * (stats.fp_flops + 2 * stats.o * stats.fp_flops)
         inter = 0
         for layer in stats.layers:
+            if layer.is_output:  # (X1 X2ᵀ + 1) ⊗ I: one N x M GEMM, no G Gram
+                flops += 2 * n * m * layer.k + n * m * stats.o
+                continue
             cost, extra = _layer_cost(n, m, stats.o, layer.s, layer.s, layer.k, layer.c, mode)
             flops += cost
             inter = max(inter, extra)

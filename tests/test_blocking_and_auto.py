@@ -92,3 +92,14 @@ def test_auto_blocks_under_a_small_budget():
     tiled = auto.compute(model, x1, memory_budget_bytes=budget)
     assert "blocked" in auto.last_choice[1]
     assert rel_err(tiled, whole) <= 1e-12
+
+
+def test_model_stats_marks_the_output_linear():
+    """The Linear whose output is the model's has G = I (structured and explicit_mlp add its term without a GEMM)."""
+    from torch import nn
+
+    x = torch.randn(1, 5)
+    plain = model_stats(nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)), x)
+    assert [layer.is_output for layer in plain.layers] == [False, True]
+    squashed = model_stats(nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3), nn.Tanh()), x)
+    assert not any(layer.is_output for layer in squashed.layers)
