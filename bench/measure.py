@@ -208,7 +208,7 @@ def time_paired(fn_a, fn_b, budget_s: float):
 
     ta, tb = _timer(fn_a), _timer(fn_b)
     one = max(ta.timeit(1).median, tb.timeit(1).median)
-    number = max(1, int(budget_s / 10 / max(one, 1e-9)))
+    number = max(1, int(budget_s / 40 / max(one, 1e-9)))  # about 20 pairs of short blocks: a robust median
     a, b = [], []
     deadline = time.perf_counter() + budget_s
     while len(a) < 6 or (time.perf_counter() < deadline and 2 * one * number < budget_s):
