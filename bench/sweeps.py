@@ -96,19 +96,20 @@ def _builtin_sweeps() -> dict[str, dict]:
     mlp = {"in_features": 64, "width": 256, "depth": 2}
     mlp512 = {"in_features": 784, "width": 512, "depth": 2}
     mlp2048 = {"in_features": 784, "width": 2048, "depth": 2}
-    # On the GPU at N >= 128 the per-sample loops (autograd, NTK-VP) and BackPACK take tens of seconds per call.
+    # On the GPU at N >= 128 the per-sample loops (autograd, NTK-VP) and BackPACK took tens of seconds per call
+    # (NTK-VP before its per-sample-vjp form; not re-measured on a GPU since).
     fast = ["jacobian_contraction", "structured", "explicit_mlp", "auto", *NT_PEERS]
     # Jacobian contraction too at MLP N=512 with O=100 (2·N²·O²·P = 3.5e15 FLOP) or width 2048 (3e14 FLOP, blocked).
     fastest = fast[1:]
-    # Every plugin but the per-sample loops, which take seconds a case from N=32 on 2 cores; every peer.
-    no_loops = ["jacobian_contraction", "explicit_mlp", "backpack_batchgrad", "backpack_sqrtggn", "structured", "auto",
-                *NT_PEERS]
+    # Every plugin but the autograd loop, which takes seconds a case from N=32 on 2 cores; every peer.
+    no_loops = ["jacobian_contraction", "ntk_vector_products", "explicit_mlp", "backpack_batchgrad", "backpack_sqrtggn",
+                "structured", "auto", *NT_PEERS]
     small_cnn, tiny_resnet = {"channels": 16, "image": 16}, {"channels": 8, "image": 8}
     return {
         "quick": {
             "name": "quick",
-            "description": "CPU default: every plugin and zoo architecture, 4 N values, O in {1, 10}, the per-sample "
-                           "loops (NTK-VP, autograd) up to N=16; about 8 minutes on 2 cores",
+            "description": "CPU default: every plugin and zoo architecture, 4 N values, O in {1, 10}, the autograd "
+                           "loop up to N=16; about 8 minutes on 2 cores",
             "impls": ["all"], "modes": ["full"], "dtypes": ["float32"], "devices": ["cpu"],
             "time_budget_s": 0.1, "timeout_s": 60,
             "arch": [

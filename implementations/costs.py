@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 
 import torch
 from torch import nn
@@ -48,7 +49,18 @@ class Estimate:
     bytes: float
 
 
+_STATS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def model_stats(model: nn.Module, x_single: torch.Tensor) -> ModelStats:
+    """The model's stats for inputs shaped like ``x_single`` (one sample), cached per model and input shape."""
+    from .base import shape_keyed_cache
+
+    key = (tuple(x_single.shape), x_single.dtype, x_single.device)
+    return shape_keyed_cache(_STATS, model, key, lambda: _measure_stats(model, x_single))
+
+
+def _measure_stats(model: nn.Module, x_single: torch.Tensor) -> ModelStats:
     from torch.utils.flop_counter import FlopCounterMode
 
     layers, outputs, activations = [], [], [0]
