@@ -257,3 +257,13 @@ def test_a_case_out_of_memory_finishes_blocked(tmp_path, monkeypatch):
     row = measure.run_case(case, tmp_path)
     assert row["status"] == "ok" and row["blocked_after_oom"] and row["memory_budget_bytes"] > 0
     assert row["rel_err"] <= 1e-4
+
+
+def test_resumed_run_still_times_auto_against_the_rows_already_there(tmp_path):
+    runner.run_sweep(_smoke(["jacobian_contraction"]), tmp_path, "smoke", progress=False)
+    runner.run_sweep(_smoke(["jacobian_contraction", "auto"]), tmp_path, "smoke", resume=True, progress=False)
+    _, rows = runner.read_results(tmp_path / "results.jsonl")
+    auto = next(r for r in rows if r["impl"] == "auto")
+    assert [r["impl"] for r in rows] == ["jacobian_contraction", "auto"]
+    assert auto["auto_pick"] != "jacobian_contraction"
+    assert "jacobian_contraction" in auto["paired_ratios"]  # known only from the first run's row
