@@ -8,7 +8,6 @@ found it (parameters, ``.grad``, train/eval flag), so plugins stay small.
 from __future__ import annotations
 
 import contextlib
-import math
 import weakref
 from typing import Callable, Iterator
 
@@ -90,6 +89,7 @@ class KernelSum:
     def __init__(self, mode: str):
         self.mode, self.acc = mode, None
         self.half = None  # set when only the upper blocks are summed: the first half's size
+        self.identity = None  # (Σ xx, O) of the identity-Gram terms, added to the diagonal by result()
 
     def add_gram(self, xx: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor, symmetric: bool = False) -> None:
         """Add xx ⊙ (G1 G2ᵀ) for G of shape (O, N, C); ``symmetric``: g2 is g1 and xx is symmetric (x2 = None)."""
@@ -133,22 +133,10 @@ class KernelSum:
     def add_identity_gram(self, xx: torch.Tensor, o: int) -> None:
         """Add xx[n, m]·δ_op: the Gram term of the output layer itself, whose G[o, n, c] = δ_oc.
 
-        No GEMM and, in full mode, a pass over the N·M·O diagonal entries only, instead of all N·M·O².
+        No GEMM: the terms are summed as (N, M) and ``result()`` adds them to the N·M·O diagonal entries only,
+        instead of all N·M·O².
         """
-        n, m = xx.shape
-        if self.mode == "trace":
-            term = xx * o
-        elif self.mode == "diagonal":
-            term = xx.unsqueeze(-1).expand(n, m, o)
-        else:
-            if self.acc is None:
-                self.acc = torch.zeros(n, o, m, o, dtype=xx.dtype, device=xx.device)
-            torch.diagonal(self.acc, dim1=1, dim2=3).add_(xx.unsqueeze(-1))
-            return
-        if self.acc is None:
-            self.acc = term.clone()
-        else:
-            self.acc.add_(term)
+        self.identity = (xx if self.identity is None else self.identity[0] + xx, o)
 
     def add(self, term: torch.Tensor) -> None:
         """Add a fresh term in the mode's shape ((N, M, O, O) for full); the term may be overwritten."""
@@ -160,6 +148,19 @@ class KernelSum:
             self.acc.add_(term)
 
     def result(self) -> torch.Tensor:
+        out = self._gram_sum()
+        if self.identity is not None:
+            xx, o = self.identity
+            if self.mode == "trace":
+                out.add_(xx * o)
+            else:
+                (out if self.mode == "diagonal" else torch.diagonal(out, dim1=2, dim2=3)).add_(xx.unsqueeze(-1))
+        return out
+
+    def _gram_sum(self) -> torch.Tensor:
+        if self.acc is None:  # only identity terms
+            xx, o = self.identity
+            return xx.new_zeros(kernel_shape(*xx.shape, o, self.mode))
         if self.mode != "full":
             return self.acc
         full = self.acc.permute(0, 2, 1, 3)
@@ -172,6 +173,12 @@ class KernelSum:
         out[h:, h:].copy_(full[h:, h:])
         out[h:, :h].copy_(self.acc[:h, :, h:, :].permute(2, 0, 3, 1))
         return out
+
+
+def input_gram(x1: torch.Tensor, x2: torch.Tensor, bias: bool) -> torch.Tensor:
+    """X1 X2ᵀ of a Linear layer's inputs, plus 1 for its bias (whose Jacobian is the layer's G itself)."""
+    xx = x1 @ x2.T
+    return xx + 1 if bias else xx
 
 
 def submodules(module: nn.Module) -> list[nn.Module]:
@@ -351,6 +358,3 @@ def chunks(n: int, size: int) -> list[slice]:
     size = max(1, int(size))
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
-
-def numel(params: dict[str, torch.Tensor]) -> int:
-    return sum(math.prod(p.shape) for p in params.values())

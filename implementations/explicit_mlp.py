@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from .base import KernelSum, NTKPlugin
+from .base import KernelSum, NTKPlugin, input_gram
 
 
 def _gelu_derivative(module: nn.GELU, z):
@@ -134,20 +134,14 @@ class ExplicitMLP(NTKPlugin):
             in2, _, der2 = self._forward(layers, x2)
             g2 = self._output_gradients(linears, der2, x2.shape[0])
         total = KernelSum(mode)
-        output_is_last_linear = not der1[-1]  # then G_L = I: its term is (H H'ᵀ + 1) ⊗ I, added last, with no GEMM
+        output_is_last_linear = not der1[-1]  # then G_L = I: its term is (H H'ᵀ + 1) ⊗ I, with no GEMM
         for l, (h1, h2, a, b, lin) in enumerate(zip(in1, in2, g1, g2, linears)):
+            xx = input_gram(h1, h2, lin.bias is not None)
             if output_is_last_linear and l == len(linears) - 1:
-                continue
-            total.add_gram(self._input_gram(h1, h2, lin), a, b, symmetric=x2 is None)
-        if output_is_last_linear:
-            total.add_identity_gram(self._input_gram(in1[-1], in2[-1], linears[-1]), linears[-1].out_features)
+                total.add_identity_gram(xx, lin.out_features)
+            else:
+                total.add_gram(xx, a, b, symmetric=x2 is None)
         return total.result()
-
-    @staticmethod
-    def _input_gram(h1, h2, lin):
-        """H1 H2ᵀ, plus 1 for the bias (its Jacobian is G itself)."""
-        xx = h1 @ h2.T
-        return xx + 1 if lin.bias is not None else xx
 
 
 plugin = ExplicitMLP()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call, jvp, vjp, vmap
 
-from .base import NTKPlugin, chunks, functional_single, numel, reduce_full
+from .base import NTKPlugin, chunks, functional_single, reduce_full
 
 
 class NTKVectorProducts(NTKPlugin):
@@ -68,7 +68,7 @@ class NTKVectorProducts(NTKPlugin):
 
             return vmap(row)(basis)
 
-        per_lane = self._bytes_per_lane(numel(params), m, stats.activations, o, x1.element_size())
+        per_lane = self._bytes_per_lane(stats.p, m, stats.activations, o, x1.element_size())
         samples = self._samples_per_chunk(x1.shape[0], o, per_lane)
         parts = [vmap(rows_of)(x1[s]) for s in chunks(x1.shape[0], samples)]  # each (n, O, M, O)
         return reduce_full(torch.cat(parts).permute(0, 2, 1, 3), mode).contiguous()

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import KernelSum, NTKPlugin, UnsupportedModelError, contract_jacobians, shape_keyed_cache
+from .base import (KernelSum, NTKPlugin, UnsupportedModelError, contract_jacobians, input_gram, shape_keyed_cache,
+                   submodules)
 
 _RULES = (nn.Linear, nn.Conv2d)
 
@@ -108,10 +109,7 @@ def _add_layer(total: KernelSum, x1, g1, x2, g2, has_bias, order=None):
     gram_cost, jac_cost = _order_costs(n, m, o, s, t, k, c, mode)
     if order == "gram" or (order is None and gram_cost <= jac_cost):
         if s == 1 and t == 1:  # Linear: the bias's Gram is the weight's G Gram, so (X1 X2ᵀ + 1) ⊙ G1 G2ᵀ
-            xx = x1[:, 0] @ x2[:, 0].T
-            if has_bias:
-                xx = xx + 1
-            total.add_gram(xx, g1[:, :, 0], g2[:, :, 0], symmetric=symmetric)
+            total.add_gram(input_gram(x1[:, 0], x2[:, 0], has_bias), g1[:, :, 0], g2[:, :, 0], symmetric=symmetric)
             return
         xx = torch.einsum("nsk,mtk->nmst", x1, x2)
         expr = {"full": "nmst,onsc,pmtc->nmop", "trace": "nmst,onsc,omtc->nm", "diagonal": "nmst,onsc,omtc->nmo"}[mode]
@@ -235,7 +233,7 @@ class Structured(NTKPlugin):
 
     def _kernel(self, model, x1, x2, mode):
         if x1.device.type != "cpu" or not torch._C._get_mkldnn_enabled() or \
-                not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+                not any(isinstance(m, nn.Conv2d) for m in submodules(model)):
             return self._layer_sum(model, x1, x2, mode)
         key = (tuple(x1.shape), None if x2 is None else tuple(x2.shape), x1.dtype, mode)
         use_onednn = shape_keyed_cache(_CONV_BACKEND, model, key, lambda: _onednn_is_faster(
@@ -247,15 +245,12 @@ class Structured(NTKPlugin):
         side1 = self._side(model, x1)
         side2 = side1 if x2 is None else self._side(model, x2)
         total = KernelSum(mode)
-        output_term = None
         for (mod, a1, b1), (_, a2, b2) in zip(side1, side2):
             has_bias = getattr(mod, "bias", None) is not None and mod.bias.requires_grad
-            if b1 is None:  # the output layer: (X1 X2ᵀ + 1) ⊗ I, added last
-                output_term = (a1 @ a2.T + (1 if has_bias else 0), mod.out_features)
-                continue
-            _add_layer(total, a1, b1, a2, b2, has_bias)
-        if output_term is not None:
-            total.add_identity_gram(*output_term)
+            if b1 is None:  # the output layer: (X1 X2ᵀ + 1) ⊗ I
+                total.add_identity_gram(input_gram(a1, a2, has_bias), mod.out_features)
+            else:
+                _add_layer(total, a1, b1, a2, b2, has_bias)
         return total.result().detach()
 
 
