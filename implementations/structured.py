@@ -32,8 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import (KernelSum, NTKPlugin, UnsupportedModelError, contract_jacobians, input_gram, shape_keyed_cache,
-                   submodules)
+from .base import KernelSum, NTKPlugin, UnsupportedModelError, input_gram, shape_keyed_cache, submodules
 
 _RULES = (nn.Linear, nn.Conv2d)
 
@@ -54,7 +53,8 @@ def _has_rule(m: nn.Module) -> str | None:
 
 def _record(model, x):
     """Forward with hooks: y, and per parameterised layer (module, input X, output Z)."""
-    layers = [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+    layers = [m for m in dict.fromkeys(submodules(model))
+              if any(p is not None and p.requires_grad for p in m._parameters.values())]
     seen, handles = {}, []
 
     def hook(module, inputs, output):
@@ -74,11 +74,26 @@ def _record(model, x):
     return y, [(m, *seen[m]) for m in layers if m in seen]
 
 
+def _unfold(x, conv: nn.Conv2d):
+    """F.unfold(x) for the convolution's patches: (N, C·kh·kw, S).
+
+    On the CPU as a strided view copied once: PyTorch's CPU im2col took 4.5 ms where this took 0.47 ms on a
+    (16, 32, 30, 30) input, and 196 against 81 us on (16, 8, 8, 8), on the 2-core machine here.
+    """
+    if x.device.type != "cpu":
+        return F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+    (kh, kw), (dh, dw), (sh, sw), (ph, pw) = conv.kernel_size, conv.dilation, conv.stride, conv.padding
+    if ph or pw:
+        x = F.pad(x, (pw, pw, ph, ph))
+    windows = x.unfold(2, (kh - 1) * dh + 1, sh)[..., ::dh].unfold(3, (kw - 1) * dw + 1, sw)[..., ::dw]
+    n, c, ho, wo = windows.shape[:4]
+    return windows.permute(0, 1, 4, 5, 2, 3).reshape(n, c * kh * kw, ho * wo)
+
+
 def _positions(module, x, z, g):
     """X as (N, S, K) and G as (O, N, S, C): per output position, the layer's input patch and output gradient."""
     if isinstance(module, nn.Conv2d):
-        patches = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
-        return patches.transpose(1, 2), g.flatten(3).transpose(2, 3)
+        return _unfold(x, module).transpose(1, 2), g.flatten(3).transpose(2, 3)
     k, c = x.shape[-1], g.shape[-1]
     return x.reshape(x.shape[0], -1, k), g.reshape(g.shape[0], g.shape[1], -1, c)
 
@@ -91,43 +106,54 @@ def _order_costs(n, m, o, s, t, k, c, mode):
     return gram, jac
 
 
-def _layer_cost(n, m, o, s, t, k, c, mode):
-    """(FLOPs, numbers held in intermediates) of the order the plugin picks for this layer."""
-    gram, jac = _order_costs(n, m, o, s, t, k, c, mode)
-    if gram <= jac:
-        return gram, n * m * s * t
-    return jac, (n + m) * o * c * k
-
-
-def _add_layer(total: KernelSum, x1, g1, x2, g2, has_bias, order=None):
-    """Add one weight's (and bias's) contribution, in the cheaper order (or ``order``: "gram" / "jacobian")."""
-    mode = total.mode
-    symmetric = x2 is x1 and g2 is g1
+def _gram_is_cheaper(x1, g1, x2, mode):
     n, s, k = x1.shape
     o, _, _, c = g1.shape
-    m, t = x2.shape[0], x2.shape[1]
-    gram_cost, jac_cost = _order_costs(n, m, o, s, t, k, c, mode)
-    if order == "gram" or (order is None and gram_cost <= jac_cost):
-        if s == 1 and t == 1:  # Linear: the bias's Gram is the weight's G Gram, so (X1 X2ᵀ + 1) ⊙ G1 G2ᵀ
-            total.add_gram(input_gram(x1[:, 0], x2[:, 0], has_bias), g1[:, :, 0], g2[:, :, 0], symmetric=symmetric)
-            return
-        xx = torch.einsum("nsk,mtk->nmst", x1, x2)
-        expr = {"full": "nmst,onsc,pmtc->nmop", "trace": "nmst,onsc,omtc->nm", "diagonal": "nmst,onsc,omtc->nmo"}[mode]
-        total.add(torch.einsum(expr, xx, g1, g2))
-    else:
-        j1 = torch.einsum("onsc,nsk->nock", g1, x1).flatten(2)
-        j2 = j1 if symmetric else torch.einsum("onsc,nsk->nock", g2, x2).flatten(2)
-        total.add(contract_jacobians([j1], [j2], mode))
+    gram, jac = _order_costs(n, x2.shape[0], o, s, x2.shape[1], k, c, mode)
+    return gram <= jac
+
+
+def _add_gram_term(total: KernelSum, x1, g1, x2, g2, has_bias):
+    """Add one weight's (and bias's) contribution in the Gram order: (X1 X2ᵀ) ⊙ (G1 G2ᵀ), summed over positions."""
+    mode = total.mode
+    symmetric = x2 is x1 and g2 is g1
+    s, t = x1.shape[1], x2.shape[1]
+    if s == 1 and t == 1:  # Linear: the bias's Gram is the weight's G Gram, so (X1 X2ᵀ + 1) ⊙ G1 G2ᵀ
+        total.add_gram(input_gram(x1[:, 0], x2[:, 0], has_bias), g1[:, :, 0], g2[:, :, 0], symmetric=symmetric)
+        return
+    xx = torch.einsum("nsk,mtk->nmst", x1, x2)
+    expr = {"full": "nmst,onsc,pmtc->nmop", "trace": "nmst,onsc,omtc->nm", "diagonal": "nmst,onsc,omtc->nmo"}[mode]
+    total.add(torch.einsum(expr, xx, g1, g2))
     if has_bias:
         b1 = g1.sum(2)
-        total.add_gram(torch.ones(n, m, dtype=b1.dtype, device=b1.device), b1, b1 if symmetric else g2.sum(2),
-                       symmetric=symmetric)
+        total.add_gram(torch.ones(x1.shape[0], x2.shape[0], dtype=b1.dtype, device=b1.device), b1,
+                       b1 if symmetric else g2.sum(2), symmetric=symmetric)
 
 
-def _layer_kernel(x1, g1, x2, g2, mode, has_bias, order=None):
-    """One layer's contribution alone, in the mode's shape (for tests of the two orders)."""
+def _layer_jacobian(x, g, has_bias):
+    """The layer's per-sample Jacobian blocks: the weight's (N, O, C·K), then the bias's (N, O, C).
+
+    J_W[n, o, c, k] = Σ_s G[o, n, s, c]·X[n, s, k], one batched GEMM; J_b[n, o, c] = Σ_s G[o, n, s, c].
+    """
+    o, n, s, c = g.shape
+    weight = torch.bmm(g.permute(1, 0, 3, 2).reshape(n, o * c, s), x).view(n, o, -1)
+    return [weight, g.sum(2).transpose(0, 1)] if has_bias else [weight]
+
+
+def _output_jacobian(x, has_bias):
+    """Jacobian blocks of an output Linear with one output: X as (N, 1, K), and ones for its bias."""
+    x = x.unsqueeze(1)
+    return [x, x.new_ones(x.shape[0], 1, 1)] if has_bias else [x]
+
+
+def _layer_kernel(x1, g1, x2, g2, mode, has_bias, order):
+    """One layer's contribution alone, in the mode's shape, in the given order ("gram" / "jacobian"; for tests)."""
     total = KernelSum(mode)
-    _add_layer(total, x1, g1, x2, g2, has_bias, order)
+    if order == "gram":
+        _add_gram_term(total, x1, g1, x2, g2, has_bias)
+    else:
+        total.add_jacobians(torch.cat(_layer_jacobian(x1, g1, has_bias), 2),
+                            torch.cat(_layer_jacobian(x2, g2, has_bias), 2))
     return total.result()
 
 
@@ -197,14 +223,18 @@ class Structured(NTKPlugin):
 
         side = n if symmetric else n + m
         flops = side * (stats.fp_flops + 2 * stats.o * stats.fp_flops)
-        inter = 0
+        gram_held, jac_held = 0, 0  # Gram order: one layer's N·M·S² at a time; Jacobian order: all layers' J
         for layer in stats.layers:
             if layer.is_output:  # (X1 X2ᵀ + 1) ⊗ I: one N x M GEMM, no G Gram
                 flops += 2 * n * m * layer.k + n * m * stats.o
                 continue
-            cost, extra = _layer_cost(n, m, stats.o, layer.s, layer.s, layer.k, layer.c, mode)
-            flops += cost
-            inter = max(inter, extra)
+            gram, jac = _order_costs(n, m, stats.o, layer.s, layer.s, layer.k, layer.c, mode)
+            flops += min(gram, jac)
+            if gram <= jac:
+                gram_held = max(gram_held, n * m * layer.s * layer.s)
+            else:
+                jac_held += side * stats.o * layer.c * (layer.k + 1)
+        inter = max(gram_held, 2 * jac_held)  # (the layers' J and their concatenation)
         peak = side * (stats.o * stats.widths + stats.activations + sum(l.s * l.k for l in stats.layers)) * stats.itemsize
         return Estimate(flops, peak + (inter + 2 * kernel_numel(n, m, stats.o, mode)) * stats.itemsize)
 
@@ -245,12 +275,22 @@ class Structured(NTKPlugin):
         side1 = self._side(model, x1)
         side2 = side1 if x2 is None else self._side(model, x2)
         total = KernelSum(mode)
+        jac1, jac2 = [], []  # Jacobian blocks of the Jacobian-order layers, contracted together in one GEMM
         for (mod, a1, b1), (_, a2, b2) in zip(side1, side2):
             has_bias = getattr(mod, "bias", None) is not None and mod.bias.requires_grad
-            if b1 is None:  # the output layer: (X1 X2ᵀ + 1) ⊗ I
+            if b1 is None and mod.out_features == 1:  # the output layer, O = 1: its Jacobian is [X, 1]
+                jac1 += _output_jacobian(a1, has_bias)
+                jac2 += _output_jacobian(a2, has_bias) if x2 is not None else []
+            elif b1 is None:  # the output layer: (X1 X2ᵀ + 1) ⊗ I
                 total.add_identity_gram(input_gram(a1, a2, has_bias), mod.out_features)
+            elif _gram_is_cheaper(a1, b1, a2, mode):
+                _add_gram_term(total, a1, b1, a2, b2, has_bias)
             else:
-                _add_layer(total, a1, b1, a2, b2, has_bias)
+                jac1 += _layer_jacobian(a1, b1, has_bias)
+                jac2 += _layer_jacobian(a2, b2, has_bias) if x2 is not None else []
+        if jac1:
+            j1 = torch.cat(jac1, 2)
+            total.add_jacobians(j1, j1 if x2 is None else torch.cat(jac2, 2))
         return total.result().detach()
 
 

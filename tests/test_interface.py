@@ -69,6 +69,8 @@ BAD_INPUTS = {
     "empty x2": (lambda: (torch.randn(2, 4), torch.randn(0, 4), "full"), ValueError, "x2 is an empty batch"),
     "NaN": (lambda: (torch.tensor([[0.0, float("nan"), 1.0, 2.0]]), None, "full"), ValueError, "NaN or inf"),
     "inf in x2": (lambda: (torch.randn(2, 4), torch.full((2, 4), float("inf")), "full"), ValueError, "x2 contains NaN or inf"),
+    "inf and -inf": (lambda: (torch.tensor([[float("inf"), -float("inf"), 0.0, 1.0]]), None, "full"), ValueError,
+                     "x1 contains NaN or inf"),
     "unknown mode": (lambda: (torch.randn(2, 4), None, "diag"), ValueError, "unknown mode 'diag'"),
     "integer inputs": (lambda: (torch.ones(2, 4, dtype=torch.int64), None, "full"), TypeError, "floating-point"),
     "dtype mismatch": (lambda: (torch.randn(2, 4, dtype=torch.float64), None, "full"), TypeError, "dtype torch.float64"),
@@ -85,6 +87,15 @@ def test_bad_input_gets_a_clear_error(plugin_name, case):
     x1, x2, mode = make()
     with pytest.raises(error, match=message):
         implementations.get(plugin_name).compute(_mlp(), x1, x2, mode=mode)
+
+
+def test_finite_inputs_whose_sum_overflows_are_accepted():
+    """The NaN/inf check sums first; a sum that overflows on finite inputs is rechecked element by element."""
+    from implementations.base import validate_inputs
+
+    x = torch.full((2, 4), 3e38)
+    assert torch.isinf(x.sum())
+    validate_inputs(_mlp(), x, None, "full")
 
 
 @pytest.mark.parametrize("plugin_name", ALL)

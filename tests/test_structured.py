@@ -130,3 +130,17 @@ def test_structured_leaves_the_onednn_flag_as_it_was_and_agrees_on_both_backends
     for enabled in (True, False):
         with structured._onednn(enabled):
             assert rel_err(plugin._layer_sum(model, x1, x2, "full"), kernel) <= 1e-12
+
+
+@pytest.mark.parametrize("kernel, dilation, stride, padding", [
+    (3, 1, 1, 1), (3, 2, 1, 2), ((2, 3), (1, 2), (2, 1), (0, 1)), (1, 1, 1, 0), (5, 1, 3, 2)])
+def test_cpu_patches_equal_unfold(kernel, dilation, stride, padding):
+    """The CPU's strided-view patches are F.unfold's, element for element, in the same order."""
+    import torch.nn.functional as F
+
+    from implementations.structured import _unfold
+
+    conv = nn.Conv2d(3, 4, kernel, dilation=dilation, stride=stride, padding=padding)
+    x = torch.randn(2, 3, 11, 9, generator=torch.Generator().manual_seed(0))
+    expected = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+    assert torch.equal(_unfold(x, conv), expected)
