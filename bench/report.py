@@ -202,6 +202,11 @@ def summary(header: dict, df: pd.DataFrame, plot_names: list[str]) -> str:
               "fastest in the row. Peak memory is above what the model and inputs already held. "
               "Agreement is ‖K − K_ref‖/‖K_ref‖ on the leading block of the kernel against the float64 reference "
               f"({', '.join(sorted(df['reference'].dropna().unique())) or 'none'}). ✗ marks a mismatch.", ""]
+    if "cuda_graph_bytes" in df and df["cuda_graph_bytes"].notna().any():
+        graphed = df[df["cuda_graph_bytes"].notna()]
+        lines += [f"{len(graphed)} rows replayed a captured CUDA graph ({', '.join(sorted(graphed['impl'].unique()))}): "
+                  "their time is the replay's, their first call includes the capture (`first_call_s`), and their "
+                  "peak memory includes the graph's memory pool.", ""]
     for key, g in df.groupby(["config", "O", "mode", "dtype", "device"], sort=False):
         config, o, mode, dtype, device = key
         p = int(g["P"].dropna().iloc[0]) if g["P"].notna().any() else "?"

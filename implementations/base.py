@@ -301,6 +301,8 @@ class NTKPlugin:
     """One algorithm for the empirical NTK Θ(x1, x2) = J(x1) J(x2)ᵀ."""
 
     name: str = ""
+    # True where ``_kernel`` can be captured in a CUDA graph: no host syncs, no data-dependent shapes (cuda_graphs).
+    capturable: bool = False
 
     def supports(self, model: nn.Module) -> str | None:
         """None when this plugin can handle ``model``, otherwise the reason it cannot."""
@@ -322,7 +324,11 @@ class NTKPlugin:
             raise UnsupportedModelError(reason)
         with model_state_preserved(model):
             if memory_budget_bytes is None:
-                out = self._kernel(model, x1, x2, mode)
+                from . import cuda_graphs
+
+                out = cuda_graphs.CACHE.kernel(self, model, x1, x2, mode)
+                if out is None:
+                    out = self._kernel(model, x1, x2, mode)
             else:
                 from .blocking import blocked_kernel
 

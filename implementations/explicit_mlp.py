@@ -59,6 +59,7 @@ def _layers(model):
 
 class ExplicitMLP(NTKPlugin):
     name = "explicit_mlp"
+    capturable = True  # on a GPU, replayed from a CUDA graph (cuda_graphs)
 
     def supports(self, model):
         if not isinstance(model, nn.Sequential):

@@ -200,6 +200,7 @@ def _onednn_is_faster(run, repeats: int = 5, margin: float = 0.9, only_below_s: 
 
 class Structured(NTKPlugin):
     name = "structured"
+    capturable = True  # on a GPU, replayed from a CUDA graph (cuda_graphs)
 
     def supports(self, model):
         for name, m in model.named_modules():

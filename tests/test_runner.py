@@ -267,3 +267,18 @@ def test_resumed_run_still_times_auto_against_the_rows_already_there(tmp_path):
     assert [r["impl"] for r in rows] == ["jacobian_contraction", "auto"]
     assert auto["auto_pick"] != "jacobian_contraction"
     assert "jacobian_contraction" in auto["paired_ratios"]  # known only from the first run's row
+
+
+def test_a_replayed_graphs_pool_counts_in_the_peak_memory(tmp_path, monkeypatch):
+    """Rows of calls replayed from a CUDA graph say so, and their peak memory includes the graph's pool."""
+    from bench import measure
+    from implementations import cuda_graphs
+    from test_cuda_graphs import rerun_capture
+
+    case = _smoke(["structured"])[0]
+    measure.ensure_reference(case.problem, tmp_path)
+    eager = measure.run_case(case, tmp_path)
+    monkeypatch.setattr(cuda_graphs, "CACHE", cuda_graphs.GraphCache(capture=rerun_capture, devices=("cpu",)))
+    replayed = measure.run_case(case, tmp_path)
+    assert "cuda_graph_bytes" not in eager and replayed["status"] == "ok" and replayed["rel_err"] <= 1e-4
+    assert replayed["cuda_graph_bytes"] >= 1000 and replayed["peak_mem_bytes"] >= replayed["cuda_graph_bytes"]
