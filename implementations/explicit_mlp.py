@@ -6,7 +6,8 @@ recursion G_{l-1} = (G_l W_l) ⊙ φ'(z_{l-1}) with closed-form derivatives: no
 autograd at all. Widths, biases and activation derivatives are read straight
 off the ``nn.Sequential``. Cost per layer: N·M·(d_in + O²·d_out) for full
 mode, never N·O·P memory. Wins by orders of magnitude on wide MLPs; handles
-nothing else (``supports`` says what it found).
+nothing else (``supports`` says what it found). On a GPU, calls replay a
+captured CUDA graph (cuda_graphs).
 """
 
 from __future__ import annotations

@@ -17,9 +17,12 @@ Wins: every MLP by orders of magnitude over Jacobian contraction (O²·width
 per pair instead of O²·P), and conv nets whose last layers are dense. Costs:
 one forward and one O-way batched backward per input batch, plus G and X
 per layer in memory, (N+M)·O·Σ S·C. The output Linear's G is the identity:
-no backward for it, and its term is (X1 X2ᵀ + 1) ⊗ I. On the CPU, the first
-call for a conv net's shapes taking under 50 ms also runs it five times each
-with oneDNN's convolutions and PyTorch's own, and keeps the faster.
+no backward for it, and its term is (X1 X2ᵀ + 1) ⊗ I. The layers taken in the
+Jacobian order are contracted together: their blocks (bias: Σ_s G) are
+concatenated into one (N, O, ΣP) matrix and multiplied once. On the CPU, the
+first call for a conv net's shapes taking under 50 ms also runs it five times
+each with oneDNN's convolutions and PyTorch's own, and keeps the faster. On a
+GPU, calls replay a captured CUDA graph (cuda_graphs).
 """
 
 from __future__ import annotations
