@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # All the GPU work of one time-limited session, with the machine's own Python (no venv, no package index):
+#   0. MLP 784-512-512-10 at N=512: eager against CUDA-graph replay, split thresholds, JC (graph_check.txt);
 #   1. the correctness suite, CUDA cases included, against the harness's float64 CPU reference
 #      (neural-tangents is not installed there; `make test` checks that reference against it);
 #   2. the `gpu` sweep, resumable, starting no case after DEADLINE_MIN minutes;
 #   3. the report of what has run so far.
 #
-#   scripts/gpu_checks.sh OUTDIR [RUN_DIR]     env: PYTHON (python3), DEADLINE_MIN (6), TESTS (1), TEST_TIMEOUT_S (240),
+#   scripts/gpu_checks.sh OUTDIR [RUN_DIR]     env: PYTHON (python3), DEADLINE_MIN (6), GRAPH_CHECK (1), TESTS (1), TEST_TIMEOUT_S (240),
 #                                              TEST_SELECT (tests: pytest's selection)
 #
-# OUTDIR receives tests.log, sweep.log, and run.tar.gz (the run directory without its cached references).
+# OUTDIR receives graph_check.txt, tests.log, sweep.log, and run.tar.gz (the run directory without its cached references).
 set -u
 OUTDIR=${1:?usage: scripts/gpu_checks.sh OUTDIR [RUN_DIR]}
 RUN=${2:-results/$(date +%Y-%m-%d)-gpu}
@@ -16,6 +17,12 @@ PYTHON=${PYTHON:-python3}
 mkdir -p "$OUTDIR" "$RUN"
 export PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; $PYTHON -c 'import torch, numpy; print("torch", torch.__version__, "numpy", numpy.__version__, "cuda", torch.cuda.is_available())'; } >"$OUTDIR/env.txt" 2>&1
+
+if [ "${GRAPH_CHECK:-1}" = 1 ]; then
+    timeout 240 $PYTHON scripts/gpu_graph_check.py --jc >"$OUTDIR/graph_check.txt" 2>&1
+    echo "graph check: exit $?" | tee -a "$OUTDIR/graph_check.txt"
+    cat "$OUTDIR/graph_check.txt"
+fi
 
 if [ "${TESTS:-1}" = 1 ]; then
     # One thread per xdist worker: 8 workers with a thread per core each oversubscribe the CPU.

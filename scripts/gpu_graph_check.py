@@ -1,0 +1,67 @@
+"""On a GPU: MLP 784-512-512-10 at N=M=512, eager against CUDA-graph replay, with and without the symmetric split.
+
+    python scripts/gpu_graph_check.py [--N 512] [--jc]
+
+Prints one line per (plugin, graphs, split threshold): the median time (torch.utils.benchmark, CUDA
+synchronised), its ratio to Jacobian contraction's (with --jc) and the error against the eager kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import implementations  # noqa: E402
+import implementations.base as base  # noqa: E402
+from bench import architectures  # noqa: E402
+from implementations import cuda_graphs  # noqa: E402
+
+
+def median_s(fn) -> float:
+    from torch.utils import benchmark
+
+    return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=1.0).median
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--N", type=int, default=512)
+    ap.add_argument("--jc", action="store_true", help="also time jacobian_contraction (about 0.8 s a call)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    arch = architectures.build("mlp", seed=0, in_features=784, width=512, depth=2, out=10)
+    model = arch.model.to(args.device)
+    x = architectures.inputs(arch, args.N, seed=1).to(args.device)
+    jc_s = median_s(lambda: implementations.get("jacobian_contraction").compute(model, x)) if args.jc else None
+    if jc_s:
+        print(f"jacobian_contraction: {jc_s * 1e3:.2f} ms")
+    default_split = base.SYMMETRIC_SPLIT_MIN_ROWS
+    for name in ("structured", "explicit_mlp", "auto"):
+        plugin = implementations.get(name)
+        os.environ["NTKBENCH_CUDA_GRAPHS"] = "0"
+        eager = plugin.compute(model, x)
+        for graphs in ("0", "1"):
+            for split in (default_split, 2048):
+                os.environ["NTKBENCH_CUDA_GRAPHS"] = graphs
+                base.SYMMETRIC_SPLIT_MIN_ROWS = split
+                cuda_graphs.CACHE = cuda_graphs.GraphCache()  # a fresh capture for this threshold
+                out = plugin.compute(model, x)
+                replayed = cuda_graphs.last_replay_bytes is not None
+                err = float((out - eager).norm() / eager.norm())
+                s = median_s(lambda: plugin.compute(model, x))
+                ratio = f", JC / this {jc_s / s:.0f}x" if jc_s else ""
+                print(f"{name}: graphs={graphs} (replayed: {replayed}) split from {split} rows: {s * 1e3:.3f} ms"
+                      f"{ratio}; rel. diff. to eager {err:.1e}", flush=True)
+    base.SYMMETRIC_SPLIT_MIN_ROWS = default_split
+
+
+if __name__ == "__main__":
+    main()
