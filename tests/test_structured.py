@@ -144,3 +144,25 @@ def test_cpu_patches_equal_unfold(kernel, dilation, stride, padding):
     x = torch.randn(2, 3, 11, 9, generator=torch.Generator().manual_seed(0))
     expected = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
     assert torch.equal(_unfold(x, conv), expected)
+
+
+@pytest.mark.parametrize("mode", implementations.MODES)
+@pytest.mark.parametrize("layers, shape", [
+    # one output: the output Linear's Jacobian [X, 1] joins the conv layers' blocks
+    (lambda: [nn.Conv2d(2, 3, 3, stride=2, dilation=1, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 2, bias=False, dilation=2),
+              nn.Flatten(), nn.Linear(8, 1)], (2, 7, 7)),
+    # a Linear with one input feature takes the Jacobian order (N = M = 12: 1008 FLOPs against the Gram order's 1152)
+    (lambda: [nn.Linear(1, 3), nn.Tanh(), nn.Linear(3, 1)], (1,)),
+    (lambda: [nn.Conv2d(1, 2, (3, 2), padding=(1, 0)), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 5 * 4, 3), nn.Tanh()],
+     (1, 5, 5)),
+], ids=["conv-O1", "linear-jacobian-order", "conv-final-activation"])
+def test_layers_contracted_together_match_jacobian_contraction(layers, shape, mode):
+    """The Jacobian-order layers' blocks, concatenated and contracted in one GEMM, give Jacobian contraction's
+    kernel in float64, with x2 given and x2 = None."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*layers()).double()
+    g = torch.Generator().manual_seed(1)
+    x1, x2 = (torch.randn(n, *shape, generator=g, dtype=torch.float64) for n in (12, 5))
+    structured, jc = implementations.get("structured"), implementations.get("jacobian_contraction")
+    for a, b in ((x1, x2), (x1, None)):
+        assert rel_err(structured.compute(model, a, b, mode=mode), jc.compute(model, a, b, mode=mode)) <= 1e-12
