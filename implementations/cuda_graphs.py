@@ -49,6 +49,7 @@ class CapturedKernel:
     def __init__(self, graph, inputs: list, output: torch.Tensor, pool_bytes: int):
         self.graph, self.inputs, self.output, self.pool_bytes = graph, inputs, output, pool_bytes
 
+    @torch.no_grad()
     def __call__(self, *inputs) -> torch.Tensor:
         for static, x in zip(self.inputs, inputs):
             if static is not None:
@@ -64,7 +65,7 @@ def capture_cuda(run: Callable, inputs: list) -> CapturedKernel:
     """
     device = next(x for x in inputs if x is not None).device
     with torch.cuda.device(device):
-        static = [None if x is None else x.clone() for x in inputs]
+        static = [None if x is None else x.detach().clone() for x in inputs]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):

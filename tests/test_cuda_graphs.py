@@ -26,7 +26,7 @@ class _Rerun:
 
 
 def rerun_capture(run, inputs):
-    static = [None if x is None else x.clone() for x in inputs]
+    static = [None if x is None else x.detach().clone() for x in inputs]
     for _ in range(cuda_graphs.WARMUP_CALLS):
         run(*static)
     output = run(*static)
@@ -94,6 +94,15 @@ def test_a_new_capture_for_new_shapes_modes_parameters_flags_and_train_mode(cpu_
     finally:
         torch.backends.cudnn.allow_tf32 = before
     assert cpu_cache.captures == 6
+
+
+def test_inputs_that_require_grad_are_copied_in(cpu_cache):
+    model, plugin = _mlp(), implementations.get("structured")
+    x = _inputs(model, 4, 1)
+    for _ in range(2):
+        out = plugin.compute(model, x.clone().requires_grad_())
+    assert cpu_cache.captures == 1 and not out.requires_grad
+    assert rel_err(out, plugin._kernel(model, x, None, "full")) <= 1e-12
 
 
 def test_cached_graphs_per_model_are_bounded(cpu_cache, monkeypatch):
