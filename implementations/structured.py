@@ -54,6 +54,19 @@ def _has_rule(m: nn.Module) -> str | None:
     return type(m).__name__
 
 
+def _layer_problem(m: nn.Module, trainable: list[str]) -> str | None:
+    """Why structured cannot take the module ``m`` with these trainable parameters ({name}: where it sits)."""
+    problem = _has_rule(m)
+    if problem is not None:
+        return f"no rule for {problem} ({{name}} has parameters)"
+    extra = set(trainable) - {"weight", "bias"}
+    if extra:
+        return f"{type(m).__name__} {{name}} has extra parameters {sorted(extra)}"
+    if "weight" not in trainable:
+        return f"{type(m).__name__} {{name}} has a frozen weight and a trainable bias"
+    return None
+
+
 def _record(model, x):
     """Forward with hooks: y, and per parameterised layer (module, input X, output Z)."""
     layers = [m for m in dict.fromkeys(submodules(model))
@@ -206,19 +219,13 @@ class Structured(NTKPlugin):
     capturable = True  # on a GPU, replayed from a CUDA graph (cuda_graphs)
 
     def supports(self, model):
-        for name, m in model.named_modules():
-            own = [p for p in m.parameters(recurse=False) if p.requires_grad]
-            if not own:
-                continue
-            problem = _has_rule(m)
-            if problem is not None:
-                return f"structured: no rule for {problem} ({name or 'the model itself'} has parameters)"
-            expected = {"weight"} | ({"bias"} if getattr(m, "bias", None) is not None else set())
-            extra = {k for k, p in m.named_parameters(recurse=False) if p.requires_grad} - expected
-            if extra:
-                return f"structured: {type(m).__name__} {name} has extra parameters {sorted(extra)}"
-            if not m.weight.requires_grad:
-                return f"structured: {type(m).__name__} {name} has a frozen weight and a trainable bias"
+        # Per call: a direct walk of the modules (named_modules' generators cost tens of us); names only for errors.
+        for m in submodules(model):
+            trainable = [k for k, p in m._parameters.items() if p is not None and p.requires_grad]
+            problem = trainable and _layer_problem(m, trainable)
+            if problem:
+                name = next(name for name, mod in model.named_modules(remove_duplicate=False) if mod is m)
+                return f"structured: {problem.format(name=name or 'the model itself')}"
         return None
 
     def estimate(self, stats, n, m, mode, symmetric):
