@@ -10,10 +10,10 @@ estimated peak is at most ``MAX_GRAPH_BYTES``. The first call for a model (its p
 flags), input shapes, dtype, mode and math flags (TF32) runs the kernel eagerly twice on a side stream and
 captures a third run; later calls copy the inputs into the graph's static buffers, replay it and return a copy
 of its output (the next replay overwrites it). The graph's memory pool holds the kernel's intermediates for as
-long as the graph is cached (at most ``MAX_GRAPHS_PER_MODEL`` per model, least recently used dropped);
-``last_replay_bytes`` says how much, for the runner's peak memory. A capture that fails (a model whose forward
-syncs with the host, say) is remembered, warned about once, and those calls run eagerly.
-``NTKBENCH_CUDA_GRAPHS=0`` turns replay off.
+long as the graph is cached (at most ``MAX_GRAPHS_PER_MODEL`` per model and ``MAX_CACHED_BYTES_PER_MODEL`` of
+pools, least recently used dropped); ``last_replay_bytes`` says how much, for the runner's peak memory. A
+capture that fails (a model whose forward syncs with the host, say) is remembered, warned about once, and those
+calls run eagerly. ``NTKBENCH_CUDA_GRAPHS=0`` turns replay off.
 
 Costs: the first call is about three eager calls plus the capture; each later call one input copy, one
 launch and one output copy (N·M·O² numbers in full mode).
@@ -31,8 +31,9 @@ import torch
 
 from .base import submodules
 
-MAX_GRAPH_BYTES = 2 << 30
+MAX_GRAPH_BYTES = 2 << 30  # a kernel whose estimated peak is larger runs eagerly
 MAX_GRAPHS_PER_MODEL = 4
+MAX_CACHED_BYTES_PER_MODEL = 4 << 30  # the pools of a model's cached graphs together (the newest is always kept)
 WARMUP_CALLS = 2
 
 # Bytes held by the graph the most recent call replayed (its pool and static buffers); None after an eager call.
@@ -135,7 +136,8 @@ class GraphCache:
         if key not in graphs:
             small = self.small_enough(plugin, model, x1, x2, mode)
             graphs[key] = self._capture(plugin, model, x1, x2, mode) if small else None
-            while len(graphs) > MAX_GRAPHS_PER_MODEL:
+            while len(graphs) > MAX_GRAPHS_PER_MODEL or (
+                    len(graphs) > 1 and sum(g.pool_bytes for g in graphs.values() if g) > MAX_CACHED_BYTES_PER_MODEL):
                 graphs.popitem(last=False)
         graphs.move_to_end(key)
         captured = graphs[key]

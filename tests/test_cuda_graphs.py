@@ -111,6 +111,14 @@ def test_cached_graphs_per_model_are_bounded(cpu_cache, monkeypatch):
     for n in (2, 3, 4, 2):
         plugin.compute(model, _inputs(model, n, 1))
     assert len(cpu_cache._graphs[model]) == 2 and cpu_cache.captures == 4
+    monkeypatch.setattr(cuda_graphs, "MAX_GRAPHS_PER_MODEL", 10)
+    monkeypatch.setattr(cuda_graphs, "MAX_CACHED_BYTES_PER_MODEL", 2500)  # the stand-in's pools are 1000 bytes
+    for n in (5, 6, 7):
+        plugin.compute(model, _inputs(model, n, 1))
+    assert len(cpu_cache._graphs[model]) == 2
+    monkeypatch.setattr(cuda_graphs, "MAX_CACHED_BYTES_PER_MODEL", 0)  # the newest graph is kept all the same
+    plugin.compute(model, _inputs(model, 8, 1))
+    assert len(cpu_cache._graphs[model]) == 1 and cuda_graphs.last_replay_bytes is not None
 
 
 def test_a_failed_capture_warns_once_and_runs_eagerly(monkeypatch):
