@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from .base import KernelSum, NTKPlugin, input_gram
+from .base import KernelSum, NTKPlugin, input_gram, submodules
 
 
 def _gelu_derivative(module: nn.GELU, z):
@@ -53,8 +53,9 @@ ACTIVATION_DERIVATIVES = {
 def _layers(model):
     """Flatten nested Sequentials into a list of modules."""
     out = []
-    for m in model.children() if isinstance(model, nn.Sequential) else [model]:
-        out.extend(_layers(m) if isinstance(m, nn.Sequential) else [m])
+    for m in model._modules.values() if isinstance(model, nn.Sequential) else [model]:
+        if m is not None:  # (a direct walk: children()'s generators cost more per call)
+            out.extend(_layers(m) if isinstance(m, nn.Sequential) else [m])
     return out
 
 
@@ -73,7 +74,7 @@ class ExplicitMLP(NTKPlugin):
                 return "explicit_mlp: nn.Flatten is only supported as the first layer"
         if not any(isinstance(m, nn.Linear) for m in layers):
             return "explicit_mlp: needs at least one Linear layer"
-        if any(not p.requires_grad for p in model.parameters()):
+        if any(p is not None and not p.requires_grad for m in submodules(model) for p in m._parameters.values()):
             return "explicit_mlp: every parameter must require grad"
         return None
 
