@@ -109,7 +109,7 @@ def _builtin_sweeps() -> dict[str, dict]:
         "quick": {
             "name": "quick",
             "description": "CPU default: every plugin and zoo architecture, 4 N values, O in {1, 10}, the autograd "
-                           "loop up to N=16; about 8 minutes on 2 cores",
+                           "loop up to N=16; about 9 minutes on 2 cores",
             "impls": ["all"], "modes": ["full"], "dtypes": ["float32"], "devices": ["cpu"],
             "time_budget_s": 0.1, "timeout_s": 60,
             "arch": [
