@@ -45,10 +45,12 @@ class CaptureFailed(RuntimeError):
 
 
 class CapturedKernel:
-    """A captured graph, its static input buffers and its output."""
+    """A captured graph, its static input buffers and its output; ``held_bytes``: the pool and the input buffers
+    (the output is in the pool)."""
 
     def __init__(self, graph, inputs: list, output: torch.Tensor, pool_bytes: int):
         self.graph, self.inputs, self.output, self.pool_bytes = graph, inputs, output, pool_bytes
+        self.held_bytes = pool_bytes + sum(t.numel() * t.element_size() for t in inputs if t is not None)
 
     @torch.no_grad()
     def __call__(self, *inputs) -> torch.Tensor:
@@ -143,10 +145,8 @@ class GraphCache:
         captured = graphs[key]
         if captured is None:
             return None
-        out = captured(x1, x2)
-        last_replay_bytes = captured.pool_bytes + sum(t.numel() * t.element_size() for t in captured.inputs
-                                                      if t is not None)  # (the output is in the pool)
-        return out
+        last_replay_bytes = captured.held_bytes
+        return captured(x1, x2)
 
     def _capture(self, plugin, model, x1, x2, mode) -> CapturedKernel | None:
         def run(a, b):

@@ -54,6 +54,11 @@ def _has_rule(m: nn.Module) -> str | None:
     return type(m).__name__
 
 
+def _trainable(m: nn.Module) -> list[str]:
+    """The names of the module's own parameters that require grad (``_parameters`` directly: this runs per call)."""
+    return [k for k, p in m._parameters.items() if p is not None and p.requires_grad]
+
+
 def _layer_problem(m: nn.Module, trainable: list[str]) -> str | None:
     """Why structured cannot take the module ``m`` with these trainable parameters ({name}: where it sits)."""
     problem = _has_rule(m)
@@ -69,8 +74,7 @@ def _layer_problem(m: nn.Module, trainable: list[str]) -> str | None:
 
 def _record(model, x):
     """Forward with hooks: y, and per parameterised layer (module, input X, output Z)."""
-    layers = [m for m in dict.fromkeys(submodules(model))
-              if any(p is not None and p.requires_grad for p in m._parameters.values())]
+    layers = [m for m in dict.fromkeys(submodules(model)) if _trainable(m)]
     seen, handles = {}, []
 
     def hook(module, inputs, output):
@@ -221,7 +225,7 @@ class Structured(NTKPlugin):
     def supports(self, model):
         # Per call: a direct walk of the modules (named_modules' generators cost tens of us); names only for errors.
         for m in submodules(model):
-            trainable = [k for k, p in m._parameters.items() if p is not None and p.requires_grad]
+            trainable = _trainable(m)
             problem = trainable and _layer_problem(m, trainable)
             if problem:
                 name = next(name for name, mod in model.named_modules(remove_duplicate=False) if mod is m)

@@ -2,7 +2,7 @@
 
     python scripts/gpu_graph_check.py [--N 512] [--jc]
 
-Prints one line per (plugin, graphs, split threshold): the median time (torch.utils.benchmark, CUDA
+Prints one line per (plugin, graphs, split threshold): the median time (the runner's ``time_call``, CUDA
 synchronised), its ratio to Jacobian contraction's (with --jc) and the error against the eager kernel.
 """
 
@@ -20,13 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import implementations  # noqa: E402
 import implementations.base as base  # noqa: E402
 from bench import architectures  # noqa: E402
+from bench.measure import time_call  # noqa: E402
 from implementations import cuda_graphs  # noqa: E402
-
-
-def median_s(fn) -> float:
-    from torch.utils import benchmark
-
-    return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=1.0).median
 
 
 def main() -> None:
@@ -40,7 +35,7 @@ def main() -> None:
     arch = architectures.build("mlp", seed=0, in_features=784, width=512, depth=2, out=10)
     model = arch.model.to(args.device)
     x = architectures.inputs(arch, args.N, seed=1).to(args.device)
-    jc_s = median_s(lambda: implementations.get("jacobian_contraction").compute(model, x)) if args.jc else None
+    jc_s = time_call(lambda: implementations.get("jacobian_contraction").compute(model, x), 1.0)[0] if args.jc else None
     if jc_s:
         print(f"jacobian_contraction: {jc_s * 1e3:.2f} ms")
     default_split = base.SYMMETRIC_SPLIT_MIN_ROWS
@@ -56,7 +51,7 @@ def main() -> None:
                 out = plugin.compute(model, x)
                 replayed = cuda_graphs.last_replay_bytes is not None
                 err = float((out - eager).norm() / eager.norm())
-                s = median_s(lambda: plugin.compute(model, x))
+                s = time_call(lambda: plugin.compute(model, x), 1.0)[0]
                 ratio = f", JC / this {jc_s / s:.0f}x" if jc_s else ""
                 print(f"{name}: graphs={graphs} (replayed: {replayed}) split from {split} rows: {s * 1e3:.3f} ms"
                       f"{ratio}; rel. diff. to eager {err:.1e}", flush=True)
