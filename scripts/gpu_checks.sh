@@ -6,8 +6,10 @@
 #   2. the `gpu` sweep, resumable, starting no case after DEADLINE_MIN minutes;
 #   3. the report of what has run so far.
 #
-#   scripts/gpu_checks.sh OUTDIR [RUN_DIR]     env: PYTHON (python3), DEADLINE_MIN (6), GRAPH_CHECK (1), TESTS (1), TEST_TIMEOUT_S (240),
-#                                              TEST_SELECT (tests: pytest's selection)
+#   scripts/gpu_checks.sh OUTDIR [RUN_DIR]     env: PYTHON (python3), DEADLINE_MIN (6: the sweep starts no case after it),
+#                                              START_BY_MIN (instead: no case after this many minutes from the script's start),
+#                                              GRAPH_CHECK (1), TESTS (1), TEST_TIMEOUT_S (240), TEST_SELECT (tests: pytest's
+#                                              selection), SWEEP_ARGS (more `bench run` options, e.g. --timeout 60)
 #
 # OUTDIR receives graph_check.txt, tests.log, sweep.log, and run.tar.gz (the run directory without its cached references).
 set -u
@@ -32,7 +34,12 @@ if [ "${TESTS:-1}" = 1 ]; then
     tail -3 "$OUTDIR/tests.log"
 fi
 
-$PYTHON -m bench run --sweep gpu --out "$RUN" --resume --no-progress --deadline "${DEADLINE_MIN:-6}" \
+DEADLINE=${DEADLINE_MIN:-6}
+if [ -n "${START_BY_MIN:-}" ]; then
+    DEADLINE=$($PYTHON -c "print(max(0.5, ${START_BY_MIN} - $SECONDS / 60))")
+fi
+# shellcheck disable=SC2086
+$PYTHON -m bench run --sweep gpu --out "$RUN" --resume --no-progress --deadline "$DEADLINE" ${SWEEP_ARGS:-} \
     >"$OUTDIR/sweep.log" 2>&1
 echo "sweep: exit $?" | tee -a "$OUTDIR/sweep.log"
 $PYTHON -m bench report "$RUN" >>"$OUTDIR/sweep.log" 2>&1
