@@ -76,6 +76,9 @@ def capture_cuda(run: Callable, inputs: list) -> CapturedKernel:
                 run(*static)
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
+        # torch.cuda.graph empties the allocator's cache on entry: do it first, so that the growth of reserved
+        # memory is the graph's pool and not less by the cached blocks of earlier work
+        torch.cuda.empty_cache()
         reserved = torch.cuda.memory_reserved()
         graph = torch.cuda.CUDAGraph()
         try:
@@ -84,7 +87,7 @@ def capture_cuda(run: Callable, inputs: list) -> CapturedKernel:
             torch.cuda.synchronize()
         except Exception as exc:
             raise CaptureFailed(f"{type(exc).__name__}: {exc}") from exc
-        pool_bytes = torch.cuda.memory_reserved() - reserved
+        pool_bytes = max(0, torch.cuda.memory_reserved() - reserved)
     return CapturedKernel(graph, static, output, pool_bytes)
 
 

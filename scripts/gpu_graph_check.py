@@ -38,15 +38,15 @@ def main() -> None:
     jc_s = time_call(lambda: implementations.get("jacobian_contraction").compute(model, x), 1.0)[0] if args.jc else None
     if jc_s:
         print(f"jacobian_contraction: {jc_s * 1e3:.2f} ms")
-    default_split = base.SYMMETRIC_SPLIT_MIN_ROWS
+    default_split = base.SYMMETRIC_SPLIT_MIN_ROWS, base.SYMMETRIC_SPLIT_MIN_ROWS_CAPTURED
     for name in ("structured", "explicit_mlp", "auto"):
         plugin = implementations.get(name)
         os.environ["NTKBENCH_CUDA_GRAPHS"] = "0"
         eager = plugin.compute(model, x)
         for graphs in ("0", "1"):
-            for split in (default_split, 2048):
+            for split in (8192, 2048):
                 os.environ["NTKBENCH_CUDA_GRAPHS"] = graphs
-                base.SYMMETRIC_SPLIT_MIN_ROWS = split
+                base.SYMMETRIC_SPLIT_MIN_ROWS = base.SYMMETRIC_SPLIT_MIN_ROWS_CAPTURED = split
                 cuda_graphs.CACHE = cuda_graphs.GraphCache()  # a fresh capture for this threshold
                 out = plugin.compute(model, x)
                 replayed = cuda_graphs.last_replay_bytes is not None
@@ -55,7 +55,7 @@ def main() -> None:
                 ratio = f", JC / this {jc_s / s:.0f}x" if jc_s else ""
                 print(f"{name}: graphs={graphs} (replayed: {replayed}) split from {split} rows: {s * 1e3:.3f} ms"
                       f"{ratio}; rel. diff. to eager {err:.1e}", flush=True)
-    base.SYMMETRIC_SPLIT_MIN_ROWS = default_split
+    base.SYMMETRIC_SPLIT_MIN_ROWS, base.SYMMETRIC_SPLIT_MIN_ROWS_CAPTURED = default_split
 
 
 if __name__ == "__main__":

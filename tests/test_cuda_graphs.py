@@ -181,12 +181,16 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA grap
 def test_cuda_graph_replays_equal_eager_kernels(plugin_name, make, mode, monkeypatch):
     monkeypatch.setattr(cuda_graphs, "CACHE", GraphCache())
     model, plugin = make().cuda(), implementations.get(plugin_name)
+    torch.empty(64 << 20, dtype=torch.uint8, device="cuda")  # freed at once: a block the allocator caches (capture frees it)
     for seed, with_x2 in ((1, False), (2, False), (3, True), (4, True)):
         x1 = _inputs(model, 4, seed).cuda()
         x2 = _inputs(model, 3, seed + 10).cuda() if with_x2 else None
         eager = plugin._kernel(model, x1, x2, mode)
         out = plugin.compute(model, x1, x2, mode=mode)
-        assert cuda_graphs.last_replay_bytes is not None and rel_err(out, eager) <= 1e-12
+        assert rel_err(out, eager) <= 1e-12
+        # the graph holds at least its input buffers and its output
+        held = x1.numel() * x1.element_size() + out.numel() * out.element_size()
+        assert cuda_graphs.last_replay_bytes is not None and cuda_graphs.last_replay_bytes >= held
     with torch.no_grad():
         model[0].weight.mul_(2)
     x1 = _inputs(model, 4, 1).cuda()
@@ -208,5 +212,6 @@ def test_cuda_graph_capture_of_a_syncing_model_falls_back_to_eager(monkeypatch):
     model, x = Syncs().double().cuda(), torch.randn(4, 3, dtype=torch.float64, device="cuda")
     with pytest.warns(RuntimeWarning, match="capture failed"):
         out = implementations.get("structured").compute(model, x)
-    assert rel_err(out, implementations.get("jacobian_contraction").compute(model, x)) <= 1e-12
+    # (the reference: the autograd loop, since vmap cannot run a forward that reads a tensor's value)
+    assert rel_err(out, implementations.get("autograd_loop").compute(model, x)) <= 1e-12
     assert rel_err(implementations.get("structured").compute(model, x), out) <= 1e-12
