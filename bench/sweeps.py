@@ -137,7 +137,7 @@ def _builtin_sweeps() -> dict[str, dict]:
         },
         "gpu": {
             "name": "gpu",
-            "description": "One 80 GB GPU, about 15 minutes: issue 4's targets first (MLP N=512; O=100 under an 8 GiB "
+            "description": "One 80 GB GPU, about 10 minutes on an H100: issue 4's targets first (MLP N=512; O=100 under an 8 GiB "
                            "budget), then the tutorial CNN, MLPs of width 512 and 2048 and a CNN, N up to 512; "
                            "the slow loops only where they finish in seconds",
             "impls": ["all"], "modes": ["full"], "dtypes": ["float32"], "devices": ["cuda"],
