@@ -19,20 +19,22 @@ RUN ?= results/$(shell date +%Y%m%d)-$(SWEEP)
 
 .PHONY: test bench report benchmark-save benchmark-compare clean-venv
 
-$(VENV)/.installed: pyproject.toml
+EXTRAS ?= zoo,backpack,reference,dev
+
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(BOOTSTRAP_PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[reference,dev]'
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[$(EXTRAS)]'
 	touch $@
 
 test: $(DEPS)
 	NTKBENCH_REQUIRE_REFERENCE=1 $(PYTHON) -m pytest -p no:cacheprovider --timeout=900 -q tests
 
 bench: $(DEPS)
-	$(PYTHON) -m bench run --sweep $(SWEEP) --out $(RUN) --resume
-	$(PYTHON) -m bench report $(RUN)
+	$(PYTHON) -m ntk_bench run --sweep $(SWEEP) --out $(RUN) --resume
+	$(PYTHON) -m ntk_bench report $(RUN)
 
 report: $(DEPS)
-	$(PYTHON) -m bench report $(RUN)
+	$(PYTHON) -m ntk_bench report $(RUN)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def _cmd_list(args) -> int:
-    import implementations
+    from ntk_bench import implementations
 
     from . import architectures, sweeps
 
@@ -64,7 +64,7 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_calibrate(args) -> int:
-    from implementations.auto import CALIBRATION_FILE
+    from ntk_bench.implementations.auto import CALIBRATION_FILE
 
     from . import calibrate
 

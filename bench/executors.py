@@ -57,7 +57,7 @@ class LocalExecutor:
         root = str(Path(__file__).resolve().parent.parent)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.worker", str(self.run_dir)],
+            [sys.executable, "-m", "ntk_bench.bench.worker", str(self.run_dir)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1,
             env=env, start_new_session=True,
         )

@@ -66,14 +66,14 @@ def ensure_reference(problem: Problem, run_dir: Path) -> dict:
     arch, model, x1, x2 = build_problem(problem, torch.float64, "cpu")
     a, b = reference_block(problem, arch.num_outputs)
     x1b, x2b = x1[:a], (None if x2 is None else x2[:b])
-    import reference
+    from ntk_bench import reference
 
     reason = reference.available()
     if reason is None:
         source = "neural_tangents:structured_derivatives"
         compute = lambda: reference.ntk(model, x1b, x2b, implementation="structured_derivatives")  # noqa: E731
     else:  # the harness's own float64 CPU result: structured (checked against neural-tangents by the suite)
-        import implementations
+        from ntk_bench import implementations
 
         name = "structured" if implementations.get("structured").supports(model) is None else "jacobian_contraction"
         source = f"harness:{name}:float64:cpu"
@@ -249,7 +249,7 @@ def _kernel_fn(case: Case, model, x1, x2):
     import numpy as np
 
     if case.impl.startswith("nt_"):
-        import reference
+        from ntk_bench import reference
 
         reason = reference.available()
         if reason is not None:
@@ -259,7 +259,7 @@ def _kernel_fn(case: Case, model, x1, x2):
         fn = reference.kernel_fn(model, case.impl[len("nt_"):], case.mode, dtype=case.dtype)
         a, b = reference.to_numpy64(x1), None if x2 is None else reference.to_numpy64(x2)
         return (lambda: fn(a, b).block_until_ready()), (lambda out: torch.from_numpy(np.asarray(out).copy()))
-    import implementations
+    from ntk_bench import implementations
 
     plugin = implementations.get(case.impl)
     reason = plugin.supports(model)
@@ -288,7 +288,7 @@ def _first_call(fn, to_torch, case, row):
         torch.cuda.synchronize()
     row["first_call_s"] = time.perf_counter() - t0
     if case.impl == "auto":
-        import implementations
+        from ntk_bench import implementations
 
         row["auto_pick"], row["auto_reason"] = implementations.get("auto").last_choice
     return kernel
@@ -304,7 +304,7 @@ def _auto_paired(case: Case, model, x1, x2, auto_fn) -> dict:
     ``auto_over_pick_paired`` is auto's own overhead; ``auto_over_fastest_paired`` is auto against the fastest
     of all those (the largest ratio), the plugin named in ``paired_fastest``.
     """
-    import implementations
+    from ntk_bench import implementations
 
     auto = implementations.get("auto")
     seconds = max(case.time_budget_s, PAIRED_MIN_BUDGET_S)
@@ -330,7 +330,7 @@ def _auto_paired(case: Case, model, x1, x2, auto_fn) -> dict:
 
 def run_case(case: Case, run_dir: Path) -> dict:
     """Measure one case; never raises for a failure of the case itself (it becomes the status)."""
-    import implementations.base as base
+    from ntk_bench.implementations import base
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -338,7 +338,7 @@ def run_case(case: Case, run_dir: Path) -> dict:
     row = {**case_fields(case), "cpu_threads": torch.get_num_threads()}
     dtype = DTYPES[case.dtype]
     arch, model, x1, x2 = build_problem(problem, dtype, case.device)
-    from implementations.costs import model_stats
+    from ntk_bench.implementations.costs import model_stats
 
     stats = model_stats(model, x1[:1])
     o, p, fp = stats.o, stats.p, stats.fp_flops
@@ -356,7 +356,7 @@ def run_case(case: Case, run_dir: Path) -> dict:
         return row
     record, ref = load_reference(problem, run_dir)
     if not case.impl.startswith("nt_") and case.impl != "auto":
-        import implementations
+        from ntk_bench import implementations
 
         est = implementations.get(case.impl).estimate(stats, n, m, case.mode, problem.m is None)
         row.update(est_flops=est.flops, est_peak_bytes=est.bytes)
@@ -367,7 +367,7 @@ def run_case(case: Case, run_dir: Path) -> dict:
         except Exception as exc:  # out of memory without a budget: finish blocked under the default one
             if _status_of(exc) != "oom" or case.memory_budget_bytes is not None or case.impl.startswith("nt_"):
                 raise
-            from implementations.auto import default_memory_budget
+            from ntk_bench.implementations.auto import default_memory_budget
 
             row["blocked_after_oom"] = True
             row["memory_budget_bytes"] = budget = default_memory_budget(x1.device)
@@ -375,7 +375,7 @@ def run_case(case: Case, run_dir: Path) -> dict:
                 torch.cuda.empty_cache()
             fn, to_torch = _kernel_fn(dataclasses.replace(case, memory_budget_bytes=budget), model, x1, x2)
             kernel = _first_call(fn, to_torch, case, row)
-        from implementations import cuda_graphs
+        from ntk_bench.implementations import cuda_graphs
 
         _, row["peak_mem_bytes"] = measure_peak_memory(fn, case.device)
         if cuda_graphs.last_replay_bytes is not None:  # a replayed CUDA graph: its pool holds the intermediates

@@ -37,7 +37,7 @@ def _short_params(params_json) -> str:
 
 
 def _impl_order(df: pd.DataFrame) -> list[str]:
-    import implementations
+    from ntk_bench import implementations
     from .sweeps import NT_PEERS
 
     order = implementations.names() + list(NT_PEERS)

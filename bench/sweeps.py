@@ -199,14 +199,14 @@ def load(name_or_path: str) -> dict:
 
 
 def all_impls() -> list[str]:
-    import implementations
+    from ntk_bench import implementations
 
     return implementations.names() + list(NT_PEERS)
 
 
 def expand(spec: dict, impls_override: list[str] | None = None) -> list[Case]:
     """Every case of a sweep, validated; an invalid sweep raises SweepError with one line."""
-    import implementations
+    from ntk_bench import implementations
 
     name = spec.get("name", "sweep")
     unknown = set(spec) - TOP_KEYS

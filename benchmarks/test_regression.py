@@ -13,9 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import implementations
-from bench import measure
-from bench.sweeps import Case, Problem
+from ntk_bench import implementations
+from ntk_bench.bench import measure
+from ntk_bench.bench.sweeps import Case, Problem
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -70,7 +70,7 @@ class Auto(NTKPlugin):
 
     @staticmethod
     def _candidates(model):
-        import implementations
+        from ntk_bench import implementations
 
         return [implementations.get(n) for n in CANDIDATES if implementations.get(n).supports(model) is None]
 

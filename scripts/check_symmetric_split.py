@@ -1,7 +1,9 @@
 """On a GPU: the symmetric 3-block kernel of the MLP at N=512 against the float64 CPU kernel built without the split."""
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-import torch, implementations, implementations.base as base
-from bench import architectures
+import torch
+from ntk_bench import implementations
+from ntk_bench.implementations import base
+from ntk_bench.bench import architectures
 torch.backends.cuda.matmul.allow_tf32 = False
 a = architectures.build("mlp", seed=0, in_features=784, width=512, depth=2, out=10)
 x = architectures.inputs(a, 512, seed=1)

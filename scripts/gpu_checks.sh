@@ -39,9 +39,9 @@ if [ -n "${START_BY_MIN:-}" ]; then
     DEADLINE=$($PYTHON -c "print(max(0.5, ${START_BY_MIN} - $SECONDS / 60))")
 fi
 # shellcheck disable=SC2086
-$PYTHON -m bench run --sweep gpu --out "$RUN" --resume --no-progress --deadline "$DEADLINE" ${SWEEP_ARGS:-} \
+$PYTHON -m ntk_bench run --sweep gpu --out "$RUN" --resume --no-progress --deadline "$DEADLINE" ${SWEEP_ARGS:-} \
     >"$OUTDIR/sweep.log" 2>&1
 echo "sweep: exit $?" | tee -a "$OUTDIR/sweep.log"
-$PYTHON -m bench report "$RUN" >>"$OUTDIR/sweep.log" 2>&1
+$PYTHON -m ntk_bench report "$RUN" >>"$OUTDIR/sweep.log" 2>&1
 tail -5 "$OUTDIR/sweep.log"
 tar -czf "$OUTDIR/run.tar.gz" --exclude=references -C "$(dirname "$RUN")" "$(basename "$RUN")"

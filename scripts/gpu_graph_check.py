@@ -17,11 +17,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import implementations  # noqa: E402
-import implementations.base as base  # noqa: E402
-from bench import architectures  # noqa: E402
-from bench.measure import time_call  # noqa: E402
-from implementations import cuda_graphs  # noqa: E402
+from ntk_bench import implementations  # noqa: E402
+from ntk_bench.implementations import base  # noqa: E402
+from ntk_bench.bench import architectures  # noqa: E402
+from ntk_bench.bench.measure import time_call  # noqa: E402
+from ntk_bench.implementations import cuda_graphs  # noqa: E402
 
 
 def main() -> None:

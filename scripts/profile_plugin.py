@@ -14,8 +14,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import implementations  # noqa: E402
-from bench import architectures  # noqa: E402
+from ntk_bench import implementations  # noqa: E402
+from ntk_bench.bench import architectures  # noqa: E402
 
 
 def main() -> None:

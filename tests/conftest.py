@@ -22,7 +22,7 @@ HARNESS_REFERENCE = os.environ.get("NTKBENCH_REFERENCE") == "harness"
 
 
 def _use_harness_reference() -> bool:
-    import reference
+    from ntk_bench import reference
 
     return HARNESS_REFERENCE and reference.available() is not None
 
@@ -30,13 +30,13 @@ def _use_harness_reference() -> bool:
 @functools.lru_cache(maxsize=None)
 def reference_full(problem_id: str) -> torch.Tensor:
     """The full float64 kernel of a problem (neural-tangents'), computed once per process."""
-    import reference
+    from ntk_bench import reference
     from problems import BY_ID
 
     p = BY_ID[problem_id]
     x1, x2 = p.inputs()
     if _use_harness_reference():
-        import implementations
+        from ntk_bench import implementations
 
         return implementations.get("jacobian_contraction").compute(p.model(), x1, x2, mode="full")
     return reference.ntk(p.model(), x1, x2, mode="full")
@@ -52,7 +52,7 @@ def supported_model(plugin, problem, **kwargs):
 
 
 def _require_neural_tangents():
-    import reference
+    from ntk_bench import reference
 
     reason = reference.available()
     if reason is not None:

@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from bench import architectures
+from ntk_bench.bench import architectures
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import implementations
-from implementations.blocking import tile_size
-from implementations.costs import model_stats
+from ntk_bench import implementations
+from ntk_bench.implementations.blocking import tile_size
+from ntk_bench.implementations.costs import model_stats
 from conftest import supported_model
 from problems import BY_ID, rel_err
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import implementations
+from ntk_bench import implementations
 from conftest import DEVICES, reference_full, supported_model
-from implementations.base import reduce_full
+from ntk_bench.implementations.base import reduce_full
 from problems import PROBLEMS, TOLERANCE, rel_err
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}

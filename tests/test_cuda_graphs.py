@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-import implementations
-from implementations import cuda_graphs
-from implementations.cuda_graphs import CapturedKernel, CaptureFailed, GraphCache
+from ntk_bench import implementations
+from ntk_bench.implementations import cuda_graphs
+from ntk_bench.implementations.cuda_graphs import CapturedKernel, CaptureFailed, GraphCache
 from problems import rel_err
 
 

@@ -12,8 +12,8 @@ TESTS = Path(__file__).parent
 ROOT = TESTS.parent
 
 WRONG_PLUGIN = '''
-import implementations
-from implementations.jacobian_contraction import JacobianContraction
+from ntk_bench import implementations
+from ntk_bench.implementations.jacobian_contraction import JacobianContraction
 
 
 class OffByOnePercent(JacobianContraction):

@@ -19,7 +19,7 @@ ONE_PER_ARCH = [p for p in PROBLEMS if p.id in (
 
 @pytest.mark.parametrize("problem", ONE_PER_ARCH, ids=lambda p: p.id)
 def test_translation_reproduces_the_torch_forward(problem):
-    import reference
+    from ntk_bench import reference
 
     model = problem.model()
     x1, _ = problem.inputs()
@@ -32,7 +32,7 @@ def test_translation_reproduces_the_torch_forward(problem):
 @pytest.mark.parametrize("implementation", ["ntk_vector_products", "structured_derivatives", "auto"])
 @pytest.mark.parametrize("problem", ONE_PER_ARCH, ids=lambda p: p.id)
 def test_neural_tangents_implementations_agree(problem, implementation):
-    import reference
+    from ntk_bench import reference
 
     x1, x2 = problem.inputs()
     k = reference.ntk(problem.model(), x1, x2, implementation=implementation)
@@ -42,8 +42,8 @@ def test_neural_tangents_implementations_agree(problem, implementation):
 @pytest.mark.parametrize("mode", ["trace", "diagonal"])
 def test_native_modes_match_the_reduced_full_kernel(mode):
     """neural-tangents' own trace_axes/diagonal_axes (used when timing it as a peer) mean what ours mean."""
-    import reference
-    from implementations.base import reduce_full
+    from ntk_bench import reference
+    from ntk_bench.implementations.base import reduce_full
 
     p = BY_ID["mlp-relu-O3-N4M3"]
     x1, x2 = p.inputs()
@@ -58,7 +58,7 @@ def test_reference_is_float64_in_plugin_shapes():
 
 
 def test_unknown_op_is_named():
-    import reference
+    from ntk_bench import reference
 
     class Sine(nn.Module):
         def __init__(self):

@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 import torch
 
-from bench import report, runner, sweeps
-from bench.executors import LocalExecutor
+from ntk_bench.bench import report, runner, sweeps
+from ntk_bench.bench.executors import LocalExecutor
 
 ROOT = Path(__file__).parent.parent
 
@@ -141,7 +141,7 @@ def test_auto_is_compared_with_the_plugins_near_the_fastest():
 def test_paired_timing_sees_a_two_fold_difference():
     import time as time_module
 
-    from bench.measure import time_paired
+    from ntk_bench.bench.measure import time_paired
 
     a, b, ratio = time_paired(lambda: time_module.sleep(0.004), lambda: time_module.sleep(0.002), 0.1)
     assert a > b and 1.5 < ratio < 2.5
@@ -171,7 +171,7 @@ class _InterruptAfter:
         self.run_dir, self.k, self.cases = run_dir, k, 0
 
     def run(self, kind, payload, timeout_s):
-        from bench import measure
+        from ntk_bench.bench import measure
 
         if kind == "reference":
             return measure.ensure_reference(payload, self.run_dir)
@@ -228,8 +228,8 @@ def test_timeout_and_crash_are_results_and_the_worker_is_replaced(tmp_path):
 
 
 def test_without_neural_tangents_the_reference_is_the_harness_in_float64(tmp_path, monkeypatch):
-    import reference
-    from bench import measure
+    from ntk_bench import reference
+    from ntk_bench.bench import measure
 
     monkeypatch.setattr(reference, "available", lambda: "neural-tangents unavailable: test")
     case = _smoke(["jacobian_contraction"])[0]
@@ -240,8 +240,8 @@ def test_without_neural_tangents_the_reference_is_the_harness_in_float64(tmp_pat
 
 
 def test_a_case_out_of_memory_finishes_blocked(tmp_path, monkeypatch):
-    import implementations
-    from bench import measure
+    from ntk_bench import implementations
+    from ntk_bench.bench import measure
 
     plugin = implementations.get("explicit_mlp")
     original = type(plugin).compute
@@ -271,8 +271,8 @@ def test_resumed_run_still_times_auto_against_the_rows_already_there(tmp_path):
 
 def test_a_replayed_graphs_pool_counts_in_the_peak_memory(tmp_path, monkeypatch):
     """Rows of calls replayed from a CUDA graph say so, and their peak memory includes the graph's pool."""
-    from bench import measure
-    from implementations import cuda_graphs
+    from ntk_bench.bench import measure
+    from ntk_bench.implementations import cuda_graphs
     from test_cuda_graphs import rerun_capture
 
     case = _smoke(["structured"])[0]

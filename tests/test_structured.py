@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-import implementations
-from implementations.structured import _layer_kernel
+from ntk_bench import implementations
+from ntk_bench.implementations.structured import _layer_kernel
 from problems import rel_err
 
 
@@ -46,7 +46,7 @@ def test_structured_rejects_shared_weights():
 @pytest.mark.parametrize("plugin_name", ["structured", "explicit_mlp"])
 def test_symmetric_kernels_from_three_blocks_equal_the_plain_sum(plugin_name, problem_id, monkeypatch):
     """x2 = None: the upper blocks computed and the lower-left mirrored give the same kernel, odd N included."""
-    import implementations.base as base
+    from ntk_bench.implementations import base
     from problems import BY_ID
 
     from conftest import supported_model
@@ -83,7 +83,7 @@ def test_output_layer_shortcut_matches_jacobian_contraction(plugin_name, layers,
 @pytest.mark.parametrize("mode", implementations.MODES)
 def test_identity_gram_as_first_or_later_term(mode):
     """KernelSum.add_identity_gram adds xx[n, m]·δ_op whether or not a term came before it."""
-    from implementations.base import KernelSum, reduce_full
+    from ntk_bench.implementations.base import KernelSum, reduce_full
 
     g = torch.Generator().manual_seed(0)
     n, m, o, c = 3, 4, 2, 5
@@ -103,7 +103,7 @@ def test_cpu_convolution_backend_is_the_measured_faster_one():
     """oneDNN is kept unless PyTorch's own convolutions run the kernel >10% faster; slow calls skip the trial."""
     import time
 
-    from implementations.structured import _onednn_is_faster
+    from ntk_bench.implementations.structured import _onednn_is_faster
 
     onednn = torch._C._get_mkldnn_enabled
     calls = []
@@ -119,7 +119,7 @@ def test_cpu_convolution_backend_is_the_measured_faster_one():
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this build")
 def test_structured_leaves_the_onednn_flag_as_it_was_and_agrees_on_both_backends():
-    from implementations import structured
+    from ntk_bench.implementations import structured
     from problems import BY_ID
 
     problem = BY_ID["cnn-O4-N2M3"]
@@ -138,7 +138,7 @@ def test_cpu_patches_equal_unfold(kernel, dilation, stride, padding):
     """The CPU's strided-view patches are F.unfold's, element for element, in the same order."""
     import torch.nn.functional as F
 
-    from implementations.structured import _unfold
+    from ntk_bench.implementations.structured import _unfold
 
     conv = nn.Conv2d(3, 4, kernel, dilation=dilation, stride=stride, padding=padding)
     x = torch.randn(2, 3, 11, 9, generator=torch.Generator().manual_seed(0))

@@ -1,0 +1,39 @@
+"""ntk-bench: the empirical neural tangent kernel of a PyTorch model, by several checked algorithms.
+
+    import ntk_bench
+    kernel = ntk_bench.ntk(model, x1)                      # (N, N, O, O), the algorithm picked by ``auto``
+    kernel = ntk_bench.ntk(model, x1, x2, mode="trace", impl="structured")
+
+Subpackages: ``ntk_bench.implementations`` (the plugins and their registry),
+``ntk_bench.reference`` (neural-tangents in float64, the reference every plugin
+is checked against), ``ntk_bench.bench`` (the zoo, sweeps, runner, report and
+the ``ntk-bench`` command line).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path as _Path
+
+__version__ = "0.2.0"
+
+# In a source checkout the subpackages are the repository's top-level folders (implementations/, reference/,
+# bench/); an installed wheel has them inside this package. Without an install (the GPU machines run the checkout
+# with their own Python), the checkout's root is searched for them too.
+_root = _Path(__file__).resolve().parent.parent
+if (_root / "pyproject.toml").is_file() and (_root / "implementations" / "__init__.py").is_file() \
+        and not (_Path(__file__).parent / "implementations").exists():
+    __path__.append(str(_root))  # noqa: F821 - the package's own __path__
+
+
+def ntk(model, x1, x2=None, mode: str = "full", impl: str = "auto", **kwargs):
+    """Θ(x1, x2) of ``model``: (N, M, O, O) for ``mode="full"``, (N, M) for ``"trace"``, (N, M, O) for ``"diagonal"``.
+
+    ``x2=None`` means x2 = x1. ``impl`` names a plugin (``ntk_bench.implementations.names()``); ``auto`` picks
+    one from the cost model. Other keyword arguments (``memory_budget_bytes``) go to the plugin's ``compute``.
+    """
+    from . import implementations
+
+    return implementations.get(impl).compute(model, x1, x2, mode=mode, **kwargs)
+
+
+__all__ = ["__version__", "ntk"]
