@@ -33,10 +33,10 @@ def build_problem(problem: Problem, dtype: torch.dtype, device: str):
     """The model and the inputs x1, x2 (x2 None when M is x1): the same numbers in every dtype."""
     arch = architectures.build(problem.arch, seed=0, **dict(problem.arch_params))
     model = arch.model.to(dtype=dtype, device=device)
-    x1 = architectures.inputs(arch, problem.n, seed=1, dtype=torch.float32).to(dtype=dtype, device=device)
+    x1 = architectures.inputs(arch, problem.n, seed=1, dtype=dtype, device=device)
     x2 = None
     if problem.m is not None:
-        x2 = architectures.inputs(arch, problem.m, seed=2, dtype=torch.float32).to(dtype=dtype, device=device)
+        x2 = architectures.inputs(arch, problem.m, seed=2, dtype=dtype, device=device)
     return arch, model, x1, x2
 
 

@@ -23,10 +23,10 @@ class Problem:
     def inputs(self, dtype=torch.float64, device="cpu"):
         """x1, x2 drawn in float32 (so float32 and float64 runs see the same numbers)."""
         arch = architectures.build(self.arch, seed=0, **dict(self.params))
-        x1 = architectures.inputs(arch, self.n, seed=1, dtype=torch.float32).to(dtype=dtype, device=device)
+        x1 = architectures.inputs(arch, self.n, seed=1, dtype=dtype, device=device)
         if self.m is None:
             return x1, None
-        x2 = architectures.inputs(arch, self.m, seed=2, dtype=torch.float32).to(dtype=dtype, device=device)
+        x2 = architectures.inputs(arch, self.m, seed=2, dtype=dtype, device=device)
         return x1, x2
 
 
