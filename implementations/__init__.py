@@ -1,8 +1,17 @@
 """The NTK plugin registry: ``names()`` lists the plugins, ``get(name)`` returns one.
 
-Plugins are modules of this package exposing ``plugin``; heavy dependencies
-(BackPACK, JAX) are imported inside the plugins that need them, so listing and
-using the rest works where they are missing.
+Two kinds share the registry: ``"ours"`` (this project's algorithms, the ones
+``auto`` chooses from) and ``"peer"`` (other libraries' NTK routines run the way
+their authors run them: neural-tangents, ASDL, nngeometry, curvlinops,
+laplace-torch), so that every row of a sweep, peers included, goes through the
+same agreement check.
+
+Built-ins are modules of this package exposing ``plugin``; heavy dependencies
+(BackPACK, JAX, the peer libraries) are imported inside the plugins that need
+them, so listing and using the rest works where they are missing. Plugins from
+outside come through the ``ntk_bench.plugins`` entry point group (each entry
+point names a plugin object, or a module exposing ``plugin``) or
+``load_module("package.module")``.
 """
 
 from __future__ import annotations
@@ -22,39 +31,109 @@ _BUILTIN = {
     "structured": "structured",
     "auto": "auto",
 }
+# Peers: other libraries' NTK routines (kind "peer").
+_BUILTIN_PEERS: dict[str, str] = {}
 _registered: dict[str, NTKPlugin] = {}
+_entry_points_loaded = False
+KINDS = ("ours", "peer")
 
 
-def names() -> list[str]:
-    """Every registered plugin name, built-ins first."""
-    return list(_BUILTIN) + [n for n in _registered if n not in _BUILTIN]
+def _builtin_kind(name: str) -> str:
+    return "peer" if name in _BUILTIN_PEERS else "ours"
+
+
+def _load_entry_points() -> None:
+    """Register the plugins other packages declare under the ``ntk_bench.plugins`` entry point group (once)."""
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="ntk_bench.plugins"):
+        try:
+            obj = ep.load()
+        except Exception as exc:  # a broken third-party package must not break the registry: say which one
+            raise ImportError(f"the ntk_bench.plugins entry point {ep.name!r} ({ep.value}) failed to load: "
+                              f"{type(exc).__name__}: {exc}") from exc
+        _register_object(obj, f"entry point {ep.name!r} ({ep.value})")
+
+
+def _register_object(obj, where: str) -> list[str]:
+    """Register a plugin, or a module's ``plugin`` / ``plugins``; return the names registered."""
+    plugins = [obj] if isinstance(obj, NTKPlugin) else list(getattr(obj, "plugins", ())) or \
+        ([obj.plugin] if isinstance(getattr(obj, "plugin", None), NTKPlugin) else [])
+    if not plugins:
+        raise TypeError(f"{where}: expected an NTKPlugin, or a module exposing `plugin` or `plugins`")
+    for p in plugins:
+        if p.name not in _registered or _registered[p.name] is not p:
+            register(p)
+    return [p.name for p in plugins]
+
+
+def load_module(module: str) -> list[str]:
+    """Import ``module`` (``package.module``) and register its ``plugin`` / ``plugins``; return their names.
+
+    Importing a module that calls :func:`register` itself registers nothing more.
+    """
+    before = set(_registered)
+    mod = importlib.import_module(module)
+    added = [n for n in _registered if n not in before]
+    if added:
+        return added
+    return _register_object(mod, f"module {module!r}")
+
+
+def names(kind: str | None = "ours") -> list[str]:
+    """Registered plugin names, built-ins first: ``kind="ours"`` (the default), ``"peer"``, or None for all."""
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"unknown plugin kind {kind!r}; valid: {', '.join(KINDS)}")
+    _load_entry_points()
+    every = list(_BUILTIN) + list(_BUILTIN_PEERS) + [n for n in _registered if n not in _BUILTIN
+                                                   and n not in _BUILTIN_PEERS]
+    return [n for n in every if kind is None or kind_of(n) == kind]
+
+
+def kind_of(name: str) -> str:
+    if name in _BUILTIN or name in _BUILTIN_PEERS:
+        return _builtin_kind(name)
+    return getattr(get(name), "kind", "ours")
 
 
 def get(name: str) -> NTKPlugin:
     """The plugin called ``name``; an unknown name raises a KeyError listing the valid ones."""
     if name in _registered:
         return _registered[name]
-    if name not in _BUILTIN:
-        raise KeyError(f"unknown NTK plugin {name!r}; valid names: {', '.join(names())}")
-    plugin = importlib.import_module(f".{_BUILTIN[name]}", __name__).plugin
+    module = _BUILTIN.get(name) or _BUILTIN_PEERS.get(name)
+    if module is None:
+        _load_entry_points()
+        if name in _registered:
+            return _registered[name]
+        raise KeyError(f"unknown NTK plugin {name!r}; valid names: {', '.join(names(None))}")
+    plugin = importlib.import_module(f".{module}", __name__).plugin
     _registered[name] = plugin
     return plugin
 
 
 def register(plugin: NTKPlugin) -> NTKPlugin:
     """Add a plugin under ``plugin.name`` (it then appears in ``names()`` and in the test suite)."""
+    if not isinstance(plugin, NTKPlugin):
+        raise TypeError(f"a plugin must be an NTKPlugin, got {type(plugin).__name__}")
     if not plugin.name:
         raise ValueError("a plugin needs a non-empty name")
-    if plugin.name in names():
+    if getattr(plugin, "kind", "ours") not in KINDS:
+        raise ValueError(f"plugin {plugin.name!r} has kind {plugin.kind!r}; valid: {', '.join(KINDS)}")
+    if plugin.name in _BUILTIN or plugin.name in _BUILTIN_PEERS or plugin.name in _registered:
         raise ValueError(f"a plugin named {plugin.name!r} is already registered")
     _registered[plugin.name] = plugin
     return plugin
 
 
 def unregister(name: str) -> None:
-    if name in _BUILTIN:
+    if name in _BUILTIN or name in _BUILTIN_PEERS:
         raise ValueError(f"{name!r} is a built-in plugin and cannot be unregistered")
     _registered.pop(name, None)
 
 
-__all__ = ["MODES", "NTKPlugin", "UnsupportedModelError", "get", "names", "register", "unregister"]
+__all__ = ["KINDS", "MODES", "NTKPlugin", "UnsupportedModelError", "get", "kind_of", "load_module", "names",
+           "register", "unregister"]

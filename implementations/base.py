@@ -311,6 +311,9 @@ class NTKPlugin:
     """One algorithm for the empirical NTK Θ(x1, x2) = J(x1) J(x2)ᵀ."""
 
     name: str = ""
+    # "ours" (an algorithm of this project, one auto may pick) or "peer" (another library's routine, run as its
+    # authors run it, for comparison)
+    kind: str = "ours"
     # True where ``_kernel`` can be captured in a CUDA graph: no host syncs, no data-dependent shapes (cuda_graphs).
     capturable: bool = False
 
@@ -347,6 +350,14 @@ class NTKPlugin:
         if tuple(out.shape) != expected:
             raise RuntimeError(f"{self.name} returned shape {tuple(out.shape)}, expected {expected}")
         return out.to(dtype=x1.dtype) if memory_budget_bytes is not None else out.to(device=x1.device, dtype=x1.dtype)
+
+    def prepare(self, model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None, mode: str = "full",
+                memory_budget_bytes: int | None = None) -> tuple[Callable[[], object], Callable[[object], torch.Tensor]]:
+        """``(run, to_torch)``: ``run()`` computes the kernel in the plugin's native form and ``to_torch(out)`` turns
+        that into the plugin shapes as a torch tensor. A runner times ``run`` alone, so a peer does its set-up
+        here (translating the model, converting inputs) and returns its own routine, called as its authors call it.
+        For our plugins ``run`` is ``compute`` itself."""
+        return (lambda: self.compute(model, x1, x2, mode, memory_budget_bytes=memory_budget_bytes)), (lambda out: out)
 
     def with_budget(self, memory_budget_bytes: int) -> "NTKPlugin":
         """This plugin, for a call under a memory budget (plugins that tile internally override it)."""
