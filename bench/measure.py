@@ -330,7 +330,7 @@ def _auto_paired(case: Case, model, x1, x2, auto_fn) -> dict:
 
 def run_case(case: Case, run_dir: Path) -> dict:
     """Measure one case; never raises for a failure of the case itself (it becomes the status)."""
-    from ntk_bench.implementations import base
+    from ntk_bench.implementations import kernels as base
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False

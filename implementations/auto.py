@@ -7,30 +7,49 @@ with constants per plugin and device type fitted to measured runs
 (``auto_calibration.json``, written by ``ntkbench calibrate``). A plugin whose
 peak does not fit the memory budget is costed as blocked: its tiles' times
 add up. The cheapest prediction wins; ``last_choice`` says which and why.
+When the pick declines the model at compute time (a structure only running
+reveals), the next-cheapest candidate runs, and ``last_choice`` says so; a
+declined pick is remembered for that model and input shapes.
 Cost: one forward pass on one sample to read the model, then the pick's own.
+
+The constants are package data (``auto_calibration.json``); a file named by the
+environment variable ``NTK_BENCH_CALIBRATION`` (written by ``ntk-bench calibrate
+RUN --out PATH``) overrides them, plugin by plugin.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import weakref
 from pathlib import Path
 
 import torch
 
-from .base import NTKPlugin, shape_keyed_cache
+from .base import NTKPlugin, UnsupportedModelError
 from .costs import model_stats
+from .modelinfo import shape_keyed_cache
 
 CALIBRATION_FILE = Path(__file__).with_name("auto_calibration.json")
+CALIBRATION_ENV = "NTK_BENCH_CALIBRATION"
 # Used for a plugin/device without fitted constants: 1 ms per call, 10 GFLOP/s (CPU) or 5 TFLOP/s (CUDA).
 DEFAULT_CONSTANTS = {"cpu": {"overhead_s": 1e-3, "s_per_flop": 1e-10}, "cuda": {"overhead_s": 1e-3, "s_per_flop": 2e-13}}
 CANDIDATES = ("explicit_mlp", "structured", "jacobian_contraction", "backpack_sqrtggn", "backpack_batchgrad",
               "ntk_vector_products", "autograd_loop")
 
 
-def load_calibration(path: Path = CALIBRATION_FILE) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
+def load_calibration(path: Path | None = None) -> dict:
+    """The packaged constants, overridden plugin by plugin by ``path`` or the file ``$NTK_BENCH_CALIBRATION`` names."""
+    table = json.loads(CALIBRATION_FILE.read_text()) if CALIBRATION_FILE.exists() else {}
+    override = path or os.environ.get(CALIBRATION_ENV)
+    if override:
+        override = Path(override)
+        if not override.is_file():
+            raise FileNotFoundError(f"auto: calibration file {override} (from {CALIBRATION_ENV}) does not exist")
+        for device, plugins in json.loads(override.read_text()).items():
+            table.setdefault(device, {}).update(plugins)
+    return table
 
 
 def default_memory_budget(device: torch.device) -> int:
@@ -55,6 +74,7 @@ class Auto(NTKPlugin):
     def __init__(self, calibration: dict | None = None):
         self._calibration = calibration
         self._choices: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._declined: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> shapes -> {name: why}
         self.last_choice: tuple[str, str] | None = None
 
     @property
@@ -90,15 +110,25 @@ class Auto(NTKPlugin):
         return tiles * (c["overhead_s"] + est.flops * c["s_per_flop"]), b
 
     def choose(self, model, x1, x2=None, mode="full", memory_budget_bytes=None):
-        """(the chosen plugin, why, the budget to compute it under or None), from the cost model.
+        """(the chosen plugin, why, the budget to compute it under or None), from the cost model; a candidate that
+        declined this model at compute time is passed over."""
+        key = (tuple(x1.shape), None if x2 is None else tuple(x2.shape), x1.dtype, x1.device)
+        declined = self._declined.get(model, {}).get(key, {})
+        ranked = [r for r in self.rank(model, x1, x2, mode, memory_budget_bytes) if r[0].name not in declined]
+        if not ranked:
+            raise UnsupportedModelError("auto: every candidate declined this model")
+        return ranked[0]
 
-        Cached per model, input shapes, dtype, device, mode and budget: the weights do not change the pick.
+    def rank(self, model, x1, x2=None, mode="full", memory_budget_bytes=None):
+        """[(plugin, why, the budget to compute it under or None)], cheapest first, from the cost model.
+
+        Cached per model, input shapes, dtype, device, mode and budget: the weights do not change the order.
         """
         key = (tuple(x1.shape), None if x2 is None else tuple(x2.shape), x1.dtype, x1.device, mode, memory_budget_bytes)
         return shape_keyed_cache(self._choices, model, key,
-                                 lambda: self._choose(model, x1, x2, mode, memory_budget_bytes))
+                                 lambda: self._rank(model, x1, x2, mode, memory_budget_bytes))
 
-    def _choose(self, model, x1, x2, mode, memory_budget_bytes):
+    def _rank(self, model, x1, x2, mode, memory_budget_bytes):
         stats = model_stats(model, x1[:1])
         n, m = x1.shape[0], (x1 if x2 is None else x2).shape[0]
         device_type = "cuda" if x1.device.type == "cuda" else "cpu"
@@ -113,23 +143,33 @@ class Auto(NTKPlugin):
         if not costs:
             raise MemoryError(f"auto: no plugin fits a memory budget of {budget:.3g} bytes")
         costs.sort(key=lambda c: c[0])
-        seconds, best, tile = costs[0]
-        runner_up = f"; next {costs[1][1].name} {costs[1][0]:.3g} s" if len(costs) > 1 else ""
-        blocked = tile < max(n, m)
-        why = (f"{best.name}: predicted {seconds:.3g} s{f', blocked in {tile}x{tile} tiles' if blocked else ''}"
-               f"{runner_up} (P={stats.p}, O={stats.o}, [FP]={stats.fp_flops})")
-        return best, why, (budget if blocked else memory_budget_bytes)
+        ranked = []
+        for i, (seconds, plugin, tile) in enumerate(costs):
+            runner_up = f"; next {costs[i + 1][1].name} {costs[i + 1][0]:.3g} s" if i + 1 < len(costs) else ""
+            blocked = tile < max(n, m)
+            why = (f"{plugin.name}: predicted {seconds:.3g} s{f', blocked in {tile}x{tile} tiles' if blocked else ''}"
+                   f"{runner_up} (P={stats.p}, O={stats.o}, [FP]={stats.fp_flops})")
+            ranked.append((plugin, why, budget if blocked else memory_budget_bytes))
+        return ranked
 
-    def compute(self, model, x1, x2=None, mode="full", memory_budget_bytes=None):
-        from .base import validate_inputs
-
-        try:
-            plugin, why, budget = self.choose(model, x1, x2, mode, memory_budget_bytes)
-        except Exception:  # bad input: say what is wrong with it (the pick's compute validates the rest)
-            validate_inputs(model, x1, x2, mode)
-            raise
-        self.last_choice = (plugin.name, why)
-        return plugin.compute(model, x1, x2, mode, memory_budget_bytes=budget)
+    def dispatch(self, model, x1, x2, mode, memory_budget_bytes):
+        """Run the cheapest candidate; when it declines the model at compute time, the next one."""
+        ranked = self.rank(model, x1, x2, mode, memory_budget_bytes)
+        key = (tuple(x1.shape), None if x2 is None else tuple(x2.shape), x1.dtype, x1.device)
+        declined = self._declined.setdefault(model, {}).setdefault(key, {})
+        for plugin, why, budget in ranked:
+            if plugin.name in declined:
+                continue
+            try:
+                out = plugin.dispatch(model, x1, x2, mode, budget)
+            except UnsupportedModelError as exc:
+                declined[plugin.name] = str(exc)
+                continue
+            notes = "; ".join(f"{name} declined at compute time: {reason}" for name, reason in declined.items())
+            self.last_choice = (plugin.name, why + (f" (fallback: {notes})" if notes else ""))
+            return out
+        raise UnsupportedModelError("auto: every candidate declined this model: " +
+                                    "; ".join(f"{n}: {r}" for n, r in declined.items()))
 
 
 plugin = Auto()

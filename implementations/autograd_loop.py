@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import torch
 
-from .base import NTKPlugin, contract_jacobians, trainable_parameters
+from .base import NTKPlugin
+from .kernels import contract_jacobians
+from .modelinfo import trainable_parameters
 
 
 def jacobians_by_autograd(model, x):
     params = list(trainable_parameters(model).values())
     y = model(x)
     n, o = y.shape
-    jac = [x.new_empty((n, o, p.numel())) for p in params]
+    jac = [y.new_empty((n, o, p.numel())) for p in params]  # (the output's dtype: x may hold integer ids)
     for i in range(n):
         for a in range(o):
             grads = torch.autograd.grad(y[i, a], params, retain_graph=True, allow_unused=True)

@@ -10,7 +10,7 @@ works on a deep copy.
 
 from __future__ import annotations
 
-from ._backpack import BackpackPlugin
+from ._backpack import BackpackPlugin, backpack_problem
 
 
 def _first_order_modules():
@@ -27,17 +27,18 @@ class BackpackBatchGrad(BackpackPlugin):
             known = _first_order_modules()
         except ImportError:
             return "backpack_batchgrad: BackPACK (backpack-for-pytorch) is not installed"
-        for m in model.modules():
+        for name, m in model.named_modules():
             if any(p.requires_grad for p in m.parameters(recurse=False)) and not isinstance(m, known):
-                return f"backpack_batchgrad: BackPACK's BatchGrad has no rule for {type(m).__name__}"
-        return None
+                return (f"backpack_batchgrad: BackPACK's BatchGrad has no rule for {name or 'the model itself'} "
+                        f"({type(m).__name__}), which has parameters")
+        return backpack_problem(model, self.name)
 
     def _jacobians(self, net, x, params):
         from backpack import backpack
         from backpack.extensions import BatchGrad
 
         y = net(x)
-        jac = [x.new_empty((x.shape[0], y.shape[1], p.numel())) for p in params]
+        jac = [y.new_empty((x.shape[0], y.shape[1], p.numel())) for p in params]
         for a in range(y.shape[1]):
             with backpack(BatchGrad(), retain_graph=True):
                 y[:, a].sum().backward(retain_graph=True)

@@ -15,7 +15,7 @@ import math
 
 from torch import nn
 
-from ._backpack import BackpackPlugin
+from ._backpack import BackpackPlugin, backpack_problem
 
 
 def _second_order_modules():
@@ -37,12 +37,12 @@ class BackpackSqrtGGN(BackpackPlugin):
                 "backpack_sqrtggn: needs an nn.Sequential of layers BackPACK's SqrtGGNExact supports, "
                 f"found a custom module {type(model).__name__}"
             )
-        for m in model.modules():
+        for name, m in model.named_modules():
             if isinstance(m, nn.Sequential):
                 continue
             if not isinstance(m, known):
-                return f"backpack_sqrtggn: BackPACK's SqrtGGNExact has no rule for {type(m).__name__}"
-        return None
+                return f"backpack_sqrtggn: BackPACK's SqrtGGNExact has no rule for {name} ({type(m).__name__})"
+        return backpack_problem(model, self.name)
 
     def _jacobians(self, net, x, params):
         import torch

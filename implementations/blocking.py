@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import kernel_shape
+from .kernels import kernel_shape
 from .costs import kernel_numel, model_stats
 
 
@@ -48,9 +48,10 @@ def blocked_kernel(plugin, model, x1, x2, mode: str, budget: int) -> torch.Tenso
     if b >= max(n, m):
         return plugin._kernel(model, x1, x2, mode)
     tile = plugin.estimate(stats, min(b, n), min(b, m), mode, False).bytes
-    total = kernel_numel(n, m, stats.o, mode) * x1.element_size()
+    dtype = next(p for p in model.parameters() if p.requires_grad).dtype  # (x1 may hold integer ids)
+    total = kernel_numel(n, m, stats.o, mode) * dtype.itemsize
     out_device = x1.device if total + tile <= budget else torch.device("cpu")
-    out = torch.empty(kernel_shape(n, m, stats.o, mode), dtype=x1.dtype, device=out_device)
+    out = torch.empty(kernel_shape(n, m, stats.o, mode), dtype=dtype, device=out_device)
     rows = [slice(i, min(i + b, n)) for i in range(0, n, b)]
     cols = [slice(j, min(j + b, m)) for j in range(0, m, b)]
     for i, si in enumerate(rows):

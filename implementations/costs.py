@@ -54,7 +54,7 @@ _STATS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 def model_stats(model: nn.Module, x_single: torch.Tensor) -> ModelStats:
     """The model's stats for inputs shaped like ``x_single`` (one sample), cached per model and input shape."""
-    from .base import shape_keyed_cache
+    from .modelinfo import shape_keyed_cache
 
     key = (tuple(x_single.shape), x_single.dtype, x_single.device)
     return shape_keyed_cache(_STATS, model, key, lambda: _measure_stats(model, x_single))
@@ -92,7 +92,8 @@ def _measure_stats(model: nn.Module, x_single: torch.Tensor) -> ModelStats:
     p = sum(p.numel() for p in model.parameters() if p.requires_grad)
     layers = [dataclasses.replace(layer, is_output=True) if z is y and layer.kind == "linear" else layer
               for layer, z in zip(layers, outputs)]
-    return ModelStats(p, y.shape[-1], int(counter.get_total_flops()), activations[0], tuple(layers), x_single.element_size())
+    itemsize = y.element_size()  # the kernel's numbers (x_single may hold integer ids)
+    return ModelStats(p, y.shape[-1], int(counter.get_total_flops()), activations[0], tuple(layers), itemsize)
 
 
 def jacobian_bytes(stats: ModelStats, n: int, m: int) -> float:

@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from .base import submodules
+from .modelinfo import submodules
 
 MAX_GRAPH_BYTES = 2 << 30  # a kernel whose estimated peak is larger runs eagerly
 MAX_GRAPHS_PER_MODEL = 4

@@ -17,7 +17,9 @@ import math
 import torch
 from torch import nn
 
-from .base import KernelSum, NTKPlugin, input_gram, submodules
+from .base import NTKPlugin
+from .kernels import KernelSum, input_gram
+from .modelinfo import structure_problem, submodules
 
 
 def _gelu_derivative(module: nn.GELU, z):
@@ -76,7 +78,7 @@ class ExplicitMLP(NTKPlugin):
             return "explicit_mlp: needs at least one Linear layer"
         if any(p is not None and not p.requires_grad for m in submodules(model) for p in m._parameters.values()):
             return "explicit_mlp: every parameter must require grad"
-        return None
+        return structure_problem(model, "explicit_mlp", "computes the layer recursion from the layers' weights")
 
     def estimate(self, stats, n, m, mode, symmetric):
         """Per layer: X1 X2ᵀ (N·M·K), G1 G2ᵀ (N·M·O²·C in full mode) and the recursion G W (O·C·K per sample);

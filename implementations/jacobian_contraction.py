@@ -5,19 +5,24 @@ mode; trace and diagonal contract directly, N·M·O·P); memory (N+M)·O·P.
 Wins when O·P is small relative to a forward pass (convolutions with few
 outputs); loses to structured methods on wide MLPs, where the O²·P
 contraction dominates, and runs out of memory when N·O·P does not fit.
+Works on any model torch.func can differentiate: samples are vmapped, or
+looped where the forward cannot be vmapped (LSTM, GRU).
 """
 
 from __future__ import annotations
 
-from torch.func import jacrev, vmap
+from torch.func import jacrev
 
-from .base import NTKPlugin, contract_jacobians, functional_single
+from .base import NTKPlugin
+from .kernels import contract_jacobians
+from .modelinfo import composite_attention, functional_single, per_sample
 
 
 def per_sample_jacobians(model, x):
-    """One (N, O, P_i) block per trainable parameter, via vmap(jacrev)."""
+    """One (N, O, P_i) block per trainable parameter, via jacrev per sample (vmapped where possible)."""
     params, f = functional_single(model)
-    jac = vmap(jacrev(f), (None, 0))(params, x)
+    with composite_attention():
+        jac = per_sample(model, lambda xi: jacrev(f)(params, xi), x)
     return [j.flatten(2) for j in jac.values()]
 
 

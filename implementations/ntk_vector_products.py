@@ -9,6 +9,9 @@ each a batched forward-mode pass over x2 (matrix products), rather than one
 lane per (pair, output) (the tutorial's version, N·M·O lanes that each redo
 the vjp and read a P-vector for one number).
 
+Attention runs through composite kernels (the fused ones have no forward-mode
+derivative); samples whose forward cannot be vmapped (LSTM, GRU) are looped.
+
 Cost: N·O·(vjp of one sample + jvp of M samples), about N·M·O·[FP]: no
 N·M·O²·P contraction. Memory per lane: P for g, plus M samples' tangent
 activations. Wins when O·P is large next to a forward pass (wide fully
@@ -20,7 +23,9 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call, jvp, vjp, vmap
 
-from .base import NTKPlugin, chunks, functional_single, reduce_full
+from .base import NTKPlugin
+from .kernels import chunks, reduce_full
+from .modelinfo import composite_attention, functional_single, per_sample
 
 
 class NTKVectorProducts(NTKPlugin):
@@ -57,7 +62,8 @@ class NTKVectorProducts(NTKPlugin):
         params, f = functional_single(model)
         stats = model_stats(model, x1[:1])
         o, m = stats.o, xb.shape[0]
-        basis = torch.eye(o, dtype=x1.dtype, device=x1.device)
+        dtype = next(iter(params.values())).dtype
+        basis = torch.eye(o, dtype=dtype, device=x1.device)
 
         def rows_of(xa):  # Θ[a, :, o, :] for every o: (O, M, O)
             _, vjp_fn = vjp(lambda p: f(p, xa), params)
@@ -68,9 +74,10 @@ class NTKVectorProducts(NTKPlugin):
 
             return vmap(row)(basis)
 
-        per_lane = self._bytes_per_lane(stats.p, m, stats.activations, o, x1.element_size())
+        per_lane = self._bytes_per_lane(stats.p, m, stats.activations, o, basis.element_size())
         samples = self._samples_per_chunk(x1.shape[0], o, per_lane)
-        parts = [vmap(rows_of)(x1[s]) for s in chunks(x1.shape[0], samples)]  # each (n, O, M, O)
+        with composite_attention():
+            parts = [per_sample(model, rows_of, x1[s]) for s in chunks(x1.shape[0], samples)]  # each (n, O, M, O)
         return reduce_full(torch.cat(parts).permute(0, 2, 1, 3), mode).contiguous()
 
 

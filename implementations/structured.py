@@ -35,7 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import KernelSum, NTKPlugin, UnsupportedModelError, input_gram, shape_keyed_cache, submodules
+from .base import NTKPlugin, UnsupportedModelError
+from .kernels import KernelSum, input_gram
+from .modelinfo import shape_keyed_cache, submodules
 
 _RULES = (nn.Linear, nn.Conv2d)
 

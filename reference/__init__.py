@@ -83,7 +83,7 @@ def ntk(model: torch.nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None
     Computed with ``trace_axes=(), diagonal_axes=()`` (the full kernel), then
     reduced to ``mode`` in torch.
     """
-    from ntk_bench.implementations.base import reduce_full
+    from ntk_bench.implementations.kernels import reduce_full
 
     if mode not in ("full", "trace", "diagonal"):
         raise ValueError(f"unknown mode {mode!r}; valid modes: full, trace, diagonal")

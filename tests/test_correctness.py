@@ -10,7 +10,7 @@ import torch
 
 from ntk_bench import implementations
 from conftest import DEVICES, reference_full, supported_model
-from ntk_bench.implementations.base import reduce_full
+from ntk_bench.implementations.kernels import reduce_full
 from problems import PROBLEMS, TOLERANCE, rel_err
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}

@@ -43,7 +43,7 @@ def test_neural_tangents_implementations_agree(problem, implementation):
 def test_native_modes_match_the_reduced_full_kernel(mode):
     """neural-tangents' own trace_axes/diagonal_axes (used when timing it as a peer) mean what ours mean."""
     from ntk_bench import reference
-    from ntk_bench.implementations.base import reduce_full
+    from ntk_bench.implementations.kernels import reduce_full
 
     p = BY_ID["mlp-relu-O3-N4M3"]
     x1, x2 = p.inputs()

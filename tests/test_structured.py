@@ -46,7 +46,7 @@ def test_structured_rejects_shared_weights():
 @pytest.mark.parametrize("plugin_name", ["structured", "explicit_mlp"])
 def test_symmetric_kernels_from_three_blocks_equal_the_plain_sum(plugin_name, problem_id, monkeypatch):
     """x2 = None: the upper blocks computed and the lower-left mirrored give the same kernel, odd N included."""
-    from ntk_bench.implementations import base
+    from ntk_bench.implementations import kernels as base
     from problems import BY_ID
 
     from conftest import supported_model
@@ -83,7 +83,7 @@ def test_output_layer_shortcut_matches_jacobian_contraction(plugin_name, layers,
 @pytest.mark.parametrize("mode", implementations.MODES)
 def test_identity_gram_as_first_or_later_term(mode):
     """KernelSum.add_identity_gram adds xx[n, m]·δ_op whether or not a term came before it."""
-    from ntk_bench.implementations.base import KernelSum, reduce_full
+    from ntk_bench.implementations.kernels import KernelSum, reduce_full
 
     g = torch.Generator().manual_seed(0)
     n, m, o, c = 3, 4, 2, 5

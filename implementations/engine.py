@@ -1,0 +1,129 @@
+"""One NTK call, start to end, in one place: validation → planning → kernel → checks.
+
+    compute(plugin, model, x1, x2, mode, memory_budget_bytes)
+      1. validation   inputs (types, shapes, devices, dtypes, NaN/inf); the model's output form (N, O) or (N,);
+                      refusal of ill-defined kernels (train-mode BatchNorm, Dropout, random or stateful forwards)
+                      before any work; the plugin's ``supports``
+      2. planning     ``plugin.dispatch``: under a memory budget, tiles (``blocking``); on a GPU, a captured
+                      CUDA graph replayed (``cuda_graphs``); else the kernel itself (``auto`` picks a plugin here)
+      3. kernel       ``plugin._kernel`` on detached inputs, with grad mode on (calls under ``torch.no_grad()``
+                      and ``torch.inference_mode()`` work)
+      4. checks       the kernel's shape, its finiteness (float32 overflow is an error, not an inf kernel), a
+                      detached result in the inputs' dtype; the caller's model put back as found (``state``)
+"""
+
+from __future__ import annotations
+
+import collections
+import weakref
+
+import torch
+from torch import nn
+
+from .base import NTKPlugin, UnsupportedModelError
+from .kernels import kernel_shape
+from .state import preserved
+from .validation import check_well_defined, output_spec, validate_inputs
+
+
+class NonFiniteKernelError(ValueError):
+    """The kernel has inf or NaN entries although the inputs are finite (an overflow)."""
+
+
+class _ColumnOutput(nn.Module):
+    """A model returning (N,) seen as returning (N, 1)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x).unsqueeze(1)
+
+
+# The wrappers of the last few (N,)-output models, so that caches keyed by the model (its stats, CUDA graphs,
+# auto's pick) see the same object on every call. Bounded: a wrapper holds its model.
+_COLUMN_WRAPPERS: "collections.OrderedDict[int, tuple[weakref.ref, _ColumnOutput]]" = collections.OrderedDict()
+_MAX_COLUMN_WRAPPERS = 8
+
+
+def _as_matrix_output(model: nn.Module) -> nn.Module:
+    entry = _COLUMN_WRAPPERS.get(id(model))
+    if entry is None or entry[0]() is not model:
+        entry = (weakref.ref(model), _ColumnOutput(model))
+        _COLUMN_WRAPPERS[id(model)] = entry
+        while len(_COLUMN_WRAPPERS) > _MAX_COLUMN_WRAPPERS:
+            _COLUMN_WRAPPERS.popitem(last=False)
+    _COLUMN_WRAPPERS.move_to_end(id(model))
+    return entry[1]
+
+
+def _plain(x: torch.Tensor | None) -> torch.Tensor | None:
+    """The input without its autograd history or ``requires_grad`` (so nothing accumulates into ``x.grad``), and
+    outside inference mode (an inference tensor cannot be saved for backward)."""
+    if x is None:
+        return None
+    return x.detach().clone() if x.is_inference() else x.detach()
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())  # (a sum first: 2 ops, not 4)
+
+
+def _validate_budget(memory_budget_bytes) -> None:
+    if memory_budget_bytes is None:
+        return
+    if isinstance(memory_budget_bytes, bool) or not isinstance(memory_budget_bytes, int) or memory_budget_bytes <= 0:
+        raise ValueError(f"memory_budget_bytes must be a positive integer number of bytes, got {memory_budget_bytes!r}")
+
+
+def compute(plugin: NTKPlugin, model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None,
+            mode: str = "full", memory_budget_bytes: int | None = None) -> torch.Tensor:
+    """Θ(x1, x2) of ``model`` by ``plugin``: see the module docstring for the steps."""
+    validate_inputs(model, x1, x2, mode)
+    _validate_budget(memory_budget_bytes)
+    x1, x2 = _plain(x1), _plain(x2)
+    with torch.inference_mode(False), torch.enable_grad(), preserved(model):
+        check_well_defined(model, x1)
+        spec = output_spec(model, x1)
+        net = _as_matrix_output(model) if spec.vector else model
+        reason = plugin.supports(net)
+        if reason is not None:
+            raise UnsupportedModelError(reason)
+        out = plugin.dispatch(net, x1, x2, mode, memory_budget_bytes)
+    return _checked(plugin, out, x1, x2, spec.o, mode, model, memory_budget_bytes)
+
+
+def plan_and_run(plugin: NTKPlugin, model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None, mode: str,
+                 memory_budget_bytes: int | None) -> torch.Tensor:
+    """The planning step: tiles under a budget, else a replayed CUDA graph where one applies, else the kernel."""
+    if memory_budget_bytes is not None:
+        from .blocking import blocked_kernel
+
+        return blocked_kernel(plugin.with_budget(memory_budget_bytes), model, x1, x2, mode, memory_budget_bytes)
+    from . import cuda_graphs
+
+    out = cuda_graphs.CACHE.kernel(plugin, model, x1, x2, mode)
+    return plugin._kernel(model, x1, x2, mode) if out is None else out
+
+
+def _result_dtype(model: nn.Module, x1: torch.Tensor) -> torch.dtype:
+    if x1.is_floating_point():
+        return x1.dtype
+    return next(p for p in model.parameters() if p.requires_grad).dtype
+
+
+def _checked(plugin, out, x1, x2, o, mode, model, memory_budget_bytes) -> torch.Tensor:
+    expected = kernel_shape(x1.shape[0], (x1 if x2 is None else x2).shape[0], o, mode)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise RuntimeError(f"{plugin.name} returned shape {got}, expected {expected}")
+    out = out.detach()
+    if not _all_finite(out):
+        raise NonFiniteKernelError(
+            f"{plugin.name}: the kernel has inf or NaN entries although the inputs are finite: the model's outputs "
+            f"or gradients overflow in {out.dtype} for these inputs (try float64, or smaller inputs)")
+    dtype = _result_dtype(model, x1)
+    if memory_budget_bytes is not None:  # a blocked kernel may be kept in CPU memory
+        return out.to(dtype=dtype)
+    return out.to(device=x1.device, dtype=dtype)

@@ -1,0 +1,202 @@
+"""Checks before any work: the inputs, the model's output, and whether the model's NTK is well defined.
+
+A kernel is refused, not computed, when the forward pass depends on the other samples of the batch
+(BatchNorm using batch statistics), on randomness (Dropout and other random ops in train mode) or changes the
+model's state (running statistics, spectral norm's power iteration in train mode): every plugin would compute
+a different number, and none of them would be the model's NTK. Named modules are caught by type; a one-off
+probe (two forwards of one sample under different random seeds, one of two samples, cached per model) catches
+the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import weakref
+
+import torch
+from torch import nn
+
+from .kernels import MODES
+from .modelinfo import describe, has_trainable_parameters, module_names, shape_keyed_cache, submodules
+
+
+class IllDefinedKernelError(ValueError):
+    """The model's NTK is not well defined as it is (train-mode BatchNorm, Dropout, ...); the message says why."""
+
+
+def validate_inputs(model: nn.Module, x1, x2, mode: str) -> None:
+    """Raise a clear ValueError/TypeError for inputs no plugin can take."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
+    p0 = next((p for m in submodules(model) for p in m._parameters.values() if p is not None and p.requires_grad),
+              None)
+    if p0 is None:
+        raise ValueError("model has no trainable parameters: its NTK is empty")
+    for label, x in (("x1", x1), ("x2", x2)):
+        if x is None and label == "x2":
+            continue
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{label} must be a torch.Tensor, got {type(x).__name__}")
+        if x.is_complex() or x.dtype == torch.bool:
+            raise TypeError(f"{label} has dtype {x.dtype}; the NTK takes real floating-point or integer inputs")
+        if x.dim() < 1 or (x.is_floating_point() and x.dim() < 2):
+            raise ValueError(f"{label} must be batched, shape (N, ...); got {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError(f"{label} is an empty batch (shape {tuple(x.shape)})")
+        if x.device != p0.device:
+            raise ValueError(f"{label} is on {x.device} but the model's parameters are on {p0.device}")
+        if x.is_floating_point():
+            if x.dtype != p0.dtype:
+                raise TypeError(
+                    f"{label} has dtype {x.dtype} but the model's parameters are {p0.dtype}; "
+                    f"convert one of them (e.g. model.to({x.dtype}))"
+                )
+            if not math.isfinite(x.sum().item()) and not bool(torch.isfinite(x).all()):  # (a sum is 2 ops, not 4;
+                raise ValueError(f"{label} contains NaN or inf")                          # an overflow is rechecked)
+    if x2 is not None:
+        if x1.shape[1:] != x2.shape[1:]:
+            raise ValueError(
+                f"x1 and x2 have different per-sample shapes: {tuple(x1.shape[1:])} vs {tuple(x2.shape[1:])}"
+            )
+        if x1.dtype != x2.dtype:
+            raise TypeError(f"x1 has dtype {x1.dtype} but x2 has {x2.dtype}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputSpec:
+    o: int  # outputs per sample
+    vector: bool  # the model returns (N,): one output, given to plugins as (N, 1)
+
+
+_OUTPUTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _kind(y) -> str:
+    if isinstance(y, torch.Tensor):
+        return f"a tensor of shape {tuple(y.shape)}"
+    return f"a {type(y).__name__}"
+
+
+def output_spec(model: nn.Module, x: torch.Tensor) -> OutputSpec:
+    """O from a forward pass on one sample (cached per model, parameter shapes, flags and input shape).
+
+    The model must map (N, ...) to (N, O) or (N,); a tuple, a dict or more dimensions is an error that says how
+    to wrap the model.
+    """
+    def spec():
+        with torch.no_grad():
+            y = model(x[:1])
+        if isinstance(y, torch.Tensor) and y.dim() == 2 and y.shape[0] == 1:
+            return OutputSpec(y.shape[1], False)
+        if isinstance(y, torch.Tensor) and y.dim() == 1 and y.shape[0] == 1:
+            return OutputSpec(1, True)
+        if isinstance(y, (tuple, list, dict)) or not isinstance(y, torch.Tensor):
+            raise ValueError(
+                f"the model returns {_kind(y)} for a batch of 1; the NTK needs one tensor of shape (N, O) or (N,). "
+                "Wrap the model so that it returns that tensor, e.g. a module whose forward is "
+                "`return model(x)[0]` (tuple) or `return model(x)['logits']` (dict)")
+        raise ValueError(
+            f"model output must have shape (N, O) or (N,); got {tuple(y.shape)} for a batch of 1. "
+            "Flatten the outputs of a sample into one axis, e.g. nn.Sequential(model, nn.Flatten())")
+
+    flags = tuple(m.training for m in submodules(model))
+    return shape_keyed_cache(_OUTPUTS, model, (tuple(x.shape[1:]), x.dtype, x.device, flags), spec)
+
+
+# Modules whose forward is random in train mode (p > 0), and those that use batch statistics.
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def _static_problem(model: nn.Module) -> str | None:
+    """The first module whose type says the kernel is ill defined, and why."""
+    for name, m in model.named_modules():
+        where = f"{name or 'the model itself'} ({type(m).__name__})"
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if not m.track_running_stats or m.running_mean is None:
+                return f"{where} normalises with the statistics of the batch (track_running_stats=False)"
+            if m.training:
+                return f"{where} is in train mode: it normalises with the statistics of the batch"
+        if not m.training:
+            continue
+        if isinstance(m, _DROPOUT) and m.p > 0:
+            return f"{where} is in train mode: it drops units at random"
+        if isinstance(m, nn.RReLU):
+            return f"{where} is in train mode: its slopes are random"
+        if isinstance(m, nn.MultiheadAttention) and m.dropout > 0:
+            return f"{where} is in train mode with dropout={m.dropout}: it drops attention weights at random"
+        if isinstance(m, nn.RNNBase) and m.dropout > 0 and m.num_layers > 1:
+            return f"{where} is in train mode with dropout={m.dropout} between layers"
+        if isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats:
+            return f"{where} is in train mode: each call updates its running statistics"
+    return None
+
+
+def _buffers(model: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    return [(m, k, b) for m in dict.fromkeys(submodules(model)) for k, b in m._buffers.items() if b is not None]
+
+
+def _probe(model: nn.Module, x: torch.Tensor) -> str | None:
+    """Run the forward on one sample twice under different random seeds, and on two samples: a state change, a
+    difference between the two runs, or a first row that depends on the second sample, is a reason to refuse."""
+    buffers = _buffers(model)
+    saved = [(m, k, b, b._version, b.detach().clone()) for m, k, b in buffers]
+    one = x[:1]
+    two = torch.cat([x[:2], x[:1]])[:2] if x.shape[0] >= 2 else torch.cat([x[:1], x[:1]])
+    try:
+        with torch.no_grad():
+            runs = []
+            for seed in (12345, 54321):
+                with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+                    torch.manual_seed(seed)
+                    runs.append(model(one))
+            changed = [(m, k) for m, k, b, version, _ in saved if m._buffers.get(k) is not b or b._version != version]
+            if changed:
+                m, k = changed[0]
+                return f"{describe(model, m)} changes its buffer {k!r} in the forward pass (train mode)"
+            batch = model(two)
+    finally:
+        for m, k, b, version, copy in saved:
+            if m._buffers.get(k) is not b:
+                m._buffers[k] = b
+            if b._version != version:
+                with torch.no_grad():
+                    b.copy_(copy)
+    a, b = runs
+    if not isinstance(a, torch.Tensor):
+        return None  # output_spec reports the output's form
+    scale = float(a.detach().abs().max()) if a.numel() else 0.0
+    rtol = 1e-9 if a.dtype == torch.float64 else 1e-4
+    atol = rtol * max(scale, 1e-30)
+    if not torch.allclose(a, b, rtol=rtol, atol=atol):
+        return "its forward pass is random: two runs on the same sample differ"
+    if isinstance(batch, torch.Tensor) and batch.shape[:1] == (2,) and not torch.allclose(batch[:1], a, rtol=rtol,
+                                                                                      atol=atol):
+        return "a sample's output depends on the other samples of the batch"
+    return None
+
+
+_PROBED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def check_well_defined(model: nn.Module, x: torch.Tensor) -> None:
+    """Raise :class:`IllDefinedKernelError` when the model's NTK is not well defined as it is (before any work).
+
+    The probe runs once per model, train/eval flags, parameter shapes and input shape, and leaves the model's
+    buffers as it found them.
+    """
+    problem = _static_problem(model)
+    if problem is None:
+        flags = tuple(m.training for m in submodules(model))
+        problem = shape_keyed_cache(_PROBED, model, (tuple(x.shape[1:]), x.dtype, x.device, flags),
+                                    lambda: _probe(model, x))
+    if problem is not None:
+        raise IllDefinedKernelError(
+            f"the NTK of this model is not well defined as it is: {problem}. Call model.eval() (and use running "
+            "statistics) before computing its NTK")
+
+
+__all__ = ["IllDefinedKernelError", "OutputSpec", "check_well_defined", "has_trainable_parameters", "module_names",
+           "output_spec", "validate_inputs"]
