@@ -50,6 +50,13 @@ def backpack_problem(model, plugin: str) -> str | None:
     inplace = inplace_modules(model)
     if inplace:
         return f"{plugin}: BackPACK's backward hooks fail on an in-place module output: {inplace[0]} is in place"
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Embedding):
+            if m.padding_idx is not None or m.max_norm is not None:
+                return f"{plugin}: BackPACK's Embedding rule takes no padding_idx or max_norm ({name})"
+            if m.weight.dtype != torch.get_default_dtype():
+                return (f"{plugin}: BackPACK's Embedding rule builds its one-hot in the default dtype "
+                        f"({torch.get_default_dtype()}), not {m.weight.dtype} ({name})")
     return None
 
 
@@ -75,6 +82,12 @@ class BackpackPlugin(NTKPlugin):
         return Estimate(flops, peak + kernel_numel(n, m, stats.o, mode) * stats.itemsize)
 
     def _kernel(self, model, x1, x2, mode):
+        from .validation import called_more_than_once
+
+        repeated = called_more_than_once(model)
+        if repeated:
+            raise UnsupportedModelError(f"{self.name}: {repeated[0]} is called more than once per forward pass; "
+                                        "BackPACK's per-module quantities assume one call")
         n = x1.shape[0]
         x = x1 if x2 is None else torch.cat([x1, x2])
         net = backpack_copy(model)

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import weakref
 
 import torch
@@ -23,7 +24,7 @@ from torch import nn
 from .base import NTKPlugin, UnsupportedModelError
 from .kernels import kernel_shape
 from .state import preserved
-from .validation import check_well_defined, output_spec, validate_inputs
+from .validation import output_spec, probe_forward, refuse_ill_defined_modules, share_probe, validate_inputs
 
 
 class NonFiniteKernelError(ValueError):
@@ -55,6 +56,7 @@ def _as_matrix_output(model: nn.Module) -> nn.Module:
         while len(_COLUMN_WRAPPERS) > _MAX_COLUMN_WRAPPERS:
             _COLUMN_WRAPPERS.popitem(last=False)
     _COLUMN_WRAPPERS.move_to_end(id(model))
+    share_probe(model, entry[1])
     return entry[1]
 
 
@@ -64,6 +66,19 @@ def _plain(x: torch.Tensor | None) -> torch.Tensor | None:
     if x is None:
         return None
     return x.detach().clone() if x.is_inference() else x.detach()
+
+
+@contextlib.contextmanager
+def _integer_inputs_named(x1: torch.Tensor):
+    """A model that fails on integer inputs gets an error saying that the inputs are integers."""
+    try:
+        yield
+    except (RuntimeError, TypeError) as exc:
+        if x1.is_floating_point():
+            raise
+        raise TypeError(f"x1 has dtype {x1.dtype} and the model's forward fails on it ({type(exc).__name__}: {exc}); "
+                        "integer inputs are for models that take them (token ids for an Embedding): convert numbers "
+                        "to floating point") from exc
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -82,11 +97,14 @@ def compute(plugin: NTKPlugin, model: nn.Module, x1: torch.Tensor, x2: torch.Ten
     """Θ(x1, x2) of ``model`` by ``plugin``: see the module docstring for the steps."""
     validate_inputs(model, x1, x2, mode)
     _validate_budget(memory_budget_bytes)
-    x1, x2 = _plain(x1), _plain(x2)
+    refuse_ill_defined_modules(model)
+    with torch.inference_mode(False):
+        x1, x2 = _plain(x1), _plain(x2)
+        with _integer_inputs_named(x1):
+            probe_forward(model, x1)  # random, batch-dependent or stateful forwards (it puts back what it touched)
+            spec = output_spec(model, x1)
+    net = _as_matrix_output(model) if spec.vector else model
     with torch.inference_mode(False), torch.enable_grad(), preserved(model):
-        check_well_defined(model, x1)
-        spec = output_spec(model, x1)
-        net = _as_matrix_output(model) if spec.vector else model
         reason = plugin.supports(net)
         if reason is not None:
             raise UnsupportedModelError(reason)

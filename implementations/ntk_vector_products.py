@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call, jvp, vjp, vmap
 
-from .base import NTKPlugin
+from .base import NTKPlugin, UnsupportedModelError
 from .kernels import chunks, reduce_full
 from .modelinfo import composite_attention, functional_single, per_sample
 
@@ -76,8 +76,14 @@ class NTKVectorProducts(NTKPlugin):
 
         per_lane = self._bytes_per_lane(stats.p, m, stats.activations, o, basis.element_size())
         samples = self._samples_per_chunk(x1.shape[0], o, per_lane)
-        with composite_attention():
-            parts = [per_sample(model, rows_of, x1[s]) for s in chunks(x1.shape[0], samples)]  # each (n, O, M, O)
+        try:
+            with composite_attention():
+                parts = [per_sample(model, rows_of, x1[s]) for s in chunks(x1.shape[0], samples)]  # each (n,O,M,O)
+        except NotImplementedError as exc:
+            if "forward AD" not in str(exc):
+                raise
+            raise UnsupportedModelError(f"ntk_vector_products: PyTorch has no forward-mode derivative for an op of "
+                                        f"this model: {str(exc).splitlines()[0]}") from exc
         return reduce_full(torch.cat(parts).permute(0, 2, 1, 3), mode).contiguous()
 
 

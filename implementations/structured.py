@@ -225,6 +225,16 @@ class Structured(NTKPlugin):
     capturable = True  # on a GPU, replayed from a CUDA graph (cuda_graphs)
 
     def supports(self, model):
+        from .modelinfo import inplace_modules
+
+        inplace = inplace_modules(model)
+        if inplace:
+            return f"structured: {inplace[0]} works in place and would overwrite a recorded layer output"
+        from .modelinfo import structure_problem
+
+        problem = structure_problem(model, "structured", "reads each layer's input and output")
+        if problem:
+            return problem
         # Per call: a direct walk of the modules (named_modules' generators cost tens of us); names only for errors.
         for m in submodules(model):
             trainable = _trainable(m)

@@ -16,6 +16,7 @@ import weakref
 
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_forward_pre_hook
 
 from .kernels import MODES
 from .modelinfo import describe, has_trainable_parameters, module_names, shape_keyed_cache, submodules
@@ -145,13 +146,22 @@ def _probe(model: nn.Module, x: torch.Tensor) -> str | None:
     saved = [(m, k, b, b._version, b.detach().clone()) for m, k, b in buffers]
     one = x[:1]
     two = torch.cat([x[:2], x[:1]])[:2] if x.shape[0] >= 2 else torch.cat([x[:1], x[:1]])
+    calls: dict[int, int] = {}
     try:
         with torch.no_grad():
             runs = []
             for seed in (12345, 54321):
                 with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
                     torch.manual_seed(seed)
-                    runs.append(model(one))
+                    if runs:
+                        runs.append(model(one))
+                        continue
+                    counter = register_module_forward_pre_hook(
+                        lambda m, args: calls.__setitem__(id(m), calls.get(id(m), 0) + 1))
+                    try:
+                        runs.append(model(one))
+                    finally:
+                        counter.remove()
             changed = [(m, k) for m, k, b, version, _ in saved if m._buffers.get(k) is not b or b._version != version]
             if changed:
                 m, k = changed[0]
@@ -164,6 +174,7 @@ def _probe(model: nn.Module, x: torch.Tensor) -> str | None:
             if b._version != version:
                 with torch.no_grad():
                     b.copy_(copy)
+    _CALLS[model] = [m for m in dict.fromkeys(submodules(model)) if calls.get(id(m), 0) > 1]
     a, b = runs
     if not isinstance(a, torch.Tensor):
         return None  # output_spec reports the output's form
@@ -179,24 +190,51 @@ def _probe(model: nn.Module, x: torch.Tensor) -> str | None:
 
 
 _PROBED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_CALLS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> modules its forward calls twice or more
 
 
-def check_well_defined(model: nn.Module, x: torch.Tensor) -> None:
-    """Raise :class:`IllDefinedKernelError` when the model's NTK is not well defined as it is (before any work).
+def called_more_than_once(model: nn.Module) -> list[str]:
+    """Modules with parameters of their own that the model's forward calls more than once (their parameters add up
+    their uses: a method that reads one input and one output per module cannot take them), as seen by the probe of
+    the last call (``check_well_defined``), named."""
+    modules = _CALLS.get(model, [])
+    return [describe(model, m) for m in modules if any(p is not None and p.requires_grad
+                                                        for p in m._parameters.values())]
 
-    The probe runs once per model, train/eval flags, parameter shapes and input shape, and leaves the model's
-    buffers as it found them.
-    """
-    problem = _static_problem(model)
-    if problem is None:
-        flags = tuple(m.training for m in submodules(model))
-        problem = shape_keyed_cache(_PROBED, model, (tuple(x.shape[1:]), x.dtype, x.device, flags),
-                                    lambda: _probe(model, x))
+
+def _refuse(problem: str | None) -> None:
     if problem is not None:
         raise IllDefinedKernelError(
             f"the NTK of this model is not well defined as it is: {problem}. Call model.eval() (and use running "
             "statistics) before computing its NTK")
 
 
-__all__ = ["IllDefinedKernelError", "OutputSpec", "check_well_defined", "has_trainable_parameters", "module_names",
-           "output_spec", "validate_inputs"]
+def refuse_ill_defined_modules(model: nn.Module) -> None:
+    """Raise :class:`IllDefinedKernelError` for a module whose type says the kernel is ill defined (a train-mode
+    BatchNorm, Dropout, ...): before any forward pass."""
+    _refuse(_static_problem(model))
+
+
+def probe_forward(model: nn.Module, x: torch.Tensor) -> None:
+    """Raise :class:`IllDefinedKernelError` when the forward pass is random, batch-dependent or changes the model's
+    buffers. Runs once per model, train/eval flags, parameter shapes and input shape; leaves the buffers as found."""
+    flags = tuple(m.training for m in submodules(model))
+    _refuse(shape_keyed_cache(_PROBED, model, (tuple(x.shape[1:]), x.dtype, x.device, flags),
+                              lambda: _probe(model, x)))
+
+
+def share_probe(model: nn.Module, wrapper: nn.Module) -> None:
+    """What the probe found about ``model`` holds for a wrapper that only reshapes its output."""
+    if model in _CALLS:
+        _CALLS[wrapper] = _CALLS[model]
+
+
+def check_well_defined(model: nn.Module, x: torch.Tensor) -> None:
+    """Both checks: the modules' types, then the probe."""
+    refuse_ill_defined_modules(model)
+    probe_forward(model, x)
+
+
+__all__ = ["IllDefinedKernelError", "OutputSpec", "called_more_than_once", "check_well_defined",
+           "has_trainable_parameters", "module_names", "output_spec", "probe_forward", "refuse_ill_defined_modules", "share_probe",
+           "validate_inputs"]

@@ -32,7 +32,7 @@ def test_register_rejects_duplicates():
         implementations.register(implementations.get("autograd_loop"))
 
 
-@pytest.mark.parametrize("arch", architectures.names())
+@pytest.mark.parametrize("arch", ["mlp", "tutorial_cnn", "cnn", "resnet_tiny"])
 @pytest.mark.parametrize("plugin_name", BUILTIN)
 def test_supports_declines_exactly_the_expected_models(plugin_name, arch):
     small = {"mlp": dict(in_features=4, width=5), "cnn": dict(channels=2), "resnet_tiny": dict(channels=2)}
@@ -72,7 +72,11 @@ BAD_INPUTS = {
     "inf and -inf": (lambda: (torch.tensor([[float("inf"), -float("inf"), 0.0, 1.0]]), None, "full"), ValueError,
                      "x1 contains NaN or inf"),
     "unknown mode": (lambda: (torch.randn(2, 4), None, "diag"), ValueError, "unknown mode 'diag'"),
-    "integer inputs": (lambda: (torch.ones(2, 4, dtype=torch.int64), None, "full"), TypeError, "floating-point"),
+    "integer inputs": (lambda: (torch.ones(2, 4, dtype=torch.int64), None, "full"), TypeError,
+                       "dtype torch.int64 and the model's forward fails on it"),
+    "complex inputs": (lambda: (torch.ones(2, 4, dtype=torch.complex64), None, "full"), TypeError, "real floating-point"),
+    "x1 and x2 dtypes differ": (lambda: (torch.ones(2, 4), torch.ones(2, 4, dtype=torch.float64), "full"), TypeError,
+                                "x2 has dtype torch.float64"),
     "dtype mismatch": (lambda: (torch.randn(2, 4, dtype=torch.float64), None, "full"), TypeError, "dtype torch.float64"),
     "other device": (lambda: (torch.empty(2, 4, device="meta"), None, "full"), ValueError, "is on meta"),
     "unbatched": (lambda: (torch.randn(4), None, "full"), ValueError, "must be batched"),
