@@ -43,11 +43,12 @@ def resnet18(image: int = 32, out: int = 10):
     return _randomise_norms(make(num_classes=out)), (3, image, image)
 
 
-def mobilenet_v3_small(image: int = 32, out: int = 10):
-    """torchvision's MobileNetV3-small: depthwise convs, Hardswish, squeeze-excitation (Hardsigmoid), BatchNorm."""
+def mobilenet_v3_small(image: int = 32, out: int = 10, width_mult: float = 1.0):
+    """torchvision's MobileNetV3-small: depthwise convs, Hardswish, squeeze-excitation (Hardsigmoid), BatchNorm
+    (``width_mult`` scales its channels, torchvision's own option)."""
     from torchvision.models import mobilenet_v3_small as make
 
-    return _randomise_norms(make(num_classes=out)), (3, image, image)
+    return _randomise_norms(make(num_classes=out, width_mult=width_mult)), (3, image, image)
 
 
 def vit_tiny(image: int = 16, patch: int = 8, layers: int = 2, heads: int = 2, hidden: int = 16, mlp: int = 32,

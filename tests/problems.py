@@ -54,7 +54,32 @@ PROBLEMS = [
     _p("resnet_tiny-O3-N2M3", "resnet_tiny", 2, 3, out=3, channels=2, image=6),
     _p("resnet_tiny-O3-x2None", "resnet_tiny", 3, None, out=3, channels=2, image=6),
 ]
-BY_ID = {p.id: p for p in PROBLEMS}
+# The real-model zoo, at sizes a float64 CPU check takes seconds for (torchvision's resnet18 and mobilenet at 16x16,
+# mobilenet at a quarter of its channels: PyTorch's CPU depthwise-conv backward loops over the groups).
+REAL_PROBLEMS = [
+    _p("resnet18-O2-N2M3", "resnet18", 2, 3, image=16, out=2),
+    _p("mobilenet_v3_small-O2-x2None", "mobilenet_v3_small", 2, None, image=16, out=2, width_mult=0.25),
+    _p("vit_tiny-O3-N2M3", "vit_tiny", 2, 3, out=3),
+    _p("text_transformer-O3-N2M3", "text_transformer", 2, 3, out=3),
+    _p("text_transformer-O1-x2None", "text_transformer", 3, None, out=1),
+    _p("lstm-O3-N2M3", "lstm", 2, 3, out=3),
+    _p("gru-O2-x2None", "gru", 3, None, out=2),
+    _p("mlp_layernorm-O3-N2M3", "mlp_layernorm", 2, 3, out=3),
+    _p("cnn_groupnorm-O3-N2M3", "cnn_groupnorm", 2, 3, out=3),
+    _p("cnn_batchnorm-O1-x2None", "cnn_batchnorm", 3, None, out=1),
+    _p("conv1d_net-O3-N2M3", "conv1d_net", 2, 3, out=3),
+    _p("conv_variants-depthwise-reflect-O3-N2M3", "conv_variants", 2, 3, out=3, groups=4, padding_mode="reflect"),
+    _p("conv_variants-grouped-dilated-circular-O2-x2None", "conv_variants", 3, None, out=2, groups=2, dilation=2,
+       padding_mode="circular"),
+    _p("mlp_tied-module-O3-N2M3", "mlp_tied", 2, 3, out=3, how="module"),
+    _p("mlp_tied-weight-O2-x2None", "mlp_tied", 3, None, out=2, how="weight"),
+    _p("mlp-inplace-O3-N2M3", "mlp", 2, 3, out=3, inplace=True, **SMALL_MLP),
+    _p("cnn-inplace-O3-x2None", "cnn", 3, None, out=3, inplace=True, **SMALL_CNN),
+]
+# Only the full mode for these (their layers' rules are exercised in every mode by the smaller real models).
+FULL_MODE_ONLY = {"resnet18-O2-N2M3", "mobilenet_v3_small-O2-x2None"}
+ALL_PROBLEMS = PROBLEMS + REAL_PROBLEMS
+BY_ID = {p.id: p for p in ALL_PROBLEMS}
 
 # (plugin, architecture) pairs a built-in plugin must decline, and a word its reason must contain.
 EXPECTED_UNSUPPORTED = {

@@ -256,8 +256,8 @@ def test_auto_falls_back_when_its_pick_declines_at_compute_time(monkeypatch):
 # -- every plugin on the real-model zoo: the right kernel or a decline ----------------------------------------------
 
 ZOO_SMALL = {"mlp": dict(in_features=6, width=8, out=3), "cnn": dict(channels=3, image=8, out=3),
-             "resnet_tiny": dict(channels=2, image=6, out=3), "resnet18": dict(out=2),
-             "mobilenet_v3_small": dict(out=2), "vit_tiny": dict(out=3), "text_transformer": dict(out=3),
+             "resnet_tiny": dict(channels=2, image=6, out=3), "resnet18": dict(image=16, out=2),
+             "mobilenet_v3_small": dict(image=16, out=2, width_mult=0.25), "vit_tiny": dict(out=3), "text_transformer": dict(out=3),
              "mlp_tied": dict(out=3), "conv_variants": dict(padding_mode="reflect", out=3),
              "mlp_layernorm": dict(out=3), "cnn_groupnorm": dict(out=3), "cnn_batchnorm": dict(out=3),
              "conv1d_net": dict(out=3), "lstm": dict(out=3), "gru": dict(out=3), "tutorial_cnn": {}}
