@@ -128,10 +128,12 @@ def _log_ticks(ax, kind: str, fmt) -> None:
     if not (np.isfinite(lo) and np.isfinite(hi) and 0 < lo < hi):
         return
     units = [1e-9, 1e-6, 1e-3, 1.0, 60.0] if kind == "time" else [1.0, 2.0**10, 2.0**20, 2.0**30, 2.0**40]
-    for steps in ((1,), (1, 3), (1, 2, 5)):
+    for steps, enough in (((1,), 3), ((1, 3), 3), ((1, 2, 5), 3), ((1, 2, 5), 2), (tuple(range(1, 10)), 2)):
         ticks = sorted({u * m * 10**k for u in units for k in range(3) for m in steps if lo <= u * m * 10**k <= hi})
-        if len(ticks) >= 3:
+        if len(ticks) >= enough:
             break
+    if len(ticks) < 2:  # less than a ninth of a decade: the ends of the axis
+        ticks = [lo * 1.02, hi / 1.02]
     ax.yaxis.set_major_locator(FixedLocator(ticks))
     ax.yaxis.set_major_formatter(FuncFormatter(_tick_label(fmt)))
     ax.yaxis.set_minor_formatter(NullFormatter())
@@ -249,7 +251,7 @@ def arch_figure(config_title: str, groups: list[tuple[tuple, pd.DataFrame]], imp
                 ax.xaxis.set_minor_locator(NullLocator())
                 ax.xaxis.set_minor_formatter(NullFormatter())
                 lo, hi = min(xs), max(xs)
-                ax.set_xlim(lo / 1.25, hi * 1.25 if hi > lo else hi * 1.6)
+                ax.set_xlim(lo / 1.25, hi * 1.25) if hi > lo else ax.set_xlim(lo / 2, hi * 2)
             else:
                 ax.text(0.5, 0.5, "no ok rows", transform=ax.transAxes, ha="center", va="center", color="grey")
             for xi, label in nm_labels.items():

@@ -345,10 +345,12 @@ def ours_vs_peers(df: pd.DataFrame, impls: list[str]) -> tuple[pd.DataFrame, lis
     best = _fastest(ok[_ours(ok)])
     rows = []
     for key, g in df[df["impl"].isin(peers)].groupby(CASE_KEYS, sort=False, dropna=False):
-        if key not in best.index:
-            continue
-        ours_impl, ours_t = best.loc[key, "impl"], best.loc[key, "time_median_s"]
-        row = {**dict(zip(CASE_KEYS, key)), "ours (fastest)": f"{ours_impl} {_fmt_time(ours_t)}"}
+        if key in best.index:
+            ours_impl, ours_t = best.loc[key, "impl"], best.loc[key, "time_median_s"]
+            row = {**dict(zip(CASE_KEYS, key)), "ours (fastest)": f"{ours_impl} {_fmt_time(ours_t)}"}
+        else:
+            ours_t = np.nan
+            row = {**dict(zip(CASE_KEYS, key)), "ours (fastest)": "none ok"}
         fastest_peer, fastest_t = None, np.inf
         for peer in peers:
             r = g[g["impl"] == peer]
@@ -357,13 +359,16 @@ def ours_vs_peers(df: pd.DataFrame, impls: list[str]) -> tuple[pd.DataFrame, lis
                 continue
             r = r.iloc[-1]
             if r["status"] == OK and pd.notna(r["time_median_s"]):
-                row[peer] = f"{_fmt_time(r['time_median_s'])} ({r['time_median_s'] / ours_t:.3g}×)"
-                row[f"_{peer}"] = r["time_median_s"] / ours_t
+                if np.isfinite(ours_t):
+                    row[peer] = f"{_fmt_time(r['time_median_s'])} ({r['time_median_s'] / ours_t:.3g}×)"
+                    row[f"_{peer}"] = r["time_median_s"] / ours_t
+                else:
+                    row[peer] = _fmt_time(r["time_median_s"])
                 if r["time_median_s"] < fastest_t:
                     fastest_peer, fastest_t = peer, r["time_median_s"]
             else:
                 row[peer] = str(r["status"])
-        row["ours / fastest peer"] = ours_t / fastest_t if fastest_peer else np.nan
+        row["ours / fastest peer"] = ours_t / fastest_t if fastest_peer and np.isfinite(ours_t) else np.nan
         row["fastest peer"] = fastest_peer or ""
         rows.append(row)
     return _drop_empty_budget(pd.DataFrame(rows)), peers
@@ -480,7 +485,10 @@ def summary(header: dict | Run, df: pd.DataFrame | None = None, plot_names=None)
                   "their time is the replay's, their first call includes the capture (`first_call_s`), and their "
                   "peak memory includes the graph's memory pool.", ""]
     shown_config = None
-    for key, g in df.groupby(GROUP_KEYS, sort=False, dropna=False):
+    rank = {c: i for i, c in enumerate(df["config"].drop_duplicates())}  # architectures in the run's order
+    groups = sorted(df.groupby(GROUP_KEYS, sort=False, dropna=False),
+                    key=lambda kg: (rank[kg[0][0]], _group_order(kg[0][1:])))
+    for key, g in groups:
         config, o, mode, dtype, device, budget = key
         if config != shown_config:
             shown_config = config
@@ -495,7 +503,7 @@ def summary(header: dict | Run, df: pd.DataFrame | None = None, plot_names=None)
         slopes = _slopes(g, gi)
         if any(slopes.values()):
             times.loc["slope"] = [slopes[i] for i in gi]
-        lines += ["Median time ± IQR (× the fastest):", "", _md(times), ""]
+        lines += ["Median time: median ± IQR (× the fastest)", "", _md(times), ""]
         mem = _pivot(g, gi, lambda r, f: _fmt_bytes(r["peak_mem_bytes"]) if pd.notna(r["peak_mem_bytes"]) else "")
         lines += ["Peak memory:", "", _md(mem), ""]
         agree = _pivot(g, gi, lambda r, f: f"{r['rel_err']:.1e}" if pd.notna(r["rel_err"]) else "no ref")
@@ -569,7 +577,12 @@ def _peers_section(df: pd.DataFrame, impls: list[str]) -> list[str]:
                              f"{f.max():.3g}).")
                 continue
         statuses = table[peer][table[peer] != ""].value_counts().to_dict()
-        lines.append(f"- `{peer}`: never ok here (" + ", ".join(f"{v} {k}" for k, v in statuses.items()) + ").")
+        if ((df["impl"] == peer) & (df["status"] == OK)).any():  # ok, but never where one of ours was
+            lines.append(f"- `{peer}`: ok where none of ours was.")
+            continue
+        errors = df.loc[(df["impl"] == peer) & df["error"].map(lambda e: isinstance(e, str) and bool(e)), "error"]
+        why = f": {errors.value_counts().index[0]}" if len(errors) else ""
+        lines.append(f"- `{peer}`: never ok here (" + ", ".join(f"{v} {k}" for k, v in statuses.items()) + f"){why}.")
     vs = table["ours / fastest peer"].dropna()
     if len(vs):
         lines.append(f"- The fastest of ours no slower than the fastest peer in {int((vs <= 1.0).sum())} of {len(vs)} "

@@ -210,3 +210,14 @@ def test_a_committed_run_gives_a_figure_per_architecture(run, tmp_path):
     assert " ± " in summary and "## Ours against the peers" in summary and "nan" not in summary.lower()
     csv = pd.read_csv(tmp_path / "results.csv")
     assert list(csv.columns[: len(report.COLUMNS)]) == report.COLUMNS
+
+
+def test_a_run_where_nothing_ran_ok_has_tables_and_no_figures(tmp_path):
+    rows = [row(i, n, status=s) for i, s in (("structured", "error"), ("auto", "timeout"),
+                                              ("nt_jacobian_contraction", "unsupported")) for n in (4, 8)]
+    for r in rows:
+        r.pop("O"), r.pop("P")  # the worker never answered
+    text = report.write_report(write_run(tmp_path / "run", [HEADER, *rows]), tmp_path / "out").read_text()
+    assert "Cases: 2 error, 2 timeout, 2 unsupported." in text and "O=?" in text
+    assert "`nt_jacobian_contraction`: never ok here (2 unsupported): unsupported: something." in text
+    assert not list((tmp_path / "out").glob("*.png"))
