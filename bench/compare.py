@@ -162,6 +162,10 @@ def compare_frames(a: pd.DataFrame, b: pd.DataFrame, fail_above: float = 1.10,
             if ra["status"] == OK and rb["status"] != OK:
                 row["fail"] = True
             continue
+        timers = [r.get("timer") if isinstance(r.get("timer"), str) else "wall clock" for r in (ra, rb)]
+        if timers[0] != timers[1]:
+            row["why"] = f"timed differently ({timers[0]} → {timers[1]})"
+            continue
         ta, tb = float(ra["time_median_s"]), float(rb["time_median_s"])
         row["B/A"] = tb / ta
         ba, bb = _blocks(ra.get("time_blocks_s")), _blocks(rb.get("time_blocks_s"))

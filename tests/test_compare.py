@@ -168,3 +168,11 @@ def test_the_same_sweep_run_twice_on_this_machine_passes(tmp_path, monkeypatch):
     assert len(res) == len(cases) and (res["status A"] == "ok").all() and np.isfinite(res["B/A"]).all()
     assert not res["fail"].any(), res[["case", "B/A", "low", "high", "verdict"]].to_string()
     assert run_compare(tmp_path / "a", tmp_path / "b", "--fail-above", "1.10") == 0
+
+
+def test_rows_timed_with_different_clocks_are_not_compared(tmp_path):
+    a = write(tmp_path / "a", [row(i, 4, 1e-3, iqr=1e-5) for i in IMPLS])
+    b = write(tmp_path / "b", [{**row(i, 4, 3e-3, iqr=1e-5), "timer": "process_time"} for i in IMPLS])
+    res, _ = verdicts(a, b)
+    assert set(res["verdict"]) == {"n/a"} and set(res["why"]) == {"timed differently (wall clock → process_time)"}
+    assert run_compare(a, b) == 0
