@@ -10,9 +10,9 @@ band around it that accounts for the measured noise:
   [(B − IQR_B/2)/(A + IQR_A/2), (B + IQR_B/2)/(A − IQR_A/2)].
 
 The blocks of one run all see the machine of that moment; two runs minutes
-apart see different machines (on a shared VM every case of one run came out
-1.5× slower than the same code's run a minute earlier), and nothing inside a
-run measures that. So, by default, with at least 5 cases timed in both, the
+apart see different machines (a shared VM's speed drifts by tens of percent,
+more when other processes hold its cores), and nothing inside a run measures
+that. So, by default, with at least 5 cases timed in both, the
 ratios are divided by their median over all cases, the common shift, taken as
 the machine's speed, up to ``--max-shift`` (1.5): a shift of every case beyond
 that counts against the cases (``--absolute`` judges the ratios as measured:
@@ -43,7 +43,7 @@ import pandas as pd
 from . import report
 
 VERDICTS = ("slower", "faster", "same", "n/a")
-DEFAULT_NOISE_FLOOR = 0.10  # measured: see bench/REPORT_README_SECTION.md ("Comparing two runs")
+DEFAULT_NOISE_FLOOR = 0.10  # run-to-run noise besides a common shift (the README: "Comparing two runs")
 DEFAULT_ALPHA = 0.01
 DEFAULT_MAX_SHIFT = 1.5
 MIN_CASES_FOR_SHIFT = 5

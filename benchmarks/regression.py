@@ -1,21 +1,23 @@
 """The regression gate's timing: ``python benchmarks/regression.py --out DIR`` (``make benchmark-save``/``-compare``).
 
-Times every case of a small sweep (``benchmarks/regression.toml``) in this
-process and writes ``DIR/results.jsonl`` in the runner's format (a header line,
-then one row per case with ``time_blocks_s``), for ``ntk-bench compare BASE DIR
---fail-above 1.10``. Made for a shared machine, where the runner's wall-clock
-times of the same code differ by 1.5× from one run to the next:
+Times every case of a small sweep (``benchmarks/regression.toml``) and writes
+``DIR/results.jsonl`` in the runner's format (a header line, then one row per
+case with ``time_blocks_s``), for ``ntk-bench compare BASE DIR --fail-above 1.10``.
+Made for a shared machine, where wall-clock times of the same code differ a lot
+from one run to the next (the README's "Comparing two runs" has the numbers):
 
-- on the CPU it measures the **process's CPU time** per call (``time.process_time``)
-  with one thread: time spent waiting for a core that another process holds is
-  not counted (on this 2-core VM at load 9, one case took 4.8-6.9 ms of wall
-  time and 1.6-1.9 ms of CPU time, in four blocks of ten calls); on a GPU, wall
-  time with the device synchronised;
-- two torch threads on a core shared with another process wait for each other
-  (calls of 10 to 270 ms where one thread took 7 ms): one thread by default;
+- on the CPU it measures the **process's CPU time** per call (``time.process_time``):
+  time spent waiting for a core that another process holds is not counted; on a
+  GPU, wall time with the device synchronised;
+- **one torch thread** by default: two threads on a core shared with another
+  process wait for each other;
 - blocks of calls are taken in **rounds over all cases** (case 1, 2, ..., then
   again), so each case's blocks spread over the whole run and its band includes
   the run's own drift;
+- the blocks of **several fresh processes** are pooled (``--processes``, 3): what
+  a process settles once (a backend a plugin picked by timing its first call,
+  memory layout) differs between processes, and a single process would show one
+  draw of it as a difference between runs;
 - each kernel is checked once against ``jacobian_contraction`` in float64 on the
   same inputs (status ``mismatch`` beyond the float32 tolerance): a fast wrong
   kernel does not pass the gate.
