@@ -78,14 +78,13 @@ def _prepare(case, budget_s: float, n_blocks: int):
 
     row = {**measure.case_fields(case), "cpu_threads": torch.get_num_threads(),
            "memory_budget_bytes": case.memory_budget_bytes}
-    arch, model, x1, x2 = measure.build_problem(case.problem, measure.DTYPES[case.dtype], case.device)
-    row.update(O=arch.num_outputs, P=arch.num_parameters)
-    plugin = implementations.get(case.impl)
-    reason = plugin.supports(model)
-    if reason is not None:
-        return {**row, "status": "unsupported", "error": reason}
-
     try:
+        arch, model, x1, x2 = measure.build_problem(case.problem, measure.DTYPES[case.dtype], case.device)
+        row.update(O=arch.num_outputs, P=arch.num_parameters)
+        plugin = implementations.get(case.impl)
+        reason = plugin.supports(model)
+        if reason is not None:
+            return {**row, "status": "unsupported", "error": reason}
         # A peer sets up here, outside the timed call (NTKPlugin.prepare); ours time compute itself.
         run, to_torch = plugin.prepare(model, x1, x2, mode=case.mode, memory_budget_bytes=case.memory_budget_bytes)
 

@@ -176,3 +176,56 @@ def test_rows_timed_with_different_clocks_are_not_compared(tmp_path):
     res, _ = verdicts(a, b)
     assert set(res["verdict"]) == {"n/a"} and set(res["why"]) == {"timed differently (wall clock → process_time)"}
     assert run_compare(a, b) == 0
+
+
+def test_the_regression_gate_writes_a_run_compare_reads(tmp_path):
+    """benchmarks/regression.py (make benchmark-save / -compare): a results file with per-block CPU times."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).parent.parent
+    sweep = tmp_path / "tiny.toml"
+    sweep.write_text('name = "tiny"\nimpls = ["structured", "explicit_mlp"]\ntime_budget_s = 0.02\n'
+                     '[[arch]]\nname = "cnn"\nparams = { channels = 2, image = 8 }\nN = [2]\nO = [2]\n')
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "regression.py"), "--out", str(out),
+                           "--sweep", str(sweep), "--processes", "2", "--rounds", "1", "--blocks", "3"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    header, rows = lines[0]["header"], {r["impl"]: r for r in lines[1:]}
+    assert header["timer"] == "process_time" and header["processes"] == 2 and header["torch_threads"] == 1
+    assert rows["explicit_mlp"]["status"] == "unsupported" and "Conv2d" in rows["explicit_mlp"]["error"]
+    ok = rows["structured"]
+    assert ok["status"] == "ok" and ok["rel_err"] < 1e-4 and len(ok["time_blocks_s"]) == 6
+    assert ok["cpu_threads"] == 1 and ok["time_median_s"] > 0
+    assert run_compare(out, out) == 0
+
+
+def test_the_regression_gate_marks_a_wrong_kernel_and_a_model_that_fails_to_build(monkeypatch):
+    import importlib.util
+
+    from ntk_bench import implementations
+
+    spec = importlib.util.spec_from_file_location("regression", Path(__file__).parent.parent / "benchmarks" /
+                                                  "regression.py")
+    regression = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(regression)
+
+    class TwiceTheKernel(implementations.NTKPlugin):
+        name = "twice_the_kernel"
+
+        def _kernel(self, model, x1, x2, mode):
+            return 2 * implementations.get("jacobian_contraction")._kernel(model, x1, x2, mode)
+
+    problem = sweeps.Problem("mlp", (("depth", 1), ("in_features", 4), ("out", 2), ("width", 8)), 3, None)
+    implementations.register(TwiceTheKernel())
+    try:
+        wrong = regression._prepare(sweeps.Case("twice_the_kernel", problem, "full", "float32", "cpu"), 0.01, 3)
+    finally:
+        implementations.unregister("twice_the_kernel")
+    assert wrong.row["status"] == "mismatch" and wrong.row["rel_err"] == pytest.approx(1.0)
+    bad = sweeps.Problem("mlp", (("depth", 1), ("in_features", 4), ("out", 2), ("width", 8), ("activation", "nope")),
+                         3, None)
+    row = regression._prepare(sweeps.Case("structured", bad, "full", "float32", "cpu"), 0.01, 3)
+    assert row["status"] == "error" and "nope" in row["error"]
