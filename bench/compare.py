@@ -217,8 +217,8 @@ def table(res: pd.DataFrame, shift: Shift | None = None) -> pd.DataFrame:
     res = res.sort_values(["_k", "relative"], ascending=[True, False], kind="stable")
     cols = {
         "case": res["case"],
-        "A": [_fmt_t(t, i) if sa == OK else str(sa or "—") for t, i, sa in zip(res["A"], res["IQR A"], res["status A"])],
-        "B": [_fmt_t(t, i) if sb == OK else str(sb or "—") for t, i, sb in zip(res["B"], res["IQR B"], res["status B"])],
+        **{side: [_fmt_t(t, i) if st == OK else str(st or "—")
+                  for t, i, st in zip(res[side], res[f"IQR {side}"], res[f"status {side}"])] for side in ("A", "B")},
         "B/A": [f"{x:.3g}" if np.isfinite(x) else "" for x in res["B/A"]],
     }
     if shift is not None and shift.applied != 1:

@@ -473,7 +473,8 @@ def summary(header: dict | Run, df: pd.DataFrame | None = None, plot_names=None)
     refs = ", ".join(sorted(str(r) for r in df["reference"].dropna().unique())) or "none"
     lines += ["How to read: times are medians over timing blocks (torch.utils.benchmark, after a warm-up call), "
               "`± x` is the interquartile range of those blocks in the same unit, and `(k×)` the median over the "
-              "fastest ok median in the row (of the rows that are not noisy). A row whose interquartile range is larger than its median is marked "
+              "fastest ok median in the row (of the rows that are not noisy). A row whose interquartile range is "
+              "larger than its median is marked "
               f"`noisy` instead of a factor ({n_noisy} here): time it again. Peak memory is above what the model and "
               "inputs already held. Agreement is ‖K − K_ref‖/‖K_ref‖ on the leading block of the kernel against the "
               f"float64 reference ({refs}); ✗ marks a mismatch. `slope` is the log-log slope of time against N over "
@@ -498,7 +499,8 @@ def summary(header: dict | Run, df: pd.DataFrame | None = None, plot_names=None)
         ps = sorted({int(p) for p in g["P"].dropna()})
         p = f"{ps[0]:,}" if len(ps) == 1 else "?" if not ps else "/".join(f"{x:,}" for x in ps)
         gi = [i for i in impls if i in set(g["impl"])]
-        lines += [f"### {config}: O={figs._num(o)}, {mode}, {dtype}, {device}{', ' + budget if budget else ''} (P={p})", ""]
+        where = ", ".join(x for x in (f"O={figs._num(o)}", mode, dtype, device, budget) if x)
+        lines += [f"### {config}: {where} (P={p})", ""]
         times = _pivot(g, gi, _time_cell)
         slopes = _slopes(g, gi)
         if any(slopes.values()):
