@@ -1,77 +1,260 @@
-"""Turn a run's results.jsonl into results.csv, summary.md and PNG plots (pandas + matplotlib)."""
+"""Turn a run's results.jsonl into results.csv, summary.md and PNG figures (pandas + matplotlib).
+
+A results file may hold several segments, each starting with a ``{"header": ...}``
+line (a run resumed with ``--force`` appends one); rows are read from all of
+them, and when a case appears more than once the last row wins (the summary
+says how many). Rows with a status this code does not know, without optional
+columns, or without any rows at all give a report, not a traceback.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .runner import read_results
+from . import plots as figs
+from .plots import fmt_bytes as _fmt_bytes
+from .plots import fmt_time as _fmt_time
 
 COLUMNS = ["impl", "arch", "N", "M", "O", "P", "mode", "dtype", "device", "status", "time_median_s", "time_iqr_s",
            "peak_mem_bytes", "fp_flops", "predicted_jc_flops", "predicted_vp_flops", "rel_err", "reference", "error"]
+NUMERIC = ["N", "M", "O", "P", "time_median_s", "time_iqr_s", "peak_mem_bytes", "fp_flops", "predicted_jc_flops",
+           "predicted_vp_flops", "rel_err", "memory_budget_bytes", "auto_over_pick_paired",
+           "auto_over_fastest_paired"]
+OPTIONAL = ["auto_pick", "auto_over_pick_paired", "auto_over_fastest_paired", "paired_fastest", "x2", "arch_params",
+            "memory_budget_bytes", "blocked_after_oom", "case_id"]
 JC, VP = "jacobian_contraction", "ntk_vector_products"
+OK = "ok"
+# What a group of rows (one table, one panel) shares; a case is a group and a size.
+GROUP_KEYS = ["config", "O", "mode", "dtype", "device", "budget"]
+CASE_KEYS = GROUP_KEYS + ["size"]
 
 
-def load(run_dir: Path) -> tuple[dict, pd.DataFrame]:
-    header, rows = read_results(Path(run_dir) / "results.jsonl")
-    df = pd.DataFrame(rows)
-    for c in COLUMNS + ["auto_pick", "auto_over_pick_paired", "auto_over_fastest_paired", "paired_fastest"]:
-        if c not in df.columns:
-            df[c] = np.nan
-    # A row the worker never answered (timeout, crash) lacks the model's O and P: take them from its problem's other rows.
-    problem = ["arch", "arch_params", "N", "M", "x2"]
-    for c in ("O", "P", "fp_flops", "predicted_jc_flops", "predicted_vp_flops"):
-        df[c] = df.groupby(problem, dropna=False)[c].transform("first")
-    df["config"] = df["arch"] + df["arch_params"].map(_short_params)
-    df["size"] = np.where(df["x2"] == "x1", "N=" + df["N"].astype(str), "N=" + df["N"].astype(str) + ", M=" + df["M"].astype(str))
-    rest = [c for c in df.columns if c not in COLUMNS]
-    return header, df[COLUMNS + rest]
+@dataclasses.dataclass
+class Run:
+    """A run's rows as a DataFrame (one row per case, the last one written), with what reading it found."""
+
+    headers: list[dict]
+    df: pd.DataFrame
+    duplicates: int = 0  # rows replaced by a later row of the same case
+    unreadable: int = 0  # lines that are not a JSON object (a torn last line, a stray line)
+    incomplete: int = 0  # rows without impl, arch or N: left out
+
+    @property
+    def header(self) -> dict:
+        return self.headers[0] if self.headers else {}
 
 
-def _short_params(params_json) -> str:
-    params = {k: v for k, v in json.loads(params_json).items() if k != "out"}
+def read_run(path: Path) -> tuple[list[dict], list[dict], int]:
+    """(headers, rows, unreadable lines) of a results.jsonl (or a run directory holding one).
+
+    Every line with a ``"header"`` key starts a segment; each row gets ``segment``, the index of its header.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.jsonl"
+    headers: list[dict] = []
+    rows: list[dict] = []
+    unreadable = 0
+    with open(path, "rb") as f:
+        for raw in f:
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                unreadable += 1
+                continue
+            if not isinstance(obj, dict):
+                unreadable += 1
+            elif "header" in obj:
+                headers.append(obj["header"] if isinstance(obj["header"], dict) else {})
+            else:
+                rows.append({**obj, "segment": max(len(headers) - 1, 0)})
+    return headers, rows, unreadable
+
+
+def _params_dict(value) -> dict:
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            return {}
+        return parsed if isinstance(parsed, dict) else {}
+    return {}
+
+
+def _short_params(value) -> str:
+    params = {k: v for k, v in _params_dict(value).items() if k != "out"}
     return "(" + ",".join(f"{k}={v}" for k, v in params.items()) + ")" if params else ""
 
 
+def _budget_label(b) -> str:
+    return "" if b is None or not np.isfinite(b) else f"budget {_fmt_bytes(b)}"
+
+
+def _case_budget(r) -> float:
+    """The memory budget the case asked for: not the one a row fell back to after running out of memory."""
+    if r.get("blocked_after_oom") is True:
+        return np.nan
+    b = r.get("memory_budget_bytes")
+    if b is not None and pd.notna(b):
+        return float(b)
+    cid = str(r.get("case_id") or "")  # a row the worker never answered carries the budget only in its key
+    last = cid.rsplit("/", 1)[-1]
+    if last.startswith("budget=") and last.endswith("B") and last[7:-1].isdigit():
+        return float(last[7:-1])
+    return np.nan
+
+
+def _jsonable(v):
+    return json.dumps(v) if isinstance(v, (list, dict)) else v
+
+
+def frame(rows: list[dict]) -> tuple[pd.DataFrame, int, int]:
+    """(the rows as a DataFrame, one per case with the last row winning; duplicates; incomplete rows)."""
+    rows = [r for r in rows if isinstance(r, dict)]
+    complete = [r for r in rows if r.get("impl") not in (None, "") and r.get("arch") not in (None, "")
+                and isinstance(r.get("N"), (int, float)) and not isinstance(r.get("N"), bool)]
+    incomplete = len(rows) - len(complete)
+    for r in complete:
+        r["memory_budget_bytes_case"] = _case_budget(r)
+    df = pd.DataFrame(complete)
+    for c in dict.fromkeys(COLUMNS + OPTIONAL):
+        if c not in df.columns:
+            df[c] = np.nan
+    if "memory_budget_bytes_case" not in df.columns:
+        df["memory_budget_bytes_case"] = np.nan
+    df = df.astype({c: object for c in ("arch_params", "x2", "case_id", "auto_pick", "paired_fastest", "status",
+                                         "mode", "dtype", "device", "reference", "error")})
+    for c in NUMERIC:
+        df[c] = pd.to_numeric(df[c], errors="coerce")
+    df["M"] = df["M"].fillna(df["N"])
+    df["x2"] = [x if isinstance(x, str) else ("x1" if m == n else "separate")
+                for x, n, m in zip(df["x2"], df["N"], df["M"])]
+    for c, default in (("status", "?"), ("mode", "?"), ("dtype", "?"), ("device", "?"), ("arch_params", "{}")):
+        df[c] = [v if isinstance(v, str) else (json.dumps(v) if isinstance(v, dict) else default) for v in df[c]]
+    df["case_id"] = [cid if isinstance(cid, str) and cid else
+                     f"{r.impl}/{r.arch}{r.arch_params}/N={r.N:g}/M={r.x2 if r.x2 == 'x1' else r.M}/{r.mode}/"
+                     f"{r.dtype}/{r.device}/{r.memory_budget_bytes_case}"
+                     for cid, r in zip(df["case_id"], df.itertuples(index=False))]
+    before = len(df)
+    df = df.drop_duplicates("case_id", keep="last").reset_index(drop=True)
+    duplicates = before - len(df)
+    df["N"] = df["N"].astype(int)
+    df["M"] = df["M"].astype(int)
+    # A row the worker never answered (timeout, crash) lacks the model's O and P: take them from its problem's other rows.
+    problem = ["arch", "arch_params", "N", "M", "x2"]
+    if len(df):
+        for c in ("O", "P", "fp_flops", "predicted_jc_flops", "predicted_vp_flops"):
+            df[c] = df.groupby(problem, dropna=False)[c].transform("first")
+    df["config"] = df["arch"].astype(str) + df["arch_params"].map(_short_params)
+    df["size"] = ["N=" + str(n) if x == "x1" else f"N={n}, M={m}" for n, m, x in zip(df["N"], df["M"], df["x2"])]
+    df["budget"] = df["memory_budget_bytes_case"].map(_budget_label)
+    for c in df.columns:
+        if df[c].dtype == object:
+            df[c] = df[c].map(_jsonable)
+    rest = [c for c in df.columns if c not in COLUMNS]
+    return df[COLUMNS + rest], duplicates, incomplete
+
+
+def load_run(run_dir: Path) -> Run:
+    headers, rows, unreadable = read_run(run_dir)
+    df, duplicates, incomplete = frame(rows)
+    return Run(headers, df, duplicates, unreadable, incomplete)
+
+
+def load(run_dir: Path) -> tuple[dict, pd.DataFrame]:
+    """(the first header, the rows as a DataFrame)."""
+    run = load_run(run_dir)
+    return run.header, run.df
+
+
 def _impl_order(df: pd.DataFrame) -> list[str]:
-    from ntk_bench import implementations
+    """Ours in the registry's order, then peers, then anything else by name."""
+    present = set(df["impl"])
+    try:
+        from ntk_bench import implementations
+
+        order = implementations.names() + implementations.names("peer")
+    except Exception:  # a broken third-party entry point must not stop a report
+        order = list(figs._OURS)
     from .sweeps import NT_PEERS
 
-    order = implementations.names() + list(NT_PEERS)
-    return [i for i in order if i in set(df["impl"])] + sorted(set(df["impl"]) - set(order))
+    order += [p for p in NT_PEERS if p not in order]
+    ours = [i for i in order if i in present and not figs.is_peer(i)]
+    others = sorted(present - set(order))
+    return ours + [i for i in others if not figs.is_peer(i)] + \
+        [i for i in order if i in present and figs.is_peer(i)] + [i for i in others if figs.is_peer(i)]
 
 
-def _fmt_time(s: float) -> str:
-    return f"{s * 1e3:.3g} ms" if s < 1 else f"{s:.3g} s"
+def _fmt_iqr(iqr: float, median: float) -> str:
+    """The IQR in the unit of the median's rendering (``12.3 ms ± 0.4``)."""
+    scale = 1 if median >= 1 else 1e3 if median >= 1e-3 else 1e6
+    v = iqr * scale
+    return f"{v:.0f}" if v >= 100 else f"{v:.2g}"
 
 
-def _fmt_bytes(b: float) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if b >= scale:
-            return f"{b / scale:.3g} {unit}"
-    return f"{b:.0f} B"
+def noisy(r) -> bool:
+    """A row whose interquartile range is larger than its median: its time says little."""
+    return pd.notna(r["time_iqr_s"]) and pd.notna(r["time_median_s"]) and r["time_iqr_s"] > r["time_median_s"]
+
+
+def _time_text(r) -> str:
+    t = _fmt_time(r["time_median_s"])
+    if t and pd.notna(r["time_iqr_s"]):
+        t += f" ± {_fmt_iqr(r['time_iqr_s'], r['time_median_s'])}"
+    return t
+
+
+def _sizes(group: pd.DataFrame) -> list[str]:
+    first = group.drop_duplicates("size").set_index("size")
+    return sorted(first.index, key=lambda s: (first.loc[s, "N"], first.loc[s, "x2"] != "x1", first.loc[s, "M"], s))
 
 
 def _pivot(group: pd.DataFrame, impls: list[str], cell) -> pd.DataFrame:
-    """Sizes down, plugins across; ``cell(row, fastest)`` renders an ok row; other rows show their status."""
-    ok = group[group["status"].isin(["ok", "mismatch"])]
-    fastest = ok.groupby("size")["time_median_s"].min()
+    """Sizes down, plugins across; ``cell(row, fastest)`` renders an ok or mismatch row; others show their status."""
+    ok = group[group["status"] == OK]
+    steady = ok[~(ok["time_iqr_s"] > ok["time_median_s"])]  # a noisy row is no yardstick, unless all are noisy
+    fastest = steady.groupby("size")["time_median_s"].min().combine_first(ok.groupby("size")["time_median_s"].min())
     table = {}
     for impl in impls:
         col = {}
         for _, r in group[group["impl"] == impl].iterrows():
-            col[r["size"]] = cell(r, fastest.get(r["size"], np.nan)) if r["status"] in ("ok", "mismatch") else r["status"]
+            if r["status"] not in (OK, "mismatch"):
+                col[r["size"]] = str(r["status"])
+            else:
+                col[r["size"]] = cell(r, fastest.get(r["size"], np.nan))
         table[impl] = col
-    sizes = sorted(group["size"].unique(), key=lambda s: (group[group["size"] == s]["N"].iloc[0], s))
-    return pd.DataFrame(table, index=sizes).reindex(sizes).fillna("")
+    sizes = _sizes(group)
+    return pd.DataFrame(table, index=sizes, columns=impls).reindex(sizes).fillna("")
 
 
 def _time_cell(r, fastest):
     mark = " ✗" if r["status"] == "mismatch" else ""
-    return f"{_fmt_time(r['time_median_s'])} ({r['time_median_s'] / fastest:.3g}×){mark}"
+    if pd.isna(r["time_median_s"]):
+        return f"{r['status']}, no time{mark}"
+    if noisy(r):
+        return f"{_time_text(r)} (noisy){mark}"
+    factor = f" ({r['time_median_s'] / fastest:.3g}×)" if np.isfinite(fastest) and fastest > 0 else ""
+    return f"{_time_text(r)}{factor}{mark}"
+
+
+def _slopes(group: pd.DataFrame, impls: list[str]) -> dict[str, str]:
+    """Per plugin, the log-log slope of its N = M times against N (where it has two distinct N or more)."""
+    ok = group[(group["status"] == OK) & (group["x2"] == "x1")]
+    out = {}
+    for impl in impls:
+        s = ok[ok["impl"] == impl]
+        k = figs.slope(s["N"], s["time_median_s"])
+        out[impl] = "" if k is None else f"{k:.2f}"
+    return out
 
 
 def fit_cost_model(df: pd.DataFrame) -> pd.DataFrame:
@@ -79,196 +262,348 @@ def fit_cost_model(df: pd.DataFrame) -> pd.DataFrame:
     from scipy.optimize import nnls
 
     out = []
-    for key, g in df[df["status"] == "ok"].groupby(["config", "O", "mode", "dtype", "device"]):
+    need = ["time_median_s", "predicted_jc_flops", "predicted_vp_flops", "O", "P"]
+    good = df[(df["status"] == OK) & np.isfinite(df[need].astype(float)).all(axis=1)]
+    for key, g in good.groupby(GROUP_KEYS, sort=False, dropna=False):
         jc, vp = g[g["impl"] == JC], g[g["impl"] == VP]
         if len(jc) < 2 or len(vp) < 2:
             continue
-        n_side = jc["predicted_jc_flops"] - jc["N"] * jc["M"] * jc["O"] ** 2 * jc["P"]
-        a_mat = np.stack([n_side.to_numpy(float), (jc["N"] * jc["M"] * jc["O"] ** 2 * jc["P"]).to_numpy(float)], 1)
-        coef, _ = nnls(a_mat, jc["time_median_s"].to_numpy(float))
-        c = float(np.dot(vp["predicted_vp_flops"], vp["time_median_s"]) / np.dot(vp["predicted_vp_flops"], vp["predicted_vp_flops"]))
-        both = pd.merge(jc[["size", "N", "time_median_s"]], vp[["size", "time_median_s"]], on="size", suffixes=("_jc", "_vp")).sort_values("N")
+        contraction = (jc["N"] * jc["M"] * jc["O"] ** 2 * jc["P"]).to_numpy(float)
+        n_side = jc["predicted_jc_flops"].to_numpy(float) - contraction
+        coef, _ = nnls(np.stack([n_side, contraction], 1), jc["time_median_s"].to_numpy(float))
+        vpf = vp["predicted_vp_flops"].to_numpy(float)
+        c = float(np.dot(vpf, vp["time_median_s"]) / np.dot(vpf, vpf)) if np.dot(vpf, vpf) > 0 else np.nan
+        both = pd.merge(jc[["size", "N", "time_median_s"]], vp[["size", "time_median_s"]], on="size",
+                        suffixes=("_jc", "_vp")).sort_values("N")
         faster = np.where(both["time_median_s_jc"] <= both["time_median_s_vp"], "JC", "NTK-VP")
         flips = [f"{both['size'].iloc[i]}: {faster[i]}" for i in range(len(faster)) if i == 0 or faster[i] != faster[i - 1]]
         out.append({
-            "config": key[0], "O": key[1], "mode": key[2], "dtype": key[3], "device": key[4],
+            **dict(zip(GROUP_KEYS, key)),
             "jc_s_per_jacobian_flop": coef[0], "jc_s_per_contraction_flop": coef[1], "vp_s_per_flop": c,
             "faster (from the size shown on)": "; ".join(flips),
         })
-    return pd.DataFrame(out)
+    return _drop_empty_budget(pd.DataFrame(out))
 
 
-CASE_KEYS = ["config", "O", "size", "mode", "dtype", "device"]
+def _drop_empty_budget(t: pd.DataFrame) -> pd.DataFrame:
+    if "budget" in t.columns and not (t["budget"].astype(str) != "").any():
+        t = t.drop(columns="budget")
+    return t
 
 
 def _fastest(rows: pd.DataFrame) -> pd.DataFrame:
     """The fastest row per case: its impl and time."""
-    return rows.sort_values("time_median_s").groupby(CASE_KEYS, sort=False).first()[["impl", "time_median_s"]]
+    return rows.sort_values("time_median_s").groupby(CASE_KEYS, sort=False, dropna=False).first()[
+        ["impl", "time_median_s"]]
+
+
+def _ours(df: pd.DataFrame) -> pd.Series:
+    return ~df["impl"].map(figs.is_peer).astype(bool)
 
 
 def auto_vs_fastest(df: pd.DataFrame) -> pd.DataFrame:
-    """Per case: auto's pick and time against the fastest of the other plugins (peers excluded)."""
-    ok = df[df["status"] == "ok"]
-    ours = ok[(ok["impl"] != "auto") & ~ok["impl"].str.startswith("nt_")]
+    """Per case: auto's pick and time against the fastest of the other plugins (peers excluded).
+
+    ``pick in sweep`` is False when auto picked a plugin that was not run for that case: its time against the
+    fastest then cannot be measured from the run.
+    """
+    ok = df[(df["status"] == OK) & df["time_median_s"].notna()]
+    ours = ok[(ok["impl"] != "auto") & _ours(ok)]
     auto = ok[ok["impl"] == "auto"].set_index(CASE_KEYS)[["auto_pick", "time_median_s", "auto_over_pick_paired",
                                                          "auto_over_fastest_paired", "paired_fastest"]]
     j = auto.join(_fastest(ours), rsuffix="_fastest", how="inner").reset_index()
+    if j.empty:
+        return pd.DataFrame()
+    ran = df.groupby(CASE_KEYS, sort=False, dropna=False)["impl"].agg(set)
+    keys = list(j[CASE_KEYS].itertuples(index=False, name=None))
+    in_sweep = [p in ran.get(k, set()) for k, p in zip(keys, j["auto_pick"])]
     pick_time = ours.set_index(CASE_KEYS + ["impl"])["time_median_s"]
-    pick = [pick_time.get((*key, p), np.nan) for key, p in zip(j[CASE_KEYS].itertuples(index=False), j["auto_pick"])]
-    return pd.DataFrame({
-        **{k: j[k] for k in CASE_KEYS}, "auto pick": j["auto_pick"], "auto": j["time_median_s"].map(_fmt_time),
+    pick = [pick_time.get((*k, p), np.nan) for k, p in zip(keys, j["auto_pick"])]
+    return _drop_empty_budget(pd.DataFrame({
+        **{k: j[k] for k in CASE_KEYS},
+        "auto pick": [f"{p}" if s else f"{p} (outside the sweep)" for p, s in zip(j["auto_pick"], in_sweep)],
+        "pick in sweep": in_sweep,
+        "auto": j["time_median_s"].map(_fmt_time),
         "fastest": j["impl"], "fastest time": j["time_median_s_fastest"].map(_fmt_time),
         "auto / fastest": j["time_median_s"] / j["time_median_s_fastest"],
         "pick / fastest": np.asarray(pick, dtype=float) / j["time_median_s_fastest"],
         "auto / pick, paired": j["auto_over_pick_paired"],
         "auto / fastest, paired": j["auto_over_fastest_paired"], "paired fastest": j["paired_fastest"],
-    })
+        "picked fastest": [p == f for p, f in zip(j["auto_pick"], j["impl"])],
+    }))
 
 
-def ours_vs_neural_tangents(df: pd.DataFrame) -> pd.DataFrame:
-    """Per case: the fastest of our plugins against the fastest neural-tangents implementation."""
-    ok = df[df["status"] == "ok"]
-    peer = ok["impl"].str.startswith("nt_")
-    j = _fastest(ok[~peer]).join(_fastest(ok[peer]), lsuffix="_ours", rsuffix="_nt", how="inner").reset_index()
-    return pd.DataFrame({
-        **{k: j[k] for k in CASE_KEYS},
-        "ours": [f"{i} {_fmt_time(t)}" for i, t in zip(j["impl_ours"], j["time_median_s_ours"])],
-        "neural-tangents": [f"{i} {_fmt_time(t)}" for i, t in zip(j["impl_nt"], j["time_median_s_nt"])],
-        "ours / nt": j["time_median_s_ours"] / j["time_median_s_nt"],
-    })
+def ours_vs_peers(df: pd.DataFrame, impls: list[str]) -> tuple[pd.DataFrame, list[str]]:
+    """Per case with a peer row: the fastest of ours, and every peer's time with its factor over ours.
+
+    Returns (the table, the peers in order); a peer row that is not ok shows its status.
+    """
+    peers = [i for i in impls if figs.is_peer(i)]
+    if not peers:
+        return pd.DataFrame(), []
+    ok = df[(df["status"] == OK) & df["time_median_s"].notna()]
+    best = _fastest(ok[_ours(ok)])
+    rows = []
+    for key, g in df[df["impl"].isin(peers)].groupby(CASE_KEYS, sort=False, dropna=False):
+        if key in best.index:
+            ours_impl, ours_t = best.loc[key, "impl"], best.loc[key, "time_median_s"]
+            row = {**dict(zip(CASE_KEYS, key)), "ours (fastest)": f"{ours_impl} {_fmt_time(ours_t)}"}
+        else:
+            ours_t = np.nan
+            row = {**dict(zip(CASE_KEYS, key)), "ours (fastest)": "none ok"}
+        fastest_peer, fastest_t = None, np.inf
+        for peer in peers:
+            r = g[g["impl"] == peer]
+            if r.empty:
+                row[peer] = ""
+                continue
+            r = r.iloc[-1]
+            if r["status"] == OK and pd.notna(r["time_median_s"]):
+                if np.isfinite(ours_t):
+                    row[peer] = f"{_fmt_time(r['time_median_s'])} ({r['time_median_s'] / ours_t:.3g}×)"
+                    row[f"_{peer}"] = r["time_median_s"] / ours_t
+                else:
+                    row[peer] = _fmt_time(r["time_median_s"])
+                if r["time_median_s"] < fastest_t:
+                    fastest_peer, fastest_t = peer, r["time_median_s"]
+            else:
+                row[peer] = str(r["status"])
+        row["ours / fastest peer"] = ours_t / fastest_t if fastest_peer and np.isfinite(ours_t) else np.nan
+        row["fastest peer"] = fastest_peer or ""
+        rows.append(row)
+    return _drop_empty_budget(pd.DataFrame(rows)), peers
 
 
-def _slope(n, t) -> float:
-    return float(np.polyfit(np.log(n), np.log(t), 1)[0]) if len(n) >= 2 else float("nan")
+def figure_groups(g: pd.DataFrame) -> list[tuple[tuple, pd.DataFrame]]:
+    """The panels of an architecture's figure: its groups (O, mode, dtype, device, budget) with an ok row."""
+    groups = [(key, p) for key, p in g.groupby(["O", "mode", "dtype", "device", "budget"], sort=False, dropna=False)
+              if (p["status"] == OK).any()]
+    return sorted(groups, key=lambda kp: _group_order(kp[0]))
 
 
-def plots(df: pd.DataFrame, out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    made = []
+def plots_for(df: pd.DataFrame, out: Path) -> list[tuple[str, str]]:
+    """Write one figure per architecture and the cost-model figure; return [(config, file name)]."""
     impls = _impl_order(df)
-    colors = {impl: plt.cm.tab20(i % 20) for i, impl in enumerate(impls)}
-    style = {impl: ("s--" if impl.startswith("nt_") else "o-") for impl in impls}  # peers dashed
-    sq = df[(df["x2"] == "x1") & (df["status"] == "ok")]
-    for config, g in sq.groupby("config"):
-        panels = list(g.groupby(["O", "mode", "dtype", "device"]))
-        for what, col, label in (("time", "time_median_s", "median time [s]"), ("memory", "peak_mem_bytes", "peak memory [bytes]")):
-            fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-            for ax, ((o, mode, dtype, device), p) in zip(axes[0], panels):
-                for impl in impls:
-                    s = p[(p["impl"] == impl) & (p[col] > 0)].sort_values("N")
-                    if len(s):
-                        ax.plot(s["N"], s[col], style[impl], color=colors[impl],
-                                label=f"{impl} (slope {_slope(s['N'], s[col]):.2f})" if what == "time" else impl)
-                ax.set(xscale="log", yscale="log", xlabel="N (= M)", ylabel=label, title=f"O={o}, {mode}, {dtype}, {device}")
-                ax.legend(fontsize=7)
-            fig.suptitle(config)
-            fig.tight_layout()
-            name = f"{what}_vs_N_{_slug(config)}.png"
-            fig.savefig(out / name, dpi=110)
-            plt.close(fig)
-            made.append(name)
-    ok = df[df["status"] == "ok"]
-    fig, ax = plt.subplots(figsize=(6, 5))
-    for impl in impls:
-        s = ok[ok["impl"] == impl]
-        x = s["predicted_vp_flops"] if impl in (VP, "nt_ntk_vector_products") else s["predicted_jc_flops"]
-        if len(s):
-            ax.scatter(x, s["time_median_s"], s=14, color=colors[impl], label=impl)
-    ax.set(xscale="log", yscale="log", xlabel="predicted FLOPs (JC model; NTK-VP model for NTK-VP)",
-           ylabel="median time [s]", title="measured time against the cost model")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "time_vs_predicted_flops.png", dpi=110)
-    plt.close(fig)
-    return made + ["time_vs_predicted_flops.png"]
+    made = []
+    for config, g in df.groupby("config", sort=False):
+        groups = figure_groups(g)
+        if not groups:
+            continue
+        name = f"{_slug(config)}.png"
+        figs.arch_figure(_config_title(config, g), groups, impls, out / name)
+        made.append((config, name))
+    ok = df[(df["status"] == OK) & df["time_median_s"].notna()]
+    if len(ok):
+        figs.cost_model_figure(ok, impls, out / "time_vs_predicted_flops.png")
+        made.append(("", "time_vs_predicted_flops.png"))
+    return made
+
+
+_MODE_ORDER = {"full": 0, "trace": 1, "diagonal": 2}
+
+
+def _group_order(key: tuple) -> tuple:
+    o, mode, dtype, device, budget = key
+    return (o if pd.notna(o) else np.inf, _MODE_ORDER.get(mode, 3), str(mode), str(dtype), str(device), str(budget))
+
+
+def _config_title(config: str, g: pd.DataFrame) -> str:
+    params = {k: v for k, v in _params_dict(g["arch_params"].iloc[0]).items() if k != "out"}
+    arch = g["arch"].iloc[0]
+    return f"{arch}" + (": " + ", ".join(f"{k}={v}" for k, v in params.items()) if params else "")
 
 
 def _slug(s: str) -> str:
-    return "".join(ch if ch.isalnum() else "_" for ch in s).strip("_")
+    return "".join(ch if ch.isalnum() else "_" for ch in s).strip("_") or "run"
 
 
-def summary(header: dict, df: pd.DataFrame, plot_names: list[str]) -> str:
+def _md(t: pd.DataFrame, **kw) -> str:
+    return t.to_markdown(**kw) if len(t) else "(none)"
+
+
+def _md_table(t: pd.DataFrame) -> str:
+    """A markdown table of strings: numbers to 3 significant digits, blanks where there is no number."""
+    def cell(v):
+        if isinstance(v, (bool, np.bool_)):
+            return "yes" if v else "no"
+        if isinstance(v, (float, np.floating)):
+            return "" if not np.isfinite(v) else f"{v:.3g}"
+        return "" if v is None else str(v)
+    mapped = t.map(cell) if hasattr(t, "map") else t.applymap(cell)  # DataFrame.map: pandas >= 2.1
+    return mapped.to_markdown(index=False, disable_numparse=True) if len(t) else "(none)"
+
+
+def _header_line(h: dict) -> str:
+    keep = [k for k in ("sweep", "git_commit", "code_sha1", "started", "device_name") if h.get(k)]
+    return ", ".join(f"{k} {str(h[k])[:12] if k == 'git_commit' else h[k]}" for k in keep) or "no header"
+
+
+def summary(header: dict | Run, df: pd.DataFrame | None = None, plot_names=None) -> str:
+    """The summary.md of a run (a :class:`Run`, or the old (header, df, plot names) form)."""
+    run = header if isinstance(header, Run) else Run([header] if header else [], df)
+    df = run.df
+    made = [(("", n) if isinstance(n, str) else n) for n in (plot_names or [])]
+    fig_of = {c: n for c, n in made if c}
     impls = _impl_order(df)
-    lines = [f"# ntk-bench results: {header.get('sweep', '?')}", ""]
-    env = ", ".join(f"{k} {v}" for k, v in header.items() if k not in ("sweep", "cases") and v is not None)
-    lines += [f"Environment: {env}.", ""]
+    h = run.header
+    lines = [f"# ntk-bench results: {h.get('sweep', '?')}", ""]
+    env = ", ".join(f"{k} {v}" for k, v in h.items() if k not in ("sweep", "cases") and v is not None)
+    lines += [f"Environment: {env or 'unknown (no header line)'}.", ""]
+    if len(run.headers) > 1:
+        per = df.groupby("segment").size().to_dict() if "segment" in df else {}
+        lines += [f"This results file holds {len(run.headers)} segments (a header line each; rows of later segments "
+                  "replace earlier rows of the same case):", ""]
+        lines += [f"{i + 1}. {_header_line(s)}: {per.get(i, 0)} rows kept" for i, s in enumerate(run.headers)] + [""]
+    notes = []
+    if run.duplicates:
+        notes.append(f"{run.duplicates} rows repeat a case already in the file (a re-run or resumed case): the last "
+                     "row of each case is the one shown.")
+    if run.unreadable:
+        notes.append(f"{run.unreadable} lines are not JSON objects (e.g. a line torn by a killed runner) and were "
+                     "skipped.")
+    if run.incomplete:
+        notes.append(f"{run.incomplete} rows lack impl, arch or N and were left out.")
+    lines += [f"- {n}" for n in notes] + ([""] if notes else [])
+    if df.empty:
+        lines += ["No result rows yet.", ""]
+        return "\n".join(lines)
     counts = df["status"].value_counts().to_dict()
     lines += ["Cases: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + ".", ""]
-    lines += ["Times are medians (torch.utils.benchmark, after a warm-up call); `(k×)` is the time over the "
-              "fastest in the row. Peak memory is above what the model and inputs already held. "
-              "Agreement is ‖K − K_ref‖/‖K_ref‖ on the leading block of the kernel against the float64 reference "
-              f"({', '.join(sorted(df['reference'].dropna().unique())) or 'none'}). ✗ marks a mismatch.", ""]
+    n_noisy = int(sum(noisy(r) for _, r in df[df["status"] == OK].iterrows()))
+    refs = ", ".join(sorted(str(r) for r in df["reference"].dropna().unique())) or "none"
+    lines += ["How to read: times are medians over timing blocks (torch.utils.benchmark, after a warm-up call), "
+              "`± x` is the interquartile range of those blocks in the same unit, and `(k×)` the median over the "
+              "fastest ok median in the row (of the rows that are not noisy). A row whose interquartile range is "
+              "larger than its median is marked "
+              f"`noisy` instead of a factor ({n_noisy} here): time it again. Peak memory is above what the model and "
+              "inputs already held. Agreement is ‖K − K_ref‖/‖K_ref‖ on the leading block of the kernel against the "
+              f"float64 reference ({refs}); ✗ marks a mismatch. `slope` is the log-log slope of time against N over "
+              "the N = M sizes (2: quadratic in N). Times of different rows were taken at different moments; "
+              "`auto` is also timed in alternating blocks against its pick and the fastest (its section).", ""]
     if "cuda_graph_bytes" in df and df["cuda_graph_bytes"].notna().any():
         graphed = df[df["cuda_graph_bytes"].notna()]
         lines += [f"{len(graphed)} rows replayed a captured CUDA graph ({', '.join(sorted(graphed['impl'].unique()))}): "
                   "their time is the replay's, their first call includes the capture (`first_call_s`), and their "
                   "peak memory includes the graph's memory pool.", ""]
-    for key, g in df.groupby(["config", "O", "mode", "dtype", "device"], sort=False):
-        config, o, mode, dtype, device = key
-        p = int(g["P"].dropna().iloc[0]) if g["P"].notna().any() else "?"
-        lines += [f"## {config}, O={o:g}, {mode}, {dtype}, {device} (P={p})", ""]
-        lines += ["Median time:", "", _pivot(g, impls, _time_cell).to_markdown(), ""]
-        mem = _pivot(g, impls, lambda r, f: _fmt_bytes(r["peak_mem_bytes"]) if pd.notna(r["peak_mem_bytes"]) else "")
-        lines += ["Peak memory:", "", mem.to_markdown(), ""]
-        agree = _pivot(g, impls, lambda r, f: f"{r['rel_err']:.1e}" if pd.notna(r["rel_err"]) else "no ref")
-        lines += ["Agreement with the reference:", "", agree.to_markdown(), ""]
-        notes = g[g["status"].isin(["unsupported", "error", "oom", "timeout"])].drop_duplicates("impl")
-        if len(notes):
-            lines += ["Not ok:", ""] + [f"- `{r['impl']}` {r['status']}: {r['error']}" for _, r in notes.iterrows()] + [""]
+    shown_config = None
+    rank = {c: i for i, c in enumerate(df["config"].drop_duplicates())}  # architectures in the run's order
+    groups = sorted(df.groupby(GROUP_KEYS, sort=False, dropna=False),
+                    key=lambda kg: (rank[kg[0][0]], _group_order(kg[0][1:])))
+    for key, g in groups:
+        config, o, mode, dtype, device, budget = key
+        if config != shown_config:
+            shown_config = config
+            lines += [f"## {_config_title(config, g)}", ""]
+            if config in fig_of:
+                lines += [f"![{config}]({fig_of[config]})", ""]
+        ps = sorted({int(p) for p in g["P"].dropna()})
+        p = f"{ps[0]:,}" if len(ps) == 1 else "?" if not ps else "/".join(f"{x:,}" for x in ps)
+        gi = [i for i in impls if i in set(g["impl"])]
+        where = ", ".join(x for x in (f"O={figs._num(o)}", mode, dtype, device, budget) if x)
+        lines += [f"### {config}: {where} (P={p})", ""]
+        times = _pivot(g, gi, _time_cell)
+        slopes = _slopes(g, gi)
+        if any(slopes.values()):
+            times.loc["slope"] = [slopes[i] for i in gi]
+        lines += ["Median time: median ± IQR (× the fastest)", "", _md(times), ""]
+        mem = _pivot(g, gi, lambda r, f: _fmt_bytes(r["peak_mem_bytes"]) if pd.notna(r["peak_mem_bytes"]) else "")
+        lines += ["Peak memory:", "", _md(mem), ""]
+        agree = _pivot(g, gi, lambda r, f: f"{r['rel_err']:.1e}" if pd.notna(r["rel_err"]) else "no ref")
+        lines += ["Agreement with the reference:", "", _md(agree), ""]
+        bad = g[~g["status"].isin([OK, "mismatch"])].drop_duplicates("impl")
+        if len(bad):
+            lines += ["Not ok:", ""] + [f"- `{r['impl']}` {r['status']}"
+                                        + (f": {r['error']}" if isinstance(r["error"], str) and r["error"] else "")
+                                        for _, r in bad.iterrows()] + [""]
     fits = fit_cost_model(df)
     if len(fits):
         lines += ["## Cost model: fitted constants and JC / NTK-VP crossover", "",
                   "JC: t ≈ a·(N+M')·O·[FP] + b·N·M·O²·P; NTK-VP: t ≈ c·N·M·O·[FP] (least squares over the sizes measured). "
                   "1/b and 1/c read as effective FLOP/s.", "",
-                  fits.to_markdown(index=False, floatfmt=".3g"), ""]
-    autos = auto_vs_fastest(df)
-    if len(autos):
-        k = len(autos)
-        within = int((autos["auto / fastest"] <= 1.10).sum())
-        best = int((autos["auto pick"] == autos["fastest"]).sum())
-        pick_close = int((autos["pick / fastest"] <= 1.10).sum())
-        paired = autos["auto / pick, paired"].dropna()
-        combined = int((autos["auto / pick, paired"] * autos["pick / fastest"] <= 1.10).sum())
-        direct = autos["auto / fastest, paired"].dropna()
-        lines += ["## auto's pick against the measured fastest", "",
-                  f"- auto's own time within 10% of the fastest plugin's, each timed separately: {within} of {k} "
-                  f"cases ({within / k:.0%}).",
-                  f"- auto picked the measured fastest plugin in {best} of {k}; a plugin within 10% of it in "
-                  f"{pick_close} of {k}.",
-                  *([f"- auto against its own pick, timed in alternating blocks (`auto / pick, paired`, free of the "
-                     f"machine's drift between cases): median {paired.median():.3f}, at most {paired.max():.3f}; "
-                     f"(auto / pick, paired) × (pick / fastest) ≤ 1.10 in {combined} of {k} ({combined / k:.0%})."]
-                    if len(paired) else []),
-                  *([f"- auto against the fastest, timed in alternating blocks against its pick and every plugin "
-                     f"whose separate time was within 25% of the fastest's (`auto / fastest, paired`: the largest "
-                     f"of those ratios): within 10% in {int((direct <= 1.10).sum())} of {len(direct)} cases "
-                     f"({(direct <= 1.10).mean():.0%}); median {direct.median():.3f}, at most {direct.max():.3f}."]
-                    if len(direct) else []),
-                  "", autos.to_markdown(index=False, floatfmt=".3g"), ""]
-    peers = ours_vs_neural_tangents(df)
-    if len(peers):
-        lines += ["## The fastest of ours against the fastest of neural-tangents", "",
-                  f"Ours no slower in {int((peers['ours / nt'] <= 1.0).sum())} of {len(peers)} cases.", "",
-                  peers.to_markdown(index=False, floatfmt=".3g"), ""]
-    if plot_names:
-        lines += ["## Plots", ""] + [f"![{n}]({n})" for n in plot_names] + [""]
+                  _md_table(fits), ""]
+    lines += _auto_section(df)
+    lines += _peers_section(df, impls)
+    if "time_vs_predicted_flops.png" in [n for _, n in made]:
+        lines += ["## Time against the cost model", "", "![time_vs_predicted_flops](time_vs_predicted_flops.png)", ""]
     return "\n".join(lines)
 
 
+def _auto_section(df: pd.DataFrame) -> list[str]:
+    autos = auto_vs_fastest(df)
+    if not len(autos):
+        return []
+    k = len(autos)
+    within = int((autos["auto / fastest"] <= 1.10).sum())
+    best = int(autos["picked fastest"].sum())
+    pick_close = int((autos["pick / fastest"] <= 1.10).sum())
+    outside = int((~autos["pick in sweep"]).sum())
+    paired = autos["auto / pick, paired"].dropna()
+    combined = int((autos["auto / pick, paired"] * autos["pick / fastest"] <= 1.10).sum())
+    direct = autos["auto / fastest, paired"].dropna()
+    lines = ["## auto's pick against the measured fastest", "",
+             f"- auto's own time within 10% of the fastest plugin's, each timed separately: {within} of {k} "
+             f"cases ({within / k:.0%}).",
+             f"- auto picked the measured fastest plugin in {best} of {k}; a plugin within 10% of it in "
+             f"{pick_close} of {k}."]
+    if outside:
+        lines.append(f"- **auto picked a plugin outside the sweep in {outside} of {k} cases** (marked `outside the "
+                     "sweep`): that plugin was not run for the case, so whether its pick was the fastest is not "
+                     "measured here.")
+    if len(paired):
+        lines.append(f"- auto against its own pick, timed in alternating blocks (`auto / pick, paired`, free of the "
+                     f"machine's drift between cases): median {paired.median():.3f}, at most {paired.max():.3f}; "
+                     f"(auto / pick, paired) × (pick / fastest) ≤ 1.10 in {combined} of {k} ({combined / k:.0%}).")
+    if len(direct):
+        lines.append(f"- auto against the fastest, timed in alternating blocks against its pick and every plugin "
+                     f"whose separate time was within 25% of the fastest's (`auto / fastest, paired`: the largest "
+                     f"of those ratios): within 10% in {int((direct <= 1.10).sum())} of {len(direct)} cases "
+                     f"({(direct <= 1.10).mean():.0%}); median {direct.median():.3f}, at most {direct.max():.3f}.")
+    table = autos.drop(columns=["pick in sweep", "picked fastest"])
+    return lines + ["", _md_table(table), ""]
+
+
+def _peers_section(df: pd.DataFrame, impls: list[str]) -> list[str]:
+    table, peers = ours_vs_peers(df, impls)
+    if not len(table):
+        return []
+    lines = ["## Ours against the peers", "",
+             "Per case, the fastest of our plugins (auto included) and every peer library's routine with its time "
+             "over ours (`k×`: above 1, ours is faster); a peer that did not run shows its status.", ""]
+    for peer in peers:
+        col = f"_{peer}"
+        if col in table:
+            f = table[col].dropna()
+            if len(f):
+                lines.append(f"- `{peer}`: ours faster in {int((f >= 1).sum())} of {len(f)} cases where both ran "
+                             f"(the peer's time over ours: median {f.median():.3g}, from {f.min():.3g} to "
+                             f"{f.max():.3g}).")
+                continue
+        statuses = table[peer][table[peer] != ""].value_counts().to_dict()
+        if ((df["impl"] == peer) & (df["status"] == OK)).any():  # ok, but never where one of ours was
+            lines.append(f"- `{peer}`: ok where none of ours was.")
+            continue
+        errors = df.loc[(df["impl"] == peer) & df["error"].map(lambda e: isinstance(e, str) and bool(e)), "error"]
+        why = f": {errors.value_counts().index[0]}" if len(errors) else ""
+        lines.append(f"- `{peer}`: never ok here (" + ", ".join(f"{v} {k}" for k, v in statuses.items()) + f"){why}.")
+    vs = table["ours / fastest peer"].dropna()
+    if len(vs):
+        lines.append(f"- The fastest of ours no slower than the fastest peer in {int((vs <= 1.0).sum())} of {len(vs)} "
+                     "cases.")
+    if not any(c.startswith("_") for c in table.columns):  # no peer ran anywhere: the lines say it all
+        return lines + [""]
+    shown = table.drop(columns=[c for c in table.columns if c.startswith("_")])
+    return lines + ["", _md_table(shown), ""]
+
+
 def write_report(run_dir: Path, out_dir: Path | None = None) -> Path:
-    """Write results.csv, summary.md and the plots for a run; return the summary's path."""
+    """Write results.csv, summary.md and the figures for a run; return the summary's path."""
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir else run_dir
+    run = load_run(run_dir)
     out.mkdir(parents=True, exist_ok=True)
-    header, df = load(run_dir)
-    if df.empty:
-        raise ValueError(f"{run_dir / 'results.jsonl'} has no result rows yet")
-    df.drop(columns=["config", "size"]).to_csv(out / "results.csv", index=False)
-    names = plots(df, out)
+    run.df.drop(columns=["config", "size", "memory_budget_bytes_case"], errors="ignore").to_csv(
+        out / "results.csv", index=False)
+    made = plots_for(run.df, out) if len(run.df) else []
     path = out / "summary.md"
-    path.write_text(summary(header, df, names))
+    path.write_text(summary(run, plot_names=made))
     return path
