@@ -12,11 +12,12 @@ band around it that accounts for the measured noise:
 The blocks of one run all see the machine of that moment; two runs minutes
 apart see different machines (a shared VM's speed drifts by tens of percent,
 more when other processes hold its cores), and nothing inside a run measures
-that. So, by default, with at least 5 cases timed in both, the
-ratios are divided by their median over all cases, the common shift, taken as
-the machine's speed, up to ``--max-shift`` (1.5): a shift of every case beyond
-that counts against the cases (``--absolute`` judges the ratios as measured:
-right on a quiet, dedicated machine, where a common shift is the code's).
+that. By default the ratios are judged as measured (right on a quiet, dedicated
+machine, where a shift of every case is the code's: a uniform slowdown must not
+pass unseen). On a shared machine, ``--relative`` divides them, with at least 5
+cases timed in both, by their median over all cases (the common shift, taken as
+the machine's speed) up to ``--max-shift`` (1.5): a shift of every case beyond
+that still counts against the cases. The median shift is printed either way.
 ``--noise-floor F`` widens every band by the factor 1 + F for the rest of the
 run-to-run noise.
 
@@ -104,9 +105,9 @@ class Shift:
     note: str
 
 
-def common_shift(ratios: np.ndarray, absolute: bool, max_shift: float) -> Shift:
-    """The median ratio over the cases, taken for the machine's speed when there are ``MIN_CASES_FOR_SHIFT`` cases
-    or more and ``absolute`` is off, capped at ``max_shift`` either way (a larger shift is left to the cases)."""
+def common_shift(ratios: np.ndarray, relative: bool, max_shift: float) -> Shift:
+    """The median ratio over the cases, taken for the machine's speed when ``relative`` is on and there are
+    ``MIN_CASES_FOR_SHIFT`` cases or more, capped at ``max_shift`` (a larger shift is left to the cases)."""
     r = ratios[np.isfinite(ratios) & (ratios > 0)]
     if len(r) == 0:
         return Shift(0, 1.0, 1.0, 1.0, "no case timed in both runs")
@@ -114,8 +115,8 @@ def common_shift(ratios: np.ndarray, absolute: bool, max_shift: float) -> Shift:
     med = float(np.median(logs))
     spread = float(np.exp(1.4826 * np.median(np.abs(logs - med)))) if len(r) >= 3 else 1.0
     m = float(np.exp(med))
-    if absolute:
-        return Shift(len(r), m, spread, 1.0, "ratios as measured (--absolute)")
+    if not relative:
+        return Shift(len(r), m, spread, 1.0, "ratios as measured (--relative would divide them by their median)")
     if len(r) < MIN_CASES_FOR_SHIFT:
         return Shift(len(r), m, spread, 1.0, f"ratios as measured: fewer than {MIN_CASES_FOR_SHIFT} cases timed "
                                              "in both to tell the machine's speed")
@@ -127,7 +128,7 @@ def common_shift(ratios: np.ndarray, absolute: bool, max_shift: float) -> Shift:
 
 
 def compare_frames(a: pd.DataFrame, b: pd.DataFrame, fail_above: float = 1.10,
-                   noise_floor: float = DEFAULT_NOISE_FLOOR, alpha: float = DEFAULT_ALPHA, absolute: bool = False,
+                   noise_floor: float = DEFAULT_NOISE_FLOOR, alpha: float = DEFAULT_ALPHA, relative: bool = False,
                    max_shift: float = DEFAULT_MAX_SHIFT) -> tuple[pd.DataFrame, Shift]:
     """One row per case in A or B: medians, ratio B/A, its relative value (÷ the common shift), the band of that,
     the rank test's p, the verdict and whether it fails the gate (``fail``, with ``why``); and the shift."""
@@ -178,7 +179,7 @@ def compare_frames(a: pd.DataFrame, b: pd.DataFrame, fail_above: float = 1.10,
         else:
             row["low"] = row["high"] = tb / ta
             row["method"] = "medians only"
-    shift = common_shift(np.array([r["B/A"] for r in out], dtype=float), absolute, max_shift)
+    shift = common_shift(np.array([r["B/A"] for r in out], dtype=float), relative, max_shift)
     widen = 1 + max(noise_floor, 0.0)
     for row in out:
         if not np.isfinite(row["B/A"]):
@@ -331,7 +332,7 @@ def markdown(res: pd.DataFrame, shift: Shift, run_a: Path, run_b: Path, ha: dict
                   f"{shift.note}.", ""]
         if shift.applied == 1 and shift.median > fail_above:
             lines += [f"**The median case is {shift.median:.3g}× slower**: the code every case shares, or a busier "
-                      "machine.", ""]
+                      "machine (on a shared machine, --relative takes a common shift for the machine's).", ""]
         elif shift.applied != shift.median:
             lines += [f"**The median case is {shift.median:.3g}× {'slower' if shift.median > 1 else 'faster'}**, "
                       f"more than a machine's drift (--max-shift): the code every case shares, or a machine far "
@@ -355,11 +356,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--noise-floor", type=float, default=DEFAULT_NOISE_FLOOR, metavar="F",
                         help="widen every band by 1+F for the run-to-run noise one run cannot measure "
                              f"(default {DEFAULT_NOISE_FLOOR:g}; 0 on a quiet machine)")
-    parser.add_argument("--absolute", action="store_true",
-                        help="judge the ratios as measured; by default they are divided by their median over all "
-                             "cases (the machine's speed between the runs), up to --max-shift")
+    parser.add_argument("--relative", action="store_true",
+                        help="on a shared machine: divide the ratios by their median over all cases (the machine's "
+                             "speed between the runs), up to --max-shift; by default they are judged as measured")
     parser.add_argument("--max-shift", type=float, default=DEFAULT_MAX_SHIFT, metavar="FACTOR",
-                        help="the largest common shift taken for the machine's (default "
+                        help="with --relative, the largest common shift taken for the machine's (default "
                              f"{DEFAULT_MAX_SHIFT:g}); beyond it, the rest counts against the cases")
     parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
                         help=f"significance level of the rank test on per-block times (default {DEFAULT_ALPHA:g})")
@@ -398,7 +399,7 @@ def run(args) -> int:
         if r.df.empty:
             print(f"error: {name} has no result rows", file=sys.stderr)
             return 2
-    res, shift = compare_frames(ra.df, rb.df, args.fail_above, args.noise_floor, args.alpha, args.absolute,
+    res, shift = compare_frames(ra.df, rb.df, args.fail_above, args.noise_floor, args.alpha, args.relative,
                                 args.max_shift)
     notes = _threads_note(ra.df, rb.df)
     verdict = ("FAIL" if res["fail"].any() else "PASS") + f" (--fail-above {args.fail_above:g}): {counts_line(res)}"
