@@ -105,7 +105,8 @@ class PeerPlugin(NTKPlugin):
         return super().compute(model, x1, x2, mode)
 
     def prepare(self, model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None, mode: str = "full",
-                memory_budget_bytes: int | None = None) -> tuple[Callable[[], object], Callable[[object], torch.Tensor]]:
+                memory_budget_bytes: int | None = None
+                ) -> tuple[Callable[[], object], Callable[[object], torch.Tensor]]:
         """The library's set-up, done here; ``run`` is its NTK routine alone and ``to_torch`` the conversion."""
         self._refuse_budget(memory_budget_bytes)
         validate_inputs(model, x1, x2, mode)

@@ -154,7 +154,8 @@ def main():
                     f.flush()
                 rows += case_rows
                 print(table(case_rows).splitlines()[-1], flush=True)
-    reasons = sorted({(r["impl"], r["arch"], r.get("reason", "")) for r in rows if r["status"] in ("unsupported", "error")})
+    reasons = sorted({(r["impl"], r["arch"], r.get("reason", "")) for r in rows
+                      if r["status"] in ("unsupported", "error")})
     text = [table(rows), "", "Declined or failed:", ""] + [f"- {i} on {a}: {why}" for i, a, why in reasons]
     (out / "peers_timing.md").write_text("\n".join(text) + "\n")
     print("\n".join(text))
