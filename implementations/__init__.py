@@ -32,7 +32,12 @@ _BUILTIN = {
     "auto": "auto",
 }
 # Peers: other libraries' NTK routines (kind "peer").
-_BUILTIN_PEERS: dict[str, str] = {}
+_BUILTIN_PEERS: dict[str, str] = {
+    "asdl": "peer_asdl",
+    "nngeometry": "peer_nngeometry",
+    "curvlinops": "peer_curvlinops",
+    "laplace": "peer_laplace",
+}
 _registered: dict[str, NTKPlugin] = {}
 _entry_points_loaded = False
 KINDS = ("ours", "peer")
