@@ -29,6 +29,9 @@ def _compute_or_decline(plugin, model, x1, x2=None, mode="full"):
     if reason is not None:
         assert reason.startswith(plugin.name), reason
         return None
+    dtype = next(model.parameters()).dtype
+    if getattr(plugin, "known_inexact", lambda *a: None)(model, dtype):  # a peer's documented error (test_peers)
+        return None
     try:
         return plugin.compute(model, x1, x2, mode=mode)
     except UnsupportedModelError as exc:

@@ -34,6 +34,9 @@ def check_against_reference(plugin, problem, mode, dtype, device):
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     hooks = _hook_counts(model)
 
+    inexact = getattr(plugin, "known_inexact", lambda *a: None)(model, dtype)
+    if inexact:  # a peer's documented error (tests/test_peers.py asserts it); the runner reports it as a mismatch
+        pytest.skip(f"{plugin.name} is known to be inexact here: {inexact}")
     try:
         k = plugin.compute(model, x1, x2, mode=mode)
     except implementations.UnsupportedModelError as exc:  # a structure only running reveals
