@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .base import NTKPlugin, UnsupportedModelError, kernel_shape, output_width, validate_inputs
+from .base import NTKPlugin, UnsupportedModelError
 
 
 @functools.lru_cache(maxsize=None)
@@ -107,23 +107,14 @@ class PeerPlugin(NTKPlugin):
     def prepare(self, model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None, mode: str = "full",
                 memory_budget_bytes: int | None = None
                 ) -> tuple[Callable[[], object], Callable[[object], torch.Tensor]]:
-        """The library's set-up, done here; ``run`` is its NTK routine alone and ``to_torch`` the conversion."""
+        """The library's set-up, done here after the same validation as ``compute``; ``run`` is its NTK routine
+        alone and ``to_torch`` the conversion and the checks of the result."""
+        from .engine import checked, validated
+
         self._refuse_budget(memory_budget_bytes)
-        validate_inputs(model, x1, x2, mode)
-        o = output_width(model, x1)
-        reason = self.supports(model)
-        if reason is not None:
-            raise UnsupportedModelError(reason)
-        run, convert = self._setup(model, x1, x2, mode)
-        expected = kernel_shape(x1.shape[0], (x1 if x2 is None else x2).shape[0], o, mode)
-
-        def to_torch(out) -> torch.Tensor:
-            kernel = convert(out).detach().to(device=x1.device, dtype=x1.dtype)
-            if tuple(kernel.shape) != expected:
-                raise RuntimeError(f"{self.name} returned shape {tuple(kernel.shape)}, expected {expected}")
-            return kernel
-
-        return run, to_torch
+        call = validated(self, model, x1, x2, mode)
+        run, convert = self._setup(call.net, call.x1, call.x2, mode)
+        return run, lambda out: checked(self, convert(out), call, mode)
 
     def _kernel(self, model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None, mode: str) -> torch.Tensor:
         run, convert = self._setup(model, x1, x2, mode)

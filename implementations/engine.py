@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import weakref
 
 import torch
@@ -95,6 +96,27 @@ def _validate_budget(memory_budget_bytes) -> None:
 def compute(plugin: NTKPlugin, model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None,
             mode: str = "full", memory_budget_bytes: int | None = None) -> torch.Tensor:
     """Θ(x1, x2) of ``model`` by ``plugin``: see the module docstring for the steps."""
+    call = validated(plugin, model, x1, x2, mode, memory_budget_bytes)
+    with torch.inference_mode(False), torch.enable_grad(), preserved(model):
+        out = plugin.dispatch(call.net, call.x1, call.x2, mode, memory_budget_bytes)
+    return checked(plugin, out, call, mode, memory_budget_bytes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """A validated call: the model as plugins see it (output (N, O)), the detached inputs, O, and the result dtype."""
+
+    model: nn.Module
+    net: nn.Module
+    x1: torch.Tensor
+    x2: torch.Tensor | None
+    o: int
+    dtype: torch.dtype
+
+
+def validated(plugin: NTKPlugin, model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None, mode: str,
+              memory_budget_bytes: int | None = None) -> Call:
+    """Step 1, validation: raises a clear error for bad inputs, an ill-defined kernel or a declined model."""
     validate_inputs(model, x1, x2, mode)
     _validate_budget(memory_budget_bytes)
     refuse_ill_defined_modules(model)
@@ -104,12 +126,11 @@ def compute(plugin: NTKPlugin, model: nn.Module, x1: torch.Tensor, x2: torch.Ten
             probe_forward(model, x1)  # random, batch-dependent or stateful forwards (it puts back what it touched)
             spec = output_spec(model, x1)
     net = _as_matrix_output(model) if spec.vector else model
-    with torch.inference_mode(False), torch.enable_grad(), preserved(model):
+    with preserved(model):
         reason = plugin.supports(net)
-        if reason is not None:
-            raise UnsupportedModelError(reason)
-        out = plugin.dispatch(net, x1, x2, mode, memory_budget_bytes)
-    return _checked(plugin, out, x1, x2, spec.o, mode, model, memory_budget_bytes)
+    if reason is not None:
+        raise UnsupportedModelError(reason)
+    return Call(model, net, x1, x2, spec.o, _result_dtype(model, x1))
 
 
 def plan_and_run(plugin: NTKPlugin, model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None, mode: str,
@@ -131,8 +152,10 @@ def _result_dtype(model: nn.Module, x1: torch.Tensor) -> torch.dtype:
     return next(p for p in model.parameters() if p.requires_grad).dtype
 
 
-def _checked(plugin, out, x1, x2, o, mode, model, memory_budget_bytes) -> torch.Tensor:
-    expected = kernel_shape(x1.shape[0], (x1 if x2 is None else x2).shape[0], o, mode)
+def checked(plugin, out, call: Call, mode: str, memory_budget_bytes: int | None = None) -> torch.Tensor:
+    """Step 4: the kernel's shape and finiteness; detached, in the result's dtype and on the inputs' device."""
+    x1, x2 = call.x1, call.x2
+    expected = kernel_shape(x1.shape[0], (x1 if x2 is None else x2).shape[0], call.o, mode)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise RuntimeError(f"{plugin.name} returned shape {got}, expected {expected}")
@@ -141,7 +164,6 @@ def _checked(plugin, out, x1, x2, o, mode, model, memory_budget_bytes) -> torch.
         raise NonFiniteKernelError(
             f"{plugin.name}: the kernel has inf or NaN entries although the inputs are finite: the model's outputs "
             f"or gradients overflow in {out.dtype} for these inputs (try float64, or smaller inputs)")
-    dtype = _result_dtype(model, x1)
     if memory_budget_bytes is not None:  # a blocked kernel may be kept in CPU memory
-        return out.to(dtype=dtype)
-    return out.to(device=x1.device, dtype=dtype)
+        return out.to(dtype=call.dtype)
+    return out.to(device=x1.device, dtype=call.dtype)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from ._peer import PeerPlugin, reraise_as_unsupported, shared_submodule
-from .base import reduce_full
+from .kernels import reduce_full
 
 _UNSUPPORTED = {
     "forward AD": "the kernel operator applies J with forward-mode AD, which an operator of this model lacks",

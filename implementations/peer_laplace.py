@@ -29,8 +29,9 @@ parameters by plain tensors for good; jacrev then fails).
 
 from __future__ import annotations
 
+import torch
+
 from ._peer import PeerPlugin, shared_submodule
-from .base import output_width
 
 
 class LaplaceFunctionalNTK(PeerPlugin):
@@ -51,7 +52,8 @@ class LaplaceFunctionalNTK(PeerPlugin):
 
         la = FunctionalLaplace(model, "regression", n_subset=x1.shape[0], backend=CurvlinopsGGN,
                                independent_outputs=mode != "full")
-        la.n_outputs = output_width(model, x1)  # what fit() sets from a forward pass
+        with torch.no_grad():
+            la.n_outputs = model(x1[:1]).shape[-1]  # what fit() sets from a forward pass
         la.backend  # (builds the backend now: set-up, not the kernel)
 
         def run():

@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from ._peer import PeerPlugin, hooks_restored, shared_submodule
-from .base import UnsupportedModelError, reduce_full
+from .base import UnsupportedModelError
+from .kernels import reduce_full
 
 # The layers whose nngeometry rules were checked against a float64 brute-force kernel; the per-sample input
 # rank each rule expects (LayerNorm: the input's per-sample shape must be its normalized_shape).
