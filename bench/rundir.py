@@ -255,7 +255,8 @@ class ResultsFile:
                 pass
             raise RunDirError(f"{unwritable(self.path, exc)} ({self.written} row(s) written by this run; the "
                               "rest can be run with --resume once there is room)") from None
-        self.written += 1
+        if "case_id" in obj:
+            self.written += 1
 
     def close(self) -> None:
         if self.fd is not None:

@@ -281,6 +281,12 @@ def run(cases: list[Case], out_dir: Path, sweep_name: str, executor: Executor | 
         raise sweeps.SweepError("the same case appears twice in the sweep")
     if check_devices or (check_devices is None and (executor is None or isinstance(executor, LocalExecutor))):
         sweeps.check_devices(cases)
+    slots = getattr(executor, "slot_list", None)
+    if slots is not None:
+        lacking = sorted({c.device for c in cases if not any(s.accepts(Job("case", c, 1.0)) for s in slots)})
+        if lacking:
+            raise sweeps.SweepError(f"no worker of this executor runs {', '.join(lacking)} cases (workers: "
+                                    f"{', '.join(s.label for s in slots)}); add them to --devices")
     models = models if models is not None else sweeps.check_models(cases)
     header = make_header(cases, sweep_name, plugins)
     summary = RunSummary(path, len(cases))
@@ -337,12 +343,6 @@ def run(cases: list[Case], out_dir: Path, sweep_name: str, executor: Executor | 
             segments = []
         if own_executor:
             executor = LocalExecutor(out_dir, cuda_cases=any(c.device != "cpu" for c in cases))
-        slots = getattr(executor, "slot_list", None)
-        if slots is not None:
-            lacking = sorted({c.device for c in todo if not any(s.accepts(Job("case", c, 1.0)) for s in slots)})
-            if lacking:
-                raise sweeps.SweepError(f"no worker of this executor runs {', '.join(lacking)} cases (workers: "
-                                        f"{', '.join(s.label for s in slots)}); add them to --devices")
         if new_segment:
             results.append({"header": {**header, **executor.describe(), "segment": len(segments)}})
         _schedule(cases, todo, latest, out_dir, executor, results, summary, reporter, models, plugins, deadline_s)
@@ -506,7 +506,8 @@ def _assemble(case: Case, row: dict, fut: JobFuture, history: list[JobFuture], m
     size = {} if info is None else {"O": info.o, "P": info.p, "fp_flops": info.fp_flops}
     full = {**size, **row, **measure.case_fields(case)}
     if fut.started_at is not None and fut.finished_at is not None:
-        full["case_wall_s"] = fut.finished_at - fut.started_at  # the whole case: set-up, checks and timing
+        # the whole case (set-up, checks and timing), not its worker's start-up
+        full["case_wall_s"] = fut.finished_at - fut.started_at - (row.get("worker_startup_s") or 0.0)
         full["concurrent"] = sorted(
             h.job.id for h in history if h is not fut and h.started_at is not None
             and h.started_at < fut.finished_at and (h.finished_at is None or h.finished_at > fut.started_at))

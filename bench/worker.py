@@ -4,7 +4,8 @@ It first makes sure it dies with its parent (``prctl(PR_SET_PDEATHSIG,
 SIGKILL)`` on Linux, and a thread polling the parent everywhere), pins itself
 to the cores and thread count its executor gave it (``NTK_BENCH_CPUS``,
 ``NTK_BENCH_THREADS``), imports torch and the harness, and writes its ready
-signal ``{"ready": {...}}``: the executor counts a job's timeout from there.
+signal ``{"ready": {...}}``: the executor counts a job's timeout from there
+(the registry and every plugin module are imported before it).
 Everything else the job prints (libraries' chatter included) goes to stderr,
 which the executor sends to a log file, so the answer channel stays clean.
 """
@@ -57,6 +58,29 @@ def _pin() -> dict:
     return {"threads": int(threads) if threads else None}
 
 
+def _warm_up() -> None:
+    """Import what every job uses, so that this start-up is not charged to the first job's timeout: the registry,
+    its entry points and every plugin module; the cost model's FlopCounterMode (its first use imports
+    torch._dynamo: seconds), torch.func and the benchmark timer, each used once on a 2x2 Linear. A plugin that
+    fails to import fails its own cases."""
+    import torch
+
+    from ntk_bench import implementations
+    from ntk_bench.implementations import costs
+
+    from .measure import time_blocks
+
+    for name in implementations.names(None):
+        try:
+            implementations.get(name)
+        except Exception:  # said by the cases that use it
+            pass
+    model, x = torch.nn.Linear(2, 2), torch.zeros(1, 2)
+    costs.model_stats(model, x)
+    fn = lambda: implementations.get("jacobian_contraction").compute(model, x)  # noqa: E731
+    time_blocks(fn, 1e-3)
+
+
 def main() -> None:
     _die_with_parent()
     pinned = _pin()
@@ -75,6 +99,7 @@ def main() -> None:
 
     if pinned["threads"]:
         torch.set_num_threads(pinned["threads"])
+    _warm_up()
     ready = {"pid": os.getpid(), "host": socket.gethostname(), "cpu_affinity": sysinfo.cpu_affinity(),
              "threads": torch.get_num_threads(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
              "code_sha1": code_sha1()}

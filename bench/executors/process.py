@@ -93,31 +93,31 @@ class WorkerProcess:
         return self.ready
 
     def stop(self) -> None:
-        """Kill the worker and everything in its session now."""
-        if self.proc is not None:
+        """Kill the worker and everything in its session now (from any thread)."""
+        proc, self.proc, self.ready = self.proc, None, None
+        if proc is not None:
             try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                os.killpg(proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
             try:
-                self.proc.wait(timeout=30)
+                proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 pass
-            for stream in (self.proc.stdin, self.proc.stdout):
+            for stream in (proc.stdin, proc.stdout):
                 try:
                     stream.close()
                 except OSError:
                     pass
-            self.proc = None
-            self.ready = None
 
     def close(self) -> None:
         """Let the worker finish (end of its input), then stop it."""
-        if self.alive():
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
             try:
-                self.proc.stdin.close()
-                self.proc.wait(timeout=10)
-            except (OSError, subprocess.TimeoutExpired):
+                proc.stdin.close()
+                proc.wait(timeout=10)
+            except (OSError, ValueError, subprocess.TimeoutExpired):
                 pass
         self.stop()
 
@@ -125,11 +125,20 @@ class WorkerProcess:
 
     def run(self, job: Job, run_dir: str | Path) -> dict:
         """The job's row: the worker's answer, or ``timeout`` / ``killed`` / ``oom`` / ``error`` when it gave none."""
+        startup_s = None
         if not self.alive():
+            t0 = time.monotonic()
             try:
                 self.start()
             except (WorkerStartError, OSError) as exc:
                 return error_row("error", f"worker failed to start: {exc}")
+            startup_s = time.monotonic() - t0
+        row = self._run(job, run_dir)
+        if startup_s is not None:
+            row["worker_startup_s"] = startup_s  # not the job's: its timeout counted from the ready signal
+        return row
+
+    def _run(self, job: Job, run_dir) -> dict:
         offset = self._log_size()
         oom_before = sysinfo.oom_kill_count()
         message = json.dumps({**job.wire(), "run_dir": str(run_dir)}) + "\n"
@@ -137,8 +146,8 @@ class WorkerProcess:
         try:
             self.proc.stdin.write(message.encode())
             self.proc.stdin.flush()
-        except (BrokenPipeError, OSError):
-            pass  # it died between jobs: the read below sees the end and says how
+        except (BrokenPipeError, OSError, ValueError, AttributeError):
+            pass  # it died (or was stopped) between jobs: the read below sees the end and says how
         line = self._read_line(started + job.timeout_s)
         if line is None:
             self.stop()
@@ -159,16 +168,22 @@ class WorkerProcess:
         return row
 
     def _read_line(self, deadline: float) -> bytes | None:
-        """The next line from the worker; b"" when it ended, None at the deadline."""
-        fd = self.proc.stdout.fileno()
+        """The next line from the worker; b"" when it ended (or was stopped), None at the deadline."""
+        proc = self.proc
+        if proc is None:
+            return b""
         while b"\n" not in self._buf:
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
-            ready, _, _ = select.select([fd], [], [], min(left, 1.0))
-            if not ready:
-                continue
-            chunk = os.read(fd, 1 << 16)
+            try:
+                fd = proc.stdout.fileno()
+                ready, _, _ = select.select([fd], [], [], min(left, 1.0))
+                if not ready:
+                    continue
+                chunk = os.read(fd, 1 << 16)
+            except (OSError, ValueError):  # stopped from another thread: its pipe is closed
+                return b""
             if not chunk:
                 return b""
             self._buf += chunk
@@ -177,8 +192,10 @@ class WorkerProcess:
 
     def _death_row(self, oom_before, offset: int) -> dict:
         """Name how the worker died, from its exit status and the kernel's OOM counter."""
-        code = self.proc.wait()
-        self.proc = None
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return error_row("killed", "worker stopped by the runner")
+        code = proc.wait()
         tail = self._log_tail(offset)
         if code < 0:
             sig = signal.Signals(-code)
