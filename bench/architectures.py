@@ -250,7 +250,8 @@ def load_callable(ref: str) -> Callable:
         raise FactoryError(f"factory {ref!r}: importing {where!r} failed: {type(exc).__name__}: {exc}") from None
     fn = getattr(module, func, None)
     if not callable(fn):
-        raise FactoryError(f"factory {ref!r}: {where!r} has no function {func!r}")
+        name = Path(where).name if is_file_ref(ref) else where
+        raise FactoryError(f"factory {ref!r}: {name!r} has no function {func!r}")
     return fn
 
 

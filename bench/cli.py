@@ -284,7 +284,8 @@ def _executor(args, out: Path, cases):
     options = {"cpus_per_task": args.cpus_per_task, "gpus_per_task": args.gpus_per_task,
                "time_limit_min": args.time_limit, "max_parallel": args.max_parallel or (
                    args.workers if kind == "submitit-local" else 64),
-               "partition": args.partition, "mem_gb": args.mem_gb, "slurm_params": dict(args.slurm_param or [])}
+               "partition": args.partition, "mem_gb": args.mem_gb, "slurm_params": dict(args.slurm_param or []),
+               "jobs_per_task": args.jobs_per_task}
     return make_executor(kind, out, **options)
 
 
@@ -417,13 +418,8 @@ def _cmd_calibrate(args) -> int:
 def _add_compare(sub, wanted: bool) -> None:
     """``compare`` comes from ``ntk_bench.bench.compare``, imported only when it is the command run."""
     if wanted:
-        try:
-            from . import compare
-        except ImportError as exc:
-            p = sub.add_parser("compare", help="compare two runs (unavailable here)")
-            p.add_argument("rest", nargs=argparse.REMAINDER)
-            p.set_defaults(func=lambda args: (log.error("compare is unavailable: %s", exc), EXIT_USAGE)[1])
-            return
+        from . import compare
+
         p = sub.add_parser("compare", help="compare two runs case by case, with the measured noise")
         compare.add_arguments(p)
         p.set_defaults(func=compare.run)
@@ -501,6 +497,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     ex.add_argument("--time-limit", type=minutes, metavar="MIN",
                     help="slurm: at least this time limit per job (default: the case's timeout plus start-up)")
     ex.add_argument("--max-parallel", type=positive_int, help="slurm: array tasks at once (default 64)")
+    ex.add_argument("--jobs-per-task", type=positive_int, default=1,
+                    help="slurm: cases run one after the other by one task (amortises its start-up; default 1)")
     ex.add_argument("--mem-gb", type=gib, help="slurm: memory per job")
     ex.add_argument("--slurm-param", action="append", type=key_value, metavar="KEY=VALUE",
                     help="slurm: another submitit slurm_* parameter, e.g. account=myproj (repeatable)")
@@ -530,9 +528,24 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if next((a for a in argv if not a.startswith("-")), None) == "compare":
+        try:
+            from . import compare  # noqa: F401
+        except ImportError as exc:
+            print(f"ntk-bench: error: compare is unavailable: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     parser = build_parser(argv)
     args = parser.parse_args(argv)
+    logger = logging.getLogger("ntk_bench")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
     setup_logging(-1 if args.quiet else args.verbose)
+    try:
+        return _main(args, argv, parser)
+    finally:  # main() called in a process that goes on (tests, a notebook): its logging as it was
+        logger.handlers[:], logger.level, logger.propagate = saved
+
+
+def _main(args, argv, parser) -> int:
     if args.command == "run":
         from .runner import STATUSES
 

@@ -369,10 +369,15 @@ def _legacy_nt(case: Case, model, x1, x2):
     if case.memory_budget_bytes is not None:
         raise CaseUnsupported("neural-tangents peers take no memory budget")
     impl = case.impl[len("nt_"):]
-    if "example" in inspect.signature(reference.kernel_fn).parameters:
-        fn = reference.kernel_fn(model, x1, implementation=impl, mode=case.mode, dtype=case.dtype)
-    else:
-        fn = reference.kernel_fn(model, impl, case.mode, dtype=case.dtype)
+    try:
+        if "example" in inspect.signature(reference.kernel_fn).parameters:
+            fn = reference.kernel_fn(model, x1, implementation=impl, mode=case.mode, dtype=case.dtype)
+        else:
+            fn = reference.kernel_fn(model, impl, case.mode, dtype=case.dtype)
+    except Exception as exc:  # the translation cannot take the model: the peer declines it, saying why
+        if "unsupported" not in type(exc).__name__.lower():
+            raise
+        raise CaseUnsupported(f"neural-tangents cannot take the model: {exc}") from None
     a, b = reference.to_numpy64(x1), None if x2 is None else reference.to_numpy64(x2)
     return (lambda: fn(a, b).block_until_ready()), (lambda out: torch.from_numpy(np.asarray(out).copy()))
 

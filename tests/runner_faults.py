@@ -10,7 +10,8 @@ Each computes the right kernel (Jacobian contraction's) unless its fault fires:
 - ``fault_flaky``: raises until the file ``NTKB_TEST_MARKER`` exists, creating it (an error that a retry fixes);
 - ``fault_oom_kill``: SIGKILLs its worker when called without a memory budget (as the kernel's OOM killer would),
   computes correctly under one (the runner's blocked retry);
-- ``fault_started``: writes its pid to ``NTKB_TEST_PIDFILE`` then sleeps (a running worker to kill the runner under).
+- ``fault_started``: writes its pid to ``NTKB_TEST_PIDFILE`` then sleeps ``NTKB_TEST_SLEEP_S`` (a running worker to
+  signal the runner under).
 
 They are never registered in the pytest process itself (the suite iterates every registered plugin): the
 tests load them in the runner or worker processes they start, or register them for one test and unregister.
@@ -112,7 +113,7 @@ class Started(_Fault):
 
     def fault(self, model, x1, x2, mode):
         Path(os.environ["NTKB_TEST_PIDFILE"]).write_text(str(os.getpid()))
-        time.sleep(3600)
+        time.sleep(float(os.environ.get("NTKB_TEST_SLEEP_S", "3600")))
 
 
 plugins = [Sleep(), SelfKill(), Abort(), Wrong(), NaN(), Error(), Flaky(), OomKill(), Started()]

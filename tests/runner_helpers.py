@@ -91,3 +91,13 @@ def cmdline(pid: int) -> str:
         return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """The smoke sweep (every plugin and peer on a tiny MLP) run once by the local executor, one worker."""
+    from ntk_bench.bench import runner
+
+    out = tmp_path_factory.mktemp("smoke-run")
+    runner.run_sweep(smoke(), out, "smoke", progress=False)
+    return out

@@ -17,6 +17,7 @@ import torch
 from ntk_bench.bench import report, runner, sweeps
 from ntk_bench.bench.executors import InlineExecutor, Job
 from ntk_bench.bench.executors.process import WorkerProcess
+from runner_helpers import smoke_run  # noqa: F401 - a fixture
 
 ROOT = Path(__file__).parent.parent
 
@@ -145,13 +146,6 @@ def test_user_sweep_file_expands(tmp_path):
                  '[[arch]]\nname = "mlp"\nparams = { in_features = 4, width = 8 }\nN = [2, 4]\nNM = [[4, 2]]\nO = [1, 3]\n')
     cases = sweeps.expand(sweeps.load(str(f)))
     assert len(cases) == 2 * 3 * 2 and {c.mode for c in cases} == {"trace"}
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    runner.run_sweep(_smoke(None), out, "smoke", progress=False)
-    return out
 
 
 def test_a_run_records_every_case_with_checked_numbers(smoke_run):

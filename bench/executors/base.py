@@ -89,6 +89,17 @@ class Executor:
         return {"executor": self.name, "slots": self.slots}
 
 
+def cancel_all(futures) -> int:
+    """Cancel futures not started yet; return how many. (``concurrent.futures.wait`` counts a cancelled future as
+    done only once it is told so, as an executor's worker would: ``set_running_or_notify_cancel``.)"""
+    n = 0
+    for fut in futures:
+        if fut.cancel():
+            fut.set_running_or_notify_cancel()
+            n += 1
+    return n
+
+
 def error_row(status: str, error: str, **extra) -> dict:
     return {"status": status, "error": error[:1000], **extra}
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from .. import sysinfo
-from .base import Executor, Job, JobFuture, error_row
+from .base import Executor, Job, JobFuture, cancel_all, error_row
 from .process import WorkerProcess
 
 log = logging.getLogger("ntk_bench.runner")
@@ -160,7 +160,7 @@ class LocalExecutor(Executor):
     def cancel_pending(self) -> int:
         with self._cv:
             pending, self._queue = self._queue, []
-        return sum(f.cancel() for f in pending)
+        return cancel_all(pending)
 
     def kill_running(self) -> None:
         self.cancel_pending()

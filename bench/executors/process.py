@@ -270,3 +270,19 @@ def run_isolated(wire: dict, run_dir: str, threads: int | None = None, persisten
             worker.close()
     row.setdefault("executor_host", host())
     return row
+
+
+def run_isolated_many(wires: list[dict], run_dir: str, threads: int | None = None) -> list[dict]:
+    """Run several jobs one after the other in one worker subprocess (replaced after a job that kills it): a
+    SLURM task that amortises its worker's start-up over several cases. One row per job, in order."""
+    env = {"NTK_BENCH_THREADS": str(int(threads))} if threads else {}
+    worker = WorkerProcess(_log_path(run_dir), env, label=f"{host()}:{os.getpid()}")
+    rows = []
+    try:
+        for wire in wires:
+            row = worker.run(Job.from_wire(wire), run_dir)
+            row.setdefault("executor_host", host())
+            rows.append(row)
+    finally:
+        worker.close()
+    return rows

@@ -14,7 +14,7 @@ import threading
 import time
 from collections import deque
 
-from .base import Executor, Job, JobFuture, error_row
+from .base import Executor, Job, JobFuture, cancel_all, error_row
 from .process import STARTUP_TIMEOUT_S
 
 log = logging.getLogger("ntk_bench.runner")
@@ -36,6 +36,10 @@ class QueuedExecutor(Executor):
     def _fits(self, job: Job, inflight: list[Job]) -> bool:
         """Whether ``job`` can start next to ``inflight`` (the cluster's capacity)."""
         return len(inflight) < self.slots
+
+    def _limit_s(self, fut: JobFuture, handle: object) -> float:
+        """How long after its launch a job without an answer is cancelled."""
+        return fut.job.timeout_s + STARTUP_TIMEOUT_S + BACKSTOP_MARGIN_S
 
     def _launch(self, futures: list[JobFuture]) -> list[object]:
         """Start these jobs (all at once: a job array); return a handle per job."""
@@ -103,7 +107,7 @@ class QueuedExecutor(Executor):
             fut.finish(row)
         now = time.time()
         for fut, handle in current.items():
-            limit = fut.job.timeout_s + STARTUP_TIMEOUT_S + BACKSTOP_MARGIN_S
+            limit = self._limit_s(fut, handle)
             if not fut.done() and fut.started_at is not None and now - fut.started_at > limit:
                 self._cancel(fut, handle)
                 with self._lock:
@@ -115,7 +119,7 @@ class QueuedExecutor(Executor):
         with self._lock:
             pending = list(self._queue)
             self._queue.clear()
-        return sum(f.cancel() for f in pending)
+        return cancel_all(pending)
 
     def kill_running(self) -> None:
         self.cancel_pending()

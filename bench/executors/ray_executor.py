@@ -53,7 +53,7 @@ class RayExecutor(QueuedExecutor):
         self.cpu_slots = max(1, int(resources.get("CPU", 1) // cpus_per_task))
         self.gpu_slots = int(resources.get("GPU", 0))
         self.slots = self.cpu_slots
-        self._remote = ray.remote(run_isolated).options(max_retries=max_retries, retry_exceptions=False)
+        self._remote = ray.remote(max_retries=max_retries, retry_exceptions=False)(run_isolated)
 
     def _fits(self, job: Job, inflight: list[Job]) -> bool:
         if len(inflight) >= self.cpu_slots:

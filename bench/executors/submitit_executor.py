@@ -2,12 +2,14 @@
 
 The jobs that can start together are submitted as one job array (submitit's
 ``executor.batch()``), grouped by what they ask for (GPUs, time limit), at
-most ``max_parallel`` in flight (also SLURM's ``--array`` parallelism). Each
-SLURM task runs its job in a worker subprocess (``process.run_isolated``): a
-case that crashes, hangs or runs out of memory is a row with that status, the
+most ``max_parallel`` tasks in flight (also SLURM's ``--array`` parallelism).
+A task runs up to ``jobs_per_task`` jobs (1 by default; more amortise a task's
+start-up: Python, torch, the queue) one after the other in a worker subprocess
+(``process.run_isolated_many``): a case that crashes, hangs or runs out of
+memory is a row with that status and the worker is replaced for the next, the
 timeout counts from that worker's ready signal; SLURM's own time limit
-(``timeout_min``, at least the job's timeout and the start-up limit) is the
-backstop, and a task SLURM kills or fails is a row too. submitit's files (the
+(``timeout_min``: the chunk's timeouts and the start-up limit) is the backstop,
+and a task SLURM kills or fails gives each of its jobs a row. submitit's files (the
 pickled job, its logs, the pickled row) live in ``RUN/submitit``; only the
 runner writes results.jsonl. The run directory must be on storage the compute
 nodes see (it always is for submitit's own files).
@@ -22,8 +24,8 @@ import math
 from pathlib import Path
 
 from .base import Job, JobFuture, error_row
-from .process import STARTUP_TIMEOUT_S, package_root, run_isolated
-from .queued import QueuedExecutor
+from .process import STARTUP_TIMEOUT_S, package_root, run_isolated_many
+from .queued import BACKSTOP_MARGIN_S, QueuedExecutor
 
 
 class SubmititExecutor(QueuedExecutor):
@@ -31,7 +33,7 @@ class SubmititExecutor(QueuedExecutor):
 
     def __init__(self, run_dir: Path, cluster: str = "slurm", partition: str | None = None, gpus_per_task: int = 1,
                  cpus_per_task: int = 1, time_limit_min: float | None = None, max_parallel: int = 64,
-                 mem_gb: float | None = None, slurm_params: dict | None = None):
+                 mem_gb: float | None = None, slurm_params: dict | None = None, jobs_per_task: int = 1):
         super().__init__()
         import submitit
 
@@ -42,6 +44,7 @@ class SubmititExecutor(QueuedExecutor):
         self.cpus_per_task = cpus_per_task
         self.time_limit_min = time_limit_min
         self.slots = max_parallel
+        self.jobs_per_task = max(1, int(jobs_per_task))
         self._ex = submitit.AutoExecutor(folder=self.run_dir / "submitit" / "%j", cluster=cluster)
         setup = [f"export PYTHONPATH={package_root()}:${{PYTHONPATH:-}}"]
         params = {"cpus_per_task": cpus_per_task, "slurm_array_parallelism": max_parallel,
@@ -54,50 +57,71 @@ class SubmititExecutor(QueuedExecutor):
             params[key if key.startswith("slurm_") else f"slurm_{key}"] = value
         self._ex.update_parameters(**params)
 
-    def _timeout_min(self, job: Job) -> int:
-        need = math.ceil((job.timeout_s + STARTUP_TIMEOUT_S + 60) / 60)
+    def _fits(self, job: Job, inflight: list[Job]) -> bool:
+        return len(inflight) < self.slots * self.jobs_per_task
+
+    def _timeout_min(self, jobs: list[Job]) -> int:
+        need = math.ceil((sum(j.timeout_s for j in jobs) + STARTUP_TIMEOUT_S + 60) / 60)
         return max(need, math.ceil(self.time_limit_min or 0))
 
     def _launch(self, futures: list[JobFuture]) -> list[object]:
-        groups: dict[tuple, list[int]] = {}
+        """Chunks of up to ``jobs_per_task`` jobs of one kind (CPU or GPU), submitted as one job array per
+        (GPUs, time limit); a handle is (submitit job, the job's place in its chunk, the chunk's time limit)."""
+        by_kind: dict[int, list[int]] = {}
         for i, fut in enumerate(futures):
-            gpus = self.gpus_per_task if fut.job.device != "cpu" else 0
-            groups.setdefault((gpus, self._timeout_min(fut.job)), []).append(i)
+            by_kind.setdefault(self.gpus_per_task if fut.job.device != "cpu" else 0, []).append(i)
+        chunks: dict[tuple, list[list[int]]] = {}
+        for gpus, idx in by_kind.items():
+            # spread the jobs over as many tasks as may run at once, up to jobs_per_task in each
+            n = max(1, min(len(idx), max(self.slots, math.ceil(len(idx) / self.jobs_per_task))))
+            for k in range(n):
+                part = idx[k::n]
+                if part:
+                    minutes = self._timeout_min([futures[i].job for i in part])
+                    chunks.setdefault((gpus, minutes), []).append(part)
         handles: list[object] = [None] * len(futures)
-        for (gpus, minutes), idx in groups.items():
+        for (gpus, minutes), parts in chunks.items():
             self._ex.update_parameters(gpus_per_node=gpus, timeout_min=minutes)
             with self._ex.batch():  # one job array
-                jobs = [self._ex.submit(run_isolated, futures[i].job.wire(), str(self.run_dir), self.cpus_per_task)
-                        for i in idx]
-            for i, job in zip(idx, jobs):
-                handles[i] = job
+                jobs = [self._ex.submit(run_isolated_many, [futures[i].job.wire() for i in part], str(self.run_dir),
+                                        self.cpus_per_task) for part in parts]
+            for part, job in zip(parts, jobs):
+                for place, i in enumerate(part):
+                    handles[i] = (job, place, minutes * 60)
         return handles
+
+    def _limit_s(self, fut: JobFuture, handle: object) -> float:
+        return handle[2] + BACKSTOP_MARGIN_S
 
     def _poll(self, handles: dict[JobFuture, object]) -> list[tuple[JobFuture, dict]]:
         import submitit
 
-        out = []
-        for fut, job in handles.items():
+        out, results = [], {}
+        for fut, (job, place, _) in handles.items():
             if not job.done():
                 continue
-            try:
-                row = job.result()
-            except submitit.core.utils.UncompletedJobError as exc:  # SLURM's time limit, a preemption, a cancel
-                row = error_row("killed", f"{self.name} job {job.job_id} did not complete ({job.state}): "
-                                          f"{str(exc).splitlines()[0][:300]}")
-            except submitit.core.utils.FailedJobError as exc:
-                row = error_row("error", f"{self.name} job {job.job_id} failed: "
-                                         f"{' | '.join(str(exc).strip().splitlines()[-3:])[:500]}")
-            except Exception as exc:  # submitit could not read the result back
-                row = error_row("error", f"{self.name} job {job.job_id}: {type(exc).__name__}: {exc}"[:500])
-            if isinstance(row, dict):
-                row.setdefault("slurm_job_id", str(job.job_id))
+            if job.job_id not in results:
+                try:
+                    results[job.job_id] = job.result()
+                except submitit.core.utils.UncompletedJobError as exc:  # SLURM's time limit, a preemption, a cancel
+                    results[job.job_id] = error_row("killed", f"{self.name} job {job.job_id} did not complete "
+                                                              f"({job.state}): {str(exc).splitlines()[0][:300]}")
+                except submitit.core.utils.FailedJobError as exc:
+                    results[job.job_id] = error_row("error", f"{self.name} job {job.job_id} failed: "
+                                                             f"{' | '.join(str(exc).strip().splitlines()[-3:])[:500]}")
+                except Exception as exc:  # submitit could not read the result back
+                    results[job.job_id] = error_row("error", f"{self.name} job {job.job_id}: "
+                                                             f"{type(exc).__name__}: {exc}"[:500])
+            result = results[job.job_id]
+            row = dict(result[place]) if isinstance(result, list) else dict(result)
+            row.setdefault("slurm_job_id", str(job.job_id))
             out.append((fut, row))
         return out
 
     def _cancel(self, fut: JobFuture, handle: object) -> None:
-        handle.cancel(check=False)
+        handle[0].cancel(check=False)
 
     def describe(self) -> dict:
-        return {"executor": self.name, "slots": self.slots, "gpus_per_task": self.gpus_per_task,
+        return {"executor": self.name, "slots": self.slots, "jobs_per_task": self.jobs_per_task,
+                "gpus_per_task": self.gpus_per_task,
                 "cpus_per_task": self.cpus_per_task, "time_limit_min": self.time_limit_min}
