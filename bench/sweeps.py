@@ -167,7 +167,10 @@ def _schema():
     """The pydantic models of a sweep (built on first use: pydantic is imported only when a sweep is checked)."""
     from typing import Annotated, Literal
 
-    from pydantic import BaseModel, ConfigDict, Field, model_validator
+    try:
+        from pydantic import BaseModel, ConfigDict, Field, model_validator
+    except ImportError as exc:
+        raise SweepError(f"checking a sweep needs pydantic 2 (pip install 'pydantic>=2'): {exc}") from None
 
     class Strict(BaseModel):
         model_config = ConfigDict(extra="forbid", strict=True)
@@ -459,9 +462,9 @@ def expand(spec: dict, impls_override: list[str] | None = None, base_dir: str | 
     """
     from . import architectures
 
+    Sweep, _, _ = _schema()
     from pydantic import ValidationError
 
-    Sweep, _, _ = _schema()
     name = spec.get("name", "sweep") if isinstance(spec, dict) else "sweep"
     if not isinstance(spec, dict):
         raise SweepError(f"sweep: expected a table of keys, got {type(spec).__name__}")

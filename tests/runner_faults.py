@@ -8,8 +8,9 @@ Each computes the right kernel (Jacobian contraction's) unless its fault fires:
 - ``fault_wrong``: 1% off (a mismatch); ``fault_nan``: NaN entries (strict JSON, a mismatch);
 - ``fault_error``: raises RuntimeError;
 - ``fault_flaky``: raises until the file ``NTKB_TEST_MARKER`` exists, creating it (an error that a retry fixes);
-- ``fault_oom_kill``: SIGKILLs its worker when called without a memory budget (as the kernel's OOM killer would),
-  computes correctly under one (the runner's blocked retry);
+- ``fault_oom_kill``: without a memory budget, plays the kernel's OOM killer: adds one to the counter in the file
+  ``NTKB_TEST_OOM_COUNTER`` (the test makes the runner read the kernel's count from there) and SIGKILLs its
+  worker; under a budget (the runner's blocked retry) it computes correctly;
 - ``fault_started``: writes its pid to ``NTKB_TEST_PIDFILE`` then sleeps ``NTKB_TEST_SLEEP_S`` (a running worker to
   signal the runner under).
 
@@ -104,6 +105,8 @@ class OomKill(_Fault):
 
     def compute(self, model, x1, x2=None, mode="full", memory_budget_bytes=None):
         if memory_budget_bytes is None:
+            counter = Path(os.environ["NTKB_TEST_OOM_COUNTER"])
+            counter.write_text(str(int(counter.read_text() or 0) + 1 if counter.exists() else 1))
             os.kill(os.getpid(), signal.SIGKILL)
         return super().compute(model, x1, x2, mode, memory_budget_bytes=memory_budget_bytes)
 

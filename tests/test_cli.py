@@ -13,7 +13,7 @@ import pytest
 from ntk_bench import __version__
 from ntk_bench.bench import cli as cli_module
 from ntk_bench.bench import runner
-from runner_helpers import cli, cli_env, seed_reference, smoke_reference, start_cli  # noqa: F401
+from runner_helpers import cli, cli_env, fault_plugins, seed_reference, smoke_reference, start_cli  # noqa: F401
 
 SMOKE_ARCH = {"name": "mlp", "params": {"in_features": 4, "width": 8, "depth": 1}, "N": [3], "O": [2]}
 
@@ -25,8 +25,17 @@ def _sweep(folder, impls, name="s"):
     return f
 
 
-def test_version_and_bad_arguments_are_one_line():
-    out = cli("--version")
+def main(capsys, *args) -> tuple[int, str]:
+    """``ntk-bench ARGS`` in this process: (exit code, stderr)."""
+    try:
+        code = cli_module.main([str(a) for a in args])
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def test_version_and_bad_arguments_are_one_line(capsys):
+    out = cli("--version")  # the installed entry: python -m ntk_bench
     assert out.returncode == 0 and out.stdout.strip() == f"ntk-bench {__version__}"
     for args, message in [(["--timeout", "nan"], "--timeout: expected a positive finite number of seconds"),
                           (["--memory-budget", "0"], "--memory-budget: expected a positive finite number of GiB"),
@@ -34,38 +43,39 @@ def test_version_and_bad_arguments_are_one_line():
                           (["--fail-on", "mismatch,bogus"], "--fail-on: unknown status bogus"),
                           (["--retry-failed"], "--retry-failed goes with --resume"),
                           (["--sweep", "/"], "/: is a directory, not a sweep file")]:
-        out = cli("run", *args)
-        assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and message in out.stderr, out.stderr
+        code, err = main(capsys, "run", *args)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
 
 
-def test_a_run_reports_each_case_and_its_exit_code_gates_ci(tmp_path, smoke_reference):
+def test_a_run_reports_each_case_and_its_exit_code_gates_ci(tmp_path, smoke_reference, fault_plugins, capsys):
     """A mismatching plugin from outside (--plugin, loaded by the worker too): a line per case, the tally, exit 1;
     --fail-on none lets it pass; --require-reference fails rows checked only against the harness."""
     run_dir = tmp_path / "run"
     seed_reference(smoke_reference, run_dir)
     sweep = _sweep(tmp_path, ["explicit_mlp", "fault_wrong"])
-    out = cli("run", "--sweep", sweep, "--out", run_dir, "--plugin", "runner_faults")
-    assert out.returncode == 1, out.stderr
-    lines = out.stderr.splitlines()
+    code, err = main(capsys, "run", "--sweep", sweep, "--out", run_dir, "--plugin", "runner_faults")
+    assert code == 1, err
+    lines = err.splitlines()
     ok = next(line for line in lines if line.startswith("[") and " ok " in line)
     assert ok.startswith(("[1/2]", "[2/2]")) and " ± " in ok and "explicit_mlp/mlp(" in ok and "ETA" in ok
     assert any(line.startswith(("[1/2] mismatch", "[2/2] mismatch")) and "fault_wrong/" in line for line in lines)
     assert any("2 of 2 cases: 1 ok, 1 mismatch; this run: 2 row(s)" in line for line in lines)
     assert any(line.startswith("error: 1 mismatch (--fail-on error,mismatch); e.g. fault_wrong/") for line in lines)
-    again = cli("run", "--sweep", sweep, "--out", run_dir, "--plugin", "runner_faults", "--resume", "--fail-on",
-                "none", "--require-reference")
-    assert again.returncode == 0 and "nothing to do" in again.stderr, again.stderr
+    code, err = main(capsys, "run", "--sweep", sweep, "--out", run_dir, "--plugin", "runner_faults", "--resume",
+                     "--fail-on", "none", "--require-reference")
+    assert code == 0 and "nothing to do" in err, err
     # the same run, against a harness reference: --require-reference fails it
     header, rows = runner.read_results(run_dir / "results.jsonl")
     path = run_dir / "results.jsonl"
     path.write_text("\n".join(json.dumps(o) for o in [{"header": header}] + [
         {**r, "reference": "harness:jacobian_contraction:float64:cpu"} for r in rows]) + "\n")
-    harness = cli("run", "--sweep", sweep, "--out", run_dir, "--plugin", "runner_faults", "--resume", "--fail-on",
-                  "none", "--require-reference")
-    assert harness.returncode == 1 and "2 computed row(s) not checked against neural-tangents" in harness.stderr
+    code, err = main(capsys, "run", "--sweep", sweep, "--out", run_dir, "--plugin", "runner_faults", "--resume",
+                     "--fail-on", "none", "--require-reference")
+    assert code == 1 and "2 computed row(s) not checked against neural-tangents" in err
 
 
-def test_ctrl_c_finishes_the_running_case_says_how_to_resume_and_exits_130(tmp_path, smoke_reference):
+def test_ctrl_c_finishes_the_running_case_says_how_to_resume_and_exits_130(tmp_path, smoke_reference, fault_plugins,
+                                                                         capsys):
     run_dir = tmp_path / "run"
     seed_reference(smoke_reference, run_dir)
     sweep = _sweep(tmp_path, ["fault_started", "explicit_mlp"])
@@ -85,13 +95,13 @@ def test_ctrl_c_finishes_the_running_case_says_how_to_resume_and_exits_130(tmp_p
     _, rows = runner.read_results(run_dir / "results.jsonl")
     assert [(r["impl"], r["status"]) for r in rows] == [("fault_started", "ok")]  # finished, not killed
     command = resume.split("resume with: ", 1)[1].split()[1:]  # the same arguments, with --resume
-    done = cli(*command)
-    assert done.returncode == 0, done.stderr
+    code, err = main(capsys, *command)
+    assert code == 0, err
     assert sorted(r["impl"] for r in runner.read_results(run_dir / "results.jsonl")[1]) == ["explicit_mlp",
                                                                                           "fault_started"]
 
 
-def test_a_one_off_run_of_your_own_model(tmp_path):
+def test_a_one_off_run_of_your_own_model(tmp_path, monkeypatch, capsys):
     (tmp_path / "net.py").write_text(textwrap.dedent('''
         from torch import nn
 
@@ -101,9 +111,10 @@ def test_a_one_off_run_of_your_own_model(tmp_path):
         def broken():
             raise ValueError("no such layer")
     '''))
-    out = cli("run", "--model", "net.py:make", "--input-shape", "5", "--param", "width=3", "--N", "3",
-              "--impls", "structured,explicit_mlp", "--out", tmp_path / "run", "--no-progress", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
+    monkeypatch.chdir(tmp_path)
+    code, err = main(capsys, "run", "--model", "net.py:make", "--input-shape", "5", "--param", "width=3", "--N", "3",
+                     "--impls", "structured,explicit_mlp", "--out", tmp_path / "run", "--no-progress")
+    assert code == 0, err
     header, rows = runner.read_results(tmp_path / "run" / "results.jsonl")
     assert header["sweep"] == "make" and {r["status"] for r in rows} == {"ok"}
     assert {r["arch"] for r in rows} == {"make"} and {r["P"] for r in rows} == {5 * 3 + 3 + 3 * 2 + 2}
@@ -112,9 +123,9 @@ def test_a_one_off_run_of_your_own_model(tmp_path):
                            "error: broken(): cannot build the model: ValueError: no such layer"),
                           (["--model", "nothere.py:make", "--input-shape", "5"], "no such file"),
                           (["--model", "net.py:make"], "the factory returned a model alone; give its inputs")]:
-        bad = cli("run", *args, "--out", tmp_path / "bad", cwd=tmp_path)
-        errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
-        assert bad.returncode == 2 and len(errors) == 1 and message in errors[0], bad.stderr
+        code, err = main(capsys, "run", *args, "--out", tmp_path / "bad")
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert code == 2 and len(errors) == 1 and message in errors[0], err
         assert not (tmp_path / "bad").exists()  # before any work
 
 
@@ -148,8 +159,8 @@ def test_compare_is_a_subcommand_imported_only_when_used():
     assert cli("--help").returncode == 0
 
 
-def test_list_names_plugins_peers_architectures_and_sweeps():
-    out = cli("list")
-    assert out.returncode == 0
-    assert "plugins (ours): jacobian_contraction" in out.stdout and "peers: " in out.stdout
-    assert "nt_structured_derivatives" in out.stdout and "smoke" in out.stdout and "resnet18" in out.stdout
+def test_list_names_plugins_peers_architectures_and_sweeps(capsys):
+    assert cli_module.main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "plugins (ours): jacobian_contraction" in out and "peers: " in out
+    assert "nt_structured_derivatives" in out and "smoke" in out and "resnet18" in out

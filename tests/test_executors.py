@@ -140,10 +140,12 @@ def test_ray_gives_the_local_rows_even_with_a_worker_killed_mid_sweep(tmp_path, 
 # -- SLURM through submitit ----------------------------------------------------------------------------------------
 
 @pytest.mark.slurm
-def test_submitit_local_gives_the_local_rows(tmp_path, smoke_run):
-    """The SLURM executor's code path (job arrays through submitit, each job isolating its case in a worker) with
-    submitit's LocalExecutor: the same rows as the local executor on the smoke sweep."""
+def test_submitit_local_gives_the_local_rows(tmp_path, smoke_run, smoke_reference):
+    """The SLURM executor's code path (job arrays through submitit, each job isolating its cases in a worker) with
+    submitit's LocalExecutor: the same rows as the local executor on the smoke sweep. (The reference is there
+    already: the Ray test computes one on its cluster.)"""
     pytest.importorskip("submitit")
+    seed_reference(smoke_reference, tmp_path)
     from ntk_bench.bench.executors.submitit_executor import SubmititExecutor
 
     ex = SubmititExecutor(tmp_path, cluster="local", max_parallel=2, jobs_per_task=6, partition="ignored-locally",

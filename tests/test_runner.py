@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -256,21 +253,17 @@ def test_a_deadline_stops_starting_cases_and_resume_finishes_them(tmp_path, capl
                                                                                             "jacobian_contraction"]
 
 
-def test_timeout_and_crash_are_results_and_the_worker_is_replaced(tmp_path):
+def test_a_worker_answers_only_after_its_ready_signal_and_is_replaced_after_a_timeout(tmp_path):
+    """(The faults themselves are injected in test_runner_faults.py.)"""
     case = _smoke(["explicit_mlp"])[0]
     worker = WorkerProcess(tmp_path / "worker.log")
     try:
-        worker.start()
+        ready = worker.start()
+        assert ready["pid"] == worker.proc.pid and ready["threads"] >= 1 and len(ready["code_sha1"]) == 12
         assert worker.run(Job("case", case, 0.001), tmp_path)["status"] == "timeout"  # counted from ready: no result
-        assert worker.proc is None
-        killer = threading.Thread(target=lambda: (time.sleep(1.0), worker.proc.send_signal(signal.SIGTERM)))
-        worker.start()
-        killer.start()
-        crashed = worker.run(Job("case", case, 60), tmp_path)
-        killer.join()
-        assert crashed["status"] == "killed" and "SIGTERM" in crashed["error"], crashed
-        ok = worker.run(Job("case", case, 120), tmp_path)
-        assert ok["status"] == "unchecked", ok  # no reference in this run directory: computed, not checked
+        assert worker.proc is None  # killed; the next job starts a fresh one, its start-up not counted
+        row = worker.run(Job("case", case, 120), tmp_path)
+        assert row["status"] == "unchecked" and row["worker_startup_s"] > 0, row  # no reference in this directory
     finally:
         worker.close()
 

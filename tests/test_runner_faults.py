@@ -73,9 +73,15 @@ if n == 2:
 # -- one run, every fault a worker can meet ------------------------------------------------------------------
 
 def test_each_fault_is_named_and_none_poisons_the_next_case(tmp_path, smoke_reference, fault_plugins, monkeypatch):
-    """A hang, a SIGKILL, an abort, an exception, a 1% error and NaNs; the worker that replaces the hung one takes
-    longer to start (6 s more) than the timeout (4 s): every case after a fault still runs, in a fresh worker whose
-    start-up is not charged to it."""
+    """A hang, a SIGKILL, an out-of-memory kill, an abort, an exception, a 1% error and NaNs; the worker that
+    replaces the hung one takes longer to start (6 s more) than the timeout (4 s): every case after a fault still
+    runs, in a fresh worker whose start-up is not charged to it. A SIGKILL is `oom` only when the kernel's OOM
+    counter went up (here a file the OOM fault bumps, read in place of the kernel's), and the case is then run
+    again blocked under a budget that fits the memory limit."""
+    oom_counter = tmp_path / "oom_kills"
+    oom_counter.write_text("0")
+    monkeypatch.setenv("NTKB_TEST_OOM_COUNTER", str(oom_counter))
+    monkeypatch.setattr(sysinfo, "oom_kill_count", lambda: (int(oom_counter.read_text() or 0), "memory.events (test)"))
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(SLOW_SECOND_START.format(counter=str(tmp_path / "starts")))
@@ -83,19 +89,22 @@ def test_each_fault_is_named_and_none_poisons_the_next_case(tmp_path, smoke_refe
     monkeypatch.setenv("NTKB_TEST_SLEEP_S", "600")
     run_dir = tmp_path / "run"
     seed_reference(smoke_reference, run_dir)
-    impls = ["fault_sleep", "explicit_mlp", "fault_selfkill", "structured", "fault_abort", "fault_error",
-             "fault_wrong", "fault_nan", "jacobian_contraction"]
+    impls = ["fault_sleep", "explicit_mlp", "fault_selfkill", "structured", "fault_oom_kill", "fault_abort",
+             "fault_error", "fault_wrong", "fault_nan", "jacobian_contraction"]
     cases = cases_of(impls, timeout_s=4.0)
     summary = runner.run(cases, run_dir, "faults", plugins=("runner_faults",))
     rows = {r["impl"]: r for r in summary.rows.values()}
     assert {i: rows[i]["status"] for i in impls} == {
         "fault_sleep": "timeout", "explicit_mlp": "ok", "fault_selfkill": "killed", "structured": "ok",
-        "fault_abort": "error", "fault_error": "error", "fault_wrong": "mismatch", "fault_nan": "mismatch",
+        "fault_oom_kill": "ok", "fault_abort": "error", "fault_error": "error", "fault_wrong": "mismatch", "fault_nan": "mismatch",
         "jacobian_contraction": "ok"}
     assert "the worker's start-up not counted" in rows["fault_sleep"]["error"]
     assert rows["fault_sleep"]["O"] == 2 and rows["fault_sleep"]["P"] == 58  # sizes known without an answer
     assert rows["explicit_mlp"]["worker_startup_s"] > 6.0  # the replacement's start-up: longer than the timeout
-    assert "SIGKILL" in rows["fault_selfkill"]["error"] and "OOM killer" not in rows["fault_selfkill"]["error"].split("(")[0]
+    assert "worker killed by SIGKILL (not by the OOM killer" in rows["fault_selfkill"]["error"]
+    oom = rows["fault_oom_kill"]
+    assert oom["blocked_after_oom"] and 0 < oom["memory_budget_bytes"] <= sysinfo.cpu_memory_budget() * 1.5
+    assert "the kernel's OOM killer" in oom["first_try_error"] and oom["rel_err"] <= 1e-4
     assert "SIGABRT" in rows["fault_abort"]["error"] and "about to abort" in rows["fault_abort"]["error"]  # the log's tail
     assert "fault_error: injected failure" in rows["fault_error"]["error"]
     assert 0.005 < rows["fault_wrong"]["rel_err"] < 0.02
@@ -104,19 +113,6 @@ def test_each_fault_is_named_and_none_poisons_the_next_case(tmp_path, smoke_refe
     assert "NaN" not in text.replace('"error": "the kernel has NaN', "")  # strict JSON: no bare NaN token
     for line in text.splitlines():
         json.loads(line, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
-
-
-def test_an_oom_kill_is_oom_only_when_the_kernel_says_so_and_is_retried_blocked(tmp_path, smoke_reference,
-                                                                               fault_plugins, monkeypatch):
-    """The worker dies by SIGKILL when it computes without a budget; the kernel's OOM counter (faked) went up."""
-    counter = iter(range(100))
-    monkeypatch.setattr(sysinfo, "oom_kill_count", lambda: (next(counter), "memory.events (test)"))
-    seed_reference(smoke_reference, tmp_path)
-    summary = runner.run(cases_of(["fault_oom_kill"]), tmp_path, "oom", plugins=("runner_faults",))
-    (row,) = summary.rows.values()
-    assert row["status"] == "ok" and row["blocked_after_oom"] and row["memory_budget_bytes"] > 0
-    assert "OOM killer" in row["first_try_error"] and row["rel_err"] <= 1e-4
-    assert row["memory_budget_bytes"] <= sysinfo.cpu_memory_budget() * 1.5
 
 
 def test_the_blocked_retry_budget_respects_the_cgroup_and_address_space_limits(monkeypatch):
