@@ -331,15 +331,21 @@ def _cmd_run(args) -> int:
             log.error("%s", line)
         return EXIT_USAGE
     reporter = LineReporter() if args.no_progress or not sys.stderr.isatty() else BarReporter()
-    executor = None
     try:
         executor = _executor(args, out, cases)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return EXIT_USAGE
+    except Exception as exc:  # the engine could not be reached or started (Ray's address, submitit): one line
+        log.error("cannot start the %s executor: %s: %s", args.executor, type(exc).__name__,
+                  str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+        return EXIT_USAGE
+    try:
         summary = runner.run(cases, out, spec["name"], executor=executor, resume=args.resume, force=args.force,
                              retry_failed=args.retry_failed, deadline_s=None if args.deadline is None else args.deadline * 60,
                              plugins=tuple(args.plugin or ()), reporter=reporter, models=models, check_devices=False)
     except (sweeps.SweepError, runner.RunDirError, ValueError, ImportError) as exc:
-        if executor is not None:
-            executor.close()
+        executor.close()
         for line in str(exc).splitlines():
             log.error("%s", line)
         return EXIT_USAGE

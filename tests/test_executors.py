@@ -156,3 +156,33 @@ def test_submitit_local_gives_the_local_rows(tmp_path, smoke_run, smoke_referenc
     assert {r["executor"] for r in _rows(tmp_path).values()} == {"submitit-local"}
     assert all(r["slurm_job_id"] for r in _rows(tmp_path).values())
     assert list((tmp_path / "submitit").iterdir())  # submitit's job folders, in the run directory
+
+
+@pytest.mark.slurm
+def test_slurm_job_arrays_ask_for_the_partition_gpus_time_and_parallelism(tmp_path):
+    """``--executor slurm`` against submitit's own mocked sbatch: the CUDA cases go as one job array whose script
+    asks for the partition, a GPU per task, a time limit covering the chunk, the array's parallelism, the account."""
+    pytest.importorskip("submitit")
+    test_core = pytest.importorskip("submitit.core.test_core")
+    from ntk_bench.bench.executors.submitit_executor import SubmititExecutor
+
+    cases = sweeps.expand({"name": "s", "impls": ["structured", "explicit_mlp", "jacobian_contraction"],
+                           "devices": ["cuda"], "timeout_s": 600, "arch": [{"name": "mlp", "N": [2]}]})
+    mock = test_core.MockedSubprocess(known_cmds=["srun", "sbatch"])
+    with mock.context():
+        ex = SubmititExecutor(tmp_path, cluster="slurm", partition="gpu", gpus_per_task=1, time_limit_min=5,
+                              max_parallel=4, jobs_per_task=2, slurm_params={"account": "myproj"})
+        futures = [ex.submit(Job("case", c, c.timeout_s)) for c in cases]
+        deadline = time.monotonic() + 30
+        while any(f.started_at is None for f in futures) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        ex.close()
+    scripts = list((tmp_path / "submitit").rglob("*_submission.sh"))
+    assert len(scripts) == 1, scripts  # one job array
+    text = scripts[0].read_text()
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=1", "#SBATCH --account=myproj",
+                 "#SBATCH --array=0-2%3", "#SBATCH --cpus-per-task=1"):
+        assert line in text, text
+    minutes = int(next(ln for ln in text.splitlines() if ln.startswith("#SBATCH --time=")).split("=")[1])
+    assert minutes >= (600 + 300) / 60  # a chunk's timeout and the worker's start-up
+    assert all(f.started_at is not None and not f.done() for f in futures)

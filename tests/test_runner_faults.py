@@ -427,3 +427,18 @@ def test_local_executor_refuses_a_device_it_has_no_worker_for(tmp_path):
     ex = LocalExecutor(tmp_path, devices=["cuda:0"])
     with pytest.raises(sweeps.SweepError, match="no worker of this executor runs cuda:1 cases"):
         runner.run(cases, tmp_path / "run", "s", executor=ex, check_devices=False)
+
+
+def test_a_case_that_cannot_even_be_set_up_is_a_row_naming_why(tmp_path, monkeypatch):
+    """A 320 GB allocation while building the problem is `oom` with its cause, not a crashed worker."""
+    case = cases_of(["structured"])[0]
+
+    def build(*args):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 320000000000 bytes")
+
+    monkeypatch.setattr(measure, "build_problem", build)
+    row = measure.run_case(case, tmp_path)
+    assert row["status"] == "oom" and row["error"].startswith("setting up the problem failed: RuntimeError")
+    monkeypatch.setattr(measure, "build_problem", lambda *a: (_ for _ in ()).throw(KeyError("no such layer")))
+    row = measure.run_case(case, tmp_path)
+    assert row["status"] == "error" and "KeyError" in row["error"]

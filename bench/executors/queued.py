@@ -64,7 +64,7 @@ class QueuedExecutor(Executor):
         return fut
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
+        while not self._stop.wait(self.poll_s):  # the runner submits in bursts: they go out together (one array)
             try:
                 self._step()
             except Exception as exc:  # the engine failed (a lost connection): every job in flight gets a row
@@ -74,7 +74,6 @@ class QueuedExecutor(Executor):
                     self._inflight.clear()
                 for fut in lost:
                     fut.finish(error_row("error", f"{self.name} executor: {type(exc).__name__}: {exc}"))
-            time.sleep(self.poll_s)
 
     def _step(self) -> None:
         with self._lock:

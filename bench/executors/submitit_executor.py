@@ -35,7 +35,12 @@ class SubmititExecutor(QueuedExecutor):
                  cpus_per_task: int = 1, time_limit_min: float | None = None, max_parallel: int = 64,
                  mem_gb: float | None = None, slurm_params: dict | None = None, jobs_per_task: int = 1):
         super().__init__()
+        import shutil
+
         import submitit
+
+        if cluster == "slurm" and shutil.which("sbatch") is None:
+            raise RuntimeError("sbatch is not on this machine's PATH: run the sweep from a SLURM login node")
 
         self.run_dir = Path(run_dir).resolve()
         self.cluster = cluster
