@@ -480,7 +480,10 @@ def run_case(case: Case, run_dir: Path) -> dict:
     runner retries after the kernel's OOM killer ended it (``case.retry_blocked``), computes blocked under a
     budget that respects this process's memory limits (``blocked_after_oom``).
     """
-    from ntk_bench.implementations import base
+    try:  # the kernel helpers' module (implementations/kernels.py; base.py before the engine's split)
+        from ntk_bench.implementations import kernels as base
+    except ImportError:
+        from ntk_bench.implementations import base
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False

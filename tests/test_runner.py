@@ -205,7 +205,7 @@ def test_report_writes_csv_summary_and_plots(smoke_run, tmp_path):
     assert "auto / pick, paired" in text and "timed in alternating blocks" in text
     assert "auto / fastest, paired" in text and "within 25% of the fastest" in text
     pngs = list(tmp_path.glob("*.png"))
-    assert len(pngs) >= 3 and all(p.stat().st_size > 1000 for p in pngs)
+    assert len(pngs) >= 2 and all(p.stat().st_size > 1000 for p in pngs)  # a figure per architecture + cost model
 
 
 def test_existing_run_needs_resume(smoke_run):
