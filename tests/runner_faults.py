@@ -5,7 +5,8 @@ Each computes the right kernel (Jacobian contraction's) unless its fault fires:
 - ``fault_sleep``: sleeps ``NTKB_TEST_SLEEP_S`` seconds per call (a hang, for timeouts and kills);
 - ``fault_selfkill``: the worker sends itself SIGKILL (a kill from outside, not the OOM killer);
 - ``fault_abort``: ``os.abort()`` (a crash: SIGABRT);
-- ``fault_wrong``: 1% off (a mismatch); ``fault_nan``: NaN entries (strict JSON, a mismatch);
+- ``fault_wrong``: 1% off (a mismatch); ``fault_nan``: NaN entries in the kernel the runner checks (strict JSON, a
+  mismatch);
 - ``fault_error``: raises RuntimeError;
 - ``fault_flaky``: raises until the file ``NTKB_TEST_MARKER`` exists, creating it (an error that a retry fixes);
 - ``fault_oom_kill``: without a memory budget, plays the kernel's OOM killer: adds one to the counter in the file
@@ -77,10 +78,13 @@ class Wrong(_Fault):
 
 
 class NaN(_Fault):
+    """NaN entries in what the runner checks (through ``prepare``, past any check of the plugin's own result)."""
+
     name = "fault_nan"
 
-    def fault(self, model, x1, x2, mode):
-        return torch.full_like(_right(model, x1, x2, mode), float("nan"))
+    def prepare(self, model, x1, x2=None, mode="full", memory_budget_bytes=None):
+        run, _ = super().prepare(model, x1, x2, mode, memory_budget_bytes=memory_budget_bytes)
+        return run, lambda out: torch.full_like(out, float("nan"))
 
 
 class Error(_Fault):
