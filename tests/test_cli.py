@@ -13,7 +13,7 @@ import pytest
 from ntk_bench import __version__
 from ntk_bench.bench import cli as cli_module
 from ntk_bench.bench import runner
-from runner_helpers import cli, cli_env, fault_plugins, seed_reference, smoke_reference, start_cli  # noqa: F401
+from runner_helpers import cli, cli_env, seed_reference, start_cli
 
 SMOKE_ARCH = {"name": "mlp", "params": {"in_features": 4, "width": 8, "depth": 1}, "N": [3], "O": [2]}
 

@@ -13,7 +13,7 @@ import pytest
 from ntk_bench.bench import runner, sweeps
 from ntk_bench.bench.executors import Job, LocalExecutor, Slot, plan_slots
 from ntk_bench.bench.executors.local import split_cores
-from runner_helpers import children_of, cmdline, seed_reference, smoke, smoke_reference, smoke_run  # noqa: F401
+from runner_helpers import children_of, cmdline, seed_reference, smoke
 
 
 def _rows(path):

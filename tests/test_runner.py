@@ -14,7 +14,6 @@ import torch
 from ntk_bench.bench import report, runner, sweeps
 from ntk_bench.bench.executors import InlineExecutor, Job
 from ntk_bench.bench.executors.process import WorkerProcess
-from runner_helpers import smoke_run  # noqa: F401 - a fixture
 
 ROOT = Path(__file__).parent.parent
 
