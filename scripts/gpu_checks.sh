@@ -3,13 +3,14 @@
 #   0. MLP 784-512-512-10 at N=512: eager against CUDA-graph replay, split thresholds, JC (graph_check.txt);
 #   1. the correctness suite, CUDA cases included, against the harness's float64 CPU reference
 #      (neural-tangents is not installed there; `make test` checks that reference against it);
-#   2. the `gpu` sweep, resumable, starting no case after DEADLINE_MIN minutes, one worker per GPU;
+#   2. the `gpu` sweep, resumable, starting no case after DEADLINE_MIN minutes (DEVICES=all: a worker per GPU);
 #   3. the report of what has run so far.
 #
 #   scripts/gpu_checks.sh OUTDIR [RUN_DIR]     env: PYTHON (python3), DEADLINE_MIN (6: the sweep starts no case after it),
 #                                              START_BY_MIN (instead: no case after this many minutes from the script's start),
 #                                              GRAPH_CHECK (1), TESTS (1), TEST_TIMEOUT_S (240), TEST_SELECT (tests: pytest's
-#                                              selection), DEVICES (all: a worker per visible GPU; or cuda:0,cuda:1),
+#                                              selection), DEVICES (unset: one worker, as the committed runs; all: a
+#                                              worker per visible GPU, references beside them; or cuda:0,cuda:1),
 #                                              SWEEP_ARGS (more `ntk-bench run` options, e.g. --timeout 60),
 #                                              WHEELS (a folder of carried wheels, installed first without an index:
 #                                              the image has no pydantic, which the sweep schema needs)
@@ -50,7 +51,7 @@ if [ -n "${START_BY_MIN:-}" ]; then
 fi
 # shellcheck disable=SC2086
 $PYTHON -m ntk_bench run --sweep gpu --out "$RUN" --resume --force --no-progress --deadline "$DEADLINE" \
-    --devices "${DEVICES:-all}" --fail-on none ${SWEEP_ARGS:-} >"$OUTDIR/sweep.log" 2>&1
+    ${DEVICES:+--devices "$DEVICES"} --fail-on none ${SWEEP_ARGS:-} >"$OUTDIR/sweep.log" 2>&1
 echo "sweep: exit $?" | tee -a "$OUTDIR/sweep.log"
 $PYTHON -m ntk_bench report "$RUN" >>"$OUTDIR/sweep.log" 2>&1
 tail -5 "$OUTDIR/sweep.log"

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from ntk_bench.bench import measure, rundir, runner, sweeps, sysinfo
-from ntk_bench.bench.executors import Executor, InlineExecutor, JobFuture, LocalExecutor
+from ntk_bench.bench.executors import InlineExecutor, JobFuture, LocalExecutor
 from runner_helpers import cli, cli_env, pid_alive, seed_reference, smoke, start_cli
 
 SMOKE_ARCH = {"name": "mlp", "params": {"in_features": 4, "width": 8, "depth": 1}, "N": [3], "O": [2]}
@@ -415,10 +415,6 @@ def test_a_cuda_sweep_on_a_machine_without_cuda_is_refused_before_any_work(tmp_p
     with pytest.raises(sweeps.SweepError, match="CUDA is not available here"):
         runner.run(cases, tmp_path / "run", "s")
     assert not (tmp_path / "run").exists()
-
-
-class _Unused(Executor):
-    pass
 
 
 def test_local_executor_refuses_a_device_it_has_no_worker_for(tmp_path):
