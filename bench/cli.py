@@ -445,10 +445,14 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ntk-bench {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more output (-v: debug)")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="plugins, peers, architectures and sweeps").set_defaults(func=_cmd_list)
+    # -v / -q after the command too (SUPPRESS: a subcommand's default does not override the main parser's)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub.add_parser("list", help="plugins, peers, architectures and sweeps", parents=[common]).set_defaults(func=_cmd_list)
 
-    run = sub.add_parser("run", help="run a sweep, appending rows to OUT/results.jsonl",
+    run = sub.add_parser("run", help="run a sweep, appending rows to OUT/results.jsonl", parents=[common],
                          description="Run a sweep (or one model of yours), a row per case appended to "
                                      "OUT/results.jsonl as it finishes. " + __doc__.split("\n\n", 1)[1],
                          formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -517,11 +521,12 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="a line per finished case instead of a bar")
     run.set_defaults(func=_cmd_run)
 
-    rep = sub.add_parser("report", help="write results.csv, summary.md and plots for a run")
+    rep = sub.add_parser("report", help="write results.csv, summary.md and plots for a run", parents=[common])
     rep.add_argument("run", help="run directory holding results.jsonl")
     rep.add_argument("--out", help="where to write (default: the run directory)")
     rep.set_defaults(func=_cmd_report)
-    cal = sub.add_parser("calibrate", help="fit auto's cost-model constants to runs, into a file you name")
+    cal = sub.add_parser("calibrate", help="fit auto's cost-model constants to runs, into a file you name",
+                         parents=[common])
     cal.add_argument("runs", nargs="+", help="run directories holding results.jsonl")
     cal.add_argument("--out", required=True,
                      help="the calibration file to write (merged into when it exists); auto reads it when "
