@@ -82,12 +82,17 @@ def test_ctrl_c_finishes_the_running_case_says_how_to_resume_and_exits_130(tmp_p
     pidfile = tmp_path / "pid"
     proc = start_cli("run", "--sweep", sweep, "--out", run_dir, "--plugin", "runner_faults",
                      env=cli_env(NTKB_TEST_PIDFILE=pidfile, NTKB_TEST_SLEEP_S=1))
-    deadline = time.monotonic() + 180
-    while not pidfile.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert proc.poll() is None, proc.communicate()
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:
+        deadline = time.monotonic() + 180
+        while not pidfile.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:  # the test failed: leave no runner behind (its worker dies with it)
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 130, err
     assert "finishing the running case(s)" in err and "Traceback" not in err
     resume = next(line for line in err.splitlines() if "resume with:" in line)

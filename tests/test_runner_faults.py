@@ -160,6 +160,16 @@ def test_a_second_runner_is_refused_and_no_worker_outlives_its_runner(tmp_path, 
         runs[how] = (d, start_cli("run", "--sweep", _sweep_file(d, ["fault_started"]), "--out", d / "run",
                                   "--plugin", "runner_faults", "--no-progress",
                                   env=cli_env(NTKB_TEST_PIDFILE=d / "pid")))
+    try:
+        _check_runners(runs)
+    finally:  # whatever failed, leave no runner behind (their workers die with them)
+        for _, proc in runs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def _check_runners(runs) -> None:
     workers = {}
     for how, (d, proc) in runs.items():
         pidfile = d / "pid"
