@@ -6,12 +6,23 @@ draws a batch. A factory returns ``(model, spec)``, the spec an InputSpec or a
 plain per-sample shape (float inputs). The toy nets are here; the real models
 (torchvision's resnet18 and mobilenet_v3_small, a ViT, transformers, RNNs,
 norm layers) are in ``real_models``.
+
+Your own model: ``name`` may also be a factory reference, ``"package.module:function"``
+or ``"path/to/file.py:function"`` (:func:`load_callable`), returning a model or
+``(model, spec)``; give ``input_spec=InputSpec(...)`` when it returns a model alone,
+or ``inputs_fn=f`` with ``f(n, seed) -> tensor`` to draw the batches yourself.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import importlib
+import importlib.util
 import inspect
+import sys
+from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -42,6 +53,8 @@ class Architecture:
     input_spec: InputSpec
     params: dict  # every constructor argument, defaults included
     num_outputs: int
+    # a user's ``f(n, seed) -> tensor`` drawing the batches instead of ``input_spec`` (see ``inputs``)
+    inputs_fn: Callable | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -132,6 +145,8 @@ def resnet_tiny(channels: int = 4, image: int = 8, out: int = 10, in_channels: i
 
 
 ZOO: dict = {"mlp": mlp, "tutorial_cnn": tutorial_cnn, "cnn": cnn, "resnet_tiny": resnet_tiny}
+# Integer parameters of the zoo must be positive, but these may be 0 (mlp with depth 0: a linear model).
+ZERO_ALLOWED = {("mlp", "depth")}
 
 
 def register(name: str, factory) -> None:
@@ -150,7 +165,100 @@ def _load_real_models() -> None:
     from . import real_models  # noqa: F401 - registers itself
 
 
+class FactoryError(ValueError):
+    """A factory reference that cannot be imported or called; the message is one line naming it."""
+
+
+def is_factory_ref(name: str) -> bool:
+    """True for ``"package.module:function"`` and ``"path/to/file.py:function"`` (a zoo name has no colon)."""
+    return ":" in name
+
+
+def split_factory_ref(ref: str) -> tuple[str, str]:
+    """(module or file, function) of a factory reference; FactoryError when it is not one."""
+    where, _, func = ref.rpartition(":")
+    if not where or not func or not func.isidentifier():
+        raise FactoryError(f"factory {ref!r}: expected 'package.module:function' or 'path/to/file.py:function'")
+    return where, func
+
+
+def is_file_ref(ref: str) -> bool:
+    where, _, _ = ref.rpartition(":")
+    return where.endswith(".py") or "/" in where or "\\" in where
+
+
+def absolute_ref(ref: str, base_dir: str | Path | None = None) -> str:
+    """The reference with a relative file made absolute (relative to ``base_dir``, else the working directory)."""
+    if not is_factory_ref(ref) or not is_file_ref(ref):
+        return ref
+    where, func = split_factory_ref(ref)
+    path = Path(where).expanduser()
+    if not path.is_absolute():
+        path = Path(base_dir or Path.cwd()) / path
+    return f"{path.resolve()}:{func}"
+
+
+def ref_file(ref: str) -> Path | None:
+    """The source file behind a factory reference (a file reference's file, or the module's), if it can be found."""
+    where, _ = split_factory_ref(ref)
+    if is_file_ref(ref):
+        return Path(where)
+    try:
+        spec = importlib.util.find_spec(where)
+    except (ImportError, ValueError):
+        return None
+    return Path(spec.origin) if spec is not None and spec.origin and spec.origin.endswith(".py") else None
+
+
+_FILE_MODULES: dict[Path, object] = {}
+
+
+def _import_file(path: Path):
+    path = path.resolve()
+    if path in _FILE_MODULES:
+        return _FILE_MODULES[path]
+    if not path.is_file():
+        raise FactoryError(f"no such file {str(path)!r}")
+    name = f"ntk_bench_user_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    sys.path.insert(0, str(path.parent))  # the file may import its neighbours, as a script would
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    finally:
+        sys.path.remove(str(path.parent))
+    _FILE_MODULES[path] = module
+    return module
+
+
+def load_callable(ref: str) -> Callable:
+    """The function behind ``"package.module:function"`` or ``"path/to/file.py:function"``.
+
+    A file is imported under a private module name (its directory searchable while it runs); any failure is a
+    :class:`FactoryError` with one line naming the reference and the cause.
+    """
+    where, func = split_factory_ref(ref)
+    try:
+        module = _import_file(Path(where)) if is_file_ref(ref) else importlib.import_module(where)
+    except FactoryError as exc:
+        raise FactoryError(f"factory {ref!r}: {exc}") from None
+    except Exception as exc:  # the user's module failed at import: say how, in one line
+        raise FactoryError(f"factory {ref!r}: importing {where!r} failed: {type(exc).__name__}: {exc}") from None
+    fn = getattr(module, func, None)
+    if not callable(fn):
+        name = Path(where).name if is_file_ref(ref) else where
+        raise FactoryError(f"factory {ref!r}: {name!r} has no function {func!r}")
+    return fn
+
+
 def factory(name: str):
+    """The factory of a zoo name, or the function behind a factory reference (``"pkg.mod:fn"``, ``"file.py:fn"``)."""
+    if is_factory_ref(name):
+        return load_callable(name)
     _load_real_models()
     if name not in ZOO:
         raise KeyError(f"unknown architecture {name!r}; valid names: {', '.join(ZOO)}")
@@ -167,30 +275,97 @@ def check_params(name: str, params: dict) -> None:
         raise TypeError(f"{name}: {exc}; valid parameters: {valid}") from None
 
 
+def param_problems(name: str, params: dict) -> list[str]:
+    """What is wrong with ``params`` for the zoo architecture ``name``, one line each (empty when nothing).
+
+    Checks each value against the type of the factory's annotation or default (``width = "wide"`` for an int,
+    ``bias = 1`` for a bool) and that integers are positive (``depth = -3``). A value of the right type can still
+    fail to build (``activation = "swish"``): building the model once tells (``build``).
+    """
+    make = factory(name)
+    sig = inspect.signature(make)
+    problems = []
+    try:
+        sig.bind(**params)
+    except TypeError as exc:
+        valid = ", ".join(sig.parameters) or "none"
+        return [f"{exc}; valid parameters: {valid}"]
+    for key, value in params.items():
+        p = sig.parameters.get(key)
+        if p is None or p.kind is inspect.Parameter.VAR_KEYWORD:
+            continue
+        expected = p.default if p.default is not inspect.Parameter.empty else None
+        kind = type(expected) if isinstance(expected, (bool, int, float, str)) else None
+        if kind is bool and not isinstance(value, bool):
+            problems.append(f"{key} = {value!r}: expected true or false")
+        elif kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            problems.append(f"{key} = {value!r}: expected an integer")
+        elif kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            problems.append(f"{key} = {value!r}: expected a number")
+        elif kind is str and not isinstance(value, str):
+            problems.append(f"{key} = {value!r}: expected a string")
+        elif kind is int and (value < 0 or (value == 0 and (name, key) not in ZERO_ALLOWED)):
+            problems.append(f"{key} = {value!r}: expected a positive integer")
+    return problems
+
+
+def _as_architecture(name: str, made, input_spec: InputSpec | None, inputs_fn: Callable | None):
+    """(model, InputSpec) from what a factory returned: a model, or (model, spec)."""
+    spec = None
+    if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], nn.Module):
+        made, spec = made
+    if not isinstance(made, nn.Module):
+        raise FactoryError(f"{name}: the factory returned {type(made).__name__}, expected an nn.Module "
+                           "or (nn.Module, input spec)")
+    spec = input_spec if input_spec is not None else spec
+    if spec is None and inputs_fn is None:
+        raise FactoryError(f"{name}: the factory returned a model alone; give its inputs (a per-sample shape, "
+                           "dtype and range, or an inputs function)")
+    if spec is not None and not isinstance(spec, InputSpec):
+        spec = InputSpec(tuple(spec))
+    return made, spec
+
+
 def build(name: str, seed: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-          **params) -> Architecture:
-    """Build ``name`` with ``params``, its weights drawn from ``seed`` (the same seed, the same weights), in eval mode."""
+          input_spec: InputSpec | None = None, inputs_fn: Callable | None = None, **params) -> Architecture:
+    """Build ``name`` with ``params``, its weights drawn from ``seed`` (the same seed, the same weights), in eval mode.
+
+    ``name`` is a zoo name or a factory reference (``"pkg.mod:fn"``, ``"file.py:fn"``); ``input_spec`` gives
+    (or replaces) the factory's per-sample input, ``inputs_fn(n, seed) -> tensor`` draws batches instead.
+    """
     make = factory(name)
     check_params(name, params)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model, spec = make(**params)
-    if not isinstance(spec, InputSpec):
-        spec = InputSpec(tuple(spec))
+        made = make(**params)
+    model, spec = _as_architecture(name, made, input_spec, inputs_fn)
     defaults = {k: v.default for k, v in inspect.signature(make).parameters.items()
                 if v.default is not inspect.Parameter.empty}
     model = model.to(dtype=dtype, device=device).eval()
-    arch = Architecture(name, model, spec, {**defaults, **params}, 0)
+    arch = Architecture(name, model, spec or InputSpec(()), {**defaults, **params}, 0, inputs_fn)
     with torch.no_grad():
         y = model(inputs(arch, 1, dtype=dtype, device=device))
+    if not isinstance(y, torch.Tensor) or y.dim() not in (1, 2):
+        what = type(y).__name__ if not isinstance(y, torch.Tensor) else f"a tensor of shape {tuple(y.shape)}"
+        raise FactoryError(f"{name}: the model returned {what} for a batch of 1; expected (N,) or (N, O)")
     o = 1 if y.dim() == 1 else y.shape[1]
+    if o < 1:
+        raise FactoryError(f"{name}: the model has no outputs (O = 0)")
     return dataclasses.replace(arch, num_outputs=o)
 
 
 def inputs(arch: Architecture, n: int, seed: int = 1, dtype: torch.dtype = torch.float32,
            device: str | torch.device = "cpu") -> torch.Tensor:
     """A batch of ``n`` inputs for ``arch`` drawn from ``seed`` on the CPU: standard normal numbers rounded to
-    float32 then cast to ``dtype`` (the same numbers in every dtype), or int64 ids in the spec's range."""
+    float32 then cast to ``dtype`` (the same numbers in every dtype), or int64 ids in the spec's range; or what
+    the architecture's ``inputs_fn(n, seed)`` returns (floating point cast to ``dtype``)."""
+    if arch.inputs_fn is not None:
+        x = arch.inputs_fn(n, seed)
+        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[0] != n:
+            got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise FactoryError(f"{arch.name}: the inputs function returned {got} for n={n}; expected a tensor "
+                               f"of {n} samples")
+        return (x.to(dtype=dtype) if x.is_floating_point() else x).to(device=device)
     g = torch.Generator().manual_seed(seed)
     spec = arch.input_spec
     if spec.is_integer:

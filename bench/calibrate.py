@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .runner import read_results
+from .rundir import latest_rows, read_results, write_atomic
 
 
 def _fit(flops: np.ndarray, t: np.ndarray) -> tuple[float, float]:
@@ -23,8 +23,10 @@ def _fit(flops: np.ndarray, t: np.ndarray) -> tuple[float, float]:
 
 
 def calibrate(run_dirs: list[Path], out: Path) -> dict:
-    """Fit constants from the runs' ok rows and merge them into ``out``; return what was written."""
-    rows = [r for d in run_dirs for r in read_results(Path(d) / "results.jsonl")[1]]
+    """Fit constants from the runs' ok rows and merge them into ``out`` (the file the user names: ``auto`` reads
+    it when ``NTK_BENCH_CALIBRATION`` names it); return what was written."""
+    # each run's last row of a case (a case run again by --retry-failed counts once)
+    rows = [r for d in run_dirs for r in latest_rows(read_results(Path(d) / "results.jsonl")[1]).values()]
     fitted: dict[str, dict] = {}
     groups: dict[tuple[str, str], list] = {}
     for r in rows:
@@ -40,5 +42,5 @@ def calibrate(run_dirs: list[Path], out: Path) -> dict:
     existing = json.loads(out.read_text()) if out.exists() else {}
     for device, table in fitted.items():
         existing.setdefault(device, {}).update(table)
-    out.write_text(json.dumps(existing, indent=1, sort_keys=True) + "\n")
+    write_atomic(Path(out), (json.dumps(existing, indent=1, sort_keys=True) + "\n").encode())
     return fitted

@@ -1,54 +1,387 @@
-"""ntkbench run | report | list | calibrate  (also: python -m bench ...)."""
+"""ntk-bench run | report | compare | list | calibrate   (also: python -m ntk_bench ...)
+
+Exit codes of ``run``: 0 when every case's last row passes; 1 when a row has a
+status named by ``--fail-on`` (default ``mismatch,error``) or, with
+``--require-reference``, a computed row was not checked against
+neural-tangents; 2 for a usage error (an invalid sweep, an unusable run
+directory, a device this machine lacks), before any work; 130 after Ctrl-C
+(143 after SIGTERM), the finished rows kept for ``--resume``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import math
+import os
 import sys
 from pathlib import Path
 
+log = logging.getLogger("ntk_bench")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
+
+
+# -- argument types: one clear line for a bad value -------------------------------------------------------
+
+def _number(text: str, what: str, allow_zero: bool = False) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+def seconds(text: str) -> float:
+    return _number(text, "a positive finite number of seconds")
+
+
+def gib(text: str) -> float:
+    return _number(text, "a positive finite number of GiB")
+
+
+def minutes(text: str) -> float:
+    return _number(text, "a finite number of minutes, 0 or more", allow_zero=True)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def int_list(text: str) -> list[int]:
+    """``3,32,32`` -> [3, 32, 32] (positive integers)."""
+    try:
+        values = [int(v) for v in text.replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def int_range(text: str) -> list[int]:
+    """``0,100`` -> [0, 100] (integer ids in [low, high))."""
+    try:
+        low, high = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH (integers), got {text!r}") from None
+    if low >= high:
+        raise argparse.ArgumentTypeError(f"expected LOW < HIGH, got {text!r}")
+    return [low, high]
+
+
+def key_value(text: str) -> tuple[str, object]:
+    """``width=64`` -> ("width", 64): the value read as JSON when it is JSON (numbers, true/false), else a string."""
+    import json
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad argument reported in one line (and where to find the usage)."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# -- output ------------------------------------------------------------------------------------------------
+
+class _Formatter(logging.Formatter):
+    def format(self, record):
+        text = record.getMessage()
+        if record.levelno >= logging.ERROR:
+            return f"error: {text}"
+        if record.levelno >= logging.WARNING:
+            return f"warning: {text}"
+        return text
+
+
+def setup_logging(verbosity: int = 0, stream=None) -> None:
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(_Formatter())
+    root = logging.getLogger("ntk_bench")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbosity > 0 else logging.WARNING if verbosity < 0 else logging.INFO)
+    root.propagate = False
+
+
+def fmt_seconds(s: float | None) -> str:
+    if s is None or not math.isfinite(s):
+        return "?"
+    if s >= 1:
+        return f"{s:.3g} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.3g} ms"
+    return f"{s * 1e6:.3g} us"
+
+
+def fmt_duration(s: float | None) -> str:
+    if s is None:
+        return "?"
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def row_line(row: dict, done: int, total: int, eta_s: float | None) -> str:
+    """``[ 12/363] ok          2.31 ms ± 0.08 ms  <case id>  ETA 4m12s`` (the error for a row that is not ok)."""
+    status = row.get("status", "?")
+    timing = ""
+    if row.get("time_median_s") is not None:
+        timing = f"{fmt_seconds(row['time_median_s'])} ± {fmt_seconds(row.get('time_iqr_s'))}"
+    width = len(str(total))
+    line = f"[{done:>{width}}/{total}] {status:<11} {timing:<22} {row.get('case_id')}"
+    if row.get("error") and status != "ok":
+        line += f"  ({str(row['error'])[:200]})"
+    if eta_s is not None:
+        line += f"  ETA {fmt_duration(eta_s)}"
+    return line
+
+
+def tally(counts: dict) -> str:
+    from .runner import STATUSES
+
+    order = [s for s in STATUSES if s in counts] + sorted(s for s in counts if s not in STATUSES)
+    return ", ".join(f"{counts[s]} {s}" for s in order) or "no rows"
+
+
+class LineReporter:
+    """A line per finished case (CI logs, --no-progress)."""
+
+    def start(self, total, todo, slots):
+        log.info("%d of %d cases to run, %d at a time", todo, total, slots)
+
+    def row(self, row, done, total, eta_s):
+        log.info("%s", row_line(row, done, total, eta_s))
+
+    def note(self, message, level=logging.WARNING):
+        log.log(level, "%s", message)
+
+    def finish(self, summary):
+        pass
+
+
+class BarReporter(LineReporter):
+    """A progress bar on a terminal, with the ETA from the cost model; rows that are not ok printed above it."""
+
+    def __init__(self):
+        self.bar = None
+
+    def start(self, total, todo, slots):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=total - todo, unit="case", dynamic_ncols=True,
+                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+
+    def row(self, row, done, total, eta_s):
+        if row.get("status") not in ("ok", "unsupported"):
+            self.bar.write(row_line(row, done, total, None))
+        self.bar.set_postfix_str(f"ETA {fmt_duration(eta_s)}" if eta_s is not None else "", refresh=False)
+        self.bar.update()
+
+    def note(self, message, level=logging.WARNING):
+        if self.bar is not None:
+            self.bar.write(_Formatter().format(logging.LogRecord("ntk_bench", level, "", 0, message, None, None)))
+        else:
+            super().note(message, level)
+
+    def finish(self, summary):
+        if self.bar is not None:
+            self.bar.close()
+
+
+# -- commands -------------------------------------------------------------------------------------------
 
 def _cmd_list(args) -> int:
     from ntk_bench import implementations
 
     from . import architectures, sweeps
 
-    print("plugins:", ", ".join(implementations.names()))
-    print("neural-tangents peers:", ", ".join(sweeps.NT_PEERS))
+    print("plugins (ours):", ", ".join(implementations.names("ours")))
+    print("peers:", ", ".join(implementations.names("peer") + sweeps.legacy_peers()))
     print("architectures:", ", ".join(architectures.names()))
     print("sweeps:")
     for name, spec in sweeps.SWEEPS.items():
         print(f"  {name:10s} {len(sweeps.expand(spec))} cases  {spec.get('description', '')}")
     print(f"default sweep here: {sweeps.default_sweep_name()}")
-    return 0
+    return EXIT_OK
+
+
+def _load_plugins(modules) -> None:
+    from ntk_bench import implementations
+
+    if os.getcwd() not in sys.path:  # as `python -m` would: a plugin module in the working directory imports
+        sys.path.insert(0, os.getcwd())
+    for module in modules:
+        try:
+            implementations.load_module(module)
+        except Exception as exc:  # the user's module: say which and why, in one line
+            raise ValueError(f"--plugin {module}: {type(exc).__name__}: {exc}") from None
+
+
+def _model_spec(args) -> dict:
+    """A one-entry sweep for ``--model`` (a one-off run of your own model)."""
+    from . import architectures
+
+    entry = {"factory": args.model, "N": args.N or [4]}
+    if args.name:
+        entry["name"] = args.name
+    if args.param:
+        entry["params"] = dict(args.param)
+    if args.O:
+        entry["O"] = args.O
+    if args.inputs_factory:
+        entry["inputs_factory"] = args.inputs_factory
+    elif args.input_shape:
+        inputs = {"shape": args.input_shape, "dtype": args.input_dtype}
+        if args.input_range:
+            inputs["range"] = args.input_range
+        entry["inputs"] = inputs
+    name = args.name or architectures.split_factory_ref(args.model)[1]
+    return {"name": name, "impls": ["all"], "modes": [args.mode], "dtypes": [args.dtype], "devices": [args.device],
+            "time_budget_s": 0.3, "timeout_s": 300, "arch": [entry]}
+
+
+def _executor(args, out: Path, cases):
+    from .executors import make_executor
+
+    kind = args.executor
+    if kind == "local":
+        devices = args.devices
+        if devices == ["all"]:
+            import torch
+
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if count == 0:
+                raise ValueError("--devices all: CUDA is not available here")
+            devices = [f"cuda:{k}" for k in range(count)]
+        if devices:
+            import torch
+
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            bad = [d for d in devices if d.startswith("cuda") and (count == 0 or int(d.split(":")[1]) >= count)]
+            if bad:
+                raise ValueError(f"--devices {','.join(bad)}: this machine has {count} CUDA device(s)")
+        return make_executor("local", out, workers=args.workers, devices=devices,
+                             cuda_cases=any(c.device != "cpu" for c in cases))
+    if kind == "inline":
+        return make_executor("inline", out)
+    if kind == "ray":
+        return make_executor("ray", out, address=args.address, cpus_per_task=args.cpus_per_task)
+    options = {"cpus_per_task": args.cpus_per_task, "gpus_per_task": args.gpus_per_task,
+               "time_limit_min": args.time_limit, "max_parallel": args.max_parallel or (
+                   args.workers if kind == "submitit-local" else 64),
+               "partition": args.partition, "mem_gb": args.mem_gb, "slurm_params": dict(args.slurm_param or []),
+               "jobs_per_task": args.jobs_per_task}
+    return make_executor(kind, out, **options)
+
+
+def _resume_command(argv: list[str]) -> str:
+    import shlex
+
+    words = ["ntk-bench", *argv]
+    if "--resume" not in words:
+        words.append("--resume")
+    return " ".join(shlex.quote(w) for w in words)
 
 
 def _cmd_run(args) -> int:
+    import dataclasses
+
     from . import runner, sweeps
 
     try:
-        spec = sweeps.load(args.sweep)
+        _load_plugins(args.plugin or [])
+        if args.model:
+            if args.sweep_given:
+                raise sweeps.SweepError("give --sweep or --model, not both")
+            spec = _model_spec(args)
+        else:
+            spec = sweeps.load(args.sweep)
         cases = sweeps.expand(spec, args.impls.split(",") if args.impls else None)
-    except sweeps.SweepError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.timeout is not None or args.memory_budget is not None:
-        import dataclasses
-
         changes = {}
         if args.timeout is not None:
             changes["timeout_s"] = args.timeout
         if args.memory_budget is not None:
             changes["memory_budget_bytes"] = int(args.memory_budget * 2**30)
-        cases = [dataclasses.replace(c, **changes) for c in cases]
-    out = Path(args.out or f"results/{spec['name']}")
+        if changes:
+            cases = [dataclasses.replace(c, **changes) for c in cases]
+        out = Path(args.out or f"results/{spec['name']}")
+        if out.exists() and not out.is_dir():
+            raise runner.RunDirError(f"--out {out}: is a file, not a directory")
+        if args.executor == "local":
+            sweeps.check_devices(cases)
+        log.info("checking the sweep: %d cases; building each model once", len(cases))
+        models = sweeps.check_models(cases)
+    except (sweeps.SweepError, ValueError, runner.RunDirError) as exc:
+        for line in str(exc).splitlines():
+            log.error("%s", line)
+        return EXIT_USAGE
+    reporter = LineReporter() if args.no_progress or not sys.stderr.isatty() else BarReporter()
     try:
-        path = runner.run_sweep(cases, out, spec["name"], resume=args.resume, progress=not args.no_progress,
-                                deadline_s=None if args.deadline is None else args.deadline * 60)
-    except FileExistsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"results: {path}")
-    return 0
+        executor = _executor(args, out, cases)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return EXIT_USAGE
+    except Exception as exc:  # the engine could not be reached or started (Ray's address, submitit): one line
+        log.error("cannot start the %s executor: %s: %s", args.executor, type(exc).__name__,
+                  str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+        return EXIT_USAGE
+    try:
+        summary = runner.run(cases, out, spec["name"], executor=executor, resume=args.resume, force=args.force,
+                             retry_failed=args.retry_failed, deadline_s=None if args.deadline is None else args.deadline * 60,
+                             plugins=tuple(args.plugin or ()), reporter=reporter, models=models, check_devices=False)
+    except (sweeps.SweepError, runner.RunDirError, ValueError, ImportError) as exc:
+        executor.close()
+        for line in str(exc).splitlines():
+            log.error("%s", line)
+        return EXIT_USAGE
+    done = len(summary.rows)
+    if summary.interrupted:
+        log.warning("interrupted (%s): %d of %d cases done; resume with: %s", summary.interrupted, done,
+                    summary.total, _resume_command(args.argv))
+    elif summary.deadline_hit:
+        log.warning("deadline reached: %d of %d cases done; finish with: %s", done, summary.total,
+                    _resume_command(args.argv))
+    took = "" if summary.nothing_to_do else f"; this run: {summary.ran} row(s) in {fmt_duration(summary.elapsed_s)}"
+    log.info("%s: %d of %d cases: %s%s", summary.path, done, summary.total, tally(summary.counts), took)
+    if summary.interrupted:
+        return EXIT_SIGTERM if summary.interrupted == "SIGTERM" else EXIT_SIGINT
+    return _verdict(summary, args)
+
+
+def _verdict(summary, args) -> int:
+    failing = {s: n for s, n in summary.counts.items() if s in args.fail_on}
+    code = EXIT_OK
+    if failing:
+        example = next(r for r in summary.rows.values() if r.get("status") in failing)
+        log.error("%s (--fail-on %s); e.g. %s: %s", tally(failing), ",".join(sorted(args.fail_on)),
+                  example["case_id"], str(example.get("error") or f"rel_err {example.get('rel_err')}")[:200])
+        code = EXIT_FAILED
+    if args.require_reference:
+        unchecked = [r for r in summary.rows.values() if r.get("status") in ("ok", "mismatch", "unchecked")
+                     and not str(r.get("reference", "")).startswith("neural_tangents")]
+        if unchecked:
+            r = unchecked[0]
+            log.error("%d computed row(s) not checked against neural-tangents (--require-reference); e.g. %s: "
+                      "reference %s%s", len(unchecked), r["case_id"], r.get("reference"),
+                      f" ({r['reference_note']})" if r.get("reference_note") else
+                      f" ({r['error']})" if r.get("error") else "")
+            code = EXIT_FAILED
+    return code
 
 
 def _cmd_report(args) -> int:
@@ -57,46 +390,188 @@ def _cmd_report(args) -> int:
     try:
         path = report.write_report(Path(args.run), args.out and Path(args.out))
     except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"report: {path}")
-    return 0
+        log.error("%s", exc)
+        return EXIT_USAGE
+    log.info("report: %s", path)
+    return EXIT_OK
 
 
 def _cmd_calibrate(args) -> int:
-    from ntk_bench.implementations.auto import CALIBRATION_FILE
-
     from . import calibrate
 
-    fitted = calibrate.calibrate([Path(r) for r in args.runs], Path(args.out or CALIBRATION_FILE))
+    out = Path(args.out)
+    if out.is_dir():
+        log.error("--out %s: is a directory; name the calibration file (e.g. %s/calibration.json)", out, out)
+        return EXIT_USAGE
+    missing = [r for r in args.runs if not (Path(r) / "results.jsonl").is_file()]
+    if missing:
+        log.error("no results.jsonl in %s", ", ".join(missing))
+        return EXIT_USAGE
+    try:
+        fitted = calibrate.calibrate([Path(r) for r in args.runs], out)
+    except OSError as exc:
+        log.error("cannot write %s: %s", out, exc.strerror or exc)
+        return EXIT_USAGE
     for device, table in fitted.items():
         for impl, c in table.items():
-            print(f"{device:5s} {impl:22s} overhead {c['overhead_s'] * 1e3:8.3f} ms  {1 / c['s_per_flop'] / 1e9 if c['s_per_flop'] else float('inf'):10.3g} GFLOP/s  ({c['cases']} cases)")
-    return 0
+            rate = 1 / c["s_per_flop"] / 1e9 if c["s_per_flop"] else float("inf")
+            log.info("%-5s %-22s overhead %8.3f ms  %10.3g GFLOP/s  (%d cases)", device, impl, c["overhead_s"] * 1e3,
+                     rate, c["cases"])
+    log.info("wrote %s (use it with NTK_BENCH_CALIBRATION=%s)", out, out)
+    return EXIT_OK
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="ntkbench", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="plugins, architectures and sweeps").set_defaults(func=_cmd_list)
-    run = sub.add_parser("run", help="run a sweep, appending rows to OUT/results.jsonl")
-    run.add_argument("--sweep", default="default", help="a built-in sweep name, 'default' (gpu with CUDA, else quick), or a .toml/.json file")
-    run.add_argument("--out", help="run directory (default results/<sweep>)")
-    run.add_argument("--resume", action="store_true", help="continue a run in OUT, skipping finished cases")
-    run.add_argument("--impls", help="comma-separated plugins/peers to run instead of the sweep's")
-    run.add_argument("--timeout", type=float, help="per-case timeout in seconds (overrides the sweep)")
-    run.add_argument("--deadline", type=float, metavar="MIN",
-                     help="start no case after MIN minutes (the rest: run again with --resume)")
-    run.add_argument("--memory-budget", type=float, help="memory budget in GiB for plugins that tile their work")
-    run.add_argument("--no-progress", action="store_true")
+def _add_compare(sub, wanted: bool) -> None:
+    """``compare`` comes from ``ntk_bench.bench.compare``, imported only when it is the command run."""
+    if wanted:
+        from . import compare
+
+        p = sub.add_parser("compare", help="compare two runs case by case, with the measured noise")
+        compare.add_arguments(p)
+        p.set_defaults(func=compare.run)
+    else:
+        p = sub.add_parser("compare", help="compare two runs case by case, with the measured noise "
+                                           "(ntk-bench compare --help)", add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    from ntk_bench import __version__
+
+    from .executors import EXECUTORS
+
+    parser = _Parser(prog="ntk-bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"ntk-bench {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more output (-v: debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    # -v / -q after the command too (SUPPRESS: a subcommand's default does not override the main parser's)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub.add_parser("list", help="plugins, peers, architectures and sweeps", parents=[common]).set_defaults(func=_cmd_list)
+
+    run = sub.add_parser("run", help="run a sweep, appending rows to OUT/results.jsonl", parents=[common],
+                         description="Run a sweep (or one model of yours), a row per case appended to "
+                                     "OUT/results.jsonl as it finishes. " + __doc__.split("\n\n", 1)[1],
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = run.add_argument_group("what to run")
+    what.add_argument("--sweep", default="default",
+                      help="a built-in sweep name, 'default' (gpu with CUDA, else quick), or a .toml/.json file")
+    what.add_argument("--impls", help="comma-separated plugins and peers to run instead of the sweep's")
+    what.add_argument("--plugin", action="append", metavar="MODULE",
+                      help="import MODULE (package.module) and register its plugins, here and in every worker "
+                           "(repeatable)")
+    own = run.add_argument_group("your own model, for a one-off run (instead of --sweep)")
+    own.add_argument("--model", metavar="SPEC", help="'package.module:function' or 'path/to/file.py:function' "
+                                                     "returning an nn.Module (or (module, input spec))")
+    own.add_argument("--input-shape", type=int_list, metavar="3,32,32", help="one sample's shape")
+    own.add_argument("--input-dtype", choices=("float", "int64"), default="float")
+    own.add_argument("--input-range", type=int_range, metavar="LOW,HIGH", help="int64 ids in [LOW, HIGH)")
+    own.add_argument("--inputs-factory", metavar="SPEC", help="f(n, seed) -> tensor, instead of --input-shape")
+    own.add_argument("--param", action="append", type=key_value, metavar="KEY=VALUE",
+                     help="a keyword argument of the factory (repeatable)")
+    own.add_argument("--name", help="the model's name in the rows (default: the function's)")
+    own.add_argument("--N", type=int_list, metavar="4,16", help="batch sizes (x2 = x1; default 4)")
+    own.add_argument("--O", type=int_list, metavar="10", help="output widths, when the factory takes `out`")
+    own.add_argument("--mode", choices=("full", "trace", "diagonal"), default="full")
+    own.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    own.add_argument("--device", default="cpu", help="cpu, cuda or cuda:K")
+    where = run.add_argument_group("where the rows go")
+    where.add_argument("--out", help="run directory (default results/<sweep>)")
+    where.add_argument("--resume", action="store_true", help="continue a run in OUT, skipping finished cases")
+    where.add_argument("--force", action="store_true",
+                       help="with --resume: continue although the sweep, code or environment differs (a new segment "
+                            "with its own header)")
+    where.add_argument("--retry-failed", action="store_true",
+                       help="with --resume: run again the cases whose last row is timeout, oom, killed, error or "
+                            "unchecked")
+    limits = run.add_argument_group("limits")
+    limits.add_argument("--timeout", type=seconds, help="per-case timeout in seconds, from the worker's ready signal "
+                                                        "(overrides the sweep)")
+    limits.add_argument("--deadline", type=minutes, metavar="MIN",
+                        help="start no case after MIN minutes (the rest: run again with --resume)")
+    limits.add_argument("--memory-budget", type=gib, metavar="GIB",
+                        help="every plugin computes blocked under this budget")
+    ex = run.add_argument_group("executor")
+    ex.add_argument("--executor", choices=EXECUTORS, default="local")
+    ex.add_argument("--workers", type=positive_int, default=1,
+                    help="local: CPU workers, each pinned to its own cores (default 1); submitit-local: jobs at once")
+    ex.add_argument("--devices", type=lambda t: [d.strip() for d in t.split(",") if d.strip()], metavar="LIST",
+                    help="local: one worker per GPU, e.g. cuda:0,cuda:1, or 'all' (every visible GPU)")
+    ex.add_argument("--address", help="ray: the cluster's address (default: RAY_ADDRESS, else a local cluster)")
+    ex.add_argument("--cpus-per-task", type=positive_int, default=1, help="ray/slurm: CPUs (and threads) per case")
+    ex.add_argument("--partition", help="slurm: the partition")
+    ex.add_argument("--gpus-per-task", type=positive_int, default=1, help="slurm: GPUs for a CUDA case (default 1)")
+    ex.add_argument("--time-limit", type=minutes, metavar="MIN",
+                    help="slurm: at least this time limit per job (default: the case's timeout plus start-up)")
+    ex.add_argument("--max-parallel", type=positive_int, help="slurm: array tasks at once (default 64)")
+    ex.add_argument("--jobs-per-task", type=positive_int, default=1,
+                    help="slurm: cases run one after the other by one task (amortises its start-up; default 1)")
+    ex.add_argument("--mem-gb", type=gib, help="slurm: memory per job")
+    ex.add_argument("--slurm-param", action="append", type=key_value, metavar="KEY=VALUE",
+                    help="slurm: another submitit slurm_* parameter, e.g. account=myproj (repeatable)")
+    gate = run.add_argument_group("exit code")
+    gate.add_argument("--fail-on", default="mismatch,error", metavar="STATUSES",
+                      help="exit 1 when a case's last row has one of these statuses (default mismatch,error; "
+                           "'none' for never)")
+    gate.add_argument("--require-reference", action="store_true",
+                      help="exit 1 when a computed row was not checked against neural-tangents")
+    run.add_argument("--no-progress", action="store_true", help="a line per finished case instead of a bar")
     run.set_defaults(func=_cmd_run)
-    rep = sub.add_parser("report", help="write results.csv, summary.md and plots for a run")
+
+    rep = sub.add_parser("report", help="write results.csv, summary.md and plots for a run", parents=[common])
     rep.add_argument("run", help="run directory holding results.jsonl")
     rep.add_argument("--out", help="where to write (default: the run directory)")
     rep.set_defaults(func=_cmd_report)
-    cal = sub.add_parser("calibrate", help="fit auto's cost-model constants to runs")
+    cal = sub.add_parser("calibrate", help="fit auto's cost-model constants to runs, into a file you name",
+                         parents=[common])
     cal.add_argument("runs", nargs="+", help="run directories holding results.jsonl")
-    cal.add_argument("--out", help="calibration file (default implementations/auto_calibration.json)")
+    cal.add_argument("--out", required=True,
+                     help="the calibration file to write (merged into when it exists); auto reads it when "
+                          "NTK_BENCH_CALIBRATION names it")
     cal.set_defaults(func=_cmd_calibrate)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    _add_compare(sub, command == "compare")
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if next((a for a in argv if not a.startswith("-")), None) == "compare":
+        try:
+            from . import compare  # noqa: F401
+        except ImportError as exc:
+            print(f"ntk-bench: error: compare is unavailable: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
-    return args.func(args)
+    logger = logging.getLogger("ntk_bench")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    setup_logging(-1 if args.quiet else args.verbose)
+    try:
+        return _main(args, argv, parser)
+    finally:  # main() called in a process that goes on (tests, a notebook): its logging as it was
+        logger.handlers[:], logger.level, logger.propagate = saved
+
+
+def _main(args, argv, parser) -> int:
+    if args.command == "run":
+        from .runner import STATUSES
+
+        args.argv = argv
+        args.sweep_given = any(a == "--sweep" or a.startswith("--sweep=") for a in argv)
+        fail_on = {s.strip() for s in args.fail_on.split(",") if s.strip()} - {"none"}
+        bad = fail_on - set(STATUSES)
+        if bad:
+            parser.error(f"--fail-on: unknown status {', '.join(sorted(bad))}; valid: {', '.join(STATUSES)}, none")
+        args.fail_on = fail_on
+        for flag in ("force", "retry_failed"):
+            if getattr(args, flag) and not args.resume:
+                parser.error(f"--{flag.replace('_', '-')} goes with --resume")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:  # a Ctrl-C outside a run (while checking the sweep): nothing to keep
+        log.warning("interrupted")
+        return EXIT_SIGINT

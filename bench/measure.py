@@ -2,8 +2,17 @@
 
 ``run_case(case, run_dir)`` returns the result row; ``ensure_reference(problem,
 run_dir)`` computes the float64 reference block of a problem once and stores it
-under ``run_dir/references``. Both are plain functions, so any executor (a
-local worker process, submitit, Ray) can call them.
+under ``run_dir/references`` (written atomically, with its checksum: a damaged
+file is recomputed, a failed reference is tried again by the next run). Both are
+plain functions, so any executor (a local worker process, submitit, Ray) can call
+them.
+
+The reference is neural-tangents' structured derivatives in float64 when it is
+installed and can take the model (``reference.supports``); otherwise the harness's
+own float64 CPU result (Jacobian contraction, or the autograd loop where that
+declines the model), recorded as such in the row's ``reference`` column with the
+reason in ``reference_note``. A row is ``ok`` or ``mismatch`` only after that
+check; without a reference it is ``unchecked``, with the reason.
 """
 
 from __future__ import annotations
@@ -18,21 +27,23 @@ from pathlib import Path
 
 import torch
 
-from . import architectures
-from .sweeps import Case, Problem
+from . import architectures, sysinfo
+from .rundir import write_atomic
+from .sweeps import Case, Problem, build_architecture
 
 TOLERANCE = {"float64": 1e-10, "float32": 1e-4}
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 REF_MAX_BLOCK = 64  # the reference covers the leading block of at most 64 x 64 samples ...
 REF_MAX_ENTRIES = 4_000_000  # ... and at most this many kernel entries (O = 100: 20 x 20 samples)
+HARNESS_REFERENCES = ("jacobian_contraction", "autograd_loop")
 
 
 # -- problems ----------------------------------------------------------------
 
 def build_problem(problem: Problem, dtype: torch.dtype, device: str):
     """The model and the inputs x1, x2 (x2 None when M is x1): the same numbers in every dtype."""
-    arch = architectures.build(problem.arch, seed=0, **dict(problem.arch_params))
-    model = arch.model.to(dtype=dtype, device=device)
+    arch = build_architecture(problem, dtype=dtype, device=device)
+    model = arch.model
     x1 = architectures.inputs(arch, problem.n, seed=1, dtype=dtype, device=device)
     x2 = None
     if problem.m is not None:
@@ -42,7 +53,7 @@ def build_problem(problem: Problem, dtype: torch.dtype, device: str):
 
 def problem_size(problem: Problem) -> dict:
     """O and P of the problem's model (built on the CPU, no kernel computed)."""
-    arch = architectures.build(problem.arch, seed=0, **dict(problem.arch_params))
+    arch = build_architecture(problem)
     return {"O": arch.num_outputs, "P": arch.num_parameters}
 
 
@@ -57,55 +68,137 @@ def _reference_path(problem: Problem, run_dir: Path) -> Path:
     return Path(run_dir) / "references" / key
 
 
-def ensure_reference(problem: Problem, run_dir: Path) -> dict:
-    """Compute (once) the float64 reference kernel of the problem's leading block; return its record."""
-    path = _reference_path(problem, run_dir)
-    if path.with_suffix(".json").exists():
-        return json.loads(path.with_suffix(".json").read_text())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arch, model, x1, x2 = build_problem(problem, torch.float64, "cpu")
-    a, b = reference_block(problem, arch.num_outputs)
-    x1b, x2b = x1[:a], (None if x2 is None else x2[:b])
+def _sha1_file(path: Path) -> str | None:
+    try:
+        digest = hashlib.sha1()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
+    except OSError:
+        return None
+
+
+def read_reference_record(problem: Problem, run_dir: Path) -> dict | None:
+    try:
+        record = json.loads(_reference_path(problem, run_dir).with_suffix(".json").read_text())
+        return record if isinstance(record, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def reference_ok(problem: Problem, run_dir: Path) -> bool:
+    """True when the problem's reference is stored, ``ok`` and its kernel file intact (its checksum matches)."""
+    record = read_reference_record(problem, run_dir)
+    if not record or record.get("status") != "ok" or not record.get("sha1"):
+        return False
+    return _sha1_file(_reference_path(problem, run_dir).with_suffix(".pt")) == record["sha1"]
+
+
+def _harness_reference(model, example) -> str | None:
+    from ntk_bench import implementations
+
+    for name in HARNESS_REFERENCES:
+        if implementations.get(name).supports(model) is None:
+            return name
+    return None
+
+
+def _nt_reason(model, example) -> str | None:
+    """None when neural-tangents can compute this model's reference, else why not."""
     from ntk_bench import reference
 
     reason = reference.available()
-    if reason is None:
-        source = "neural_tangents:structured_derivatives"
-        compute = lambda: reference.ntk(model, x1b, x2b, implementation="structured_derivatives")  # noqa: E731
-    else:  # the harness's own float64 CPU result: structured (checked against neural-tangents by the suite)
-        from ntk_bench import implementations
+    if reason is None and hasattr(reference, "supports"):
+        reason = reference.supports(model, example)
+    return reason
 
-        name = "structured" if implementations.get("structured").supports(model) is None else "jacobian_contraction"
-        source = f"harness:{name}:float64:cpu"
-        compute = lambda: implementations.get(name).compute(model, x1b, x2b)  # noqa: E731
-    record = {"problem": problem.id, "block": [a, b], "source": source, "note": reason}
+
+def ensure_reference(problem: Problem, run_dir: Path) -> dict:
+    """Compute (once) the float64 reference kernel of the problem's leading block; return its record.
+
+    A stored record is reused only when it is ``ok`` and its kernel file's checksum matches; a failed or damaged
+    one is computed again.
+    """
+    if reference_ok(problem, run_dir):
+        return read_reference_record(problem, run_dir)
+    path = _reference_path(problem, run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"problem": problem.id}
     try:
-        kernel = compute()
-        torch.save(kernel, path.with_suffix(".pt"))
-        record["status"] = "ok"
-    except (RuntimeError, ValueError, NotImplementedError, MemoryError) as exc:
-        record.update(status="error", error=f"{type(exc).__name__}: {exc}"[:500])
+        arch, model, x1, x2 = build_problem(problem, torch.float64, "cpu")
+        a, b = reference_block(problem, arch.num_outputs)
+        x1b, x2b = x1[:a], (None if x2 is None else x2[:b])
+        record["block"] = [a, b]
+        note = _nt_reason(model, x1b)
+        kernel = None
+        if note is None:
+            from ntk_bench import reference
+
+            try:
+                kernel = reference.ntk(model, x1b, x2b, implementation="structured_derivatives")
+                record["source"] = "neural_tangents:structured_derivatives"
+            except Exception as exc:  # the translation found something it cannot take: say so, use the harness
+                if "unsupported" not in type(exc).__name__.lower():
+                    raise
+                note = f"neural-tangents cannot take the model: {exc}"
+        if kernel is None:
+            name = _harness_reference(model, x1b)
+            if name is None:
+                raise RuntimeError("no harness reference supports the model (jacobian_contraction, autograd_loop)")
+            from ntk_bench import implementations
+
+            kernel = implementations.get(name).compute(model, x1b, x2b,
+                                                       memory_budget_bytes=sysinfo.cpu_memory_budget())
+            record["source"] = f"harness:{name}:float64:cpu"
+        record["note"] = note
+        import io
+
+        buf = io.BytesIO()
+        torch.save(kernel.detach().cpu(), buf)
+        data = buf.getvalue()
+        write_atomic(path.with_suffix(".pt"), data)
+        record.update(status="ok", sha1=hashlib.sha1(data).hexdigest())
+    except Exception as exc:  # the reference itself failed: recorded (and tried again by the next run)
+        record.update(status=status_of(exc), error=f"{type(exc).__name__}: {exc}"[:500])
     write_reference_record(problem, run_dir, record)
     return record
 
 
 def write_reference_record(problem: Problem, run_dir: Path, record: dict) -> None:
-    """Store a reference's record (atomically: a reader sees the old file or the new one)."""
+    """Store a reference's record (atomically: a reader on any host sees the old file or the new one)."""
+    from .rundir import dumps
+
     meta_path = _reference_path(problem, run_dir).with_suffix(".json")
     meta_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = meta_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"problem": problem.id, **record}))
-    tmp.replace(meta_path)
+    write_atomic(meta_path, dumps({**record, "problem": problem.id}).encode())
 
 
 def load_reference(problem: Problem, run_dir: Path):
-    meta_path = _reference_path(problem, run_dir).with_suffix(".json")
-    if not meta_path.exists():
+    """(record, kernel) of the problem's reference; kernel None (and the record saying why) when unusable."""
+    record = read_reference_record(problem, run_dir)
+    if record is None:
         return None, None
-    record = json.loads(meta_path.read_text())
     if record.get("status") != "ok":
         return record, None
-    return record, torch.load(_reference_path(problem, run_dir).with_suffix(".pt"))
+    path = _reference_path(problem, run_dir).with_suffix(".pt")
+    if record.get("sha1") and _sha1_file(path) != record["sha1"]:
+        return {**record, "status": "error", "error": f"reference file {path.name} is damaged (checksum)"}, None
+    try:
+        return record, torch.load(path)
+    except Exception as exc:  # a truncated or unreadable file
+        return {**record, "status": "error", "error": f"reference file unreadable: {type(exc).__name__}: {exc}"}, None
+
+
+def safe_memory_budget(device: str) -> int:
+    """The budget to compute blocked under after running out of memory: CUDA as ``auto`` computes it (the free
+    device memory); CPU half of what this process may still allocate (the machine's free memory, its cgroup's
+    ``memory.max`` headroom and ``RLIMIT_AS``, whichever is least)."""
+    if str(device).startswith("cuda"):
+        from ntk_bench.implementations.auto import default_memory_budget
+
+        return default_memory_budget(torch.device(device))
+    return sysinfo.cpu_memory_budget()
 
 
 # -- measurement -------------------------------------------------------------
@@ -175,12 +268,13 @@ def _timer(fn):
     return benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
 
 
-def time_call(fn, budget_s: float):
-    """(median, IQR, calls) of ``fn``'s run time over repeated blocks of calls.
+def time_blocks(fn, budget_s: float):
+    """(median, IQR, calls, per-block times) of ``fn``'s run time over repeated blocks of calls, in seconds per call.
 
     torch.utils.benchmark's Timer times each block (CUDA synchronised, with all
     CPU threads); blocks are sized so that at least 5 fit the budget, and run
     until the budget is spent. A call longer than the budget is timed 3 times.
+    The per-block times are what ``compare`` tests two runs with.
     """
     import statistics
 
@@ -193,7 +287,12 @@ def time_call(fn, budget_s: float):
     while len(times) < min_repeats or (time.perf_counter() < deadline and one < budget_s):
         times.append(timer.timeit(number).median)
     q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    return statistics.median(times), q[2] - q[0], len(times) * number
+    return statistics.median(times), q[2] - q[0], len(times) * number, times
+
+
+def time_call(fn, budget_s: float):
+    """(median, IQR, calls) of ``fn``'s run time (``time_blocks`` without the blocks)."""
+    return time_blocks(fn, budget_s)[:3]
 
 
 MIN_PAIRS = 20
@@ -232,7 +331,8 @@ def agreement(k: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
             float(diff.abs().max() / ref.abs().mean()))
 
 
-def _status_of(exc: BaseException) -> str:
+def status_of(exc: BaseException) -> str:
+    """``oom`` for an out-of-memory error (torch's, Python's, an allocator's message), else ``error``."""
     text = str(exc)
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in text \
             or "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower():
@@ -240,44 +340,84 @@ def _status_of(exc: BaseException) -> str:
     return "error"
 
 
+_status_of = status_of
+
+
 class CaseUnsupported(Exception):
     """The case's implementation cannot run this model here; the message says why."""
 
 
-def _kernel_fn(case: Case, model, x1, x2):
-    """(a zero-argument function computing the case's kernel, a converter of its output to torch)."""
+def kind_of(impl: str) -> str:
+    from .sweeps import kind_of as kind
+
+    return kind(impl)
+
+
+def _legacy_nt(case: Case, model, x1, x2):
+    """neural-tangents' implementations timed by the harness itself, while they are not registry plugins."""
+    import inspect
+
     import numpy as np
 
-    if case.impl.startswith("nt_"):
-        from ntk_bench import reference
+    from ntk_bench import reference
 
-        reason = reference.available()
-        if reason is not None:
-            raise CaseUnsupported(reason)
-        if case.device != "cpu":
-            raise CaseUnsupported("neural-tangents peers run on the CPU JAX backend only")
-        fn = reference.kernel_fn(model, case.impl[len("nt_"):], case.mode, dtype=case.dtype)
-        a, b = reference.to_numpy64(x1), None if x2 is None else reference.to_numpy64(x2)
-        return (lambda: fn(a, b).block_until_ready()), (lambda out: torch.from_numpy(np.asarray(out).copy()))
+    reason = _nt_reason(model, x1)
+    if reason is not None:
+        raise CaseUnsupported(reason)
+    if case.device != "cpu":
+        raise CaseUnsupported("neural-tangents peers run on the CPU JAX backend only")
+    if case.memory_budget_bytes is not None:
+        raise CaseUnsupported("neural-tangents peers take no memory budget")
+    impl = case.impl[len("nt_"):]
+    try:
+        if "example" in inspect.signature(reference.kernel_fn).parameters:
+            fn = reference.kernel_fn(model, x1, implementation=impl, mode=case.mode, dtype=case.dtype)
+        else:
+            fn = reference.kernel_fn(model, impl, case.mode, dtype=case.dtype)
+    except Exception as exc:  # the translation cannot take the model: the peer declines it, saying why
+        if "unsupported" not in type(exc).__name__.lower():
+            raise
+        raise CaseUnsupported(f"neural-tangents cannot take the model: {exc}") from None
+    a, b = reference.to_numpy64(x1), None if x2 is None else reference.to_numpy64(x2)
+    return (lambda: fn(a, b).block_until_ready()), (lambda out: torch.from_numpy(np.asarray(out).copy()))
+
+
+def _kernel_fn(case: Case, model, x1, x2, budget):
+    """(a zero-argument function computing the case's kernel, a converter of its output to torch).
+
+    Every registered plugin, ours or a peer, through its ``prepare`` (a peer sets itself up there, outside the
+    timed call); a plugin that declines the model, or raises ``UnsupportedModelError`` while preparing, makes the
+    case ``unsupported`` with its reason.
+    """
     from ntk_bench import implementations
 
+    if case.impl not in implementations.names(None):
+        from .sweeps import NT_PEERS
+
+        if case.impl in NT_PEERS:
+            return _legacy_nt(case, model, x1, x2)
     plugin = implementations.get(case.impl)
     reason = plugin.supports(model)
     if reason is not None:
         raise CaseUnsupported(reason)
-    budget = case.memory_budget_bytes
-    return (lambda: plugin.compute(model, x1, x2, mode=case.mode, memory_budget_bytes=budget)), (lambda out: out)
+    try:
+        return plugin.prepare(model, x1, x2, mode=case.mode, memory_budget_bytes=budget)
+    except implementations.UnsupportedModelError as exc:
+        raise CaseUnsupported(str(exc)) from None
 
 
 def case_fields(case: Case) -> dict:
     """The columns of a result row that the case alone determines."""
     problem = case.problem
-    return {
-        "case_id": case.id, "impl": case.impl, "arch": problem.arch,
+    fields = {
+        "case_id": case.id, "impl": case.impl, "kind": kind_of(case.impl), "arch": problem.arch,
         "arch_params": json.dumps(dict(problem.arch_params), sort_keys=True),
         "N": problem.n, "M": problem.M, "x2": "x1" if problem.m is None else "separate",
         "mode": case.mode, "dtype": case.dtype, "device": case.device,
     }
+    if problem.source is not None:
+        fields["factory"] = problem.source.factory
+    return fields
 
 
 def _first_call(fn, to_torch, case, row):
@@ -328,8 +468,18 @@ def _auto_paired(case: Case, model, x1, x2, auto_fn) -> dict:
     return row
 
 
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:500]
+
+
 def run_case(case: Case, run_dir: Path) -> dict:
-    """Measure one case; never raises for a failure of the case itself (it becomes the status)."""
+    """Measure one case; never raises for a failure of the case itself (it becomes the status).
+
+    Statuses: ``ok`` / ``mismatch`` (checked against the reference), ``unchecked`` (no reference: the reason in
+    ``error``), ``unsupported``, ``oom``, ``error``. An out-of-memory first call without a budget, or a case the
+    runner retries after the kernel's OOM killer ended it (``case.retry_blocked``), computes blocked under a
+    budget that respects this process's memory limits (``blocked_after_oom``).
+    """
     from ntk_bench.implementations import kernels as base
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -337,10 +487,14 @@ def run_case(case: Case, run_dir: Path) -> dict:
     problem = case.problem
     row = {**case_fields(case), "cpu_threads": torch.get_num_threads()}
     dtype = DTYPES[case.dtype]
-    arch, model, x1, x2 = build_problem(problem, dtype, case.device)
-    from ntk_bench.implementations.costs import model_stats
+    try:
+        arch, model, x1, x2 = build_problem(problem, dtype, case.device)
+        from ntk_bench.implementations.costs import model_stats
 
-    stats = model_stats(model, x1[:1])
+        stats = model_stats(model, x1[:1])
+    except Exception as exc:  # the model or its inputs could not be set up here (memory, the device, the factory)
+        row.update(status=status_of(exc), error=f"setting up the problem failed: {_error_text(exc)}"[:500])
+        return row
     o, p, fp = stats.o, stats.p, stats.fp_flops
     n, m = problem.n, problem.M
     row.update(
@@ -349,31 +503,41 @@ def run_case(case: Case, run_dir: Path) -> dict:
         predicted_vp_flops=n * m * o * fp,
         kernel_bytes=math.prod(base.kernel_shape(n, m, o, case.mode)) * x1.element_size(),
     )
+    peer = kind_of(case.impl) == "peer"
+    budget = case.memory_budget_bytes
+    if case.retry_blocked and budget is None and not peer:
+        row["blocked_after_oom"] = True
+        budget = safe_memory_budget(case.device)
     try:
-        fn, to_torch = _kernel_fn(case, model, x1, x2)
+        fn, to_torch = _kernel_fn(case, model, x1, x2, budget)
     except CaseUnsupported as exc:
         row.update(status="unsupported", error=str(exc))
         return row
+    except Exception as exc:  # preparing failed (a peer's set-up, a plugin's bug)
+        row.update(status=status_of(exc), error=_error_text(exc))
+        return row
     record, ref = load_reference(problem, run_dir)
-    if not case.impl.startswith("nt_") and case.impl != "auto":
+    if not peer and case.impl != "auto":
         from ntk_bench import implementations
 
-        est = implementations.get(case.impl).estimate(stats, n, m, case.mode, problem.m is None)
-        row.update(est_flops=est.flops, est_peak_bytes=est.bytes)
-    row["memory_budget_bytes"] = case.memory_budget_bytes
+        try:
+            est = implementations.get(case.impl).estimate(stats, n, m, case.mode, problem.m is None)
+            row.update(est_flops=est.flops, est_peak_bytes=est.bytes)
+        except Exception:  # a plugin's cost model need not know every model; the row goes without its estimate
+            pass
+    row["memory_budget_bytes"] = budget
     try:
         try:
             kernel = _first_call(fn, to_torch, case, row)
-        except Exception as exc:  # out of memory without a budget: finish blocked under the default one
-            if _status_of(exc) != "oom" or case.memory_budget_bytes is not None or case.impl.startswith("nt_"):
+        except Exception as exc:  # out of memory without a budget: finish blocked under a budget that fits
+            if status_of(exc) != "oom" or budget is not None or peer:
                 raise
-            from ntk_bench.implementations.auto import default_memory_budget
-
             row["blocked_after_oom"] = True
-            row["memory_budget_bytes"] = budget = default_memory_budget(x1.device)
+            row["first_try_error"] = _error_text(exc)[:200]
+            row["memory_budget_bytes"] = budget = safe_memory_budget(case.device)
             if case.device.startswith("cuda"):
                 torch.cuda.empty_cache()
-            fn, to_torch = _kernel_fn(dataclasses.replace(case, memory_budget_bytes=budget), model, x1, x2)
+            fn, to_torch = _kernel_fn(dataclasses.replace(case, memory_budget_bytes=budget), model, x1, x2, budget)
             kernel = _first_call(fn, to_torch, case, row)
         from ntk_bench.implementations import cuda_graphs
 
@@ -381,26 +545,32 @@ def run_case(case: Case, run_dir: Path) -> dict:
         if cuda_graphs.last_replay_bytes is not None:  # a replayed CUDA graph: its pool holds the intermediates
             row["cuda_graph_bytes"] = cuda_graphs.last_replay_bytes
             row["peak_mem_bytes"] += cuda_graphs.last_replay_bytes
-        med, iqr, reps = time_call(fn, case.time_budget_s)
-        row.update(time_median_s=med, time_iqr_s=iqr, time_repeats=reps)
+        med, iqr, reps, blocks = time_blocks(fn, case.time_budget_s)
+        row.update(time_median_s=med, time_iqr_s=iqr, time_repeats=reps, time_blocks_s=blocks)
         if case.impl == "auto":
             row.update(_auto_paired(case, model, x1, x2, fn))
     except Exception as exc:  # the case failed: record why and move on (status oom or error)
-        row.update(status=_status_of(exc), error=f"{type(exc).__name__}: {exc}"[:500])
+        row.update(status=status_of(exc), error=_error_text(exc))
         return row
     if ref is None:
-        row.update(reference=f"none: {record.get('error', 'not computed') if record else 'not computed'}", status="ok")
+        why = (record or {}).get("error") or "the reference was not computed"
+        row.update(status="unchecked", reference="none", error=f"not checked: {why}"[:500])
         return row
     a, b = record["block"]
     rel, maxrel = agreement(kernel[:a, :b], base.reduce_full(ref, case.mode))
     row.update(reference=record["source"], ref_block=f"{a}x{b}", rel_err=rel, max_abs_err_rel_mean=maxrel,
                status="ok" if rel <= TOLERANCE[case.dtype] else "mismatch")
+    if record.get("note"):
+        row["reference_note"] = record["note"]
+    if not math.isfinite(rel):
+        row["error"] = "the kernel has NaN or infinite entries"
     return row
 
 
 def environment() -> dict:
     """Versions and machine facts for the header line of results.jsonl."""
     import platform
+    import socket
     import subprocess
     from importlib import metadata
 
@@ -415,11 +585,6 @@ def environment() -> dict:
                                 cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
     except (OSError, subprocess.TimeoutExpired):
         commit = None
-    # The code that ran, whatever .git says (a copied working tree can carry a stale or no repository).
-    root = Path(__file__).resolve().parent.parent
-    digest = hashlib.sha1()
-    for f in sorted(p for d in ("implementations", "bench", "reference") for p in (root / d).glob("*.py")):
-        digest.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
     return {
         "torch": torch.__version__, "jax": version("jax"), "jaxlib": version("jaxlib"),
         "neural_tangents": version("neural-tangents"), "backpack": version("backpack-for-pytorch"),
@@ -427,6 +592,20 @@ def environment() -> dict:
         "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or platform.machine(),
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
         "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "git_commit": commit,
-        "code_sha1": digest.hexdigest()[:12],
+        "code_sha1": code_sha1(), "host": socket.gethostname(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def code_sha1() -> str:
+    """A digest of the harness's code that ran (the plugins, the reference, the runner), whatever .git says
+    (a copied working tree can carry a stale or no repository)."""
+    import importlib.util
+
+    digest = hashlib.sha1()
+    for pkg in ("ntk_bench.implementations", "ntk_bench.bench", "ntk_bench.reference"):
+        spec = importlib.util.find_spec(pkg)  # the folder, without importing the package (JAX stays unloaded)
+        root = Path(spec.origin).resolve().parent
+        for f in sorted(root.rglob("*.py")):
+            digest.update(f"{pkg}/{f.relative_to(root).as_posix()}".encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()[:12]

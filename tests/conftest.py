@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-pytest_plugins = ["pytester"]
+pytest_plugins = ["pytester", "runner_helpers"]  # runner_helpers: the runner tests' session fixtures (one smoke run, one reference)
 
 # float32 checks are against float64 with TF32 off.
 torch.backends.cuda.matmul.allow_tf32 = False

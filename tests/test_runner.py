@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -15,7 +12,8 @@ import pytest
 import torch
 
 from ntk_bench.bench import report, runner, sweeps
-from ntk_bench.bench.executors import LocalExecutor
+from ntk_bench.bench.executors import InlineExecutor, Job
+from ntk_bench.bench.executors.process import WorkerProcess
 
 ROOT = Path(__file__).parent.parent
 
@@ -48,18 +46,72 @@ def test_gpu_sweep_reaches_n512_and_o100():
     ({"arch": [{"name": "transformer", "N": [2]}]}, "unknown architecture 'transformer'; valid: mlp, tutorial_cnn"),
     ({"impls": ["magic"], "arch": [{"name": "mlp", "N": [2]}]}, "unknown plugin 'magic'; valid: jacobian_contraction"),
     ({"arch": [{"name": "mlp", "N": [2], "params": {"widht": 3}}]}, "unexpected keyword argument 'widht'"),
-    ({"arch": [{"name": "mlp", "N": [0]}]}, "positive integers"),
-    ({"modes": ["diag"], "arch": [{"name": "mlp", "N": [2]}]}, "unknown mode 'diag'"),
+    ({"arch": [{"name": "mlp", "N": [0]}]}, "arch entry 1: N[1] = 0: expected a positive integer"),
+    ({"modes": ["diag"], "arch": [{"name": "mlp", "N": [2]}]}, "modes[1] = 'diag': Input should be 'full'"),
     ({"arch": []}, "no [[arch]] entries"),
-    ({"arhc": [], "arch": [{"name": "mlp", "N": [2]}]}, "unknown key(s) ['arhc']"),
+    ({"arhc": [], "arch": [{"name": "mlp", "N": [2]}]}, "unknown key 'arhc'; valid: arch, description"),
     ({"arch": [{"name": "mlp", "N": [2], "impls": ["magic"]}]}, "arch entry 1: unknown plugin 'magic'"),
-    ({"arch": [{"name": "mlp", "N": [2], "memory_budget_gib": -1}]}, "memory_budget_gib must be a positive number"),
-    ({"memory_budget_gib": "8G", "arch": [{"name": "mlp", "N": [2]}]}, "memory_budget_gib must be a positive number"),
+    ({"arch": [{"name": "mlp", "N": [2], "memory_budget_gib": -1}]},
+     "memory_budget_gib = -1: expected a positive finite number of GiB"),
+    ({"memory_budget_gib": "8G", "arch": [{"name": "mlp", "N": [2]}]},
+     "memory_budget_gib = '8G': expected a positive finite number of GiB"),
+    # issue 14's bad values, each one line
+    ({"arch": [{"name": "mlp", "N": 2}]}, "arch entry 1: N = 2: expected a list, e.g. N = [2]"),
+    ({"arch": [{"name": "mlp", "N": [2], "NM": [[4]]}]}, "arch entry 1: NM[1] = [4]: expected a pair [N, M]"),
+    ({"impls": "structured", "arch": [{"name": "mlp", "N": [2]}]}, "impls = 'structured': expected a list"),
+    ({"timeout_s": "30", "arch": [{"name": "mlp", "N": [2]}]}, "timeout_s = '30': expected a positive finite number"),
+    ({"time_budget_s": "0.1", "arch": [{"name": "mlp", "N": [2]}]}, "time_budget_s = '0.1': expected a positive"),
+    ({"memory_budget_gib": float("inf"), "arch": [{"name": "mlp", "N": [2]}]}, "memory_budget_gib = inf: expected"),
+    ({"timeout_s": 0, "arch": [{"name": "mlp", "N": [2]}]}, "timeout_s = 0: expected a positive finite number"),
+    ({"timeout_s": -5, "arch": [{"name": "mlp", "N": [2]}]}, "timeout_s = -5: expected a positive finite number"),
+    ({"impls": [], "arch": [{"name": "mlp", "N": [2]}]}, "impls = []: expected at least one value"),
+    ({"arch": [{"name": "mlp", "N": [2], "params": {"depth": -3}}]}, "params.depth = -3: expected a positive integer"),
+    ({"arch": [{"name": "mlp", "N": [2], "O": [-1]}]}, "O[1] = -1: expected a positive integer"),
+    ({"arch": [{"name": "mlp", "N": [2], "O": [0]}]}, "O[1] = 0: expected a positive integer"),
+    ({"arch": [{"name": "mlp", "N": [2], "params": {"width": "wide"}}]}, "params.width = 'wide': expected an integer"),
+    ({"arch": [{"name": "mlp", "N": [True]}]}, "N[1] = True: expected an integer"),
+    ({"devices": ["gpu"], "arch": [{"name": "mlp", "N": [2]}]}, "devices[1] = 'gpu'"),
+    ({"arch": [{"name": "tutorial_cnn", "N": [2], "O": [3]}]}, "tutorial_cnn has a fixed O = 10; leave O out"),
+    ({"arch": [{"factory": "no_such_module_x:make", "N": [2]}]},
+     "factory 'no_such_module_x:make': importing 'no_such_module_x' failed: ModuleNotFoundError"),
+    ({"arch": [{"name": "mlp", "N": [2], "inputs": {"shape": [3]}}]}, "inputs and inputs_factory go with a factory"),
 ])
 def test_invalid_sweeps_get_one_clear_line(spec, message):
     with pytest.raises(sweeps.SweepError) as info:
         sweeps.expand({"name": "bad", **spec})
-    assert message in str(info.value) and "\n" not in str(info.value)
+    assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+def test_every_problem_of_a_sweep_is_one_line_of_the_same_error():
+    spec = {"name": "bad", "impls": "structured", "timeout_s": "30", "memory_budget_gib": float("inf"),
+            "arch": [{"name": "mlp", "N": 2, "NM": [[4]], "O": [0]}, {"name": "mlp", "N": [2], "impls": []}]}
+    with pytest.raises(sweeps.SweepError) as info:
+        sweeps.expand(spec)
+    lines = str(info.value).splitlines()
+    assert len(lines) == len(info.value.problems) == 7, lines
+    assert all(line.startswith("sweep 'bad'") for line in lines)
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"activation": "swish"}, "mlp(activation='swish'): cannot build the model: ValueError: unknown activation 'swish'"),
+])
+def test_a_value_the_schema_passes_but_the_model_cannot_take_is_caught_before_any_work(params, message):
+    cases = sweeps.expand({"name": "s", "impls": ["structured"], "arch": [
+        {"name": "mlp", "N": [2], "params": params}, {"name": "mlp", "N": [2], "params": {"width": 3}}]})
+    with pytest.raises(sweeps.SweepError) as info:
+        sweeps.check_models(cases)
+    assert info.value.problems == [info.value.problems[0]] and message in info.value.problems[0]
+
+
+def test_devices_are_checked_up_front():
+    cases = sweeps.expand({"name": "s", "impls": ["structured"], "devices": ["cuda", "cuda:3"],
+                           "arch": [{"name": "mlp", "N": [2]}]})
+    with pytest.raises(sweeps.SweepError) as info:
+        sweeps.check_devices(cases, cuda_count=0)
+    assert len(info.value.problems) == 2 and "CUDA is not available here" in info.value.problems[0]
+    with pytest.raises(sweeps.SweepError, match=r"'cuda:3': this machine has 2 CUDA device\(s\)"):
+        sweeps.check_devices(cases, cuda_count=2)
+    sweeps.check_devices(cases, cuda_count=4)
 
 
 def test_an_entry_can_narrow_the_plugins_and_set_a_memory_budget():
@@ -77,7 +129,7 @@ def test_an_entry_can_narrow_the_plugins_and_set_a_memory_budget():
 def test_sweep_file_errors_are_one_line(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("name = 'x'\n[[arch]\n")
-    proc = subprocess.run([sys.executable, "-m", "bench", "run", "--sweep", str(bad), "--out", str(tmp_path / "r")],
+    proc = subprocess.run([sys.executable, "-m", "ntk_bench", "run", "--sweep", str(bad), "--out", str(tmp_path / "r")],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
@@ -92,13 +144,6 @@ def test_user_sweep_file_expands(tmp_path):
     assert len(cases) == 2 * 3 * 2 and {c.mode for c in cases} == {"trace"}
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    runner.run_sweep(_smoke(None), out, "smoke", progress=False)
-    return out
-
-
 def test_a_run_records_every_case_with_checked_numbers(smoke_run):
     header, rows = runner.read_results(smoke_run / "results.jsonl")
     assert header["sweep"] == "smoke" and header["torch"] and "git_commit" in header
@@ -107,6 +152,9 @@ def test_a_run_records_every_case_with_checked_numbers(smoke_run):
     for r in rows:
         assert r["status"] == "ok", r
         assert r["time_median_s"] > 0 and r["peak_mem_bytes"] is not None
+        assert len(r["time_blocks_s"]) >= 3 and min(r["time_blocks_s"]) <= r["time_median_s"] <= max(r["time_blocks_s"])
+        assert r["kind"] == sweeps.kind_of(r["impl"]) and r["kind"] in ("ours", "peer")
+        assert r["concurrent"] == [] and r["executor"] == "local" and r["case_wall_s"] > 0
         assert r["rel_err"] <= 1e-4 and r["reference"].startswith(("neural_tangents", "harness"))
         assert r["predicted_jc_flops"] == 3 * r["O"] * r["fp_flops"] + 9 * r["O"] ** 2 * r["P"]
         assert r["predicted_vp_flops"] == 9 * r["O"] * r["fp_flops"]
@@ -114,7 +162,7 @@ def test_a_run_records_every_case_with_checked_numbers(smoke_run):
     assert auto["auto_pick"] in sweeps.all_impls() and auto["paired_auto_s"] > 0 and auto["paired_pick_s"] > 0
     assert 0 < auto["auto_over_pick_paired"] < 100
     # auto was also timed against the fastest of the plugins before it, and the largest ratio is the one reported
-    ours = {r["impl"]: r["time_median_s"] for r in rows if r["impl"] != "auto" and not r["impl"].startswith("nt_")}
+    ours = {r["impl"]: r["time_median_s"] for r in rows if r["impl"] != "auto" and r["kind"] == "ours"}
     assert min(ours, key=ours.get) in auto["paired_ratios"]
     assert auto["auto_over_fastest_paired"] == max(auto["paired_ratios"].values())
     assert auto["paired_fastest"] in auto["paired_ratios"] and auto["auto_pick"] in auto["paired_ratios"]
@@ -164,24 +212,19 @@ def test_existing_run_needs_resume(smoke_run):
         runner.run_sweep(_smoke(None), smoke_run, "smoke", progress=False)
 
 
-class _InterruptAfter:
-    """An executor that runs k cases in-process, then acts as if the runner were killed."""
+class _InterruptAfter(InlineExecutor):
+    """Runs k cases in this process, then acts as if the runner were killed."""
 
     def __init__(self, run_dir, k):
-        self.run_dir, self.k, self.cases = run_dir, k, 0
+        super().__init__(run_dir)
+        self.k, self.cases = k, 0
 
-    def run(self, kind, payload, timeout_s):
-        from ntk_bench.bench import measure
-
-        if kind == "reference":
-            return measure.ensure_reference(payload, self.run_dir)
-        if self.cases == self.k:
-            raise KeyboardInterrupt
-        self.cases += 1
-        return measure.run_case(payload, self.run_dir)
-
-    def close(self):
-        pass
+    def submit(self, job):
+        if job.kind == "case":
+            if self.cases == self.k:
+                raise KeyboardInterrupt
+            self.cases += 1
+        return super().submit(job)
 
 
 def test_interrupted_run_keeps_finished_rows_and_resumes(tmp_path):
@@ -199,32 +242,29 @@ def test_interrupted_run_keeps_finished_rows_and_resumes(tmp_path):
     assert sorted(r["impl"] for r in rows) == sorted(["explicit_mlp", "jacobian_contraction", "autograd_loop"])
 
 
-def test_a_deadline_stops_starting_cases_and_resume_finishes_them(tmp_path, capsys):
+def test_a_deadline_stops_starting_cases_and_resume_finishes_them(tmp_path, caplog):
     cases = _smoke(["explicit_mlp", "jacobian_contraction"])
     runner.run_sweep(cases, tmp_path, "smoke", executor=_InterruptAfter(tmp_path, 10), progress=False, deadline_s=0)
-    assert runner.read_results(tmp_path / "results.jsonl")[1] == []
-    assert "2 of 2 cases left" in capsys.readouterr().err
+    assert len(runner.read_results(tmp_path / "results.jsonl")[1]) <= 1  # the inline executor runs as it submits
     runner.run_sweep(cases, tmp_path, "smoke", executor=_InterruptAfter(tmp_path, 10), resume=True, progress=False,
                      deadline_s=60)
-    assert [r["impl"] for r in runner.read_results(tmp_path / "results.jsonl")[1]] == ["explicit_mlp",
-                                                                                        "jacobian_contraction"]
+    assert sorted(r["impl"] for r in runner.read_results(tmp_path / "results.jsonl")[1]) == ["explicit_mlp",
+                                                                                            "jacobian_contraction"]
 
 
-def test_timeout_and_crash_are_results_and_the_worker_is_replaced(tmp_path):
+def test_a_worker_answers_only_after_its_ready_signal_and_is_replaced_after_a_timeout(tmp_path):
+    """(The faults themselves are injected in test_runner_faults.py.)"""
     case = _smoke(["explicit_mlp"])[0]
-    ex = LocalExecutor(tmp_path)
+    worker = WorkerProcess(tmp_path / "worker.log")
     try:
-        # Starting a worker alone (importing torch) takes longer than this.
-        assert ex.run("case", case, timeout_s=0.05)["status"] == "timeout"
-        killer = threading.Thread(target=lambda: (time.sleep(0.5), ex.proc.send_signal(signal.SIGTERM)))
-        killer.start()
-        crashed = ex.run("case", case, timeout_s=60)
-        killer.join()
-        assert crashed["status"] == "error" and "SIGTERM" in crashed["error"]
-        ok = ex.run("case", case, timeout_s=120)
-        assert ok["status"] == "ok", ok
+        ready = worker.start()
+        assert ready["pid"] == worker.proc.pid and ready["threads"] >= 1 and len(ready["code_sha1"]) == 12
+        assert worker.run(Job("case", case, 0.001), tmp_path)["status"] == "timeout"  # counted from ready: no result
+        assert worker.proc is None  # killed; the next job starts a fresh one, its start-up not counted
+        row = worker.run(Job("case", case, 120), tmp_path)
+        assert row["status"] == "unchecked" and row["worker_startup_s"] > 0, row  # no reference in this directory
     finally:
-        ex.close()
+        worker.close()
 
 
 def test_without_neural_tangents_the_reference_is_the_harness_in_float64(tmp_path, monkeypatch):
@@ -234,9 +274,10 @@ def test_without_neural_tangents_the_reference_is_the_harness_in_float64(tmp_pat
     monkeypatch.setattr(reference, "available", lambda: "neural-tangents unavailable: test")
     case = _smoke(["jacobian_contraction"])[0]
     record = measure.ensure_reference(case.problem, tmp_path)
-    assert record["status"] == "ok" and record["source"] == "harness:structured:float64:cpu"
+    assert record["status"] == "ok" and record["source"] == "harness:jacobian_contraction:float64:cpu"
     row = measure.run_case(case, tmp_path)
-    assert row["status"] == "ok" and row["reference"] == "harness:structured:float64:cpu" and row["rel_err"] <= 1e-4
+    assert row["status"] == "ok" and row["reference"] == "harness:jacobian_contraction:float64:cpu"
+    assert row["rel_err"] <= 1e-4 and "test" in row["reference_note"]
 
 
 def test_a_case_out_of_memory_finishes_blocked(tmp_path, monkeypatch):
@@ -260,8 +301,9 @@ def test_a_case_out_of_memory_finishes_blocked(tmp_path, monkeypatch):
 
 
 def test_resumed_run_still_times_auto_against_the_rows_already_there(tmp_path):
-    runner.run_sweep(_smoke(["jacobian_contraction"]), tmp_path, "smoke", progress=False)
-    runner.run_sweep(_smoke(["jacobian_contraction", "auto"]), tmp_path, "smoke", resume=True, progress=False)
+    runner.run_sweep(_smoke(["jacobian_contraction"]), tmp_path, "smoke", executor=InlineExecutor(tmp_path))
+    runner.run_sweep(_smoke(["jacobian_contraction", "auto"]), tmp_path, "smoke", resume=True, force=True,
+                     executor=InlineExecutor(tmp_path))
     _, rows = runner.read_results(tmp_path / "results.jsonl")
     auto = next(r for r in rows if r["impl"] == "auto")
     assert [r["impl"] for r in rows] == ["jacobian_contraction", "auto"]
