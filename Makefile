@@ -19,11 +19,14 @@ RUN ?= results/$(shell date +%Y%m%d)-$(SWEEP)
 
 .PHONY: test bench report benchmark-save benchmark-compare clean-venv
 
-EXTRAS ?= zoo,backpack,reference,dev
+EXTRAS ?= zoo,backpack,reference,peers,ray,slurm,dev
+PIP := $(VENV)/bin/python -m pip --quiet --disable-pip-version-check
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(BOOTSTRAP_PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[$(EXTRAS)]'
+	$(PIP) install -c constraints.txt -e '.[$(EXTRAS)]'
+	# ASDL's NTK needs asdfghjkl 0.1a5, laplace-torch 0.3 asks for 0.1a4 (whose ASDL backend we do not use)
+	$(PIP) install -c constraints.txt --no-deps 'asdfghjkl==0.1a5'
 	touch $@
 
 test: $(DEPS)
