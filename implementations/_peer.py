@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import warnings
 from typing import Callable
 
 import torch
@@ -25,7 +26,10 @@ from .base import NTKPlugin, UnsupportedModelError
 def import_error(module: str) -> str | None:
     """None when ``module`` imports, otherwise the error (cached: the answer does not change in a process)."""
     try:
-        importlib.import_module(module)
+        with warnings.catch_warnings():  # the libraries' import-time deprecation chatter (torch.jit.script ...)
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            importlib.import_module(module)
     except Exception as exc:  # an installed but broken library is as unusable as a missing one: say which
         return f"{type(exc).__name__}: {exc}"
     return None
