@@ -148,6 +148,8 @@ class Program:
     integer_input: bool
     kernels: dict = dataclasses.field(default_factory=dict)  # (impl, mode, dtype) -> jitted nt kernel
     check: object = None  # None until checked; then "" (passed) or the reason it failed
+    forward: object = None  # the jitted per-sample forward (params, constants, x) -> (N, O), once built
+    compiled: dict = dataclasses.field(default_factory=dict)  # executables compiled with QUICK_COMPILE
 
 
 def _canonical_names(model: nn.Module) -> dict[str, str]:
