@@ -29,9 +29,9 @@ import torch
 from .translate import UnsupportedOpError
 
 IMPLEMENTATIONS = ("jacobian_contraction", "ntk_vector_products", "structured_derivatives", "auto")
-# The forward check (and ntk(quick_compile=True)) compiles with XLA's backend optimisation off: compiling
-# dominates there. mobilenet_v3_small's structured-derivatives kernel (N = 2, float64) then compiled in 10 s
-# instead of 28 s and ran in 0.4 s instead of 0.1 s (equal to 1e-16). Timed peers compile with XLA's defaults.
+# The forward check (and ntk(quick_compile=True)) compiles with XLA's backend optimisation off, where compiling
+# dominates (compiles 2-3x faster, runs 3-4x slower on the zoo's conv nets; reference/README_SECTION.md).
+# Timed peers compile with XLA's defaults.
 QUICK_COMPILE = {"xla_backend_optimization_level": 0}
 _MODES = {"full": ((), ()), "trace": ((-1,), ()), "diagonal": ((), (-1,))}
 

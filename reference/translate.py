@@ -10,8 +10,8 @@ kernel (a fixed permutation of θ): a 2-D weight that the graph only ever transp
 ``addmm(b, x, permute(W, [1, 0]))``) is stored transposed, (in, out), so the layer is ``x @ W``, a
 ``dot_general`` whose structure neural-tangents recognises; and ``bmm`` of an activation with a weight
 broadcast over a batch (how torch decomposes a Linear on 3-D input, as in LSTMs and attention) becomes one
-``matmul`` of the activation with the 2-D weight. Convolution kernels keep torch's OIHW layout
-(``scripts/nt_fairness.py`` measured no difference against HWIO). Buffers and frozen parameters become
+``matmul`` of the activation with the 2-D weight. Convolution kernels keep torch's OIHW layout, which
+neural-tangents handles as fast as stax's HWIO (``scripts/nt_fairness.py``). Buffers and frozen parameters become
 constants; the trainable parameters are the JAX parameters, keyed by torch's names (a shared parameter once).
 """
 
@@ -330,7 +330,7 @@ _PROGRAMS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDiction
 
 def program(model: nn.Module, example: torch.Tensor) -> Program:
     """The model's translated graph, built once per model, parameter shapes and per-sample input shape/dtype
-    (exporting takes 0.3-6 s on the zoo); a failure is cached too, and raised again."""
+    (exporting takes seconds); a failure is cached too, and raised again."""
     from ntk_bench.implementations.base import shape_keyed_cache
 
     def make():

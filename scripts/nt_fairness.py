@@ -7,14 +7,15 @@ excluded, ``block_until_ready``, CPU, float32:
 
 - neural-tangents' notebook FCN: 3 x Dense(2048) + ReLU, then Dense(8); input 3072, N = M = 16;
 - the PyTorch tutorial CNN (``architectures.build("tutorial_cnn")``), N = M = 16, hand-written both in torch's
-  layouts (NCHW activations, OIHW kernels) and in stax's (NHWC, HWIO); each is a baseline.
+  layouts (NCHW activations, OIHW kernels) and in stax's (NHWC, HWIO), and for structured derivatives also
+  with torch's activations and stax's kernels (NCHW, HWIO); each is a baseline.
 
 Structured derivatives and the CNN's Jacobian contraction at N = 16. The FCN's Jacobian contraction and
 NTK-vector products would hold 16·8 rows of its 14.7M-parameter Jacobian (7.5 GB in float32), more than a
 process may use on the shared 24 GiB machine, and take seconds per sample: they are timed on one sample with
 itself (N = 1, x2 = None); the CNN's NTK-vector products (6 s a call at N = 16) at N = M = 4. ``--naive``
 also times the FCN hand-written with torch's (out, in) weights as ``x @ W.T`` (structured derivatives, one
-call), the layout the translation avoids.
+call each at N = M = 4, where it takes 2.8 GB), the layout the translation avoids.
 
     python scripts/nt_fairness.py --out results/2026-11-23-nt-fairness/fairness.md
 """
@@ -60,26 +61,27 @@ def fcn_hand_written(model: nn.Module, transposed: bool = True):
     return apply, params
 
 
-def cnn_hand_written(model: nn.Module, layout: str):
-    """The tutorial CNN in plain JAX: ``layout`` "NCHW" (torch's, OIHW kernels) or "NHWC" (stax's, HWIO)."""
+def cnn_hand_written(model: nn.Module, activations: str, kernels: str = None):
+    """The tutorial CNN in plain JAX: ``activations`` "NCHW" (torch's) or "NHWC" (stax's), ``kernels`` "OIHW"
+    (torch's) or "HWIO" (stax's; the default for NHWC)."""
     import jax
     import jax.numpy as jnp
     from jax import lax
 
+    kernels = kernels or {"NCHW": "OIHW", "NHWC": "HWIO"}[activations]
     convs = [model.conv1, model.conv2, model.conv3]
-    if layout == "NCHW":
-        dn, kernels, bias_shape = ("NCHW", "OIHW", "NCHW"), [c.weight.detach().numpy() for c in convs], (1, -1, 1, 1)
-        fc = model.fc.weight.detach().numpy().T  # flattening NCHW is torch's order
-    else:
-        dn, bias_shape = ("NHWC", "HWIO", "NHWC"), (1, 1, 1, -1)
-        kernels = [c.weight.detach().permute(2, 3, 1, 0).numpy() for c in convs]
-        # torch flattens (C, H, W); NHWC flattens (H, W, C): permute the readout's input rows to match
-        fc = model.fc.weight.detach().reshape(10, 32, 26, 26).permute(2, 3, 1, 0).reshape(-1, 10).numpy()
-    params = {"convs": [(jnp.asarray(k), jnp.asarray(c.bias.detach().numpy())) for k, c in zip(kernels, convs)],
-              "fc": (jnp.asarray(fc), jnp.asarray(model.fc.bias.detach().numpy()))}
+    dn = (activations, kernels, activations)
+    bias_shape = (1, -1, 1, 1) if activations == "NCHW" else (1, 1, 1, -1)
+    ks = [c.weight.detach() if kernels == "OIHW" else c.weight.detach().permute(2, 3, 1, 0) for c in convs]
+    if activations == "NCHW":
+        fc = model.fc.weight.detach().T  # flattening NCHW is torch's order
+    else:  # torch flattens (C, H, W), NHWC (H, W, C): the readout's input rows permuted to match
+        fc = model.fc.weight.detach().reshape(10, 32, 26, 26).permute(2, 3, 1, 0).reshape(-1, 10)
+    params = {"convs": [(jnp.asarray(k.numpy()), jnp.asarray(c.bias.detach().numpy())) for k, c in zip(ks, convs)],
+              "fc": (jnp.asarray(fc.numpy()), jnp.asarray(model.fc.bias.detach().numpy()))}
 
     def apply(p, x):
-        if layout == "NHWC":
+        if activations == "NHWC":
             x = jnp.transpose(x, (0, 2, 3, 1))
         for i, (k, b) in enumerate(p["convs"]):
             x = lax.conv_general_dilated(x, k, (1, 1), "VALID", dimension_numbers=dn) + b.reshape(bias_shape)
@@ -100,9 +102,12 @@ def nt_kernel(apply, implementation: str):
     return jax.jit(fn)
 
 
-def compare(label, implementation, model, x1, x2, hand_written: dict, budget_s: float, rows: list):
+def compare(label, implementation, model, x1, x2, hand_written: dict, budget_s: float, rows: list, only=None):
     """Pair the translation against each hand-written version (agreement checked first); append table rows."""
     from ntk_bench import reference
+
+    if only is not None and implementation != only:
+        return
     from ntk_bench.bench.measure import time_paired
 
     translated = reference.kernel_fn(model, x1, implementation, "full", "float32")
@@ -134,6 +139,8 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=float, default=20.0, help="seconds of paired timing per comparison")
     parser.add_argument("--naive", action="store_true", help="also time the FCN as x @ W.T (torch's layout)")
     parser.add_argument("--only", choices=("fcn", "cnn"), help="one network only")
+    parser.add_argument("--impl", choices=("structured_derivatives", "jacobian_contraction", "ntk_vector_products"),
+                        help="one implementation only")
     args = parser.parse_args(argv)
 
     from ntk_bench import reference  # sets the log level before JAX loads
@@ -151,29 +158,38 @@ def main(argv=None) -> int:
         model = fcn_model()
         hand = {"x @ W + b, W (in, out)": fcn_hand_written(model)}
         x1, x2 = torch.randn(16, 3072, generator=g), torch.randn(16, 3072, generator=g)
-        compare("FCN 3x2048", "structured_derivatives", model, x1, x2, hand, args.budget, rows)
+        compare("FCN 3x2048", "structured_derivatives", model, x1, x2, hand, args.budget, rows, args.impl)
         for impl in ("jacobian_contraction", "ntk_vector_products"):
-            compare("FCN 3x2048", impl, model, x1[:1], None, hand, args.budget, rows)
-        if args.naive:
+            compare("FCN 3x2048", impl, model, x1[:1], None, hand, args.budget, rows, args.impl)
+        if args.naive and args.impl in (None, "structured_derivatives"):
+            # one call each at N = M = 4: x @ W.T takes seconds and 2.8 GB there (7.5 GB at N = 16)
+            a4, b4 = x1[:4], x2[:4]
+            translated = reference.kernel_fn(model, a4, "structured_derivatives", "full", "float32")
             apply, params = fcn_hand_written(model, transposed=False)
-            fn = nt_kernel(apply, "structured_derivatives")
-            a, b = jax.numpy.asarray(x1.numpy()), jax.numpy.asarray(x2.numpy())
-            fn(a, b, params).block_until_ready()
-            t0 = time.perf_counter()
-            fn(a, b, params).block_until_ready()
-            naive = time.perf_counter() - t0
-            rows.append(("FCN 3x2048", "structured_derivatives", "16", "x @ W.T, W (out, in) (one call)", None,
-                         naive, None, None, None, None))
-            print(f"FCN hand-written as x @ W.T: {naive * 1e3:.0f} ms (one call)", flush=True)
+            naive = nt_kernel(apply, "structured_derivatives")
+            a, b = translated.convert(a4), translated.convert(b4)
+            one = {"translated": lambda: translated.run(a, b).block_until_ready(),
+                   "x @ W.T": lambda: naive(a, b, params).block_until_ready()}
+            seconds = {}
+            for name, fn in one.items():
+                fn()
+                t0 = time.perf_counter()
+                fn()
+                seconds[name] = time.perf_counter() - t0
+            rows.append(("FCN 3x2048", "structured_derivatives", "4", "x @ W.T, W (out, in) (one call each)",
+                         seconds["translated"], seconds["x @ W.T"], None, None, None, None))
+            print(f"FCN at N = M = 4, one call: translated {seconds['translated'] * 1e3:.0f} ms, hand-written as "
+                  f"x @ W.T {seconds['x @ W.T'] * 1e3:.0f} ms", flush=True)
     if args.only in (None, "cnn"):
         arch = architectures.build("tutorial_cnn", seed=0)
         model = arch.model
         x1, x2 = architectures.inputs(arch, 16, seed=1), architectures.inputs(arch, 16, seed=2)
         hand = {"NCHW / OIHW (torch's layout)": cnn_hand_written(model, "NCHW"),
                 "NHWC / HWIO (stax's layout)": cnn_hand_written(model, "NHWC")}
-        for impl in ("structured_derivatives", "jacobian_contraction"):
-            compare("tutorial CNN", impl, model, x1, x2, hand, args.budget, rows)
-        compare("tutorial CNN", "ntk_vector_products", model, x1[:4], x2[:4], hand, args.budget, rows)
+        kernel_layout = {**hand, "NCHW / HWIO (stax's kernels)": cnn_hand_written(model, "NCHW", "HWIO")}
+        compare("tutorial CNN", "structured_derivatives", model, x1, x2, kernel_layout, args.budget, rows, args.impl)
+        compare("tutorial CNN", "jacobian_contraction", model, x1, x2, hand, args.budget, rows, args.impl)
+        compare("tutorial CNN", "ntk_vector_products", model, x1[:4], x2[:4], hand, args.budget, rows, args.impl)
 
     if args.out:
         write_table(args.out, rows, argv if argv is not None else sys.argv[1:])

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from ntk_bench import reference  # noqa: F401 - first: it quiets TensorFlow/XLA's logging before JAX loads
+
 pytest.importorskip("jax")
 
 from ntk_bench.reference import aten_rules as R  # noqa: E402
