@@ -211,7 +211,7 @@ def _cmd_list(args) -> int:
     from . import architectures, sweeps
 
     print("plugins (ours):", ", ".join(implementations.names("ours")))
-    print("peers:", ", ".join(implementations.names("peer") + sweeps.legacy_peers()))
+    print("peers:", ", ".join(implementations.names("peer")))
     print("architectures:", ", ".join(architectures.names()))
     print("sweeps:")
     for name, spec in sweeps.SWEEPS.items():

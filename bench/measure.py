@@ -109,7 +109,7 @@ def _nt_reason(model, example) -> str | None:
     from ntk_bench import reference
 
     reason = reference.available()
-    if reason is None and hasattr(reference, "supports"):
+    if reason is None:
         reason = reference.supports(model, example)
     return reason
 
@@ -353,35 +353,6 @@ def kind_of(impl: str) -> str:
     return kind(impl)
 
 
-def _legacy_nt(case: Case, model, x1, x2):
-    """neural-tangents' implementations timed by the harness itself, while they are not registry plugins."""
-    import inspect
-
-    import numpy as np
-
-    from ntk_bench import reference
-
-    reason = _nt_reason(model, x1)
-    if reason is not None:
-        raise CaseUnsupported(reason)
-    if case.device != "cpu":
-        raise CaseUnsupported("neural-tangents peers run on the CPU JAX backend only")
-    if case.memory_budget_bytes is not None:
-        raise CaseUnsupported("neural-tangents peers take no memory budget")
-    impl = case.impl[len("nt_"):]
-    try:
-        if "example" in inspect.signature(reference.kernel_fn).parameters:
-            fn = reference.kernel_fn(model, x1, implementation=impl, mode=case.mode, dtype=case.dtype)
-        else:
-            fn = reference.kernel_fn(model, impl, case.mode, dtype=case.dtype)
-    except Exception as exc:  # the translation cannot take the model: the peer declines it, saying why
-        if "unsupported" not in type(exc).__name__.lower():
-            raise
-        raise CaseUnsupported(f"neural-tangents cannot take the model: {exc}") from None
-    a, b = reference.to_numpy64(x1), None if x2 is None else reference.to_numpy64(x2)
-    return (lambda: fn(a, b).block_until_ready()), (lambda out: torch.from_numpy(np.asarray(out).copy()))
-
-
 def _kernel_fn(case: Case, model, x1, x2, budget):
     """(a zero-argument function computing the case's kernel, a converter of its output to torch).
 
@@ -391,11 +362,6 @@ def _kernel_fn(case: Case, model, x1, x2, budget):
     """
     from ntk_bench import implementations
 
-    if case.impl not in implementations.names(None):
-        from .sweeps import NT_PEERS
-
-        if case.impl in NT_PEERS:
-            return _legacy_nt(case, model, x1, x2)
     plugin = implementations.get(case.impl)
     reason = plugin.supports(model)
     if reason is not None:

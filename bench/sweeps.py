@@ -425,27 +425,17 @@ def load(name_or_path: str) -> dict:
     return _absolute_refs(spec, path.resolve().parent)
 
 
-def legacy_peers() -> list[str]:
-    """neural-tangents' peers the harness runs itself, while they are not registry plugins."""
-    from ntk_bench import implementations
-
-    registered = set(implementations.names(None))
-    return [n for n in NT_PEERS if n not in registered]
-
-
 def all_impls() -> list[str]:
     """Every plugin a sweep can name: ours, then the peers."""
     from ntk_bench import implementations
 
-    return implementations.names("ours") + implementations.names("peer") + legacy_peers()
+    return implementations.names("ours") + implementations.names("peer")
 
 
 def kind_of(impl: str) -> str:
-    """"ours" or "peer" (the registry's kind; neural-tangents' names are peers before they are registered)."""
+    """"ours" or "peer" (the registry's kind)."""
     from ntk_bench import implementations
 
-    if impl in NT_PEERS and impl not in implementations.names(None):
-        return "peer"
     return implementations.kind_of(impl)
 
 

@@ -33,6 +33,8 @@ _BUILTIN = {
 }
 # Peers: other libraries' NTK routines (kind "peer").
 _BUILTIN_PEERS: dict[str, str] = {
+    **{n: "neural_tangents_peers" for n in
+       ("nt_jacobian_contraction", "nt_ntk_vector_products", "nt_structured_derivatives")},
     "asdl": "peer_asdl",
     "nngeometry": "peer_nngeometry",
     "curvlinops": "peer_curvlinops",
@@ -115,7 +117,8 @@ def get(name: str) -> NTKPlugin:
         if name in _registered:
             return _registered[name]
         raise KeyError(f"unknown NTK plugin {name!r}; valid names: {', '.join(names(None))}")
-    plugin = importlib.import_module(f".{module}", __name__).plugin
+    mod = importlib.import_module(f".{module}", __name__)
+    plugin = getattr(mod, name, None) or mod.plugin  # (a module defining several plugins names each)
     _registered[name] = plugin
     return plugin
 

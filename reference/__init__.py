@@ -1,22 +1,62 @@
-"""The neural-tangents reference: the same model and weights in JAX, float64, on the CPU.
+"""The neural-tangents reference: the torch model's own graph, translated to JAX, differentiated by neural-tangents.
 
-``ntk(model, x1, x2, mode, implementation)`` returns neural-tangents'
-empirical NTK as a torch tensor in the plugin shapes; ``kernel_fn`` gives a
-compiled JAX function for timing neural-tangents' implementations as peers.
-JAX and neural-tangents are imported on first use, so the rest of the harness
-runs where they are missing (``available()`` says why not).
+The model is exported with ``torch.export`` (a dynamic batch dimension) and decomposed to core ATen; each op
+becomes one JAX rule (``aten_rules``), with the same weights. Before a kernel is computed the translation must
+reproduce the torch forward in float64, evaluated per sample as neural-tangents evaluates it (so a model that
+mixes the samples of a batch is refused, not silently mis-kernelled). Weights a Linear transposes are stored
+(in, out), so neural-tangents' structured derivatives see ``x @ W`` as in hand-written JAX
+(``scripts/nt_fairness.py`` measures the translation against hand-written JAX).
+
+- ``available()``: None, or why neural-tangents cannot be used here;
+- ``supports(model, example)``: None, or why the model cannot be translated (every missing op named);
+- ``to_jax(model, example)``: ``(apply_fn, params)``, float64; ``forward(model, x)``: its output, per sample;
+- ``kernel_fn(model, example, implementation, mode, dtype)``: neural-tangents' jitted kernel, for timing it as
+  a peer (``implementations/neural_tangents_peers.py``);
+- ``ntk(model, x1, x2, mode, implementation)``: the float64 reference kernel, a torch tensor in the plugin shapes.
+
+``example`` is a batch like x1 (its per-sample shape and dtype; integer token ids work). JAX and
+neural-tangents are imported on first use, with TensorFlow's and XLA's start-up logging silenced.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 
 import numpy as np
 import torch
 
-from .translate import UnsupportedOpError, to_jax
+from .translate import UnsupportedOpError
 
 IMPLEMENTATIONS = ("jacobian_contraction", "ntk_vector_products", "structured_derivatives", "auto")
+# The forward check (and ntk(quick_compile=True)) compiles with XLA's backend optimisation off, where compiling
+# dominates (compiles 2-3x faster, runs 3-4x slower on the zoo's conv nets; reference/README_SECTION.md).
+# Timed peers compile with XLA's defaults.
+QUICK_COMPILE = {"xla_backend_optimization_level": 0}
+_MODES = {"full": ((), ()), "trace": ((-1,), ()), "diagonal": ((), (-1,))}
+
+
+# neural-tangents imports TensorFlow, whose C++ start-up logs errors about CUDA plugins at level 2; the level is
+# read when the first XLA library loads, so it is set here, before anything imports JAX or TensorFlow.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def _jax():
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    return jax
+
+
+def _nt():
+    _jax()
+    import warnings
+
+    import neural_tangents as nt
+
+    # (structured derivatives falling back to a primitive's plain Jacobian, e.g. an embedding's gather: correct)
+    warnings.filterwarnings("ignore", message="No Jacobian rule found for", module="neural_tangents")
+    return nt
 
 
 def available() -> str | None:
@@ -28,68 +68,218 @@ def available() -> str | None:
     return None
 
 
-def _nt():
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # neural-tangents imports TensorFlow
-    import jax
-
-    jax.config.update("jax_enable_x64", True)
-    import neural_tangents as nt
-
-    return nt
+def to_numpy(x: torch.Tensor) -> np.ndarray:
+    """A batch as numpy: floats as float64, integer ids as they are."""
+    x = x.detach().cpu()
+    return x.double().numpy() if x.is_floating_point() else x.numpy()
 
 
-def kernel_fn(model: torch.nn.Module, implementation: str = "jacobian_contraction", mode: str = "full",
-              dtype: str = "float64"):
-    """A jitted ``f(x1, x2_or_None) -> jax.Array`` computing neural-tangents' NTK of ``model``.
+to_numpy64 = to_numpy  # the name bench/measure.py uses
 
-    ``mode`` uses neural-tangents' own ``trace_axes``/``diagonal_axes``, so
-    peers are timed doing only the work the mode needs (its trace is a mean over
-    outputs; it is rescaled to the sum, the plugins' trace).
+
+def _torch_forward64(model: torch.nn.Module, example: torch.Tensor) -> tuple[np.ndarray, float]:
+    """The torch forward in float64 (on a float64 copy of a float32 model), and the tolerance it is good to."""
+    floating = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    x = example.double() if example.is_floating_point() else example
+    with torch.no_grad():
+        if all(t.dtype == torch.float64 for t in floating):
+            return model(x).detach().cpu().numpy(), 1e-10
+        try:
+            twin = copy.deepcopy(model).to(torch.float64)
+        except Exception:  # a model that cannot be deep-copied: compare with its own precision
+            return model(example).detach().cpu().double().numpy(), 1e-4
+        return twin(x).detach().cpu().numpy(), 1e-10
+
+
+def _per_sample_forward(model: torch.nn.Module, prog, x: torch.Tensor) -> np.ndarray:
+    """The translation's float64 output (N, O) on x, one sample at a time (jitted once per program)."""
+    jax = _jax()
+    from . import translate
+
+    params, constants = translate.weights(model, prog)
+    if prog.forward is None:
+        def per_sample(p, c, batch):
+            apply_fn = translate.JaxFunction(prog, c, np.float64)
+            return jax.vmap(lambda xi: apply_fn(p, xi[None])[0])(batch)
+
+        prog.forward = jax.jit(per_sample)
+    return np.asarray(_quick(prog, "forward", prog.forward, params, constants, to_numpy(x)))
+
+
+def _quick(prog, key, jitted, *args):
+    """``jitted(*args)``, compiled with QUICK_COMPILE once per argument shapes and dtypes (cached on ``prog``)."""
+    jax = _jax()
+    signature = (key,) + tuple(None if a is None else (a.shape, str(a.dtype)) for a in jax.tree_util.tree_leaves(
+        args, is_leaf=lambda v: v is None))
+    compiled = prog.compiled.get(signature)
+    if compiled is None:
+        compiled = prog.compiled[signature] = jitted.lower(*args).compile(QUICK_COMPILE)
+    return compiled(*args)
+
+
+def forward(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
+    """The JAX translation's output on ``x`` as (N, O) in float64, each sample evaluated alone, as
+    neural-tangents differentiates it (raises UnsupportedOpError where the model does not translate)."""
+    from . import translate
+
+    _jax()
+    return _per_sample_forward(model, translate.program(model, x), x)
+
+
+def _check(model: torch.nn.Module, example: torch.Tensor, prog) -> str:
+    """"" when the translation, evaluated per sample (as neural-tangents vmaps it), reproduces the torch forward
+    of the batch in float64 to 1e-10 of its largest output; else the reason."""
+    jax = _jax()
+    from . import translate
+
+    name = prog.model_name
+    try:
+        y = _per_sample_forward(model, prog, example)
+    except UnsupportedOpError as exc:
+        return str(exc)
+    except Exception as exc:  # a rule meeting arguments it cannot take: a translation failure, reported as such
+        return f"{name}: evaluating the JAX translation failed: {type(exc).__name__}: {translate._first_lines(exc)}"
+    ref, tol = _torch_forward64(model, example)
+    ref = ref.reshape(ref.shape[0], -1) if ref.ndim == 1 else ref
+    if y.shape != ref.shape:
+        return f"{name}: the translation returns shape {y.shape}, torch {ref.shape}"
+    if not np.all(np.isfinite(ref)):
+        return ""  # nothing to compare against (non-finite outputs on this example)
+    err = float(np.max(np.abs(y - ref)) / max(float(np.max(np.abs(ref))), 1e-300))
+    if not err <= tol:
+        mixed = ""
+        if example.shape[0] > 1:
+            apply_fn, params = translate.to_jax(model, example)
+            batched = np.asarray(jax.jit(apply_fn)(params, to_numpy(example)))
+            if float(np.max(np.abs(batched - ref))) / max(float(np.max(np.abs(ref))), 1e-300) <= tol:
+                mixed = " (the batched translation agrees: the model mixes the samples of a batch, and "\
+                        "neural-tangents differentiates one sample at a time)"
+        return (f"{name}: the JAX translation's forward, per sample, differs from torch's by {err:.1e} "
+                f"(relative to max |f|){mixed}; no reference is computed from it")
+    return ""
+
+
+def _checked_program(model: torch.nn.Module, example: torch.Tensor):
+    """The model's translation, checked once against the torch forward; UnsupportedOpError when unusable."""
+    from . import translate
+
+    prog = translate.program(model, example)
+    if prog.check is None:
+        prog.check = _check(model, example, prog)
+    if prog.check:
+        raise UnsupportedOpError(prog.check)
+    return prog
+
+
+def supports(model: torch.nn.Module, example: torch.Tensor) -> str | None:
+    """None when ``model`` translates (on batches like ``example``) and reproduces its torch forward; else why
+    not: the export failure, every op without a rule, or the failed check. Cached per model and input shape."""
+    try:
+        _jax()
+    except Exception as exc:
+        return f"JAX unavailable: {type(exc).__name__}: {exc}"
+    try:
+        _checked_program(model, example)
+    except UnsupportedOpError as exc:
+        return str(exc)
+    return None
+
+
+def to_jax(model: torch.nn.Module, example: torch.Tensor):
+    """``(apply_fn, params)``: ``apply_fn(params, x)`` computes ``model(x)`` as (N, O) in JAX from float64
+    parameters keyed by torch's names (``apply_fn.layouts``: those stored transposed)."""
+    _jax()
+    from . import translate
+
+    return translate.to_jax(model, example)
+
+
+def kernel_fn(model: torch.nn.Module, example: torch.Tensor, implementation: str = "jacobian_contraction",
+              mode: str = "full", dtype: str = "float64", quick_compile: bool = False):
+    """neural-tangents' jitted NTK of ``model``: ``f(x1, x2_or_None)`` on numpy batches -> a JAX array.
+
+    ``mode`` uses neural-tangents' own ``trace_axes``/``diagonal_axes``, so a peer does only the work the mode
+    needs (its trace is a mean over outputs; it is rescaled to the sum, the plugins' trace). The model is
+    computed in ``dtype`` throughout (weights, constants, floating inputs). ``f.convert(x)`` turns a torch or
+    numpy batch into the JAX array ``f.run(a, b)`` takes, the jitted call alone (for timing; its first call
+    compiles, once per model, input shapes, implementation, mode and dtype). ``quick_compile`` compiles with
+    XLA's backend optimisation off (``QUICK_COMPILE``): for one-off kernels, not for timing.
     """
-    import jax
-
-    nt = _nt()
+    if not isinstance(example, torch.Tensor):
+        raise TypeError(f"kernel_fn(model, example, implementation, mode, dtype): example must be a batch like x1 "
+                        f"(a torch.Tensor), got {type(example).__name__} {example!r:.40}")
     if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown neural-tangents implementation {implementation!r}; valid: {', '.join(IMPLEMENTATIONS)}")
-    apply_fn, params = to_jax(model)
-    params = {k: v.astype(dtype) for k, v in params.items()}
-    axes = {"full": ((), ()), "trace": ((-1,), ()), "diagonal": ((), (-1,))}
-    if mode not in axes:
+        raise ValueError(f"unknown neural-tangents implementation {implementation!r}; "
+                         f"valid: {', '.join(IMPLEMENTATIONS)}")
+    if mode not in _MODES:
         raise ValueError(f"unknown mode {mode!r}; valid modes: full, trace, diagonal")
-    trace_axes, diagonal_axes = axes[mode]
-    fn = nt.empirical_ntk_fn(
-        apply_fn, trace_axes=trace_axes, diagonal_axes=diagonal_axes, vmap_axes=0,
-        implementation=getattr(nt.NtkImplementation, implementation.upper()),
-    )
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+    nt = _nt()
+    jax = _jax()
+    from . import translate
 
-    def kernel(a, b, p):
-        k = fn(a, b, p)
-        if mode == "trace":  # neural-tangents averages over traced axes; the trace is their sum
-            k = k * jax.eval_shape(apply_fn, p, a).shape[-1]
-        return k
+    prog = _checked_program(model, example)
+    params, constants = translate.weights(model, prog, dtype)
+    key = (implementation, mode, dtype.name)
+    jitted = prog.kernels.get(key)
+    if jitted is None:
+        trace_axes, diagonal_axes = _MODES[mode]
+        impl = getattr(nt.NtkImplementation, implementation.upper())
 
-    jitted = jax.jit(kernel)
-    return lambda x1, x2=None: jitted(x1.astype(dtype), None if x2 is None else x2.astype(dtype), params)
+        def kernel(a, b, p, c):
+            apply_fn = translate.JaxFunction(prog, c, dtype)
+            fn = nt.empirical_ntk_fn(apply_fn, trace_axes=trace_axes, diagonal_axes=diagonal_axes, vmap_axes=0,
+                                     implementation=impl)
+            k = fn(a, b, p)
+            if mode == "trace":  # neural-tangents averages over traced axes; the trace is their sum
+                k = k * jax.eval_shape(apply_fn, p, a).shape[-1]
+            return k
+
+        jitted = prog.kernels[key] = jax.jit(kernel)
+    cpu = jax.devices("cpu")[0]
+    params, constants = jax.device_put((params, constants), cpu)
+
+    def convert(x):
+        if x is None:
+            return None
+        x = to_numpy(x) if isinstance(x, torch.Tensor) else np.asarray(x)
+        return jax.device_put(x.astype(dtype) if np.issubdtype(x.dtype, np.floating) else x, cpu)
+
+    def run(a, b=None):
+        if quick_compile:
+            return _quick(prog, key, jitted, a, b, params, constants)
+        return jitted(a, b, params, constants)
+
+    def f(x1, x2=None):
+        return run(convert(x1), convert(x2))
+
+    f.convert, f.run, f.params = convert, run, params
+    return f
 
 
-def to_numpy64(x: torch.Tensor) -> np.ndarray:
-    return x.detach().cpu().double().numpy()
+def ntk(model: torch.nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None, mode: str = "full",
+        implementation: str = "structured_derivatives", quick_compile: bool = False) -> torch.Tensor:
+    """neural-tangents' empirical NTK of ``model`` in float64 on the CPU, in the plugin shapes
+    ((N, M, O, O) / (N, M) / (N, M, O); a model returning (N,) has O = 1).
 
-
-def ntk(model: torch.nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None,
-        mode: str = "full", implementation: str = "jacobian_contraction") -> torch.Tensor:
-    """neural-tangents' empirical NTK of ``model`` in float64 on the CPU, in the plugin shapes.
-
-    Computed with ``trace_axes=(), diagonal_axes=()`` (the full kernel), then
-    reduced to ``mode`` in torch.
+    Computed with ``trace_axes=(), diagonal_axes=()`` (the full kernel), then reduced to ``mode`` in torch.
+    ``quick_compile``: XLA's backend optimisation off, for small problems where compiling dominates (big
+    conv nets: 2-3x faster to compile, 3-4x slower to run). Raises UnsupportedOpError (with the reason) for a
+    model the translation cannot reproduce.
     """
     from ntk_bench.implementations.kernels import reduce_full
 
-    if mode not in ("full", "trace", "diagonal"):
+    if mode not in _MODES:
         raise ValueError(f"unknown mode {mode!r}; valid modes: full, trace, diagonal")
-    fn = kernel_fn(model, implementation, "full")
-    out = fn(to_numpy64(x1), None if x2 is None else to_numpy64(x2))
-    return reduce_full(torch.from_numpy(np.asarray(out).copy()), mode)
+    if x2 is not None and tuple(x2.shape[1:]) != tuple(x1.shape[1:]):
+        raise ValueError(f"x1 and x2 have different per-sample shapes: {tuple(x1.shape[1:])} vs "
+                         f"{tuple(x2.shape[1:])}")
+    fn = kernel_fn(model, x1, implementation, "full", "float64", quick_compile=quick_compile)
+    out = fn(x1, x2)
+    return reduce_full(torch.from_numpy(np.array(out)), mode)
 
 
-__all__ = ["IMPLEMENTATIONS", "UnsupportedOpError", "available", "kernel_fn", "ntk", "to_jax"]
+__all__ = ["IMPLEMENTATIONS", "UnsupportedOpError", "available", "forward", "kernel_fn", "ntk", "supports",
+           "to_jax", "to_numpy"]

@@ -1,208 +1,374 @@
-"""Translate a torch model into a JAX function with the same weights, op by op over a torch.fx graph.
+"""Translate a torch model into a JAX function with the same weights, op by op over its core-ATen graph.
 
-``to_jax(model)`` returns ``(apply_fn, params)`` with ``apply_fn(params, x)``
-computing ``model(x)`` in JAX, ``params`` a dict of float64 arrays keyed by the
-torch parameter names (trainable parameters only; buffers become constants).
-Layouts stay torch's (NCHW activations, OIHW kernels), so no weight is
-transposed. An op with no rule raises ``UnsupportedOpError`` naming it.
+``torch.export.export`` with a dynamic batch dimension, then ``run_decompositions()``, gives a graph of about
+fifty distinct core-ATen ops for the model zoo (convolution, addmm, native norms, embedding, softmax, views,
+elementwise ops; LSTM and GRU unrolled into them). Each op has one JAX rule (``aten_rules.RULES``); an op
+without one makes :class:`UnsupportedOpError` name every missing op of the graph at once.
+
+Parameters are laid out as neural-tangents' structured derivatives want them, which does not change the
+kernel (a fixed permutation of θ): a 2-D weight that the graph only ever transposes (a Linear's, consumed as
+``addmm(b, x, permute(W, [1, 0]))``) is stored transposed, (in, out), so the layer is ``x @ W``, a
+``dot_general`` whose structure neural-tangents recognises; and ``bmm`` of an activation with a weight
+broadcast over a batch (how torch decomposes a Linear on 3-D input, as in LSTMs and attention) becomes one
+``matmul`` of the activation with the 2-D weight. Convolution kernels keep torch's OIHW layout, which
+neural-tangents handles as fast as stax's HWIO (``scripts/nt_fairness.py``). Buffers and frozen parameters become
+constants; the trainable parameters are the JAX parameters, keyed by torch's names (a shared parameter once).
 """
 
 from __future__ import annotations
 
-import operator
+import dataclasses
+import warnings
+import weakref
 
 import numpy as np
 import torch
-import torch.fx
-import torch.nn.functional as F
 from torch import nn
 
 
 class UnsupportedOpError(NotImplementedError):
-    """The translator has no JAX rule for an op of the model's graph."""
+    """The model cannot be translated: its export failed, ops of its graph have no rule, or a check failed."""
 
 
-def _jax():
-    import jax
-
-    jax.config.update("jax_enable_x64", True)
-    import jax.numpy as jnp
-    from jax import lax
-
-    return jax, jnp, lax
-
-
-def _pair(v):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+def op_name(target) -> str:
+    """The rule-table name of a graph node's target: ``aten.addmm.default``, ``operator.getitem``."""
+    if isinstance(target, torch._ops.OpOverload):
+        return str(target)
+    module = getattr(target, "__module__", None) or ""
+    name = getattr(target, "__name__", None) or str(target)
+    if module in ("_operator", "operator"):
+        module = "operator"
+    return f"{module}.{name}" if module else name
 
 
-def _flatten(jnp, x, start_dim=0, end_dim=-1):
-    nd = x.ndim
-    start, end = start_dim % nd, end_dim % nd
-    return jnp.reshape(x, x.shape[:start] + (-1,) + x.shape[end + 1 :])
+def _first_lines(exc: BaseException, limit: int = 600) -> str:
+    text = " ".join(str(exc).strip().split("\n")[:6]).strip()
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
-def _conv2d(lax, x, w, b, stride, padding, dilation, groups):
-    if isinstance(padding, str):
-        pad = padding.upper()
-    else:
-        pad = [(p, p) for p in _pair(padding)]
-    y = lax.conv_general_dilated(
-        x, w, window_strides=_pair(stride), padding=pad, rhs_dilation=_pair(dilation),
-        feature_group_count=groups, dimension_numbers=("NCHW", "OIHW", "NCHW"),
-    )
-    return y if b is None else y + b[None, :, None, None]
+def export_model(model: nn.Module, example: torch.Tensor):
+    """``torch.export`` with a dynamic batch dimension, decomposed to core ATen."""
+    from torch.export import Dim, export
 
-
-def _pool2d(lax, jnp, x, kind, kernel, stride, padding):
-    k = _pair(kernel)
-    s = _pair(stride if stride else kernel)
-    p = [(0, 0), (0, 0)] + [(q, q) for q in _pair(padding)]
-    if kind == "max":
-        return lax.reduce_window(x, -jnp.inf, lax.max, (1, 1) + k, (1, 1) + s, p)
-    summed = lax.reduce_window(x, 0.0, lax.add, (1, 1) + k, (1, 1) + s, p)
-    return summed / (k[0] * k[1])
-
-
-def _gelu(jax, jnp, x, approximate="none"):
-    return jax.nn.gelu(x, approximate=(approximate == "tanh"))
-
-
-class _Translator:
-    def __init__(self, model: nn.Module):
-        self.jax, self.jnp, self.lax = _jax()
-        self.model = model
+    if not isinstance(example, torch.Tensor) or example.dim() < 1:
+        raise ValueError(f"example must be a batched torch.Tensor, got {type(example).__name__}")
+    if example.shape[0] < 2:  # export specialises a size-1 dimension; any size >= 2 stays symbolic
+        example = torch.cat([example, example])
+    name = type(model).__name__
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         try:
-            self.graph = torch.fx.symbolic_trace(model).graph
-        except Exception as exc:  # fx raises many types for untraceable code
-            raise UnsupportedOpError(f"torch.fx cannot trace {type(model).__name__}: {exc}") from exc
-        self.modules = dict(model.named_modules())
-        self.trainable = {k for k, p in model.named_parameters() if p.requires_grad}
-        self.constants = {
-            k: self.jnp.asarray(v.detach().cpu().double().numpy())
-            for k, v in [*model.named_parameters(), *model.named_buffers()]
-            if k not in self.trainable
-        }
-        # Fail now, not at the first call, on an op without a rule.
-        for node in self.graph.nodes:
-            if node.op == "call_module":
-                self._module_rule(self.modules[node.target])
-            elif node.op == "call_function":
-                self._function_rule(node.target)
-            elif node.op == "call_method":
-                self._method_rule(node.target)
+            program = export(model, (example,), dynamic_shapes=({0: Dim("batch", min=1)},))
+        except Exception as exc:  # torch.export raises many types (UserError, ConstraintViolation, Unsupported ...)
+            raise UnsupportedOpError(f"torch.export cannot export {name} with a dynamic batch dimension: "
+                                     f"{type(exc).__name__}: {_first_lines(exc)}") from exc
+        try:
+            return program.run_decompositions()
+        except Exception as exc:
+            raise UnsupportedOpError(f"{name}: decomposing the exported graph to core ATen failed: "
+                                     f"{type(exc).__name__}: {_first_lines(exc)}") from exc
 
-    # -- rules ---------------------------------------------------------------
-    def _module_rule(self, m):
-        jax, jnp, lax = self.jax, self.jnp, self.lax
-        rules = {
-            nn.Linear: lambda m, w, x: x @ w["weight"].T + (w["bias"] if "bias" in w else 0),
-            nn.Conv2d: lambda m, w, x: _conv2d(lax, x, w["weight"], w.get("bias"), m.stride, m.padding, m.dilation, m.groups),
-            nn.ReLU: lambda m, w, x: jax.nn.relu(x),
-            nn.Tanh: lambda m, w, x: jnp.tanh(x),
-            nn.Sigmoid: lambda m, w, x: jax.nn.sigmoid(x),
-            nn.GELU: lambda m, w, x: _gelu(jax, jnp, x, m.approximate),
-            nn.SiLU: lambda m, w, x: jax.nn.silu(x),
-            nn.LeakyReLU: lambda m, w, x: jnp.where(x > 0, x, m.negative_slope * x),
-            nn.Identity: lambda m, w, x: x,
-            nn.Flatten: lambda m, w, x: _flatten(jnp, x, m.start_dim, m.end_dim),
-            nn.MaxPool2d: lambda m, w, x: _pool2d(lax, jnp, x, "max", m.kernel_size, m.stride, m.padding),
-            nn.AvgPool2d: lambda m, w, x: _pool2d(lax, jnp, x, "avg", m.kernel_size, m.stride, m.padding),
-        }
-        if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
-            raise UnsupportedOpError(f"Conv2d with padding_mode={m.padding_mode!r}")
-        if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)) and (m.ceil_mode or getattr(m, "dilation", 1) not in (1, (1, 1))):
-            raise UnsupportedOpError(f"{type(m).__name__} with ceil_mode or dilation")
-        if isinstance(m, nn.AvgPool2d) and not m.count_include_pad and m.padding not in (0, (0, 0)):
-            raise UnsupportedOpError("AvgPool2d with count_include_pad=False and padding")
-        if isinstance(m, nn.AdaptiveAvgPool2d) and _pair(m.output_size) == (1, 1):
-            return lambda m, w, x: jnp.mean(x, axis=(2, 3), keepdims=True)
-        rule = rules.get(type(m))
-        if rule is None:
-            raise UnsupportedOpError(f"no JAX translation for module {type(m).__name__}")
-        return rule
 
-    def _function_rule(self, fn):
-        jax, jnp = self.jax, self.jnp
-        rules = {
-            operator.add: lambda a, b: a + b,
-            operator.sub: lambda a, b: a - b,
-            operator.mul: lambda a, b: a * b,
-            operator.truediv: lambda a, b: a / b,
-            operator.neg: lambda a: -a,
-            operator.getitem: lambda a, i: a[i],
-            torch.add: lambda a, b: a + b,
-            torch.mul: lambda a, b: a * b,
-            torch.relu: jax.nn.relu,
-            F.relu: lambda x, inplace=False: jax.nn.relu(x),
-            torch.tanh: jnp.tanh,
-            F.tanh: jnp.tanh,
-            torch.sigmoid: jax.nn.sigmoid,
-            F.sigmoid: jax.nn.sigmoid,
-            F.gelu: lambda x, approximate="none": _gelu(jax, jnp, x, approximate),
-            F.silu: lambda x, inplace=False: jax.nn.silu(x),
-            torch.flatten: lambda x, start_dim=0, end_dim=-1: _flatten(jnp, x, start_dim, end_dim),
-            torch.cat: lambda ts, dim=0: jnp.concatenate(ts, axis=dim),
-        }
-        if fn not in rules:
-            raise UnsupportedOpError(f"no JAX translation for function {getattr(fn, '__name__', fn)}")
-        return rules[fn]
+def _is_transpose_2d(node) -> bool:
+    if node.op != "call_function":
+        return False
+    name = op_name(node.target)
+    if name == "aten.permute.default":
+        return list(node.args[1]) == [1, 0]
+    if name == "aten.t.default":
+        return True
+    if name == "aten.transpose.int":
+        return sorted(d % 2 for d in node.args[1:3]) == [0, 1]
+    return False
 
-    def _method_rule(self, name):
-        jax, jnp = self.jax, self.jnp
-        rules = {
-            "relu": lambda x: jax.nn.relu(x),
-            "tanh": lambda x: jnp.tanh(x),
-            "sigmoid": lambda x: jax.nn.sigmoid(x),
-            "flatten": lambda x, start_dim=0, end_dim=-1: _flatten(jnp, x, start_dim, end_dim),
-            "view": lambda x, *shape: jnp.reshape(x, shape[0] if len(shape) == 1 and isinstance(shape[0], tuple) else shape),
-            "reshape": lambda x, *shape: jnp.reshape(x, shape[0] if len(shape) == 1 and isinstance(shape[0], tuple) else shape),
-            "add": lambda a, b: a + b,
-            "mul": lambda a, b: a * b,
-            "mean": lambda x, dim=None, keepdim=False: jnp.mean(x, axis=dim, keepdims=keepdim),
-            "sum": lambda x, dim=None, keepdim=False: jnp.sum(x, axis=dim, keepdims=keepdim),
-            "size": lambda x, dim=None: x.shape if dim is None else x.shape[dim],
-        }
-        if name not in rules:
-            raise UnsupportedOpError(f"no JAX translation for tensor method .{name}()")
-        return rules[name]
 
-    # -- evaluation ----------------------------------------------------------
+def _val(node):
+    return node.meta.get("val") if hasattr(node, "meta") else None
+
+
+def _same_sizes(a, b) -> bool:
+    """Two size lists (ints, SymInts or nodes computing them) are the same, symbol for symbol."""
+    def key(v):
+        if isinstance(v, torch.fx.Node):
+            v = _val(v)
+        return str(v)
+
+    return len(a) == len(b) and all(key(x) == key(y) for x, y in zip(a, b))
+
+
+def _unbroadcast(node, ndim_source: int):
+    """The source of ``view(expand(source, S), S)`` when the source has ``ndim_source`` dims and the expand
+    only adds leading dims (or none), else None."""
+    if node.op != "call_function" or op_name(node.target) not in ("aten.view.default", "aten._unsafe_view.default"):
+        return None
+    expand = node.args[0]
+    if not isinstance(expand, torch.fx.Node) or op_name(expand.target) != "aten.expand.default":
+        return None
+    source, size = expand.args[0], list(expand.args[1])
+    val = _val(source)
+    if val is None or val.dim() != ndim_source or not _same_sizes(size, list(node.args[1])):
+        return None
+    if not _same_sizes(size[len(size) - ndim_source:], list(val.shape)):
+        return None
+    return source
+
+
+def _rewrite_broadcast_matmuls(graph) -> int:
+    """bmm(view(expand(x)), view(expand(W, [B, k, m]))) with x 3-D unexpanded and W 2-D -> matmul(x, W)."""
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or op_name(node.target) != "aten.bmm.default":
+            continue
+        lhs, rhs = node.args
+        x, w = _unbroadcast(lhs, 3), _unbroadcast(rhs, 2)
+        if x is None or w is None:
+            continue
+        with graph.inserting_before(node):
+            new = graph.call_function(torch.ops.aten.matmul.default, (x, w))
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        count += 1
+    if count:
+        graph.eliminate_dead_code()
+    return count
+
+
+@dataclasses.dataclass
+class Program:
+    """An exported model's graph, ready to evaluate in JAX: which placeholder is what, which weight is stored
+    transposed, and the rule of every node. Built once per model and input shape; weights are read per call."""
+
+    model_name: str
+    nodes: list  # (node, kind, payload): placeholders and calls in graph order
+    output: object  # the output node's user-output entry
+    params: dict  # placeholder name -> canonical torch name of a trainable parameter
+    constants: dict  # placeholder name -> ("model", fqn) / ("lifted", tensor)
+    transposed: frozenset  # canonical names of parameters stored transposed
+    integer_input: bool
+    kernels: dict = dataclasses.field(default_factory=dict)  # (impl, mode, dtype) -> jitted nt kernel
+    check: object = None  # None until checked; then "" (passed) or the reason it failed
+    forward: object = None  # the jitted per-sample forward (params, constants, x) -> (N, O), once built
+    compiled: dict = dataclasses.field(default_factory=dict)  # executables compiled with QUICK_COMPILE
+
+
+def _canonical_names(model: nn.Module) -> dict[str, str]:
+    """Every name of every parameter -> the name ``named_parameters()`` gives it (the first, for a shared one)."""
+    first = {}
+    for name, p in model.named_parameters():
+        first.setdefault(id(p), name)
+    return {name: first[id(p)] for name, p in model.named_parameters(remove_duplicate=False)}
+
+
+def build_program(model: nn.Module, example: torch.Tensor) -> Program:
+    from torch.export.graph_signature import InputKind, OutputKind
+
+    from .aten_rules import HINTS, RULES
+
+    name = type(model).__name__
+    ep = export_model(model, example)
+    graph = ep.graph
+    signature = ep.graph_signature
+    canonical = _canonical_names(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+
+    mutations = [s.target for s in signature.output_specs if s.kind != OutputKind.USER_OUTPUT]
+    if mutations:
+        raise UnsupportedOpError(f"{name}'s forward updates state ({', '.join(map(str, mutations[:5]))}); "
+                                 "the NTK needs a pure function (call model.eval())")
+    user_outputs = [s for s in signature.output_specs if s.kind == OutputKind.USER_OUTPUT]
+    if len(user_outputs) != 1:
+        raise UnsupportedOpError(f"{name} returns {len(user_outputs)} outputs; the NTK needs one tensor (N, O)")
+
+    params, constants, user_inputs = {}, {}, []
+    for spec in signature.input_specs:
+        placeholder = spec.arg.name
+        if spec.kind == InputKind.USER_INPUT:
+            user_inputs.append(placeholder)
+        elif spec.kind == InputKind.PARAMETER:
+            fqn = canonical.get(spec.target, spec.target)
+            if fqn in trainable:
+                params[placeholder] = fqn
+            else:
+                constants[placeholder] = ("model", spec.target)
+        elif spec.kind == InputKind.BUFFER:
+            constants[placeholder] = ("model", spec.target)
+        elif spec.kind == InputKind.CONSTANT_TENSOR:
+            constants[placeholder] = ("lifted", ep.constants[spec.target])
+        else:
+            raise UnsupportedOpError(f"{name}: the exported graph takes a {spec.kind.name} input "
+                                     f"({spec.target}), which the translation cannot supply")
+    if len(user_inputs) != 1:
+        raise UnsupportedOpError(f"{name}'s exported graph takes {len(user_inputs)} inputs; expected one tensor")
+
+    _rewrite_broadcast_matmuls(graph)
+
+    # Weights only ever transposed are stored transposed: the layer becomes x @ W, as hand-written JAX has it.
+    transposed, aliases = set(), {}
+    for node in graph.nodes:
+        if node.op == "placeholder" and node.name in params:
+            val = _val(node)
+            users = list(node.users)
+            if val is not None and val.dim() == 2 and users and all(_is_transpose_2d(u) for u in users):
+                transposed.add(params[node.name])
+                aliases.update({u: node for u in users})
+
+    missing: dict[str, int] = {}
+    nodes = []
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            if node.name in params:
+                nodes.append((node, "param", params[node.name]))
+            elif node.name in constants:
+                nodes.append((node, "constant", node.name))
+            else:
+                nodes.append((node, "input", None))
+        elif node.op == "call_function":
+            if node in aliases:
+                nodes.append((node, "alias", aliases[node]))
+                continue
+            key = op_name(node.target)
+            if key not in RULES:
+                missing[key] = missing.get(key, 0) + 1
+                continue
+            nodes.append((node, "call", (key, RULES[key])))
+        elif node.op == "output":
+            output = node
+        else:
+            missing[f"{node.op} {node.target}"] = missing.get(f"{node.op} {node.target}", 0) + 1
+    if missing:
+        listed = [f"{k} (x{v})" + (f": {HINTS[k]}" if k in HINTS else "") for k, v in sorted(missing.items())]
+        raise UnsupportedOpError(f"{name}: no JAX rule for {len(missing)} op(s) of its core-ATen graph: "
+                                 + "; ".join(listed))
+
+    out_index = signature.output_specs.index(user_outputs[0])
+    out = output.args[0]
+    out = out[out_index] if isinstance(out, (tuple, list)) else out
+    integer = not example.is_floating_point()
+    return Program(name, nodes, out, params, constants, frozenset(transposed), integer)
+
+
+def _contains_missing(value, missing_type):
+    if isinstance(value, missing_type):
+        return value
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            found = _contains_missing(v, missing_type)
+            if found is not None:
+                return found
+    return None
+
+
+class JaxFunction:
+    """``apply_fn(params, x)``: the exported graph evaluated rule by rule in JAX; the output as (N, O).
+
+    ``layouts`` names the parameters stored transposed (``"(in, out)"``): the kernel is the same, the layout
+    is the one neural-tangents' structured derivatives handle best.
+    """
+
+    def __init__(self, program: Program, constants: dict, dtype):
+        self.program = program
+        self.constants = constants
+        self.dtype = dtype
+        self.layouts = {name: "(in, out)" for name in program.transposed}
+
     def __call__(self, params, x):
+        from torch.fx.node import map_aggregate
+
+        from . import aten_rules as R
+
         env = {}
 
         def load(arg):
-            return torch.fx.node.map_arg(arg, lambda n: env[n.name])
+            if isinstance(arg, torch.fx.Node):
+                return env[arg]
+            if isinstance(arg, torch.dtype):
+                return R.jax_dtype(arg)
+            if isinstance(arg, torch.Tensor):
+                return R.to_jax(arg)
+            return arg
 
-        def attr(qualname):
-            return params[qualname] if qualname in self.trainable else self.constants[qualname]
+        with R.computing_in(self.dtype):
+            for node, kind, payload in self.program.nodes:
+                if kind == "call":
+                    key, fn = payload
+                    args = map_aggregate(node.args, load)
+                    kwargs = map_aggregate(node.kwargs, load)
+                    # (getitem picks from a multi-output op's tuple; what it picks is checked where it is used)
+                    missing = None if key == "operator.getitem" else \
+                        _contains_missing(list(args) + list(kwargs.values()), R.MISSING)
+                    if missing is not None:
+                        raise UnsupportedOpError(f"{self.program.model_name}: {key} uses {missing.what}, which "
+                                                 "the translation does not compute")
+                    try:
+                        env[node] = fn(*args, **kwargs)
+                    except UnsupportedOpError:
+                        raise
+                    except NotImplementedError as exc:
+                        raise UnsupportedOpError(f"{self.program.model_name}: {key}: {exc}") from exc
+                elif kind == "alias":
+                    env[node] = env[payload]
+                elif kind == "param":
+                    env[node] = params[payload]
+                elif kind == "constant":
+                    env[node] = self.constants[payload]
+                else:
+                    env[node] = x
+            y = env[self.program.output]
+        if not hasattr(y, "ndim"):
+            raise UnsupportedOpError(f"{self.program.model_name} returns {type(y).__name__}, not a tensor")
+        if y.ndim == 1:
+            return y[:, None]
+        if y.ndim != 2:
+            raise UnsupportedOpError(f"{self.program.model_name} returns shape {tuple(y.shape)}; "
+                                     "the NTK needs (N, O) or (N,)")
+        return y
 
-        for node in self.graph.nodes:
-            if node.op == "placeholder":
-                env[node.name] = x
-            elif node.op == "get_attr":
-                env[node.name] = attr(node.target)
-            elif node.op == "call_module":
-                m = self.modules[node.target]
-                w = {k: attr(f"{node.target}.{k}" if node.target else k)
-                     for k, v in m.named_parameters(recurse=False) if v is not None}
-                args = load(node.args)
-                env[node.name] = self._module_rule(m)(m, w, *args)
-            elif node.op == "call_function":
-                env[node.name] = self._function_rule(node.target)(*load(node.args), **load(node.kwargs))
-            elif node.op == "call_method":
-                env[node.name] = self._method_rule(node.target)(*load(node.args), **load(node.kwargs))
-            elif node.op == "output":
-                return load(node.args[0])
-        raise RuntimeError("fx graph has no output node")
+
+_PROGRAMS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
-def to_jax(model: nn.Module):
-    """``(apply_fn, params)``: the model as a JAX function of its float64 trainable parameters."""
-    translator = _Translator(model)
-    _, jnp, _ = translator.jax, translator.jnp, translator.lax
-    params = {
-        k: jnp.asarray(np.asarray(p.detach().cpu().double().numpy()))
-        for k, p in model.named_parameters() if p.requires_grad
-    }
-    return translator, params
+def program(model: nn.Module, example: torch.Tensor) -> Program:
+    """The model's translated graph, built once per model, parameter shapes and per-sample input shape/dtype
+    (exporting takes seconds); a failure is cached too, and raised again."""
+    from ntk_bench.implementations.base import shape_keyed_cache
+
+    def make():
+        try:
+            return build_program(model, example)
+        except UnsupportedOpError as exc:
+            return exc
+
+    key = ("program", tuple(example.shape[1:]), example.dtype, str(example.device))
+    result = shape_keyed_cache(_PROGRAMS, model, key, make)
+    if isinstance(result, UnsupportedOpError):
+        raise UnsupportedOpError(str(result))
+    return result
+
+
+def weights(model: nn.Module, prog: Program, dtype=np.float64):
+    """``(params, constants)`` as JAX arrays in ``dtype`` (floats), read from the model now."""
+    from . import aten_rules as R
+
+    named = dict(model.named_parameters(remove_duplicate=False))
+    named.update(dict(model.named_buffers(remove_duplicate=False)))
+    with R.computing_in(dtype):
+        params = {}
+        for fqn in prog.params.values():
+            value = named[fqn].detach()
+            params[fqn] = R.to_jax(value.T if fqn in prog.transposed else value)
+        constants = {}
+        for placeholder, (where, what) in prog.constants.items():
+            constants[placeholder] = R.to_jax(named[what] if where == "model" else what)
+    return params, constants
+
+
+def to_jax(model: nn.Module, example: torch.Tensor, dtype=np.float64):
+    """``(apply_fn, params)``: the model as a JAX function of its trainable parameters (float64 by default)."""
+    prog = program(model, example)
+    params, constants = weights(model, prog, dtype)
+    return JaxFunction(prog, constants, dtype), params
+
+
+__all__ = ["JaxFunction", "Program", "UnsupportedOpError", "export_model", "op_name", "program", "to_jax",
+           "weights"]
