@@ -86,6 +86,10 @@ def _onednn_is_faster(run, repeats: int = 5, margin: float = 0.9, only_below_s: 
     return min(off) >= margin * min(on)
 
 
+# None: each patch-form weight in the order its FLOPs favour; "gram" or "jacobian": that order wherever it applies
+# (tests check both orders against a brute-force kernel).
+ORDER: str | None = None
+
 # Jacobian-order blocks under this many numbers are concatenated (fewer, larger GEMMs); larger ones are contracted
 # one at a time (no copy, and only one layer's concatenation alive).
 _CONCAT_NUMEL = 1 << 21
@@ -180,6 +184,46 @@ class Structured(NTKPlugin):
                 name = next(name for name, mod in model.named_modules(remove_duplicate=False) if mod is m)
                 return f"structured: {name or 'the model itself'}: {problem}"
         return None
+
+    def estimate(self, stats, n, m, mode, symmetric):
+        """Forward + O-wide backward per side, then per layer its rule's cost: the cheaper order for Linear, ConvNd
+        and Embedding, the Jacobian order for norms, the generic rule's per-sample vjp (about (1 + 2·O) forwards of
+        the module per sample) and its contraction. Peak: G and the inputs of every layer, the largest Gram
+        intermediate, the Jacobian blocks, the kernel."""
+        from .costs import Estimate, kernel_numel
+        from .structured_rules import order_costs
+
+        o = stats.o
+        oo = o * o if mode == "full" else o
+        side = n if symmetric else n + m
+        flops = side * (stats.fp_flops + 2 * o * stats.fp_flops)
+        gram_held, jac_held, patches = 0, 0, 0
+        for layer in stats.layers:
+            if layer.kind in ("linear", "conv", "embedding"):
+                if layer.is_output:  # (X1 X2ᵀ + 1) ⊗ I: one N x M GEMM, no G Gram
+                    flops += 2 * n * m * layer.k + n * m * o
+                    continue
+                k = 0 if layer.kind == "embedding" else layer.k
+                gram, jac = order_costs(n, m, o, layer.s, layer.s, k, layer.c, layer.groups, mode, symmetric)
+                if layer.kind == "embedding":
+                    gram += n * m * layer.s * layer.s
+                    jac = 2 * side * layer.s * o * layer.c + 2 * n * m * oo * layer.c * layer.k
+                else:
+                    patches = max(patches, layer.s * layer.k * layer.groups)
+                flops += min(gram, jac)
+                if gram <= jac:
+                    gram_held = max(gram_held, n * m * layer.s * (layer.s * layer.groups + o * layer.c))
+                else:
+                    jac_held += side * o * (layer.p or layer.c * layer.k)
+            elif layer.kind == "norm":
+                flops += 2 * side * o * layer.s * layer.c + 2 * n * m * oo * layer.p
+                jac_held += side * o * layer.p
+            else:
+                flops += side * (1 + 2 * o) * layer.flops + 2 * n * m * oo * layer.p
+                jac_held += side * o * layer.p
+        inter = max(gram_held, 2 * jac_held)  # (the layers' J and their concatenation)
+        peak = side * (o * stats.widths + stats.activations + patches) * stats.itemsize
+        return Estimate(flops, peak + (inter + 2 * kernel_numel(n, m, o, mode)) * stats.itemsize)
 
     # -- the plan ----------------------------------------------------------------------------------------------
 
@@ -308,8 +352,8 @@ class Structured(NTKPlugin):
     # -- the kernel ----------------------------------------------------------------------------------------------
 
     def _kernel(self, model, x1, x2, mode):
-        if x1.device.type != "cpu" or not torch._C._get_mkldnn_enabled() or \
-                not any(isinstance(m, nn.modules.conv._ConvNd) for m in submodules(model)):
+        if x1.device.type != "cpu" or not torch._C._get_mkldnn_enabled() or x1.dtype == torch.float64 or \
+                not any(isinstance(m, nn.modules.conv._ConvNd) for m in submodules(model)):  # (no fp64 in oneDNN)
             return self._layer_sum(model, x1, x2, mode)
         key = (tuple(x1.shape), None if x2 is None else tuple(x2.shape), x1.dtype, mode)
         use_onednn = shape_keyed_cache(_CONV_BACKEND, model, key, lambda: _onednn_is_faster(
@@ -359,7 +403,7 @@ def _assemble(plan: Plan, uses, items1, items2, mode: str, symmetric: bool) -> t
             continue
         if e.rule.gram_capable and "weight" in own:
             gram, jac = e.rule.costs(a, b, mode, symmetric)
-            if gram <= jac:
+            if ORDER == "gram" or (ORDER is None and gram <= jac):
                 blocks.extend(e.rule.add_gram(total, a, b, symmetric, "bias" in own))
                 continue
         ja = e.rule.jacobians(a, own)

@@ -138,6 +138,7 @@ class _Observer:
         self.call = {m: [] for m in modules}
         self.watch = []  # (module, level, "in"/"out", tensor, version)
         self.undo = []
+        self.order = []  # (module, its output leaves), in the order the forward calls finish
 
     def __enter__(self):
         for m in self.modules:
@@ -161,6 +162,7 @@ class _Observer:
             out = original(*args, **kwargs)
             outs = pytree.tree_leaves(out)
             self.fwd[module].append((_leaf_info(leaves), _leaf_info(outs)))
+            self.order.append((module, [v.detach() if isinstance(v, torch.Tensor) else None for v in outs]))
             self._see(module, "fwd", "out", outs)
             return out
         return forward
@@ -204,6 +206,25 @@ def _dims(info_a, info_b, n):
         else:
             out.append(_batch_dim(a[0], b[0], n))
     return out
+
+
+def _same(a, b) -> bool:
+    tol = 1e-9 if a.dtype == torch.float64 else 1e-4
+    return a.shape == b.shape and (not a.is_floating_point() or
+                                   torch.allclose(a, b, rtol=tol, atol=tol * float(a.abs().max() if a.numel() else 0)))
+
+
+def _first_mixing(obs_a, obs_b, n, names) -> str:
+    """The first module (in the order calls finish) whose output for the first N samples changed when one more
+    sample was added: where samples first mix. The whole model when no module shows it."""
+    for (m, outs_a), (_, outs_b) in zip(obs_a.order, obs_b.order):
+        for a, b in zip(outs_a, outs_b):
+            if a is None or b is None or a.dim() != b.dim():
+                continue
+            d = _batch_dim(tuple(a.shape), tuple(b.shape), n)
+            if isinstance(d, int) and not _same(a, b.narrow(d, 0, n)):
+                return f"{names[m]} ({type(m).__name__})"
+    return "the model"
 
 
 def structure_key(model: nn.Module) -> tuple:
@@ -276,13 +297,12 @@ def discover(model: nn.Module, x: torch.Tensor, force_root: frozenset = frozense
     n = x.shape[0]
     obs_a, y_a, changed = _observe(model, x, modules)
     obs_b, y_b, _ = _observe(model, torch.cat([x, x[:1]]), modules)
-    if isinstance(y_a, torch.Tensor) and isinstance(y_b, torch.Tensor) and y_b.shape[1:] == y_a.shape[1:]:
-        tol = 1e-9 if y_a.dtype == torch.float64 else 1e-4
-        a, b = y_a.detach(), y_b[:n].detach()
-        if not torch.allclose(a, b, rtol=tol, atol=tol * float(a.abs().max())):
-            raise UnsupportedModelError("structured: the model's output for a sample depends on the other samples "
-                                        "of the batch (one more sample changed it): the per-sample kernel is not "
-                                        "defined")
+    if isinstance(y_a, torch.Tensor) and isinstance(y_b, torch.Tensor) and y_b.shape[1:] == y_a.shape[1:] and \
+            not _same(y_a.detach(), y_b[:n].detach()):
+        where = _first_mixing(obs_a, obs_b, n, names)
+        raise UnsupportedModelError(f"structured: the output of {where} for a sample depends on the other samples "
+                                    "of the batch or on randomness (one more sample changed it): the per-sample "
+                                    "kernel is not defined (train-mode BatchNorm or Dropout? call model.eval())")
     for m in modules:
         if len(obs_a.fwd[m]) != len(obs_b.fwd[m]) or len(obs_a.call[m]) != len(obs_b.call[m]):
             raise UnsupportedModelError(f"structured: {names[m]} is called a different number of times for a "
