@@ -43,7 +43,7 @@ from torch import nn
 
 from .base import KernelSum, NTKPlugin, UnsupportedModelError, input_gram, kernel_shape, shape_keyed_cache, submodules
 from .structured_plan import Plan, _Replan, discover, record, structure_key
-from .structured_rules import rule_kind
+from .structured_rules import math_attention, rule_kind
 
 # CPU convolutions: oneDNN's (mkldnn) or PyTorch's own kernels, whichever ran the kernel faster, per model and shapes.
 # oneDNN sets each convolution up at a fixed cost (about 0.1-0.2 ms on 2 cores here) that dominates tiny ones: on
@@ -105,15 +105,23 @@ class _Shortcut:
 
 
 def _output_grads(y2, targets):
-    """∂(Σ_n y[n, o])/∂t for every target t and output o: (O, *t.shape) each (None where t does not reach y)."""
+    """∂(Σ_n y[n, o])/∂t for every target t and output o: (O, *t.shape) each (zeros where t does not reach y).
+
+    One backward pass vmapped over the O basis vectors with torch.func.vmap, whose batching rules cover the
+    backward ops of convolutions, norms, pooling and activations: ``is_grads_batched`` uses the older vmap,
+    which runs most of those O times one by one (resnet18: every convolution_backward called O times).
+    """
     if not targets:
         return []
     n, o = y2.shape
     if o == 1:
-        got = torch.autograd.grad(y2, targets, grad_outputs=torch.ones_like(y2), allow_unused=True)
-        return [None if g is None else g.unsqueeze(0) for g in got]
+        got = torch.autograd.grad(y2, targets, grad_outputs=torch.ones_like(y2), allow_unused=True,
+                                  materialize_grads=True)
+        return [g.unsqueeze(0) for g in got]
     basis = torch.eye(o, dtype=y2.dtype, device=y2.device).unsqueeze(1).expand(o, n, o)
-    return list(torch.autograd.grad(y2, targets, grad_outputs=basis, is_grads_batched=True, allow_unused=True))
+    with math_attention():
+        return list(torch.func.vmap(lambda v: torch.autograd.grad(y2, targets, grad_outputs=v, allow_unused=True,
+                                                                  materialize_grads=True))(basis))
 
 
 def _output_shortcut(plan: Plan, uses, y):
