@@ -8,7 +8,8 @@ dimensions: S positions, K inputs, C outputs), "conv" (ConvNd: S output position
 inputs per position and group, C outputs, ``groups``), "embedding" (S ids, K = the vocabulary, C = the
 embedding width), "norm" (eval BatchNorm, LayerNorm, GroupNorm, RMSNorm: S positions, C scaled channels) and
 "generic" (any other module with parameters, and parameters of modules that are not called, counted at the
-nearest called module above them: P of its parameters, ``flops`` of one forward of that module).
+nearest called module above them: P of its parameters, ``flops`` of one forward of that module), and "tap"
+(such parameters when each is read only by single operations with one output: S = their outputs' numbers).
 Plugins turn these into an :class:`Estimate` (FLOPs and peak bytes) for a block of N x M samples; blocking
 and ``auto`` decide from those estimates.
 """
@@ -25,7 +26,7 @@ from torch import nn
 
 @dataclasses.dataclass(frozen=True)
 class Layer:
-    kind: str  # "linear" | "conv" | "embedding" | "norm" | "generic"
+    kind: str  # "linear" | "conv" | "embedding" | "norm" | "generic" | "tap"
     s: int  # output positions per sample
     k: int  # inputs per position and group (patch size; the vocabulary for an embedding)
     c: int  # outputs per position, all groups (channels)
@@ -48,7 +49,7 @@ class ModelStats:
     @property
     def widths(self) -> int:
         """Σ_l S_l·C_l: numbers per (sample, output) in the output gradients of all layers."""
-        return sum(layer.s * layer.c for layer in self.layers if layer.kind != "generic")
+        return sum(layer.s * layer.c for layer in self.layers if layer.kind not in ("generic", "tap"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,9 +118,12 @@ def _measure_stats(model: nn.Module, x_single: torch.Tensor) -> ModelStats:
         records.append((module, layer))
         outputs.append(output)
 
+    from .structured_plan import _is_in_place, _ParamOps
+
+    ops = _ParamOps({id(q) for q in model.parameters() if q.requires_grad})
     handles = [m.register_forward_hook(hook) for _, m in named]
     try:
-        with torch.enable_grad(), FlopCounterMode(display=False) as counter:
+        with torch.enable_grad(), FlopCounterMode(display=False) as counter, ops:
             y = model(x_single)
     finally:
         for h in handles:
@@ -145,11 +149,27 @@ def _measure_stats(model: nn.Module, x_single: torch.Tensor) -> ModelStats:
                 host = parent[host]
             generic[host] = generic.get(host, 0) + own
     for m, p in generic.items():
-        if p:
+        if not p:
+            continue
+        pids = {id(q) for k in names if _hosted(k, m, parent, called) for q in k._parameters.values()
+                if q is not None and q.requires_grad}
+        mine = [op for op in ops.ops if set(op[1]) & pids]
+        if mine and all(set(op[1]) <= pids and not _is_in_place(op[0]) and len(op[2]) == 1 and op[2][0] is not None
+                        and op[2][0][1] for op in mine):  # read only by single ops: structured's taps
+            layers.append(Layer("tap", sum(math.prod(op[2][0][0]) for op in mine), p, 1, False, p=p))
+        else:
             layers.append(Layer("generic", 1, p, 1, False, p=p, flops=max(module_flops(m), 2 * p)))
     p = sum(q.numel() for q in model.parameters() if q.requires_grad)
     o = 1 if y.dim() == 1 else y.shape[-1]
     return ModelStats(p, o, int(counter.get_total_flops()), activations[0], tuple(layers), x_single.element_size())
+
+
+def _hosted(module, host, parent, called) -> bool:
+    """Whether ``module``'s own parameters are counted at ``host`` (itself if called, else the nearest called
+    module above it)."""
+    while module not in called and module in parent:
+        module = parent[module]
+    return module is host
 
 
 def jacobian_bytes(stats: ModelStats, n: int, m: int) -> float:

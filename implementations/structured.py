@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 import weakref
 
 import torch
@@ -119,7 +120,8 @@ def _output_grads(y2, targets):
                                   materialize_grads=True)
         return [g.unsqueeze(0) for g in got]
     basis = torch.eye(o, dtype=y2.dtype, device=y2.device).unsqueeze(1).expand(o, n, o)
-    with math_attention():
+    with math_attention(), warnings.catch_warnings():  # (ops without a batching rule run O times: slower, exact)
+        warnings.filterwarnings("ignore", message="There is a performance drop")
         return list(torch.func.vmap(lambda v: torch.autograd.grad(y2, targets, grad_outputs=v, allow_unused=True,
                                                                   materialize_grads=True))(basis))
 
@@ -226,6 +228,9 @@ class Structured(NTKPlugin):
             elif layer.kind == "norm":
                 flops += 2 * side * o * layer.s * layer.c + 2 * n * m * oo * layer.p
                 jac_held += side * o * layer.p
+            elif layer.kind == "tap":  # N·O lanes of each op's backward over the whole batch
+                flops += 2 * (n * n + (0 if symmetric else m * m)) * o * layer.s + 2 * n * m * oo * layer.p
+                jac_held += side * o * layer.p
             else:
                 flops += side * (1 + 2 * o) * layer.flops + 2 * n * m * oo * layer.p
                 jac_held += side * o * layer.p
@@ -305,7 +310,10 @@ class Structured(NTKPlugin):
             if u is shortcut:
                 wanted.append(None)
                 continue
-            if u.entry.kind == "generic":
+            if u.entry.kind == "tap":
+                wanted.append([0] if u.outs[0].requires_grad else [])
+                targets.extend([u.outs[0]] if u.outs[0].requires_grad else [])
+            elif u.entry.kind == "generic":
                 idx = [j for j, d in enumerate(u.entry.out_dims[u.index]) if d is not None]
                 wanted.append(idx)
                 targets.extend(u.outs[j] for j in idx)
@@ -327,7 +335,9 @@ class Structured(NTKPlugin):
             if not gs or all(g is None for g in gs):
                 items.append(None)
                 continue
-            if e.kind == "generic":
+            if e.kind == "tap":
+                items.append(e.rule.side(u, gs[0], e.out_dims[u.index][0]))
+            elif e.kind == "generic":
                 outs = [u.outs[j] for j in idx]
                 gs = [torch.zeros((o,) + z.shape, dtype=z.dtype, device=z.device) if g is None else g
                       for g, z in zip(gs, outs)]

@@ -33,11 +33,12 @@ Version counters of everything kept are checked after the forward; a change not 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import weakref
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from .base import UnsupportedModelError
@@ -187,11 +188,46 @@ class _Observer:
         return {(m, level, kind) for m, level, kind, v, version in self.watch if v._version != version}
 
 
+def _mentions(args, kwargs, ids) -> bool:
+    """Whether a parameter in ``ids`` is among the arguments (a quick look first: most ops take none)."""
+    for v in args:
+        if isinstance(v, nn.Parameter):
+            if id(v) in ids:
+                return True
+        elif isinstance(v, (list, tuple)) and any(isinstance(u, nn.Parameter) and id(u) in ids for u in v):
+            return True
+    return bool(kwargs) and any(isinstance(v, torch.Tensor) and id(v) in ids for v in pytree.tree_leaves(kwargs))
+
+
+class _ParamOps(TorchFunctionMode):
+    """Discovery: every torch function called with a trainable parameter itself among its arguments: (function,
+    ids of those parameters, output leaf info); outputs watched for in-place changes."""
+
+    def __init__(self, param_ids):
+        super().__init__()
+        self.param_ids, self.ops, self.watch = param_ids, [], []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not _mentions(args, kwargs, self.param_ids):
+            return out
+        hit = tuple(id(v) for v in pytree.tree_leaves((args, kwargs))
+                    if isinstance(v, torch.Tensor) and id(v) in self.param_ids)
+        outs = pytree.tree_leaves(out)
+        if hit and any(isinstance(v, torch.Tensor) and v.requires_grad for v in outs):  # (else: no derivative)
+            self.ops.append((func, hit, _leaf_info(outs)))
+            self.watch.extend((len(self.ops) - 1, v, v._version) for v in _tensor_leaves(outs))
+        return out
+
+
 def _observe(model, x, modules):
-    with _Observer(modules) as obs, torch.enable_grad(), math_attention():
+    param_ids = {id(p) for m in modules for p in m._parameters.values() if p is not None and p.requires_grad}
+    ops = _ParamOps(param_ids)
+    with _Observer(modules) as obs, torch.enable_grad(), math_attention(), ops:
         y = model(x)
-    changed = obs.changed()
-    obs.watch = []
+    changed = obs.changed() | {("op", i) for i, v, version in ops.watch if v._version != version}
+    obs.watch, obs.ops = [], ops.ops
     return obs, y, changed
 
 
@@ -384,11 +420,52 @@ def discover(model: nn.Module, x: torch.Tensor, force_root: frozenset = frozense
             entries.append(Entry(m, names[m], "generic", make_rule("generic", m, list(local)), local, len(dims),
                                  [d[0] for d in dims], [d[1] for d in dims],
                                  copy_in=(m, "call", "in") in changed, clone_out=(m, "call", "out") in changed))
+    entries = _taps(entries, obs_a, obs_b, n, changed, names)
     counts = {}
     for e in entries:
         for p in e.slots.values():
             counts[id(p)] = counts.get(id(p), 0) + e.calls
     return Plan(entries, {pid for pid, c in counts.items() if c > 1}, pnames)
+
+
+def _is_in_place(func) -> bool:
+    name = getattr(func, "__name__", "")
+    return (name.endswith("_") and not name.endswith("__")) or name.startswith("__i")
+
+
+def _taps(entries, obs_a, obs_b, n, changed, names):
+    """Generic entries whose parameters are each read only by single ops giving one batched tensor (a class
+    token's ``expand``, a positional embedding's ``+``, a scale's ``*``) become "tap" entries: the rule takes
+    those ops' outputs' gradients and each op's own per-sample vjp, instead of the module's vjp per sample."""
+    from .structured_rules import TapRule
+
+    if len(obs_a.ops) != len(obs_b.ops):
+        return entries
+    out = []
+    for e in entries:
+        if e.kind != "generic":
+            out.append(e)
+            continue
+        pids = {id(p) for p in e.slots.values()}
+        ops = [(i, op) for i, op in enumerate(obs_a.ops) if set(op[1]) & pids]
+        dims = []
+        for i, (func, hit, info) in ops:
+            d = _dims(info, obs_b.ops[i][2], n)
+            tensors = [k for k, v in enumerate(info) if v is not None and v[1]]
+            if not set(hit) <= pids or _is_in_place(func) or obs_b.ops[i][0] is not func or len(tensors) != 1 \
+                    or len(info) != 1 or not isinstance(d[0], int):
+                dims = None
+                break
+            dims.append(d[0])
+        if not ops or dims is None or {pid for _, op in ops for pid in op[1]} != pids:
+            out.append(e)
+            continue
+        by_id = {id(p): k for k, p in e.slots.items()}
+        clone = any(("op", i) in changed for i, _ in ops)
+        out.append(Entry(e.module, e.name, "tap", TapRule(e.slots), e.slots, len(ops), [[] for _ in ops],
+                         [[d] for d in dims], clone_out=clone))
+        out[-1].ops = [(op[0], tuple(by_id[pid] for pid in op[1])) for _, op in ops]
+    return out
 
 
 def _clone_leaves(out):
@@ -446,14 +523,45 @@ def record(plan: Plan, model: nn.Module, x: torch.Tensor):
             return out if e.clone_out else None
         return hook
 
+    taps = {}
+    for e in plan.entries:
+        if e.kind == "tap":
+            for k, p in e.slots.items():
+                taps[id(p)] = e
+
+    class TapMode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            if not state["on"] or not _mentions(args, kwargs, taps) or \
+                    not any(isinstance(v, torch.Tensor) and v.requires_grad for v in pytree.tree_leaves(out)):
+                return out
+            leaves, spec = pytree.tree_flatten((args, kwargs))
+            e = next((taps[id(v)] for v in leaves if isinstance(v, torch.Tensor) and id(v) in taps), None)
+            if e is None:
+                return out
+            kept = [v.detach() if isinstance(v, torch.Tensor) else v for v in leaves]
+            params = {k: i for i, v in enumerate(leaves) for k, p in e.slots.items() if v is p}
+            watch.extend((e, "in", v, v._version) for v in _tensor_leaves(kept))
+            returned = out.clone() if e.clone_out else out
+            if not e.clone_out:
+                watch.append((e, "out", out, out._version))
+            use = Use(e, len(uses[id(e)]), kept, spec, [out], returned)
+            use.func, use.params = func, params
+            uses[id(e)].append(use)
+            return returned
+
+    mode = TapMode() if taps else contextlib.nullcontext()
     try:
         for e in plan.entries:
+            if e.kind == "tap":
+                continue
             if e.kind == "generic":
                 undo.append(e.module.register_forward_pre_hook(generic_pre(e), prepend=True, with_kwargs=True))
                 undo.append(e.module.register_forward_hook(generic_post(e), with_kwargs=True))
             else:
                 undo.append(_Wrapped(e.module, rule_forward(e, e.module.forward)))
-        with torch.enable_grad(), math_attention():
+        with torch.enable_grad(), math_attention(), mode:
             y = model(x)
     finally:
         state["on"] = False
@@ -478,5 +586,8 @@ def record(plan: Plan, model: nn.Module, x: torch.Tensor):
                     raise _Replan(f"{e.name}: an input's batch dimension does not have the batch's size")
             if e.kind == "generic" and len(u.outs) != len(e.out_dims[u.index]):
                 raise _Replan(f"{e.name}: its outputs changed")
+            if e.kind == "tap" and (u.func is not e.ops[u.index][0] or
+                                    u.outs[0].shape[e.out_dims[u.index][0]] != n):
+                raise _Replan(f"{e.name}: its parameters are read by other operations")
         out.extend(got)
     return y, out

@@ -109,6 +109,12 @@ class PatchSide:
         self.n, self.s = g.shape[1], g.shape[-1]
 
 
+# What one more operator costs, in FLOPs: about 20 us of dispatch at 50 GFLOP/s (2 CPU cores here; on a GPU a
+# launch of a few us at TFLOP/s is of the same order). It decides between the orders only for tiny layers: on the
+# text transformer (16-wide tokens, N=16) the Gram order's extra operators cost more than its FLOPs saved.
+OPERATOR_FLOPS = 1_000_000
+
+
 def order_costs(n, m, o, s, t, k, c, groups, mode, symmetric=False):
     """FLOPs of (the Gram order, the Jacobian order) for one patch-form weight: K inputs per position and group,
     C outputs per position in all groups, S and T positions per sample.
@@ -120,8 +126,8 @@ def order_costs(n, m, o, s, t, k, c, groups, mode, symmetric=False):
     oo = o * o if mode == "full" else o
     if s == 1 and t == 1 and groups == 1:
         gram = 2 * n * m * (k + oo * c)
-    else:
-        gram = 2 * n * m * s * t * (groups * k + o * c) + 2 * n * m * s * oo * c
+    else:  # (and its 8 or so more operators than the Jacobian order's, which decide for tiny layers)
+        gram = 2 * n * m * s * t * (groups * k + o * c) + 2 * n * m * s * oo * c + 8 * OPERATOR_FLOPS
     build = n * s if symmetric else n * s + m * t
     jac = 2 * build * o * c * k + 2 * n * m * oo * c * k
     return gram, jac
@@ -351,6 +357,78 @@ def math_attention():
         yield
 
 
+def _rnn_supported(module) -> bool:
+    """nn.RNN / LSTM / GRU configurations ``functional_rnn`` reproduces (no projections; inter-layer dropout only
+    in eval mode)."""
+    return type(module) in (nn.RNN, nn.LSTM, nn.GRU) and not getattr(module, "proj_size", 0) and \
+        not (module.training and module.dropout > 0)
+
+
+def functional_rnn(module, params, args, kwargs):
+    """nn.RNN / LSTM / GRU's forward written with per-step ops that torch.func.vmap can batch (aten::lstm and
+    aten::gru have no batching rule), taking the parameters from ``params`` where given. Same outputs as the
+    module: (output, h_n) or (output, (h_n, c_n)). The generic rule checks it against the module's own output."""
+    x = args[0] if args else kwargs["input"]
+    hx = args[1] if len(args) > 1 else kwargs.get("hx")
+    lstm, gru = isinstance(module, nn.LSTM), isinstance(module, nn.GRU)
+    unbatched = x.dim() == 2
+    if unbatched:
+        x = x.unsqueeze(1 if not module.batch_first else 0)
+    if module.batch_first:
+        x = x.transpose(0, 1)  # (T, N, F)
+    t_len, n = x.shape[:2]
+    dirs, h = (2 if module.bidirectional else 1), module.hidden_size
+    if hx is None:
+        h0 = x.new_zeros(module.num_layers * dirs, n, h)
+        hx = (h0, h0) if lstm else h0
+    elif unbatched:
+        hx = tuple(v.unsqueeze(1) for v in hx) if lstm else hx.unsqueeze(1)
+    h_all, c_all = (hx[0], hx[1]) if lstm else (hx, None)
+
+    def w(name):
+        return params[name] if name in params else getattr(module, name)
+
+    act = torch.tanh if not isinstance(module, nn.RNN) or module.nonlinearity == "tanh" else torch.relu
+    layer_in, h_out, c_out = x, [], []
+    for layer in range(module.num_layers):
+        outs = []
+        for d in range(dirs):
+            sfx = f"_l{layer}" + ("_reverse" if d else "")
+            w_ih, w_hh = w("weight_ih" + sfx), w("weight_hh" + sfx)
+            b_ih = w("bias_ih" + sfx) if module.bias else None
+            b_hh = w("bias_hh" + sfx) if module.bias else None
+            xi = F.linear(layer_in, w_ih, b_ih)  # (T, N, gates·H), all steps at once
+            k = layer * dirs + d
+            hs, cs = h_all[k], (c_all[k] if lstm else None)
+            steps = [None] * t_len
+            for t in (range(t_len - 1, -1, -1) if d else range(t_len)):
+                hh = F.linear(hs, w_hh, b_hh)
+                if lstm:
+                    i, f, g, o = (xi[t] + hh).chunk(4, -1)
+                    cs = torch.sigmoid(f) * cs + torch.sigmoid(i) * torch.tanh(g)
+                    hs = torch.sigmoid(o) * torch.tanh(cs)
+                elif gru:
+                    xr, xz, xn = xi[t].chunk(3, -1)
+                    hr, hz, hn = hh.chunk(3, -1)
+                    r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+                    hs = (1 - z) * torch.tanh(xn + r * hn) + z * hs
+                else:
+                    hs = act(xi[t] + hh)
+                steps[t] = hs
+            outs.append(torch.stack(steps))
+            h_out.append(hs)
+            c_out.append(cs)
+        layer_in = torch.cat(outs, -1) if dirs == 2 else outs[0]
+    out = layer_in.transpose(0, 1) if module.batch_first else layer_in
+    h_n = torch.stack(h_out)
+    if unbatched:
+        out, h_n = out.squeeze(0 if module.batch_first else 1), h_n.squeeze(1)
+    if lstm:
+        c_n = torch.stack(c_out)
+        return out, (h_n, c_n.squeeze(1) if unbatched else c_n)
+    return out, h_n
+
+
 class GenericSide:
     __slots__ = ("jac", "n")
 
@@ -424,7 +502,11 @@ class GenericRule:
         from torch.func import functional_call
 
         args, kwargs = pytree.tree_unflatten(list(leaves), spec)
-        out = pytree.tree_leaves(functional_call(self.module, params, tuple(args), kwargs))
+        if _rnn_supported(self.module) and not self.module._forward_hooks and not self.module._forward_pre_hooks:
+            out = functional_rnn(self.module, params, tuple(args), kwargs)
+        else:
+            out = functional_call(self.module, params, tuple(args), kwargs)
+        out = pytree.tree_leaves(out)
         return tuple(out[i] for i in out_index)
 
     def _vmap(self, leaves, spec, in_dims, out_dims, out_index, grads, n):
@@ -465,6 +547,58 @@ class GenericRule:
 
     def summed(self, side, slots):
         return {k: side.jac[k].sum(0) for k in slots}
+
+
+class TapRule:
+    """Parameters a module reads only through single ops with one batched output (ViT's class token ``expand``-ed
+    over the batch, its positional embedding added): per op call, J[n, o] = vjp of that op alone with respect to
+    the parameters, along G[o] restricted to sample n. Cost per call: N·O lanes of the op's backward (over its
+    whole output: cheap for the broadcasts it is meant for), N·O·P numbers."""
+
+    kind = "tap"
+    gram_capable = False
+    LANES_NUMEL = 1 << 24  # masked cotangents built at once, at most (N·O·|Z| numbers), else sample by sample
+
+    def __init__(self, slots):
+        self.slots = dict(slots)
+
+    def side(self, use, g, dim):
+        """use: the recorded op (func, argument leaves, which leaves are parameters); g: (O, *Z.shape); dim: Z's
+        batch dimension."""
+        from torch.func import vjp, vmap
+
+        names = list(use.params)
+        where = [use.params[k] for k in names]
+
+        def op(*ps):
+            leaves = list(use.leaves)
+            for i, p in zip(where, ps):
+                leaves[i] = p
+            args, kwargs = pytree.tree_unflatten(leaves, use.spec)
+            return use.func(*args, **kwargs)
+
+        o = g.shape[0]
+        gm = g.movedim(1 + dim, 1)  # (O, N, ...)
+        n = gm.shape[1]
+        with torch.no_grad():
+            _, pull = vjp(op, *[self.slots[k].detach() for k in names])
+            per = max(1, self.LANES_NUMEL // max(1, g.numel() * n))
+            blocks = []
+            for start in range(0, n, per):
+                idx = torch.arange(start, min(n, start + per), device=g.device)
+                mask = torch.zeros(len(idx), n, dtype=g.dtype, device=g.device)
+                mask[torch.arange(len(idx)), idx] = 1
+                lanes = gm.unsqueeze(0) * mask.view(len(idx), 1, n, *([1] * (gm.dim() - 2)))  # (n', O, N, ...)
+                lanes = lanes.movedim(2, 2 + dim)
+                blocks.append(vmap(vmap(pull))(lanes))
+            jac = [torch.cat([b[i] for b in blocks]) for i in range(len(names))]
+        return GenericSide({k: j.reshape(n, o, -1) for k, j in zip(names, jac)}, n)
+
+    def jacobians(self, side, slots):
+        return {k: side.jac[k] for k in slots if k in side.jac}
+
+    def summed(self, side, slots):
+        return {k: side.jac[k].sum(0) for k in slots if k in side.jac}
 
 
 def make_rule(kind, module, names=None):
