@@ -30,7 +30,7 @@ ZOO = {
     "cnn": dict(channels=3, image=8, out=4),
     "resnet_tiny": dict(channels=2, image=6, out=3),
     "resnet18": dict(image=16, out=2),
-    "mobilenet_v3_small": dict(image=16, out=2),
+    "mobilenet_v3_small": dict(image=8, out=2),
     "vit_tiny": dict(out=3),
     "text_transformer": dict(out=3),
     "lstm": dict(out=3),
@@ -261,3 +261,17 @@ def test_structured_names_what_it_declines_before_running():
     scripted = nn.Sequential(torch.jit.script(nn.Linear(3, 4)), nn.Linear(4, 2))
     assert "0" in plugin.supports(scripted) and "TorchScript" in plugin.supports(scripted)
     assert plugin.supports(nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 1))) is None
+
+
+def test_which_rule_covers_what_in_a_vit():
+    """ViT: the patch conv, Linears and LayerNorms by their rules; the class token and the positional embedding by
+    taps on the ops that read them (expand, +); attention by the generic rule; nothing covered twice."""
+    arch = architectures.build("vit_tiny")
+    x = architectures.inputs(arch, 2)
+    plan = implementations.get("structured").plan(arch.model, x)
+    kinds = {name: e.kind for e in plan.entries for name in [e.name]}
+    assert kinds["the model (VisionTransformer)"] == "tap" and kinds["encoder"] == "tap"
+    assert kinds["conv_proj"] == "conv" and kinds["encoder.ln"] == "norm"
+    assert kinds["encoder.layers.encoder_layer_0.self_attention"] == "generic"
+    covered = [id(p) for e in plan.entries for p in e.slots.values()]
+    assert sorted(covered) == sorted(id(p) for p in arch.model.parameters()) and not plan.shared

@@ -112,6 +112,9 @@ LAYERS = {i: (make, shape, kind) for i, make, shape, kind in [
     *_RMS,
     ("generic-attention", SelfAttention, (3, 4), "float"),
     ("generic-lstm", lambda: nn.LSTM(3, 4, batch_first=True), (5, 3), "float"),
+    ("generic-gru-2layers-bidirectional", lambda: nn.GRU(3, 2, num_layers=2, bidirectional=True, batch_first=True),
+     (4, 3), "float"),
+    ("tap-conv-transpose", lambda: nn.ConvTranspose1d(2, 3, 3, stride=2), (2, 4), "float"),
     ("generic-raw-parameters", ScaleShift, (2, 4), "float"),
 ]}
 
@@ -131,7 +134,7 @@ def _problem(layer_id):
     x1, x2 = draw(4), draw(3)
     if kind != "float":  # repeated ids, the padding id included
         x1[0, 0], x1[1, -1], x2[0, 0] = 1, 1, 1
-    take_first = isinstance(layer, (nn.LSTM, nn.MultiheadAttention))
+    take_first = isinstance(layer, (nn.RNNBase, nn.MultiheadAttention))
     with torch.no_grad():
         z = layer.to(D)(x1[:1])
         out = (z[0] if take_first else z)[0].numel()
@@ -199,3 +202,21 @@ def test_conv_patches_are_the_padded_inputs_unfolded(kernel, dilation, stride, p
     # the patches times the weight are the convolution
     y = torch.einsum("ngks,gck->ngcs", got, conv.weight.detach().reshape(2, 2, -1)).reshape(2, 4, -1)
     assert torch.allclose(y + conv.bias.detach()[:, None], conv(x).detach().flatten(2), atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [nn.RNN, nn.LSTM, nn.GRU])
+@pytest.mark.parametrize("options", [dict(batch_first=True), dict(num_layers=2, bidirectional=True, bias=False)])
+def test_functional_rnn_is_the_modules_forward(cls, options):
+    """The per-step RNN the generic rule vmaps gives the module's outputs (batched and unbatched input, given hx)."""
+    from ntk_bench.implementations.structured_rules import functional_rnn
+
+    torch.manual_seed(0)
+    module = cls(3, 4, **options).to(D)
+    flat = lambda out: torch.cat([t.reshape(-1) for t in torch.utils._pytree.tree_leaves(out)])  # noqa: E731
+    x = torch.randn(2, 5, 3, dtype=D)  # (N, T, F) batch first, else (T, N, F)
+    n = x.shape[0] if module.batch_first else x.shape[1]
+    h0 = torch.randn(module.num_layers * (2 if module.bidirectional else 1), n, 4, dtype=D)
+    hx = (h0, torch.randn_like(h0)) if cls is nn.LSTM else h0
+    with torch.no_grad():
+        for args in ((x,), (x[0],), (x, hx)):
+            assert torch.allclose(flat(functional_rnn(module, {}, args, {})), flat(module(*args)), atol=1e-14)
