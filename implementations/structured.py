@@ -99,6 +99,14 @@ ORDER: str | None = None
 _CONCAT_NUMEL = 1 << 21
 
 
+class _StalePlan(Exception):
+    """The forward on ``x`` did not follow the plan's calls."""
+
+    def __init__(self, reason, x):
+        super().__init__(reason)
+        self.x = x
+
+
 class _Shortcut:
     """The output Linear: its G is the identity, its term (X1 X2ᵀ + 1) ⊗ I (or, for one output, J = [X, 1])."""
 
@@ -257,10 +265,13 @@ class Structured(NTKPlugin):
 
     # -- the plan ----------------------------------------------------------------------------------------------
 
-    def plan(self, model, x) -> Plan:
-        """The plan for ``model`` on inputs shaped like ``x`` (made and checked on the first call)."""
+    def plan(self, model, x, again: bool = False) -> Plan:
+        """The plan for ``model`` on inputs shaped like ``x`` (made and checked on the first call; ``again``: made
+        anew on this batch)."""
         key = (structure_key(model), tuple(x.shape[1:]), x.dtype, x.device)
         per_model = self._plans.setdefault(model, {})
+        if again:
+            per_model.pop(key, None)
         if key not in per_model:
             if len(per_model) >= 8:  # (a model whose structure keeps changing: drop the oldest)
                 per_model.pop(next(iter(per_model)))
@@ -297,10 +308,10 @@ class Structured(NTKPlugin):
         tol = 1e-9 if params[0].dtype == torch.float64 else 1e-3
         # (a parameter whose true derivative is 0, a conv bias before an InstanceNorm, is rounding noise on both
         # sides: compared against a thousandth of the whole gradient)
-        floor = 1e-3 * float(torch.stack([g.norm() for g in grads]).norm())
+        floor = 1e-3 * float(torch.stack([(g.to_dense() if g.is_sparse else g).norm() for g in grads]).norm())
         bad = []
         for p, g in zip(params, grads):
-            ref = g.reshape(-1)
+            ref = (g.to_dense() if g.is_sparse else g).reshape(-1)  # (an Embedding with sparse=True)
             ours = sums.get(id(p), torch.zeros_like(ref))
             scale = max(float(ref.norm()), float(ours.norm()), floor)
             if float((ours - ref).norm()) > tol * scale:
@@ -314,10 +325,9 @@ class Structured(NTKPlugin):
             try:
                 return record(plan, model, x)
             except _Replan as exc:
-                reason = exc
-                if "in place" not in str(exc):
-                    break
-        raise UnsupportedModelError(f"structured: the model's forward does not repeat its plan ({reason})")
+                if not exc.in_place:
+                    raise _StalePlan(str(exc), x) from None
+        raise UnsupportedModelError("structured: the model keeps changing recorded tensors in place")
 
     def _side(self, plan, model, x, params=None):
         """(rule data per use, the uses, O, [parameter gradients when ``params``])."""
@@ -414,11 +424,20 @@ class Structured(NTKPlugin):
             return self._layer_sum(model, x1, x2, mode)
 
     def _layer_sum(self, model, x1, x2, mode):
-        plan = self.plan(model, x1)
         if x2 is not None and x2.shape[1:] != x1.shape[1:]:
             raise ValueError("x1 and x2 have different per-sample shapes")
-        items1, uses, o, _ = self._side(plan, model, x1)
-        items2 = items1 if x2 is None else self._side(plan, model, x2)[0]
+        plan = self.plan(model, x1)
+        try:
+            items1, uses, o, _ = self._side(plan, model, x1)
+            items2 = items1 if x2 is None else self._side(plan, model, x2)[0]
+        except _StalePlan as stale:  # the forward took another path (the batch size decides one): plan on it, once
+            plan = self.plan(model, stale.x, again=True)
+            try:
+                items1, uses, o, _ = self._side(plan, model, x1)
+                items2 = items1 if x2 is None else self._side(plan, model, x2)[0]
+            except _StalePlan as exc:
+                raise UnsupportedModelError(f"structured: the model's forward takes different paths for different "
+                                            f"batches ({exc}); no one plan covers both") from None
         total = _assemble(plan, uses, items1, items2, mode, x2 is None)
         if total.acc is None and total.identity is None:  # no parameter reaches the output
             m = x1.shape[0] if x2 is None else x2.shape[0]

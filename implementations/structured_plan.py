@@ -44,7 +44,6 @@ from torch.utils import _pytree as pytree
 from .base import UnsupportedModelError
 from .structured_rules import make_rule, math_attention, rule_kind
 
-PATCH_KINDS = ("linear", "conv", "embedding")
 
 
 @dataclasses.dataclass
@@ -62,6 +61,7 @@ class Entry:
     out_dims: list  # per call: per output leaf, its batch dimension or None
     copy_in: bool = False
     clone_out: bool = False
+    ops: list = dataclasses.field(default_factory=list)  # "tap": per call, (torch function, parameter slots read)
 
 
 @dataclasses.dataclass
@@ -70,6 +70,7 @@ class Plan:
     shared: set  # ids of parameters covered more than once
     names: dict  # id(parameter) -> its name in the model
     validated: bool = False
+    uncalled: list = dataclasses.field(default_factory=list)  # modules with parameters the discovery saw no call of
 
 
 @dataclasses.dataclass
@@ -83,6 +84,8 @@ class Use:
     spec: object
     outs: list
     returned: object
+    func: object = None  # "tap": the torch function called, and which argument leaves are parameters (slot -> index)
+    params: dict = dataclasses.field(default_factory=dict)
 
 
 def _leaf_info(leaves):
@@ -122,7 +125,18 @@ class _Wrapped:
 
 
 class _Replan(Exception):
-    """The recorded forward did not follow the plan (calls, batch sizes, in-place changes): plan again."""
+    """The recorded forward did not follow the plan: record again (``in_place``: with the copies now planned), or
+    plan again (calls, batch sizes: the forward takes another path than the discovery saw)."""
+
+    def __init__(self, reason, in_place=False):
+        super().__init__(reason)
+        self.in_place = in_place
+
+
+def _tripwire(module, name):
+    def hook(mod, args):
+        raise _Replan(f"{name} has parameters and was called, but not when the plan was made")
+    return hook
 
 
 def _tensor_leaves(leaves):
@@ -405,7 +419,8 @@ def discover(model: nn.Module, x: torch.Tensor, force_root: frozenset = frozense
     entries = []
     for m in modules:
         if m in kinds:
-            slots = {a: p for a, p in m._parameters.items() if p is not None and p.requires_grad and id(p) not in covered}
+            slots = {a: p for a, p in m._parameters.items()
+                     if p is not None and p.requires_grad and id(p) not in covered}
             if slots:
                 dims = rule_dims[m]
                 entries.append(Entry(m, names[m], kinds[m], make_rule(kinds[m], m), slots, len(dims),
@@ -425,7 +440,9 @@ def discover(model: nn.Module, x: torch.Tensor, force_root: frozenset = frozense
     for e in entries:
         for p in e.slots.values():
             counts[id(p)] = counts.get(id(p), 0) + e.calls
-    return Plan(entries, {pid for pid, c in counts.items() if c > 1}, pnames)
+    uncalled = [m for m in modules if not obs_a.call[m] and not obs_a.fwd[m]
+                and any(p is not None and p.requires_grad for p in m._parameters.values())]
+    return Plan(entries, {pid for pid, c in counts.items() if c > 1}, pnames, uncalled=uncalled)
 
 
 def _is_in_place(func) -> bool:
@@ -463,8 +480,8 @@ def _taps(entries, obs_a, obs_b, n, changed, names):
         by_id = {id(p): k for k, p in e.slots.items()}
         clone = any(("op", i) in changed for i, _ in ops)
         out.append(Entry(e.module, e.name, "tap", TapRule(e.slots), e.slots, len(ops), [[] for _ in ops],
-                         [[d] for d in dims], clone_out=clone))
-        out[-1].ops = [(op[0], tuple(by_id[pid] for pid in op[1])) for _, op in ops]
+                         [[d] for d in dims], clone_out=clone,
+                         ops=[(op[0], tuple(by_id[pid] for pid in op[1])) for _, op in ops]))
     return out
 
 
@@ -546,13 +563,13 @@ def record(plan: Plan, model: nn.Module, x: torch.Tensor):
             returned = out.clone() if e.clone_out else out
             if not e.clone_out:
                 watch.append((e, "out", out, out._version))
-            use = Use(e, len(uses[id(e)]), kept, spec, [out], returned)
-            use.func, use.params = func, params
-            uses[id(e)].append(use)
+            uses[id(e)].append(Use(e, len(uses[id(e)]), kept, spec, [out], returned, func, params))
             return returned
 
     mode = TapMode() if taps else contextlib.nullcontext()
     try:
+        for m in plan.uncalled:
+            undo.append(m.register_forward_pre_hook(_tripwire(m, type(m).__name__)))
         for e in plan.entries:
             if e.kind == "tap":
                 continue
@@ -573,7 +590,7 @@ def record(plan: Plan, model: nn.Module, x: torch.Tensor):
                 e.clone_out = True
             else:
                 e.copy_in = True
-            raise _Replan(f"{e.name}: a recorded tensor was changed in place")
+            raise _Replan(f"{e.name}: a recorded tensor was changed in place", in_place=True)
     out = []
     for e in plan.entries:
         got = uses[id(e)]

@@ -59,6 +59,8 @@ def rule_kind(module: nn.Module) -> tuple[str | None, str | None]:
     if cls.forward is nn.Embedding.forward:
         if module.max_norm is not None:  # renormalises its weight in place on every call: a different function
             return None, "Embedding with max_norm (it rewrites its weight in place on every forward)"
+        if module.scale_grad_by_freq:  # autograd's gradient is then not the derivative: nothing to check against
+            return None, "Embedding with scale_grad_by_freq (its autograd gradient is not the derivative)"
         return "embedding", None
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and cls.forward is nn.modules.batchnorm._BatchNorm.forward:
         if module.training or module.running_mean is None:
@@ -494,7 +496,8 @@ class GenericRule:
                 got = [torch.cat([p[k] for p in per], d) for k, d in enumerate(out_dims)]
         tol = 1e-9 if outs[0].dtype == torch.float64 else 1e-4
         for a, b in zip(got, outs):
-            if a.shape != b.shape or not torch.allclose(a, b.detach(), rtol=tol, atol=tol * float(b.detach().abs().max())):
+            b = b.detach()
+            if a.shape != b.shape or not torch.allclose(a, b, rtol=tol, atol=tol * float(b.abs().max())):
                 return False
         return True
 

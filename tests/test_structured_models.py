@@ -168,7 +168,18 @@ def _frozen():
     return model
 
 
+class SparseEmbedding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(7, 4, sparse=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.embed(ids)).mean(1))
+
+
 SPECIAL = {
+    "sparse-embedding-int64": SparseEmbedding,
     "relu-inplace": lambda: _mlp(nn.ReLU(inplace=True)),
     "shared-module-and-tied-weight": Twice,
     "tied-embedding-head-int64": TiedEmbedding,
@@ -225,6 +236,31 @@ def test_an_in_place_change_the_plan_did_not_see_is_caught_and_recorded_again():
     assert next(e for e in plugin.plan(model, x).entries if e.module is model.lin).clone_out
 
 
+def test_a_path_the_plan_did_not_see_is_planned_anew():
+    """A module with parameters the discovery never saw called (a flag switched between calls picks the branch)
+    trips the plan, which is made again on that call's batch; a model whose path depends on the batch size, which
+    no per-sample kernel describes, is declined."""
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.small, self.large, self.out = nn.Linear(5, 4), nn.Linear(5, 4), nn.Linear(4, 2)
+            self.use_large = False
+
+        def forward(self, x):
+            return self.out(torch.tanh((self.large if self.use_large or x.shape[0] > 8 else self.small)(x)))
+
+    torch.manual_seed(0)
+    model = Branchy().to(D)
+    x = torch.randn(3, 5, dtype=D)
+    plugin = implementations.get("structured")
+    for use_large in (False, True, False):
+        model.use_large = use_large
+        assert rel_err(plugin._kernel(model, x, None, "full"), brute_force_kernel(model, x)) <= 1e-10
+    with pytest.raises(implementations.UnsupportedModelError):
+        plugin._kernel(model, x, torch.randn(9, 5, dtype=D), "full")
+
+
 def test_compute_leaves_the_model_and_its_hooks_as_they_were():
     model = _hooked(lambda m, i, o: o * 2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -258,6 +294,7 @@ def test_structured_names_what_it_declines_before_running():
     assert "2: BatchNorm1d normalises with batch statistics" in plugin.supports(
         nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.BatchNorm1d(4), nn.Linear(4, 2)))
     assert "0: Embedding with max_norm" in plugin.supports(nn.Sequential(nn.Embedding(5, 3, max_norm=1.0)))
+    assert "scale_grad_by_freq" in plugin.supports(nn.Sequential(nn.Embedding(5, 3, scale_grad_by_freq=True)))
     scripted = nn.Sequential(torch.jit.script(nn.Linear(3, 4)), nn.Linear(4, 2))
     assert "0" in plugin.supports(scripted) and "TorchScript" in plugin.supports(scripted)
     assert plugin.supports(nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 1))) is None

@@ -33,8 +33,8 @@ def brute_force_kernel(model, x1, x2=None, mode="full"):
                 row = []
                 for o in range(y.shape[0]):
                     got = torch.autograd.grad(y[o], params, retain_graph=True, allow_unused=True)
-                    row.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
-                                          for g, p in zip(got, params)]))
+                    row.append(torch.cat([(torch.zeros_like(p) if g is None else g.to_dense() if g.is_sparse else g)
+                                          .reshape(-1) for g, p in zip(got, params)]))
             rows.append(torch.stack(row))
         return torch.stack(rows)
 
