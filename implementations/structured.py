@@ -167,7 +167,8 @@ def _output_shortcut(plan: Plan, uses, y):
     """The use whose output is the model's own, a Linear on (N, K) with its weight (and bias) covered once."""
     for u in uses:
         e = u.entry
-        if e.kind != "linear" or e.rule.conv or u.returned is not y or y.dim() != 2 or e.in_dims[u.index][0] != 0:
+        if e.kind != "linear" or e.rule.conv or u.returned is not y or y.dim() != 2 or e.in_dims[u.index][0] != 0 \
+                or y._version != u.version:  # (changed in place after the layer: G is not the identity)
             continue
         bias = e.module.bias
         if "weight" not in e.slots or any(id(p) in plan.shared for p in e.slots.values()):

@@ -86,6 +86,7 @@ class Use:
     returned: object
     func: object = None  # "tap": the torch function called, and which argument leaves are parameters (slot -> index)
     params: dict = dataclasses.field(default_factory=dict)
+    version: int = 0  # of ``returned`` when it was returned (a rule layer's)
 
 
 def _leaf_info(leaves):
@@ -509,7 +510,7 @@ def record(plan: Plan, model: nn.Module, x: torch.Tensor):
             returned = out.clone() if e.clone_out else out
             if not e.clone_out:
                 watch.append((e, "out", out, out._version))
-            uses[id(e)].append(Use(e, len(uses[id(e)]), [xin], None, [out], returned))
+            uses[id(e)].append(Use(e, len(uses[id(e)]), [xin], None, [out], returned, version=returned._version))
             return returned
         return forward
 

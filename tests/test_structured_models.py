@@ -178,7 +178,19 @@ class SparseEmbedding(nn.Module):
         return self.head(torch.tanh(self.embed(ids)).mean(1))
 
 
+class ScaledInPlace(nn.Module):
+    """The output Linear's output scaled in place afterwards: its G is not the identity."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+
+    def forward(self, x):
+        return self.net(x).mul_(2)
+
+
 SPECIAL = {
+    "output-scaled-in-place": ScaledInPlace,
     "sparse-embedding-int64": SparseEmbedding,
     "relu-inplace": lambda: _mlp(nn.ReLU(inplace=True)),
     "shared-module-and-tied-weight": Twice,
