@@ -85,12 +85,3 @@ class NTKPlugin:
 
     def __repr__(self) -> str:
         return f"<NTK plugin {self.name}>"
-
-
-def __getattr__(name):  # TEMPORARY while branches written against the old base.py are merged
-    from . import kernels, modelinfo
-
-    for module in (kernels, modelinfo):
-        if hasattr(module, name):
-            return getattr(module, name)
-    raise AttributeError(name)

@@ -1,11 +1,17 @@
 """The cost model: what a model's layers look like, and what each algorithm costs on them.
 
-``model_stats(model, x_single)`` reads, from one forward pass on one sample,
-the parameter count P, the output width O, the FLOPs of a forward pass [FP]
-(torch's FlopCounterMode), the activation size, and for every Linear/Conv2d
-layer its positions S, inputs per position K and outputs C. Plugins turn
-these into an :class:`Estimate` (FLOPs and peak bytes) for a block of N x M
-samples; blocking and ``auto`` decide from those estimates.
+``model_stats(model, x_single)`` reads, from one forward pass on one sample (with gradients enabled, so that
+modules take the path the plugins' own forwards take), the parameter count P, the output width O, the FLOPs
+of a forward pass [FP] (torch's FlopCounterMode), the activation size, and one :class:`Layer` per call of a
+module with trainable parameters, classified as ``structured``'s rules see it: "linear" (over any leading
+dimensions: S positions, K inputs, C outputs), "conv" (ConvNd: S output positions, K = C_in/groups · kernel
+inputs per position and group, C outputs, ``groups``), "embedding" (S ids, K = the vocabulary, C = the
+embedding width), "norm" (eval BatchNorm, LayerNorm, GroupNorm, RMSNorm: S positions, C scaled channels) and
+"generic" (any other module with parameters, and parameters of modules that are not called, counted at the
+nearest called module above them: P of its parameters, ``flops`` of one forward of that module), and "tap"
+(such parameters when each is read only by single operations with one output: S = their outputs' numbers).
+Plugins turn these into an :class:`Estimate` (FLOPs and peak bytes) for a block of N x M samples; blocking
+and ``auto`` decide from those estimates.
 """
 
 from __future__ import annotations
@@ -20,12 +26,15 @@ from torch import nn
 
 @dataclasses.dataclass(frozen=True)
 class Layer:
-    kind: str  # "linear" | "conv2d" | "other"
+    kind: str  # "linear" | "conv" | "embedding" | "norm" | "generic" | "tap"
     s: int  # output positions per sample
-    k: int  # inputs per position (patch size)
-    c: int  # outputs per position (channels)
+    k: int  # inputs per position and group (patch size; the vocabulary for an embedding)
+    c: int  # outputs per position, all groups (channels)
     bias: bool
     is_output: bool = False  # a Linear whose output is the model's: its G is the identity
+    groups: int = 1
+    p: int = 0  # trainable parameters of this layer (for "generic": those the module's vjp covers)
+    flops: int = 0  # "generic": one forward of the module on one sample
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +49,7 @@ class ModelStats:
     @property
     def widths(self) -> int:
         """Σ_l S_l·C_l: numbers per (sample, output) in the output gradients of all layers."""
-        return sum(layer.s * layer.c for layer in self.layers)
+        return sum(layer.s * layer.c for layer in self.layers if layer.kind not in ("generic", "tap"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,40 +69,107 @@ def model_stats(model: nn.Module, x_single: torch.Tensor) -> ModelStats:
     return shape_keyed_cache(_STATS, model, key, lambda: _measure_stats(model, x_single))
 
 
+def _layer_record(module, kind, inputs, output, own):
+    """The Layer of one call of a module with a rule (None where the call is not in the layer's own layout)."""
+    bias = any(k == "bias" for k, _ in own)
+    p = sum(q.numel() for _, q in own)
+    if not isinstance(output, torch.Tensor) or not inputs or not isinstance(inputs[0], torch.Tensor):
+        return None
+    if kind == "conv":
+        d = len(module.kernel_size)
+        s = math.prod(output.shape[-d:])
+        k = module.in_channels // module.groups * math.prod(module.kernel_size)
+        return Layer("conv", s, k, module.out_channels, bias, groups=module.groups, p=p)
+    if kind == "linear":
+        return Layer("linear", output[0].numel() // module.out_features, module.in_features, module.out_features,
+                     bias, p=p)
+    if kind == "embedding":
+        return Layer("embedding", inputs[0][0].numel(), module.num_embeddings, module.embedding_dim, False, p=p)
+    if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
+        c = output.shape[1]
+    else:
+        c = math.prod(module.normalized_shape)
+    return Layer("norm", output[0].numel() // c, 1, c, bias, p=p)
+
+
 def _measure_stats(model: nn.Module, x_single: torch.Tensor) -> ModelStats:
     from torch.utils.flop_counter import FlopCounterMode
 
-    layers, outputs, activations = [], [], [0]
+    from .structured_rules import rule_kind
+
+    named = list(model.named_modules(remove_duplicate=True))
+    names = {m: k for k, m in named}
+    parent = {}
+    for _, m in named:
+        for child in m._modules.values():
+            if child is not None and child not in parent:
+                parent[child] = m
+    records, outputs, activations, called = [], [], [0], set()
 
     def hook(module, inputs, output):
+        called.add(module)
         if isinstance(output, torch.Tensor):
             activations[0] += output[0].numel()
-        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        own = [(k, q) for k, q in module._parameters.items() if q is not None and q.requires_grad]
         if not own:
             return
-        if isinstance(module, nn.Conv2d):
-            s = output.shape[-1] * output.shape[-2]
-            k = module.in_channels // module.groups * math.prod(module.kernel_size)
-            layers.append(Layer("conv2d", s, k, module.out_channels, module.bias is not None))
-        elif isinstance(module, nn.Linear):
-            s = output[0].numel() // module.out_features
-            layers.append(Layer("linear", s, module.in_features, module.out_features, module.bias is not None))
-        else:
-            layers.append(Layer("other", 1, sum(p.numel() for p in own), 1, False))
+        kind, _ = rule_kind(module)
+        layer = _layer_record(module, kind, inputs, output, own) if kind else None
+        records.append((module, layer))
         outputs.append(output)
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    from .structured_plan import _is_in_place, _ParamOps
+
+    ops = _ParamOps({id(q) for q in model.parameters() if q.requires_grad})
+    handles = [m.register_forward_hook(hook) for _, m in named]
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.enable_grad(), FlopCounterMode(display=False) as counter, ops:
             y = model(x_single)
     finally:
         for h in handles:
             h.remove()
-    p = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    layers = [dataclasses.replace(layer, is_output=True) if z is y and layer.kind == "linear" else layer
-              for layer, z in zip(layers, outputs)]
-    itemsize = y.element_size()  # the kernel's numbers (x_single may hold integer ids)
-    return ModelStats(p, y.shape[-1], int(counter.get_total_flops()), activations[0], tuple(layers), itemsize)
+    per_module = counter.get_flop_counts()
+
+    def module_flops(m):
+        key = type(model).__name__ + ("." + names[m] if names.get(m) else "")
+        return int(sum(per_module.get(key, {}).values())) or int(counter.get_total_flops())
+
+    layers, generic = [], {}
+    for (module, layer), z in zip(records, outputs):
+        if layer is not None:
+            layers.append(dataclasses.replace(layer, is_output=True) if z is y and layer.kind == "linear" else layer)
+        else:
+            generic.setdefault(module, 0)
+    ruled = {m for m, layer in records if layer is not None}
+    for m in names:  # parameters of modules without a rule, or not called: the nearest called module above
+        own = sum(q.numel() for q in m._parameters.values() if q is not None and q.requires_grad)
+        if own and m not in ruled:
+            host = m
+            while host not in called and host in parent:
+                host = parent[host]
+            generic[host] = generic.get(host, 0) + own
+    for m, p in generic.items():
+        if not p:
+            continue
+        pids = {id(q) for k in names if _hosted(k, m, parent, called) for q in k._parameters.values()
+                if q is not None and q.requires_grad}
+        mine = [op for op in ops.ops if set(op[1]) & pids]
+        if mine and all(set(op[1]) <= pids and not _is_in_place(op[0]) and len(op[2]) == 1 and op[2][0] is not None
+                        and op[2][0][1] for op in mine):  # read only by single ops: structured's taps
+            layers.append(Layer("tap", sum(math.prod(op[2][0][0]) for op in mine), p, 1, False, p=p))
+        else:
+            layers.append(Layer("generic", 1, p, 1, False, p=p, flops=max(module_flops(m), 2 * p)))
+    p = sum(q.numel() for q in model.parameters() if q.requires_grad)
+    o = 1 if y.dim() == 1 else y.shape[-1]
+    return ModelStats(p, o, int(counter.get_total_flops()), activations[0], tuple(layers), y.element_size())  # the kernel's numbers (x_single may hold integer ids)
+
+
+def _hosted(module, host, parent, called) -> bool:
+    """Whether ``module``'s own parameters are counted at ``host`` (itself if called, else the nearest called
+    module above it)."""
+    while module not in called and module in parent:
+        module = parent[module]
+    return module is host
 
 
 def jacobian_bytes(stats: ModelStats, n: int, m: int) -> float:

@@ -1,183 +1,55 @@
-"""Structured: the NTK layer by layer from each layer's structure, never the whole Jacobian.
+"""Structured: the NTK layer by layer from each layer's structure, never the whole model's Jacobian.
 
-One forward pass records every Linear/Conv2d layer's input X and output Z;
-one batched backward pass (``is_grads_batched``: all O output basis vectors
-at once) gives G = ∂f_o/∂Z. A layer's weight then contributes
+One forward pass records every parameterised layer's input X and output Z; one backward pass vmapped over the
+O output basis vectors (torch.func.vmap over autograd.grad) gives G = ∂f_o/∂Z for all of them. Each layer then
+adds its term by a rule (``structured_rules``), and the plan (``structured_plan``, made once per model and
+input shape, and checked against autograd) says which rule covers which parameter:
 
-    Θ_W[n, m, o, p] = Σ_{s,t} (X1[n,s]·X2[m,t]) (G1[o,n,s]·G2[p,m,t])
+- Linear over any leading dimensions, ConvNd (groups, dilation, stride, every padding mode), Embedding:
+  Θ_W[n, m, o, p] = Σ_{s,t} (X1[n,s]·X2[m,t]) (G1[o,n,s]·G2[p,m,t]) over output positions s, t (tokens for a
+  Linear, pixels for a conv, whose X are the padded input's patches; for an Embedding X1·X2 is index
+  equality). Per layer the cheaper by FLOPs of the Gram order, 2·N·M·S·T·(K + O·C) + 2·N·M·S·O²·C, and the
+  layer's own Jacobian order, 2·(N·S + M·T)·O·C·K + 2·N·M·O²·C·K (full mode; O for O² in trace/diagonal).
+- Eval BatchNorm, LayerNorm, GroupNorm, RMSNorm: a scale on the normalised input x̂ and a shift; J_weight =
+  Σ_positions x̂ ⊙ G, J_bias = Σ G per channel, Jacobian order (O·C numbers per sample).
+- Parameters read only by single operations with one batched output (ViT's class token ``expand``-ed over the
+  batch, a positional embedding added, a transposed conv's weight): taps, each op's own per-sample vjp.
+- Every other module with parameters (MultiheadAttention, LSTM/GRU through a per-step forward vmap can batch,
+  a custom module, a parametrized weight, a submodule used without being called): the generic rule, that
+  module's own per-sample vjp (torch.func) from its recorded inputs and G, in the Jacobian order.
+- A parameter used more than once (a module called twice, a weight tied between modules): its per-use
+  Jacobians are summed before contracting (Jacobian order), so the cross terms between uses count.
 
-with s, t over output positions (one for Linear; H_out·W_out for Conv2d,
-whose X are the unfolded input patches). Per layer it takes the cheaper of
-two orders: the Gram form above, N·M·S²·(K + O²·C) for K inputs per position
-and C outputs, and the layer's own Jacobian contraction, (N+M)·O·S·C·K +
-N·M·O²·C·K. Biases always contract their (N, O, C) Jacobians. Parameter-free
-glue (activations, pooling, flatten, residual sums) is autograd's business.
+The blocks taken in the Jacobian order are contracted together, small ones concatenated into one GEMM.
+The output Linear's G is the identity: no backward for it, and its term is (X1 X2ᵀ + 1) ⊗ I. Biases of
+Gram-order layers contract their (N, O, C) Jacobians. Parameter-free glue (activations, pooling, residual
+sums, in-place ops) is autograd's business: recorded outputs later changed in place are cloned. A model whose
+output for a sample depends on the other samples is declined, naming the first module where it shows.
 
-Wins: every MLP by orders of magnitude over Jacobian contraction (O²·width
-per pair instead of O²·P), and conv nets whose last layers are dense. Costs:
-one forward and one O-way batched backward per input batch, plus G and X
-per layer in memory, (N+M)·O·Σ S·C. The output Linear's G is the identity:
-no backward for it, and its term is (X1 X2ᵀ + 1) ⊗ I. The layers taken in the
-Jacobian order are contracted together: their blocks (bias: Σ_s G) are
-concatenated into one (N, O, ΣP) matrix and multiplied once. On the CPU, the
-first call for a conv net's shapes taking under 50 ms also runs it five times
-each with oneDNN's convolutions and PyTorch's own, and keeps the faster. On a
-GPU, calls replay a captured CUDA graph (cuda_graphs).
+Wins: every MLP by orders of magnitude over Jacobian contraction (O²·width per pair instead of O²·P), conv
+nets whose last layers have few positions (resnet18 at 32x32: layers 2-4 in the Gram order), transformers.
+Costs: one forward and one O-wide backward per input batch (the first call for a model and input shape: two
+forwards on N and N + 1 samples to plan, and a checked call), G and X per layer in memory, (N+M)·O·Σ S·C,
+and the Jacobian-order blocks. On the CPU, the first call for a conv net's shapes taking under 50 ms also runs it
+five times each with oneDNN's convolutions and PyTorch's own, and keeps the faster. On a GPU, calls replay a
+captured CUDA graph (cuda_graphs).
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 import weakref
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .base import NTKPlugin, UnsupportedModelError
-from .kernels import KernelSum, input_gram
+from .kernels import KernelSum, input_gram, kernel_shape
 from .modelinfo import shape_keyed_cache, submodules
-
-_RULES = (nn.Linear, nn.Conv2d)
-
-
-def _has_rule(m: nn.Module) -> str | None:
-    if isinstance(m, nn.Conv2d):
-        if m.padding_mode != "zeros":
-            return f"Conv2d with padding_mode={m.padding_mode!r}"
-        if isinstance(m.padding, str):
-            return f"Conv2d with padding={m.padding!r}"
-        if m.groups != 1:
-            return f"Conv2d with groups={m.groups}"
-        return None
-    if isinstance(m, nn.Linear):
-        return None
-    return type(m).__name__
-
-
-def _trainable(m: nn.Module) -> list[str]:
-    """The names of the module's own parameters that require grad (``_parameters`` directly: this runs per call)."""
-    return [k for k, p in m._parameters.items() if p is not None and p.requires_grad]
-
-
-def _layer_problem(m: nn.Module, trainable: list[str]) -> str | None:
-    """Why structured cannot take the module ``m`` with these trainable parameters ({name}: where it sits)."""
-    problem = _has_rule(m)
-    if problem is not None:
-        return f"no rule for {problem} ({{name}} has parameters)"
-    extra = set(trainable) - {"weight", "bias"}
-    if extra:
-        return f"{type(m).__name__} {{name}} has extra parameters {sorted(extra)}"
-    if "weight" not in trainable:
-        return f"{type(m).__name__} {{name}} has a frozen weight and a trainable bias"
-    return None
-
-
-def _record(model, x):
-    """Forward with hooks: y, and per parameterised layer (module, input X, output Z)."""
-    layers = [m for m in dict.fromkeys(submodules(model)) if _trainable(m)]
-    seen, handles = {}, []
-
-    def hook(module, inputs, output):
-        if module in seen:
-            raise UnsupportedModelError(f"structured: {type(module).__name__} is called more than once per forward "
-                             "(shared weights); use another plugin")
-        seen[module] = (inputs[0], output)
-
-    for m in layers:
-        handles.append(m.register_forward_hook(hook))
-    try:
-        with torch.enable_grad():
-            y = model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return y, [(m, *seen[m]) for m in layers if m in seen]
-
-
-def _unfold(x, conv: nn.Conv2d):
-    """F.unfold(x) for the convolution's patches: (N, C·kh·kw, S).
-
-    On the CPU as a strided view copied once: PyTorch's CPU im2col took 4.5 ms where this took 0.47 ms on a
-    (16, 32, 30, 30) input, and 196 against 81 us on (16, 8, 8, 8), on the 2-core machine here.
-    """
-    if x.device.type != "cpu":
-        return F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
-    (kh, kw), (dh, dw), (sh, sw), (ph, pw) = conv.kernel_size, conv.dilation, conv.stride, conv.padding
-    if ph or pw:
-        x = F.pad(x, (pw, pw, ph, ph))
-    windows = x.unfold(2, (kh - 1) * dh + 1, sh)[..., ::dh].unfold(3, (kw - 1) * dw + 1, sw)[..., ::dw]
-    n, c, ho, wo = windows.shape[:4]
-    return windows.permute(0, 1, 4, 5, 2, 3).reshape(n, c * kh * kw, ho * wo)
-
-
-def _positions(module, x, z, g):
-    """X as (N, S, K) and G as (O, N, S, C): per output position, the layer's input patch and output gradient."""
-    if isinstance(module, nn.Conv2d):
-        return _unfold(x, module).transpose(1, 2), g.flatten(3).transpose(2, 3)
-    k, c = x.shape[-1], g.shape[-1]
-    return x.reshape(x.shape[0], -1, k), g.reshape(g.shape[0], g.shape[1], -1, c)
-
-
-def _order_costs(n, m, o, s, t, k, c, mode):
-    """FLOPs of the Gram order and of the per-layer Jacobian contraction, for one layer."""
-    oo = o * o if mode == "full" else o
-    gram = 2 * n * m * s * t * (k + oo * c)
-    jac = 2 * (n * s + m * t) * o * c * k + 2 * n * m * oo * c * k
-    return gram, jac
-
-
-def _gram_is_cheaper(x1, g1, x2, mode):
-    n, s, k = x1.shape
-    o, _, _, c = g1.shape
-    gram, jac = _order_costs(n, x2.shape[0], o, s, x2.shape[1], k, c, mode)
-    return gram <= jac
-
-
-def _add_gram_term(total: KernelSum, x1, g1, x2, g2, has_bias):
-    """Add one weight's (and bias's) contribution in the Gram order: (X1 X2ᵀ) ⊙ (G1 G2ᵀ), summed over positions."""
-    mode = total.mode
-    symmetric = x2 is x1 and g2 is g1
-    s, t = x1.shape[1], x2.shape[1]
-    if s == 1 and t == 1:  # Linear: the bias's Gram is the weight's G Gram, so (X1 X2ᵀ + 1) ⊙ G1 G2ᵀ
-        total.add_gram(input_gram(x1[:, 0], x2[:, 0], has_bias), g1[:, :, 0], g2[:, :, 0], symmetric=symmetric)
-        return
-    xx = torch.einsum("nsk,mtk->nmst", x1, x2)
-    expr = {"full": "nmst,onsc,pmtc->nmop", "trace": "nmst,onsc,omtc->nm", "diagonal": "nmst,onsc,omtc->nmo"}[mode]
-    total.add(torch.einsum(expr, xx, g1, g2))
-    if has_bias:
-        b1 = g1.sum(2)
-        total.add_gram(torch.ones(x1.shape[0], x2.shape[0], dtype=b1.dtype, device=b1.device), b1,
-                       b1 if symmetric else g2.sum(2), symmetric=symmetric)
-
-
-def _layer_jacobian(x, g, has_bias):
-    """The layer's per-sample Jacobian blocks: the weight's (N, O, C·K), then the bias's (N, O, C).
-
-    J_W[n, o, c, k] = Σ_s G[o, n, s, c]·X[n, s, k], one batched GEMM; J_b[n, o, c] = Σ_s G[o, n, s, c].
-    """
-    o, n, s, c = g.shape
-    weight = torch.bmm(g.permute(1, 0, 3, 2).reshape(n, o * c, s), x).view(n, o, -1)
-    return [weight, g.sum(2).transpose(0, 1)] if has_bias else [weight]
-
-
-def _output_jacobian(x, has_bias):
-    """Jacobian blocks of an output Linear with one output: X as (N, 1, K), and ones for its bias."""
-    x = x.unsqueeze(1)
-    return [x, x.new_ones(x.shape[0], 1, 1)] if has_bias else [x]
-
-
-def _layer_kernel(x1, g1, x2, g2, mode, has_bias, order):
-    """One layer's contribution alone, in the mode's shape, in the given order ("gram" / "jacobian"; for tests)."""
-    total = KernelSum(mode)
-    if order == "gram":
-        _add_gram_term(total, x1, g1, x2, g2, has_bias)
-    else:
-        total.add_jacobians(torch.cat(_layer_jacobian(x1, g1, has_bias), 2),
-                            torch.cat(_layer_jacobian(x2, g2, has_bias), 2))
-    return total.result()
-
+from .structured_plan import Plan, _Replan, discover, record, structure_key
+from .structured_rules import math_attention, rule_kind
 
 # CPU convolutions: oneDNN's (mkldnn) or PyTorch's own kernels, whichever ran the kernel faster, per model and shapes.
 # oneDNN sets each convolution up at a fixed cost (about 0.1-0.2 ms on 2 cores here) that dominates tiny ones: on
@@ -208,10 +80,10 @@ def _onednn_is_faster(run, repeats: int = 5, margin: float = 0.9, only_below_s: 
             run()
             return time.perf_counter() - t0
 
-    timed(True)
     on = [timed(True)]
     if on[0] > only_below_s:
         return True
+    on = [timed(True)]
     timed(False)
     off = []
     for _ in range(repeats):
@@ -220,105 +92,414 @@ def _onednn_is_faster(run, repeats: int = 5, margin: float = 0.9, only_below_s: 
     return min(off) >= margin * min(on)
 
 
+# None: each patch-form weight in the order its FLOPs favour; "gram" or "jacobian": that order wherever it applies
+# (tests check both orders against a brute-force kernel).
+ORDER: str | None = None
+
+# Jacobian-order blocks under this many numbers are concatenated (fewer, larger GEMMs); larger ones are contracted
+# one at a time (no copy, and only one layer's concatenation alive).
+_CONCAT_NUMEL = 1 << 21
+
+
+class _StalePlan(Exception):
+    """The forward on ``x`` did not follow the plan's calls."""
+
+    def __init__(self, reason, x):
+        super().__init__(reason)
+        self.x = x
+
+
+class _Shortcut:
+    """The output Linear: its G is the identity, its term (X1 X2ᵀ + 1) ⊗ I (or, for one output, J = [X, 1])."""
+
+    __slots__ = ("x", "bias", "o")
+
+    def __init__(self, x, bias, o):
+        self.x, self.bias, self.o = x, bias, o
+
+
+BACKWARD_CHUNK_NUMEL, BACKWARD_CHUNK_FROM = 1 << 20, 1 << 18
+
+
+def _output_grads(y2, targets, retain_graph=False):
+    """∂(Σ_n y[n, o])/∂t for every target t and output o: (O, *t.shape) each (zeros where t does not reach y).
+
+    One backward pass vmapped over the O basis vectors with torch.func.vmap, whose batching rules cover the
+    backward ops of convolutions, norms, pooling and activations: ``is_grads_batched`` uses the older vmap,
+    which runs most of those O times one by one (resnet18: every convolution_backward called O times).
+    """
+    if not targets:
+        return []
+    n, o = y2.shape
+    if o == 1:
+        got = torch.autograd.grad(y2, targets, grad_outputs=torch.ones_like(y2), allow_unused=True,
+                                  materialize_grads=True, retain_graph=retain_graph)
+        return [g.unsqueeze(0) for g in got]
+    basis = torch.eye(o, dtype=y2.dtype, device=y2.device).unsqueeze(1).expand(o, n, o)
+    # Where one output's largest gradient has BACKWARD_CHUNK_FROM numbers or more, the outputs go in chunks of
+    # at most BACKWARD_CHUNK_NUMEL numbers: large convolution gradients ran faster in smaller batches (CPU time,
+    # alternating pairs: the tutorial CNN at N=16, 460k numbers per output, 0.92x with chunks of 2; resnet18 at
+    # 224x224, N=M=4, 1.13x faster in chunks of 1), while resnet18 at 32x32, N=M=8 (131k) lost 1.15x to two chunks.
+    per_output = max(t.numel() for t in targets)
+    fits = BACKWARD_CHUNK_NUMEL // max(per_output, 1) if per_output >= BACKWARD_CHUNK_FROM else o
+    chunks = -(-o // max(1, min(o, fits)))
+    chunk = -(-o // chunks)
+    with math_attention(), warnings.catch_warnings():  # (ops without a batching rule run O times: slower, exact)
+        warnings.filterwarnings("ignore", message="There is a performance drop")
+        return list(torch.func.vmap(lambda v: torch.autograd.grad(y2, targets, grad_outputs=v, allow_unused=True,
+                                                                  materialize_grads=True,
+                                                                  retain_graph=retain_graph or chunks > 1),
+                                    chunk_size=chunk if chunks > 1 else None)(basis))
+
+
+def _batch_dims(uses, wanted):
+    """The batch dimension of every gradient target, in the order of the targets."""
+    for u, idx in zip(uses, wanted):
+        for j in idx or ():
+            yield u.entry.out_dims[u.index][j] if u.entry.kind == "generic" else u.entry.out_dims[u.index][0]
+
+
+def _weighted(g, weights, dim):
+    """G (O, *Z.shape) times weights[n, o] along Z's batch dimension ``dim``."""
+    w = weights.t().reshape((weights.shape[1],) + tuple(-1 if i == dim else 1 for i in range(g.dim() - 1)))
+    return g * w
+
+
+def _output_shortcut(plan: Plan, uses, y):
+    """The use whose output is the model's own, a Linear on (N, K) with its weight (and bias) covered once."""
+    for u in uses:
+        e = u.entry
+        if e.kind != "linear" or e.rule.conv or u.returned is not y or y.dim() != 2 or e.in_dims[u.index][0] != 0 \
+                or y._version != u.version:  # (changed in place after the layer: G is not the identity)
+            continue
+        bias = e.module.bias
+        if "weight" not in e.slots or any(id(p) in plan.shared for p in e.slots.values()):
+            return None
+        if bias is not None and bias.requires_grad and "bias" not in e.slots:
+            return None
+        return u
+    return None
+
+
+def _add_to(acc: dict, key, value):
+    acc[key] = value if key not in acc else acc[key] + value
+
+
+def _contract(total: KernelSum, blocks, symmetric: bool):
+    """Σ J1 J2ᵀ over the Jacobian-order blocks (N, O, P_i): small ones concatenated into one GEMM."""
+    small1, small2 = [], []
+    size = 0
+
+    def flush():
+        nonlocal size
+        if small1:
+            j1 = torch.cat(small1, 2) if len(small1) > 1 else small1[0]
+            j2 = j1 if symmetric else (torch.cat(small2, 2) if len(small2) > 1 else small2[0])
+            total.add_jacobians(j1, j2)
+        small1.clear()
+        small2.clear()
+        size = 0
+
+    for j1, j2 in blocks:
+        j2 = j1 if symmetric else j2
+        if j1.numel() >= _CONCAT_NUMEL:
+            total.add_jacobians(j1, j2)
+            continue
+        small1.append(j1)
+        small2.append(j2)
+        size += j1.numel()
+        if size >= _CONCAT_NUMEL:
+            flush()
+    flush()
+
+
 class Structured(NTKPlugin):
     name = "structured"
     capturable = True  # on a GPU, replayed from a CUDA graph (cuda_graphs)
 
+    def __init__(self):
+        self._plans: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
     def supports(self, model):
-        from .modelinfo import inplace_modules
-
-        inplace = inplace_modules(model)
-        if inplace:
-            return f"structured: {inplace[0]} works in place and would overwrite a recorded layer output"
-        from .modelinfo import structure_problem
-
-        problem = structure_problem(model, "structured", "reads each layer's input and output")
-        if problem:
-            return problem
-        # Per call: a direct walk of the modules (named_modules' generators cost tens of us); names only for errors.
+        # Per call, so a direct walk (named_modules' generators cost tens of us); names only for the message.
+        # What only the forward shows (batch dimensions, how parameters are used) is checked in compute.
         for m in submodules(model):
-            trainable = _trainable(m)
-            problem = trainable and _layer_problem(m, trainable)
+            problem = None
+            if isinstance(m, torch.jit.ScriptModule):
+                problem = "is a TorchScript module; its calls cannot be recorded"
+            elif isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.Embedding)) and \
+                    any(p is not None and p.requires_grad for p in m._parameters.values()):
+                problem = rule_kind(m)[1]
             if problem:
                 name = next(name for name, mod in model.named_modules(remove_duplicate=False) if mod is m)
-                return f"structured: {problem.format(name=name or 'the model itself')}"
+                return f"structured: {name or 'the model itself'}: {problem}"
         return None
 
     def estimate(self, stats, n, m, mode, symmetric):
-        """Forward + O-wide backward per side, then per layer the cheaper of the two orders."""
+        """Forward + O-wide backward per side, then per layer its rule's cost: the cheaper order for Linear, ConvNd
+        and Embedding, the Jacobian order for norms, the generic rule's per-sample vjp (about (1 + 2·O) forwards of
+        the module per sample) and its contraction. Peak: G and the inputs of every layer, the largest Gram
+        intermediate, the Jacobian blocks, the kernel."""
         from .costs import Estimate, kernel_numel
+        from .structured_rules import order_costs
 
+        o = stats.o
+        oo = o * o if mode == "full" else o
         side = n if symmetric else n + m
-        flops = side * (stats.fp_flops + 2 * stats.o * stats.fp_flops)
-        gram_held, jac_held = 0, 0  # Gram order: one layer's N·M·S² at a time; Jacobian order: all layers' J
+        flops = side * (stats.fp_flops + 2 * o * stats.fp_flops)
+        gram_held, jac_held, patches = 0, 0, 0
         for layer in stats.layers:
-            if layer.is_output:  # (X1 X2ᵀ + 1) ⊗ I: one N x M GEMM, no G Gram
-                flops += 2 * n * m * layer.k + n * m * stats.o
-                continue
-            gram, jac = _order_costs(n, m, stats.o, layer.s, layer.s, layer.k, layer.c, mode)
-            flops += min(gram, jac)
-            if gram <= jac:
-                gram_held = max(gram_held, n * m * layer.s * layer.s)
+            if layer.kind in ("linear", "conv", "embedding"):
+                if layer.is_output:  # (X1 X2ᵀ + 1) ⊗ I: one N x M GEMM, no G Gram
+                    flops += 2 * n * m * layer.k + n * m * o
+                    continue
+                k = 0 if layer.kind == "embedding" else layer.k
+                gram, jac = order_costs(n, m, o, layer.s, layer.s, k, layer.c, layer.groups, mode, symmetric)
+                if layer.kind == "embedding":
+                    gram += n * m * layer.s * layer.s
+                    jac = 2 * side * layer.s * o * layer.c + 2 * n * m * oo * layer.c * layer.k
+                else:
+                    patches = max(patches, layer.s * layer.k * layer.groups)
+                flops += min(gram, jac)
+                if gram <= jac:
+                    gram_held = max(gram_held, n * m * layer.s * (layer.s * layer.groups + o * layer.c))
+                else:
+                    jac_held += side * o * (layer.p or layer.c * layer.k)
+            elif layer.kind == "norm":
+                flops += 2 * side * o * layer.s * layer.c + 2 * n * m * oo * layer.p
+                jac_held += side * o * layer.p
+            elif layer.kind == "tap":  # N·O lanes of each op's backward over the whole batch
+                flops += 2 * (n * n + (0 if symmetric else m * m)) * o * layer.s + 2 * n * m * oo * layer.p
+                jac_held += side * o * layer.p
             else:
-                jac_held += side * stats.o * layer.c * (layer.k + 1)
+                flops += side * (1 + 2 * o) * layer.flops + 2 * n * m * oo * layer.p
+                jac_held += side * o * layer.p
         inter = max(gram_held, 2 * jac_held)  # (the layers' J and their concatenation)
-        peak = side * (stats.o * stats.widths + stats.activations + sum(l.s * l.k for l in stats.layers)) * stats.itemsize
-        return Estimate(flops, peak + (inter + 2 * kernel_numel(n, m, stats.o, mode)) * stats.itemsize)
+        peak = side * (o * stats.widths + stats.activations + patches) * stats.itemsize
+        return Estimate(flops, peak + (inter + 2 * kernel_numel(n, m, o, mode)) * stats.itemsize)
 
-    def _side(self, model, x):
-        """Per layer (module, X, G), with G None for the output layer itself (a Linear whose output is the model's:
-        G = I, no backward needed)."""
-        y, layers = _record(model, x)
-        n, o = y.shape
-        output_layer = next((i for i, (_, _, z) in enumerate(layers) if z is y), None)
-        zs = [z for i, (_, _, z) in enumerate(layers) if i != output_layer]
-        if not zs:
-            grads = []
-        elif o == 1:  # one plain backward pass
-            grads = [g.unsqueeze(0) for g in torch.autograd.grad(y, zs, grad_outputs=torch.ones_like(y))]
-        else:  # all O output basis vectors in one vmapped backward pass
-            basis = torch.eye(o, dtype=y.dtype, device=y.device).unsqueeze(1).expand(o, n, o)
-            grads = torch.autograd.grad(y, zs, grad_outputs=basis, is_grads_batched=True)
-        grads = iter(grads)
-        out = []
-        for i, (mod, xin, z) in enumerate(layers):
-            if i == output_layer:
-                out.append((mod, xin.detach().reshape(n, -1), None))
+    # -- the plan ----------------------------------------------------------------------------------------------
+
+    def plan(self, model, x, again: bool = False) -> Plan:
+        """The plan for ``model`` on inputs shaped like ``x`` (made and checked on the first call; ``again``: made
+        anew on this batch)."""
+        key = (structure_key(model), tuple(x.shape[1:]), x.dtype, x.device)
+        per_model = self._plans.setdefault(model, {})
+        if again:
+            per_model.pop(key, None)
+        if key not in per_model:
+            if len(per_model) >= 8:  # (a model whose structure keeps changing: drop the oldest)
+                per_model.pop(next(iter(per_model)))
+            per_model[key] = self._checked_plan(model, x)
+        return per_model[key]
+
+    def _checked_plan(self, model, x) -> Plan:
+        """discover(), then the per-sample Jacobians summed over the batch against autograd's gradients; the
+        parameters that disagree go to the generic rule of the whole model, once."""
+        force = frozenset()
+        for attempt in range(2):
+            plan = discover(model, x, force)
+            bad = self._check(plan, model, x)
+            if not bad:
+                plan.validated = True
+                return plan
+            force = force | {id(p) for p in bad}
+        names = ", ".join(plan.names.get(id(p), "?") for p in bad)
+        raise UnsupportedModelError(f"structured: the per-layer Jacobians of {names} do not add up to autograd's "
+                                    "gradient (a use of the parameter no module call shows)")
+
+    def _check(self, plan, model, x):
+        """Trainable parameters for which Σ_{n,o} R[n,o]·J[n,o], with the rules' per-sample Jacobians J and random
+        weights R, differs from autograd's gradient of Σ_{n,o} R[n,o]·f[n,o] on this batch (one plain backward;
+        a missing or doubled use, a wrong batch dimension or sample mixing changes the weighted sum)."""
+        params = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
+        items, uses, o, grads = self._side(plan, model, x, params=params)
+        sums = {}
+        with torch.no_grad():
+            for u, item in zip(uses, items):
+                if item is not None:
+                    for k, v in u.entry.rule.summed(item, u.entry.slots).items():
+                        _add_to(sums, id(u.entry.slots[k]), v.reshape(o, -1).sum(0))
+        tol = 1e-9 if params[0].dtype == torch.float64 else 1e-3
+        # (a parameter whose true derivative is 0, a conv bias before an InstanceNorm, is rounding noise on both
+        # sides: compared against a thousandth of the whole gradient)
+        floor = 1e-3 * float(torch.stack([(g.to_dense() if g.is_sparse else g).norm() for g in grads]).norm())
+        bad = []
+        for p, g in zip(params, grads):
+            ref = (g.to_dense() if g.is_sparse else g).reshape(-1)  # (an Embedding with sparse=True)
+            ours = sums.get(id(p), torch.zeros_like(ref))
+            scale = max(float(ref.norm()), float(ours.norm()), floor)
+            if float((ours - ref).norm()) > tol * scale:
+                bad.append(p)
+        return bad
+
+    # -- one side: record, backward, per-use rule data ----------------------------------------------------------
+
+    def _record(self, plan, model, x):
+        for _ in range(1 + 2 * len(plan.entries)):
+            try:
+                return record(plan, model, x)
+            except _Replan as exc:
+                if not exc.in_place:
+                    raise _StalePlan(str(exc), x) from None
+        raise UnsupportedModelError("structured: the model keeps changing recorded tensors in place")
+
+    def _side(self, plan, model, x, params=None):
+        """(rule data per use, the uses, O, [parameter gradients when ``params``])."""
+        y, uses = self._record(plan, model, x)
+        if not isinstance(y, torch.Tensor) or y.dim() not in (1, 2):
+            raise ValueError("model output must have shape (N, O) or (N,)")
+        y2 = y.unsqueeze(1) if y.dim() == 1 else y
+        o = y2.shape[1]
+        shortcut = None if params is not None else _output_shortcut(plan, uses, y)
+        targets, wanted = [], []
+        for u in uses:
+            if u is shortcut:
+                wanted.append(None)
+                continue
+            if u.entry.kind == "tap":
+                wanted.append([0] if u.outs[0].requires_grad else [])
+                targets.extend([u.outs[0]] if u.outs[0].requires_grad else [])
+            elif u.entry.kind == "generic":
+                idx = [j for j, d in enumerate(u.entry.out_dims[u.index]) if d is not None]
+                wanted.append(idx)
+                targets.extend(u.outs[j] for j in idx)
             else:
-                out.append((mod, *_positions(mod, xin.detach(), z, next(grads))))
-        return out
+                z = u.outs[0]
+                wanted.append([0] if z.requires_grad else [])
+                targets.extend([z] if z.requires_grad else [])
+        grads = _output_grads(y2, targets, retain_graph=params is not None)
+        pgrads = []
+        if params is not None:  # the plan's check: random weights per (sample, output) on both sides
+            gen = torch.Generator(device=y2.device).manual_seed(0)
+            weights = torch.rand(y2.shape, generator=gen, dtype=y2.dtype, device=y2.device) + 0.5
+            pgrads = torch.autograd.grad(y2, params, grad_outputs=weights, allow_unused=True, materialize_grads=True)
+            grads = [_weighted(g, weights, d) for g, d in zip(grads, _batch_dims(uses, wanted))]
+        it = iter(grads)
+        items = []
+        for u, idx in zip(uses, wanted):
+            e = u.entry
+            if idx is None:
+                bias = "bias" in e.slots
+                items.append(_Shortcut(u.leaves[0], bias, o))
+                continue
+            gs = [next(it) for _ in idx]
+            if not gs or all(g is None for g in gs):
+                items.append(None)
+                continue
+            if e.kind == "tap":
+                items.append(e.rule.side(u, gs[0], e.out_dims[u.index][0]))
+            elif e.kind == "generic":
+                outs = [u.outs[j] for j in idx]
+                gs = [torch.zeros((o,) + z.shape, dtype=z.dtype, device=z.device) if g is None else g
+                      for g, z in zip(gs, outs)]
+                call = (u.leaves, u.spec, e.in_dims[u.index], [e.out_dims[u.index][j] for j in idx], idx)
+                items.append(self._generic_side(e, call, gs, outs, check=params is not None))
+            else:
+                dx, dz = e.in_dims[u.index][0], e.out_dims[u.index][0]
+                items.append(e.rule.side(u.leaves[0].movedim(dx, 0), gs[0].movedim(1 + dz, 1), None))
+        for u in uses:  # (the recorded outputs hold the forward's graph: let it go)
+            u.outs = u.returned = None
+        return items, uses, o, pgrads
+
+    @staticmethod
+    def _generic_side(e, call, gs, outs, check):
+        """The generic rule's data; while the plan is checked, vmap is tried first and must reproduce the module's
+        outputs, else one sample at a time, which must too."""
+        rule = e.rule
+        if not check:
+            return rule.side(call, gs)
+        for mode in ("vmap", "loop"):
+            rule.mode = mode
+            try:
+                if not rule.reproduces(call, outs):
+                    continue
+                return rule.side(call, gs)
+            except (RuntimeError, ValueError, TypeError, NotImplementedError):
+                if mode == "loop":
+                    raise
+        raise UnsupportedModelError(f"structured: {e.name} ({type(e.module).__name__}): its output for one sample "
+                                    "depends on the other samples of the batch (or on randomness)")
+
+    # -- the kernel ----------------------------------------------------------------------------------------------
 
     def _kernel(self, model, x1, x2, mode):
-        if x1.device.type != "cpu" or not torch._C._get_mkldnn_enabled() or \
-                not any(isinstance(m, nn.Conv2d) for m in submodules(model)):
+        if x1.device.type != "cpu" or not torch._C._get_mkldnn_enabled() or x1.dtype == torch.float64 or \
+                not any(isinstance(m, nn.modules.conv._ConvNd) for m in submodules(model)):  # (no fp64 in oneDNN)
             return self._layer_sum(model, x1, x2, mode)
         key = (tuple(x1.shape), None if x2 is None else tuple(x2.shape), x1.dtype, mode)
-        use_onednn = shape_keyed_cache(_CONV_BACKEND, model, key, lambda: _onednn_is_faster(
-            lambda: self._layer_sum(model, x1, x2, mode)))
+        outs = []
+
+        def trial():
+            self.plan(model, x1)  # (made once, outside the timed calls)
+            return _onednn_is_faster(lambda: outs.append(self._layer_sum(model, x1, x2, mode)))
+
+        use_onednn = shape_keyed_cache(_CONV_BACKEND, model, key, trial)
+        if outs and use_onednn:  # a slow call keeps oneDNN untried: its kernel is this call's
+            return outs[-1]
         with _onednn(use_onednn):
             return self._layer_sum(model, x1, x2, mode)
 
     def _layer_sum(self, model, x1, x2, mode):
-        side1 = self._side(model, x1)
-        side2 = side1 if x2 is None else self._side(model, x2)
-        total = KernelSum(mode)
-        jac1, jac2 = [], []  # Jacobian blocks of the Jacobian-order layers, contracted together in one GEMM
-        for (mod, a1, b1), (_, a2, b2) in zip(side1, side2):
-            has_bias = getattr(mod, "bias", None) is not None and mod.bias.requires_grad
-            if b1 is None and mod.out_features == 1:  # the output layer, O = 1: its Jacobian is [X, 1]
-                jac1 += _output_jacobian(a1, has_bias)
-                jac2 += _output_jacobian(a2, has_bias) if x2 is not None else []
-            elif b1 is None:  # the output layer: (X1 X2ᵀ + 1) ⊗ I
-                total.add_identity_gram(input_gram(a1, a2, has_bias), mod.out_features)
-            elif _gram_is_cheaper(a1, b1, a2, mode):
-                _add_gram_term(total, a1, b1, a2, b2, has_bias)
-            else:
-                jac1 += _layer_jacobian(a1, b1, has_bias)
-                jac2 += _layer_jacobian(a2, b2, has_bias) if x2 is not None else []
-        if jac1:
-            j1 = torch.cat(jac1, 2)
-            total.add_jacobians(j1, j1 if x2 is None else torch.cat(jac2, 2))
+        if x2 is not None and x2.shape[1:] != x1.shape[1:]:
+            raise ValueError("x1 and x2 have different per-sample shapes")
+        plan = self.plan(model, x1)
+        try:
+            items1, uses, o, _ = self._side(plan, model, x1)
+            items2 = items1 if x2 is None else self._side(plan, model, x2)[0]
+        except _StalePlan as stale:  # the forward took another path (the batch size decides one): plan on it, once
+            plan = self.plan(model, stale.x, again=True)
+            try:
+                items1, uses, o, _ = self._side(plan, model, x1)
+                items2 = items1 if x2 is None else self._side(plan, model, x2)[0]
+            except _StalePlan as exc:
+                raise UnsupportedModelError(f"structured: the model's forward takes different paths for different "
+                                            f"batches ({exc}); no one plan covers both") from None
+        total = _assemble(plan, uses, items1, items2, mode, x2 is None)
+        if total.acc is None and total.identity is None:  # no parameter reaches the output
+            m = x1.shape[0] if x2 is None else x2.shape[0]
+            dtype = next(p for p in model.parameters() if p.requires_grad).dtype
+            return torch.zeros(kernel_shape(x1.shape[0], m, o, mode), dtype=dtype, device=x1.device)
         return total.result().detach()
+
+
+def _assemble(plan: Plan, uses, items1, items2, mode: str, symmetric: bool) -> torch.Tensor:
+    """Σ over uses of each rule's term: Gram order or Jacobian blocks; shared parameters' blocks summed first."""
+    total = KernelSum(mode)
+    blocks, shared1, shared2 = [], {}, {}
+    for u, a, b in zip(uses, items1, items2):
+        if a is None or b is None:
+            continue
+        e = u.entry
+        if isinstance(a, _Shortcut):
+            if a.o == 1:  # J = [X, 1]
+                ja = [a.x.unsqueeze(1)] + ([a.x.new_ones(a.x.shape[0], 1, 1)] if a.bias else [])
+                jb = ja if symmetric else [b.x.unsqueeze(1)] + ([b.x.new_ones(b.x.shape[0], 1, 1)] if b.bias else [])
+                blocks.extend(zip(ja, jb))
+            else:
+                total.add_identity_gram(input_gram(a.x, b.x, a.bias), a.o)
+            continue
+        own = {k: p for k, p in e.slots.items() if id(p) not in plan.shared}
+        shared = {k: p for k, p in e.slots.items() if id(p) in plan.shared}
+        if shared:
+            for k, j in e.rule.jacobians(a, shared).items():
+                _add_to(shared1, id(shared[k]), j)
+            if not symmetric:
+                for k, j in e.rule.jacobians(b, shared).items():
+                    _add_to(shared2, id(shared[k]), j)
+        if not own:
+            continue
+        if e.rule.gram_capable and "weight" in own:
+            gram, jac = e.rule.costs(a, b, mode, symmetric)
+            if ORDER == "gram" or (ORDER is None and gram <= jac):
+                blocks.extend(e.rule.add_gram(total, a, b, symmetric, "bias" in own))
+                continue
+        ja = e.rule.jacobians(a, own)
+        jb = ja if symmetric else e.rule.jacobians(b, own)
+        blocks.extend((ja[k], jb[k]) for k in ja)
+    blocks.extend((shared1[k], None if symmetric else shared2[k]) for k in shared1)
+    _contract(total, blocks, symmetric)
+    return total
 
 
 plugin = Structured()

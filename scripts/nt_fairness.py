@@ -148,7 +148,6 @@ def main(argv=None) -> int:
     reason = reference.available()
     if reason is not None:
         raise SystemExit(reason)
-    import jax
 
     from ntk_bench.bench import architectures
 

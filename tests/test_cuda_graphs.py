@@ -142,10 +142,10 @@ def test_a_failed_capture_warns_once_and_runs_eagerly(monkeypatch):
 
 
 def test_errors_of_the_kernel_itself_propagate(cpu_cache):
-    """A model structured declines at run time (shared weights) raises from the capture's warm-up, as eagerly."""
-    from test_structured import test_structured_rejects_shared_weights
+    """A model structured declines at run time (one mixing the samples) raises from the capture's warm-up, as eagerly."""
+    from test_structured import test_structured_declines_at_run_time_a_module_mixing_samples
 
-    test_structured_rejects_shared_weights()
+    test_structured_declines_at_run_time_a_module_mixing_samples()
     assert cpu_cache.captures == 1
 
 

@@ -284,7 +284,7 @@ PEERS = ["nt_jacobian_contraction", "nt_ntk_vector_products", "nt_structured_der
 @pytest.mark.parametrize("name,mode", list(zip(PEERS, ["full", "trace", "diagonal"])))
 def test_peers_compute_the_reference(name, mode):
     from ntk_bench import implementations
-    from ntk_bench.implementations.base import reduce_full
+    from ntk_bench.implementations.kernels import reduce_full
 
     plugin = implementations.get(name)
     assert plugin.kind == "peer" and implementations.kind_of(name) == "peer"

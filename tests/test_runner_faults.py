@@ -20,7 +20,7 @@ import pytest
 
 from ntk_bench.bench import measure, rundir, runner, sweeps, sysinfo
 from ntk_bench.bench.executors import InlineExecutor, JobFuture, LocalExecutor
-from runner_helpers import cli, cli_env, pid_alive, seed_reference, smoke, start_cli
+from runner_helpers import cli, cli_env, pid_alive, seed_reference, start_cli
 
 SMOKE_ARCH = {"name": "mlp", "params": {"in_features": 4, "width": 8, "depth": 1}, "N": [3], "O": [2]}
 

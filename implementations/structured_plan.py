@@ -1,0 +1,611 @@
+"""The structured plugin's plan: which rule covers which parameter, found once per model structure and input shape.
+
+Discovery (the first call for a model's structure, input shape, dtype and device) runs the model's real forward
+twice, on the batch and on the batch plus one sample, with every module's ``forward`` wrapped, and reads off:
+
+- which modules are called, how often, and the batch dimension of each of their tensor inputs and outputs (the
+  dimension whose size follows the batch: N, then N + 1);
+- which recorded tensors are changed in place later (``ReLU(inplace=True)``, ``out += identity``): those inputs
+  are copied and those outputs cloned when recorded, so downstream in-place ops hit the copy;
+- where each trainable parameter is used. A parameter whose owners are all layers with a rule (Linear, ConvNd,
+  Embedding, eval BatchNorm, LayerNorm, GroupNorm, RMSNorm) called on batched inputs is covered by those
+  layers, once per call. Any other parameter (a module without a rule, a raw ``nn.Parameter`` used in a parent's
+  forward such as ViT's class token, a module never called through its forward such as MultiheadAttention's
+  ``out_proj``, a parametrization's originals) goes to the generic rule of the nearest module above all its
+  owners that is called on batched inputs: that module's per-sample vjp covers every use inside it.
+
+A parameter covered more than once (a module called twice, one tensor in two modules) is "shared": its
+per-use Jacobian blocks are summed before contracting, so the cross terms between uses are kept.
+
+The plan is then checked against autograd on the discovery batch: for every parameter, the per-sample
+Jacobians the rules give, summed over samples, must equal autograd's gradient of Σ_n f[n, o] (all O outputs at
+once). A parameter that fails (used in a way no hook sees: a parameter read in a parent's forward besides its
+module's call, a module called through ``forward`` of another) is moved to the generic rule of the whole model
+and checked again; a parameter that still fails makes the model unsupported, naming it.
+
+Recording (every call) touches only the planned modules, and removes what it adds. A layer with a rule has its
+``forward`` wrapped (an instance attribute): the wrapper sees the input after forward pre-hooks and the layer's
+own output before any forward hook, so hooks that change the output are autograd's business like any other op.
+A generic module is recorded around its whole call (a forward pre-hook run first, a forward hook run last), and
+its vjp runs the call again, hooks included: pre-hooks that compute a weight (old-style ``weight_norm``) count.
+Version counters of everything kept are checked after the forward; a change not planned for re-records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+
+from .base import UnsupportedModelError
+from .structured_rules import make_rule, math_attention, rule_kind
+
+
+
+@dataclasses.dataclass
+class Entry:
+    """One planned module: its rule, the parameters it covers (slot -> parameter), and per call the batch
+    dimensions of its inputs and outputs."""
+
+    module: nn.Module
+    name: str
+    kind: str
+    rule: object
+    slots: dict
+    calls: int
+    in_dims: list  # per call: per input leaf, its batch dimension or None
+    out_dims: list  # per call: per output leaf, its batch dimension or None
+    copy_in: bool = False
+    clone_out: bool = False
+    ops: list = dataclasses.field(default_factory=list)  # "tap": per call, (torch function, parameter slots read)
+
+
+@dataclasses.dataclass
+class Plan:
+    entries: list
+    shared: set  # ids of parameters covered more than once
+    names: dict  # id(parameter) -> its name in the model
+    validated: bool = False
+    uncalled: list = dataclasses.field(default_factory=list)  # modules with parameters the discovery saw no call of
+
+
+@dataclasses.dataclass
+class Use:
+    """One call of a planned module on one side: its inputs (leaves, treespec), output leaves, and the tensor it
+    returned to the model (a clone where the output is changed in place later)."""
+
+    entry: Entry
+    index: int
+    leaves: list
+    spec: object
+    outs: list
+    returned: object
+    func: object = None  # "tap": the torch function called, and which argument leaves are parameters (slot -> index)
+    params: dict = dataclasses.field(default_factory=dict)
+    version: int = 0  # of ``returned`` when it was returned (a rule layer's)
+
+
+def _leaf_info(leaves):
+    return [(tuple(v.shape), v.requires_grad) if isinstance(v, torch.Tensor) else None for v in leaves]
+
+
+def _batch_dim(a, b, n):
+    """The dimension whose size is n in shape ``a`` and n + 1 in shape ``b`` (all others equal); None if the
+    shapes are equal; "mixed" when the shape changes otherwise (a batch merged with another dimension)."""
+    if a == b:
+        return None
+    if len(a) != len(b):
+        return "mixed"
+    diff = [i for i, (p, q) in enumerate(zip(a, b)) if p != q]
+    if len(diff) == 1 and a[diff[0]] == n and b[diff[0]] == n + 1:
+        return diff[0]
+    return "mixed"
+
+
+class _Wrapped:
+    """Replaces ``module.forward`` by ``wrapper`` until ``restore()`` (the module's own instance attribute, if it
+    had one, is put back)."""
+
+    def __init__(self, module, wrapper):
+        self.module = module
+        self.had = "forward" in module.__dict__
+        self.before = module.__dict__.get("forward")
+        module.__dict__["forward"] = wrapper
+
+    def restore(self):
+        if self.had:
+            self.module.__dict__["forward"] = self.before
+        else:
+            self.module.__dict__.pop("forward", None)
+
+
+
+
+class _Replan(Exception):
+    """The recorded forward did not follow the plan: record again (``in_place``: with the copies now planned), or
+    plan again (calls, batch sizes: the forward takes another path than the discovery saw)."""
+
+    def __init__(self, reason, in_place=False):
+        super().__init__(reason)
+        self.in_place = in_place
+
+
+def _tripwire(module, name):
+    def hook(mod, args):
+        raise _Replan(f"{name} has parameters and was called, but not when the plan was made")
+    return hook
+
+
+def _tensor_leaves(leaves):
+    return [v for v in leaves if isinstance(v, torch.Tensor)]
+
+
+class _Observer:
+    """Discovery: every module's calls, at the forward level (rules) and the call level (generic), with their
+    leaves' shapes and the in-place changes made to them after they were seen."""
+
+    def __init__(self, modules):
+        self.modules = modules
+        self.fwd = {m: [] for m in modules}  # per call: (input leaf info, output leaf info)
+        self.call = {m: [] for m in modules}
+        self.watch = []  # (module, level, "in"/"out", tensor, version)
+        self.undo = []
+        self.order = []  # (module, its output leaves), in the order the forward calls finish
+
+    def __enter__(self):
+        for m in self.modules:
+            self.undo.append(_Wrapped(m, self._forward(m, m.forward)))
+            self.undo.append(m.register_forward_pre_hook(self._pre(m), prepend=True, with_kwargs=True))
+            self.undo.append(m.register_forward_hook(self._post(m), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc):
+        for u in reversed(self.undo):
+            u.restore() if isinstance(u, _Wrapped) else u.remove()
+
+    def _see(self, module, level, kind, leaves):
+        for v in _tensor_leaves(leaves):
+            self.watch.append((module, level, kind, v, v._version))
+
+    def _forward(self, module, original):
+        def forward(*args, **kwargs):
+            leaves = pytree.tree_leaves((args, kwargs))
+            self._see(module, "fwd", "in", leaves)
+            out = original(*args, **kwargs)
+            outs = pytree.tree_leaves(out)
+            self.fwd[module].append((_leaf_info(leaves), _leaf_info(outs)))
+            self.order.append((module, [v.detach() if isinstance(v, torch.Tensor) else None for v in outs]))
+            self._see(module, "fwd", "out", outs)
+            return out
+        return forward
+
+    def _pre(self, module):
+        def hook(mod, args, kwargs):
+            leaves = pytree.tree_leaves((args, kwargs))
+            self.call[module].append([_leaf_info(leaves), None])
+            self._see(module, "call", "in", leaves)
+        return hook
+
+    def _post(self, module):
+        def hook(mod, args, kwargs, out):
+            outs = pytree.tree_leaves(out)
+            open_calls = [c for c in self.call[module] if c[1] is None]
+            open_calls[-1][1] = _leaf_info(outs)
+            self._see(module, "call", "out", outs)
+        return hook
+
+    def changed(self):
+        """{(module, level, "in"/"out")} whose tensors changed after they were seen."""
+        return {(m, level, kind) for m, level, kind, v, version in self.watch if v._version != version}
+
+
+def _mentions(args, kwargs, ids) -> bool:
+    """Whether a parameter in ``ids`` is among the arguments (a quick look first: most ops take none)."""
+    for v in args:
+        if isinstance(v, nn.Parameter):
+            if id(v) in ids:
+                return True
+        elif isinstance(v, (list, tuple)) and any(isinstance(u, nn.Parameter) and id(u) in ids for u in v):
+            return True
+    return bool(kwargs) and any(isinstance(v, torch.Tensor) and id(v) in ids for v in pytree.tree_leaves(kwargs))
+
+
+class _ParamOps(TorchFunctionMode):
+    """Discovery: every torch function called with a trainable parameter itself among its arguments: (function,
+    ids of those parameters, output leaf info); outputs watched for in-place changes."""
+
+    def __init__(self, param_ids):
+        super().__init__()
+        self.param_ids, self.ops, self.watch = param_ids, [], []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not _mentions(args, kwargs, self.param_ids):
+            return out
+        hit = tuple(id(v) for v in pytree.tree_leaves((args, kwargs))
+                    if isinstance(v, torch.Tensor) and id(v) in self.param_ids)
+        outs = pytree.tree_leaves(out)
+        if hit and any(isinstance(v, torch.Tensor) and v.requires_grad for v in outs):  # (else: no derivative)
+            self.ops.append((func, hit, _leaf_info(outs)))
+            self.watch.extend((len(self.ops) - 1, v, v._version) for v in _tensor_leaves(outs))
+        return out
+
+
+def _observe(model, x, modules):
+    param_ids = {id(p) for m in modules for p in m._parameters.values() if p is not None and p.requires_grad}
+    ops = _ParamOps(param_ids)
+    with _Observer(modules) as obs, torch.enable_grad(), math_attention(), ops:
+        y = model(x)
+    changed = obs.changed() | {("op", i) for i, v, version in ops.watch if v._version != version}
+    obs.watch, obs.ops = [], ops.ops
+    return obs, y, changed
+
+
+def _dims(info_a, info_b, n):
+    """Per leaf: its batch dimension, None (not a tensor, or the same shape at both batch sizes), "mixed"."""
+    if len(info_a) != len(info_b):
+        return None
+    out = []
+    for a, b in zip(info_a, info_b):
+        if a is None or b is None:
+            out.append(None if a is None and b is None else "mixed")
+        else:
+            out.append(_batch_dim(a[0], b[0], n))
+    return out
+
+
+def _same(a, b) -> bool:
+    tol = 1e-9 if a.dtype == torch.float64 else 1e-4
+    return a.shape == b.shape and (not a.is_floating_point() or
+                                   torch.allclose(a, b, rtol=tol, atol=tol * float(a.abs().max() if a.numel() else 0)))
+
+
+def _first_mixing(obs_a, obs_b, n, names) -> str:
+    """The first module (in the order calls finish) whose output for the first N samples changed when one more
+    sample was added: where samples first mix. The whole model when no module shows it."""
+    for (m, outs_a), (_, outs_b) in zip(obs_a.order, obs_b.order):
+        for a, b in zip(outs_a, outs_b):
+            if a is None or b is None or a.dim() != b.dim():
+                continue
+            d = _batch_dim(tuple(a.shape), tuple(b.shape), n)
+            if isinstance(d, int) and not _same(a, b.narrow(d, 0, n)):
+                return f"{names[m]} ({type(m).__name__})"
+    return "the model"
+
+
+def structure_key(model: nn.Module) -> tuple:
+    """What a plan depends on besides the input: modules, their parameters (identity, trainable), modes, hooks."""
+    from .modelinfo import submodules
+
+    return tuple((id(m), type(m), m.training, len(m._forward_pre_hooks), len(m._forward_hooks),
+                  tuple((k, id(p), p.requires_grad) for k, p in m._parameters.items() if p is not None))
+                 for m in submodules(model))
+
+
+def _rule_batched(kind, module, fwd_a, fwd_b, n):
+    """The batch dimensions (input, output) of every forward-level call of a rule layer, or None where a call is
+    not on a batch in the layer's own layout."""
+    dims = []
+    for (ina, outa), (inb, outb) in zip(fwd_a, fwd_b):
+        din, dout = _dims(ina[:1], inb[:1], n), _dims(outa, outb, n)
+        if not din or len(dout) != 1 or not isinstance(din[0], int) or not isinstance(dout[0], int):
+            return None
+        dx, dz = din[0], dout[0]
+        rank = len(ina[0][0])
+        if kind == "conv" or isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
+            ok = dx == 0 and dz == 0 and rank >= 2
+        elif kind == "embedding":
+            ok = dx == dz
+        elif kind == "linear":
+            ok = dx == dz and dx < rank - 1
+        else:  # LayerNorm, RMSNorm: a leading dimension
+            ok = dx == dz and dx < rank - len(module.normalized_shape)
+        if not ok:
+            return None
+        dims.append((dx, dz))
+    return dims
+
+
+def _generic_batched(call_a, call_b, n):
+    """Per call (input dims, output dims) of a module's calls if each is on a batch (every tensor input batched or
+    the same at both sizes, at least one batched, every output that needs a gradient batched), else None."""
+    dims = []
+    for (ina, outa), (inb, outb) in zip(call_a, call_b):
+        if outa is None or outb is None:
+            return None
+        din, dout = _dims(ina, inb, n), _dims(outa, outb, n)
+        if din is None or dout is None or "mixed" in din or not any(isinstance(d, int) for d in din):
+            return None
+        douts = []
+        for info, d in zip(outa, dout):
+            needs = info is not None and info[1]
+            if needs and not isinstance(d, int):
+                return None
+            douts.append(d if needs else None)
+        dims.append((din, douts))
+    return dims
+
+
+def discover(model: nn.Module, x: torch.Tensor, force_root: frozenset = frozenset()) -> Plan:
+    """The plan for ``model`` on inputs shaped like ``x`` (see the module docstring); ``force_root``: ids of
+    parameters to put in the generic rule of the whole model."""
+    named = list(model.named_modules(remove_duplicate=True))
+    modules = [m for _, m in named]
+    names = {m: (k or f"the model ({type(m).__name__})") for k, m in named}
+    parent = {}
+    for _, m in named:
+        for child in m._modules.values():
+            if child is not None and child not in parent:
+                parent[child] = m
+    if any(isinstance(m, torch.jit.ScriptModule) for m in modules):
+        bad = next(names[m] for m in modules if isinstance(m, torch.jit.ScriptModule))
+        raise UnsupportedModelError(f"structured: {bad} is a TorchScript module; its calls cannot be recorded")
+    n = x.shape[0]
+    obs_a, y_a, changed = _observe(model, x, modules)
+    obs_b, y_b, _ = _observe(model, torch.cat([x, x[:1]]), modules)
+    if isinstance(y_a, torch.Tensor) and isinstance(y_b, torch.Tensor) and y_b.shape[1:] == y_a.shape[1:] and \
+            not _same(y_a.detach(), y_b[:n].detach()):
+        where = _first_mixing(obs_a, obs_b, n, names)
+        raise UnsupportedModelError(f"structured: the output of {where} for a sample depends on the other samples "
+                                    "of the batch or on randomness (one more sample changed it): the per-sample "
+                                    "kernel is not defined (train-mode BatchNorm or Dropout? call model.eval())")
+    for m in modules:
+        if len(obs_a.fwd[m]) != len(obs_b.fwd[m]) or len(obs_a.call[m]) != len(obs_b.call[m]):
+            raise UnsupportedModelError(f"structured: {names[m]} is called a different number of times for a "
+                                        "different batch size")
+
+    owners, params = {}, {}
+    for m in modules:
+        for attr, p in m._parameters.items():
+            if p is not None and p.requires_grad:
+                owners.setdefault(id(p), []).append((m, attr))
+                params[id(p)] = p
+    pnames = {}
+    for k, p in model.named_parameters(remove_duplicate=False):
+        pnames.setdefault(id(p), k)
+
+    kinds, rule_dims = {}, {}
+    for m in modules:
+        if not any(p is not None and p.requires_grad for p in m._parameters.values()):
+            continue
+        kind, problem = rule_kind(m)
+        if problem and obs_a.fwd[m]:
+            raise UnsupportedModelError(f"structured: {names[m]}: {problem}")
+        if kind and obs_a.fwd[m]:
+            dims = _rule_batched(kind, m, obs_a.fwd[m], obs_b.fwd[m], n)
+            if dims is not None:
+                kinds[m], rule_dims[m] = kind, dims
+
+    call_dims = {}
+
+    def generic_ok(m):
+        if m not in call_dims:
+            call_dims[m] = _generic_batched(obs_a.call[m], obs_b.call[m], n) if obs_a.call[m] else None
+        return call_dims[m] is not None
+
+    def ancestors(m):
+        chain = [m]
+        while chain[-1] in parent:
+            chain.append(parent[chain[-1]])
+        return chain
+
+    hosts = {}  # generic module -> {id(p)}
+    for pid, own in owners.items():
+        if pid not in force_root and all(m in kinds for m, _ in own):
+            continue
+        if pid in force_root:
+            host = model
+        else:
+            common = None
+            for m, _ in own:
+                chain = ancestors(m)
+                common = chain if common is None else [a for a in common if a in chain]
+            host = next((a for a in common if generic_ok(a)), None)
+        if host is None or not generic_ok(host):
+            raise UnsupportedModelError(
+                f"structured: no module around {pnames[pid]} is called on a batch (cannot find the batch "
+                "dimension of its inputs and outputs)")
+        hosts.setdefault(host, set()).add(pid)
+    for host in list(hosts):
+        if host in kinds:  # a layer with a rule that also hosts others' parameters: all of it generic
+            hosts[host] |= {id(p) for p in host._parameters.values() if p is not None and p.requires_grad}
+            del kinds[host]
+    covered = {pid for s in hosts.values() for pid in s}
+
+    entries = []
+    for m in modules:
+        if m in kinds:
+            slots = {a: p for a, p in m._parameters.items()
+                     if p is not None and p.requires_grad and id(p) not in covered}
+            if slots:
+                dims = rule_dims[m]
+                entries.append(Entry(m, names[m], kinds[m], make_rule(kinds[m], m), slots, len(dims),
+                                     [[d[0]] for d in dims], [[d[1]] for d in dims],
+                                     copy_in=(m, "fwd", "in") in changed, clone_out=(m, "fwd", "out") in changed))
+        if m in hosts:
+            local = {}
+            for k, p in m.named_parameters(remove_duplicate=False):
+                if id(p) in hosts[m] and id(p) not in {id(q) for q in local.values()}:
+                    local[k] = p
+            dims = call_dims[m]
+            entries.append(Entry(m, names[m], "generic", make_rule("generic", m, list(local)), local, len(dims),
+                                 [d[0] for d in dims], [d[1] for d in dims],
+                                 copy_in=(m, "call", "in") in changed, clone_out=(m, "call", "out") in changed))
+    entries = _taps(entries, obs_a, obs_b, n, changed, names)
+    counts = {}
+    for e in entries:
+        for p in e.slots.values():
+            counts[id(p)] = counts.get(id(p), 0) + e.calls
+    uncalled = [m for m in modules if not obs_a.call[m] and not obs_a.fwd[m]
+                and any(p is not None and p.requires_grad for p in m._parameters.values())]
+    return Plan(entries, {pid for pid, c in counts.items() if c > 1}, pnames, uncalled=uncalled)
+
+
+def _is_in_place(func) -> bool:
+    name = getattr(func, "__name__", "")
+    return (name.endswith("_") and not name.endswith("__")) or name.startswith("__i")
+
+
+def _taps(entries, obs_a, obs_b, n, changed, names):
+    """Generic entries whose parameters are each read only by single ops giving one batched tensor (a class
+    token's ``expand``, a positional embedding's ``+``, a scale's ``*``) become "tap" entries: the rule takes
+    those ops' outputs' gradients and each op's own per-sample vjp, instead of the module's vjp per sample."""
+    from .structured_rules import TapRule
+
+    if len(obs_a.ops) != len(obs_b.ops):
+        return entries
+    out = []
+    for e in entries:
+        if e.kind != "generic":
+            out.append(e)
+            continue
+        pids = {id(p) for p in e.slots.values()}
+        ops = [(i, op) for i, op in enumerate(obs_a.ops) if set(op[1]) & pids]
+        dims = []
+        for i, (func, hit, info) in ops:
+            d = _dims(info, obs_b.ops[i][2], n)
+            tensors = [k for k, v in enumerate(info) if v is not None and v[1]]
+            if not set(hit) <= pids or _is_in_place(func) or obs_b.ops[i][0] is not func or len(tensors) != 1 \
+                    or len(info) != 1 or not isinstance(d[0], int):
+                dims = None
+                break
+            dims.append(d[0])
+        if not ops or dims is None or {pid for _, op in ops for pid in op[1]} != pids:
+            out.append(e)
+            continue
+        by_id = {id(p): k for k, p in e.slots.items()}
+        clone = any(("op", i) in changed for i, _ in ops)
+        out.append(Entry(e.module, e.name, "tap", TapRule(e.slots), e.slots, len(ops), [[] for _ in ops],
+                         [[d] for d in dims], clone_out=clone,
+                         ops=[(op[0], tuple(by_id[pid] for pid in op[1])) for _, op in ops]))
+    return out
+
+
+def _clone_leaves(out):
+    return pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) and v.requires_grad else v, out)
+
+
+def record(plan: Plan, model: nn.Module, x: torch.Tensor):
+    """The model's forward with the planned modules recorded: (y, uses in order of the plan's entries, each
+    entry's calls in order). Raises _Replan where the forward does not follow the plan."""
+    n = x.shape[0]
+    uses = {id(e): [] for e in plan.entries}
+    watch, undo, state = [], [], {"on": True}
+
+    def rule_forward(e, original):
+        def forward(*args, **kwargs):
+            if not state["on"]:
+                return original(*args, **kwargs)
+            xin = (args[0] if args else next(iter(kwargs.values()))).detach()
+            if e.copy_in:
+                xin = xin.clone()
+            else:
+                watch.append((e, "in", xin, xin._version))
+            out = original(*args, **kwargs)
+            returned = out.clone() if e.clone_out else out
+            if not e.clone_out:
+                watch.append((e, "out", out, out._version))
+            uses[id(e)].append(Use(e, len(uses[id(e)]), [xin], None, [out], returned, version=returned._version))
+            return returned
+        return forward
+
+    def generic_pre(e):
+        def hook(mod, args, kwargs):
+            if not state["on"]:
+                return None
+            leaves, spec = pytree.tree_flatten((args, kwargs))
+            kept = [v.detach().clone() if e.copy_in else v.detach() if isinstance(v, torch.Tensor) else v
+                    for v in leaves]
+            if not e.copy_in:
+                watch.extend((e, "in", v, v._version) for v in _tensor_leaves(kept))
+            uses[id(e)].append(Use(e, len(uses[id(e)]), kept, spec, None, None))
+            return None
+        return hook
+
+    def generic_post(e):
+        def hook(mod, args, kwargs, out):
+            if not state["on"]:
+                return None
+            use = next(u for u in reversed(uses[id(e)]) if u.outs is None)
+            use.outs = pytree.tree_leaves(out)
+            if e.clone_out:
+                out = _clone_leaves(out)
+            else:
+                watch.extend((e, "out", v, v._version) for v in _tensor_leaves(use.outs))
+            use.returned = out
+            return out if e.clone_out else None
+        return hook
+
+    taps = {}
+    for e in plan.entries:
+        if e.kind == "tap":
+            for k, p in e.slots.items():
+                taps[id(p)] = e
+
+    class TapMode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            if not state["on"] or not _mentions(args, kwargs, taps) or \
+                    not any(isinstance(v, torch.Tensor) and v.requires_grad for v in pytree.tree_leaves(out)):
+                return out
+            leaves, spec = pytree.tree_flatten((args, kwargs))
+            e = next((taps[id(v)] for v in leaves if isinstance(v, torch.Tensor) and id(v) in taps), None)
+            if e is None:
+                return out
+            kept = [v.detach() if isinstance(v, torch.Tensor) else v for v in leaves]
+            params = {k: i for i, v in enumerate(leaves) for k, p in e.slots.items() if v is p}
+            watch.extend((e, "in", v, v._version) for v in _tensor_leaves(kept))
+            returned = out.clone() if e.clone_out else out
+            if not e.clone_out:
+                watch.append((e, "out", out, out._version))
+            uses[id(e)].append(Use(e, len(uses[id(e)]), kept, spec, [out], returned, func, params))
+            return returned
+
+    mode = TapMode() if taps else contextlib.nullcontext()
+    try:
+        for m in plan.uncalled:
+            undo.append(m.register_forward_pre_hook(_tripwire(m, type(m).__name__)))
+        for e in plan.entries:
+            if e.kind == "tap":
+                continue
+            if e.kind == "generic":
+                undo.append(e.module.register_forward_pre_hook(generic_pre(e), prepend=True, with_kwargs=True))
+                undo.append(e.module.register_forward_hook(generic_post(e), with_kwargs=True))
+            else:
+                undo.append(_Wrapped(e.module, rule_forward(e, e.module.forward)))
+        with torch.enable_grad(), math_attention(), mode:
+            y = model(x)
+    finally:
+        state["on"] = False
+        for u in reversed(undo):
+            u.restore() if isinstance(u, _Wrapped) else u.remove()
+    for e, kind, v, version in watch:
+        if v._version != version:  # changed in place after it was recorded: copy it from now on
+            if kind == "out":
+                e.clone_out = True
+            else:
+                e.copy_in = True
+            raise _Replan(f"{e.name}: a recorded tensor was changed in place", in_place=True)
+    out = []
+    for e in plan.entries:
+        got = uses[id(e)]
+        if len(got) != e.calls:
+            raise _Replan(f"{e.name} was called {len(got)} times, planned {e.calls}")
+        for u in got:
+            dims = e.in_dims[u.index]
+            for v, d in zip(u.leaves, dims):
+                if isinstance(d, int) and (not isinstance(v, torch.Tensor) or v.dim() <= d or v.shape[d] != n):
+                    raise _Replan(f"{e.name}: an input's batch dimension does not have the batch's size")
+            if e.kind == "generic" and len(u.outs) != len(e.out_dims[u.index]):
+                raise _Replan(f"{e.name}: its outputs changed")
+            if e.kind == "tap" and (u.func is not e.ops[u.index][0] or
+                                    u.outs[0].shape[e.out_dims[u.index][0]] != n):
+                raise _Replan(f"{e.name}: its parameters are read by other operations")
+        out.extend(got)
+    return y, out

@@ -1,0 +1,222 @@
+"""Each of structured's rules, alone, equals a brute-force float64 kernel (one autograd backward per sample and
+output), in both orders where the rule has two, in every mode, with x2 given (N != M) and x2 = None.
+
+The model around the layer is ``layer -> tanh -> flatten -> a frozen Linear``: G is not trivial, and the only
+trainable parameters are the layer's, so the kernel is that rule's term.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+from ntk_bench import implementations
+from ntk_bench.implementations import structured
+
+from problems import rel_err
+
+D = torch.float64
+
+
+def brute_force_kernel(model, x1, x2=None, mode="full"):
+    """Θ from per-sample Jacobians, one ``torch.autograd.grad`` per (sample, output), each sample alone."""
+    params = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
+
+    def jacobian(x):
+        rows = []
+        for i in range(x.shape[0]):
+            with torch.enable_grad():
+                y = model(x[i:i + 1]).reshape(-1)
+                row = []
+                for o in range(y.shape[0]):
+                    got = torch.autograd.grad(y[o], params, retain_graph=True, allow_unused=True)
+                    row.append(torch.cat([(torch.zeros_like(p) if g is None else g.to_dense() if g.is_sparse else g)
+                                          .reshape(-1) for g, p in zip(got, params)]))
+            rows.append(torch.stack(row))
+        return torch.stack(rows)
+
+    j1 = jacobian(x1)
+    j2 = j1 if x2 is None else jacobian(x2)
+    full = torch.einsum("nap,mbp->nmab", j1, j2)
+    return {"full": full, "trace": torch.einsum("nmaa->nm", full), "diagonal": torch.einsum("nmaa->nma", full)}[mode]
+
+
+class Head(nn.Module):
+    """layer -> tanh -> flatten -> frozen Linear to 3 outputs (or the layer's own first output leaf)."""
+
+    def __init__(self, layer, out_numel, take_first=False):
+        super().__init__()
+        self.layer, self.take_first = layer, take_first
+        self.head = nn.Linear(out_numel, 3)
+        self.head.requires_grad_(False)
+
+    def forward(self, x):
+        z = self.layer(x)
+        if self.take_first:
+            z = z[0]
+        return self.head(torch.tanh(z).flatten(1))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(4, 2, batch_first=True)
+
+    def forward(self, x):
+        return self.mha(x, x, x, need_weights=False)[0]
+
+
+class ScaleShift(nn.Module):
+    """A user's own module: raw parameters used in its forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(4))
+        self.token = nn.Parameter(torch.randn(1, 1, 4))
+
+    def forward(self, x):
+        return torch.cat([self.token.expand(x.shape[0], -1, -1), x * self.scale], 1)
+
+
+def _randomised_bn(bn):
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 1.5)
+    return bn
+
+
+_RMS = [("rmsnorm", lambda: nn.RMSNorm(4), (3, 4), "float")] if hasattr(nn, "RMSNorm") else []
+
+# id -> (layer factory, per-sample input shape, "float" | (low, high) for int64 ids)
+LAYERS = {i: (make, shape, kind) for i, make, shape, kind in [
+    ("linear", lambda: nn.Linear(5, 4), (5,), "float"),
+    ("linear-tokens", lambda: nn.Linear(5, 4), (3, 5), "float"),
+    ("linear-4d-nobias", lambda: nn.Linear(5, 4, bias=False), (2, 3, 5), "float"),
+    ("conv1d-reflect-stride", lambda: nn.Conv1d(2, 4, 3, stride=2, padding=1, padding_mode="reflect"), (2, 9), "float"),
+    ("conv2d-groups-dilated-circular",
+     lambda: nn.Conv2d(4, 6, 3, groups=2, dilation=2, padding=2, padding_mode="circular"), (4, 6, 6), "float"),
+    ("conv2d-depthwise-same-replicate",
+     lambda: nn.Conv2d(3, 3, (3, 2), groups=3, padding="same", padding_mode="replicate"), (3, 5, 4), "float"),
+    ("conv3d", lambda: nn.Conv3d(2, 3, 2, stride=(1, 2, 1), padding=1, bias=False), (2, 3, 4, 3), "float"),
+    ("embedding-padding-idx", lambda: nn.Embedding(6, 3, padding_idx=1), (5,), (0, 6)),
+    ("embedding-2d-ids", lambda: nn.Embedding(4, 2), (2, 3), (0, 4)),
+    ("batchnorm1d", lambda: _randomised_bn(nn.BatchNorm1d(3)).eval(), (3, 5), "float"),
+    ("batchnorm2d", lambda: _randomised_bn(nn.BatchNorm2d(3)).eval(), (3, 3, 2), "float"),
+    ("layernorm-2d-shape", lambda: nn.LayerNorm((3, 4)), (2, 3, 4), "float"),
+    ("groupnorm", lambda: nn.GroupNorm(2, 4), (4, 3, 2), "float"),
+    *_RMS,
+    ("generic-attention", SelfAttention, (3, 4), "float"),
+    ("generic-lstm", lambda: nn.LSTM(3, 4, batch_first=True), (5, 3), "float"),
+    ("generic-gru-2layers-bidirectional", lambda: nn.GRU(3, 2, num_layers=2, bidirectional=True, batch_first=True),
+     (4, 3), "float"),
+    ("tap-conv-transpose", lambda: nn.ConvTranspose1d(2, 3, 3, stride=2), (2, 4), "float"),
+    ("generic-raw-parameters", ScaleShift, (2, 4), "float"),
+]}
+
+
+@functools.lru_cache(maxsize=None)
+def _problem(layer_id):
+    make, shape, kind = LAYERS[layer_id]
+    torch.manual_seed(0)
+    layer = make()
+    g = torch.Generator().manual_seed(1)
+
+    def draw(n):
+        if kind == "float":
+            return torch.randn(n, *shape, generator=g, dtype=D)
+        return torch.randint(kind[0], kind[1], (n, *shape), generator=g)
+
+    x1, x2 = draw(4), draw(3)
+    if kind != "float":  # repeated ids, the padding id included
+        x1[0, 0], x1[1, -1], x2[0, 0] = 1, 1, 1
+    take_first = isinstance(layer, (nn.RNNBase, nn.MultiheadAttention))
+    with torch.no_grad():
+        z = layer.to(D)(x1[:1])
+        out = (z[0] if take_first else z)[0].numel()
+    model = Head(layer, out, take_first).to(D).eval()
+    return model, x1, x2
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(layer_id, mode, symmetric):
+    model, x1, x2 = _problem(layer_id)
+    return brute_force_kernel(model, x1, None if symmetric else x2, mode)
+
+
+@pytest.mark.parametrize("order", ["gram", "jacobian"])
+@pytest.mark.parametrize("layer_id", list(LAYERS))
+def test_rule_equals_brute_force_kernel(layer_id, order, monkeypatch):
+    monkeypatch.setattr(structured, "ORDER", order)
+    model, x1, x2 = _problem(layer_id)
+    plugin = implementations.get("structured")
+    for mode in implementations.MODES:
+        for symmetric in (False, True):
+            kernel = plugin._kernel(model, x1, None if symmetric else x2, mode)
+            assert rel_err(kernel, _reference(layer_id, mode, symmetric)) <= 1e-10, (mode, symmetric)
+
+
+def test_rules_the_layers_take():
+    """Which rule each layer takes (a dedicated one where there is one; a subclass overriding forward and
+    a parametrized weight take the generic rule)."""
+    from torch.nn.utils import parametrizations
+
+    from ntk_bench.implementations.structured_rules import rule_kind
+
+    class MyLinear(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    expected = {
+        "linear": nn.Linear(2, 3), "conv": nn.Conv1d(2, 3, 1), "embedding": nn.Embedding(3, 2),
+        "norm": nn.GroupNorm(1, 2), None: MyLinear(2, 3),
+    }
+    for kind, module in expected.items():
+        assert rule_kind(module) == (kind, None)
+    assert rule_kind(parametrizations.weight_norm(nn.Linear(2, 3)))[0] is None
+    assert rule_kind(nn.ConvTranspose2d(2, 3, 2))[0] is None
+    assert "batch statistics" in rule_kind(nn.BatchNorm2d(3).train())[1]
+    assert "max_norm" in rule_kind(nn.Embedding(3, 2, max_norm=1.0))[1]
+
+
+@pytest.mark.parametrize("kernel, dilation, stride, padding, mode", [
+    (3, 1, 1, 1, "zeros"), (3, 2, 1, 2, "reflect"), ((2, 3), (1, 2), (2, 1), (0, 1), "circular"),
+    (1, 1, 1, 0, "zeros"), (5, 1, 3, 2, "replicate")])
+def test_conv_patches_are_the_padded_inputs_unfolded(kernel, dilation, stride, padding, mode):
+    """conv_patches equals F.unfold of the input padded the conv's way, element for element, grouped."""
+    import torch.nn.functional as F
+
+    from ntk_bench.implementations.structured_rules import conv_patches
+
+    conv = nn.Conv2d(4, 4, kernel, dilation=dilation, stride=stride, padding=padding, padding_mode=mode, groups=2)
+    x = torch.randn(2, 4, 11, 9, generator=torch.Generator().manual_seed(0))
+    ph, pw = conv.padding
+    padded = F.pad(x, (pw, pw, ph, ph), mode="constant" if mode == "zeros" else mode)
+    expected = F.unfold(padded, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
+    got = conv_patches(x, conv)
+    assert got.shape[:2] == (2, 2) and torch.equal(got.reshape(expected.shape), expected)
+    # the patches times the weight are the convolution
+    y = torch.einsum("ngks,gck->ngcs", got, conv.weight.detach().reshape(2, 2, -1)).reshape(2, 4, -1)
+    assert torch.allclose(y + conv.bias.detach()[:, None], conv(x).detach().flatten(2), atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [nn.RNN, nn.LSTM, nn.GRU])
+@pytest.mark.parametrize("options", [dict(batch_first=True), dict(num_layers=2, bidirectional=True, bias=False)])
+def test_functional_rnn_is_the_modules_forward(cls, options):
+    """The per-step RNN the generic rule vmaps gives the module's outputs (batched and unbatched input, given hx)."""
+    from ntk_bench.implementations.structured_rules import functional_rnn
+
+    torch.manual_seed(0)
+    module = cls(3, 4, **options).to(D)
+    flat = lambda out: torch.cat([t.reshape(-1) for t in torch.utils._pytree.tree_leaves(out)])  # noqa: E731
+    x = torch.randn(2, 5, 3, dtype=D)  # (N, T, F) batch first, else (T, N, F)
+    n = x.shape[0] if module.batch_first else x.shape[1]
+    h0 = torch.randn(module.num_layers * (2 if module.bidirectional else 1), n, 4, dtype=D)
+    hx = (h0, torch.randn_like(h0)) if cls is nn.LSTM else h0
+    with torch.no_grad():
+        for args in ((x,), (x[0],), (x, hx)):
+            assert torch.allclose(flat(functional_rnn(module, {}, args, {})), flat(module(*args)), atol=1e-14)
