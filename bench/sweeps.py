@@ -50,8 +50,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-# neural-tangents' three implementations as peers: registered by implementations/neural_tangents_peers.py; until
-# that module is in the registry, the harness runs them itself under these names (bench/measure.py).
+# neural-tangents' three implementations as peers (implementations/neural_tangents_peers.py).
 NT_PEERS = ("nt_jacobian_contraction", "nt_ntk_vector_products", "nt_structured_derivatives")
 DTYPES = ("float32", "float64")
 MODES = ("full", "trace", "diagonal")
@@ -305,6 +304,14 @@ def _builtin_sweeps() -> dict[str, dict]:
     no_loops = ["jacobian_contraction", "ntk_vector_products", "explicit_mlp", "backpack_batchgrad", "backpack_sqrtggn",
                 "structured", "auto", *NT_PEERS]
     small_cnn, tiny_resnet = {"channels": 16, "image": 16}, {"channels": 8, "image": 8}
+    # Real networks (issue 12): neural-tangents' notebook MLP, and small but real transformer / RNN configurations.
+    nt_mlp = {"in_features": 3072, "width": 2048, "depth": 3}
+    vit = {"image": 32, "patch": 4, "layers": 4, "heads": 4, "hidden": 64, "mlp": 128}
+    text = {"vocab": 1000, "seq": 32, "d_model": 64, "heads": 4, "ff": 128, "layers": 2}
+    rnn = {"features": 16, "seq": 32, "hidden": 64}
+    gpu_real = ["jacobian_contraction", "ntk_vector_products", "structured", "auto"]
+    torch_peers = ["asdl", "nngeometry", "curvlinops", "laplace"]
+    real_impls = ["jacobian_contraction", "ntk_vector_products", "structured", "auto", *NT_PEERS]
     return {
         "quick": {
             "name": "quick",
@@ -359,6 +366,31 @@ def _builtin_sweeps() -> dict[str, dict]:
                 {"name": "mlp", "params": mlp2048, "N": [512], "O": [10], "impls": fastest},
                 {"name": "cnn", "params": {"channels": 32, "image": 32}, "N": [32], "O": [10]},
                 {"name": "cnn", "params": {"channels": 32, "image": 32}, "N": [128, 512], "O": [10], "impls": fast},
+                # Real networks (issue 12; neural-tangents runs on the CPU only: its published numbers are the peer)
+                {"name": "mlp", "params": nt_mlp, "N": [16], "O": [8], "impls": gpu_real + ["explicit_mlp"]},
+                {"name": "resnet18", "params": {"image": 224}, "N": [8], "O": [8], "impls": gpu_real},
+                {"name": "resnet18", "params": {"image": 224}, "N": [1], "O": [128, 1000], "impls": gpu_real},
+            ],
+        },
+        "real": {
+            "name": "real",
+            "description": "Real networks on the CPU against neural-tangents' three implementations (issue 12's "
+                           "cases): neural-tangents' notebook MLP (3 x Dense(2048), O=8, N=16), the tutorial CNN, "
+                           "resnet18 at 32x32 and 224x224, a small ViT, a text transformer and an LSTM at N=16, "
+                           "the PyTorch NTK libraries where they take seconds; about 25 minutes on 2 cores",
+            "impls": real_impls, "modes": ["full"], "dtypes": ["float32"], "devices": ["cpu"],
+            "time_budget_s": 1.0, "timeout_s": 600,
+            "arch": [
+                {"name": "mlp", "params": nt_mlp, "N": [16], "O": [8], "impls": [*real_impls, "explicit_mlp"]},
+                {"name": "tutorial_cnn", "N": [16], "impls": [*real_impls, *torch_peers]},
+                {"name": "resnet18", "params": {"image": 32}, "N": [8], "O": [10],
+                 "impls": [*real_impls, "asdl", "curvlinops", "laplace"]},
+                {"name": "resnet18", "params": {"image": 224}, "N": [4], "O": [10],
+                 "impls": ["jacobian_contraction", "structured", "auto", "nt_jacobian_contraction",
+                           "nt_structured_derivatives"]},
+                {"name": "vit_tiny", "params": vit, "N": [16], "O": [10], "impls": [*real_impls, *torch_peers]},
+                {"name": "text_transformer", "params": text, "N": [16], "O": [10], "impls": [*real_impls, *torch_peers]},
+                {"name": "lstm", "params": rnn, "N": [16], "O": [10], "impls": [*real_impls, *torch_peers]},
             ],
         },
         "smoke": {

@@ -55,14 +55,34 @@ def check_against_reference(plugin, problem, mode, dtype, device):
     assert _hook_counts(model) == hooks
 
 
+# neural-tangents' peers compile an XLA program per case (seconds each): they are checked on the harness's small
+# problems (every mode on three of them); tests/test_reference_zoo.py checks neural-tangents on every real model.
+NT_EVERY_MODE = {"mlp-relu-O3-N4M3", "mlp-relu-O3-x2None", "cnn-O4-N2M3"}
+
+
+def _cases():
+    """(plugin, problem, mode, dtype) to check: ours everywhere; a peer library's full kernel on every problem, its
+    trace and diagonal (reductions of its full kernel, or its own axes) on the harness's small problems."""
+    from problems import PROBLEMS
+
+    for plugin_name in implementations.names(kind=None):
+        peer = implementations.kind_of(plugin_name) == "peer"
+        nt = plugin_name.startswith("nt_")
+        for problem in ALL_PROBLEMS:
+            if nt and problem not in PROBLEMS:
+                continue
+            for mode in implementations.MODES:
+                if mode != "full" and (problem.id in FULL_MODE_ONLY or (peer and problem not in PROBLEMS)
+                                       or (nt and problem.id not in NT_EVERY_MODE)):
+                    continue
+                for dtype in DTYPES:
+                    yield pytest.param(plugin_name, problem, mode, dtype,
+                                       id=f"{plugin_name}-{problem.id}-{mode}-{dtype}")
+
+
 @pytest.mark.usefixtures("kernel_reference")
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
-@pytest.mark.parametrize("mode", implementations.MODES)
-@pytest.mark.parametrize("problem", ALL_PROBLEMS, ids=[p.id for p in ALL_PROBLEMS])
-@pytest.mark.parametrize("plugin_name", implementations.names(kind=None))
+@pytest.mark.parametrize("plugin_name,problem,mode,dtype", list(_cases()))
 def test_plugin_matches_neural_tangents(plugin_name, problem, mode, dtype, device):
-    if problem.id in FULL_MODE_ONLY and mode != "full":
-        pytest.skip("full mode only for this model (its layers are checked in every mode on the smaller ones)")
     with torch.backends.cudnn.flags(allow_tf32=False):
         check_against_reference(implementations.get(plugin_name), problem, mode, DTYPES[dtype], device)
