@@ -344,9 +344,10 @@ def _builtin_sweeps() -> dict[str, dict]:
         },
         "gpu": {
             "name": "gpu",
-            "description": "One 80 GB GPU, about 10 minutes on an H100: issue 4's targets first (MLP N=512; O=100 under an 8 GiB "
-                           "budget), then the tutorial CNN, MLPs of width 512 and 2048 and a CNN, N up to 512; "
-                           "the slow loops only where they finish in seconds",
+            "description": "One 80 GB GPU: issue 4's targets first (MLP N=512; O=100 under an 8 GiB budget), then "
+                           "the tutorial CNN, MLPs of width 512 and 2048 and a CNN, N up to 512, the slow loops only "
+                           "where they finish in seconds (these 170 cases: about 10 minutes on an H100); then issue "
+                           "12's real networks (resnet18 at 224x224 with O = 8, 128, 1000; 3 x Dense(2048))",
             "impls": ["all"], "modes": ["full"], "dtypes": ["float32"], "devices": ["cuda"],
             "time_budget_s": 0.5, "timeout_s": 120,
             "arch": [

@@ -14,6 +14,11 @@ pytest_plugins = ["pytester", "runner_helpers"]  # runner_helpers: the runner te
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 
+# Under pytest-xdist (make test runs one worker per core) each worker computes with its share of the cores: two
+# threads each on two shared cores wait for each other.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 # NTKBENCH_REFERENCE=harness, on a machine without neural-tangents (the GPU machines): the plugins are checked

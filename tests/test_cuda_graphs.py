@@ -141,11 +141,18 @@ def test_a_failed_capture_warns_once_and_runs_eagerly(monkeypatch):
     assert len(attempts) == 1 and cuda_graphs.last_replay_bytes is None
 
 
-def test_errors_of_the_kernel_itself_propagate(cpu_cache):
-    """A model structured declines at run time (one mixing the samples) raises from the capture's warm-up, as eagerly."""
-    from test_structured import test_structured_declines_at_run_time_a_module_mixing_samples
+def test_errors_of_the_kernel_itself_propagate(cpu_cache, monkeypatch):
+    """An error of the kernel itself (here structured declining at run time) raises from the capture's warm-up, as
+    eagerly."""
+    plugin = implementations.get("structured")
 
-    test_structured_declines_at_run_time_a_module_mixing_samples()
+    def declines(model, x1, x2, mode):
+        raise implementations.UnsupportedModelError("structured: declined at run time")
+
+    monkeypatch.setattr(plugin, "_kernel", declines)
+    model, x = _mlp(), _inputs(_mlp(), 4, 1)
+    with pytest.raises(implementations.UnsupportedModelError, match="declined at run time"):
+        plugin.compute(model, x)
     assert cpu_cache.captures == 1
 
 

@@ -157,6 +157,8 @@ def test_every_plugin_agrees_with_brute_force_and_neural_tangents(seed):
         plugin = implementations.get(name)
         if plugin.supports(model) is not None:
             continue
+        if getattr(plugin, "known_inexact", lambda *a: None)(model, next(model.parameters()).dtype):
+            continue  # a peer's documented error (nngeometry's float32 buffers; tests/test_peers.py asserts it)
         try:
             k = plugin.compute(model, x1, x2)
         except UnsupportedModelError:

@@ -298,7 +298,7 @@ class MixesSamples(nn.Module):
 def test_a_module_mixing_the_samples_is_declined_by_name():
     model = nn.Sequential(nn.Linear(5, 5), MixesSamples(), nn.Linear(5, 2)).to(D)
     with pytest.raises(implementations.UnsupportedModelError, match=r"output of 1 \(MixesSamples\)"):
-        implementations.get("structured").compute(model, torch.randn(3, 5, dtype=D))
+        implementations.get("structured")._kernel(model, torch.randn(3, 5, dtype=D), None, "full")
 
 
 def test_structured_names_what_it_declines_before_running():
