@@ -135,13 +135,19 @@ def ensure_reference(problem: Problem, run_dir: Path) -> dict:
         if note is None:
             from ntk_bench import reference
 
-            try:
-                kernel = reference.ntk(model, x1b, x2b, implementation="structured_derivatives")
-                record["source"] = "neural_tangents:structured_derivatives"
-            except Exception as exc:  # the translation found something it cannot take: say so, use the harness
-                if "unsupported" not in type(exc).__name__.lower():
-                    raise
-                note = f"neural-tangents cannot take the model: {exc}"
+            for implementation in ("structured_derivatives", "jacobian_contraction"):
+                try:
+                    kernel = reference.ntk(model, x1b, x2b, implementation=implementation)
+                    record["source"] = f"neural_tangents:{implementation}"
+                    break
+                except Exception as exc:
+                    if "RESOURCE_EXHAUSTED" in str(exc):  # XLA out of memory: neural-tangents' next implementation
+                        note = f"neural-tangents' {implementation} ran out of memory: {str(exc)[:200]}"
+                        continue
+                    if "unsupported" not in type(exc).__name__.lower():
+                        raise
+                    note = f"neural-tangents cannot take the model: {exc}"  # the translation: use the harness
+                    break
         if kernel is None:
             name = _harness_reference(model, x1b)
             if name is None:
