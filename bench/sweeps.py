@@ -303,6 +303,8 @@ def _builtin_sweeps() -> dict[str, dict]:
     # Every plugin but the autograd loop, which takes seconds a case from N=32 on 2 cores; every peer.
     no_loops = ["jacobian_contraction", "ntk_vector_products", "explicit_mlp", "backpack_batchgrad", "backpack_sqrtggn",
                 "structured", "auto", *NT_PEERS]
+    every_but_torch_peers = ["jacobian_contraction", "ntk_vector_products", "autograd_loop", "explicit_mlp",
+                             "backpack_batchgrad", "backpack_sqrtggn", "structured", "auto", *NT_PEERS]
     small_cnn, tiny_resnet = {"channels": 16, "image": 16}, {"channels": 8, "image": 8}
     # Real networks (issue 12): neural-tangents' notebook MLP, and small but real transformer / RNN configurations.
     nt_mlp = {"in_features": 3072, "width": 2048, "depth": 3}
@@ -316,7 +318,8 @@ def _builtin_sweeps() -> dict[str, dict]:
         "quick": {
             "name": "quick",
             "description": "CPU default: every plugin and zoo architecture, 4 N values, O in {1, 10}, the autograd "
-                           "loop up to N=16; about 9 minutes on 2 cores",
+                           "loop up to N=16, the PyTorch NTK libraries on the MLP and the CNN; about 9 minutes on 2 "
+                           "cores before those libraries were added",
             "impls": ["all"], "modes": ["full"], "dtypes": ["float32"], "devices": ["cpu"],
             "time_budget_s": 0.1, "timeout_s": 60,
             "arch": [
@@ -324,11 +327,11 @@ def _builtin_sweeps() -> dict[str, dict]:
                 {"name": "mlp", "params": mlp, "N": [32], "O": [1, 10], "NM": [[32, 8]], "impls": no_loops},
                 {"name": "mlp", "params": mlp, "N": [16], "O": [10], "modes": ["trace", "diagonal"]},
                 {"name": "mlp", "params": mlp, "N": [32], "O": [10], "modes": ["trace", "diagonal"], "impls": no_loops},
-                {"name": "tutorial_cnn", "N": [2, 4, 8]},
+                {"name": "tutorial_cnn", "N": [2, 4, 8], "impls": [*every_but_torch_peers]},
                 {"name": "tutorial_cnn", "N": [16], "impls": no_loops},
                 {"name": "cnn", "params": small_cnn, "N": [4, 8, 16], "O": [1, 10]},
                 {"name": "cnn", "params": small_cnn, "N": [32], "O": [1, 10], "impls": no_loops},
-                {"name": "resnet_tiny", "params": tiny_resnet, "N": [4, 8, 16], "O": [1, 10]},
+                {"name": "resnet_tiny", "params": tiny_resnet, "N": [4, 8, 16], "O": [1, 10], "impls": [*every_but_torch_peers]},
                 {"name": "resnet_tiny", "params": tiny_resnet, "N": [32], "O": [1, 10], "impls": no_loops},
             ],
         },

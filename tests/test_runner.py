@@ -42,6 +42,20 @@ def test_gpu_sweep_reaches_n512_and_o100():
     assert {512, 2048} <= widths and any(c.problem.arch == "tutorial_cnn" for c in cases)
 
 
+def test_real_sweep_times_ours_against_neural_tangents_on_the_real_networks():
+    cases = sweeps.expand(sweeps.SWEEPS["real"])
+    by_arch = {}
+    for c in cases:
+        by_arch.setdefault(c.problem.arch, set()).add(c.impl)
+    assert set(by_arch) == {"mlp", "tutorial_cnn", "resnet18", "vit_tiny", "text_transformer", "lstm"}
+    for arch, impls in by_arch.items():
+        assert {"structured", "auto", "nt_structured_derivatives"} <= impls, arch
+    images = {dict(c.problem.arch_params)["image"] for c in cases if c.problem.arch == "resnet18"}
+    assert images == {32, 224}
+    gpu = [c for c in sweeps.expand(sweeps.SWEEPS["gpu"]) if c.problem.arch == "resnet18"]
+    assert {dict(c.problem.arch_params)["out"] for c in gpu} == {8, 128, 1000}
+
+
 @pytest.mark.parametrize("spec, message", [
     ({"arch": [{"name": "transformer", "N": [2]}]}, "unknown architecture 'transformer'; valid: mlp, tutorial_cnn"),
     ({"impls": ["magic"], "arch": [{"name": "mlp", "N": [2]}]}, "unknown plugin 'magic'; valid: jacobian_contraction"),
