@@ -338,7 +338,12 @@ def agreement(k: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 
 
 def status_of(exc: BaseException) -> str:
-    """``oom`` for an out-of-memory error (torch's, Python's, an allocator's message), else ``error``."""
+    """``oom`` for an out-of-memory error (torch's, Python's, an allocator's message), ``unsupported`` for a plugin
+    declining the model while computing (what only running shows), else ``error``."""
+    from ntk_bench.implementations import UnsupportedModelError
+
+    if isinstance(exc, UnsupportedModelError):
+        return "unsupported"
     text = str(exc)
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in text \
             or "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower():

@@ -317,6 +317,23 @@ def test_when_neural_tangents_runs_out_of_memory_the_reference_is_its_next_imple
     assert measure.run_case(case, tmp_path)["rel_err"] <= 1e-4
 
 
+def test_a_plugin_declining_while_it_computes_is_unsupported_not_an_error(tmp_path, monkeypatch):
+    """NTK-VP on a float32 LSTM learns only when it runs that mkldnn's RNN has no forward-mode derivative."""
+    from ntk_bench import implementations
+    from ntk_bench.bench import measure
+
+    plugin = implementations.get("ntk_vector_products")
+
+    def declines(model, x1, x2, mode):
+        raise implementations.UnsupportedModelError("ntk_vector_products: no forward-mode derivative (injected)")
+
+    monkeypatch.setattr(plugin, "_kernel", declines)
+    case = _smoke(["ntk_vector_products"])[0]
+    measure.ensure_reference(case.problem, tmp_path)
+    row = measure.run_case(case, tmp_path)
+    assert row["status"] == "unsupported" and "injected" in row["error"], row
+
+
 def test_a_case_out_of_memory_finishes_blocked(tmp_path, monkeypatch):
     from ntk_bench import implementations
     from ntk_bench.bench import measure
