@@ -29,7 +29,7 @@ import torch
 
 from . import architectures, sysinfo
 from .rundir import write_atomic
-from .sweeps import Case, Problem, build_architecture
+from .sweeps import Case, Problem, build_architecture, kind_of
 
 TOLERANCE = {"float64": 1e-10, "float32": 1e-4}
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -356,12 +356,6 @@ _status_of = status_of
 
 class CaseUnsupported(Exception):
     """The case's implementation cannot run this model here; the message says why."""
-
-
-def kind_of(impl: str) -> str:
-    from .sweeps import kind_of as kind
-
-    return kind(impl)
 
 
 def _kernel_fn(case: Case, model, x1, x2, budget):

@@ -313,7 +313,7 @@ def _builtin_sweeps() -> dict[str, dict]:
     rnn = {"features": 16, "seq": 32, "hidden": 64}
     gpu_real = ["jacobian_contraction", "ntk_vector_products", "structured", "auto"]
     torch_peers = ["asdl", "nngeometry", "curvlinops", "laplace"]
-    real_impls = ["jacobian_contraction", "ntk_vector_products", "structured", "auto", *NT_PEERS]
+    real_impls = [*gpu_real, *NT_PEERS]
     return {
         "quick": {
             "name": "quick",
