@@ -419,7 +419,7 @@ def _auto_paired(case: Case, model, x1, x2, auto_fn) -> dict:
 
     auto = implementations.get("auto")
     seconds = max(case.time_budget_s, PAIRED_MIN_BUDGET_S)
-    pick, _, budget = auto.choose(model, x1, x2, case.mode, case.memory_budget_bytes)
+    pick, _, budget, _ = auto.choose(model, x1, x2, case.mode, case.memory_budget_bytes)
     pick_fn = lambda: pick.compute(model, x1, x2, mode=case.mode, memory_budget_bytes=budget)  # noqa: E731
     auto_s, pick_s, ratio = time_paired(auto_fn, pick_fn, seconds)
     row = {"paired_auto_s": auto_s, "paired_pick_s": pick_s, "auto_over_pick_paired": ratio}

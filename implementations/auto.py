@@ -7,6 +7,11 @@ with constants per plugin and device type fitted to measured runs
 (``auto_calibration.json``, written by ``ntkbench calibrate``). A plugin whose
 peak does not fit the memory budget is costed as blocked: its tiles' times
 add up. The cheapest prediction wins; ``last_choice`` says which and why.
+Where the runner-up is predicted within ``TRIAL_WITHIN`` times the pick and the
+pick under ``TRIAL_UNDER_S`` (a cost model in FLOPs cannot rank a vmapped
+attention layer against a GEMM within a factor 3), the first call for a model
+and input shapes times both (a warm-up call, then the better of two) and keeps
+the faster, like cudnn.benchmark.
 When the pick declines the model at compute time (a structure only running
 reveals), the next-cheapest candidate runs, and ``last_choice`` says so; a
 declined pick is remembered for that model and input shapes.
@@ -35,6 +40,7 @@ CALIBRATION_FILE = Path(__file__).with_name("auto_calibration.json")
 CALIBRATION_ENV = "NTK_BENCH_CALIBRATION"
 # Used for a plugin/device without fitted constants: 1 ms per call, 10 GFLOP/s (CPU) or 5 TFLOP/s (CUDA).
 DEFAULT_CONSTANTS = {"cpu": {"overhead_s": 1e-3, "s_per_flop": 1e-10}, "cuda": {"overhead_s": 1e-3, "s_per_flop": 2e-13}}
+TRIAL_WITHIN, TRIAL_UNDER_S = 3.0, 0.5
 CANDIDATES = ("explicit_mlp", "structured", "jacobian_contraction", "backpack_sqrtggn", "backpack_batchgrad",
               "ntk_vector_products", "autograd_loop")
 
@@ -75,6 +81,7 @@ class Auto(NTKPlugin):
         self._calibration = calibration
         self._choices: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._declined: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> shapes -> {name: why}
+        self._measured: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> rank key -> (name, note)
         self.last_choice: tuple[str, str] | None = None
 
     @property
@@ -110,21 +117,76 @@ class Auto(NTKPlugin):
         return tiles * (c["overhead_s"] + est.flops * c["s_per_flop"]), b
 
     def choose(self, model, x1, x2=None, mode="full", memory_budget_bytes=None):
-        """(the chosen plugin, why, the budget to compute it under or None), from the cost model; a candidate that
-        declined this model at compute time is passed over."""
+        """(the chosen plugin, why, the budget to compute it under or None, predicted seconds): the cost model's
+        pick, or the faster of the two timed on the first call; a candidate that declined this model at compute
+        time is passed over."""
         key = (tuple(x1.shape), None if x2 is None else tuple(x2.shape), x1.dtype, x1.device)
         declined = self._declined.get(model, {}).get(key, {})
-        ranked = [r for r in self.rank(model, x1, x2, mode, memory_budget_bytes) if r[0].name not in declined]
+        ranked = [r for r in self._ordered(model, x1, x2, mode, memory_budget_bytes) if r[0].name not in declined]
         if not ranked:
             raise UnsupportedModelError("auto: every candidate declined this model")
         return ranked[0]
 
+    @staticmethod
+    def _trial_key(model, x1, x2, mode, memory_budget_bytes):
+        from .modelinfo import _parameter_signature
+
+        return (_parameter_signature(model), *Auto._rank_key(x1, x2, mode, memory_budget_bytes))
+
+    @staticmethod
+    def _rank_key(x1, x2, mode, memory_budget_bytes):
+        return (tuple(x1.shape), None if x2 is None else tuple(x2.shape), x1.dtype, x1.device, mode,
+                memory_budget_bytes)
+
+    def _ordered(self, model, x1, x2, mode, memory_budget_bytes):
+        """``rank``, the winner of a timing trial first (its note added to its reason)."""
+        ranked = self.rank(model, x1, x2, mode, memory_budget_bytes)
+        won = self._measured.get(model, {}).get(self._trial_key(model, x1, x2, mode, memory_budget_bytes))
+        if won is None:
+            return ranked
+        name, note = won
+        first = [(p, why + note, b, s) for p, why, b, s in ranked if p.name == name]
+        return first + [r for r in ranked if r[0].name != name]
+
+    def _trial(self, model, x1, x2, mode, memory_budget_bytes, live, declined):
+        """Time the two cheapest predictions (a warm-up call, then the better of two calls each) when they are
+        close and small; remember and return (winner's name, its last kernel), or None without a trial."""
+        import time
+
+        if len(live) < 2 or live[0][3] > TRIAL_UNDER_S or live[1][3] > TRIAL_WITHIN * live[0][3]:
+            return None
+        times, outs = {}, {}
+        for plugin, _, budget, seconds in live:  # the two cheapest that compute the model
+            if len(times) == 2 or seconds > TRIAL_WITHIN * live[0][3]:
+                break
+            try:
+                plugin.dispatch(model, x1, x2, mode, budget)
+                best = math.inf
+                for _ in range(2):
+                    if x1.device.type == "cuda":
+                        torch.cuda.synchronize(x1.device)
+                    t0 = time.perf_counter()
+                    outs[plugin.name] = plugin.dispatch(model, x1, x2, mode, budget)
+                    if x1.device.type == "cuda":
+                        torch.cuda.synchronize(x1.device)
+                    best = min(best, time.perf_counter() - t0)
+                times[plugin.name] = best
+            except UnsupportedModelError as exc:
+                declined[plugin.name] = str(exc)
+        if not times:
+            return None
+        name = min(times, key=times.get)
+        note = "; timed on the first call: " + ", ".join(f"{k} {v * 1e3:.3g} ms" for k, v in times.items())
+        self._measured.setdefault(model, {})[self._trial_key(model, x1, x2, mode, memory_budget_bytes)] = (name, note)
+        return name, outs[name]
+
     def rank(self, model, x1, x2=None, mode="full", memory_budget_bytes=None):
-        """[(plugin, why, the budget to compute it under or None)], cheapest first, from the cost model.
+        """[(plugin, why, the budget to compute it under or None, predicted seconds)], cheapest first, from the
+        cost model.
 
         Cached per model, input shapes, dtype, device, mode and budget: the weights do not change the order.
         """
-        key = (tuple(x1.shape), None if x2 is None else tuple(x2.shape), x1.dtype, x1.device, mode, memory_budget_bytes)
+        key = self._rank_key(x1, x2, mode, memory_budget_bytes)
         return shape_keyed_cache(self._choices, model, key,
                                  lambda: self._rank(model, x1, x2, mode, memory_budget_bytes))
 
@@ -149,15 +211,29 @@ class Auto(NTKPlugin):
             blocked = tile < max(n, m)
             why = (f"{plugin.name}: predicted {seconds:.3g} s{f', blocked in {tile}x{tile} tiles' if blocked else ''}"
                    f"{runner_up} (P={stats.p}, O={stats.o}, [FP]={stats.fp_flops})")
-            ranked.append((plugin, why, budget if blocked else memory_budget_bytes))
+            ranked.append((plugin, why, budget if blocked else memory_budget_bytes, seconds))
         return ranked
 
+    @staticmethod
+    def _fallback_note(declined) -> str:
+        notes = "; ".join(f"{name} declined at compute time: {reason}" for name, reason in declined.items())
+        return f" (fallback: {notes})" if notes else ""
+
     def dispatch(self, model, x1, x2, mode, memory_budget_bytes):
-        """Run the cheapest candidate; when it declines the model at compute time, the next one."""
-        ranked = self.rank(model, x1, x2, mode, memory_budget_bytes)
+        """Run the cheapest candidate (or time the two cheapest first, see ``_trial``); when it declines the model
+        at compute time, the next one."""
         key = (tuple(x1.shape), None if x2 is None else tuple(x2.shape), x1.dtype, x1.device)
         declined = self._declined.setdefault(model, {}).setdefault(key, {})
-        for plugin, why, budget in ranked:
+        if self._trial_key(model, x1, x2, mode, memory_budget_bytes) not in self._measured.get(model, {}):
+            live = [r for r in self.rank(model, x1, x2, mode, memory_budget_bytes) if r[0].name not in declined]
+            won = self._trial(model, x1, x2, mode, memory_budget_bytes, live, declined)
+            if won is not None:
+                name, out = won
+                why = next(w for p, w, _, _ in self._ordered(model, x1, x2, mode, memory_budget_bytes)
+                           if p.name == name)
+                self.last_choice = (name, why + self._fallback_note(declined))
+                return out
+        for plugin, why, budget, _ in self._ordered(model, x1, x2, mode, memory_budget_bytes):
             if plugin.name in declined:
                 continue
             try:
@@ -165,8 +241,7 @@ class Auto(NTKPlugin):
             except UnsupportedModelError as exc:
                 declined[plugin.name] = str(exc)
                 continue
-            notes = "; ".join(f"{name} declined at compute time: {reason}" for name, reason in declined.items())
-            self.last_choice = (plugin.name, why + (f" (fallback: {notes})" if notes else ""))
+            self.last_choice = (plugin.name, why + self._fallback_note(declined))
             return out
         raise UnsupportedModelError("auto: every candidate declined this model: " +
                                     "; ".join(f"{n}: {r}" for n, r in declined.items()))

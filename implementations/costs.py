@@ -104,10 +104,12 @@ def _measure_stats(model: nn.Module, x_single: torch.Tensor) -> ModelStats:
         for child in m._modules.values():
             if child is not None and child not in parent:
                 parent[child] = m
-    records, outputs, activations, called = [], [], [0], set()
+    records, outputs, activations, called, rnn_flops = [], [], [0], set(), {}
 
     def hook(module, inputs, output):
         called.add(module)
+        if isinstance(module, nn.RNNBase) and inputs and isinstance(inputs[0], torch.Tensor):
+            rnn_flops[module] = _rnn_flops(module, inputs[0])
         if isinstance(output, torch.Tensor):
             activations[0] += output[0].numel()
         own = [(k, q) for k, q in module._parameters.items() if q is not None and q.requires_grad]
@@ -130,9 +132,15 @@ def _measure_stats(model: nn.Module, x_single: torch.Tensor) -> ModelStats:
             h.remove()
     per_module = counter.get_flop_counts()
 
+    def counted(m):
+        return int(sum(per_module.get(type(model).__name__ + ("." + names[m] if names.get(m) else ""), {}).values()))
+
+    # (FlopCounterMode has no formula for the fused RNN ops: their FLOPs from the shapes)
+    missed = sum(f for m, f in rnn_flops.items() if not counted(m))
+    total = int(counter.get_total_flops()) + missed
+
     def module_flops(m):
-        key = type(model).__name__ + ("." + names[m] if names.get(m) else "")
-        return int(sum(per_module.get(key, {}).values())) or int(counter.get_total_flops())
+        return counted(m) or rnn_flops.get(m, 0) or total
 
     layers, generic = [], {}
     for (module, layer), z in zip(records, outputs):
@@ -161,7 +169,21 @@ def _measure_stats(model: nn.Module, x_single: torch.Tensor) -> ModelStats:
             layers.append(Layer("generic", 1, p, 1, False, p=p, flops=max(module_flops(m), 2 * p)))
     p = sum(q.numel() for q in model.parameters() if q.requires_grad)
     o = 1 if y.dim() == 1 else y.shape[-1]
-    return ModelStats(p, o, int(counter.get_total_flops()), activations[0], tuple(layers), y.element_size())  # the kernel's numbers (x_single may hold integer ids)
+    return ModelStats(p, o, total, activations[0], tuple(layers), y.element_size())  # the kernel's numbers (x_single may hold integer ids)
+
+
+def _rnn_flops(module: nn.RNNBase, x: torch.Tensor) -> int:
+    """One forward of an RNN / LSTM / GRU on ``x``: per layer, direction and step the gates' two GEMMs
+    (2·gates·H·(in + H)) and about ten elementwise operations per gate unit."""
+    gates = {"LSTM": 4, "GRU": 3}.get(module.mode, 1)
+    steps = x.shape[-2] if module.batch_first and x.dim() == 3 else x.shape[0]
+    batch = x.shape[0 if module.batch_first else 1] if x.dim() == 3 else 1
+    dirs, h = (2 if module.bidirectional else 1), module.hidden_size
+    flops = 0
+    for layer in range(module.num_layers):
+        width = module.input_size if layer == 0 else h * dirs
+        flops += dirs * steps * batch * (2 * gates * h * (width + h) + 10 * gates * h)
+    return flops
 
 
 def _hosted(module, host, parent, called) -> bool:

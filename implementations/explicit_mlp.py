@@ -6,20 +6,27 @@ recursion G_{l-1} = (G_l W_l) ⊙ φ'(z_{l-1}) with closed-form derivatives: no
 autograd at all. Widths, biases and activation derivatives are read straight
 off the ``nn.Sequential``. Cost per layer: N·M·(d_in + O²·d_out) for full
 mode, never N·O·P memory. Wins by orders of magnitude on wide MLPs; handles
-nothing else (``supports`` says what it found). On a GPU, calls replay a
-captured CUDA graph (cuda_graphs).
+nothing else (``supports`` says what it found). On the CPU in float32 its
+GEMMs (the forward and the recursion G W) go to oneDNN's linear or MKL's,
+whichever ran the model's first call faster (``onednn.is_faster``). On a GPU,
+calls replay a captured CUDA graph (cuda_graphs).
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import nn
 
+from . import onednn
 from .base import NTKPlugin
 from .kernels import KernelSum, input_gram
-from .modelinfo import structure_problem, submodules
+from .modelinfo import shape_keyed_cache, structure_problem, submodules
+
+# Per model and input shapes: whether oneDNN's GEMMs ran the kernel faster than MKL's (CPU, float32).
+_GEMM_BACKEND: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _gelu_derivative(module: nn.GELU, z):
@@ -105,7 +112,7 @@ class ExplicitMLP(NTKPlugin):
                 inputs.append(h)
                 linears.append(m)
                 derivs.append([])
-                h = torch.nn.functional.linear(h, m.weight, m.bias)
+                h = onednn.linear(h, m.weight, m.bias)
             else:
                 if derivs:
                     derivs[-1].append(ACTIVATION_DERIVATIVES[type(m)](m, h))
@@ -114,22 +121,35 @@ class ExplicitMLP(NTKPlugin):
 
     @staticmethod
     def _output_gradients(linears, derivs, n):
-        """G_l = ∂f/∂z_l for every Linear layer l, shape (O, N, d_out_l)."""
+        """G_l = ∂f/∂z_l for every Linear layer l, shape (O, N, d_out_l): views of (N, O, d_out_l) tensors, the
+        layout the Gram GEMM reads without a copy."""
         o = linears[-1].out_features
         w = linears[-1].weight
-        g = torch.eye(o, dtype=w.dtype, device=w.device).unsqueeze(1).expand(o, n, o)
+        g = torch.eye(o, dtype=w.dtype, device=w.device).expand(n, o, o)
         for d in derivs[-1]:  # activations after the last Linear
-            g = g * d
+            g = g * d.unsqueeze(1)
         grads = [g]
         for l in range(len(linears) - 1, 0, -1):
-            g = g @ linears[l].weight  # ∂f/∂h_{l-1}
+            g = onednn.linear(g, linears[l].weight.t())  # ∂f/∂h_{l-1} = G W
             for d in reversed(derivs[l - 1]):
-                g = g * d
+                g = g * d.unsqueeze(1)
             grads.append(g)
-        return grads[::-1]
+        return [g.transpose(0, 1) for g in grads[::-1]]
 
     @torch.no_grad()
     def _kernel(self, model, x1, x2, mode):
+        if not onednn.usable(x1):
+            return self._recursion(model, x1, x2, mode)
+        key = (tuple(x1.shape), None if x2 is None else tuple(x2.shape), mode)
+        outs = []
+        use_onednn = shape_keyed_cache(_GEMM_BACKEND, model, key, lambda: onednn.is_faster(
+            lambda: outs.append(self._recursion(model, x1, x2, mode))))
+        if outs and use_onednn:  # a slow call keeps oneDNN untried: its kernel is this call's
+            return outs[-1]
+        with onednn.enabled(use_onednn):
+            return self._recursion(model, x1, x2, mode)
+
+    def _recursion(self, model, x1, x2, mode):
         layers = _layers(model)
         in1, linears, der1 = self._forward(layers, x1)
         g1 = self._output_gradients(linears, der1, x1.shape[0])

@@ -37,59 +37,22 @@ captured CUDA graph (cuda_graphs).
 
 from __future__ import annotations
 
-import contextlib
-import time
 import warnings
 import weakref
 
 import torch
 from torch import nn
 
+from . import onednn
 from .base import NTKPlugin, UnsupportedModelError
 from .kernels import KernelSum, input_gram, kernel_shape
 from .modelinfo import shape_keyed_cache, submodules
 from .structured_plan import Plan, _Replan, discover, record, structure_key
 from .structured_rules import math_attention, rule_kind
 
-# CPU convolutions: oneDNN's (mkldnn) or PyTorch's own kernels, whichever ran the kernel faster, per model and shapes.
-# oneDNN sets each convolution up at a fixed cost (about 0.1-0.2 ms on 2 cores here) that dominates tiny ones: on
-# an 8-channel 8x8 ResNet at N=4 its forward took 128 us against 45 us, while at 16 channels, 16x16, N=32 it was
-# 2-3x faster than the native kernels. Which wins depends on the CPU, so it is measured, like cudnn.benchmark.
+# CPU convolutions: oneDNN's or PyTorch's own kernels, whichever ran the kernel faster, per model and shapes
+# (``onednn.is_faster``).
 _CONV_BACKEND: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-@contextlib.contextmanager
-def _onednn(enabled: bool):
-    before = torch._C._get_mkldnn_enabled()
-    torch._C._set_mkldnn_enabled(enabled)
-    try:
-        yield
-    finally:
-        torch._C._set_mkldnn_enabled(before)
-
-
-def _onednn_is_faster(run, repeats: int = 5, margin: float = 0.9, only_below_s: float = 0.05) -> bool:
-    """Whether to keep oneDNN's convolutions for ``run``: unless PyTorch's own run it more than 10% faster.
-
-    Best of ``repeats`` calls each, alternating, after a warm-up call each. A call that takes over ``only_below_s``
-    with oneDNN keeps it untried (its set-up cost is small there, and the trial would cost seconds).
-    """
-    def timed(enabled):
-        with _onednn(enabled):
-            t0 = time.perf_counter()
-            run()
-            return time.perf_counter() - t0
-
-    on = [timed(True)]
-    if on[0] > only_below_s:
-        return True
-    on = [timed(True)]
-    timed(False)
-    off = []
-    for _ in range(repeats):
-        off.append(timed(False))
-        on.append(timed(True))
-    return min(off) >= margin * min(on)
 
 
 # None: each patch-form weight in the order its FLOPs favour; "gram" or "jacobian": that order wherever it applies
@@ -432,12 +395,12 @@ class Structured(NTKPlugin):
 
         def trial():
             self.plan(model, x1)  # (made once, outside the timed calls)
-            return _onednn_is_faster(lambda: outs.append(self._layer_sum(model, x1, x2, mode)))
+            return onednn.is_faster(lambda: outs.append(self._layer_sum(model, x1, x2, mode)))
 
         use_onednn = shape_keyed_cache(_CONV_BACKEND, model, key, trial)
         if outs and use_onednn:  # a slow call keeps oneDNN untried: its kernel is this call's
             return outs[-1]
-        with _onednn(use_onednn):
+        with onednn.enabled(use_onednn):
             return self._layer_sum(model, x1, x2, mode)
 
     def _layer_sum(self, model, x1, x2, mode):

@@ -104,3 +104,71 @@ def test_model_stats_marks_the_output_linear():
     assert [layer.is_output for layer in plain.layers] == [False, True]
     squashed = model_stats(nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3), nn.Tanh()), x)
     assert not any(layer.is_output for layer in squashed.layers)
+
+
+def _timed_trial_setup(monkeypatch, close: bool):
+    """A fresh auto on a small MLP whose two cheapest candidates are made to look close (or far) in the cost
+    model, the predicted-cheaper one slowed by 30 ms a call; every dispatch counted."""
+    import time
+
+    from ntk_bench.implementations.auto import Auto
+
+    problem = BY_ID["mlp-relu-O3-N4M3"]
+    model, (x1, x2) = problem.model(), problem.inputs()
+    auto = Auto()
+    ranked = auto.rank(model, x1, x2, "full", None)
+    (a, *_), (b, *_) = ranked[:2]
+    fake = [(a, f"{a.name}: predicted", None, 0.010), (b, f"{b.name}: predicted", None, 0.012 if close else 1.0)]
+    monkeypatch.setattr(auto, "rank", lambda *args, **kwargs: fake + ranked[2:])
+    calls = {a.name: 0, b.name: 0}
+
+    def counted(plugin, delay):
+        original = plugin.dispatch
+
+        def dispatch(*args):
+            calls[plugin.name] += 1
+            time.sleep(delay)
+            return original(*args)
+        monkeypatch.setattr(plugin, "dispatch", dispatch)
+
+    counted(a, 0.03)
+    counted(b, 0.0)
+    return auto, model, x1, x2, a, b, calls
+
+
+def test_auto_times_two_close_candidates_once_and_keeps_the_faster(monkeypatch):
+    auto, model, x1, x2, a, b, calls = _timed_trial_setup(monkeypatch, close=True)
+    k = auto.compute(model, x1, x2)
+    name, why = auto.last_choice
+    assert name == b.name and "timed on the first call" in why and calls[a.name] == 3 and calls[b.name] == 3
+    assert rel_err(k, a.compute(model, x1, x2)) <= 1e-12
+    auto.compute(model, x1, x2)  # no second trial: the faster one alone
+    assert calls == {a.name: 4, b.name: 4} or (calls[a.name] == 3 and calls[b.name] == 4)
+    assert auto.choose(model, x1, x2)[0] is b
+
+
+def test_auto_trusts_the_cost_model_when_the_predictions_are_far_apart(monkeypatch):
+    auto, model, x1, x2, a, b, calls = _timed_trial_setup(monkeypatch, close=False)
+    auto.compute(model, x1, x2)
+    assert auto.last_choice[0] == a.name and calls == {a.name: 1, b.name: 0}
+
+
+def test_model_stats_counts_the_fused_rnn_ops():
+    """FlopCounterMode has no formula for aten::lstm / gru: the cost model counts their GEMMs from the shapes."""
+    from torch import nn
+
+    class Tagger(nn.Module):
+        def __init__(self, cls):
+            super().__init__()
+            self.rnn, self.head = cls(6, 8, batch_first=True, num_layers=2), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][:, -1])
+
+    x = torch.randn(1, 5, 6)
+    for cls, gates in ((nn.LSTM, 4), (nn.GRU, 3)):
+        stats = model_stats(Tagger(cls), x)
+        gemms = 5 * 2 * gates * 8 * ((6 + 8) + (8 + 8))  # steps x 2·gates·H·(in + H), two layers
+        assert gemms <= stats.fp_flops <= 1.5 * gemms + 2 * 8 * 3
+        generic = [layer for layer in stats.layers if layer.kind == "generic"]
+        assert len(generic) == 1 and gemms <= generic[0].flops <= 1.5 * gemms

@@ -171,9 +171,11 @@ def test_no_capture_when_off_large_or_not_capturable(cpu_cache, monkeypatch):
 def test_auto_replays_its_picks_graph(cpu_cache):
     model, x = _mlp(), _inputs(_mlp(), 4, 1)
     auto = implementations.get("auto")
+    auto.compute(model, x)
+    first = cpu_cache.captures  # one graph per capturable plugin it ran (two when it timed two on the first call)
     for _ in range(2):
         out = auto.compute(model, x)
-    assert cpu_cache.captures == 1 and auto.last_choice[0] in ("structured", "explicit_mlp")
+    assert 1 <= first <= 2 and cpu_cache.captures == first and auto.last_choice[0] in ("structured", "explicit_mlp")
     assert rel_err(out, implementations.get("jacobian_contraction").compute(model, x)) <= 1e-12
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -70,6 +71,8 @@ def test_parallel_workers_pinned_to_disjoint_cores_record_what_ran_beside_them(t
     affinities = {tuple(r["cpu_affinity"]) for r in rows.values()}
     assert len(affinities) == 2 and not set(affinities.pop()) & set(affinities.pop())
     assert all(r["worker_threads"] == 1 for r in rows.values())
+    if sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION"):  # glibc told to keep freed memory
+        assert all("mmap_threshold=33554432" in r["worker_malloc"] for r in rows.values())
     assert any(r["concurrent"] for r in rows.values())  # something ran beside something
     ours = {i for i in impls if i != "auto"}
     assert not ours & {c.split("/")[0] for c in rows["auto"]["concurrent"]}  # auto ran after its group

@@ -95,7 +95,7 @@ def test_cpu_convolution_backend_is_the_measured_faster_one():
     """oneDNN is kept unless PyTorch's own convolutions run the kernel >10% faster; slow calls skip the trial."""
     import time
 
-    from ntk_bench.implementations.structured import _onednn_is_faster
+    from ntk_bench.implementations.onednn import is_faster as _onednn_is_faster
 
     onednn = torch._C._get_mkldnn_enabled
     calls = []
@@ -111,7 +111,7 @@ def test_cpu_convolution_backend_is_the_measured_faster_one():
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this build")
 def test_structured_leaves_the_onednn_flag_as_it_was_and_agrees_on_both_backends():
-    from ntk_bench.implementations import structured
+    from ntk_bench.implementations import onednn, structured
     from problems import BY_ID
 
     problem = BY_ID["cnn-O4-N2M3"]  # in float32: oneDNN has no float64 convolutions, and is not tried there
@@ -120,7 +120,7 @@ def test_structured_leaves_the_onednn_flag_as_it_was_and_agrees_on_both_backends
     kernel = plugin.compute(model, x1, x2)
     assert torch._C._get_mkldnn_enabled() == before and len(structured._CONV_BACKEND[model]) == 1
     for enabled in (True, False):
-        with structured._onednn(enabled):
+        with onednn.enabled(enabled):
             assert rel_err(plugin._layer_sum(model, x1, x2, "full"), kernel) <= 1e-5
     assert model.double() not in structured._CONV_BACKEND or len(structured._CONV_BACKEND[model]) == 1
     plugin.compute(model, x1.double(), x2.double())
@@ -169,3 +169,36 @@ def test_cost_model_knows_every_rule(name, params):
     small, large = plugin.estimate(stats, 2, 2, "full", False), plugin.estimate(stats, 8, 8, "full", False)
     assert 0 < small.flops < large.flops and small.bytes < large.bytes
     assert large.bytes >= kernel_numel(8, 8, stats.o, "full") * 4
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this build")
+def test_explicit_mlp_gemms_agree_on_both_cpu_backends_and_leave_the_flag():
+    """explicit_mlp's float32 GEMMs by oneDNN's linear or by MKL: the same kernel as float64, the flag restored."""
+    from ntk_bench.implementations import explicit_mlp, onednn
+    from problems import BY_ID
+
+    problem = BY_ID["mlp-relu-O3-N4M3"]
+    model, (x1, x2) = problem.model(torch.float32), problem.inputs(torch.float32)
+    exact = implementations.get("explicit_mlp").compute(problem.model(torch.float64), *problem.inputs(torch.float64))
+    plugin, before = implementations.get("explicit_mlp"), torch._C._get_mkldnn_enabled()
+    kernel = plugin.compute(model, x1, x2)
+    assert torch._C._get_mkldnn_enabled() == before and len(explicit_mlp._GEMM_BACKEND[model]) == 1
+    for enabled in (True, False):
+        with onednn.enabled(enabled), torch.no_grad():
+            assert rel_err(plugin._recursion(model, x1, x2, "full").double(), exact) <= 1e-5
+    assert rel_err(kernel.double(), exact) <= 1e-5
+
+
+def test_onednn_linear_is_f_linear():
+    from ntk_bench.implementations import onednn
+
+    torch.manual_seed(0)
+    x, w, b = torch.randn(3, 5, 7), torch.randn(6, 7), torch.randn(6)
+    for flag in (True, False):
+        with onednn.enabled(flag), torch.no_grad():
+            assert torch.allclose(onednn.linear(x, w, b), torch.nn.functional.linear(x, w, b), atol=1e-5)
+            assert torch.allclose(onednn.linear(x.transpose(1, 2).transpose(1, 2), w.t().contiguous().t()),
+                                  x @ w.t(), atol=1e-5)
+    with torch.enable_grad():  # autograd: PyTorch's own linear
+        xr = x.clone().requires_grad_()
+        assert onednn.linear(xr, w, b).grad_fn is not None

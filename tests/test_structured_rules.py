@@ -220,3 +220,63 @@ def test_functional_rnn_is_the_modules_forward(cls, options):
     with torch.no_grad():
         for args in ((x,), (x[0],), (x, hx)):
             assert torch.allclose(flat(functional_rnn(module, {}, args, {})), flat(module(*args)), atol=1e-14)
+
+
+class DirectAttention(nn.Module):
+    """A user's own attention on (N, T, 4) tokens: softmax or scaled_dot_product_attention called directly (the
+    structured plugin swaps both for forms vmap batches; the kernel must not change)."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.qkv, self.head, self.how = nn.Linear(4, 12), nn.Linear(4 * 3, 2), how
+
+    def forward(self, x):
+        import torch.nn.functional as F
+
+        q, k, v = self.qkv(x).chunk(3, -1)
+        t = x.shape[1]
+        if self.how == "sdpa-causal":
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif self.how == "sdpa-bool-mask":
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(t, t, dtype=torch.bool).triu())
+        elif self.how == "sdpa-float-mask":
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=torch.linspace(-1, 1, t * t).view(t, t).to(x),
+                                                 scale=0.3)
+        elif self.how == "tensor-softmax":
+            out = (q @ k.transpose(-2, -1) / 2).softmax(-1) @ v
+        else:
+            out = torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
+        return self.head(out.flatten(1))
+
+
+@pytest.mark.parametrize("how", ["sdpa-causal", "sdpa-bool-mask", "sdpa-float-mask", "tensor-softmax", "torch-softmax"])
+def test_attention_called_directly_gives_the_brute_force_kernel(how):
+    torch.manual_seed(0)
+    model = DirectAttention(how).to(D)
+    x1, x2 = torch.randn(3, 3, 4, dtype=D), torch.randn(2, 3, 4, dtype=D)
+    got = implementations.get("structured").compute(model, x1, x2)
+    assert rel_err(got, brute_force_kernel(model, x1, x2)) <= 1e-10
+
+
+def test_batchable_softmax_and_attention_equal_torchs_and_are_restored():
+    import torch.nn.functional as F
+
+    from ntk_bench.implementations.structured_rules import _attention, _softmax, math_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 4, dtype=D, requires_grad=True) for _ in range(3))
+    mask = torch.randn(5, 5, dtype=D)
+    for ours, theirs in ((lambda: _softmax(q, -1), lambda: torch.softmax(q, -1)),
+                         (lambda: _attention(q, k, v, mask, scale=0.7),
+                          lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.7)),
+                         (lambda: _attention(q, k, v, is_causal=True),
+                          lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))):
+        a, b = ours(), theirs()
+        assert torch.allclose(a, b, atol=1e-13)
+        ga = torch.autograd.grad(a.sin().sum(), (q, k, v), allow_unused=True, materialize_grads=True)
+        gb = torch.autograd.grad(b.sin().sum(), (q, k, v), allow_unused=True, materialize_grads=True)
+        assert all(torch.allclose(x, y, atol=1e-12) for x, y in zip(ga, gb))
+    before = (F.softmax, F.scaled_dot_product_attention)
+    with math_attention():
+        assert F.softmax is not before[0]
+    assert (F.softmax, F.scaled_dot_product_attention) == before

@@ -162,7 +162,7 @@ class WorkerProcess:
             return error_row("error", f"the worker's answer was not JSON: {line[:200]!r}")
         if isinstance(self.ready, dict):
             row.setdefault("worker", self.label)
-            for key in ("cpu_affinity", "host", "threads"):
+            for key in ("cpu_affinity", "host", "threads", "malloc"):
                 if key in self.ready:
                     row.setdefault(f"worker_{key}" if key != "cpu_affinity" else key, self.ready[key])
         return row
