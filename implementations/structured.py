@@ -48,7 +48,7 @@ from .base import NTKPlugin, UnsupportedModelError
 from .kernels import KernelSum, input_gram, kernel_shape
 from .modelinfo import shape_keyed_cache, submodules
 from .structured_plan import Plan, _Replan, discover, record, structure_key
-from .structured_rules import math_attention, rule_kind
+from .structured_rules import direct_calls, math_attention, rule_kind
 
 # CPU convolutions: oneDNN's or PyTorch's own kernels, whichever ran the kernel faster, per model and shapes
 # (``onednn.is_faster``).
@@ -262,7 +262,8 @@ class Structured(NTKPlugin):
         force = frozenset()
         for attempt in range(2):
             plan = discover(model, x, force)
-            bad = self._check(plan, model, x)
+            with direct_calls(plan.direct_softmax):
+                bad = self._check(plan, model, x)
             if not bad:
                 plan.validated = True
                 return plan
@@ -407,6 +408,10 @@ class Structured(NTKPlugin):
         if x2 is not None and x2.shape[1:] != x1.shape[1:]:
             raise ValueError("x1 and x2 have different per-sample shapes")
         plan = self.plan(model, x1)
+        with direct_calls(plan.direct_softmax):
+            return self._planned_sum(plan, model, x1, x2, mode)
+
+    def _planned_sum(self, plan, model, x1, x2, mode):
         try:
             items1, uses, o, _ = self._side(plan, model, x1)
             items2 = items1 if x2 is None else self._side(plan, model, x2)[0]

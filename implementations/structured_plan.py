@@ -71,6 +71,7 @@ class Plan:
     names: dict  # id(parameter) -> its name in the model
     validated: bool = False
     uncalled: list = dataclasses.field(default_factory=list)  # modules with parameters the discovery saw no call of
+    direct_softmax: bool = True  # the model calls softmax / scaled_dot_product_attention itself (math_attention)
 
 
 @dataclasses.dataclass
@@ -239,10 +240,11 @@ class _ParamOps(TorchFunctionMode):
 def _observe(model, x, modules):
     param_ids = {id(p) for m in modules for p in m._parameters.values() if p is not None and p.requires_grad}
     ops = _ParamOps(param_ids)
-    with _Observer(modules) as obs, torch.enable_grad(), math_attention(), ops:
+    with _Observer(modules) as obs, torch.enable_grad(), math_attention(direct=True) as batchable, ops:
         y = model(x)
     changed = obs.changed() | {("op", i) for i, v, version in ops.watch if v._version != version}
     obs.watch, obs.ops = [], ops.ops
+    obs.direct_softmax = batchable.hits > 0
     return obs, y, changed
 
 
@@ -443,7 +445,8 @@ def discover(model: nn.Module, x: torch.Tensor, force_root: frozenset = frozense
             counts[id(p)] = counts.get(id(p), 0) + e.calls
     uncalled = [m for m in modules if not obs_a.call[m] and not obs_a.fwd[m]
                 and any(p is not None and p.requires_grad for p in m._parameters.values())]
-    return Plan(entries, {pid for pid, c in counts.items() if c > 1}, pnames, uncalled=uncalled)
+    return Plan(entries, {pid for pid, c in counts.items() if c > 1}, pnames, uncalled=uncalled,
+                direct_softmax=obs_a.direct_softmax or obs_b.direct_softmax)
 
 
 def _is_in_place(func) -> bool:

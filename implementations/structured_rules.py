@@ -21,6 +21,7 @@ vmapped over the O gradients), or, where vmap cannot run the module (LSTM, GRU),
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import warnings
 
@@ -390,15 +391,21 @@ class _BatchableOps(torch.overrides.TorchFunctionMode):
     SOFTMAX = (torch.softmax, _F_SOFTMAX, torch.Tensor.softmax, torch.special.softmax)
     ATTENTION = (_F_ATTENTION,)
 
+    def __init__(self):
+        super().__init__()
+        self.hits = 0  # calls it replaced
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in self.SOFTMAX and args and isinstance(args[0], torch.Tensor):
+            self.hits += 1
             rest = list(args[1:])
             dim = kwargs.get("dim", rest[0] if rest else None)
             dtype = kwargs.get("dtype", rest[2] if func is _F_SOFTMAX and len(rest) > 2 else
                                (rest[1] if func is not _F_SOFTMAX and len(rest) > 1 else None))
             return _batchable_softmax(args[0], dim, dtype=dtype)
         if func in self.ATTENTION:
+            self.hits += 1
             return _batchable_attention(*args, **kwargs)
         return func(*args, **kwargs)
 
@@ -413,19 +420,37 @@ def _functional_names():
         F.softmax, F.scaled_dot_product_attention = _F_SOFTMAX, _F_ATTENTION
 
 
+# Whether the model calls softmax / scaled_dot_product_attention itself (the plan says; unknown: True): the torch
+# function mode that replaces those calls costs a few microseconds on every other call (an LSTM's per-step ops).
+_DIRECT_CALLS: contextvars.ContextVar = contextvars.ContextVar("structured_direct_softmax", default=True)
+
+
 @contextlib.contextmanager
-def math_attention():
+def direct_calls(present: bool):
+    """Inside: ``math_attention`` intercepts the model's own softmax/attention calls only when ``present``."""
+    token = _DIRECT_CALLS.set(present)
+    try:
+        yield
+    finally:
+        _DIRECT_CALLS.reset(token)
+
+
+@contextlib.contextmanager
+def math_attention(direct: bool | None = None):
     """Attention in a form vmap batches: softmax and scaled_dot_product_attention as ``_softmax`` /
     ``_attention`` (the fused CPU attention kernel and softmax's backward have no batching rule: vmap would run
-    them sample by sample and output by output), any other attention through PyTorch's math kernel."""
+    them sample by sample and output by output), any other attention through PyTorch's math kernel. Calls from
+    inside torch.nn.functional (MultiheadAttention) always; the model's own calls when ``direct`` (default: what
+    ``direct_calls`` says). Yields the torch function mode (its ``hits``), or None."""
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
     except ImportError:  # torch without the context manager: the default kernels
         kernel = contextlib.nullcontext()
     else:
         kernel = sdpa_kernel([SDPBackend.MATH])
-    with kernel, _functional_names(), _BatchableOps():
-        yield
+    mode = _BatchableOps() if (_DIRECT_CALLS.get() if direct is None else direct) else None
+    with kernel, _functional_names(), (mode if mode is not None else contextlib.nullcontext()):
+        yield mode
 
 
 def _rnn_supported(module) -> bool:
