@@ -61,7 +61,7 @@ ORDER: str | None = None
 
 # Jacobian-order blocks under this many numbers are concatenated (fewer, larger GEMMs); larger ones are contracted
 # one at a time (no copy, and only one layer's concatenation alive).
-_CONCAT_NUMEL = 1 << 21
+_CONCAT_NUMEL = 1 << 17
 
 
 class _StalePlan(Exception):

@@ -266,10 +266,37 @@ class EmbeddingRule:
         jac = 2 * (n * s if symmetric else n * s + s2.n * s2.s) * o * d + 2 * n * s2.n * oo * d * v
         return gram, jac
 
+    # The equal-id pairs are summed one by one when there are fewer than this fraction of all token pairs (a large
+    # vocabulary: few tokens share an id), else through the dense index-equality matrix.
+    SPARSE_BELOW = 1 / 16
+
     def add_gram(self, total, s1, s2, symmetric, bias):
-        eq = (s1.ids.reshape(-1, 1) == s2.ids.reshape(1, -1)).to(s1.g.dtype).unsqueeze(0)
-        patch_gram(total, eq, s1.g, s2.g, total.mode)
+        eq = s1.ids.reshape(-1, 1) == s2.ids.reshape(1, -1)  # (N·S, M·T)
+        pairs = eq.nonzero()
+        if pairs.shape[0] <= self.SPARSE_BELOW * eq.numel():
+            total.add(self._pair_sum(pairs, s1, s2, total.mode))
+        else:
+            patch_gram(total, eq.to(s1.g.dtype).unsqueeze(0), s1.g, s2.g, total.mode)
         return []
+
+    @staticmethod
+    def _pair_sum(pairs, s1, s2, mode):
+        """Σ over token pairs with the same id of G1[o,n,s]·G2[p,m,t] (over the embedding dimension), in the mode's
+        shape: a GEMM of O x D by D x O per pair, scattered into its (n, m)."""
+        o, n, _, d, s = s1.g.shape
+        m, t = s2.n, s2.s
+        i, j = pairs[:, 0], pairs[:, 1]
+        a = s1.g[:, :, 0].permute(1, 3, 0, 2).reshape(n * s, o, d)[i]  # (E, O, D)
+        b = s2.g[:, :, 0].permute(1, 3, 0, 2).reshape(m * t, o, d)[j]
+        where = torch.div(i, s, rounding_mode="floor") * m + torch.div(j, t, rounding_mode="floor")
+        if mode == "full":
+            terms, shape = torch.bmm(a, b.transpose(1, 2)), (n, m, o, o)
+        elif mode == "trace":
+            terms, shape = (a * b).sum((1, 2)), (n, m)
+        else:
+            terms, shape = (a * b).sum(2), (n, m, o)
+        out = torch.zeros((n * m,) + terms.shape[1:], dtype=terms.dtype, device=terms.device)
+        return out.index_add_(0, where, terms).view(shape)
 
     def jacobians(self, side, slots):
         o, n, _, d, s = side.g.shape

@@ -280,3 +280,18 @@ def test_batchable_softmax_and_attention_equal_torchs_and_are_restored():
     with math_attention():
         assert F.softmax is not before[0]
     assert (F.softmax, F.scaled_dot_product_attention) == before
+
+
+@pytest.mark.parametrize("sparse_below", [1.0, -1.0])  # every pair one by one / always the dense equality matrix
+@pytest.mark.parametrize("layer_id", ["embedding-padding-idx", "embedding-2d-ids"])
+def test_embedding_gram_by_equal_id_pairs_or_dense_equality(layer_id, sparse_below, monkeypatch):
+    from ntk_bench.implementations.structured_rules import EmbeddingRule
+
+    monkeypatch.setattr(structured, "ORDER", "gram")
+    monkeypatch.setattr(EmbeddingRule, "SPARSE_BELOW", sparse_below)
+    model, x1, x2 = _problem(layer_id)
+    plugin = implementations.get("structured")
+    for mode in implementations.MODES:
+        for symmetric in (False, True):
+            kernel = plugin._kernel(model, x1, None if symmetric else x2, mode)
+            assert rel_err(kernel, _reference(layer_id, mode, symmetric)) <= 1e-10, (mode, symmetric)
