@@ -30,7 +30,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 test: $(DEPS)
-	NTKBENCH_REQUIRE_REFERENCE=1 $(PYTHON) -m pytest -p no:cacheprovider --timeout=900 -q -n auto tests
+	NTKBENCH_REQUIRE_REFERENCE=1 $(PYTHON) -m pytest -p no:cacheprovider --timeout=900 -q -n auto -m "not serial" tests
+	NTKBENCH_REQUIRE_REFERENCE=1 $(PYTHON) -m pytest -p no:cacheprovider --timeout=900 -q -m serial tests
 
 bench: $(DEPS)
 	$(PYTHON) -m ntk_bench run --sweep $(SWEEP) --out $(RUN) --resume
