@@ -59,9 +59,8 @@ def _pin() -> dict:
     return {"threads": int(threads) if threads else None}
 
 
-# glibc's mallopt parameters
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-KEEP_FREED_MEMORY = {"mmap_threshold": 32 << 20, "trim_threshold": 1 << 30, "top_pad": 256 << 20}
+# name: (glibc's mallopt parameter: M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD; value)
+KEEP_FREED_MEMORY = {"mmap_threshold": (-3, 32 << 20), "trim_threshold": (-1, 1 << 30), "top_pad": (-2, 256 << 20)}
 
 
 def _keep_freed_memory() -> str | None:
@@ -80,9 +79,7 @@ def _keep_freed_memory() -> str | None:
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # not glibc
         return None
-    done = [f"{k}={v}" for k, v in KEEP_FREED_MEMORY.items()
-            if mallopt({"mmap_threshold": M_MMAP_THRESHOLD, "trim_threshold": M_TRIM_THRESHOLD,
-                        "top_pad": M_TOP_PAD}[k], v) == 1]
+    done = [f"{k}={v}" for k, (param, v) in KEEP_FREED_MEMORY.items() if mallopt(param, v) == 1]
     return "glibc " + " ".join(done) if done else None
 
 

@@ -23,7 +23,7 @@ from torch import nn
 from . import onednn
 from .base import NTKPlugin
 from .kernels import KernelSum, input_gram
-from .modelinfo import shape_keyed_cache, structure_problem, submodules
+from .modelinfo import structure_problem, submodules
 
 # Per model and input shapes: whether oneDNN's GEMMs ran the kernel faster than MKL's (CPU, float32).
 _GEMM_BACKEND: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -141,13 +141,7 @@ class ExplicitMLP(NTKPlugin):
         if not onednn.usable(x1):
             return self._recursion(model, x1, x2, mode)
         key = (tuple(x1.shape), None if x2 is None else tuple(x2.shape), mode)
-        outs = []
-        use_onednn = shape_keyed_cache(_GEMM_BACKEND, model, key, lambda: onednn.is_faster(
-            lambda: outs.append(self._recursion(model, x1, x2, mode))))
-        if outs and use_onednn:  # a slow call keeps oneDNN untried: its kernel is this call's
-            return outs[-1]
-        with onednn.enabled(use_onednn):
-            return self._recursion(model, x1, x2, mode)
+        return onednn.on_faster_backend(_GEMM_BACKEND, model, key, lambda: self._recursion(model, x1, x2, mode))
 
     def _recursion(self, model, x1, x2, mode):
         layers = _layers(model)

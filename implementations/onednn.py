@@ -15,6 +15,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .modelinfo import shape_keyed_cache
+
 
 @contextlib.contextmanager
 def enabled(flag: bool):
@@ -66,3 +68,21 @@ def is_faster(run, repeats: int = 5, margin: float = 0.9, only_below_s: float = 
         off.append(timed(False))
         on.append(timed(True))
     return min(off) >= margin * min(on)
+
+
+def on_faster_backend(store, model, key: tuple, run, prepare=None):
+    """``run()`` with oneDNN on or off, whichever ran it faster on the first call for ``model`` and ``key``
+    (``is_faster``, its answer cached in ``store`` per model, key and parameter shapes); ``prepare()`` first, once,
+    outside the timed calls (a plan)."""
+    outs = []
+
+    def trial():
+        if prepare is not None:
+            prepare()
+        return is_faster(lambda: outs.append(run()))
+
+    use = shape_keyed_cache(store, model, key, trial)
+    if outs and use:  # a slow call keeps oneDNN untried: its kernel is this call's
+        return outs[-1]
+    with enabled(use):
+        return run()

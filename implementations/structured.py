@@ -46,7 +46,7 @@ from torch import nn
 from . import onednn
 from .base import NTKPlugin, UnsupportedModelError
 from .kernels import KernelSum, input_gram, kernel_shape
-from .modelinfo import shape_keyed_cache, submodules
+from .modelinfo import submodules
 from .structured_plan import Plan, _Replan, discover, record, structure_key
 from .structured_rules import direct_calls, math_attention, rule_kind
 
@@ -392,17 +392,8 @@ class Structured(NTKPlugin):
                 not any(isinstance(m, nn.modules.conv._ConvNd) for m in submodules(model)):  # (no fp64 in oneDNN)
             return self._layer_sum(model, x1, x2, mode)
         key = (tuple(x1.shape), None if x2 is None else tuple(x2.shape), x1.dtype, mode)
-        outs = []
-
-        def trial():
-            self.plan(model, x1)  # (made once, outside the timed calls)
-            return onednn.is_faster(lambda: outs.append(self._layer_sum(model, x1, x2, mode)))
-
-        use_onednn = shape_keyed_cache(_CONV_BACKEND, model, key, trial)
-        if outs and use_onednn:  # a slow call keeps oneDNN untried: its kernel is this call's
-            return outs[-1]
-        with onednn.enabled(use_onednn):
-            return self._layer_sum(model, x1, x2, mode)
+        return onednn.on_faster_backend(_CONV_BACKEND, model, key, lambda: self._layer_sum(model, x1, x2, mode),
+                                        prepare=lambda: self.plan(model, x1))
 
     def _layer_sum(self, model, x1, x2, mode):
         if x2 is not None and x2.shape[1:] != x1.shape[1:]:

@@ -152,6 +152,11 @@ def _reference(layer_id, mode, symmetric):
 @pytest.mark.parametrize("layer_id", list(LAYERS))
 def test_rule_equals_brute_force_kernel(layer_id, order, monkeypatch):
     monkeypatch.setattr(structured, "ORDER", order)
+    _assert_brute_force_kernel(layer_id)
+
+
+def _assert_brute_force_kernel(layer_id):
+    """structured's kernel on the layer's problem equals the brute-force one in every mode, x2 given and None."""
     model, x1, x2 = _problem(layer_id)
     plugin = implementations.get("structured")
     for mode in implementations.MODES:
@@ -289,9 +294,4 @@ def test_embedding_gram_by_equal_id_pairs_or_dense_equality(layer_id, sparse_bel
 
     monkeypatch.setattr(structured, "ORDER", "gram")
     monkeypatch.setattr(EmbeddingRule, "SPARSE_BELOW", sparse_below)
-    model, x1, x2 = _problem(layer_id)
-    plugin = implementations.get("structured")
-    for mode in implementations.MODES:
-        for symmetric in (False, True):
-            kernel = plugin._kernel(model, x1, None if symmetric else x2, mode)
-            assert rel_err(kernel, _reference(layer_id, mode, symmetric)) <= 1e-10, (mode, symmetric)
+    _assert_brute_force_kernel(layer_id)
