@@ -8,8 +8,9 @@ dimensions: S positions, K inputs, C outputs), "conv" (ConvNd: S output position
 inputs per position and group, C outputs, ``groups``), "embedding" (S ids, K = the vocabulary, C = the
 embedding width), "norm" (eval BatchNorm, LayerNorm, GroupNorm, RMSNorm: S positions, C scaled channels) and
 "generic" (any other module with parameters, and parameters of modules that are not called, counted at the
-nearest called module above them: P of its parameters, ``flops`` of one forward of that module), and "tap"
-(such parameters when each is read only by single operations with one output: S = their outputs' numbers).
+nearest called module above them: P of its parameters, ``flops`` of one forward of that module), "tap" (such
+parameters when each is read only by single operations with one output: S = their outputs' numbers), and
+"linear" again for those read only as ``F.linear``'s weight and bias (MultiheadAttention's projections).
 Plugins turn these into an :class:`Estimate` (FLOPs and peak bytes) for a block of N x M samples; blocking
 and ``auto`` decide from those estimates.
 """
@@ -120,12 +121,13 @@ def _measure_stats(model: nn.Module, x_single: torch.Tensor) -> ModelStats:
         records.append((module, layer))
         outputs.append(output)
 
-    from .structured_plan import _is_in_place, _ParamOps
+    from .structured_plan import _is_in_place, _ParamOps, linear_ops
+    from .structured_rules import _functional_names
 
     ops = _ParamOps({id(q) for q in model.parameters() if q.requires_grad})
     handles = [m.register_forward_hook(hook) for _, m in named]
-    try:
-        with torch.enable_grad(), FlopCounterMode(display=False) as counter, ops:
+    try:  # (MultiheadAttention as structured records it: its projections as F.linear calls)
+        with torch.enable_grad(), _functional_names(), FlopCounterMode(display=False) as counter, ops:
             y = model(x_single)
     finally:
         for h in handles:
@@ -156,11 +158,22 @@ def _measure_stats(model: nn.Module, x_single: torch.Tensor) -> ModelStats:
             while host not in called and host in parent:
                 host = parent[host]
             generic[host] = generic.get(host, 0) + own
+    by_id = {id(q): q for q in model.parameters()}
     for m, p in generic.items():
         if not p:
             continue
         pids = {id(q) for k in names if _hosted(k, m, parent, called) for q in k._parameters.values()
                 if q is not None and q.requires_grad}
+        for w, (b, idx) in linear_ops(ops.ops, pids).items():  # structured's linear ops
+            weight = by_id[w]
+            own = weight.numel() + (by_id[b].numel() if b is not None else 0)
+            for i in idx:
+                layers.append(Layer("linear", math.prod(ops.ops[i][2][0][0]) // weight.shape[0], weight.shape[1],
+                                    weight.shape[0], b is not None, p=own))
+            pids -= {w, b}
+            p -= own
+        if not p:
+            continue
         mine = [op for op in ops.ops if set(op[1]) & pids]
         if mine and all(set(op[1]) <= pids and not _is_in_place(op[0]) and len(op[2]) == 1 and op[2][0] is not None
                         and op[2][0][1] for op in mine):  # read only by single ops: structured's taps

@@ -12,9 +12,12 @@ input shape, and checked against autograd) says which rule covers which paramete
   layer's own Jacobian order, 2·(N·S + M·T)·O·C·K + 2·N·M·O²·C·K (full mode; O for O² in trace/diagonal).
 - Eval BatchNorm, LayerNorm, GroupNorm, RMSNorm: a scale on the normalised input x̂ and a shift; J_weight =
   Σ_positions x̂ ⊙ G, J_bias = Σ G per channel, Jacobian order (O·C numbers per sample).
+- Parameters a module reads only as ``F.linear``'s weight and bias on batched tokens (self-attention's packed
+  in-projection and its out-projection, computed by ``structured_rules._projected_mha`` so that both are such
+  calls; a user's ``F.linear(x, self.weight, self.bias)``): "linear ops", the Linear rule on each call.
 - Parameters read only by single operations with one batched output (ViT's class token ``expand``-ed over the
   batch, a positional embedding added, a transposed conv's weight): taps, each op's own per-sample vjp.
-- Every other module with parameters (MultiheadAttention, LSTM/GRU through a per-step forward vmap can batch,
+- Every other module with parameters (cross-attention, LSTM/GRU through a per-step forward vmap can batch,
   a custom module, a parametrized weight, a submodule used without being called): the generic rule, that
   module's own per-sample vjp (torch.func) from its recorded inputs and G, in the Jacobian order.
 - A parameter used more than once (a module called twice, a weight tied between modules): its per-use

@@ -14,6 +14,11 @@ twice, on the batch and on the batch plus one sample, with every module's ``forw
   ``out_proj``, a parametrization's originals) goes to the generic rule of the nearest module above all its
   owners that is called on batched inputs: that module's per-sample vjp covers every use inside it.
 
+Parameters of a generic module that it reads only as ``F.linear(x, weight, bias)`` on an input with a batch
+dimension (MultiheadAttention's projections: ``math_attention`` computes self-attention by
+``structured_rules._projected_mha``, whose two projections are such calls; the plan then compares the model's
+output with its own forward) become "linear ops": the Linear rule on each call's recorded input and output.
+
 A parameter covered more than once (a module called twice, one tensor in two modules) is "shared": its
 per-use Jacobian blocks are summed before contracting, so the cross terms between uses are kept.
 
@@ -37,10 +42,12 @@ import contextlib
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from . import structured_rules
 from .base import UnsupportedModelError
 from .structured_rules import make_rule, math_attention, rule_kind
 
@@ -215,9 +222,19 @@ def _mentions(args, kwargs, ids) -> bool:
     return bool(kwargs) and any(isinstance(v, torch.Tensor) and id(v) in ids for v in pytree.tree_leaves(kwargs))
 
 
+def _linear_args(func, args, kwargs):
+    """(id of the weight, id of the bias or None) of ``F.linear(x, weight, bias)`` called positionally on a
+    parameter weight and a non-parameter input; None for any other call."""
+    if func is not F.linear or kwargs or len(args) < 2 or not isinstance(args[1], nn.Parameter) or \
+            not isinstance(args[0], torch.Tensor) or isinstance(args[0], nn.Parameter):
+        return None
+    bias = args[2] if len(args) > 2 else None
+    return id(args[1]), (id(bias) if isinstance(bias, torch.Tensor) else None)
+
+
 class _ParamOps(TorchFunctionMode):
     """Discovery: every torch function called with a trainable parameter itself among its arguments: (function,
-    ids of those parameters, output leaf info); outputs watched for in-place changes."""
+    ids of those parameters, output leaf info, ``_linear_args``); outputs watched for in-place changes."""
 
     def __init__(self, param_ids):
         super().__init__()
@@ -232,7 +249,7 @@ class _ParamOps(TorchFunctionMode):
                     if isinstance(v, torch.Tensor) and id(v) in self.param_ids)
         outs = pytree.tree_leaves(out)
         if hit and any(isinstance(v, torch.Tensor) and v.requires_grad for v in outs):  # (else: no derivative)
-            self.ops.append((func, hit, _leaf_info(outs)))
+            self.ops.append((func, hit, _leaf_info(outs), _linear_args(func, args, kwargs)))
             self.watch.extend((len(self.ops) - 1, v, v._version) for v in _tensor_leaves(outs))
         return out
 
@@ -348,7 +365,9 @@ def discover(model: nn.Module, x: torch.Tensor, force_root: frozenset = frozense
         bad = next(names[m] for m in modules if isinstance(m, torch.jit.ScriptModule))
         raise UnsupportedModelError(f"structured: {bad} is a TorchScript module; its calls cannot be recorded")
     n = x.shape[0]
+    projected = structured_rules.projected_mha_calls
     obs_a, y_a, changed = _observe(model, x, modules)
+    projected = structured_rules.projected_mha_calls != projected
     obs_b, y_b, _ = _observe(model, torch.cat([x, x[:1]]), modules)
     if isinstance(y_a, torch.Tensor) and isinstance(y_b, torch.Tensor) and y_b.shape[1:] == y_a.shape[1:] and \
             not _same(y_a.detach(), y_b[:n].detach()):
@@ -356,6 +375,12 @@ def discover(model: nn.Module, x: torch.Tensor, force_root: frozenset = frozense
         raise UnsupportedModelError(f"structured: the output of {where} for a sample depends on the other samples "
                                     "of the batch or on randomness (one more sample changed it): the per-sample "
                                     "kernel is not defined (train-mode BatchNorm or Dropout? call model.eval())")
+    if projected and isinstance(y_a, torch.Tensor):  # (MultiheadAttention through _projected_mha: as PyTorch's?)
+        with torch.enable_grad():
+            own = model(x)
+        if not isinstance(own, torch.Tensor) or not _same(own.detach(), y_a.detach()):
+            raise UnsupportedModelError("structured: the model's output with its MultiheadAttention computed as two "
+                                        "Linears around the attention differs from its own forward")
     for m in modules:
         if len(obs_a.fwd[m]) != len(obs_b.fwd[m]) or len(obs_a.call[m]) != len(obs_b.call[m]):
             raise UnsupportedModelError(f"structured: {names[m]} is called a different number of times for a "
@@ -438,7 +463,7 @@ def discover(model: nn.Module, x: torch.Tensor, force_root: frozenset = frozense
             entries.append(Entry(m, names[m], "generic", make_rule("generic", m, list(local)), local, len(dims),
                                  [d[0] for d in dims], [d[1] for d in dims],
                                  copy_in=(m, "call", "in") in changed, clone_out=(m, "call", "out") in changed))
-    entries = _taps(entries, obs_a, obs_b, n, changed, names)
+    entries = _taps(entries, obs_a, obs_b, n, changed, force_root)
     counts = {}
     for e in entries:
         for p in e.slots.values():
@@ -454,39 +479,89 @@ def _is_in_place(func) -> bool:
     return (name.endswith("_") and not name.endswith("__")) or name.startswith("__i")
 
 
-def _taps(entries, obs_a, obs_b, n, changed, names):
-    """Generic entries whose parameters are each read only by single ops giving one batched tensor (a class
-    token's ``expand``, a positional embedding's ``+``, a scale's ``*``) become "tap" entries: the rule takes
-    those ops' outputs' gradients and each op's own per-sample vjp, instead of the module's vjp per sample."""
-    from .structured_rules import TapRule
+def linear_ops(ops, pids):
+    """{weight id: (bias id or None, [op indices])} for the parameters in ``pids`` that every op reading them reads
+    as ``F.linear``'s weight (and its bias as that call's bias), each call reading no other parameter: Linears
+    applied inside a module's forward (MultiheadAttention's projections through ``_projected_mha``, a user's
+    ``F.linear(x, self.weight, self.bias)``)."""
+    readers = {}
+    for i, op in enumerate(ops):
+        for pid in set(op[1]) & pids:
+            readers.setdefault(pid, []).append(i)
+    out = {}
+    for w, idx in readers.items():
+        lin = [ops[i][3] for i in idx]
+        if any(a is None or a[0] != w for a in lin) or len({a[1] for a in lin}) != 1:
+            continue
+        b = lin[0][1] if lin[0][1] in pids else None
+        if b is not None and sorted(readers[b]) != sorted(idx):
+            continue
+        if all(set(ops[i][1]) <= {w, b} for i in idx):
+            out[w] = (b, idx)
+    return out
+
+
+def _taps(entries, obs_a, obs_b, n, changed, force_root=frozenset()):
+    """Generic entries' parameters read only as ``F.linear``'s weight and bias on batched inputs (``linear_ops``)
+    become "linear_op" entries, one per weight: the Linear rule on each call's input and output, in either order,
+    instead of the module's vjp per sample. The rest of a generic entry's parameters, when each is read only by
+    single ops giving one batched tensor (a class token's ``expand``, a positional embedding's ``+``, a scale's
+    ``*``), become a "tap" entry: the rule takes those ops' outputs' gradients and each op's own per-sample vjp.
+    Parameters in ``force_root`` (their plan failed the check once) stay with the generic rule."""
+    from .structured_rules import LinearRule, TapRule
 
     if len(obs_a.ops) != len(obs_b.ops):
         return entries
+
+    def batched(i):
+        """The batch dimension of op i's one output, or None."""
+        func, hit, info = obs_a.ops[i][:3]
+        d = _dims(info, obs_b.ops[i][2], n)
+        tensors = [k for k, v in enumerate(info) if v is not None and v[1]]
+        if _is_in_place(func) or obs_b.ops[i][0] is not func or len(tensors) != 1 or len(info) != 1 or \
+                not isinstance(d[0], int):
+            return None
+        return d[0]
+
     out = []
     for e in entries:
         if e.kind != "generic":
             out.append(e)
             continue
-        pids = {id(p) for p in e.slots.values()}
+        by_id = {id(p): k for k, p in e.slots.items()}
+        for w, (b, idx) in linear_ops(obs_a.ops, set(by_id) - set(force_root)).items():
+            dims = [batched(i) for i in idx]
+            if any(d is None or d >= len(obs_a.ops[i][2][0][0]) - 1 for d, i in zip(dims, idx)):
+                continue
+            slots = {"weight": e.slots[by_id.pop(w)]}
+            if b is not None:
+                slots["bias"] = e.slots[by_id.pop(b)]
+            out.append(Entry(e.module, f"{e.name} (F.linear on {names_of(e, slots)})", "linear_op", LinearRule(e.module),
+                             slots, len(idx), [[d] for d in dims], [[d] for d in dims],
+                             clone_out=any(("op", i) in changed for i in idx),
+                             ops=[(F.linear, ("weight", "bias") if b is not None else ("weight",)) for _ in idx]))
+        if not by_id:
+            continue
+        if len(by_id) < len(e.slots):
+            rest = {k: e.slots[k] for k in by_id.values()}
+            e = dataclasses.replace(e, slots=rest, rule=make_rule("generic", e.module, list(rest)))
+        pids = set(by_id)
         ops = [(i, op) for i, op in enumerate(obs_a.ops) if set(op[1]) & pids]
-        dims = []
-        for i, (func, hit, info) in ops:
-            d = _dims(info, obs_b.ops[i][2], n)
-            tensors = [k for k, v in enumerate(info) if v is not None and v[1]]
-            if not set(hit) <= pids or _is_in_place(func) or obs_b.ops[i][0] is not func or len(tensors) != 1 \
-                    or len(info) != 1 or not isinstance(d[0], int):
-                dims = None
-                break
-            dims.append(d[0])
-        if not ops or dims is None or {pid for _, op in ops for pid in op[1]} != pids:
+        dims = [batched(i) if set(op[1]) <= pids else None for i, op in ops]
+        if not ops or None in dims or {pid for _, op in ops for pid in op[1]} != pids:
             out.append(e)
             continue
-        by_id = {id(p): k for k, p in e.slots.items()}
         clone = any(("op", i) in changed for i, _ in ops)
         out.append(Entry(e.module, e.name, "tap", TapRule(e.slots), e.slots, len(ops), [[] for _ in ops],
                          [[d] for d in dims], clone_out=clone,
                          ops=[(op[0], tuple(by_id[pid] for pid in op[1])) for _, op in ops]))
     return out
+
+
+def names_of(entry, slots):
+    """The slots' parameters' names relative to the entry's module, for messages."""
+    own = {id(p): k for k, p in entry.module.named_parameters(remove_duplicate=False)}
+    return ", ".join(own.get(id(p), k) for k, p in slots.items())
 
 
 def _clone_leaves(out):
@@ -546,7 +621,7 @@ def record(plan: Plan, model: nn.Module, x: torch.Tensor):
 
     taps = {}
     for e in plan.entries:
-        if e.kind == "tap":
+        if e.kind in ("tap", "linear_op"):
             for k, p in e.slots.items():
                 taps[id(p)] = e
 
@@ -561,9 +636,11 @@ def record(plan: Plan, model: nn.Module, x: torch.Tensor):
             e = next((taps[id(v)] for v in leaves if isinstance(v, torch.Tensor) and id(v) in taps), None)
             if e is None:
                 return out
-            kept = [v.detach() if isinstance(v, torch.Tensor) else v for v in leaves]
             params = {k: i for i, v in enumerate(leaves) for k, p in e.slots.items() if v is p}
-            watch.extend((e, "in", v, v._version) for v in _tensor_leaves(kept))
+            kept = [(v.detach().clone() if e.copy_in and i not in params.values() else v.detach())
+                    if isinstance(v, torch.Tensor) else v for i, v in enumerate(leaves)]
+            if not e.copy_in:
+                watch.extend((e, "in", v, v._version) for v in _tensor_leaves(kept))
             returned = out.clone() if e.clone_out else out
             if not e.clone_out:
                 watch.append((e, "out", out, out._version))
@@ -575,7 +652,7 @@ def record(plan: Plan, model: nn.Module, x: torch.Tensor):
         for m in plan.uncalled:
             undo.append(m.register_forward_pre_hook(_tripwire(m, type(m).__name__)))
         for e in plan.entries:
-            if e.kind == "tap":
+            if e.kind in ("tap", "linear_op"):
                 continue
             if e.kind == "generic":
                 undo.append(e.module.register_forward_pre_hook(generic_pre(e), prepend=True, with_kwargs=True))
@@ -607,7 +684,7 @@ def record(plan: Plan, model: nn.Module, x: torch.Tensor):
                     raise _Replan(f"{e.name}: an input's batch dimension does not have the batch's size")
             if e.kind == "generic" and len(u.outs) != len(e.out_dims[u.index]):
                 raise _Replan(f"{e.name}: its outputs changed")
-            if e.kind == "tap" and (u.func is not e.ops[u.index][0] or
+            if e.kind in ("tap", "linear_op") and (u.func is not e.ops[u.index][0] or
                                     u.outs[0].shape[e.out_dims[u.index][0]] != n):
                 raise _Replan(f"{e.name}: its parameters are read by other operations")
         out.extend(got)

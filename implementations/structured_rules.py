@@ -169,6 +169,19 @@ def patch_jacobian(side: PatchSide) -> torch.Tensor:
     return j.view(n, gr, o, c, k).transpose(1, 2).reshape(n, o, gr * c * k)
 
 
+def linear_jacobian(side: PatchSide) -> torch.Tensor:
+    """A Linear's J[n, o, (c, k)] = Σ_s G[o,n,s,c]·X[n,s,k] as one batched GEMM over the (output, sample) pairs,
+    reading G in the layout the backward wrote it ((O, N, S, C): C innermost, which ``patch_jacobian`` would
+    first have to transpose) and X repeated per output. Returned as an (N, O, P) view of an (O, N, P) tensor
+    (``KernelSum.add_jacobians`` contracts it in that order without a copy)."""
+    x = side.x[:, 0].transpose(1, 2)  # (N, S, K)
+    g = side.g[:, :, 0].transpose(2, 3)  # (O, N, S, C)
+    o, n, s, c = g.shape
+    k = x.shape[-1]
+    j = torch.bmm(g.reshape(o * n, s, c).transpose(1, 2), x.expand(o, n, s, k).reshape(o * n, s, k))
+    return j.view(o, n, c * k).transpose(0, 1)
+
+
 def bias_jacobian(g: torch.Tensor) -> torch.Tensor:
     """Σ_s G as (N, O, C) for G (O, N, groups, C, S)."""
     o, n = g.shape[:2]
@@ -220,7 +233,7 @@ class LinearRule:
     def jacobians(self, side, slots):
         out = {}
         if "weight" in slots:
-            out["weight"] = patch_jacobian(side)
+            out["weight"] = linear_jacobian(side) if not self.conv else patch_jacobian(side)
         if "bias" in slots:
             out["bias"] = bias_jacobian(side.g)
         return out
@@ -407,7 +420,75 @@ def _batchable_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_ca
     return _attention(query, key, value, attn_mask, dropout_p, is_causal, scale)
 
 
-_F_SOFTMAX, _F_ATTENTION = F.softmax, F.scaled_dot_product_attention
+_F_SOFTMAX, _F_ATTENTION, _F_MHA = F.softmax, F.scaled_dot_product_attention, F.multi_head_attention_forward
+
+# How many MultiheadAttention calls ``_projected_mha`` has computed (the plan compares such models' recorded
+# output with their own forward).
+projected_mha_calls = 0
+
+
+def _projected_mha(query, key, value, embed_dim_to_check, num_heads, in_proj_weight, in_proj_bias, bias_k, bias_v,
+                   add_zero_attn, dropout_p, out_proj_weight, out_proj_bias, training=True, key_padding_mask=None,
+                   need_weights=True, attn_mask=None, use_separate_proj_weight=False, q_proj_weight=None,
+                   k_proj_weight=None, v_proj_weight=None, static_k=None, static_v=None, average_attn_weights=True,
+                   is_causal=False):
+    """torch.nn.functional.multi_head_attention_forward for self-attention with packed projections, written so
+    that both projections are ``F.linear`` calls on (L, N, E) tensors: the plan sees the parameters as Linears
+    over tokens (``structured_plan``'s linear ops), where PyTorch's own code applies the output projection to
+    (L·N, E) rows. The same operations otherwise, masks merged as PyTorch merges them; any other configuration
+    (cross-attention, separate projection weights, bias_k/bias_v, zero attention, static keys, dropout while
+    training, unbatched input) goes to PyTorch's function."""
+    global projected_mha_calls
+    e = query.shape[-1] if query.dim() == 3 else None
+    if query.dim() != 3 or not (query is key and key is value) or use_separate_proj_weight or \
+            in_proj_weight is None or bias_k is not None or bias_v is not None or add_zero_attn or \
+            static_k is not None or static_v is not None or (training and dropout_p > 0) or \
+            e != embed_dim_to_check or e % num_heads or (is_causal and attn_mask is None) or \
+            (attn_mask is not None and tuple(attn_mask.shape[-2:]) != (query.shape[0],) * 2) or \
+            (attn_mask is not None and attn_mask.dim() == 3 and attn_mask.shape[0] != query.shape[1] * num_heads) or \
+            (attn_mask is not None and attn_mask.dim() not in (2, 3)) or \
+            (key_padding_mask is not None and tuple(key_padding_mask.shape) != tuple(query.shape[1::-1])):
+        return _F_MHA(query, key, value, embed_dim_to_check, num_heads, in_proj_weight, in_proj_bias, bias_k,
+                      bias_v, add_zero_attn, dropout_p, out_proj_weight, out_proj_bias, training=training,
+                      key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
+                      use_separate_proj_weight=use_separate_proj_weight, q_proj_weight=q_proj_weight,
+                      k_proj_weight=k_proj_weight, v_proj_weight=v_proj_weight, static_k=static_k,
+                      static_v=static_v, average_attn_weights=average_attn_weights, is_causal=is_causal)
+    projected_mha_calls += 1
+    length, n, _ = query.shape
+    heads, hd = num_heads, e // num_heads
+    key_padding_mask = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
+                                         other_type=F._none_or_dtype(attn_mask), other_name="attn_mask",
+                                         target_type=query.dtype)
+    if is_causal and key_padding_mask is None and not need_weights:
+        attn_mask = None
+    else:
+        attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
+                                      target_type=query.dtype, check_other=False)
+        if key_padding_mask is not None:
+            is_causal = False
+    if attn_mask is not None and attn_mask.dim() == 2:
+        attn_mask = attn_mask.unsqueeze(0)  # (1 or N·heads, L, L)
+    if key_padding_mask is not None:
+        kpm = key_padding_mask.view(n, 1, 1, length).expand(-1, heads, -1, -1).reshape(n * heads, 1, length)
+        attn_mask = kpm if attn_mask is None else attn_mask + kpm
+    proj = F.linear(query, in_proj_weight, in_proj_bias)  # (L, N, 3E)
+    q, k, v = proj.unflatten(-1, (3, heads, hd)).permute(2, 1, 3, 0, 4)  # each (N, heads, L, hd)
+    if need_weights:
+        scores = (q * math.sqrt(1.0 / hd)) @ k.transpose(-2, -1)  # (N, heads, L, L)
+        if attn_mask is not None:
+            scores = scores + (attn_mask.view(n, heads, attn_mask.shape[-2], length) if attn_mask.shape[0] > 1
+                               else attn_mask)
+        weights = F.softmax(scores, dim=-1)
+        out = weights @ v
+    else:
+        if attn_mask is not None:
+            attn_mask = attn_mask.unsqueeze(0) if attn_mask.shape[0] == 1 else attn_mask.view(n, heads, -1, length)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask, 0.0, is_causal)
+    out = F.linear(out.permute(2, 0, 1, 3).reshape(length, n, e), out_proj_weight, out_proj_bias)  # (L, N, E)
+    if not need_weights:
+        return out, None
+    return out, weights.mean(dim=1) if average_attn_weights else weights
 
 
 class _BatchableOps(torch.overrides.TorchFunctionMode):
@@ -439,12 +520,15 @@ class _BatchableOps(torch.overrides.TorchFunctionMode):
 
 @contextlib.contextmanager
 def _functional_names():
-    """torch.nn.functional's softmax and scaled_dot_product_attention pointed at the batchable forms, restored."""
+    """torch.nn.functional's softmax and scaled_dot_product_attention pointed at the batchable forms, and
+    multi_head_attention_forward at ``_projected_mha``; restored."""
     F.softmax, F.scaled_dot_product_attention = _batchable_softmax, _batchable_attention
+    F.multi_head_attention_forward = _projected_mha
     try:
         yield
     finally:
         F.softmax, F.scaled_dot_product_attention = _F_SOFTMAX, _F_ATTENTION
+        F.multi_head_attention_forward = _F_MHA
 
 
 # Whether the model calls softmax / scaled_dot_product_attention itself (the plan says; unknown: True): the torch

@@ -314,13 +314,16 @@ def test_structured_names_what_it_declines_before_running():
 
 def test_which_rule_covers_what_in_a_vit():
     """ViT: the patch conv, Linears and LayerNorms by their rules; the class token and the positional embedding by
-    taps on the ops that read them (expand, +); attention by the generic rule; nothing covered twice."""
+    taps on the ops that read them (expand, +); attention's two projections as linear ops; nothing covered twice."""
     arch = architectures.build("vit_tiny")
     x = architectures.inputs(arch, 2)
     plan = implementations.get("structured").plan(arch.model, x)
     kinds = {name: e.kind for e in plan.entries for name in [e.name]}
     assert kinds["the model (VisionTransformer)"] == "tap" and kinds["encoder"] == "tap"
     assert kinds["conv_proj"] == "conv" and kinds["encoder.ln"] == "norm"
-    assert kinds["encoder.layers.encoder_layer_0.self_attention"] == "generic"
+    attention = "encoder.layers.encoder_layer_0.self_attention (F.linear on "
+    assert kinds[attention + "in_proj_weight, in_proj_bias)"] == "linear_op"
+    assert kinds[attention + "out_proj.weight, out_proj.bias)"] == "linear_op"
+    assert "generic" not in kinds.values()
     covered = [id(p) for e in plan.entries for p in e.slots.values()]
     assert sorted(covered) == sorted(id(p) for p in arch.model.parameters()) and not plan.shared

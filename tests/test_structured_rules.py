@@ -61,12 +61,40 @@ class Head(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    def __init__(self):
+    """MultiheadAttention as models call it: self-attention (its projections become linear ops), with the averaged
+    weights and masks, or cross-attention (PyTorch's own function: the generic rule)."""
+
+    def __init__(self, how="self"):
         super().__init__()
         self.mha = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.how = how
 
     def forward(self, x):
+        if self.how == "cross":
+            return self.mha(x, 2 * x, 2 * x, need_weights=False)[0]
+        if self.how == "weights-masks":
+            t = x.shape[1]
+            padding = x[:, :, 0] > 1.0  # (per sample: a key ignored where its first feature is large)
+            out, weights = self.mha(x, x, x, attn_mask=torch.ones(t, t, dtype=torch.bool).triu(1),
+                                    key_padding_mask=padding & ~padding[:, :1])
+            return out + weights.sum(-1, keepdim=True)
         return self.mha(x, x, x, need_weights=False)[0]
+
+
+class FunctionalLinear(nn.Module):
+    """A user's own module calling F.linear on its parameters: on (N, S, K) tokens (a linear op), or on the
+    tokens merged with the batch (N·S, K) (no batch dimension to read: the generic rule)."""
+
+    def __init__(self, merged=False):
+        super().__init__()
+        self.weight, self.bias, self.merged = nn.Parameter(torch.randn(4, 5)), nn.Parameter(torch.randn(4)), merged
+
+    def forward(self, x):
+        import torch.nn.functional as F
+
+        if self.merged:
+            return F.linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias).view(*x.shape[:-1], -1)
+        return F.linear(x, self.weight, self.bias)
 
 
 class ScaleShift(nn.Module):
@@ -110,7 +138,11 @@ LAYERS = {i: (make, shape, kind) for i, make, shape, kind in [
     ("layernorm-2d-shape", lambda: nn.LayerNorm((3, 4)), (2, 3, 4), "float"),
     ("groupnorm", lambda: nn.GroupNorm(2, 4), (4, 3, 2), "float"),
     *_RMS,
-    ("generic-attention", SelfAttention, (3, 4), "float"),
+    ("attention-self-linear-ops", SelfAttention, (3, 4), "float"),
+    ("attention-weights-masks-linear-ops", lambda: SelfAttention("weights-masks"), (3, 4), "float"),
+    ("generic-attention-cross", lambda: SelfAttention("cross"), (3, 4), "float"),
+    ("linear-op-functional", FunctionalLinear, (3, 5), "float"),
+    ("generic-functional-linear-merged-batch", lambda: FunctionalLinear(merged=True), (3, 5), "float"),
     ("generic-lstm", lambda: nn.LSTM(3, 4, batch_first=True), (5, 3), "float"),
     ("generic-gru-2layers-bidirectional", lambda: nn.GRU(3, 2, num_layers=2, bidirectional=True, batch_first=True),
      (4, 3), "float"),
@@ -295,3 +327,82 @@ def test_embedding_gram_by_equal_id_pairs_or_dense_equality(layer_id, sparse_bel
     monkeypatch.setattr(structured, "ORDER", "gram")
     monkeypatch.setattr(EmbeddingRule, "SPARSE_BELOW", sparse_below)
     _assert_brute_force_kernel(layer_id)
+
+
+def test_the_plan_takes_linear_ops_where_a_module_applies_f_linear_to_batched_tokens():
+    """Self-attention's two projections (with or without masks and weights) and a user's F.linear on tokens are
+    "linear_op" entries; cross-attention and F.linear on batch-merged rows keep the generic rule."""
+    expected = {"attention-self-linear-ops": ["linear_op", "linear_op"],
+                "attention-weights-masks-linear-ops": ["linear_op", "linear_op"],
+                "generic-attention-cross": ["generic"], "linear-op-functional": ["linear_op"],
+                "generic-functional-linear-merged-batch": ["generic"]}
+    for layer_id, kinds in expected.items():
+        model, x1, _ = _problem(layer_id)
+        plan = implementations.get("structured").plan(model, x1)
+        assert [e.kind for e in plan.entries] == kinds, layer_id
+        if kinds[0] == "linear_op":
+            assert all("F.linear on" in e.name for e in plan.entries)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("need_weights, average", [(False, True), (True, True), (True, False)])
+@pytest.mark.parametrize("masks", ["none", "bool-causal", "float", "3d", "padding", "causal-hint"])
+def test_projected_attention_equals_pytorchs_multi_head_attention(batch_first, need_weights, average, masks):
+    """``_projected_mha`` (MultiheadAttention's projections as F.linear on (L, N, E)) gives PyTorch's values and
+    gradients, and is counted; configurations it does not cover go to PyTorch's function, uncounted."""
+    from ntk_bench.implementations import structured_rules as rules
+
+    torch.manual_seed(0)
+    n, t, e, heads = 3, 5, 8, 2
+    mha = nn.MultiheadAttention(e, heads, batch_first=batch_first, dtype=D)
+    x = torch.randn((n, t, e) if batch_first else (t, n, e), dtype=D, requires_grad=True)
+    kw = {}
+    if masks == "bool-causal":
+        kw["attn_mask"] = torch.ones(t, t, dtype=torch.bool).triu(1)
+    elif masks == "float":
+        kw["attn_mask"] = torch.randn(t, t, dtype=D)
+    elif masks == "3d":
+        kw["attn_mask"] = torch.randn(n * heads, t, t, dtype=D)
+    elif masks == "padding":
+        kw["key_padding_mask"] = torch.zeros(n, t, dtype=torch.bool)
+        kw["key_padding_mask"][0, -2:] = True
+    elif masks == "causal-hint":
+        kw = dict(attn_mask=nn.Transformer.generate_square_subsequent_mask(t, dtype=D), is_causal=True)
+
+    def run():
+        out, weights = mha(x, x, x, need_weights=need_weights, average_attn_weights=average, **kw)
+        loss = out.sin().sum() + (0 if weights is None else weights.cos().sum())
+        return [out] + ([] if weights is None else [weights]) + list(torch.autograd.grad(loss, [x, *mha.parameters()]))
+
+    theirs = run()
+    before = rules.projected_mha_calls
+    with rules._functional_names():
+        ours = run()
+    assert rules.projected_mha_calls == before + 1
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+        assert torch.allclose(a, b, atol=1e-12, rtol=1e-12)
+    with rules._functional_names():  # cross-attention, unbatched: PyTorch's own, not counted
+        mha(x, 2 * x, 2 * x)
+        mha(x[0], x[0], x[0])
+    assert rules.projected_mha_calls == before + 1
+    import torch.nn.functional as F
+
+    assert F.multi_head_attention_forward is rules._F_MHA
+
+
+def test_a_projected_attention_that_differs_from_pytorchs_is_refused(monkeypatch):
+    """Fault injected: were ``_projected_mha`` to compute another function, the plan refuses the model (naming the
+    decomposition) instead of computing that function's kernel."""
+    from ntk_bench.implementations import structured_plan, structured_rules as rules
+
+    real = rules._projected_mha
+
+    def off_by_a_little(*args, **kwargs):
+        out, weights = real(*args, **kwargs)
+        return out * 1.01, weights
+
+    monkeypatch.setattr(rules, "_projected_mha", off_by_a_little)
+    model, x1, _ = _problem("attention-self-linear-ops")
+    with pytest.raises(implementations.UnsupportedModelError, match="MultiheadAttention computed as two Linears"):
+        structured_plan.discover(model, x1)
