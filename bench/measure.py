@@ -516,9 +516,18 @@ def run_case(case: Case, run_dir: Path) -> dict:
         if cuda_graphs.last_replay_bytes is not None:  # a replayed CUDA graph: its pool holds the intermediates
             row["cuda_graph_bytes"] = cuda_graphs.last_replay_bytes
             row["peak_mem_bytes"] += cuda_graphs.last_replay_bytes
-        med, iqr, reps, blocks = time_blocks(fn, case.time_budget_s)
-        row.update(time_median_s=med, time_iqr_s=iqr, time_repeats=reps, time_blocks_s=blocks)
-        if case.impl == "auto":
+        from . import machine, timing
+
+        with timing.threads_for(case.clock) as threads, machine.Usage() as usage:
+            if case.clock == "wall":
+                med, iqr, reps, blocks = time_blocks(fn, case.time_budget_s)
+            else:
+                sync = torch.cuda.synchronize if case.device.startswith("cuda") else None
+                med, iqr, reps, blocks = timing.time_blocks(fn, case.time_budget_s,
+                                                            timing.clock_for(case.clock, case.device), sync)
+        row.update(time_median_s=med, time_iqr_s=iqr, time_repeats=reps, time_blocks_s=blocks, clock=case.clock)
+        row.update(machine.fields(usage, threads, case.device))
+        if case.impl == "auto" and case.compare_with:  # auto's verdicts come from the group's paired rounds
             row.update(_auto_paired(case, model, x1, x2, fn))
     except Exception as exc:  # the case failed: record why and move on (status oom or error)
         row.update(status=status_of(exc), error=_error_text(exc))

@@ -140,6 +140,8 @@ class Case:
     # set by the runner when the kernel's OOM killer ended the first try: compute blocked under a budget that
     # respects the worker's memory limit
     retry_blocked: bool = False
+    # "wall" or "cpu" (process CPU time with one thread: bench/timing.py); the run's header records it
+    clock: str = "wall"
 
     @property
     def id(self) -> str:

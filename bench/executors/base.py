@@ -23,27 +23,33 @@ from ..sweeps import Case, Problem
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    kind: str  # "case" | "reference"
+    kind: str  # "case" | "reference" | "paired" (a group's ok cases timed side by side: bench/paired.py)
     payload: Case | Problem
     timeout_s: float
     plugins: tuple[str, ...] = ()  # outside plugin modules (--plugin) the worker loads first
 
     @property
     def id(self) -> str:
-        return self.payload.id if self.kind == "case" else f"reference/{self.payload.id}"
+        return self.payload.id if self.kind in ("case", "paired") else f"reference/{self.payload.id}"
 
     @property
     def device(self) -> str:
         """Where the job computes: a case's device; references are float64 on the CPU."""
-        return self.payload.device if self.kind == "case" else "cpu"
+        return self.payload.device if self.kind in ("case", "paired") else "cpu"
 
     def wire(self) -> dict:
-        return {"kind": self.kind, "payload": dataclasses.asdict(self.payload), "timeout_s": self.timeout_s,
+        payload = self.payload.to_dict() if self.kind == "paired" else dataclasses.asdict(self.payload)
+        return {"kind": self.kind, "payload": payload, "timeout_s": self.timeout_s,
                 "plugins": list(self.plugins)}
 
     @classmethod
     def from_wire(cls, d: dict) -> "Job":
-        payload = Case.from_dict(d["payload"]) if d["kind"] == "case" else Problem.from_dict(d["payload"])
+        if d["kind"] == "paired":
+            from ..paired import PairedGroup
+
+            payload = PairedGroup.from_dict(d["payload"])
+        else:
+            payload = Case.from_dict(d["payload"]) if d["kind"] == "case" else Problem.from_dict(d["payload"])
         return cls(d["kind"], payload, float(d["timeout_s"]), tuple(d.get("plugins", ())))
 
 
@@ -130,8 +136,16 @@ def run_job(wire: dict, run_dir: str | Path) -> dict:
 
         if job.kind == "reference":
             return measure.ensure_reference(job.payload, Path(run_dir))
-        case = job.payload
         gpu = os.environ.get("NTK_BENCH_GPU")
+        if job.kind == "paired":
+            from .. import paired
+
+            group = job.payload
+            if gpu is not None and group.device.startswith("cuda"):  # the one device this worker sees
+                group = dataclasses.replace(group, cases=tuple(dataclasses.replace(c, device="cuda:0")
+                                                               for c in group.cases))
+            return paired.run_paired(group, Path(run_dir))
+        case = job.payload
         if gpu is not None and case.device.startswith("cuda"):
             case = dataclasses.replace(case, device="cuda:0")
         row = measure.run_case(case, Path(run_dir))
