@@ -48,6 +48,20 @@ def load_average() -> float | None:
         return None
 
 
+def load_factor(threads: int | None = None) -> tuple[float, float | None, int]:
+    """(how much slower than on an idle machine CPU-bound work of ``threads`` threads should run now, the load
+    average, the cores this process may use): with the cores shared fairly among the load and our threads, a
+    thread gets cores / (load + threads) of one, and no more than one."""
+    owned = cores()
+    n = len(owned) if owned else (os.cpu_count() or 1)
+    threads = threads or default_threads()
+    load = load_average()
+    if load is None:
+        return 1.0, None, n
+    share = min(1.0, n / (load + threads))
+    return max(1.0, min(threads, n) / (threads * share)), load, n
+
+
 class Usage:
     """Wall time, process CPU time and involuntary context switches of the code run inside ``with Usage() as u``;
     the load average is read at both ends (the larger is kept)."""

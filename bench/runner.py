@@ -149,6 +149,12 @@ class _Eta:
         return sum(self.scale(self.kinds.get(j)) * self.predicted.get(j, 0.0) for j in job_ids) / self.slots
 
 
+# A peer's call over our cheapest plugin's predicted call, for the run's prediction only: the PyTorch NTK libraries
+# build per-sample Jacobians with generic hooks (typical factors over jacobian_contraction in
+# results/2026-11-23-peers-cpu); neural-tangents' and other peers: 3.
+PEER_CALL_FACTOR = {"asdl": 15.0, "nngeometry": 15.0, "curvlinops": 10.0, "laplace": 5.0}
+
+
 def _call_seconds(case: Case, info, auto) -> float:
     """One call's predicted seconds (auto's cost model and calibration); the case's time budget where it cannot
     say."""
@@ -170,7 +176,7 @@ def _call_seconds(case: Case, info, auto) -> float:
             continue
     if not guesses:
         return case.time_budget_s
-    return min(guesses) * (3 if sweeps.kind_of(case.impl) == "peer" else 1)
+    return min(guesses) * (PEER_CALL_FACTOR.get(case.impl, 3) if sweeps.kind_of(case.impl) == "peer" else 1)
 
 
 def _auto():
