@@ -112,14 +112,21 @@ ADVICE = ("their times are not to be trusted: run again on a quieter machine (st
           "--workers), or with --clock cpu (process CPU time, one thread), and compare paired ratios only")
 
 
-def disturbed_line(rows) -> str:
-    """The summary's first line: how many timed rows were disturbed, and what to do about it."""
-    timed = [r for r in rows if "disturbed" in r]
-    bad = [r for r in timed if r.get("disturbed")]
-    loads = [r["load_avg_1m"] for r in timed if isinstance(r.get("load_avg_1m"), (int, float))]
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+
+
+def disturbed_line(rows, paired=()) -> str:
+    """The summary's first line: how many timed rows (and paired groups) were disturbed, and what to do."""
+    timed = [r for r in rows if _is_number(r.get("cpu_over_wall"))]
+    bad = [r for r in timed if isinstance(r.get("disturbed"), str) and r["disturbed"]]
+    groups = [p for p in paired if _is_number(p.get("cpu_over_wall"))]
+    bad_groups = [p for p in groups if isinstance(p.get("disturbed"), str) and p["disturbed"]]
+    loads = [r["load_avg_1m"] for r in timed + groups if _is_number(r.get("load_avg_1m"))]
     load = f" (load average {min(loads):.1f} to {max(loads):.1f})" if loads else ""
+    also = f", and {len(bad_groups)} of {len(groups)} paired groups" if groups else ""
     if not timed:
-        return "**Timing: the rows do not record the machine's state** (a run before this was recorded)."
-    if not bad:
-        return f"**Timing: none of {len(timed)} timed rows was disturbed**{load}."
-    return f"**Timing: {len(bad)} of {len(timed)} timed rows were disturbed**{load}: {ADVICE}."
+        return "**Timing: the rows do not record the machine's state** (a run from before it was recorded)."
+    if not bad and not bad_groups:
+        return f"**Timing: none of {len(timed)} timed rows was disturbed**{also.replace(', and', ', nor')}{load}."
+    return f"**Timing: {len(bad)} of {len(timed)} timed rows were disturbed{also}**{load}: {ADVICE}."
