@@ -446,6 +446,19 @@ def _error_text(exc: BaseException) -> str:
 def run_case(case: Case, run_dir: Path) -> dict:
     """Measure one case; never raises for a failure of the case itself (it becomes the status).
 
+    The whole case (set-up, first call, memory, timing) runs with the thread count of its clock: one thread for
+    ``clock="cpu"`` (a plugin that picks a backend by timing its first call picks it for the threads it is timed
+    with), the worker's for ``"wall"``.
+    """
+    from . import timing
+
+    with timing.threads_for(case.clock):
+        return _run_case(case, run_dir)
+
+
+def _run_case(case: Case, run_dir: Path) -> dict:
+    """``run_case`` at the thread count already set.
+
     Statuses: ``ok`` / ``mismatch`` (checked against the reference), ``unchecked`` (no reference: the reason in
     ``error``), ``unsupported``, ``oom``, ``error``. An out-of-memory first call without a budget, or a case the
     runner retries after the kernel's OOM killer ended it (``case.retry_blocked``), computes blocked under a
