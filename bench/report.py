@@ -253,17 +253,6 @@ def _time_cell(r, fastest):
     return f"{_time_text(r)}{mark}"
 
 
-def _slopes(group: pd.DataFrame, impls: list[str]) -> dict[str, str]:
-    """Per plugin, the log-log slope of its N = M times against N (where it has two distinct N or more)."""
-    ok = group[(group["status"] == OK) & (group["x2"] == "x1")]
-    out = {}
-    for impl in impls:
-        s = ok[ok["impl"] == impl]
-        k = figs.slope(s["N"], s["time_median_s"])
-        out[impl] = "" if k is None else f"{k:.2f}"
-    return out
-
-
 def fit_cost_model(df: pd.DataFrame) -> pd.DataFrame:
     """Non-negative least-squares constants of the cost model per group: JC t = a·N·O·[FP] + b·N·M·O²·P, NTK-VP t = c·N·M·O·[FP]."""
     from scipy.optimize import nnls

@@ -11,6 +11,8 @@ timing blocks; and the cost model's fit, written to its own file (``cost_model.m
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 
@@ -181,15 +183,23 @@ def slope_band(ns, blocks, draws: int = 1000, seed: int = 0) -> tuple[float, flo
     return k, float(lo), float(hi)
 
 
+def _blocks(value) -> list[float]:
+    """A row's timing blocks (a list, or the JSON text the report's frame keeps lists as); [] without them."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return []
+    return [float(v) for v in value if isinstance(v, (int, float))] if isinstance(value, list) else []
+
+
 def slopes(group: pd.DataFrame, impls: list[str]) -> dict[str, str]:
     """Per plugin: ``1.02 [0.95–1.10]`` from its ok N = M rows when it has three sizes or more, else blank."""
     ok = group[(group["status"] == "ok") & (group["x2"] == "x1")]
     out = {}
     for impl in impls:
         s = ok[ok["impl"] == impl]
-        blocks = [b if isinstance(b, list) else ([t] if pd.notna(t) else [])
-                  for b, t in zip(s.get("time_blocks_s", pd.Series([None] * len(s), index=s.index)),
-                                  s["time_median_s"])]
+        blocks = [_blocks(b) for b in s.get("time_blocks_s", pd.Series([None] * len(s), index=s.index))]
         band = slope_band(s["N"], blocks)
         out[impl] = "" if band is None else f"{band[0]:.2f} [{band[1]:.2f}–{band[2]:.2f}]"
     return out

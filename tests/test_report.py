@@ -119,12 +119,21 @@ def test_iqr_beside_each_median_and_a_noisy_row_flagged():
     assert table.loc["N=4", "explicit_mlp"] == "800 µs ± 9000 (noisy)"
 
 
-def test_slopes_only_from_two_distinct_sizes_and_no_nan_anywhere(tmp_path):
-    rows = [row("structured", n) for n in (4, 8, 16)] + [row("explicit_mlp", 4), row("explicit_mlp", 8, m=4),
-                                                        row("jacobian_contraction", 8, t=float("nan"))]
+def test_slopes_only_from_three_sizes_with_their_band_and_no_nan_anywhere(tmp_path):
+    from ntk_bench.bench import summary as answers
+
+    def blocks(n):
+        return [1e-3 * n * f for f in (0.8, 1.0, 1.25)]
+
+    rows = [row("structured", n, time_blocks_s=blocks(n)) for n in (4, 8, 16)] + \
+        [row("explicit_mlp", 4, time_blocks_s=blocks(4)), row("explicit_mlp", 8, time_blocks_s=blocks(8)),
+         row("explicit_mlp", 16, m=4, time_blocks_s=blocks(16)), row("jacobian_contraction", 8, t=float("nan")),
+         row("backpack_batchgrad", 4), row("backpack_batchgrad", 8), row("backpack_batchgrad", 16)]  # no blocks
     df, *_ = report.frame(rows)
-    slopes = report._slopes(df, ["structured", "explicit_mlp", "jacobian_contraction"])
-    assert slopes["structured"] == "1.00" and slopes["explicit_mlp"] == "" and slopes["jacobian_contraction"] == ""
+    slopes = answers.slopes(df, ["structured", "explicit_mlp", "jacobian_contraction", "backpack_batchgrad"])
+    k, lo, hi = (float(v) for v in slopes["structured"].replace("[", "").replace("]", "").replace("–", " ").split())
+    assert k == 1.0 and lo < 1.0 < hi and hi - lo < 1  # a band from the blocks, around the slope of the medians
+    assert slopes["explicit_mlp"] == "" and slopes["jacobian_contraction"] == "" and slopes["backpack_batchgrad"] == ""
     run = write_run(tmp_path / "run", [HEADER, *rows])
     text = report.write_report(run, tmp_path / "out").read_text()
     assert "nan" not in text.lower()
