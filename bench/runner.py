@@ -113,15 +113,19 @@ class _Eta:
     """Seconds left: the cost model's prediction for every job still to run, refitted as jobs finish.
 
     Each plugin's predictions are scaled by how its finished cases went (its actual over predicted seconds),
-    blended with the run's overall scale while it has few finished cases; jobs of a plugin with none finished yet
-    take the overall scale. (A cost model that is 5x off on the peers and right on ours is corrected per plugin.)
+    blended with the run's overall ratio while it has few finished cases; jobs of a plugin with none finished yet
+    take the overall ratio. (A cost model that is 5x off on the peers and right on ours is corrected per plugin.)
+    Then everything is scaled by the run's elapsed wall time over the jobs' own: what the jobs do not count (the
+    references, workers starting again, the gaps between jobs) takes its share of what is left too.
     """
 
-    def __init__(self, predicted: dict[str, float], slots: int, kinds: dict[str, str] | None = None):
+    def __init__(self, predicted: dict[str, float], slots: int, kinds: dict[str, str] | None = None,
+                 clock=time.monotonic):
         self.predicted, self.slots = dict(predicted), max(1, slots)
         self.kinds = dict(kinds or {})  # job id -> its plugin (or "paired")
         self.actual_s = self.predicted_s = 0.0
         self.by_kind: dict[str, list[float]] = {}  # plugin -> [actual, predicted]
+        self.clock, self.started = clock, clock()
 
     def add(self, job_id: str, seconds: float, kind: str) -> None:
         """A job the run learned of after it started (a group's paired timing)."""
@@ -135,18 +139,25 @@ class _Eta:
         acc[0] += wall_s
         acc[1] += p
 
+    def overhead(self) -> float:
+        """The run's elapsed wall time (on all its slots) over the finished jobs' own wall time (at least 1)."""
+        if self.actual_s <= 0:
+            return 1.0
+        return min(5.0, max(1.0, (self.clock() - self.started) * self.slots / self.actual_s))
+
     def scale(self, kind: str | None = None) -> float:
         overall = min(10.0, max(0.1, self.actual_s / self.predicted_s)) if self.predicted_s > 0 else 1.0
         acc = self.by_kind.get(kind)
         if acc is None or acc[1] <= 0:
             return overall
-        prior = self.predicted_s / max(1, sum(1 for _ in self.by_kind)) / 4  # the overall scale's weight
+        prior = self.predicted_s / max(1, len(self.by_kind)) / 4  # the overall ratio's weight
         return min(20.0, max(0.05, (acc[0] + overall * prior) / (acc[1] + prior)))
 
     def left_s(self, job_ids) -> float | None:
         if not self.predicted:
             return None
-        return sum(self.scale(self.kinds.get(j)) * self.predicted.get(j, 0.0) for j in job_ids) / self.slots
+        left = sum(self.scale(self.kinds.get(j)) * self.predicted.get(j, 0.0) for j in job_ids)
+        return left * self.overhead() / self.slots
 
 
 # A peer's call over our cheapest plugin's predicted call, for the run's prediction only: the PyTorch NTK libraries

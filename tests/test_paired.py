@@ -196,12 +196,16 @@ def test_a_line_per_case_where_the_terminal_cannot_draw_a_bar(monkeypatch):
 
 
 def test_the_eta_is_refitted_per_plugin_as_cases_finish():
+    now = [0.0]
     eta = runner._Eta({"a1": 1.0, "a2": 1.0, "b1": 1.0, "b2": 1.0}, 1,
-                      {"a1": "slow_peer", "a2": "slow_peer", "b1": "ours", "b2": "ours"})
+                      {"a1": "slow_peer", "a2": "slow_peer", "b1": "ours", "b2": "ours"}, clock=lambda: now[0])
     eta.done("a1", 10.0)  # the cost model was 10x off on this plugin ...
     eta.done("b1", 1.0)  # ... and right on this one
+    now[0] = 11.0  # the jobs' own time is all the run took
     assert eta.scale("slow_peer") > 3 * eta.scale("ours")
     assert 1.0 * eta.scale("ours") + 1.0 * eta.scale("slow_peer") == pytest.approx(eta.left_s(["a2", "b2"]))
+    now[0] = 22.0  # half the run went to what no job counts (references, start-ups): what is left takes as long
+    assert eta.left_s(["a2", "b2"]) == pytest.approx(2 * (eta.scale("ours") + eta.scale("slow_peer")))
 
 
 # -- --model -----------------------------------------------------------------------------------------
