@@ -126,10 +126,14 @@ class _Eta:
         self.actual_s = self.predicted_s = 0.0
         self.by_kind: dict[str, list[float]] = {}  # plugin -> [actual, predicted]
         self.clock, self.started = clock, clock()
+        self.measured: set[str] = set()  # kinds predicted from measured times, not the cost model
 
-    def add(self, job_id: str, seconds: float, kind: str) -> None:
-        """A job the run learned of after it started (a group's paired timing)."""
+    def add(self, job_id: str, seconds: float, kind: str, measured: bool = False) -> None:
+        """A job the run learned of after it started (a group's paired timing); ``measured``: its prediction
+        comes from this run's own times (scaled by nothing until jobs of its kind have finished)."""
         self.predicted[job_id], self.kinds[job_id] = seconds, kind
+        if measured:
+            self.measured.add(kind)
 
     def done(self, job_id: str, wall_s: float) -> None:
         p = self.predicted.get(job_id, 0.0)
@@ -147,6 +151,8 @@ class _Eta:
 
     def scale(self, kind: str | None = None) -> float:
         overall = min(10.0, max(0.1, self.actual_s / self.predicted_s)) if self.predicted_s > 0 else 1.0
+        if kind in self.measured:
+            overall = 1.0  # times measured in this run already carry the machine's state
         acc = self.by_kind.get(kind)
         if acc is None or acc[1] <= 0:
             return overall
@@ -490,7 +496,7 @@ def _schedule(cases, todo, latest, out_dir, executor, results, summary, reporter
     kinds = {c.id: c.impl for c in todo}
     eta = _Eta(predicted, executor.slots, kinds)
     for gid, seconds in predict_paired([c for c in cases if group_of[c.id] not in paired_done], models).items():
-        eta.add(gid, seconds, "paired")
+        eta.add(gid, seconds, "paired, from the cost model")  # replaced by its measured prediction when submitted
     pending_paired = {gid for gid in eta.predicted if gid.startswith("paired/")}
     done_count = len(cases) - len(todo)
     reporter.start(len(cases), len(todo), executor.slots)
@@ -509,7 +515,7 @@ def _schedule(cases, todo, latest, out_dir, executor, results, summary, reporter
         firsts = sum(rows_now[c.id].get("first_call_s") or 0.0 for c in ok)
         budget = paired_budget(ok[0])
         group = paired.PairedGroup(tuple(ok), budget)
-        eta.add(gid, paired.predict_seconds(calls, budget), "paired")
+        eta.add(gid, paired.predict_seconds(calls, budget), "paired", measured=True)
         pending_paired.add(gid)
         timeout = max(c.timeout_s for c in ok) + firsts + 3 * paired.predict_seconds(calls, budget)
         fut = executor.submit(Job("paired", group, timeout, plugins))
