@@ -217,8 +217,9 @@ def test_report_writes_csv_summary_and_plots(smoke_run, tmp_path):
     assert list(df.columns[: len(report.COLUMNS)]) == report.COLUMNS
     text = summary.read_text()
     assert "Median time, each case alone:" in text and "explicit_mlp" in text and "Agreement with the reference:" in text
-    assert "auto / pick, paired" in text and "timed in alternating blocks" in text
-    assert "auto / fastest, paired" in text and "within 25% of the fastest" in text
+    assert "## auto against the fastest (paired)" in text and "| auto / fastest " in text and "| auto / pick " in text
+    assert "## Ours against the peers (paired)" in text and "**use `" in text
+    assert (tmp_path / "cost_model.md").exists()
     pngs = list(tmp_path.glob("*.png"))
     assert len(pngs) >= 2 and all(p.stat().st_size > 1000 for p in pngs)  # a figure per architecture + cost model
 
