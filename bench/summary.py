@@ -117,9 +117,11 @@ def _faster_text(band, other: str, what: str) -> str:
 
 def verdict_text(v: dict) -> str:
     parts = []
-    if v["next"]:
+    if v["next"] and v["next"] == v["nt"]:  # one plugin both: said once
+        parts.append(_faster_text(v["next_band"], f"`{v['next']}`", "the next, neural-tangents' fastest, "))
+    elif v["next"]:
         parts.append(_faster_text(v["next_band"], f"`{v['next']}`", "the next, "))
-    if v["nt"]:
+    if v["nt"] and v["nt"] != v["next"]:
         parts.append(_faster_text(v["nt_band"], f"`{v['nt']}`", "neural-tangents' fastest, "))
     text = f"**use `{v['use']}`** (paired over {v['rounds']} rounds: " + "; ".join(parts)
     if v.get("mem") is not None:
