@@ -213,7 +213,11 @@ def check_kernel(plugin, problem: Problem, mode: str, dtype: str, device: str, r
             result.status, result.message = "skipped", f"cannot build the model here: {_error(exc)}"
             return result
         x1, x2 = problem.inputs(dtype=torch_dtype, device=device)
-        reason = _declined(plugin, model)
+        try:
+            reason = _declined(plugin, model)
+        except Exception as exc:  # supports() must answer, not raise
+            result.status, result.message = "error", f"supports() raised {_error(exc)}"
+            return result
         if reason is not None:
             result.status, result.message = "skipped", reason
             return result
@@ -299,7 +303,11 @@ def check_untouched(plugin, how: str) -> CaseResult:
     try:
         model, x = _train_mode_mlp()
         expected = bruteforce.ntk(model, x)
-        reason = _declined(plugin, model)
+        try:
+            reason = _declined(plugin, model)
+        except Exception as exc:  # supports() must answer, not raise
+            result.status, result.message = "error", f"supports() raised {_error(exc)}"
+            return result
         if reason is not None:
             result.status, result.message = "skipped", reason
             return result
@@ -363,7 +371,8 @@ def check_plugin(plugin, problems: list[Problem], dtypes=("float64", "float32"),
                 progress(problem.id, batch)
         if problems and all(r.status == "skipped" for r in results):
             results.append(CaseResult(plugin.name, "kernel", "computes at least one problem", "failed",
-                                      "declined every problem checked: nothing was checked"))
+                                      "no problem was computed (each one declined, or not buildable here): "
+                                      "nothing was checked"))
             if progress:
                 progress("computes at least one problem", results[-1:])
         batch = [check_refusal(plugin, case) for case in zoo.ILL_DEFINED]
