@@ -12,7 +12,7 @@ packages declare theirs under the ``ntk_bench.plugins`` entry point group):
   device, and leave the model, its ``.grad``s, hooks, train/eval flags and the inputs as it found them.
 - **the contract**: every ill-defined model of ``problems.ILL_DEFINED`` (train-mode BatchNorm, Dropout, ...)
   refused with ``IllDefinedKernelError`` naming the module, the model untouched; a train-mode model with
-  ``.grad``s, a hook and inputs that require grad left as found; a call under ``torch.no_grad()``.
+  ``.grad``s and inputs that require grad (and have a ``.grad``) left as found; a call under ``torch.no_grad()``.
 
 A decline (``supports`` returning a reason, or ``UnsupportedModelError``) is a skip, not a failure; a plugin that
 declines every problem fails (nothing was checked). ``check_plugin`` runs the cases; ``summary``,
@@ -291,12 +291,12 @@ def _train_mode_mlp():
 
 
 def check_untouched(plugin, how: str) -> CaseResult:
-    """A well-defined model in train mode (Linear/activation only) with ``.grad``s and a forward hook, inputs that
-    require grad and have one (``how="grads"``), or a call under ``torch.no_grad()`` (``how="no_grad"``): the
-    right kernel, and everything left as found."""
+    """A well-defined model in train mode (Linear/activation only) with ``.grad``s, inputs that require grad and
+    have one (``how="grads"``), or a call under ``torch.no_grad()`` (``how="no_grad"``): the right kernel, and
+    everything left as found."""
     from ntk_bench.implementations import UnsupportedModelError
 
-    label = {"grads": "leaves model, .grads, hooks and inputs as found",
+    label = {"grads": "leaves a train-mode model, .grads and inputs as found",
              "no_grad": "works under torch.no_grad()"}[how]
     result = CaseResult(plugin.name, "contract", label, "passed", reference="harness:bruteforce:float64:cpu")
     start = time.perf_counter()
@@ -311,7 +311,6 @@ def check_untouched(plugin, how: str) -> CaseResult:
         if reason is not None:
             result.status, result.message = "skipped", reason
             return result
-        handle = model[0].register_forward_hook(lambda m, i, o: None)
         if how == "grads":
             x = x.clone().requires_grad_(True)
             x.grad = torch.full_like(x, 3.0)
@@ -331,7 +330,6 @@ def check_untouched(plugin, how: str) -> CaseResult:
             err = rel_err(kernel, expected)
             if not err <= zoo.TOLERANCE[torch.float64]:
                 failures.append(f"rel err {err:.2e} > {zoo.TOLERANCE[torch.float64]:g} against the brute-force kernel")
-        handle.remove()
         if failures:
             result.status, result.message = "failed", "; ".join(failures)
     except Exception as exc:

@@ -54,6 +54,17 @@ class Mutates(JacobianContraction):
         return k
 
 
+class LeavesGrads(JacobianContraction):
+    """The right kernel, then a backward pass that leaves .grads behind."""
+    name = "jc_leaves_grads"
+
+    def compute(self, model, x1, x2=None, mode="full", memory_budget_bytes=None):
+        k = super().compute(model, x1, x2, mode, memory_budget_bytes)
+        with torch.enable_grad():
+            model(x1).sum().backward()
+        return k
+
+
 class NoRefusal(NTKPlugin):
     """The brute-force kernel of any model, without the engine's refusal of ill-defined ones."""
     name = "bruteforce_no_refusal"
@@ -62,7 +73,7 @@ class NoRefusal(NTKPlugin):
         return bruteforce.ntk(model, x1, x2, mode)
 
 
-plugins = [WrongDiagonal(), WrongOnConvNets(), Mutates(), NoRefusal()]
+plugins = [WrongDiagonal(), WrongOnConvNets(), Mutates(), LeavesGrads(), NoRefusal()]
 '''
 
 
@@ -136,12 +147,14 @@ def test_a_plugin_wrong_on_one_model_fails(bad_plugins, capsys):
     assert "FAIL  cnn-O4-N2M3" in out and "FAILED cnn-O4-N2M3 trace float64: rel err 1.00e-03" in out
 
 
-def test_a_plugin_that_changes_the_model_fails_the_contract(bad_plugins, capsys):
-    code, out, _ = _check(capsys, "jc_mutates", "--plugin", str(bad_plugins), "--problems", "mlp-relu-O3-x2None",
+@pytest.mark.parametrize("plugin, change", [("jc_mutates", "values changed: 0.weight"),
+                                            ("jc_leaves_grads", "a parameter's .grad was replaced or created")])
+def test_a_plugin_that_changes_the_model_fails_the_contract(bad_plugins, capsys, plugin, change):
+    code, out, _ = _check(capsys, plugin, "--plugin", str(bad_plugins), "--problems", "mlp-relu-O3-x2None",
                           "--dtype", "float64")
     assert code == 1, out
-    assert "FAILED mlp-relu-O3-x2None full float64: left the model or inputs changed: values changed: 0.weight" in out
-    assert "FAILED leaves model, .grads, hooks and inputs as found" in out
+    assert f"FAILED mlp-relu-O3-x2None full float64: left the model or inputs changed: {change}" in out
+    assert "FAILED leaves a train-mode model, .grads and inputs as found" in out
 
 
 def test_a_plugin_that_computes_an_ill_defined_kernel_instead_of_refusing_fails(bad_plugins, tmp_path, capsys):
