@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="import package.module or path/to/file.py and register its plugins (repeatable)")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--quick", action="store_true",
-                       help="a subset of the problems that takes seconds (--list-problems marks it)")
+                       help="a small subset: 7 problems, no torchvision needed (--list-problems marks them)")
     which.add_argument("--problems", type=lambda t: [v.strip() for v in t.split(",") if v.strip()], metavar="IDS",
                        help="comma-separated problem ids or globs (mlp-*); --list-problems shows them")
     parser.add_argument("--dtype", choices=DTYPES, action="append",
