@@ -27,11 +27,13 @@ import fnmatch
 import os
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
+
+from ntk_bench.implementations.kernels import reduce_full
 
 from . import architectures, bruteforce
 from . import problems as zoo
@@ -222,7 +224,7 @@ def check_kernel(plugin, problem: Problem, mode: str, dtype: str, device: str, r
             result.status, result.message = "skipped", reason
             return result
         ref, result.reference, note = references.full(problem)
-        ref = _reduce(ref, mode)
+        ref = reduce_full(ref, mode)
         as_found = _AsFound(model, (x1, x2))
         try:
             kernel = plugin.compute(model, x1, x2, mode=mode)
@@ -249,12 +251,6 @@ def check_kernel(plugin, problem: Problem, mode: str, dtype: str, device: str, r
     return result
 
 
-def _reduce(full: torch.Tensor, mode: str) -> torch.Tensor:
-    from ntk_bench.implementations.kernels import reduce_full
-
-    return reduce_full(full, mode)
-
-
 def check_refusal(plugin, case: str) -> CaseResult:
     """One ill-defined model of ``problems.ILL_DEFINED``: refused with IllDefinedKernelError, model untouched."""
     from ntk_bench.implementations.validation import IllDefinedKernelError
@@ -263,9 +259,10 @@ def check_refusal(plugin, case: str) -> CaseResult:
     result = CaseResult(plugin.name, "contract", f"refuses {case}", "passed")
     start = time.perf_counter()
     try:
-        torch.manual_seed(0)
-        model = make()
-        x = zoo.ill_defined_inputs(shape)
+        with torch.random.fork_rng(devices=[]):  # the same model and batch every time; the caller's RNG kept
+            torch.manual_seed(0)
+            model = make()
+            x = zoo.ill_defined_inputs(shape)
         as_found = _AsFound(model, (x,))
         try:
             plugin.compute(model, x)
