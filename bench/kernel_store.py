@@ -56,7 +56,7 @@ class KernelArray:
     def __init__(self, path: str | os.PathLike, mode: str = "r"):
         self.path = Path(path)
         if not (self.path / "zarr.json").is_file():
-            raise KernelFileError(f"{self.path}: not a kernel (no zarr.json)")
+            raise KernelFileError(f"{self.path}: not an ntk-bench kernel (no zarr.json); choose another --out or remove it")
         self._z = _zarr().open_array(str(self.path), mode=mode)
         attrs = self._z.attrs.asdict()
         if attrs.get("format") != FORMAT:
