@@ -195,31 +195,131 @@ def _tile_kernel(plugin, model, xa, xb, mode, device, dtype, depth: int = 0) -> 
                       _tile_kernel(plugin, model, xa[h:], xb, mode, device, dtype, depth + 1)], dim=0)
 
 
+class _FactorCache:
+    """Column blocks' factors kept for the next row bands of this process, within a byte budget (oldest out)."""
+
+    def __init__(self):
+        self.key, self.blocks, self.bytes = None, {}, 0
+
+    def get(self, key, j):
+        if key != self.key:
+            self.key, self.blocks, self.bytes = key, {}, 0
+        return self.blocks.get(j)
+
+    def put(self, j, factors, budget: int) -> None:
+        size = factors.nbytes()
+        while self.blocks and self.bytes + size > budget:
+            old = self.blocks.pop(next(iter(self.blocks)))
+            self.bytes -= old.nbytes()
+        if size <= budget:
+            self.blocks[j] = factors
+            self.bytes += size
+
+
+_CACHE = _FactorCache()
+
+
+def _cast(x, device, dtype):
+    x = x.to(device)
+    return x.to(dtype) if x.is_floating_point() else x
+
+
+def compute_band(kernel: KernelArray, plugin, model, x1: Inputs, x2, i: int, cols, spec: dict, on_tile=None) -> dict:
+    """The tiles (I, J) for J in ``cols`` not done yet, written as each finishes.
+
+    A plugin with ``factors``/``contract`` (``structured``) records row block I once and each column block once per
+    process (kept while they fit half the memory budget), so the per-sample work grows linearly in N and only the
+    contraction quadratically; other plugins compute each tile whole. Returns seconds per phase."""
+    from ntk_bench.implementations import engine, onednn
+    from ntk_bench.implementations.base import UnsupportedModelError
+    from ntk_bench.implementations.state import preserved
+
+    dtype, device, mode = DTYPES[spec["dtype"]], spec["device"], spec["mode"]
+    si = kernel.tile_slices(i, 0)[0]
+    xa = _cast(x1.rows(si), device, dtype)
+    phases = {"factors_s": 0.0, "contract_s": 0.0, "whole_tiles_s": 0.0, "tiles": 0}
+    todo = [j for j in cols if not kernel.done(i, j)]
+    if not todo:
+        return phases
+    flag = spec.get("onednn")
+    use_factors = hasattr(plugin, "factors") and spec.get("reuse", True)
+    fa = call = None
+    with _onednn_choice(flag):
+        if use_factors:
+            try:
+                call = engine.validated(plugin, model, xa, None, mode)
+                t0 = time.perf_counter()
+                with torch.inference_mode(False), torch.enable_grad(), preserved(model), \
+                        (onednn.enabled(flag) if flag is not None else contextlib.nullcontext()):
+                    fa = plugin.factors(call.net, call.x1)
+                phases["factors_s"] += time.perf_counter() - t0
+            except (UnsupportedModelError, torch.OutOfMemoryError, MemoryError, _stale()):
+                fa = None
+        for j in todo:
+            sj = kernel.tile_slices(i, j)[1]
+            same = kernel.symmetric and i == j
+            xb = None if same else _cast((x2 or x1).rows(sj), device, dtype)
+            block = None
+            if fa is not None:
+                try:
+                    block = _contracted(plugin, model, call, fa, xb, j, mode, flag, spec, phases)
+                except (UnsupportedModelError, torch.OutOfMemoryError, MemoryError, _stale()):
+                    block = None
+            if block is None:
+                t0 = time.perf_counter()
+                block = _tile_kernel(plugin, model, xa, xb, mode, device, dtype)
+                phases["whole_tiles_s"] += time.perf_counter() - t0
+            kernel.write_tile(i, j, block.detach().cpu().numpy())
+            phases["tiles"] += 1
+            if on_tile is not None:
+                on_tile()
+    return phases
+
+
+def _stale():
+    from ntk_bench.implementations.structured import StaleFactors
+
+    return StaleFactors
+
+
+def _contracted(plugin, model, call, fa, xb, j, mode, flag, spec, phases):
+    import dataclasses as dc
+
+    from ntk_bench.implementations import engine, onednn
+    from ntk_bench.implementations.state import preserved
+
+    toggle = onednn.enabled(flag) if flag is not None else contextlib.nullcontext()
+    fb, xb_call = None, None
+    if xb is not None:
+        key = (spec["out"], spec.get("model_fingerprint"))
+        fb = _CACHE.get(key, j)
+        if fb is None:
+            xb_call = engine.validated(plugin, model, xb, None, mode)
+            t0 = time.perf_counter()
+            with torch.inference_mode(False), torch.enable_grad(), preserved(model), toggle:
+                fb = plugin.factors(xb_call.net, xb_call.x1)
+            phases["factors_s"] += time.perf_counter() - t0
+            _CACHE.put(j, fb, int(spec.get("cache_bytes") or 0))
+    t0 = time.perf_counter()
+    with torch.inference_mode(False), torch.enable_grad(), preserved(model), \
+            (onednn.enabled(flag) if flag is not None else contextlib.nullcontext()):
+        k = plugin.contract(fa, fb, mode)
+    k = engine.checked(plugin, k, dc.replace(call, x2=None if xb is None else xb.detach()), mode)
+    phases["contract_s"] += time.perf_counter() - t0
+    return k
+
+
 def run_band(spec: dict) -> dict:
     """A task: the missing tiles of row block ``spec["row"]`` among ``spec["cols"]``, written to the kernel at
-    ``spec["out"]``. Returns a row: status, tiles written, seconds."""
+    ``spec["out"]``. Returns a row: status, tiles written, seconds per phase."""
     from ntk_bench import implementations
 
     t0 = time.perf_counter()
     model, x1, x2 = _build(spec)
     kernel = open_kernel(spec["out"], writable=True)
     plugin = implementations.get(spec["plugin"])
-    dtype, device, mode = DTYPES[spec["dtype"]], spec["device"], spec["mode"]
-    i = spec["row"]
-    si = kernel.tile_slices(i, 0)[0]
-    xa = x1.rows(si)
-    written = []
-    with _onednn_choice(spec.get("onednn")):
-        for j in spec["cols"]:
-            if kernel.done(i, j):
-                continue
-            sj = kernel.tile_slices(i, j)[1]
-            same = kernel.symmetric and i == j
-            xb = None if same else (x2 or x1).rows(sj)
-            block = _tile_kernel(plugin, model, xa, xb, mode, device, dtype)
-            kernel.write_tile(i, j, block.detach().cpu().numpy())
-            written.append([i, j])
-    return {"status": "ok", "tiles": written, "wall_s": time.perf_counter() - t0}
+    phases = compute_band(kernel, plugin, model, x1, x2, spec["row"], spec["cols"], spec)
+    return {"status": "ok", "phases": phases, "wall_s": time.perf_counter() - t0}
 
 
 # -- the driver -------------------------------------------------------------------------------------------------
@@ -259,7 +359,7 @@ def _choose_onednn(plugin, model, x1: Inputs, x2, mode, device, dtype, b):
     the faster on the first tile, as ``onednn.is_faster`` decides; None where oneDNN does not apply."""
     from ntk_bench.implementations import onednn
 
-    xa = x1.rows(slice(0, min(b, x1.n))).to(device)
+    xa = x1.rows(slice(0, min(b, x1.n, 128))).to(device)  # (a trial on a whole large tile would cost minutes)
     if not xa.is_floating_point():
         probe = next((p for p in model.parameters()), None)
         if probe is None or probe.dtype != torch.float32 or probe.device.type != "cpu":
@@ -316,14 +416,16 @@ def _print_progress(done: int, total: int, started: float, first_done: int, stre
 def kernel_matrix(model, X1, X2=None, mode: str = "trace", out=None, impl: str = "auto", tile: int | None = None,
                   executor=None, memory_budget_bytes: int | None = None, dtype: str | torch.dtype = "float32",
                   device: str = "cpu", verify: int = 3, verify_samples: int = 8, workers: int = 1,
-                  timeout_s: float | None = None, retries: int = 2, progress: bool = True) -> KernelArray:
+                  timeout_s: float | None = None, retries: int = 2, progress: bool = True,
+                  reuse: bool = True) -> KernelArray:
     """Θ(X1, X2) of ``model`` over whole datasets, on disk at ``out``; see the module docstring.
 
     ``model``: a module, or a factory ``"file.py:function"`` (needed with an executor). ``X1``/``X2``: tensors,
     numpy arrays, Datasets (inputs, or (input, target) pairs), or factories ``"file.py:function"`` returning one.
     ``executor``: None (this process), or ``"local"`` (``workers`` pinned worker processes), ``"ray"``, ``"slurm"``,
-    ``"submitit-local"``, ``"inline"``, or an :class:`~ntk_bench.bench.executors.Executor`. Returns the kernel
-    (:class:`KernelArray`, numpy indexing).
+    ``"submitit-local"``, ``"inline"``, or an :class:`~ntk_bench.bench.executors.Executor`. ``reuse=False``
+    computes every tile whole (no factors kept across tiles). Returns the kernel (:class:`KernelArray`, numpy
+    indexing).
     """
     from ntk_bench import implementations
     from ntk_bench.implementations.auto import default_memory_budget
@@ -407,45 +509,42 @@ def kernel_matrix(model, X1, X2=None, mode: str = "trace", out=None, impl: str =
 
     spec = {"out": str(out.resolve()), "model": model, "data": X1, "data2": X2, "dtype": dtype_name,
             "device": device, "mode": mode, "plugin": plugin.name, "onednn": onednn_flag,
-            "model_fingerprint": attrs["model_fingerprint"]}
+            "model_fingerprint": attrs["model_fingerprint"], "cache_bytes": budget // 2, "reuse": reuse}
     rows, cols = kernel.grid
     total = len(kernel.tiles())
     started, first_done = time.perf_counter(), total - len(kernel.missing())
     t_tiles = time.perf_counter()
+    phases: dict = {}
     if executor is None:
-        local = spec
+        def on_tile():
+            if progress:
+                _print_progress(total - len(kernel.missing()), total, started, first_done)
+
         for i in range(rows):
             band = [j for j in range(i if kernel.symmetric else 0, cols) if not kernel.done(i, j)]
-            if not band:
-                continue
-            _run_band_local(local, model_obj, x1, x2, i, band, kernel, plugin, progress, started, first_done, total)
+            if band:
+                _add_phases(phases, compute_band(kernel, plugin, model_obj, x1, x2, i, band, spec, on_tile))
     else:
-        _run_on_executor(executor, spec, kernel, workers, timeout_s, retries, progress, started, first_done, total)
+        phases = _run_on_executor(executor, spec, kernel, workers, timeout_s, retries, progress, started, first_done,
+                                  total)
     tiles_s = time.perf_counter() - t_tiles
     kernel = open_kernel(out, writable=True)
     if not kernel.complete:
         raise RuntimeError(f"{out}: {len(kernel.missing())} tiles could not be computed; resume to try them again")
     timings = dict(kernel.attrs.get("timings") or {})
     if first_done < total:
-        timings.setdefault("runs", []).append({"tiles": total - first_done, "seconds": round(tiles_s, 3)})
+        timings.setdefault("runs", []).append({"tiles": total - first_done, "seconds": round(tiles_s, 3),
+                                               "workers": workers if executor is not None else 1,
+                                               **{k: round(v, 4) for k, v in phases.items()}})
     kernel.update_attrs(timings=timings)
     if verify is not None and verify >= 0 and not kernel.attrs.get("verification"):
         _verify(kernel, model_obj, x1, x2, mode, device, verify, verify_samples)
     return open_kernel(out)
 
 
-def _run_band_local(spec, model, x1, x2, i, band, kernel, plugin, progress, started, first_done, total):
-    dtype, device, mode = DTYPES[spec["dtype"]], spec["device"], spec["mode"]
-    si = kernel.tile_slices(i, 0)[0]
-    xa = x1.rows(si)
-    with _onednn_choice(spec.get("onednn")):
-        for j in band:
-            sj = kernel.tile_slices(i, j)[1]
-            xb = None if (kernel.symmetric and i == j) else (x2 or x1).rows(sj)
-            block = _tile_kernel(plugin, model, xa, xb, mode, device, dtype)
-            kernel.write_tile(i, j, block.detach().cpu().numpy())
-            if progress:
-                _print_progress(total - len(kernel.missing()), total, started, first_done)
+def _add_phases(total: dict, phases: dict) -> None:
+    for k, v in phases.items():
+        total[k] = total.get(k, 0) + v
 
 
 def _run_on_executor(executor, spec, kernel, workers, timeout_s, retries, progress, started, first_done, total):
@@ -459,6 +558,7 @@ def _run_on_executor(executor, spec, kernel, workers, timeout_s, retries, progre
     ex = make_executor(executor, logs, **({"workers": workers} if executor == "local" else {})) if owned else executor
     rows, cols = kernel.grid
     failures: dict[int, list[str]] = {}
+    phases: dict = {}
     try:
         for attempt in range(1 + retries):
             futures = {}
@@ -471,6 +571,7 @@ def _run_on_executor(executor, spec, kernel, workers, timeout_s, retries, progre
                 break
             for fut in concurrent.futures.as_completed(futures):
                 row = fut.result()
+                _add_phases(phases, row.get("phases") or {})
                 if row.get("status") != "ok":
                     failures.setdefault(futures[fut], []).append(f"{row.get('status')}: {row.get('error')}")
                 if progress:
@@ -481,6 +582,7 @@ def _run_on_executor(executor, spec, kernel, workers, timeout_s, retries, progre
     if kernel.missing() and failures:
         raise RuntimeError("kernel_matrix: tiles failed after retries: " +
                            "; ".join(f"row block {i}: {errs[-1]}" for i, errs in sorted(failures.items())))
+    return phases
 
 
 def _reference(model64, xa, xb, mode) -> tuple[torch.Tensor, str]:
