@@ -41,7 +41,7 @@ def _zarr():
     try:
         import zarr
     except ImportError as exc:  # pragma: no cover - the dependency is declared
-        raise ImportError("kernels of datasets need zarr: pip install 'ntk-bench[datasets]'") from exc
+        raise ImportError("kernels of datasets need zarr (a dependency of ntk-bench): pip install 'zarr>=3'") from exc
     return zarr
 
 
