@@ -220,3 +220,35 @@ def test_local_workers_equal_this_process_and_survive_a_killed_worker(tmp_path, 
     assert here.wait(300) == 0, here.stderr.read()
     a, b = ntk_bench.open_kernel(tmp_path / "K.zarr"), ntk_bench.open_kernel(tmp_path / "here.zarr")
     assert a.complete and np.array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.ray
+def test_ray_with_a_worker_killed_mid_kernel_equals_the_local_kernel(tmp_path, factories):
+    """A real two-CPU Ray cluster on this machine; a Ray worker is SIGKILLed while it computes a row band: the
+    band is retried and the kernel equals the one computed in this process."""
+    pytest.importorskip("ray")
+    import threading
+
+    from ntk_bench.bench.executors.ray_executor import RayExecutor
+    from test_executors import _kill_a_ray_worker_under_a_task
+
+    ex = RayExecutor(tmp_path / "ray", init_kwargs={"address": "local", "num_cpus": 2,
+                                                    "object_store_memory": 100 * 2**20, "include_dashboard": False,
+                                                    "_node_ip_address": "127.0.0.1"})
+    stop, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_a_ray_worker_under_a_task, args=(stop, killed), daemon=True)
+    killer.start()
+    try:
+        k = ntk_bench.kernel_matrix(f"{factories}:slow_model", f"{factories}:small_data", out=tmp_path / "K.zarr",
+                                    tile=4, executor=ex, verify=0, progress=False)
+    finally:
+        stop.set()
+        killer.join()
+        ex.close()
+        import ray
+
+        ray.shutdown()
+    assert killed, "no Ray worker was killed: the test did not inject its fault"
+    here = ntk_bench.kernel_matrix(_load(factories, "slow_model"), _load(factories, "small_data"),
+                                   out=tmp_path / "here.zarr", tile=4, verify=0, progress=False)
+    assert k.complete and np.array_equal(np.asarray(k), np.asarray(here))
