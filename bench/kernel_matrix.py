@@ -359,7 +359,7 @@ def _choose_onednn(plugin, model, x1: Inputs, x2, mode, device, dtype, b):
     the faster on the first tile, as ``onednn.is_faster`` decides; None where oneDNN does not apply."""
     from ntk_bench.implementations import onednn
 
-    xa = x1.rows(slice(0, min(b, x1.n, 128))).to(device)  # (a trial on a whole large tile would cost minutes)
+    xa = x1.rows(slice(0, min(b, x1.n, 32))).to(device)  # (a trial on a whole large tile would cost minutes)
     if not xa.is_floating_point():
         probe = next((p for p in model.parameters()), None)
         if probe is None or probe.dtype != torch.float32 or probe.device.type != "cpu":
