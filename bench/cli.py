@@ -458,6 +458,8 @@ def _add_kernel(sub, common, executors) -> None:
     k.add_argument("--executor", choices=("none",) + tuple(executors), default="none",
                    help="none (this process, default), local (--workers pinned processes), ray, slurm, ...")
     k.add_argument("--workers", type=positive_int, default=1, help="local: worker processes (default 1)")
+    k.add_argument("--devices", type=lambda t: [d.strip() for d in t.split(",") if d.strip()], metavar="LIST",
+                   help="local: one worker per GPU, e.g. cuda:0,cuda:1 (with --device cuda)")
     k.add_argument("--timeout", type=seconds, help="per row band of tiles, on an executor")
     k.add_argument("--no-progress", action="store_true", help="no progress lines")
     k.set_defaults(func=_cmd_kernel)
@@ -473,7 +475,7 @@ def _cmd_kernel(args) -> int:
     try:
         kernel = kernel_matrix(args.model, args.data, args.data2, mode=args.mode, out=out, impl=args.impl,
                                tile=args.tile, executor=None if args.executor == "none" else args.executor,
-                               workers=args.workers, dtype=args.dtype, device=args.device, verify=args.verify,
+                               workers=args.workers, devices=args.devices, dtype=args.dtype, device=args.device, verify=args.verify,
                                memory_budget_bytes=int(args.memory_budget * (1 << 30)) if args.memory_budget else None,
                                timeout_s=args.timeout, progress=not args.no_progress)
     except (KernelFileError, ValueError, TypeError) as exc:

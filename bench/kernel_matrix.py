@@ -396,6 +396,23 @@ def _choose_onednn(plugin, model, x1: Inputs, x2, mode, device, dtype, b):
     return not timed[False] < 0.9 * timed[True]
 
 
+def _predicted_s(plugin, model, x1: Inputs, x2, mode, device, dtype, budget) -> float | None:
+    """The cost model's seconds for the whole kernel (auto's constants for this plugin), kept beside the measured
+    time; None where it cannot say."""
+    from ntk_bench import implementations
+    from ntk_bench.implementations.costs import model_stats
+
+    try:
+        x = _cast(x1.rows(slice(0, 1)), device, dtype)
+        stats = model_stats(model, x)
+        auto = implementations.get("auto")
+        seconds, _ = auto.predict(plugin, stats, x1.n, (x2 or x1).n, mode, x2 is None,
+                                  "cuda" if torch.device(device).type == "cuda" else "cpu", budget)
+        return float(seconds)
+    except Exception:  # a prediction is a note beside the kernel, never a reason to fail it
+        return None
+
+
 def _differences(old: dict, new: dict) -> list[str]:
     return [f"{k}: {old.get(k)!r} in the file, {new.get(k)!r} now" for k in _ATTRS_CHECKED
             if k in new and old.get(k) != new.get(k)]
@@ -423,7 +440,8 @@ def kernel_matrix(model, X1, X2=None, mode: str = "trace", out=None, impl: str =
     ``model``: a module, or a factory ``"file.py:function"`` (needed with an executor). ``X1``/``X2``: tensors,
     numpy arrays, Datasets (inputs, or (input, target) pairs), or factories ``"file.py:function"`` returning one.
     ``executor``: None (this process), or ``"local"`` (``workers`` pinned worker processes), ``"ray"``, ``"slurm"``,
-    ``"submitit-local"``, ``"inline"``, or an :class:`~ntk_bench.bench.executors.Executor`. ``reuse=False``
+    ``"submitit-local"``, ``"inline"``, or an :class:`~ntk_bench.bench.executors.Executor`; ``devices``
+    (``["cuda:0", "cuda:1"]``) gives the local executor one worker per GPU (then give ``device="cuda"``). ``reuse=False``
     computes every tile whole (no factors kept across tiles). Returns the kernel (:class:`KernelArray`, numpy
     indexing).
     """
@@ -505,7 +523,9 @@ def kernel_matrix(model, X1, X2=None, mode: str = "trace", out=None, impl: str =
                                         "; ".join(f"{k}: {v}" for k, v in reasons.items()))
         shape = kernel_shape(attrs["n"], attrs["m"], o, mode)
         kernel = create(out, shape, b, dtype_name, {**attrs, "plugin": plugin.name, "onednn": onednn_flag,
-                                                    "impl_asked": impl, "memory_budget_bytes": budget})
+                                                    "impl_asked": impl, "memory_budget_bytes": budget,
+                                                    "predicted_s": _predicted_s(plugin, model_obj, x1, x2, mode,
+                                                                                device, tdtype, budget)})
 
     spec = {"out": str(out.resolve()), "model": model, "data": X1, "data2": X2, "dtype": dtype_name,
             "device": device, "mode": mode, "plugin": plugin.name, "onednn": onednn_flag,
@@ -525,8 +545,8 @@ def kernel_matrix(model, X1, X2=None, mode: str = "trace", out=None, impl: str =
             if band:
                 _add_phases(phases, compute_band(kernel, plugin, model_obj, x1, x2, i, band, spec, on_tile))
     else:
-        phases = _run_on_executor(executor, spec, kernel, workers, timeout_s, retries, progress, started, first_done,
-                                  total)
+        phases = _run_on_executor(executor, spec, kernel, workers, devices, timeout_s, retries, progress, started,
+                                  first_done, total)
     tiles_s = time.perf_counter() - t_tiles
     kernel = open_kernel(out, writable=True)
     if not kernel.complete:
@@ -547,7 +567,8 @@ def _add_phases(total: dict, phases: dict) -> None:
         total[k] = total.get(k, 0) + v
 
 
-def _run_on_executor(executor, spec, kernel, workers, timeout_s, retries, progress, started, first_done, total):
+def _run_on_executor(executor, spec, kernel, workers, devices, timeout_s, retries, progress, started, first_done,
+                     total):
     import concurrent.futures
 
     from .executors import Executor, Job, make_executor
@@ -555,7 +576,8 @@ def _run_on_executor(executor, spec, kernel, workers, timeout_s, retries, progre
     owned = not isinstance(executor, Executor)
     logs = Path(spec["out"]) / "logs"
     logs.mkdir(exist_ok=True)
-    ex = make_executor(executor, logs, **({"workers": workers} if executor == "local" else {})) if owned else executor
+    options = {"workers": workers, "devices": devices} if executor == "local" else {}
+    ex = make_executor(executor, logs, **options) if owned else executor
     rows, cols = kernel.grid
     failures: dict[int, list[str]] = {}
     phases: dict = {}

@@ -132,14 +132,15 @@ def test_refuses_another_models_file_listing_what_differs(tmp_path, factories):
 
 
 def test_a_wrong_tile_fails_verification(tmp_path, factories, monkeypatch):
+    from ntk_bench.bench.kernel_store import KernelArray
+
     model, x = _load(factories, "model"), _load(factories, "data")
-    real = km._block
+    real = KernelArray.write_tile
 
-    def wrong(plugin, model, xa, xb, mode, device, dtype):
-        k = real(plugin, model, xa, xb, mode, device, dtype)
-        return k * 1.01 if xb is None else k  # every diagonal tile 1% off
+    def wrong(self, i, j, block):
+        real(self, i, j, block * 1.01 if i == j else block)  # every diagonal tile 1% off
 
-    monkeypatch.setattr(km, "_block", wrong)
+    monkeypatch.setattr(KernelArray, "write_tile", wrong)
     with pytest.raises(km.KernelVerificationError, match=r"tile \[0, 0\]"):
         ntk_bench.kernel_matrix(model, x, out=tmp_path / "K.zarr", tile=10, progress=False)
 
@@ -156,10 +157,33 @@ def test_out_of_memory_tile_is_split(tmp_path, factories, monkeypatch):
 
     monkeypatch.setattr(km, "_block", small_only)
     k = ntk_bench.kernel_matrix(model, x, mode="full", out=tmp_path / "K.zarr", tile=20, progress=False,
-                                dtype="float64", verify=1)
+                                dtype="float64", verify=1, impl="jacobian_contraction")
     ref = ntk_bench.ntk(model.double(), x.double(), mode="full").numpy()
     np.testing.assert_allclose(np.asarray(k), ref, rtol=1e-10, atol=1e-12)
     assert max(s for s in sizes if s <= 5) == 5 and 20 in sizes
+
+
+def test_structured_factors_reused_and_out_of_memory_falls_back_to_whole_tiles(tmp_path, factories, monkeypatch):
+    from ntk_bench.implementations.structured import Structured
+
+    model, x = _load(factories, "model"), _load(factories, "data")
+    real, blocks = Structured.factors, []
+
+    def counted(self, model, xb):
+        blocks.append(xb.shape[0])
+        if len(blocks) == 4:
+            raise torch.OutOfMemoryError("injected")
+        return real(self, model, xb)
+
+    monkeypatch.setattr(Structured, "factors", counted)
+    k = ntk_bench.kernel_matrix(model, x, mode="full", out=tmp_path / "K.zarr", tile=10, progress=False,
+                                dtype="float64", verify=0, impl="structured")
+    ref = ntk_bench.ntk(model.double(), x.double(), mode="full").numpy()
+    np.testing.assert_allclose(np.asarray(k), ref, rtol=1e-10, atol=1e-12)
+    # 5 row blocks: each recorded once as a row and at most once as a column (kept for later bands), not per tile
+    assert len(blocks) <= 2 * 5 + 1 < len(k.tiles()) + 5
+    runs = k.attrs["timings"]["runs"][-1]
+    assert runs["factors_s"] > 0 and runs["contract_s"] > 0 and runs["whole_tiles_s"] > 0  # the injected fallback
 
 
 def test_bad_arguments_are_one_clear_error(tmp_path, factories):
