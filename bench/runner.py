@@ -126,6 +126,7 @@ class _Eta:
         self.actual_s = self.predicted_s = 0.0
         self.by_kind: dict[str, list[float]] = {}  # plugin -> [actual, predicted]
         self.clock, self.started = clock, clock()
+        self.one_off_s = 0.0  # wall time of what happens once, mostly first: references, worker start-ups
         self.measured: set[str] = set()  # kinds predicted from measured times, not the cost model
 
     def add(self, job_id: str, seconds: float, kind: str, measured: bool = False) -> None:
@@ -143,11 +144,18 @@ class _Eta:
         acc[0] += wall_s
         acc[1] += p
 
+    def one_off(self, seconds: float) -> None:
+        """Time spent on something that does not recur in proportion to the jobs left (a reference, a worker's
+        start-up): left out of the overhead."""
+        self.one_off_s += max(0.0, seconds or 0.0)
+
     def overhead(self) -> float:
-        """The run's elapsed wall time (on all its slots) over the finished jobs' own wall time (at least 1)."""
+        """The run's elapsed wall time (on all its slots, one-off work left out) over the finished jobs' own wall
+        time (at least 1)."""
         if self.actual_s <= 0:
             return 1.0
-        return min(5.0, max(1.0, (self.clock() - self.started) * self.slots / self.actual_s))
+        elapsed = (self.clock() - self.started) * self.slots - self.one_off_s
+        return min(5.0, max(1.0, elapsed / self.actual_s))
 
     def scale(self, kind: str | None = None) -> float:
         overall = min(10.0, max(0.1, self.actual_s / self.predicted_s)) if self.predicted_s > 0 else 1.0
@@ -539,7 +547,10 @@ def _schedule(cases, todo, latest, out_dir, executor, results, summary, reporter
         if fut.cancelled():
             return
         row = fut.result()
+        eta.one_off(row.get("worker_startup_s") or 0.0)
         if kind == "reference":
+            if fut.started_at is not None and fut.finished_at is not None:
+                eta.one_off(fut.finished_at - fut.started_at)
             ref_done.add(obj.id)
             if row.get("status") != "ok":
                 _reference_failed(obj, row, out_dir, reporter)

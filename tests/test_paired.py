@@ -206,6 +206,8 @@ def test_the_eta_is_refitted_per_plugin_as_cases_finish():
     assert 1.0 * eta.scale("ours") + 1.0 * eta.scale("slow_peer") == pytest.approx(eta.left_s(["a2", "b2"]))
     now[0] = 22.0  # half the run went to what no job counts (references, start-ups): what is left takes as long
     assert eta.left_s(["a2", "b2"]) == pytest.approx(2 * (eta.scale("ours") + eta.scale("slow_peer")))
+    eta.one_off(11.0)  # ... unless it was a reference computed once: it does not recur
+    assert eta.left_s(["a2", "b2"]) == pytest.approx(eta.scale("ours") + eta.scale("slow_peer"))
     # a job predicted from this run's own measured times is not scaled by the cost model's error
     eta.add("p1", 3.0, "paired", measured=True)
     assert eta.scale("paired") == 1.0 and eta.scale("never_seen") == eta.scale(None) > 1
