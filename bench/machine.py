@@ -129,4 +129,8 @@ def disturbed_line(rows, paired=()) -> str:
         return "**Timing: the rows do not record the machine's state** (a run from before it was recorded)."
     if not bad and not bad_groups:
         return f"**Timing: none of {len(timed)} timed rows was disturbed**{also.replace(', and', ', nor')}{load}."
+    if all(r.get("clock") == "cpu" for r in timed):  # waiting for a core is not in these times already
+        return (f"**Timing: {len(bad)} of {len(timed)} timed rows ran on a busy machine{also}**{load}: they are "
+                "CPU times on one thread, so waiting for a core is not counted, but other work still shared the "
+                "caches and memory bandwidth: compare paired ratios only, or run again on a quieter machine.")
     return f"**Timing: {len(bad)} of {len(timed)} timed rows were disturbed{also}**{load}: {ADVICE}."

@@ -126,6 +126,10 @@ def test_the_summary_first_line_counts_the_disturbed_rows_and_says_what_to_do(tm
     first = report.write_report(run).read_text().splitlines()[0]
     assert "1 of 2 timed rows were disturbed" in first and "load average 1.0 to 9.0" in first
     assert "--clock cpu" in first and "quieter machine" in first
+    rows = [{**r, "clock": "cpu"} for r in rows]  # already on the CPU clock: the advice says what is left
+    (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [{"header": {"sweep": "t"}}, *rows]))
+    first = report.write_report(run).read_text().splitlines()[0]
+    assert "1 of 2 timed rows ran on a busy machine" in first and "--clock cpu" not in first
 
 
 def test_worker_threads_default_to_the_cores_it_owns():
