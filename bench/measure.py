@@ -279,14 +279,15 @@ def time_blocks(fn, budget_s: float):
 
     torch.utils.benchmark's Timer times each block (CUDA synchronised, with all
     CPU threads); blocks are sized so that at least 5 fit the budget, and run
-    until the budget is spent. A call longer than the budget is timed 3 times.
-    The per-block times are what ``compare`` tests two runs with.
+    until the budget is spent. A call longer than the budget is timed 5 times:
+    the per-block times are what ``compare`` tests two runs with, and its rank
+    test needs 5 blocks a side to reach p < 0.01 (3 never reach 0.1).
     """
     import statistics
 
     timer = _timer(fn)
     one = timer.timeit(1).median
-    min_repeats = 5 if one < budget_s else 3
+    min_repeats = 5
     number = max(1, int(budget_s / min_repeats / max(one, 1e-9)))
     times = [one] if number == 1 else []
     deadline = time.perf_counter() + budget_s
