@@ -158,37 +158,6 @@ def test_unusable_input_exits_2(tmp_path, capsys):
     assert run_compare(a, a) == 0  # a run against itself
 
 
-@pytest.mark.serial
-def test_the_same_code_timed_twice_on_this_machine_passes(tmp_path):
-    """The regression gate's two timings of the same code (benchmarks/regression.py, as make benchmark-save and
-    make benchmark-compare run it: per-call CPU time, one thread, pooled from fresh processes) compare as the same.
-
-    (Wall-clock runs of the runner a minute apart see machines of different speeds on a shared VM: the README's
-    numbers; that is what --relative is for, and why the gate times CPU time.) It runs alone (marked ``serial``:
-    make test runs it after the parallel tests): beside another pytest worker whose tests came and went, CPU time
-    moved 1.4-1.8x between two timings one after the other. The two timings run side by side, so that whatever
-    else runs on the machine runs beside both."""
-    import subprocess
-    import sys
-
-    root = Path(__file__).parent.parent
-    sweep = tmp_path / "self.toml"
-    sweep.write_text('name = "self"\nimpls = ["structured", "explicit_mlp", "jacobian_contraction"]\n'
-                     'time_budget_s = 0.02\n[[arch]]\nname = "mlp"\n'
-                     'params = { in_features = 16, width = 64, depth = 2 }\nN = [4, 16]\nO = [4]\n')
-    runs = [subprocess.Popen([sys.executable, str(root / "benchmarks" / "regression.py"), "--out",
-                              str(tmp_path / name), "--sweep", str(sweep), "--processes", "2", "--rounds", "2",
-                              "--blocks", "5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for name in ("a", "b")]
-    for run in runs:
-        _, err = run.communicate(timeout=300)
-        assert run.returncode == 0, err[-2000:]
-    res, _ = verdicts(tmp_path / "a", tmp_path / "b")
-    assert len(res) == 6 and (res["status A"] == "ok").all() and np.isfinite(res["B/A"]).all()
-    assert not res["fail"].any(), res[["case", "B/A", "low", "high", "verdict"]].to_string()
-    assert run_compare(tmp_path / "a", tmp_path / "b", "--fail-above", "1.10") == 0
-
-
 def test_rows_timed_with_different_clocks_are_not_compared(tmp_path):
     a = write(tmp_path / "a", [row(i, 4, 1e-3, iqr=1e-5) for i in IMPLS])
     b = write(tmp_path / "b", [{**row(i, 4, 3e-3, iqr=1e-5), "timer": "process_time"} for i in IMPLS])
