@@ -1,5 +1,8 @@
 """Compare two runs case by case: ``ntk-bench compare RUN_A RUN_B [--fail-above 1.10] [--out DIR]``.
 
+A run is a run directory (``ntk-bench run``, ``python -m ntk_bench.bench.gate``) or pytest-benchmark's saved
+JSON (``load_pytest_benchmark``: the ``ntk_case`` fixture's rows, or any benchmark).
+
 For every case (matched by ``case_id``) the ratio B/A of the median times and a
 band around it that accounts for the measured noise:
 
@@ -338,6 +341,47 @@ def plot(res: pd.DataFrame, path: Path, fail_above: float, title: str, shift: Sh
     return True
 
 
+def load_pytest_benchmark(path: Path) -> report.Run:
+    """A run from pytest-benchmark's saved JSON (``--benchmark-autosave``, ``--benchmark-json``): a benchmark timed
+    by the ``ntk_case`` fixture gives the runner's row it kept in ``extra_info``; any other benchmark a row of its
+    own (its name for the case, its median and IQR, its rounds as blocks where ``--benchmark-save-data`` kept
+    them), judged alike."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except ValueError as exc:
+        raise ValueError(f"{path} is not JSON: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
+        raise ValueError(f"{path} is neither a run directory nor pytest-benchmark's JSON (no 'benchmarks' list)")
+    rows = []
+    for b in data["benchmarks"]:
+        mine = (b.get("extra_info") or {}).get("ntk_bench")
+        if isinstance(mine, dict):
+            rows.append(dict(mine))
+            continue
+        stats = b.get("stats") or {}
+        timer = str((b.get("options") or {}).get("timer", "perf_counter")).rsplit(".", 1)[-1]
+        rows.append({"case_id": b.get("fullname") or b.get("name"), "impl": b.get("name"), "arch": "pytest",
+                     "arch_params": "{}", "N": 0, "M": 0, "mode": "", "dtype": "", "device": "", "status": OK,
+                     "time_median_s": stats.get("median"), "time_iqr_s": stats.get("iqr"),
+                     "time_blocks_s": stats.get("data"), "timer": timer})
+    machine = data.get("machine_info") or {}
+    header = {"sweep": f"pytest-benchmark {data.get('version', '')}".strip(), "started": data.get("datetime"),
+              "device_name": (machine.get("cpu") or {}).get("brand_raw"), "python": machine.get("python_version"),
+              "git_commit": (data.get("commit_info") or {}).get("id")}
+    df, duplicates, incomplete = report.frame(rows)
+    return report.Run([header], df, duplicates, 0, incomplete)
+
+
+def load(path) -> report.Run:
+    """A run directory (or its results.jsonl), or pytest-benchmark's saved JSON."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".json":
+        return load_pytest_benchmark(path)
+    return report.load_run(path)
+
+
 def _header_note(ha: dict, hb: dict) -> list[str]:
     keys = ("device_name", "torch", "cpu_threads", "cuda", "numpy", "python")
     diff = [f"{k}: {ha.get(k)} → {hb.get(k)}" for k in keys if ha.get(k) != hb.get(k)]
@@ -395,7 +439,8 @@ def markdown(res: pd.DataFrame, shift: Shift, run_a: Path, run_b: Path, ha: dict
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("run_a", metavar="RUN_A", help="the baseline run directory (or its results.jsonl)")
+    parser.add_argument("run_a", metavar="RUN_A", help="the baseline run directory (or its results.jsonl), or "
+                                                        "pytest-benchmark's saved JSON")
     parser.add_argument("run_b", metavar="RUN_B", help="the run to check against it")
     parser.add_argument("--fail-above", type=float, default=1.10, metavar="FACTOR",
                         help="exit 1 when a case is slower by more than FACTOR beyond its noise band (default 1.10)")
@@ -439,9 +484,12 @@ def run(args) -> int:
     runs = []
     for p in (args.run_a, args.run_b):
         try:
-            runs.append(report.load_run(Path(p)))
+            runs.append(load(p))
         except OSError as exc:
             print(f"error: cannot read {p}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
             return 2
     ra, rb = runs
     for name, r in ((args.run_a, ra), (args.run_b, rb)):
