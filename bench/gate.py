@@ -118,9 +118,11 @@ def prepare(case, budget_s: float, n_blocks: int, check: bool = True):
         else:
             row["status"] = "ok"
         t0 = time.perf_counter()
-        for _ in range(3):
+        for _ in range(3):  # (auto tries two plugins in turn over its first four calls: settled after these)
             call()
         one = (time.perf_counter() - t0) / 3
+        if case.impl == "auto":
+            row["auto_pick"] = implementations.get("auto").last_choice[0]
     except Exception as exc:  # the case failed: a row with the reason, the gate sees ok → error
         return {**row, "status": measure._status_of(exc), "error": f"{type(exc).__name__}: {exc}"[:500]}
     number = max(1, round(budget_s / n_blocks / max(one, 1e-6)))

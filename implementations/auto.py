@@ -195,6 +195,12 @@ class Auto(NTKPlugin):
         self.last_choice = (plugin.name, why + note + self._fallback_note(declined))
         return out
 
+    def turns_left(self, model, x1, x2=None, mode="full", memory_budget_bytes=None) -> int:
+        """Calls left before auto settles on one plugin for these inputs (it tries two in turn over its first
+        calls): a benchmark times auto after that many more calls."""
+        state = self._trials.get(model, {}).get(self._trial_key(model, x1, x2, mode, memory_budget_bytes))
+        return 0 if state is None else len(state["turns"])
+
     def rank(self, model, x1, x2=None, mode="full", memory_budget_bytes=None):
         """[(plugin, why, the budget to compute it under or None, predicted seconds)], cheapest first, from the
         cost model.

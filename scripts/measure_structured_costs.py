@@ -7,7 +7,8 @@ Networks: every factory of the real zoo (bench/real_models.py) at the real sweep
 timm's efficientnet_b0, convnext_atto, regnetx_002 and deit_tiny_patch16_224 (``pretrained=False,
 num_classes=10``) on 32x32 images. Each is timed with process CPU time on one torch thread (what another process
 holding a core does not inflate), as the median of several steady calls after a first call; the first calls of
-``auto`` and of its pick are timed on fresh copies of the model (each builds its own plan).
+``auto`` and of its pick are timed on fresh copies of the model (each builds its own plan), in three pairs whose
+order alternates, and compared by the median of the pairs' ratios.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def _cpu(fn):
     return time.process_time() - t0, out
 
 
-def measure(source, name, params, repeats):
+def measure(source, name, params, repeats, pairs=3):
     import torch
 
     from ntk_bench import implementations
@@ -71,13 +72,23 @@ def measure(source, name, params, repeats):
     fresh = copy.deepcopy(model)
     structured.compute(fresh, x)
     steady = [_cpu(lambda: structured.compute(fresh, x))[0] for _ in range(repeats)]
-    auto_first_s, _ = _cpu(lambda: auto.compute(copy.deepcopy(model), x))
-    pick = auto.last_choice[0]
-    pick_first_s, _ = _cpu(lambda: implementations.get(pick).compute(copy.deepcopy(model), x))
+    # auto's first call and its pick's, each on a fresh copy, in pairs whose order alternates (a b, b a, ...)
+    auto_first, pick_first, pick, why = [], [], None, None
+    for i in range(pairs):
+        for who in (("auto", "pick") if i % 2 == 0 else ("pick", "auto")):
+            if who == "auto":
+                auto_first.append(_cpu(lambda: auto.compute(copy.deepcopy(model), x))[0])
+                pick, why = auto.last_choice
+            else:
+                plugin = implementations.get(pick or auto.choose(model, x)[0].name)
+                pick_first.append(_cpu(lambda: plugin.compute(copy.deepcopy(model), x))[0])
+    ratios = [a / b for a, b in zip(auto_first, pick_first)]
     return {"source": source, "network": name, "params": params, "N": int(x.shape[0]), "mode": "full",
             "structured_s": statistics.median(steady), "structured_blocks_s": steady,
-            "structured_first_call_s": first_s, "auto_first_call_s": auto_first_s, "auto_pick": pick,
-            "auto_why": auto.last_choice[1], "pick_first_call_s": pick_first_s, "torch_threads": torch.get_num_threads()}
+            "structured_first_call_s": first_s, "auto_first_call_s": statistics.median(auto_first),
+            "auto_first_calls_s": auto_first, "auto_pick": pick, "auto_why": why,
+            "pick_first_call_s": statistics.median(pick_first), "pick_first_calls_s": pick_first,
+            "auto_over_pick_first_call": statistics.median(ratios), "torch_threads": torch.get_num_threads()}
 
 
 def main(argv=None) -> int:
@@ -101,7 +112,8 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"{name}: structured {row['structured_s']:.4g} s (first {row['structured_first_call_s']:.3g} s); "
                   f"auto first {row['auto_first_call_s']:.3g} s -> {row['auto_pick']} first "
-                  f"{row['pick_first_call_s']:.3g} s; load {load:.1f}", flush=True)
+                  f"{row['pick_first_call_s']:.3g} s (paired ratio {row['auto_over_pick_first_call']:.2f}); "
+                  f"load {load:.1f}", flush=True)
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps({"timer": "process_time", "torch_threads": 1, "cpu_count": os.cpu_count(),
                                        "rows": rows}, indent=1) + "\n")
