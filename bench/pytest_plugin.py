@@ -98,6 +98,8 @@ def _run(request, plugin: str, prob, mode: str, dtype: str, device: str, budget_
             benchmark = request.getfixturevalue("benchmark")
         except pytest.FixtureLookupError:
             benchmark = None
+        if benchmark is not None and getattr(benchmark, "disabled", False):  # --benchmark-disable, or under xdist
+            benchmark = None
         if benchmark is not None:
             benchmark._timer = timer  # the gate's clock, not pytest-benchmark's default perf_counter
             benchmark.pedantic(got.call, rounds=rounds, iterations=got.number, warmup_rounds=0)
