@@ -430,6 +430,13 @@ for _name, _fn in {
     _unary(_name, _fn)
 
 
+@rule("ntk_bench_reference.stop_gradient.default")
+def stop_gradient(x):
+    """Where torch's forward cuts the gradient (a ``torch.no_grad()`` block's outputs, ``detach``), marked by
+    the translator before torch's decompositions inline the block."""
+    return lax.stop_gradient(x)
+
+
 @rule("aten.gelu.default")
 def gelu(self, approximate="none"):
     return jax.nn.gelu(self, approximate=approximate == "tanh")

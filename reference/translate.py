@@ -46,8 +46,69 @@ def _first_lines(exc: BaseException, limit: int = 600) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
+STOP_GRADIENT = "ntk_bench_reference.stop_gradient.default"  # the rule-table name of the marker below
+
+
+def _stop_gradient_op():
+    """An identity op torch's decompositions keep as it is, marking where the forward cuts the gradient.
+
+    ``run_decompositions()`` inlines ``wrap_with_set_grad_enabled(False, ...)`` (a ``with torch.no_grad():``
+    block) into plain ops and turns ``aten.detach`` into ``aten.alias``, so after it nothing says where torch's
+    autograd stops. The marker is put on those places before decomposing, and translated as
+    ``lax.stop_gradient``.
+    """
+    namespace = getattr(torch.ops, "ntk_bench_reference")
+    if not hasattr(namespace, "stop_gradient"):
+        @torch.library.custom_op("ntk_bench_reference::stop_gradient", mutates_args=())
+        def stop_gradient(x: torch.Tensor) -> torch.Tensor:
+            return x.clone()  # (a custom op's output may not alias its input)
+
+        @stop_gradient.register_fake
+        def _(x):
+            return torch.empty_like(x)
+    return torch.ops.ntk_bench_reference.stop_gradient.default
+
+
+def _mark_gradient_stops(program) -> int:
+    """Put the stop-gradient marker on every output of a grad-disabled region and on every ``detach`` of the
+    exported (not yet decomposed) graph, its nested graphs included. A region that turns gradients back on
+    inside a disabled one is refused: what it differentiates depends on the nesting, which inlining loses."""
+    from torch._higher_order_ops.wrap import wrap_with_set_grad_enabled
+
+    marker = _stop_gradient_op()
+    count = 0
+    modules = [m for m in program.graph_module.modules() if isinstance(m, torch.fx.GraphModule)]
+    for gm in modules:
+        graph, changed = gm.graph, False
+        for node in list(graph.nodes):
+            if node.op != "call_function":
+                continue
+            if node.target is wrap_with_set_grad_enabled and not node.args[0]:
+                region = getattr(gm, node.args[1].target)
+                if any(n.op == "call_function" and n.target is wrap_with_set_grad_enabled and n.args[0]
+                       for m in region.modules() if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes):
+                    raise UnsupportedOpError("a torch.enable_grad() block inside a torch.no_grad() block: its "
+                                             "gradient stops are not translated")
+                outputs = [u for u in node.users]  # getitem nodes picking the region's outputs
+            elif node.target is torch.ops.aten.detach.default:
+                outputs = [node]
+            else:
+                continue
+            for out in outputs:
+                with graph.inserting_after(out):
+                    stop = graph.call_function(marker, (out,))
+                stop.meta.update(out.meta)
+                out.replace_all_uses_with(stop, delete_user_cb=lambda user, stop=stop: user is not stop)
+                count += 1
+                changed = True
+        if changed:
+            gm.recompile()
+    return count
+
+
 def export_model(model: nn.Module, example: torch.Tensor):
-    """``torch.export`` with a dynamic batch dimension, decomposed to core ATen."""
+    """``torch.export`` with a dynamic batch dimension, decomposed to core ATen, with a stop-gradient marker
+    (:data:`STOP_GRADIENT`) where the forward cuts the gradient (``torch.no_grad()`` blocks, ``detach``)."""
     from torch.export import Dim, export
 
     if not isinstance(example, torch.Tensor) or example.dim() < 1:
@@ -62,6 +123,10 @@ def export_model(model: nn.Module, example: torch.Tensor):
         except Exception as exc:  # torch.export raises many types (UserError, ConstraintViolation, Unsupported ...)
             raise UnsupportedOpError(f"torch.export cannot export {name} with a dynamic batch dimension: "
                                      f"{type(exc).__name__}: {_first_lines(exc)}") from exc
+        try:
+            _mark_gradient_stops(program)
+        except UnsupportedOpError as exc:
+            raise UnsupportedOpError(f"{name}: {exc}") from exc
         try:
             return program.run_decompositions()
         except Exception as exc:

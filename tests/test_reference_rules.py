@@ -314,10 +314,12 @@ SAMPLES: dict[str, list] = {
     "aten.arange.start_step": [lambda: S(-1, 9, 2), lambda: S(0.5, 3.0, 0.25)],
     "aten.arange.start": [lambda: S(2, 7)],
     "aten.arange.default": [lambda: S(5), lambda: S(4, dtype=F64)],
+    # the translator's own marker: where the torch forward cuts the gradient
+    "ntk_bench_reference.stop_gradient.default": [lambda: S(r(3, 4))],
 }
 
 # Python operators on sizes: the rule is the operator itself.
-PYTHON_OPS = [name for name in R.RULES if not name.startswith("aten.")]
+PYTHON_OPS = [name for name in R.RULES if not name.startswith(("aten.", "ntk_bench_reference."))]
 # Outputs whose values are unspecified (uninitialised memory): shapes and dtypes are compared, not values.
 UNINITIALISED = {"aten.empty.memory_format", "aten.empty_strided.default", "aten.empty_like.default",
                  "aten.new_empty.default", "aten.new_empty_strided.default"}
@@ -332,14 +334,17 @@ DIFFERENTIATED_OUTPUTS = {"aten.native_layer_norm.default": {0}, "aten.native_gr
                           "aten.native_batch_norm.default": {0}}
 # Gradient checks torch cannot make: the functional copy has no derivative of its own (in a model, copy_'s
 # gradient goes to the source, as the rule's does).
-NO_TORCH_GRADIENT = {"aten.copy.default"}
+NO_TORCH_GRADIENT = {"aten.copy.default", "ntk_bench_reference.stop_gradient.default"}
 # torch's hardsigmoid backward multiplies by a float32 1/6 (3e-8 off); the rule's exact 1/6 is checked to that.
 GRADIENT_TOLERANCE = {"aten.hardsigmoid.default": 1e-7}
 
 
 def torch_op(name: str):
-    _, op, overload = name.split(".")
-    packet = getattr(torch.ops.aten, op, None)
+    from ntk_bench.reference import translate
+
+    translate._stop_gradient_op()  # (registers the translator's marker op with torch)
+    namespace, op, overload = name.split(".")
+    packet = getattr(getattr(torch.ops, namespace), op, None)
     return getattr(packet, overload, None) if packet is not None else None
 
 
@@ -347,7 +352,7 @@ CASES = [pytest.param(name, i, id=f"{name}-{i}") for name in sorted(SAMPLES) for
 
 
 def test_every_rule_has_a_sample():
-    untested = sorted(n for n in R.RULES if n.startswith("aten.") and n not in SAMPLES)
+    untested = sorted(n for n in R.RULES if n not in SAMPLES and n not in PYTHON_OPS)
     assert not untested, f"rules without a sample in SAMPLES: {untested}"
     assert not [n for n in SAMPLES if n not in R.RULES], "samples for rules that do not exist"
 
@@ -516,3 +521,15 @@ def test_missing_outputs_are_marked():
     with R.computing_in(np.float64):
         out = R.RULES["aten.max_pool2d_with_indices.default"](R.to_jax(torch.randn(1, 1, 4, 4)), [2, 2])
     assert isinstance(out[1], R.MISSING) and "indices" in out[1].what
+
+
+def test_stop_gradient_has_no_gradient():
+    """The marker of a ``torch.no_grad()`` block's outputs: the value passes, the gradient does not."""
+    import jax
+
+    with R.computing_in(np.float64):
+        x = R.to_jax(torch.randn(3, 4, dtype=F64))
+        rule = R.RULES["ntk_bench_reference.stop_gradient.default"]
+        np.testing.assert_array_equal(np.asarray(rule(x)), np.asarray(x))
+        grad = jax.grad(lambda v: (rule(v) * v).sum())(x)
+    np.testing.assert_array_equal(np.asarray(grad), np.asarray(x))  # d(sg(v)·v)/dv = sg(v): only the right factor
