@@ -63,3 +63,74 @@ def test_without_the_gradient_stops_the_kernel_is_wrong(monkeypatch):
     x = torch.randn(3, 4, dtype=F64)
     assert reference.supports(model, x) is None
     assert rel_err(reference.ntk(model, x, quick_compile=True), bruteforce.ntk(model, x)) > 1e-2
+
+
+class Interpolating(nn.Module):
+    """A conv, an ``F.interpolate`` in one of its modes, a conv: the U-Net decoder's pattern."""
+
+    def __init__(self, **interpolate):
+        super().__init__()
+        self.interpolate = interpolate
+        self.down = nn.Conv2d(2, 3, 3, stride=2, padding=1)
+        self.up = nn.Conv2d(3, 2, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.tanh(self.down(x))
+        return self.up(nn.functional.interpolate(y, **self.interpolate)).flatten(1)[:, ::7]
+
+
+class BilinearHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bilinear = nn.Bilinear(4, 3, 2)
+
+    def forward(self, x):
+        return self.bilinear(torch.tanh(x[:, :4]), x[:, 4:])
+
+
+class Bags(nn.Module):
+    """``nn.EmbeddingBag`` on (N, L) ids (one bag per sample) then a Linear."""
+
+    def __init__(self, mode: str, weighted: bool = False, padding_idx=None):
+        super().__init__()
+        self.weighted = weighted
+        self.bag = nn.EmbeddingBag(12, 4, mode=mode, padding_idx=padding_idx)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, ids):
+        weights = (ids.to(self.bag.weight.dtype) + 1) / 12 if self.weighted else None
+        return self.head(self.bag(ids, per_sample_weights=weights))
+
+
+MODELS = {
+    "interpolate-bilinear-size": (lambda: Interpolating(size=(7, 5), mode="bilinear"), (2, 6, 6)),
+    "interpolate-bilinear-align_corners": (
+        lambda: Interpolating(scale_factor=2, mode="bilinear", align_corners=True), (2, 5, 6)),
+    "interpolate-bilinear-scale": (lambda: Interpolating(scale_factor=1.7, mode="bilinear"), (2, 6, 5)),
+    "interpolate-bilinear-antialias": (lambda: Interpolating(size=(2, 2), mode="bilinear", antialias=True),
+                                       (2, 8, 8)),
+    "interpolate-nearest": (lambda: Interpolating(scale_factor=2, mode="nearest"), (2, 5, 6)),
+    "interpolate-nearest-scale": (lambda: Interpolating(scale_factor=1.5, mode="nearest"), (2, 6, 6)),
+    "bilinear": (BilinearHead, (7,)),
+    "embedding_bag-sum": (lambda: Bags("sum"), "ids"),
+    "embedding_bag-mean-padding": (lambda: Bags("mean", padding_idx=0), "ids"),
+    "embedding_bag-max": (lambda: Bags("max"), "ids"),
+    "embedding_bag-weighted": (lambda: Bags("sum", weighted=True), "ids"),
+}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_new_ops_through_a_model(name):
+    from ntk_bench import reference
+
+    factory, shape = MODELS[name]
+    torch.manual_seed(0)
+    model = factory().double()
+    if shape == "ids":
+        x1, x2 = torch.randint(0, 12, (3, 5)), torch.randint(0, 12, (2, 5))
+        x1[0, :2] = 0  # (a padding id, where the model has one)
+    else:
+        x1, x2 = torch.randn(3, *shape, dtype=F64), torch.randn(2, *shape, dtype=F64)
+    assert reference.supports(model, x1) is None
+    k = reference.ntk(model, x1, x2, quick_compile=True)
+    assert rel_err(k, bruteforce.ntk(model, x1, x2)) <= 1e-10

@@ -277,6 +277,53 @@ SAMPLES: dict[str, list] = {
     "aten.scatter_add.default": [lambda: S(r(4, 5), 1, ints(5, 4, 3), r(4, 3))],
     "aten.embedding.default": [lambda: S(r(10, 4), ints(10, 3, 5)),
                                lambda: S(r(10, 4), torch.tensor([[1, 2, 1], [0, 1, 9]]), 1)],
+    # interpolation: sizes, scale factors (a given scale takes precedence over the size ratio), align_corners
+    "aten.upsample_nearest1d.default": [lambda: S(r(2, 3, 5), [8]), lambda: S(r(2, 3, 5), [7], 1.5)],
+    "aten.upsample_nearest1d.vec": [lambda: S(r(2, 3, 5), None, [1.7]), lambda: S(r(2, 3, 5), [3], None)],
+    "aten.upsample_nearest2d.default": [lambda: S(r(2, 3, 4, 5), [7, 9]),
+                                        lambda: S(r(2, 3, 4, 5), [8, 10], 2.0, 2.0),
+                                        lambda: S(r(2, 3, 6, 5), [4, 3])],
+    "aten.upsample_nearest2d.vec": [lambda: S(r(2, 3, 4, 5), None, [2.0, 1.5]),
+                                    lambda: S(r(2, 3, 4, 5), None, [1.7, 2.3]),
+                                    lambda: S(r(2, 3, 4, 5), [3, 7], None)],
+    "aten.upsample_nearest3d.default": [lambda: S(r(1, 2, 3, 4, 2), [5, 6, 4])],
+    "aten.upsample_nearest3d.vec": [lambda: S(r(1, 2, 3, 4, 2), None, [2.0, 1.5, 1.0])],
+    "aten.upsample_linear1d.default": [lambda: S(r(2, 3, 5), [9], False), lambda: S(r(2, 3, 5), [9], True),
+                                       lambda: S(r(2, 3, 5), [8], False, 1.7)],
+    "aten.upsample_linear1d.vec": [lambda: S(r(2, 3, 5), None, False, [1.7])],
+    "aten.upsample_bilinear2d.default": [lambda: S(r(2, 3, 4, 5), [7, 9], False),
+                                         lambda: S(r(2, 3, 4, 5), [7, 9], True),
+                                         lambda: S(r(2, 3, 4, 5), [6, 8], False, 1.7, 1.6),
+                                         lambda: S(r(2, 3, 6, 5), [3, 5], False)],
+    "aten.upsample_bilinear2d.vec": [lambda: S(r(2, 3, 4, 5), None, False, [1.7, 2.0]),
+                                     lambda: S(r(2, 3, 4, 5), None, True, [2.0, 2.5]),
+                                     lambda: S(r(2, 3, 4, 5), [7, 3], False, None),
+                                     lambda: S(r(2, 3, 4, 5), [1, 1], True, None)],
+    "aten.upsample_trilinear3d.default": [lambda: S(r(1, 2, 3, 4, 2), [5, 6, 4], False),
+                                          lambda: S(r(1, 2, 3, 4, 2), [5, 6, 3], True)],
+    "aten.upsample_trilinear3d.vec": [lambda: S(r(1, 2, 3, 4, 2), None, False, [2.0, 1.5, 1.3])],
+    "aten._upsample_bilinear2d_aa.default": [lambda: S(r(2, 3, 8, 9), [3, 4], False),
+                                             lambda: S(r(2, 3, 4, 5), [7, 9], True)],
+    "aten._upsample_bilinear2d_aa.vec": [lambda: S(r(2, 3, 8, 9), None, False, [0.4, 0.5])],
+    "aten._upsample_bicubic2d_aa.default": [lambda: S(r(2, 3, 8, 9), [3, 4], False)],
+    "aten._upsample_bicubic2d_aa.vec": [lambda: S(r(2, 3, 8, 9), None, True, [0.4, 0.6])],
+    # nn.Bilinear's product, and other expand/sum patterns
+    "aten._trilinear.default": [lambda: S(r(3, 4), r(2, 4, 5), r(3, 5), [1, 3], [0], [1, 2], [2, 3]),
+                                lambda: S(r(3, 4), r(3, 4), r(3, 4), [], [], [], [1]),
+                                lambda: S(r(3, 4), r(4, 5), r(3, 5), [2], [0], [1], [1, 2])],
+    # bags of embeddings: sum (an empty bag), mean, max, per-sample weights, include_last_offset, padding_idx
+    "aten._embedding_bag.default": [
+        lambda: S(r(10, 3), ints(10, 8), torch.tensor([0, 3, 3, 5])),
+        lambda: S(r(10, 3), ints(10, 8), torch.tensor([0, 3, 3, 5]), False, 1),
+        lambda: S(r(10, 3), torch.randperm(10)[:8], torch.tensor([0, 3, 3, 5]), False, 2),
+        lambda: S(r(10, 3), ints(10, 8), torch.tensor([0, 2, 5]), False, 0, False, r(8)),
+        lambda: S(r(10, 3), ints(10, 8), torch.tensor([0, 2, 5, 8]), False, 1, False, None, True),
+        lambda: S(r(10, 3), torch.tensor([1, 2, 1, 0, 4, 1, 3, 1]), torch.tensor([0, 3, 6]), False, 1, False,
+                  None, False, 1),
+        lambda: S(r(10, 3), torch.tensor([1, 2, 1, 0, 4, 1, 3, 1]), torch.tensor([0, 3, 6]), False, 2, False,
+                  None, False, 1)],
+    "aten._embedding_bag_forward_only.default": [
+        lambda: S(r(10, 3), ints(10, 8), torch.tensor([0, 3, 3, 5]), False, 1)],
     "aten.constant_pad_nd.default": [lambda: S(r(2, 3, 4), [1, 2]), lambda: S(r(2, 3, 4), [1, -1, 2, 0], 0.5)],
     "aten.reflection_pad1d.default": [lambda: S(r(2, 3, 5), [2, 1])],
     "aten.reflection_pad2d.default": [lambda: S(r(2, 3, 5, 4), [1, 2, 2, 1])],
@@ -334,7 +381,8 @@ DIFFERENTIATED_OUTPUTS = {"aten.native_layer_norm.default": {0}, "aten.native_gr
                           "aten.native_batch_norm.default": {0}}
 # Gradient checks torch cannot make: the functional copy has no derivative of its own (in a model, copy_'s
 # gradient goes to the source, as the rule's does).
-NO_TORCH_GRADIENT = {"aten.copy.default", "ntk_bench_reference.stop_gradient.default"}
+NO_TORCH_GRADIENT = {"aten.copy.default", "ntk_bench_reference.stop_gradient.default",
+                     "aten._embedding_bag_forward_only.default"}
 # torch's hardsigmoid backward multiplies by a float32 1/6 (3e-8 off); the rule's exact 1/6 is checked to that.
 GRADIENT_TOLERANCE = {"aten.hardsigmoid.default": 1e-7}
 
