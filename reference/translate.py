@@ -106,32 +106,55 @@ def _mark_gradient_stops(program) -> int:
     return count
 
 
-def export_model(model: nn.Module, example: torch.Tensor):
-    """``torch.export`` with a dynamic batch dimension, decomposed to core ATen, with a stop-gradient marker
-    (:data:`STOP_GRADIENT`) where the forward cuts the gradient (``torch.no_grad()`` blocks, ``detach``)."""
+def _export(model: nn.Module, example: torch.Tensor, dynamic: bool):
+    """The exported program, gradient stops marked, decomposed to core ATen; UnsupportedOpError naming the
+    step that failed."""
     from torch.export import Dim, export
 
+    name = type(model).__name__
+    how = "with a dynamic batch dimension" if dynamic else f"with a fixed batch of {example.shape[0]}"
+    try:
+        program = export(model, (example,), dynamic_shapes=({0: Dim("batch", min=1)},) if dynamic else None)
+    except Exception as exc:  # torch.export raises many types (UserError, ConstraintViolation, Unsupported ...)
+        raise UnsupportedOpError(f"torch.export cannot export {name} {how}: "
+                                 f"{type(exc).__name__}: {_first_lines(exc)}") from exc
+    try:
+        _mark_gradient_stops(program)
+    except UnsupportedOpError as exc:
+        raise UnsupportedOpError(f"{name}: {exc}") from exc
+    try:
+        return program.run_decompositions()
+    except Exception as exc:
+        raise UnsupportedOpError(f"{name}: decomposing the exported graph ({how}) to core ATen failed: "
+                                 f"{type(exc).__name__}: {_first_lines(exc)}") from exc
+
+
+def export_model(model: nn.Module, example: torch.Tensor):
+    """``(program, per_sample)``: ``torch.export`` with a dynamic batch dimension, decomposed to core ATen, with a
+    stop-gradient marker (:data:`STOP_GRADIENT`) where the forward cuts the gradient (``torch.no_grad()`` blocks,
+    ``detach``).
+
+    Where that fails, the model is exported for one sample (a fixed batch of 1) and ``per_sample`` is True:
+    neural-tangents evaluates the function one sample at a time anyway, and a batch is then that program
+    vmapped. Some graphs only decompose with a concrete batch: transformers' ``Conv1D`` (GPT-2) reshapes a
+    transposed (batch, seq, features) view, and with a symbolic batch torch cannot prove the view valid ("Cannot
+    view a tensor with shape [s, 8, 32] and strides (32, 32*s, 1)"). The forward check still compares the
+    per-sample translation with torch's batched forward, so a model mixing the samples of a batch is refused.
+    """
     if not isinstance(example, torch.Tensor) or example.dim() < 1:
         raise ValueError(f"example must be a batched torch.Tensor, got {type(example).__name__}")
-    if example.shape[0] < 2:  # export specialises a size-1 dimension; any size >= 2 stays symbolic
-        example = torch.cat([example, example])
-    name = type(model).__name__
+    dynamic_example = example if example.shape[0] >= 2 else torch.cat([example, example])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
-            program = export(model, (example,), dynamic_shapes=({0: Dim("batch", min=1)},))
-        except Exception as exc:  # torch.export raises many types (UserError, ConstraintViolation, Unsupported ...)
-            raise UnsupportedOpError(f"torch.export cannot export {name} with a dynamic batch dimension: "
-                                     f"{type(exc).__name__}: {_first_lines(exc)}") from exc
-        try:
-            _mark_gradient_stops(program)
-        except UnsupportedOpError as exc:
-            raise UnsupportedOpError(f"{name}: {exc}") from exc
-        try:
-            return program.run_decompositions()
-        except Exception as exc:
-            raise UnsupportedOpError(f"{name}: decomposing the exported graph to core ATen failed: "
-                                     f"{type(exc).__name__}: {_first_lines(exc)}") from exc
+        try:  # (export specialises a size-1 dimension; any size >= 2 stays symbolic)
+            return _export(model, dynamic_example, dynamic=True), False
+        except UnsupportedOpError as dynamic_failure:
+            try:
+                return _export(model, example[:1], dynamic=False), True
+            except UnsupportedOpError as static_failure:
+                if all(str(f).startswith("torch.export cannot") for f in (static_failure, dynamic_failure)):
+                    raise dynamic_failure from None  # (export itself failed both ways: one reason is enough)
+                raise UnsupportedOpError(f"{dynamic_failure}; for one sample: {static_failure}") from None
 
 
 def _is_transpose_2d(node) -> bool:
@@ -211,6 +234,7 @@ class Program:
     constants: dict  # placeholder name -> ("model", fqn) / ("lifted", tensor)
     transposed: frozenset  # canonical names of parameters stored transposed
     integer_input: bool
+    per_sample: bool = False  # exported for a batch of one sample (a batch is that program, vmapped)
     kernels: dict = dataclasses.field(default_factory=dict)  # (impl, mode, dtype) -> jitted nt kernel
     check: object = None  # None until checked; then "" (passed) or the reason it failed
     forward: object = None  # the jitted per-sample forward (params, constants, x) -> (N, O), once built
@@ -231,7 +255,7 @@ def build_program(model: nn.Module, example: torch.Tensor) -> Program:
     from .aten_rules import HINTS, RULES
 
     name = type(model).__name__
-    ep = export_model(model, example)
+    ep, per_sample = export_model(model, example)
     graph = ep.graph
     signature = ep.graph_signature
     canonical = _canonical_names(model)
@@ -310,7 +334,7 @@ def build_program(model: nn.Module, example: torch.Tensor) -> Program:
     out = output.args[0]
     out = out[out_index] if isinstance(out, (tuple, list)) else out
     integer = not example.is_floating_point()
-    return Program(name, nodes, out, params, constants, frozenset(transposed), integer)
+    return Program(name, nodes, out, params, constants, frozenset(transposed), integer, per_sample)
 
 
 def _contains_missing(value, missing_type):
@@ -338,6 +362,10 @@ class JaxFunction:
         self.layouts = {name: "(in, out)" for name in program.transposed}
 
     def __call__(self, params, x):
+        if self.program.per_sample and x.shape[0] != 1:
+            import jax
+
+            return jax.vmap(lambda xi: self(params, xi[None])[0])(x)
         from torch.fx.node import map_aggregate
 
         from . import aten_rules as R

@@ -134,3 +134,42 @@ def test_new_ops_through_a_model(name):
     assert reference.supports(model, x1) is None
     k = reference.ntk(model, x1, x2, quick_compile=True)
     assert rel_err(k, bruteforce.ntk(model, x1, x2)) <= 1e-10
+
+
+def gpt2_head():
+    """GPT-2 from a tiny config (random weights, the LM head tied to the token embedding): the last position's
+    logits."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=11, n_positions=8, n_embd=16, n_layer=1, n_head=2, bos_token_id=0,
+                                     eos_token_id=0, tie_word_embeddings=True, resid_pdrop=0.0, embd_pdrop=0.0,
+                                     attn_pdrop=0.0)
+
+    class GPT2Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = transformers.GPT2LMHeadModel(config)
+
+        def forward(self, ids):
+            return self.lm(input_ids=ids).logits[:, -1, :]
+
+    return GPT2Head()
+
+
+def test_gpt2_is_exported_per_sample_when_a_symbolic_batch_does_not_decompose():
+    """transformers' Conv1D views a transposed (batch, seq, features) tensor, which torch cannot prove valid
+    for a symbolic batch; the model is exported for one sample instead, and batches are that program vmapped."""
+    from ntk_bench import reference
+    from ntk_bench.reference import translate
+
+    torch.manual_seed(0)
+    model = gpt2_head().double().eval()
+    assert model.lm.lm_head.weight is model.lm.transformer.wte.weight
+    x1, x2 = torch.randint(0, 11, (3, 5)), torch.randint(0, 11, (2, 5))
+    assert reference.supports(model, x1) is None
+    assert translate.program(model, x1).per_sample
+    apply_fn, params = reference.to_jax(model, x1)
+    assert "lm.lm_head.weight" not in params  # the tied head is the embedding: one parameter
+    np.testing.assert_allclose(np.asarray(apply_fn(params, x1.numpy())), model(x1).detach().numpy(),
+                               rtol=0, atol=1e-12)
+    k = reference.ntk(model, x1, x2, quick_compile=True)
+    assert rel_err(k, bruteforce.ntk(model, x1, x2)) <= 1e-10
