@@ -39,6 +39,8 @@ from jax import lax  # noqa: E402
 RULES: dict = {}
 
 _FLOAT = contextvars.ContextVar("ntk_bench_reference_float", default=jnp.float64)
+# The model's own float dtype (None: unknown); a graph's float dtype of lower precision is a cast the model makes.
+_MODEL_FLOAT = contextvars.ContextVar("ntk_bench_reference_model_float", default=None)
 
 
 class _Missing:
@@ -60,19 +62,38 @@ def float_dtype():
 
 
 @contextlib.contextmanager
-def computing_in(dtype):
-    """Compute floating-point tensors in ``dtype`` (a numpy/JAX dtype) inside the block."""
+def computing_in(dtype, model_dtype: torch.dtype | None = None):
+    """Compute floating-point tensors in ``dtype`` (a numpy/JAX dtype) inside the block; ``model_dtype``: the
+    model's own float dtype, below whose precision a float dtype of the graph is kept (:func:`jax_dtype`)."""
     token = _FLOAT.set(jnp.dtype(dtype).type)
+    model_token = _MODEL_FLOAT.set(model_dtype)
     try:
         yield
     finally:
+        _MODEL_FLOAT.reset(model_token)
         _FLOAT.reset(token)
 
 
+_TORCH_FLOATS = {torch.float64: jnp.float64, torch.float32: jnp.float32, torch.float16: jnp.float16,
+                 torch.bfloat16: jnp.bfloat16}
+
+
+def _eps(dtype) -> float:
+    return float(jnp.finfo(dtype).eps)
+
+
 def jax_dtype(dtype: torch.dtype):
-    """The JAX dtype of a torch dtype: every float dtype means :func:`float_dtype`."""
+    """The JAX dtype of a torch dtype. A float dtype means :func:`float_dtype` (the model's float32 computed in
+    float64 for the reference), except one of lower precision than the model's own (``computing_in``'s
+    ``model_dtype``): a cast the model makes on purpose (T5's layer norm computes in float32 inside a float64
+    model), kept, so the translation rounds where torch does; never above :func:`float_dtype`."""
     if dtype.is_floating_point:
-        return float_dtype()
+        model = _MODEL_FLOAT.get()
+        if model not in _TORCH_FLOATS or dtype not in _TORCH_FLOATS or \
+                _eps(_TORCH_FLOATS[dtype]) <= _eps(_TORCH_FLOATS[model]):
+            return float_dtype()
+        reduced = _TORCH_FLOATS[dtype]
+        return reduced if _eps(reduced) > _eps(float_dtype()) else float_dtype()
     if dtype.is_complex:
         raise TypeError(f"complex tensors ({dtype}) are not supported")
     return {torch.bool: jnp.bool_, torch.int64: jnp.int64, torch.int32: jnp.int32, torch.int16: jnp.int16,

@@ -235,8 +235,11 @@ class Program:
     transposed: frozenset  # canonical names of parameters stored transposed
     integer_input: bool
     per_sample: bool = False  # exported for a batch of one sample (a batch is that program, vmapped)
+    model_dtype: object = None  # the model's float dtype (torch); graph floats below it are casts kept as such
+    reduced: set = dataclasses.field(default_factory=set)  # float dtypes below it the translation computes in
     kernels: dict = dataclasses.field(default_factory=dict)  # (impl, mode, dtype) -> jitted nt kernel
     check: object = None  # None until checked; then "" (passed) or the reason it failed
+    tolerance: float | None = None  # what the check allowed: 1e-10, or looser where the model casts to float32
     forward: object = None  # the jitted per-sample forward (params, constants, x) -> (N, O), once built
     compiled: dict = dataclasses.field(default_factory=dict)  # executables compiled with QUICK_COMPILE
 
@@ -334,7 +337,9 @@ def build_program(model: nn.Module, example: torch.Tensor) -> Program:
     out = output.args[0]
     out = out[out_index] if isinstance(out, (tuple, list)) else out
     integer = not example.is_floating_point()
-    return Program(name, nodes, out, params, constants, frozenset(transposed), integer, per_sample)
+    floats = [t.dtype for t in (*model.parameters(), *model.buffers(), example) if t.is_floating_point()]
+    model_dtype = max(floats, key=lambda d: torch.finfo(d).bits) if floats else None
+    return Program(name, nodes, out, params, constants, frozenset(transposed), integer, per_sample, model_dtype)
 
 
 def _contains_missing(value, missing_type):
@@ -366,6 +371,7 @@ class JaxFunction:
             import jax
 
             return jax.vmap(lambda xi: self(params, xi[None])[0])(x)
+        import jax.numpy as jnp
         from torch.fx.node import map_aggregate
 
         from . import aten_rules as R
@@ -381,7 +387,8 @@ class JaxFunction:
                 return R.to_jax(arg)
             return arg
 
-        with R.computing_in(self.dtype):
+        floor = np.finfo(self.dtype).eps
+        with R.computing_in(self.dtype, self.program.model_dtype):
             for node, kind, payload in self.program.nodes:
                 if kind == "call":
                     key, fn = payload
@@ -395,6 +402,11 @@ class JaxFunction:
                                                  "the translation does not compute")
                     try:
                         env[node] = fn(*args, **kwargs)
+                        for value in (env[node] if isinstance(env[node], (tuple, list)) else (env[node],)):
+                            dtype = getattr(value, "dtype", None)
+                            if dtype is not None and jnp.issubdtype(dtype, jnp.floating) and \
+                                    jnp.finfo(dtype).eps > floor:  # (seen while tracing: a cast the model makes)
+                                self.program.reduced.add(np.dtype(dtype).name)
                     except UnsupportedOpError:
                         raise
                     except NotImplementedError as exc:

@@ -173,3 +173,80 @@ def test_gpt2_is_exported_per_sample_when_a_symbolic_batch_does_not_decompose():
                                rtol=0, atol=1e-12)
     k = reference.ntk(model, x1, x2, quick_compile=True)
     assert rel_err(k, bruteforce.ntk(model, x1, x2)) <= 1e-10
+
+
+class Float32Inside(nn.Module):
+    """A float64 model whose middle computes in float32 on purpose: T5's RMS norm (its variance in float32)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, 6)
+        self.scale = nn.Parameter(torch.ones(6))
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = self.inp(x)
+        variance = h.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        return self.head(self.scale * (h * torch.rsqrt(variance + 1e-6)))
+
+
+def test_a_float32_cast_inside_a_float64_model_is_translated_and_checked_at_float32_precision():
+    """Not refused by the 1e-10 forward check: the translation computes the variance in float32 too, and the
+    reference states what that allows."""
+    from ntk_bench import reference
+
+    torch.manual_seed(0)
+    model = Float32Inside().double()
+    x1, x2 = torch.randn(3, 4, dtype=F64), torch.randn(2, 4, dtype=F64)
+    assert reference.supports(model, x1) is None
+    assert reference.reduced_precision(model, x1) == ["float32"]
+    tol = reference.tolerance(model, x1)
+    assert tol == pytest.approx(100 * np.finfo(np.float32).eps)
+    out, expected = reference.forward(model, x1), model(x1).detach().numpy()
+    assert 0 < np.abs(out - expected).max() <= tol * np.abs(expected).max()
+    k = reference.ntk(model, x1, x2, quick_compile=True)
+    assert rel_err(k, bruteforce.ntk(model, x1, x2)) <= tol
+
+
+def test_a_float32_model_casting_to_float32_gets_a_float64_translation_checked_at_float32_precision():
+    """In a float32 model the cast is the model's own dtype: the translation computes in float64 throughout, and
+    is checked against torch's float64 copy of the model (which still casts) at float32's precision."""
+    from ntk_bench import reference
+
+    torch.manual_seed(0)
+    model = Float32Inside()
+    x = torch.randn(3, 4)
+    assert reference.supports(model, x) is None
+    assert reference.reduced_precision(model, x) == []
+    assert reference.tolerance(model, x) == pytest.approx(100 * np.finfo(np.float32).eps)
+
+
+def t5_encoder_head():
+    """transformers' T5 encoder from a tiny config (random weights); T5LayerNorm computes its variance in
+    float32."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.T5Config(vocab_size=11, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                   dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+
+    class T5EncoderHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = transformers.T5EncoderModel(config)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, ids):
+            return self.head(self.encoder(input_ids=ids).last_hidden_state[:, 0])
+
+    return T5EncoderHead()
+
+
+def test_t5_in_float64_is_checked_at_its_float32_layer_norms_precision():
+    from ntk_bench import reference
+
+    torch.manual_seed(0)
+    model = t5_encoder_head().double().eval()
+    x1, x2 = torch.randint(0, 11, (3, 5)), torch.randint(0, 11, (2, 5))
+    assert reference.supports(model, x1) is None
+    assert reference.reduced_precision(model, x1) == ["float32"]
+    k = reference.ntk(model, x1, x2, quick_compile=True)
+    assert rel_err(k, bruteforce.ntk(model, x1, x2)) <= reference.tolerance(model, x1)
