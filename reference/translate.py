@@ -57,7 +57,7 @@ def _stop_gradient_op():
     autograd stops. The marker is put on those places before decomposing, and translated as
     ``lax.stop_gradient``.
     """
-    namespace = getattr(torch.ops, "ntk_bench_reference")
+    namespace = torch.ops.ntk_bench_reference
     if not hasattr(namespace, "stop_gradient"):
         @torch.library.custom_op("ntk_bench_reference::stop_gradient", mutates_args=())
         def stop_gradient(x: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Models the reference once got wrong or could not translate: a ``torch.no_grad()`` branch, interpolation,
-``nn.Bilinear``, ``nn.EmbeddingBag``, transformers' GPT-2 and T5 (built from tiny configs, random weights), and
-timm's efficientnet_b0's compile time. Each kernel is checked against a float64 torch brute force
+``nn.Bilinear``, ``nn.EmbeddingBag``, transformers' GPT-2 and T5 (built from tiny configs, random weights), a
+float32 cast inside a float64 model. Each kernel is checked against a float64 torch brute force
 (``tests/bruteforce.py``: one ``autograd.grad`` per sample and output)."""
 
 from __future__ import annotations
