@@ -20,6 +20,7 @@ from pathlib import Path
 log = logging.getLogger("ntk_bench")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
+EXIT_SIGHUP = 129
 
 
 # -- argument types: one clear line for a bad value -------------------------------------------------------
@@ -359,7 +360,7 @@ def _cmd_run(args) -> int:
     took = "" if summary.nothing_to_do else f"; this run: {summary.ran} row(s) in {fmt_duration(summary.elapsed_s)}"
     log.info("%s: %d of %d cases: %s%s", summary.path, done, summary.total, tally(summary.counts), took)
     if summary.interrupted:
-        return EXIT_SIGTERM if summary.interrupted == "SIGTERM" else EXIT_SIGINT
+        return {"SIGTERM": EXIT_SIGTERM, "SIGHUP": EXIT_SIGHUP}.get(summary.interrupted, EXIT_SIGINT)
     return _verdict(summary, args)
 
 

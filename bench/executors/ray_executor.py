@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 
 from .base import Job, JobFuture, error_row
-from .process import package_root, run_isolated
+from .process import package_root, run_isolated, runner_identity
 from .queued import QueuedExecutor
 
 MAX_RETRIES = 3
@@ -53,6 +53,7 @@ class RayExecutor(QueuedExecutor):
         self.cpu_slots = max(1, int(resources.get("CPU", 1) // cpus_per_task))
         self.gpu_slots = int(resources.get("GPU", 0))
         self.slots = self.cpu_slots
+        self._runner = runner_identity()  # a task on this host dies with the runner, whatever the cluster does
         self._remote = ray.remote(max_retries=max_retries, retry_exceptions=False)(run_isolated)
 
     def _fits(self, job: Job, inflight: list[Job]) -> bool:
@@ -67,7 +68,7 @@ class RayExecutor(QueuedExecutor):
         for fut in futures:
             gpu = 1 if fut.job.device != "cpu" else 0
             refs.append(self._remote.options(num_cpus=self.cpus_per_task, num_gpus=gpu).remote(
-                fut.job.wire(), str(self.run_dir), self.cpus_per_task, True))
+                fut.job.wire(), str(self.run_dir), self.cpus_per_task, True, self._runner))
         return refs
 
     def _poll(self, handles: dict[JobFuture, object]) -> list[tuple[JobFuture, dict]]:

@@ -1,0 +1,117 @@
+"""Hangs and orphans of the runner and its executors, each injected: a worker that closes its answers but runs on,
+a frozen reference under ``--timeout``, a plugin's child in a session of its own, a closed terminal (SIGHUP), and
+the runner killed (SIGTERM, SIGKILL) under every executor with no process of its tree left behind.
+
+Faults come from the plugins in ``runner_faults.py``; deadlines are tens of seconds (a loaded machine), and every
+wait polls until its deadline rather than sleeping a fixed time.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from ntk_bench.bench import measure, runner, sweeps
+from ntk_bench.bench.executors import process, proctree
+from runner_helpers import ROOT, TESTS, cli_env, seed_reference, start_cli
+
+SMOKE_ARCH = {"name": "mlp", "params": {"in_features": 4, "width": 8, "depth": 1}, "N": [3], "O": [2]}
+
+
+def _sweep_file(folder: Path, impls, timeout_s=600) -> Path:
+    f = folder / "sweep.json"
+    f.write_text(json.dumps({"name": "faults", "impls": impls, "time_budget_s": 0.01, "timeout_s": timeout_s,
+                             "arch": [SMOKE_ARCH]}))
+    return f
+
+
+def _wait_for(predicate, timeout=120.0, what="a condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _gone(procs, timeout) -> list[psutil.Process]:
+    """The processes of ``procs`` still running (zombies count as gone) after waiting up to ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [p for p in procs if proctree.alive((p.pid, p.create_time()))] if procs else []
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
+
+
+def _describe(procs) -> list[str]:
+    out = []
+    for p in procs:
+        try:
+            out.append(f"{p.pid} {' '.join(p.cmdline())[:120]}")
+        except psutil.Error:
+            out.append(str(p.pid))
+    return out
+
+
+# -- a worker that never answers and never exits; a frozen reference; a child out of the worker's session ----------
+
+def test_closed_answer_pipe_frozen_reference_and_setsid_grandchild_all_end_within_the_timeout(
+        tmp_path, fault_plugins, monkeypatch):
+    """A 4 s timeout (what ``--timeout 4`` gives every case): the reference hangs (it got 900 s, whatever the
+    timeout), a worker closes its answer pipe and sleeps on (the runner waited for its exit forever), a plugin
+    starts a child with setsid and hangs (the child outlived the timeout kill). The run ends, every case has its
+    row, and the setsid child is dead."""
+    monkeypatch.setattr(process, "EXIT_GRACE_S", 3.0)
+    monkeypatch.setenv("NTKB_TEST_FREEZE_REFERENCE", "1")  # in the workers: this process imported the module before
+    monkeypatch.setenv("NTKB_TEST_PIDFILE", str(tmp_path / "child.pid"))
+    monkeypatch.setenv("NTKB_TEST_SLEEP_S", "3600")
+    cases = sweeps.expand({"name": "faults", "impls": ["fault_closed_pipe", "fault_setsid_child", "explicit_mlp"],
+                           "time_budget_s": 0.01, "timeout_s": 4, "arch": [SMOKE_ARCH]})
+    t0 = time.monotonic()
+    summary = runner.run(cases, tmp_path / "run", "faults", plugins=("runner_faults",))
+    took = time.monotonic() - t0
+    rows = {r["impl"]: r for r in summary.rows.values()}
+    assert set(rows) == {"fault_closed_pipe", "fault_setsid_child", "explicit_mlp"}
+    record = measure.read_reference_record(cases[0].problem, tmp_path / "run")
+    assert record["status"] == "timeout" and "within 4 s" in record["error"], record
+    assert rows["explicit_mlp"]["status"] == "unchecked"  # computed, the reference having failed
+    closed = rows["fault_closed_pipe"]
+    assert closed["status"] == "error" and "closed its answer channel" in closed["error"], closed
+    assert rows["fault_setsid_child"]["status"] == "timeout"
+    child = int((tmp_path / "child.pid").read_text())
+    assert not _gone([psutil.Process(child)] if psutil.pid_exists(child) else [], timeout=30), \
+        "the plugin's setsid child survived its worker's timeout kill"
+    # four worker start-ups, the 4 s timeout twice, 3 s of grace for the closed pipe: nothing near 900 s
+    assert took < 300, took
+
+
+def test_kill_tree_reaches_a_child_in_its_own_session_and_a_grandchild_of_it(tmp_path):
+    """``kill_tree`` on a process whose child left its session (setsid) and started one more: all three die."""
+    import subprocess
+
+    script = ("import subprocess, sys, time\n"
+              "c = subprocess.Popen([sys.executable, '-c', 'import subprocess, sys, time; "
+              "subprocess.Popen([sys.executable, \"-c\", \"import time; time.sleep(600)\"]); time.sleep(600)'], "
+              "start_new_session=True)\n"
+              "print(c.pid, flush=True); time.sleep(600)\n")
+    root = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        child = psutil.Process(int(root.stdout.readline()))
+        _wait_for(lambda: child.children(), timeout=60, what="the grandchild to start")
+        tree = [psutil.Process(root.pid), child, *child.children()]
+        assert child.pid in [p.pid for p in psutil.Process(root.pid).children(recursive=True)]
+        assert {proctree.kill_tree(root.pid).__len__()} == {3}
+        root.wait(timeout=30)
+        assert not _gone(tree, timeout=30)
+    finally:
+        if root.poll() is None:
+            root.kill()
+            root.wait()
