@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from ntk_bench.implementations.base import NTKPlugin
 
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
-
 from ntk_bench.bench import measure, runner, sweeps
 from ntk_bench.bench.executors import process, proctree
 from runner_helpers import ROOT, TESTS, cli_env, seed_reference, start_cli
@@ -115,3 +115,82 @@ def test_kill_tree_reaches_a_child_in_its_own_session_and_a_grandchild_of_it(tmp
         if root.poll() is None:
             root.kill()
             root.wait()
+
+
+# -- the runner killed: nothing of its tree survives, under every executor ---------------------------------------
+
+def _start(kind: str, d: Path, sweep: Path) -> subprocess.Popen:
+    env = cli_env(NTKB_TEST_PIDFILE=d / "pid")
+    if kind == "local":  # the CLI itself, for its lines and exit codes
+        return start_cli("run", "--sweep", sweep, "--out", d / "run", "--plugin", "runner_faults", "--no-progress",
+                         env=env)
+    return subprocess.Popen([sys.executable, str(TESTS / "executor_runner.py"), kind, str(sweep), str(d / "run")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+
+
+def _runner_dies_with_nothing_left(kind: str, signals, tmp_path: Path, smoke_reference: Path) -> dict:
+    """Start a runner per signal under ``kind``, each with a worker in a case that hangs; once every worker runs,
+    snapshot each runner's process tree, send the signal, and assert the whole tree is gone within a minute.
+    Returns {signal: (exit code, stderr)}."""
+    runs = {}
+    try:
+        for sig in signals:
+            d = tmp_path / sig.name
+            d.mkdir()
+            seed_reference(smoke_reference, d / "run")
+            runs[sig] = (d, _start(kind, d, _sweep_file(d, ["fault_started"])))
+        trees = {}
+        for sig, (d, proc) in runs.items():
+            pidfile = d / "pid"
+            _wait_for(lambda pidfile=pidfile, proc=proc: (pidfile.exists() and pidfile.read_text().strip())
+                      or proc.poll() is not None,
+                      timeout=240, what=f"the {kind} worker of the {sig.name} runner to start its case")
+            assert proc.poll() is None, proc.communicate()
+            worker = psutil.Process(int(pidfile.read_text()))
+            tree = psutil.Process(proc.pid).children(recursive=True)
+            assert worker.pid in [p.pid for p in tree], (kind, _describe(tree))  # its worker is in its tree
+            trees[sig] = tree
+        out = {}
+        for sig, (d, proc) in runs.items():
+            proc.send_signal(sig)
+        for sig, (d, proc) in runs.items():
+            _, err = proc.communicate(timeout=120)
+            out[sig] = (proc.returncode, err)
+            left = _gone(trees[sig], timeout=60)
+            assert not left, f"{kind}, runner killed by {sig.name}: still running 60 s later: {_describe(left)}"
+        return out
+    finally:  # whatever failed, leave nothing behind
+        for _, proc in runs.values():
+            if proc.poll() is None:
+                proctree.kill_tree(proc.pid)
+                proc.wait()
+
+
+def test_local_workers_die_with_the_runner_and_sighup_is_sigterm(tmp_path, smoke_reference):
+    """SIGTERM, SIGKILL and SIGHUP (a closed terminal: it killed the runner with exit 129 and no resume line):
+    nothing of the runner's tree survives; SIGHUP, like SIGTERM, keeps the rows and prints the tally and the
+    command that resumes."""
+    out = _runner_dies_with_nothing_left("local", [signal.SIGTERM, signal.SIGKILL, signal.SIGHUP], tmp_path,
+                                         smoke_reference)
+    assert out[signal.SIGKILL][0] == -9
+    for sig, code in ((signal.SIGTERM, 143), (signal.SIGHUP, 129)):
+        rc, err = out[sig]
+        assert rc == code, (sig.name, err)
+        assert f"interrupted ({sig.name}): 0 of 1 cases done; resume with: ntk-bench run" in err and "--resume" in err
+        assert "of 1 cases:" in err  # the tally
+
+
+@pytest.mark.slurm
+def test_submitit_local_tasks_and_workers_die_with_the_runner(tmp_path, smoke_reference):
+    """submitit's local executor: its controller, the task and the task's worker survived the runner (alive 60 s
+    later), SIGTERM or SIGKILL. The task watches the runner and ends its worker and itself."""
+    pytest.importorskip("submitit")
+    _runner_dies_with_nothing_left("submitit-local", [signal.SIGTERM, signal.SIGKILL], tmp_path, smoke_reference)
+
+
+@pytest.mark.ray
+def test_a_local_ray_cluster_and_its_workers_die_with_the_runner(tmp_path, smoke_reference):
+    """A Ray cluster the runner started (its GCS, raylet, Ray workers, our worker under a Ray worker): all gone
+    after SIGTERM or SIGKILL of the runner."""
+    pytest.importorskip("ray")
+    _runner_dies_with_nothing_left("ray", [signal.SIGTERM, signal.SIGKILL], tmp_path, smoke_reference)
