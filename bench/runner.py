@@ -17,8 +17,9 @@ are written as futures complete, in the order they finish.
 - A case the kernel's OOM killer ended is run once more, blocked under a budget
   that respects the worker's memory limits (``blocked_after_oom``).
 - Ctrl-C (SIGINT) stops starting cases and lets the running ones finish their
-  rows; a second Ctrl-C or SIGTERM stops them now. Either way the workers die
-  with the runner, and ``resume`` finishes the rest.
+  rows; a second Ctrl-C, SIGTERM or SIGHUP stops them now, as does the loss of
+  the executor's engine (``Executor.failure``). Either way the workers die with
+  the runner, and ``resume`` finishes the rest.
 - Each row records what ran beside it (``concurrent``: the other jobs whose run
   overlapped it), where (``worker``, ``cpu_affinity``) and its whole wall time.
 
@@ -218,7 +219,7 @@ def differences(old: dict, new: dict, cases: list[Case], rows: list[dict]) -> li
 # -- the run ---------------------------------------------------------------------------------------------
 
 class _Terminated(BaseException):
-    """SIGTERM or SIGHUP (a closed terminal): stop now. Its argument: the signal's name."""
+    """SIGTERM, SIGHUP (a closed terminal) or the executor's engine lost: stop now. Its argument: what happened."""
 
 
 class _State:
@@ -466,6 +467,9 @@ def _schedule(cases, todo, latest, out_dir, executor, results, summary, reporter
                                                    return_when=concurrent.futures.FIRST_COMPLETED)
             for fut in done_futs:
                 process(fut)
+            lost = getattr(executor, "failure", lambda: None)()
+            if lost:
+                raise _Terminated(f"{executor.name} executor lost: {lost}")
             if not state.stop_requested and deadline_s is not None and time.monotonic() - start > deadline_s:
                 state.stop_requested = True
                 summary.deadline_hit = True

@@ -194,3 +194,103 @@ def test_a_local_ray_cluster_and_its_workers_die_with_the_runner(tmp_path, smoke
     after SIGTERM or SIGKILL of the runner."""
     pytest.importorskip("ray")
     _runner_dies_with_nothing_left("ray", [signal.SIGTERM, signal.SIGKILL], tmp_path, smoke_reference)
+
+
+# -- Ray: its head lost; a cluster of `ray start` reached by --address ------------------------------------------
+
+def _ray_small():
+    from executor_runner import OPTIONS
+
+    return OPTIONS["ray"]["init_kwargs"]
+
+
+@pytest.mark.ray
+def test_losing_rays_head_stops_the_run_keeping_its_rows(tmp_path, smoke_reference, fault_plugins, monkeypatch):
+    """The GCS of the run's Ray cluster is SIGKILLed while a case runs: Ray ended the runner itself (a hard exit
+    of its driver: no tally, no resume line). Now the driver is a process of its own: the runner stops as after
+    SIGTERM, with the finished case's row kept, none for the lost one, and nothing of the cluster left."""
+    pytest.importorskip("ray")
+    from ntk_bench.bench.executors.ray_executor import RayExecutor
+
+    run_dir = tmp_path / "run"
+    seed_reference(smoke_reference, run_dir)
+    monkeypatch.setenv("NTKB_TEST_PIDFILE", str(tmp_path / "pid"))
+    monkeypatch.setenv("RAY_gcs_rpc_server_reconnect_timeout_s", "10")  # Ray's wait for a lost GCS: 60 s
+    cases = sweeps.expand({"name": "faults", "impls": ["explicit_mlp", "fault_started"], "time_budget_s": 0.01,
+                           "timeout_s": 600, "arch": [SMOKE_ARCH]})
+    ex = RayExecutor(run_dir, init_kwargs=_ray_small())
+    driver = psutil.Process(ex._driver.proc.pid)
+    killed = []
+
+    def kill_the_head():
+        deadline = time.monotonic() + 240
+        while not (tmp_path / "pid").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for p in driver.children(recursive=True):
+            if p.name().startswith("gcs_server"):
+                killed.append(driver.children(recursive=True))
+                p.kill()
+
+    import threading
+
+    killer = threading.Thread(target=kill_the_head, daemon=True)
+    killer.start()
+    summary = runner.run(cases, run_dir, "faults", executor=ex, plugins=("runner_faults",))
+    killer.join(timeout=60)
+    assert killed, "the GCS was not found: the test did not inject its fault"
+    assert summary.interrupted and summary.interrupted.startswith("ray executor lost"), summary.interrupted
+    rows = {r["impl"]: r for r in runner.read_results(run_dir / "results.jsonl")[1]}
+    assert list(rows) == ["explicit_mlp"] and rows["explicit_mlp"]["status"] == "ok"
+    assert not _gone([driver, *killed[0]], timeout=60)
+
+
+@pytest.mark.ray
+def test_ray_start_and_address_connect_with_the_clusters_token(tmp_path, monkeypatch):
+    """``ray start --head`` with a token in ``~/.ray/auth_token`` (any earlier local ``ray.init`` writes one) makes
+    a cluster that requires it; given its address, the driver connected without the token and was refused unless
+    RAY_AUTH_MODE=token was set. Now it connects as Ray does to a cluster it finds by itself."""
+    pytest.importorskip("ray")
+    import shutil
+    import socket
+    import tempfile
+
+    from ntk_bench.bench.executors.ray_executor import RayExecutor
+
+    ray_bin = Path(sys.executable).with_name("ray")
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    subprocess.run([str(ray_bin), "get-auth-token", "--generate"], capture_output=True, timeout=120, check=True)
+    assert (home / ".ray" / "auth_token").exists()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    temp = tempfile.mkdtemp(prefix="ntkb-ray-", dir="/tmp")  # Ray's socket paths must stay short
+    head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={port}", "--num-cpus=1",
+                             "--include-dashboard=false", "--node-ip-address=127.0.0.1", f"--temp-dir={temp}",
+                             "--disable-usage-stats"], stdout=subprocess.DEVNULL,
+                            stderr=open(tmp_path / "head.log", "w"), start_new_session=True)
+    try:
+        def listening():
+            with socket.socket() as c:
+                return c.connect_ex(("127.0.0.1", port)) == 0 or head.poll() is not None
+
+        _wait_for(listening, timeout=180, what="the Ray head to listen")
+        assert head.poll() is None, (tmp_path / "head.log").read_text()
+        ex = RayExecutor(tmp_path / "run", address=f"127.0.0.1:{port}")
+        try:
+            assert ex.cpu_slots == 1
+        finally:
+            ex.close()
+    finally:
+        head.terminate()
+        try:
+            head.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            proctree.kill_tree(head.pid)
+            head.wait()
+        shutil.rmtree(temp, ignore_errors=True)

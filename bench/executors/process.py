@@ -259,20 +259,28 @@ _RUNNING: set[WorkerProcess] = set()  # this process's workers, killed if the ru
 _WATCHED: set[tuple] = set()
 
 
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
 def runner_identity() -> dict:
-    """Who runs the sweep (host, pid, start time), for :func:`watch_runner` in a task on the same host."""
+    """Who runs the sweep (host, boot, pid, start time), for :func:`watch_runner` in a task on the same host."""
     pid, created = proctree.process_identity()
-    return {"host": host(), "pid": pid, "created": created}
+    return {"host": host(), "boot": _boot_id(), "pid": pid, "created": created}
 
 
 def watch_runner(runner: dict | None) -> None:
     """In a cluster task on the runner's own host (submitit's local executor, a local Ray cluster): when the
     runner is gone, however it died, kill this task's workers and end the task. A task on another host cannot
-    see the runner: there the cluster's own cancellation is what stops it."""
-    if not runner or runner.get("host") != host():
+    see the runner (nor one in another pid namespace: the runner must be visible when the watch starts): there
+    the cluster's own cancellation is what stops it."""
+    if not runner or runner.get("host") != host() or runner.get("boot") != _boot_id():
         return
     identity = (int(runner["pid"]), float(runner["created"]))
-    if identity in _WATCHED or identity[0] == os.getpid():
+    if identity in _WATCHED or identity[0] == os.getpid() or not proctree.alive(identity):
         return
     _WATCHED.add(identity)
 

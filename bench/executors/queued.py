@@ -14,7 +14,7 @@ import threading
 import time
 from collections import deque
 
-from .base import Executor, Job, JobFuture, cancel_all, error_row
+from .base import Executor, ExecutorLost, Job, JobFuture, cancel_all, error_row
 from .process import STARTUP_TIMEOUT_S
 
 log = logging.getLogger("ntk_bench.runner")
@@ -30,6 +30,7 @@ class QueuedExecutor(Executor):
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._failure: str | None = None
 
     # -- subclass hooks ---------------------------------------------------------------------
 
@@ -67,6 +68,10 @@ class QueuedExecutor(Executor):
         while not self._stop.wait(self.poll_s):  # the runner submits in bursts: they go out together (one array)
             try:
                 self._step()
+            except ExecutorLost as exc:  # nothing in flight will answer: no rows for them, the runner stops
+                log.error("%s executor: %s", self.name, exc)
+                self._failure = str(exc)
+                return
             except Exception as exc:  # the engine failed (a lost connection): every job in flight gets a row
                 log.error("%s executor: %s: %s", self.name, type(exc).__name__, exc)
                 with self._lock:
@@ -87,6 +92,10 @@ class QueuedExecutor(Executor):
         if start:
             try:
                 handles = self._launch(start)
+            except ExecutorLost:
+                with self._lock:
+                    self._inflight.update((fut, None) for fut in start)
+                raise
             except Exception as exc:  # the engine refused them: rows, not a lost sweep
                 for fut in start:
                     fut.finish(error_row("error", f"{self.name}: submitting failed: {type(exc).__name__}: {exc}"))
@@ -131,6 +140,9 @@ class QueuedExecutor(Executor):
             except Exception:  # best effort: we are stopping
                 pass
             fut.finish(error_row("killed", f"stopped by the runner ({self.name} task cancelled)"))
+
+    def failure(self) -> str | None:
+        return self._failure
 
     def close(self) -> None:
         self._stop.set()
