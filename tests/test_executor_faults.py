@@ -270,10 +270,11 @@ def test_ray_start_and_address_connect_with_the_clusters_token(tmp_path, monkeyp
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     temp = tempfile.mkdtemp(prefix="ntkb-ray-", dir="/tmp")  # Ray's socket paths must stay short
-    head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={port}", "--num-cpus=1",
-                             "--include-dashboard=false", "--node-ip-address=127.0.0.1", f"--temp-dir={temp}",
-                             "--disable-usage-stats"], stdout=subprocess.DEVNULL,
-                            stderr=open(tmp_path / "head.log", "w"), start_new_session=True)
+    with open(tmp_path / "head.log", "w") as log:
+        head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={port}", "--num-cpus=1",
+                                 "--include-dashboard=false", "--node-ip-address=127.0.0.1", f"--temp-dir={temp}",
+                                 "--disable-usage-stats"], stdout=subprocess.DEVNULL, stderr=log,
+                                start_new_session=True)
     try:
         def listening():
             with socket.socket() as c:
