@@ -1,4 +1,4 @@
-"""ntk-bench run | report | compare | list | calibrate   (also: python -m ntk_bench ...)
+"""ntk-bench run | report | compare | check | list | calibrate   (also: python -m ntk_bench ...)
 
 Exit codes of ``run``: 0 when every case's last row passes; 1 when a row has a
 status named by ``--fail-on`` (default ``mismatch,error``) or, with
@@ -534,6 +534,13 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
                      help="the calibration file to write (merged into when it exists); auto reads it when "
                           "NTK_BENCH_CALIBRATION names it")
     cal.set_defaults(func=_cmd_calibrate)
+    from . import check  # (argparse only: no torch until the command runs)
+
+    chk = sub.add_parser("check", help="the correctness suite for a plugin (yours): exit 1 on any failure",
+                         parents=[common], description=check.__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    check.add_arguments(chk)
+    chk.set_defaults(func=check.run)
     command = next((a for a in argv if not a.startswith("-")), None)
     _add_compare(sub, command == "compare")
     return parser
