@@ -100,7 +100,8 @@ class RunSummary:
     total: int  # cases in the sweep
     ran: int = 0  # rows written by this run
     counts: dict = dataclasses.field(default_factory=dict)  # status -> cases, from each case's last row
-    interrupted: str | None = None  # "SIGINT" (finished the running cases), "SIGINT twice", "SIGTERM", "SIGHUP"
+    interrupted: str | None = None  # "SIGINT" (finished the running cases), "SIGINT twice", "SIGTERM", "SIGHUP",
+    # or "<executor> executor lost: why"
     deadline_hit: bool = False
     nothing_to_do: bool = False
     left: int = 0  # cases without a row after this run
