@@ -409,6 +409,8 @@ def _schedule(cases, todo, latest, out_dir, executor, results, summary, reporter
         if fut.cancelled():
             return
         row = fut.result()
+        if row.get("executor_lost"):  # never ran to its end: no row, resume runs it
+            return
         if kind == "reference":
             ref_done.add(obj.id)
             if row.get("status") != "ok":

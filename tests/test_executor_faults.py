@@ -242,6 +242,10 @@ def test_losing_rays_head_stops_the_run_keeping_its_rows(tmp_path, smoke_referen
     rows = {r["impl"]: r for r in runner.read_results(run_dir / "results.jsonl")[1]}
     assert list(rows) == ["explicit_mlp"] and rows["explicit_mlp"]["status"] == "ok"
     assert not _gone([driver, *killed[0]], timeout=60)
+    # another caller of the executor (kernel_matrix waits on its futures) gets an answer, not a wait for ever
+    from ntk_bench.bench.executors import Job
+
+    assert ex.submit(Job("case", cases[0], 60.0)).result(timeout=10)["executor_lost"]
 
 
 @pytest.mark.ray

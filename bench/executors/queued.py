@@ -55,9 +55,16 @@ class QueuedExecutor(Executor):
 
     # -- the loop ---------------------------------------------------------------------------------
 
+    def _lost_row(self) -> dict:
+        return error_row("killed", f"{self.name} executor lost: {self._failure}", executor_lost=True)
+
     def submit(self, job: Job) -> JobFuture:
         fut = JobFuture(job)
         with self._lock:
+            if self._failure is not None:  # nothing will run it: answered now
+                fut.set_running_or_notify_cancel()
+                fut.finish(self._lost_row())
+                return fut
             self._queue.append(fut)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name=f"{self.name}-executor", daemon=True)
@@ -68,9 +75,15 @@ class QueuedExecutor(Executor):
         while not self._stop.wait(self.poll_s):  # the runner submits in bursts: they go out together (one array)
             try:
                 self._step()
-            except ExecutorLost as exc:  # nothing in flight will answer: no rows for them, the runner stops
+            except ExecutorLost as exc:  # nothing in flight will answer: the runner stops, writing no row for them
                 log.error("%s executor: %s", self.name, exc)
-                self._failure = str(exc)
+                with self._lock:
+                    self._failure = str(exc)
+                    running, queued = list(self._inflight), list(self._queue)
+                    self._inflight.clear()
+                    self._queue.clear()
+                for fut in running + [f for f in queued if f.set_running_or_notify_cancel()]:
+                    fut.finish(self._lost_row())  # answered, so that no caller waits on them for ever
                 return
             except Exception as exc:  # the engine failed (a lost connection): every job in flight gets a row
                 log.error("%s executor: %s: %s", self.name, type(exc).__name__, exc)
