@@ -24,8 +24,10 @@ from torch import nn
 
 from .base import NTKPlugin, UnsupportedModelError
 from .kernels import kernel_shape
-from .state import preserved
-from .validation import output_spec, probe_forward, refuse_ill_defined_modules, share_probe, validate_inputs
+from .locking import model_claimed
+from .state import dense_gradients, preserved
+from .validation import (budget_bytes, output_spec, probe_forward, refuse_ill_defined_modules,
+                         refuse_scripted, share_probe, validate_inputs)
 
 
 class NonFiniteKernelError(ValueError):
@@ -86,20 +88,16 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())  # (a sum first: 2 ops, not 4)
 
 
-def _validate_budget(memory_budget_bytes) -> None:
-    if memory_budget_bytes is None:
-        return
-    if isinstance(memory_budget_bytes, bool) or not isinstance(memory_budget_bytes, int) or memory_budget_bytes <= 0:
-        raise ValueError(f"memory_budget_bytes must be a positive integer number of bytes, got {memory_budget_bytes!r}")
-
-
 def compute(plugin: NTKPlugin, model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None,
             mode: str = "full", memory_budget_bytes: int | None = None) -> torch.Tensor:
-    """Θ(x1, x2) of ``model`` by ``plugin``: see the module docstring for the steps."""
-    call = validated(plugin, model, x1, x2, mode, memory_budget_bytes)
-    with torch.inference_mode(False), torch.enable_grad(), preserved(model):
-        out = plugin.dispatch(call.net, call.x1, call.x2, mode, memory_budget_bytes)
-    return checked(plugin, out, call, mode, memory_budget_bytes)
+    """Θ(x1, x2) of ``model`` by ``plugin``: see the module docstring for the steps. Calls on one model from several
+    threads take turns (``locking``): a call changes the model while it runs."""
+    memory_budget_bytes = budget_bytes(memory_budget_bytes)
+    with model_claimed(model):
+        call = validated(plugin, model, x1, x2, mode, memory_budget_bytes)
+        with torch.inference_mode(False), torch.enable_grad(), preserved(model), dense_gradients(model):
+            out = plugin.dispatch(call.net, call.x1, call.x2, mode, memory_budget_bytes)
+        return checked(plugin, out, call, mode, memory_budget_bytes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +116,8 @@ def validated(plugin: NTKPlugin, model: nn.Module, x1: torch.Tensor, x2: torch.T
               memory_budget_bytes: int | None = None) -> Call:
     """Step 1, validation: raises a clear error for bad inputs, an ill-defined kernel or a declined model."""
     validate_inputs(model, x1, x2, mode)
-    _validate_budget(memory_budget_bytes)
+    budget_bytes(memory_budget_bytes)
+    refuse_scripted(plugin.name, model)
     refuse_ill_defined_modules(model)
     with torch.inference_mode(False):
         x1, x2 = _plain(x1), _plain(x2)
