@@ -100,7 +100,9 @@ class PeerPlugin(NTKPlugin):
         return None
 
     def _refuse_budget(self, memory_budget_bytes) -> None:
-        if memory_budget_bytes is not None:
+        from .validation import budget_bytes
+
+        if budget_bytes(memory_budget_bytes) is not None:  # (a malformed budget gets the same error as elsewhere)
             raise UnsupportedModelError(f"{self.name}: a peer runs as its library does and takes no memory budget")
 
     def compute(self, model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None, mode: str = "full",

@@ -56,8 +56,9 @@ class NeuralTangentsPeer(NTKPlugin):
         shapes. The inputs and the model pass the same validation as ``compute``'s."""
         from .engine import validated
         from .locking import model_claimed
+        from .validation import budget_bytes
 
-        if memory_budget_bytes is not None:
+        if budget_bytes(memory_budget_bytes) is not None:
             raise UnsupportedModelError(f"{self.name}: neural-tangents takes no memory budget (it is run as its "
                                         "authors run it)")
         with model_claimed(model):

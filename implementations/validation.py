@@ -55,8 +55,6 @@ def validate_inputs(model: nn.Module, x1, x2, mode: str) -> None:
         if x.numel() == 0:
             raise ValueError(f"{label} has samples without features (shape {tuple(x.shape)}): each sample needs at least "
                              "one number")
-        if x.device.type == "meta":
-            raise ValueError(f"{label} is on the meta device (a shape without values); the NTK needs real inputs")
         if x.device != p0.device:
             raise ValueError(f"{label} is on {x.device} but the model's parameters are on {p0.device}")
         if x.is_floating_point():
