@@ -13,40 +13,51 @@ by ``id`` only while a call holds them (and so keeps them alive).
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from typing import Iterator
 
 from torch import nn
 
 from .modelinfo import submodules
 
-_CONDITION = threading.Condition()
-_HOLDERS: dict[int, tuple[int, int]] = {}  # id(module) -> (holding thread's ident, how many claims it holds)
+_LOCK = threading.Lock()  # guards _OWNERS; taken directly on the fast path (a Condition's methods are Python)
+_CONDITION = threading.Condition(_LOCK)
+_OWNERS: dict[int, int] = {}  # id(module) -> the ident of the thread holding it
+_WAITING = [0]  # threads waiting for a claim (none: nobody to wake)
 
 
-@contextlib.contextmanager
-def model_claimed(model: nn.Module) -> Iterator[None]:
-    """Hold ``model`` and its submodules for the current thread until the block ends (waiting while another thread
-    holds any of them)."""
-    keys = {id(m) for m in submodules(model)}
-    me = threading.get_ident()
-    with _CONDITION:
-        while any(_HOLDERS.get(k, (me, 0))[0] != me for k in keys):
-            _CONDITION.wait()
-        for k in keys:
-            _HOLDERS[k] = (me, _HOLDERS.get(k, (me, 0))[1] + 1)
-    try:
-        yield
-    finally:
-        with _CONDITION:
-            for k in keys:
-                owner, count = _HOLDERS[k]
-                if count == 1:
-                    del _HOLDERS[k]
-                else:
-                    _HOLDERS[k] = (owner, count - 1)
-            _CONDITION.notify_all()
+class model_claimed:  # noqa: N801 - used as a context manager, like a function (a class: no generator per call)
+    """Hold ``model`` and its submodules for the current thread until the ``with`` block ends (waiting while another
+    thread holds any of them). A claim nested in one of the same thread takes only what the outer one does not
+    hold, and gives back only that."""
+
+    __slots__ = ("keys", "taken")
+
+    def __init__(self, model: nn.Module):
+        self.keys = {id(m) for m in submodules(model)}
+        self.taken: set[int] | list[int] = ()
+
+    def __enter__(self) -> None:
+        keys, owners = self.keys, _OWNERS
+        with _LOCK:
+            if owners.keys().isdisjoint(keys):  # (the usual case: nobody holds any of them)
+                self.taken = keys
+            else:
+                me = threading.get_ident()
+                while any(owners.get(k, me) != me for k in keys):
+                    _WAITING[0] += 1
+                    try:
+                        _CONDITION.wait()
+                    finally:
+                        _WAITING[0] -= 1
+                self.taken = [k for k in keys if k not in owners]
+            owners.update(dict.fromkeys(self.taken, threading.get_ident()))
+
+    def __exit__(self, *exc) -> None:
+        with _LOCK:
+            for k in self.taken:
+                del _OWNERS[k]
+            if _WAITING[0]:
+                _CONDITION.notify_all()
 
 
 __all__ = ["model_claimed"]

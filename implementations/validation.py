@@ -147,11 +147,11 @@ def refuse_scripted(plugin: str, model: nn.Module) -> None:
     """UnsupportedModelError naming the first TorchScript module (``torch.jit.script`` / ``trace``) in the model: its
     parameters cannot be substituted (``functional_call``), its calls cannot be hooked or recorded, and its
     ``_parameters`` is not a dict, so no plugin can be sure of its Jacobian."""
-    for name, m in model.named_modules():
-        if isinstance(m, torch.jit.ScriptModule):
-            raise UnsupportedModelError(
-                f"{plugin}: {name or 'the model itself'} ({type(m).__name__}) is a TorchScript module; its parameters "
-                "cannot be substituted nor its calls recorded. Use the Python module it was scripted from")
+    scripted = next((m for m in submodules(model) if isinstance(m, torch.jit.ScriptModule)), None)
+    if scripted is not None:  # (a direct walk per call; the names only for the message)
+        raise UnsupportedModelError(
+            f"{plugin}: {describe(model, scripted)} is a TorchScript module; its parameters cannot be substituted "
+            "nor its calls recorded. Use the Python module it was scripted from")
 
 
 # Modules whose forward is random in train mode (p > 0), and those that use batch statistics.
@@ -283,5 +283,5 @@ def check_well_defined(model: nn.Module, x: torch.Tensor) -> None:
 
 
 __all__ = ["IllDefinedKernelError", "OutputSpec", "budget_bytes", "called_more_than_once", "check_well_defined",
-           "has_trainable_parameters", "module_names", "output_spec", "probe_forward", "refuse_ill_defined_modules", "refuse_scripted", "share_probe",
-           "validate_inputs"]
+           "has_trainable_parameters", "module_names", "output_spec", "probe_forward", "refuse_ill_defined_modules",
+           "refuse_scripted", "share_probe", "validate_inputs"]
