@@ -25,7 +25,7 @@ _OWNERS: dict[int, int] = {}  # id(module) -> the ident of the thread holding it
 _WAITING = [0]  # threads waiting for a claim (none: nobody to wake)
 
 
-class model_claimed:  # noqa: N801 - used as a context manager, like a function (a class: no generator per call)
+class model_claimed:  # (a class, not a generator: it runs on every call)
     """Hold ``model`` and its submodules for the current thread until the ``with`` block ends (waiting while another
     thread holds any of them). A claim nested in one of the same thread takes only what the outer one does not
     hold, and gives back only that."""
