@@ -99,3 +99,42 @@ def test_a_claim_is_reentrant_and_covers_shared_submodules():
     other.join()
     with model_claimed(b):  # (and nothing is left held)
         pass
+
+
+PEERS = [n for n in implementations.names(kind="peer")
+         if hasattr(implementations.get(n), "_setup")]  # (the peers whose prepared run calls into the model)
+
+
+@pytest.mark.parametrize("plugin_name", PEERS)
+def test_a_peers_prepared_run_waits_for_a_call_holding_the_model(plugin_name):
+    """The runner times a peer's ``run`` after ``prepare``: it runs the library on the model, so it claims the
+    model too, and waits while another thread's call holds it."""
+    plugin = implementations.get(plugin_name)
+    model, x = _tiny(), torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    reason = plugin.supports(model)
+    if reason is not None:
+        pytest.skip(reason)
+    run, to_torch = plugin.prepare(model, x)
+    held, release, done = threading.Event(), threading.Event(), threading.Event()
+    out = []
+
+    def hold():
+        with model_claimed(model):
+            held.set()
+            release.wait(10)
+
+    def call():
+        out.append(run())
+        done.set()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(5)
+    caller = threading.Thread(target=call)
+    caller.start()
+    assert not done.wait(0.3), "the prepared run did not wait for the call holding the model"
+    release.set()
+    holder.join()
+    assert done.wait(30)
+    caller.join()
+    assert torch.allclose(to_torch(out[0]), ntk_bench.ntk(model, x, impl=plugin_name), rtol=1e-10, atol=1e-12)
