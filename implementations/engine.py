@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import threading
 import weakref
 
 import torch
@@ -49,16 +50,18 @@ class _ColumnOutput(nn.Module):
 # auto's pick) see the same object on every call. Bounded: a wrapper holds its model.
 _COLUMN_WRAPPERS: "collections.OrderedDict[int, tuple[weakref.ref, _ColumnOutput]]" = collections.OrderedDict()
 _MAX_COLUMN_WRAPPERS = 8
+_COLUMN_WRAPPERS_LOCK = threading.Lock()
 
 
 def _as_matrix_output(model: nn.Module) -> nn.Module:
-    entry = _COLUMN_WRAPPERS.get(id(model))
-    if entry is None or entry[0]() is not model:
-        entry = (weakref.ref(model), _ColumnOutput(model))
-        _COLUMN_WRAPPERS[id(model)] = entry
-        while len(_COLUMN_WRAPPERS) > _MAX_COLUMN_WRAPPERS:
-            _COLUMN_WRAPPERS.popitem(last=False)
-    _COLUMN_WRAPPERS.move_to_end(id(model))
+    with _COLUMN_WRAPPERS_LOCK:  # (threads on different models: one's eviction must not drop the other's entry)
+        entry = _COLUMN_WRAPPERS.get(id(model))
+        if entry is None or entry[0]() is not model:
+            entry = (weakref.ref(model), _ColumnOutput(model))
+            _COLUMN_WRAPPERS[id(model)] = entry
+            while len(_COLUMN_WRAPPERS) > _MAX_COLUMN_WRAPPERS:
+                _COLUMN_WRAPPERS.popitem(last=False)
+        _COLUMN_WRAPPERS.move_to_end(id(model))
     share_probe(model, entry[1])
     return entry[1]
 

@@ -138,3 +138,31 @@ def test_a_peers_prepared_run_waits_for_a_call_holding_the_model(plugin_name):
     assert done.wait(30)
     caller.join()
     assert torch.allclose(to_torch(out[0]), ntk_bench.ntk(model, x, impl=plugin_name), rtol=1e-10, atol=1e-12)
+
+
+def test_threads_on_different_models_run_side_by_side():
+    """One model per thread needs no turns, and the engine's shared caches hold up: 12 models with (N,) outputs
+    (more than the engine keeps column wrappers for, so threads evict each other's), 4 threads."""
+    x = torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    models = [nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1), nn.Flatten(0)).double() for _ in range(12)]
+    expected = [ntk_bench.ntk(m, x, impl="jacobian_contraction") for m in models]
+    start, wrong = threading.Barrier(4), []
+
+    def work(mine):
+        start.wait()
+        for _ in range(10):
+            for i in mine:
+                try:
+                    k = ntk_bench.ntk(models[i], x, impl="jacobian_contraction")
+                except Exception as exc:  # (collected: an exception in a thread would not fail the test)
+                    wrong.append(f"{type(exc).__name__}: {exc}")
+                    continue
+                if not torch.allclose(k, expected[i], rtol=1e-10, atol=1e-12):
+                    wrong.append(f"model {i}: max |dK| {float((k - expected[i]).abs().max()):.3g}")
+
+    threads = [threading.Thread(target=work, args=(range(t, 12, 4),)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong, wrong[:3]
