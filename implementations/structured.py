@@ -180,6 +180,10 @@ def _contract(total: KernelSum, blocks, symmetric: bool):
     flush()
 
 
+# Dtypes whose rounding (8 and 11 significant bits) is the size of the errors the plan's check must catch.
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
 class Structured(NTKPlugin):
     name = "structured"
     capturable = True  # on a GPU, replayed from a CUDA graph (cuda_graphs)
@@ -200,6 +204,13 @@ class Structured(NTKPlugin):
             if problem:
                 name = next(name for name, mod in model.named_modules(remove_duplicate=False) if mod is m)
                 return f"structured: {name or 'the model itself'}: {problem}"
+            if m._parameters:
+                low = next((p.dtype for p in m._parameters.values() if p is not None and p.requires_grad
+                            and p.dtype in _LOW_PRECISION), None)
+                if low is not None:
+                    return (f"structured: its parameters are {low}: the check of its per-layer rules against "
+                            "autograd cannot separate a wrong rule from rounding at that precision; use float32 "
+                            "or float64")
         return None
 
     def estimate(self, stats, n, m, mode, symmetric):
