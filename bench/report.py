@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from . import plots as figs
+from . import safefs
 from .plots import fmt_bytes as _fmt_bytes
 from .plots import fmt_time as _fmt_time
+from .rundir import check_format
 
 COLUMNS = ["impl", "arch", "N", "M", "O", "P", "mode", "dtype", "device", "status", "time_median_s", "time_iqr_s",
            "peak_mem_bytes", "fp_flops", "predicted_jc_flops", "predicted_vp_flops", "rel_err", "reference", "error"]
@@ -54,9 +58,7 @@ def read_run(path: Path) -> tuple[list[dict], list[dict], int]:
 
     Every line with a ``"header"`` key starts a segment; each row gets ``segment``, the index of its header.
     """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "results.jsonl"
+    path = _results_path(path)
     headers: list[dict] = []
     rows: list[dict] = []
     unreadable = 0
@@ -73,9 +75,81 @@ def read_run(path: Path) -> tuple[list[dict], list[dict], int]:
                 unreadable += 1
             elif "header" in obj:
                 headers.append(obj["header"] if isinstance(obj["header"], dict) else {})
+                check_format(headers[-1], path)
             else:
                 rows.append({**obj, "segment": max(len(headers) - 1, 0)})
     return headers, rows, unreadable
+
+
+class _Columns:
+    """Rows gathered column by column as they are read: repeated strings kept once, lists and dicts as their
+    JSON text (as results.csv holds them), so that a large run's rows take little more memory than its table."""
+
+    def __init__(self):
+        self.cols: dict[str, list] = {}
+        self.n = 0
+        self._strings: dict[str, str] = {}
+
+    def add(self, row: dict) -> None:
+        for k, v in row.items():
+            col = self.cols.get(k)
+            if col is None:
+                col = self.cols[k] = []
+            if len(col) < self.n:
+                col.extend([None] * (self.n - len(col)))
+            if isinstance(v, str):
+                v = self._strings.setdefault(v, v)
+            elif isinstance(v, (list, dict)) and k != "arch_params":
+                v = self._strings.setdefault(json.dumps(v), json.dumps(v))
+            col.append(v)
+        self.n += 1
+
+    def frame(self) -> pd.DataFrame:
+        for col in self.cols.values():
+            if len(col) < self.n:
+                col.extend([None] * (self.n - len(col)))
+        df = pd.DataFrame(self.cols, index=range(self.n))
+        self.cols = {}
+        return df
+
+
+def read_columns(path: Path) -> tuple[list[dict], pd.DataFrame, int]:
+    """(headers, rows as a DataFrame of Python objects, unreadable lines) of a results.jsonl, read line by line
+    (``read_run`` as one frame: a large run never holds its rows as dicts)."""
+    path = _results_path(path)
+    headers: list[dict] = []
+    cols = _Columns()
+    unreadable = 0
+    with open(path, "rb") as f:
+        for raw in f:
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                unreadable += 1
+                continue
+            if not isinstance(obj, dict):
+                unreadable += 1
+            elif "header" in obj:
+                header = obj["header"] if isinstance(obj["header"], dict) else {}
+                check_format(header, path)
+                headers.append(header)
+            else:
+                cols.add({**obj, "segment": max(len(headers) - 1, 0)})
+    return headers, cols.frame(), unreadable
+
+
+def _results_path(path: Path) -> Path:
+    """The results.jsonl of ``path`` (a run directory or the file); ValueError in one line when there is none."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"no results file at {path}")
+    if not path.is_file():
+        raise ValueError(f"{path} is not a regular file (a results.jsonl was expected)")
+    return path
 
 
 def _params_dict(value) -> dict:
@@ -101,12 +175,15 @@ def _budget_label(b) -> str:
 
 def _case_budget(r) -> float:
     """The memory budget the case asked for: not the one a row fell back to after running out of memory."""
-    if r.get("blocked_after_oom") is True:
+    return _case_budget_of(r.get("blocked_after_oom"), r.get("memory_budget_bytes"), r.get("case_id"))
+
+
+def _case_budget_of(blocked, b, cid) -> float:
+    if blocked is True:
         return np.nan
-    b = r.get("memory_budget_bytes")
-    if b is not None and pd.notna(b):
+    if isinstance(b, (int, float)) and not isinstance(b, bool) and np.isfinite(b):
         return float(b)
-    cid = str(r.get("case_id") or "")  # a row the worker never answered carries the budget only in its key
+    cid = str(cid or "")  # a row the worker never answered carries the budget only in its key
     last = cid.rsplit("/", 1)[-1]
     if last.startswith("budget=") and last.endswith("B") and last[7:-1].isdigit():
         return float(last[7:-1])
@@ -117,15 +194,34 @@ def _jsonable(v):
     return json.dumps(v) if isinstance(v, (list, dict)) else v
 
 
-def frame(rows: list[dict]) -> tuple[pd.DataFrame, int, int]:
-    """(the rows as a DataFrame, one per case with the last row winning; duplicates; incomplete rows)."""
-    rows = [r for r in rows if isinstance(r, dict)]
-    complete = [r for r in rows if r.get("impl") not in (None, "") and r.get("arch") not in (None, "")
-                and isinstance(r.get("N"), (int, float)) and not isinstance(r.get("N"), bool)]
-    incomplete = len(rows) - len(complete)
-    for r in complete:
-        r["memory_budget_bytes_case"] = _case_budget(r)
-    df = pd.DataFrame(complete)
+def _count(v) -> bool:
+    """A usable N or M: a finite number, not a bool, at least 1 (a row with ``N: NaN`` is left out, not fatal)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 1 and v == int(v)
+
+
+def frame(rows: list[dict] | pd.DataFrame) -> tuple[pd.DataFrame, int, int]:
+    """(the rows as a DataFrame, one per case with the last row winning; duplicates; incomplete rows).
+
+    ``rows``: dicts, or a frame of them as ``read_columns`` gives."""
+    if not isinstance(rows, pd.DataFrame):
+        cols = _Columns()
+        for r in rows:
+            if isinstance(r, dict):
+                cols.add(r)
+        rows = cols.frame()
+    df = rows
+    for c in ("impl", "arch", "N", "M", "blocked_after_oom", "memory_budget_bytes", "case_id"):
+        if c not in df.columns:
+            df[c] = None
+    keep = [i not in (None, "") and not (isinstance(i, float) and math.isnan(i)) and a not in (None, "")
+            and not (isinstance(a, float) and math.isnan(a)) and _count(n)
+            for i, a, n in zip(df["impl"], df["arch"], df["N"])]
+    incomplete = len(df) - sum(keep)
+    if incomplete:
+        df = df[keep].reset_index(drop=True)
+    df["M"] = [m if _count(m) else None for m in df["M"]]
+    df["memory_budget_bytes_case"] = [_case_budget_of(b, m, c) for b, m, c in
+                                      zip(df["blocked_after_oom"], df["memory_budget_bytes"], df["case_id"])]
     for c in dict.fromkeys(COLUMNS + OPTIONAL):
         if c not in df.columns:
             df[c] = np.nan
@@ -165,7 +261,7 @@ def frame(rows: list[dict]) -> tuple[pd.DataFrame, int, int]:
 
 
 def load_run(run_dir: Path) -> Run:
-    headers, rows, unreadable = read_run(run_dir)
+    headers, rows, unreadable = read_columns(run_dir)
     df, duplicates, incomplete = frame(rows)
     return Run(headers, df, duplicates, unreadable, incomplete)
 
@@ -179,12 +275,16 @@ def load(run_dir: Path) -> tuple[dict, pd.DataFrame]:
 def _impl_order(df: pd.DataFrame) -> list[str]:
     """Ours in the registry's order, then peers, then anything else by name."""
     present = set(df["impl"])
-    try:
-        from ntk_bench import implementations
+    if "kind" in df:  # the rows say which are peers
+        figs.KINDS.update({i: k == "peer" for i, k in zip(df["impl"], df["kind"]) if k in ("peer", "ours")})
+    order = list(figs._OURS)
+    if "ntk_bench.implementations" in sys.modules:  # the registry's order, where it is loaded (never imported for
+        try:                                        # a report: torch and the plugins take hundreds of MB)
+            from ntk_bench import implementations
 
-        order = implementations.names() + implementations.names("peer")
-    except Exception:  # a broken third-party entry point must not stop a report
-        order = list(figs._OURS)
+            order = implementations.names() + implementations.names("peer")
+        except Exception:  # a broken third-party entry point must not stop a report
+            pass
     from .sweeps import NT_PEERS
 
     order += [p for p in NT_PEERS if p not in order]
@@ -214,25 +314,46 @@ def _time_text(r) -> str:
 
 
 def _sizes(group: pd.DataFrame) -> list[str]:
-    first = group.drop_duplicates("size").set_index("size")
-    return sorted(first.index, key=lambda s: (first.loc[s, "N"], first.loc[s, "x2"] != "x1", first.loc[s, "M"], s))
+    return _sizes_of(group[["size", "N", "M", "x2"]].to_dict("records"))
+
+
+def _sizes_of(records: list[dict]) -> list[str]:
+    first: dict[str, dict] = {}
+    for r in records:
+        first.setdefault(r["size"], r)
+    return sorted(first, key=lambda s: (first[s]["N"], first[s]["x2"] != "x1", first[s]["M"], s))
+
+
+_PIVOT_COLUMNS = ("impl", "size", "N", "M", "x2", "status", "time_median_s", "time_iqr_s", "peak_mem_bytes", "rel_err")
 
 
 def _pivot(group: pd.DataFrame, impls: list[str], cell) -> pd.DataFrame:
-    """Sizes down, plugins across; ``cell(row, fastest)`` renders an ok or mismatch row; others show their status."""
-    ok = group[group["status"] == OK]
-    steady = ok[~(ok["time_iqr_s"] > ok["time_median_s"])]  # a noisy row is no yardstick, unless all are noisy
-    fastest = steady.groupby("size")["time_median_s"].min().combine_first(ok.groupby("size")["time_median_s"].min())
-    table = {}
-    for impl in impls:
-        col = {}
-        for _, r in group[group["impl"] == impl].iterrows():
-            if r["status"] not in (OK, "mismatch"):
-                col[r["size"]] = str(r["status"])
-            else:
-                col[r["size"]] = cell(r, fastest.get(r["size"], np.nan))
-        table[impl] = col
-    sizes = _sizes(group)
+    """Sizes down, plugins across; ``cell(row, fastest)`` renders an ok or mismatch row; others show their status.
+
+    The rows are read once as dicts (a large run has thousands of groups: pandas' selections per plugin and size
+    took most of a report's time)."""
+    records = group[[c for c in _PIVOT_COLUMNS if c in group]].to_dict("records")
+    # the fastest ok time per size, of the rows that are not noisy (a noisy row is no yardstick, unless all are)
+    steady: dict[str, float] = {}
+    any_ok: dict[str, float] = {}
+    for r in records:
+        t = r["time_median_s"]
+        if r["status"] != OK or pd.isna(t):
+            continue
+        any_ok[r["size"]] = min(any_ok.get(r["size"], np.inf), t)
+        if not (r["time_iqr_s"] > t):
+            steady[r["size"]] = min(steady.get(r["size"], np.inf), t)
+    fastest = {**any_ok, **steady}
+    wanted = set(impls)
+    table: dict[str, dict] = {impl: {} for impl in impls}
+    for r in records:
+        if r["impl"] not in wanted:
+            continue
+        if r["status"] not in (OK, "mismatch"):
+            table[r["impl"]][r["size"]] = str(r["status"])
+        else:
+            table[r["impl"]][r["size"]] = cell(r, fastest.get(r["size"], np.nan))
+    sizes = _sizes_of(records)
     return pd.DataFrame(table, index=sizes, columns=impls).reindex(sizes).fillna("")
 
 
@@ -248,10 +369,11 @@ def _time_cell(r, fastest):
 
 def _slopes(group: pd.DataFrame, impls: list[str]) -> dict[str, str]:
     """Per plugin, the log-log slope of its N = M times against N (where it has two distinct N or more)."""
-    ok = group[(group["status"] == OK) & (group["x2"] == "x1")]
+    ok = group.loc[(group["status"] == OK) & (group["x2"] == "x1"), ["impl", "N", "time_median_s"]]
+    by_impl = dict(iter(ok.groupby("impl", sort=False)))
     out = {}
     for impl in impls:
-        s = ok[ok["impl"] == impl]
+        s = by_impl.get(impl, ok.iloc[:0])
         k = figs.slope(s["N"], s["time_median_s"])
         out[impl] = "" if k is None else f"{k:.2f}"
     return out
@@ -342,22 +464,27 @@ def ours_vs_peers(df: pd.DataFrame, impls: list[str]) -> tuple[pd.DataFrame, lis
     if not peers:
         return pd.DataFrame(), []
     ok = df[(df["status"] == OK) & df["time_median_s"].notna()]
-    best = _fastest(ok[_ours(ok)])
+    best_frame = _fastest(ok[_ours(ok)])
+    # plain dicts keyed by the case (NaN as None, so that equal keys meet): a large run has many thousand cases
+    best = {_key(k): (i, t) for k, i, t in zip(best_frame.index, best_frame["impl"], best_frame["time_median_s"])}
+    cases: dict[tuple, dict[str, dict]] = {}
+    cols = CASE_KEYS + ["impl", "status", "time_median_s"]
+    for r in df.loc[df["impl"].isin(peers), cols].to_dict("records"):
+        cases.setdefault(_key(tuple(r[k] for k in CASE_KEYS)), {})[r["impl"]] = r  # the last row of a peer wins
     rows = []
-    for key, g in df[df["impl"].isin(peers)].groupby(CASE_KEYS, sort=False, dropna=False):
-        if key in best.index:
-            ours_impl, ours_t = best.loc[key, "impl"], best.loc[key, "time_median_s"]
+    for key, g in cases.items():
+        if key in best:
+            ours_impl, ours_t = best[key]
             row = {**dict(zip(CASE_KEYS, key)), "ours (fastest)": f"{ours_impl} {_fmt_time(ours_t)}"}
         else:
             ours_t = np.nan
             row = {**dict(zip(CASE_KEYS, key)), "ours (fastest)": "none ok"}
         fastest_peer, fastest_t = None, np.inf
         for peer in peers:
-            r = g[g["impl"] == peer]
-            if r.empty:
+            r = g.get(peer)
+            if r is None:
                 row[peer] = ""
                 continue
-            r = r.iloc[-1]
             if r["status"] == OK and pd.notna(r["time_median_s"]):
                 if np.isfinite(ours_t):
                     row[peer] = f"{_fmt_time(r['time_median_s'])} ({r['time_median_s'] / ours_t:.3g}×)"
@@ -372,6 +499,10 @@ def ours_vs_peers(df: pd.DataFrame, impls: list[str]) -> tuple[pd.DataFrame, lis
         row["fastest peer"] = fastest_peer or ""
         rows.append(row)
     return _drop_empty_budget(pd.DataFrame(rows)), peers
+
+
+def _key(key: tuple) -> tuple:
+    return tuple(None if isinstance(v, float) and math.isnan(v) else v for v in key)
 
 
 def figure_groups(g: pd.DataFrame) -> list[tuple[tuple, pd.DataFrame]]:
@@ -438,10 +569,18 @@ def _header_line(h: dict) -> str:
     return ", ".join(f"{k} {str(h[k])[:12] if k == 'git_commit' else h[k]}" for k in keep) or "no header"
 
 
+_NOT_IN_SUMMARY = ("time_blocks_s", "concurrent", "cpu_affinity", "paired_ratios", "paired_errors", "auto_reason",
+                   "worker_malloc", "worker_host", "executor_host", "worker", "executor", "kernel_bytes", "est_flops",
+                   "est_peak_bytes", "first_call_s", "max_abs_err_rel_mean", "ref_block", "case_wall_s",
+                   "time_repeats", "first_try_error", "paired_auto_s", "paired_pick_s", "worker_startup_s")
+
+
 def summary(header: dict | Run, df: pd.DataFrame | None = None, plot_names=None) -> str:
     """The summary.md of a run (a :class:`Run`, or the old (header, df, plot names) form)."""
     run = header if isinstance(header, Run) else Run([header] if header else [], df)
-    df = run.df
+    # the columns no section reads: every group's rows are taken from the frame many times, and a large run's
+    # lists and texts made each take slow
+    df = run.df.drop(columns=[c for c in _NOT_IN_SUMMARY if c in run.df.columns])
     made = [(("", n) if isinstance(n, str) else n) for n in (plot_names or [])]
     fig_of = {c: n for c, n in made if c}
     impls = _impl_order(df)
@@ -469,7 +608,7 @@ def summary(header: dict | Run, df: pd.DataFrame | None = None, plot_names=None)
         return "\n".join(lines)
     counts = df["status"].value_counts().to_dict()
     lines += ["Cases: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + ".", ""]
-    n_noisy = int(sum(noisy(r) for _, r in df[df["status"] == OK].iterrows()))
+    n_noisy = int(((df["status"] == OK) & (df["time_iqr_s"] > df["time_median_s"])).sum())
     refs = ", ".join(sorted(str(r) for r in df["reference"].dropna().unique())) or "none"
     lines += ["How to read: times are medians over timing blocks (torch.utils.benchmark, after a warm-up call), "
               "`± x` is the interquartile range of those blocks in the same unit, and `(k×)` the median over the "

@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 
 from .base import Job, JobFuture, error_row
-from .process import package_root, run_isolated
+from .process import run_isolated, worker_pythonpath
 from .queued import QueuedExecutor
 
 MAX_RETRIES = 3
@@ -44,7 +44,7 @@ class RayExecutor(QueuedExecutor):
         self.cpus_per_task = cpus_per_task
         self._owns = False
         if not ray.is_initialized():
-            path = os.pathsep.join(p for p in (package_root(), os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)
+            path = worker_pythonpath()
             kwargs = {"address": address, "log_to_driver": False,
                       "runtime_env": {"env_vars": {"PYTHONPATH": path}}, **(init_kwargs or {})}
             ray.init(**kwargs)
