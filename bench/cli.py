@@ -331,6 +331,9 @@ def _cmd_run(args) -> int:
             raise runner.RunDirError(f"--out {out}: is a symbolic link to {os.readlink(out)}, which does not exist")
         if args.executor == "local":
             sweeps.check_devices(cases)
+        from . import envcheck
+
+        envcheck.startup_seconds(), envcheck.worker_env()  # a bad value: one line, before any model is built
         log.info("checking the sweep: %d cases; building each model once", len(cases))
         models = sweeps.check_models(cases)
     except (sweeps.SweepError, ValueError, runner.RunDirError) as exc:
@@ -415,11 +418,25 @@ def _cmd_calibrate(args) -> int:
     if missing:
         log.error("no results.jsonl in %s", ", ".join(missing))
         return EXIT_USAGE
+    from ntk_bench.implementations.auto import CalibrationError
+
+    from .rundir import RunDirError
+
     try:
         fitted = calibrate.calibrate([Path(r) for r in args.runs], out)
     except OSError as exc:
         log.error("cannot write %s: %s", out, exc.strerror or exc)
         return EXIT_USAGE
+    except CalibrationError as exc:
+        log.error("--out %s: %s; name a calibration file written by calibrate, or a new path", out, exc)
+        return EXIT_USAGE
+    except (RunDirError, ValueError) as exc:  # a results file of a later format, a link where out should be
+        log.error("%s", exc)
+        return EXIT_USAGE
+    if not fitted:
+        log.error("nothing to fit: no plugin has 3 ok rows with the cost model's estimate (est_flops) on one device "
+                  "in %s; %s not written", ", ".join(args.runs), out)
+        return EXIT_FAILED
     for device, table in fitted.items():
         for impl, c in table.items():
             rate = 1 / c["s_per_flop"] / 1e9 if c["s_per_flop"] else float("inf")

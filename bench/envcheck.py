@@ -73,3 +73,18 @@ def worker_threads(env: dict[str, str]) -> int | None:
     if CPUS in env:
         return len(env[CPUS].split(","))
     return None
+
+
+def calibration_problem(environ=None) -> str | None:
+    """Why the calibration file ``NTK_BENCH_CALIBRATION`` names cannot be used (auto then takes its packaged
+    constants), in one line; None when it is unset or fine."""
+    path = (os.environ if environ is None else environ).get("NTK_BENCH_CALIBRATION")
+    if not path:
+        return None
+    from ntk_bench.implementations.auto import CalibrationError, read_calibration
+
+    try:
+        read_calibration(path)
+    except CalibrationError as exc:
+        return f"NTK_BENCH_CALIBRATION: {exc}: auto uses its packaged constants instead"
+    return None

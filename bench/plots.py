@@ -284,9 +284,20 @@ def arch_figure(config_title: str, groups: list[tuple[tuple, pd.DataFrame]], imp
                frameon=False)
     if path is None:  # the caller looks at the figure (and closes it)
         return fig
-    fig.savefig(path, dpi=100)
+    save(fig, path)
     plt.close(fig)
     return None
+
+
+def save(fig, path: Path) -> None:
+    """The figure as a PNG at ``path``, written whole and never through a link there (``safefs.write_file``)."""
+    import io
+
+    from . import safefs
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    safefs.write_file(path, buf.getvalue())
 
 
 def cost_model_figure(ok: pd.DataFrame, impls: list[str], path: Path) -> None:
@@ -326,5 +337,5 @@ def cost_model_figure(ok: pd.DataFrame, impls: list[str], path: Path) -> None:
     rows = math.ceil(len(handles) / ncol)
     fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, (0.2 + 0.22 * rows) / fig.get_figheight(), 1, 1))
-    fig.savefig(path, dpi=100)
+    save(fig, path)
     plt.close(fig)

@@ -10,8 +10,10 @@ columns, or without any rows at all give a report, not a traceback.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from . import plots as figs
 from . import safefs
 from .plots import fmt_bytes as _fmt_bytes
 from .plots import fmt_time as _fmt_time
-from .rundir import check_format
+from .rundir import check_format, unwritable
 
 COLUMNS = ["impl", "arch", "N", "M", "O", "P", "mode", "dtype", "device", "status", "time_median_s", "time_iqr_s",
            "peak_mem_bytes", "fp_flops", "predicted_jc_flops", "predicted_vp_flops", "rel_err", "reference", "error"]
@@ -520,8 +522,11 @@ def plots_for(df: pd.DataFrame, out: Path) -> list[tuple[str, str]]:
         groups = figure_groups(g)
         if not groups:
             continue
-        name = f"{_slug(config)}.png"
-        figs.arch_figure(_config_title(config, g), groups, impls, out / name)
+        name = figure_name(config)
+        title = _config_title(config, g)
+        if len(groups) > MAX_PANELS:  # a figure stays readable, and a large run's report fast; the tables have all
+            title += f" (the first {MAX_PANELS} of {len(groups)} groups; the tables show every one)"
+        figs.arch_figure(title, groups[:MAX_PANELS], impls, out / name)
         made.append((config, name))
     ok = df[(df["status"] == OK) & df["time_median_s"].notna()]
     if len(ok):
@@ -548,8 +553,45 @@ def _slug(s: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in s).strip("_") or "run"
 
 
+MAX_PANELS = 12  # groups (O, mode, dtype, device, budget) drawn in one architecture's figure
+
+
+def figure_name(config: str) -> str:
+    """The PNG's name for a configuration: readable (its first 60 characters, letters and digits) and its own (a
+    digest of the whole name: ``a.b`` and ``a,b`` differ, and a long one stays under the file system's limit)."""
+    digest = hashlib.sha1(config.encode()).hexdigest()[:10]
+    return f"{_slug(config)[:60].strip('_') or 'run'}-{digest}.png"
+
+
+# Text from a results file (sweep and plugin names, parameters, errors) is the user's, or whoever made the file:
+# in summary.md it must stay text. HTML's specials become entities (no <script>, <iframe> or remote <img>);
+# Markdown's link, image, emphasis, code and table characters are backslash-escaped; a line break becomes a space
+# (no injected heading or list).
+_MD_ESCAPES = str.maketrans({"\\": "\\\\", "`": "\\`", "*": "\\*", "[": "\\[", "]": "\\]", "|": "\\|", "#": "\\#",
+                             "<": "&lt;", ">": "&gt;", "&": "&amp;", "\n": " ", "\r": " "})
+
+
+def md_text(value) -> str:
+    """``value`` as literal text in Markdown (and the HTML a renderer makes of it)."""
+    return str(value).translate(_MD_ESCAPES)
+
+
+def _code(name) -> str:
+    """A plugin's name as `code`, or as escaped text when it is not a plain name."""
+    name = str(name)
+    return f"`{name}`" if name and all(ch.isalnum() or ch in "_.:+-" for ch in name) else md_text(name)
+
+
+def _escaped(t: pd.DataFrame) -> pd.DataFrame:
+    cell = lambda v: md_text(v) if isinstance(v, str) else v
+    out = t.map(cell) if hasattr(t, "map") else t.applymap(cell)  # DataFrame.map: pandas >= 2.1
+    out.index = [md_text(i) if isinstance(i, str) else i for i in out.index]
+    out.columns = [md_text(c) if isinstance(c, str) else c for c in out.columns]
+    return out
+
+
 def _md(t: pd.DataFrame, **kw) -> str:
-    return t.to_markdown(**kw) if len(t) else "(none)"
+    return _escaped(t).to_markdown(disable_numparse=True, **kw) if len(t) else "(none)"
 
 
 def _md_table(t: pd.DataFrame) -> str:
@@ -561,12 +603,12 @@ def _md_table(t: pd.DataFrame) -> str:
             return "" if not np.isfinite(v) else f"{v:.3g}"
         return "" if v is None else str(v)
     mapped = t.map(cell) if hasattr(t, "map") else t.applymap(cell)  # DataFrame.map: pandas >= 2.1
-    return mapped.to_markdown(index=False, disable_numparse=True) if len(t) else "(none)"
+    return _escaped(mapped).to_markdown(index=False, disable_numparse=True) if len(t) else "(none)"
 
 
 def _header_line(h: dict) -> str:
     keep = [k for k in ("sweep", "git_commit", "code_sha1", "started", "device_name") if h.get(k)]
-    return ", ".join(f"{k} {str(h[k])[:12] if k == 'git_commit' else h[k]}" for k in keep) or "no header"
+    return ", ".join(f"{k} {md_text(str(h[k])[:12] if k == 'git_commit' else h[k])}" for k in keep) or "no header"
 
 
 _NOT_IN_SUMMARY = ("time_blocks_s", "concurrent", "cpu_affinity", "paired_ratios", "paired_errors", "auto_reason",
@@ -585,8 +627,8 @@ def summary(header: dict | Run, df: pd.DataFrame | None = None, plot_names=None)
     fig_of = {c: n for c, n in made if c}
     impls = _impl_order(df)
     h = run.header
-    lines = [f"# ntk-bench results: {h.get('sweep', '?')}", ""]
-    env = ", ".join(f"{k} {v}" for k, v in h.items() if k not in ("sweep", "cases") and v is not None)
+    lines = [f"# ntk-bench results: {md_text(h.get('sweep', '?'))}", ""]
+    env = ", ".join(f"{md_text(k)} {md_text(v)}" for k, v in h.items() if k not in ("sweep", "cases") and v is not None)
     lines += [f"Environment: {env or 'unknown (no header line)'}.", ""]
     if len(run.headers) > 1:
         per = df.groupby("segment").size().to_dict() if "segment" in df else {}
@@ -607,9 +649,9 @@ def summary(header: dict | Run, df: pd.DataFrame | None = None, plot_names=None)
         lines += ["No result rows yet.", ""]
         return "\n".join(lines)
     counts = df["status"].value_counts().to_dict()
-    lines += ["Cases: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + ".", ""]
+    lines += ["Cases: " + ", ".join(f"{v} {md_text(k)}" for k, v in counts.items()) + ".", ""]
     n_noisy = int(((df["status"] == OK) & (df["time_iqr_s"] > df["time_median_s"])).sum())
-    refs = ", ".join(sorted(str(r) for r in df["reference"].dropna().unique())) or "none"
+    refs = ", ".join(sorted(md_text(r) for r in df["reference"].dropna().unique())) or "none"
     lines += ["How to read: times are medians over timing blocks (torch.utils.benchmark, after a warm-up call), "
               "`± x` is the interquartile range of those blocks in the same unit, and `(k×)` the median over the "
               "fastest ok median in the row (of the rows that are not noisy). A row whose interquartile range is "
@@ -621,7 +663,7 @@ def summary(header: dict | Run, df: pd.DataFrame | None = None, plot_names=None)
               "`auto` is also timed in alternating blocks against its pick and the fastest (its section).", ""]
     if "cuda_graph_bytes" in df and df["cuda_graph_bytes"].notna().any():
         graphed = df[df["cuda_graph_bytes"].notna()]
-        lines += [f"{len(graphed)} rows replayed a captured CUDA graph ({', '.join(sorted(graphed['impl'].unique()))}): "
+        lines += [f"{len(graphed)} rows replayed a captured CUDA graph ({', '.join(sorted(md_text(i) for i in graphed['impl'].unique()))}): "
                   "their time is the replay's, their first call includes the capture (`first_call_s`), and their "
                   "peak memory includes the graph's memory pool.", ""]
     shown_config = None
@@ -632,14 +674,14 @@ def summary(header: dict | Run, df: pd.DataFrame | None = None, plot_names=None)
         config, o, mode, dtype, device, budget = key
         if config != shown_config:
             shown_config = config
-            lines += [f"## {_config_title(config, g)}", ""]
+            lines += [f"## {md_text(_config_title(config, g))}", ""]
             if config in fig_of:
-                lines += [f"![{config}]({fig_of[config]})", ""]
+                lines += [f"![{md_text(config)}]({fig_of[config]})", ""]
         ps = sorted({int(p) for p in g["P"].dropna()})
         p = f"{ps[0]:,}" if len(ps) == 1 else "?" if not ps else "/".join(f"{x:,}" for x in ps)
         gi = [i for i in impls if i in set(g["impl"])]
         where = ", ".join(x for x in (f"O={figs._num(o)}", mode, dtype, device, budget) if x)
-        lines += [f"### {config}: {where} (P={p})", ""]
+        lines += [f"### {md_text(config)}: {md_text(where)} (P={p})", ""]
         times = _pivot(g, gi, _time_cell)
         slopes = _slopes(g, gi)
         if any(slopes.values()):
@@ -651,8 +693,9 @@ def summary(header: dict | Run, df: pd.DataFrame | None = None, plot_names=None)
         lines += ["Agreement with the reference:", "", _md(agree), ""]
         bad = g[~g["status"].isin([OK, "mismatch"])].drop_duplicates("impl")
         if len(bad):
-            lines += ["Not ok:", ""] + [f"- `{r['impl']}` {r['status']}"
-                                        + (f": {r['error']}" if isinstance(r["error"], str) and r["error"] else "")
+            lines += ["Not ok:", ""] + [f"- {_code(r['impl'])} {md_text(r['status'])}"
+                                        + (f": {md_text(r['error'])}" if isinstance(r["error"], str) and r["error"]
+                                           else "")
                                         for _, r in bad.iterrows()] + [""]
     fits = fit_cost_model(df)
     if len(fits):
@@ -713,17 +756,17 @@ def _peers_section(df: pd.DataFrame, impls: list[str]) -> list[str]:
         if col in table:
             f = table[col].dropna()
             if len(f):
-                lines.append(f"- `{peer}`: ours faster in {int((f >= 1).sum())} of {len(f)} cases where both ran "
+                lines.append(f"- {_code(peer)}: ours faster in {int((f >= 1).sum())} of {len(f)} cases where both ran "
                              f"(the peer's time over ours: median {f.median():.3g}, from {f.min():.3g} to "
                              f"{f.max():.3g}).")
                 continue
         statuses = table[peer][table[peer] != ""].value_counts().to_dict()
         if ((df["impl"] == peer) & (df["status"] == OK)).any():  # ok, but never where one of ours was
-            lines.append(f"- `{peer}`: ok where none of ours was.")
+            lines.append(f"- {_code(peer)}: ok where none of ours was.")
             continue
         errors = df.loc[(df["impl"] == peer) & df["error"].map(lambda e: isinstance(e, str) and bool(e)), "error"]
-        why = f": {errors.value_counts().index[0]}" if len(errors) else ""
-        lines.append(f"- `{peer}`: never ok here (" + ", ".join(f"{v} {k}" for k, v in statuses.items()) + f"){why}.")
+        why = f": {md_text(errors.value_counts().index[0])}" if len(errors) else ""
+        lines.append(f"- {_code(peer)}: never ok here (" + ", ".join(f"{v} {md_text(k)}" for k, v in statuses.items()) + f"){why}.")
     vs = table["ours / fastest peer"].dropna()
     if len(vs):
         lines.append(f"- The fastest of ours no slower than the fastest peer in {int((vs <= 1.0).sum())} of {len(vs)} "
@@ -735,14 +778,26 @@ def _peers_section(df: pd.DataFrame, impls: list[str]) -> list[str]:
 
 
 def write_report(run_dir: Path, out_dir: Path | None = None) -> Path:
-    """Write results.csv, summary.md and the figures for a run; return the summary's path."""
+    """Write results.csv, summary.md and the figures for a run; return the summary's path.
+
+    Every file is written whole under a temporary name and renamed over its own (never through a link there; a
+    link, a directory or a FIFO in its place is refused). ValueError in one line for an output directory that is
+    a file or cannot be written."""
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir else run_dir
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: is a file, not a directory")
+    if out.is_symlink() and not out.exists():
+        raise ValueError(f"--out {out}: is a symbolic link to {os.readlink(out)}, which does not exist")
     run = load_run(run_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    run.df.drop(columns=["config", "size", "memory_budget_bytes_case"], errors="ignore").to_csv(
-        out / "results.csv", index=False)
-    made = plots_for(run.df, out) if len(run.df) else []
-    path = out / "summary.md"
-    path.write_text(summary(run, plot_names=made))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with safefs.replacing(out / "results.csv", "w") as f:
+            run.df.drop(columns=["config", "size", "memory_budget_bytes_case"], errors="ignore").to_csv(
+                f, index=False, chunksize=10_000)
+        made = plots_for(run.df, out) if len(run.df) else []
+        path = out / "summary.md"
+        safefs.write_file(path, summary(run, plot_names=made))
+    except OSError as exc:
+        raise ValueError(unwritable(out, exc)) from None
     return path

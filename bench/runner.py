@@ -293,6 +293,9 @@ def run(cases: list[Case], out_dir: Path, sweep_name: str, executor: Executor | 
             raise sweeps.SweepError(f"no worker of this executor runs {', '.join(lacking)} cases (workers: "
                                     f"{', '.join(s.label for s in slots)}); add them to --devices")
     envcheck.startup_seconds()  # ValueError naming a bad value, before any work
+    calibration = envcheck.calibration_problem()
+    if calibration:
+        reporter.note(calibration)
     worker_env = envcheck.worker_env()
     if worker_env:
         reporter.note(f"{', '.join(f'{k}={v}' for k, v in worker_env.items())} from your environment: every worker of "

@@ -152,3 +152,34 @@ def write_atomic(path: Path, data: bytes) -> None:
             os.close(dfd)
     except OSError:  # some file systems cannot fsync a directory; the rename is done
         pass
+
+
+class replacing:  # a context manager used like open(): lower case
+    """``with replacing(path, "w") as f: ...``: ``f`` writes a temporary file beside ``path`` (created exclusively,
+    never through a link), which replaces ``path`` when the block ends without an error and is removed when it
+    does not. Anything but a regular file at ``path`` is refused first (UnsafeFileError). For output too large to
+    hold in memory (a large run's results.csv)."""
+
+    def __init__(self, path: str | Path, mode: str = "wb"):
+        self.path, self.mode = Path(path), mode
+
+    def __enter__(self):
+        check_regular(self.path)
+        self.tmp = self.path.with_name(f".{self.path.name[:150]}.{socket.gethostname()}.{os.getpid()}."
+                                       f"{time.monotonic_ns()}.tmp")
+        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o644)
+        self.file = os.fdopen(fd, self.mode, **({} if "b" in self.mode else {"encoding": "utf-8", "newline": ""}))
+        return self.file
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is None:
+                self.file.flush()
+                os.fsync(self.file.fileno())
+            self.file.close()
+            if exc_type is None:
+                os.replace(self.tmp, self.path)
+        finally:
+            if exc_type is not None or self.tmp.exists():
+                self.tmp.unlink(missing_ok=True)
+        return False
