@@ -329,12 +329,16 @@ def _sizes_of(records: list[dict]) -> list[str]:
 _PIVOT_COLUMNS = ("impl", "size", "N", "M", "x2", "status", "time_median_s", "time_iqr_s", "peak_mem_bytes", "rel_err")
 
 
-def _pivot(group: pd.DataFrame, impls: list[str], cell) -> pd.DataFrame:
+def _records(group: pd.DataFrame) -> list[dict]:
+    return group[[c for c in _PIVOT_COLUMNS if c in group]].to_dict("records")
+
+
+def _pivot(group: pd.DataFrame, impls: list[str], cell, records: list[dict] | None = None) -> pd.DataFrame:
     """Sizes down, plugins across; ``cell(row, fastest)`` renders an ok or mismatch row; others show their status.
 
-    The rows are read once as dicts (a large run has thousands of groups: pandas' selections per plugin and size
-    took most of a report's time)."""
-    records = group[[c for c in _PIVOT_COLUMNS if c in group]].to_dict("records")
+    The rows are read once as dicts (``records``: ``_records(group)``, when the caller has them; a large run has
+    thousands of groups, and pandas' selections per plugin and size took most of a report's time)."""
+    records = _records(group) if records is None else records
     # the fastest ok time per size, of the rows that are not noisy (a noisy row is no yardstick, unless all are)
     steady: dict[str, float] = {}
     any_ok: dict[str, float] = {}
@@ -590,8 +594,18 @@ def _escaped(t: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _md(t: pd.DataFrame, **kw) -> str:
-    return _escaped(t).to_markdown(disable_numparse=True, **kw) if len(t) else "(none)"
+def _md(t: pd.DataFrame) -> str:
+    """A table of strings (its index the first column) in Markdown, every cell escaped; written directly, since
+    a large run has thousands of these tables."""
+    if not len(t):
+        return "(none)"
+    rows = [["", *(md_text(c) for c in t.columns)]]
+    rows += [[md_text(i), *("" if v is None else md_text(v) for v in values)]
+             for i, values in zip(t.index, t.itertuples(index=False, name=None))]
+    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
+    lines.insert(1, "|" + "|".join(":" + "-" * (w + 1) for w in widths) + "|")
+    return "\n".join(lines)
 
 
 def _md_table(t: pd.DataFrame) -> str:
@@ -682,14 +696,16 @@ def summary(header: dict | Run, df: pd.DataFrame | None = None, plot_names=None)
         gi = [i for i in impls if i in set(g["impl"])]
         where = ", ".join(x for x in (f"O={figs._num(o)}", mode, dtype, device, budget) if x)
         lines += [f"### {md_text(config)}: {md_text(where)} (P={p})", ""]
-        times = _pivot(g, gi, _time_cell)
+        records = _records(g)
+        times = _pivot(g, gi, _time_cell, records)
         slopes = _slopes(g, gi)
         if any(slopes.values()):
             times.loc["slope"] = [slopes[i] for i in gi]
         lines += ["Median time: median ± IQR (× the fastest)", "", _md(times), ""]
-        mem = _pivot(g, gi, lambda r, f: _fmt_bytes(r["peak_mem_bytes"]) if pd.notna(r["peak_mem_bytes"]) else "")
+        mem = _pivot(g, gi, lambda r, f: _fmt_bytes(r["peak_mem_bytes"]) if pd.notna(r["peak_mem_bytes"]) else "",
+                     records)
         lines += ["Peak memory:", "", _md(mem), ""]
-        agree = _pivot(g, gi, lambda r, f: f"{r['rel_err']:.1e}" if pd.notna(r["rel_err"]) else "no ref")
+        agree = _pivot(g, gi, lambda r, f: f"{r['rel_err']:.1e}" if pd.notna(r["rel_err"]) else "no ref", records)
         lines += ["Agreement with the reference:", "", _md(agree), ""]
         bad = g[~g["status"].isin([OK, "mismatch"])].drop_duplicates("impl")
         if len(bad):
