@@ -286,7 +286,7 @@ def _impl_order(df: pd.DataFrame) -> list[str]:
 
             order = implementations.names() + implementations.names("peer")
         except Exception:  # a broken third-party entry point must not stop a report
-            pass
+            order = list(figs._OURS)
     from .sweeps import NT_PEERS
 
     order += [p for p in NT_PEERS if p not in order]
