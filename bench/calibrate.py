@@ -47,8 +47,9 @@ def calibrate(run_dirs: list[Path], out: Path) -> dict:
         fitted.setdefault(device, {})[impl] = {"overhead_s": a, "s_per_flop": b, "cases": len(pts)}
     if not fitted:
         return {}
-    for device, table in fitted.items():
-        existing.setdefault(device, {}).update(table)
+    for device, table in fitted.items():  # (constants this fit does not make, s_per_element, s_per_op, are kept)
+        for impl, constants in table.items():
+            existing.setdefault(device, {}).setdefault(impl, {}).update(constants)
     validate_calibration(existing, str(out))  # what auto will read back
     safefs.write_file(out, (json.dumps(existing, indent=1, sort_keys=True) + "\n").encode())
     return fitted

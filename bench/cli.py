@@ -5,7 +5,7 @@ status named by ``--fail-on`` (default ``mismatch,error``) or, with
 ``--require-reference``, a computed row was not checked against
 neural-tangents; 2 for a usage error (an invalid sweep, an unusable run
 directory, a device this machine lacks), before any work; 130 after Ctrl-C
-(143 after SIGTERM), the finished rows kept for ``--resume``.
+(143 after SIGTERM, 129 after SIGHUP), the finished rows kept for ``--resume``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 log = logging.getLogger("ntk_bench")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
+EXIT_SIGHUP = 129
 
 
 # -- argument types: one clear line for a bad value -------------------------------------------------------
@@ -369,7 +370,8 @@ def _cmd_run(args) -> int:
     took = "" if summary.nothing_to_do else f"; this run: {summary.ran} row(s) in {fmt_duration(summary.elapsed_s)}"
     log.info("%s: %d of %d cases: %s%s", summary.path, done, summary.total, tally(summary.counts), took)
     if summary.interrupted:
-        return EXIT_SIGTERM if summary.interrupted == "SIGTERM" else EXIT_SIGINT
+        return {"SIGTERM": EXIT_SIGTERM, "SIGHUP": EXIT_SIGHUP, "SIGINT": EXIT_SIGINT,
+                "SIGINT twice": EXIT_SIGINT}.get(summary.interrupted, EXIT_FAILED)  # else the executor was lost
     return _verdict(summary, args)
 
 

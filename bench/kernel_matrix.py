@@ -433,6 +433,7 @@ def _print_progress(done: int, total: int, started: float, first_done: int, stre
 def kernel_matrix(model, X1, X2=None, mode: str = "trace", out=None, impl: str = "auto", tile: int | None = None,
                   executor=None, memory_budget_bytes: int | None = None, dtype: str | torch.dtype = "float32",
                   device: str = "cpu", verify: int = 3, verify_samples: int = 8, workers: int = 1,
+                  devices: list[str] | None = None,
                   timeout_s: float | None = None, retries: int = 2, progress: bool = True,
                   reuse: bool = True) -> KernelArray:
     """Θ(X1, X2) of ``model`` over whole datasets, on disk at ``out``; see the module docstring.

@@ -40,10 +40,13 @@ class BackpackBatchGrad(BackpackPlugin):
         y = net(x)
         jac = [y.new_empty((x.shape[0], y.shape[1], p.numel())) for p in params]
         for a in range(y.shape[1]):
+            for p in params:  # (an output that does not reach a parameter leaves it none: its rows are zero)
+                p.__dict__.pop("grad_batch", None)
             with backpack(BatchGrad(), retain_graph=True):
                 y[:, a].sum().backward(retain_graph=True)
             for block, p in zip(jac, params):
-                block[:, a] = p.grad_batch.reshape(x.shape[0], -1)
+                grad_batch = getattr(p, "grad_batch", None)
+                block[:, a] = 0 if grad_batch is None else grad_batch.reshape(x.shape[0], -1)
         return jac
 
 

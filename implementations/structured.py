@@ -180,6 +180,10 @@ def _contract(total: KernelSum, blocks, symmetric: bool):
     flush()
 
 
+# Dtypes whose rounding (8 and 11 significant bits) is the size of the errors the plan's check must catch.
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
 class Structured(NTKPlugin):
     name = "structured"
     capturable = True  # on a GPU, replayed from a CUDA graph (cuda_graphs)
@@ -200,12 +204,20 @@ class Structured(NTKPlugin):
             if problem:
                 name = next(name for name, mod in model.named_modules(remove_duplicate=False) if mod is m)
                 return f"structured: {name or 'the model itself'}: {problem}"
+            if m._parameters:
+                low = next((p.dtype for p in m._parameters.values() if p is not None and p.requires_grad
+                            and p.dtype in _LOW_PRECISION), None)
+                if low is not None:
+                    return (f"structured: its parameters are {low}: the check of its per-layer rules against "
+                            "autograd cannot separate a wrong rule from rounding at that precision; use float32 "
+                            "or float64")
         return None
 
     def estimate(self, stats, n, m, mode, symmetric):
         """Forward + O-wide backward per side, then per layer its rule's cost: the cheaper order for Linear, ConvNd
         and Embedding, the Jacobian order for norms, the generic rule's per-sample vjp (about (1 + 2·O) forwards of
-        the module per sample) and its contraction. Peak: G and the inputs of every layer, the largest Gram
+        the module per sample) and its contraction; besides the FLOPs, the numbers the forward's operators write,
+        (1 + 2·O) times per sample, and the operators' count (``Estimate.traffic``, ``Estimate.ops``). Peak: G and the inputs of every layer, the largest Gram
         intermediate, the Jacobian blocks, the kernel."""
         from .costs import Estimate, kernel_numel
         from .structured_rules import order_costs
@@ -243,7 +255,10 @@ class Structured(NTKPlugin):
                 jac_held += side * o * layer.p
         inter = max(gram_held, 2 * jac_held)  # (the layers' J and their concatenation)
         peak = side * (o * stats.widths + stats.activations + patches) * stats.itemsize
-        return Estimate(flops, peak + (inter + 2 * kernel_numel(n, m, o, mode)) * stats.itemsize)
+        # The forward's memory-bound operators (norms, activations, depthwise convs, pooling) run again in the
+        # O-wide backward of every sample, and each operator costs its dispatches whatever its size.
+        traffic = side * (1 + 2 * o) * stats.traffic
+        return Estimate(flops, peak + (inter + 2 * kernel_numel(n, m, o, mode)) * stats.itemsize, traffic, stats.ops)
 
     # -- the plan ----------------------------------------------------------------------------------------------
 

@@ -72,6 +72,10 @@ class JobFuture(concurrent.futures.Future):
             self.set_result(row)
 
 
+class ExecutorLost(RuntimeError):
+    """The executor's engine is gone (a cluster's head, the driver process): no job in flight will answer."""
+
+
 class Executor:
     """Runs jobs and hands back rows. ``slots``: how many jobs run at once (for the ETA)."""
 
@@ -90,6 +94,11 @@ class Executor:
 
     def close(self) -> None:
         """Wait for nothing more: release the workers (after the runner has its rows)."""
+
+    def failure(self) -> str | None:
+        """Why this executor can run nothing more (its engine lost), or None: the runner then stops, keeping its
+        rows, as after SIGTERM."""
+        return None
 
     def describe(self) -> dict:
         return {"executor": self.name, "slots": self.slots}
