@@ -54,7 +54,7 @@ import psutil
 
 from . import proctree
 from .base import ExecutorLost, Job, JobFuture, error_row
-from .process import _SAFE_PATH, STARTUP_TIMEOUT_S, package_root, run_isolated, runner_identity, worker_pythonpath
+from .process import _SAFE_PATH, STARTUP_TIMEOUT_S, run_isolated, runner_identity, worker_pythonpath
 from .queued import QueuedExecutor
 
 MAX_RETRIES = 3
