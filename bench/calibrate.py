@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .rundir import latest_rows, read_results, write_atomic
+from . import safefs
+from .rundir import latest_rows, read_results
 
 
 def _fit(flops: np.ndarray, t: np.ndarray) -> tuple[float, float]:
@@ -24,7 +25,12 @@ def _fit(flops: np.ndarray, t: np.ndarray) -> tuple[float, float]:
 
 def calibrate(run_dirs: list[Path], out: Path) -> dict:
     """Fit constants from the runs' ok rows and merge them into ``out`` (the file the user names: ``auto`` reads
-    it when ``NTK_BENCH_CALIBRATION`` names it); return what was written."""
+    it when ``NTK_BENCH_CALIBRATION`` names it); return what was fitted. Nothing fitted: ``out`` is left as it is
+    and {} returned. An existing ``out`` that is not a calibration file: ``CalibrationError``, nothing written."""
+    from ntk_bench.implementations.auto import read_calibration, validate_calibration
+
+    out = Path(out)
+    existing = read_calibration(out) if out.exists() else {}  # checked before the fit: one line, no traceback
     # each run's last row of a case (a case run again by --retry-failed counts once)
     rows = [r for d in run_dirs for r in latest_rows(read_results(Path(d) / "results.jsonl")[1]).values()]
     fitted: dict[str, dict] = {}
@@ -39,9 +45,11 @@ def calibrate(run_dirs: list[Path], out: Path) -> dict:
         f, t = np.array(pts, dtype=float).T
         a, b = _fit(f, t)
         fitted.setdefault(device, {})[impl] = {"overhead_s": a, "s_per_flop": b, "cases": len(pts)}
-    existing = json.loads(out.read_text()) if out.exists() else {}
+    if not fitted:
+        return {}
     for device, table in fitted.items():  # (constants this fit does not make, s_per_element, s_per_op, are kept)
         for impl, constants in table.items():
             existing.setdefault(device, {}).setdefault(impl, {}).update(constants)
-    write_atomic(Path(out), (json.dumps(existing, indent=1, sort_keys=True) + "\n").encode())
+    validate_calibration(existing, str(out))  # what auto will read back
+    safefs.write_file(out, (json.dumps(existing, indent=1, sort_keys=True) + "\n").encode())
     return fitted

@@ -232,8 +232,13 @@ def _cmd_list(args) -> int:
 def _load_plugins(modules) -> None:
     from ntk_bench import implementations
 
-    if os.getcwd() not in sys.path:  # as `python -m` would: a plugin module in the working directory imports
+    from .executors import process
+
+    if modules and os.getcwd() not in sys.path:  # a plugin module in the working directory imports, here and in workers
         sys.path.insert(0, os.getcwd())
+        process.PLUGIN_PATHS.append(os.getcwd())
+        log.info("--plugin: the current directory %s is on the import path of the runner and its workers",
+                 os.getcwd())
     for module in modules:
         try:
             implementations.load_module(module)
@@ -334,8 +339,13 @@ def _cmd_run(args) -> int:
         out = Path(args.out or f"results/{spec['name']}")
         if out.exists() and not out.is_dir():
             raise runner.RunDirError(f"--out {out}: is a file, not a directory")
+        if out.is_symlink() and not out.exists():
+            raise runner.RunDirError(f"--out {out}: is a symbolic link to {os.readlink(out)}, which does not exist")
         if args.executor == "local":
             sweeps.check_devices(cases)
+        from . import envcheck
+
+        envcheck.startup_seconds(), envcheck.worker_env()  # a bad value: one line, before any model is built
         log.info("checking the sweep: %d cases; building each model once", len(cases))
         models = sweeps.check_models(cases)
     except (sweeps.SweepError, ValueError, runner.RunDirError) as exc:
@@ -402,10 +412,11 @@ def _verdict(summary, args) -> int:
 
 def _cmd_report(args) -> int:
     from . import report
+    from .rundir import RunDirError
 
     try:
         path = report.write_report(Path(args.run), args.out and Path(args.out))
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, RunDirError) as exc:
         log.error("%s", exc)
         return EXIT_USAGE
     log.info("report: %s", path)
@@ -423,11 +434,25 @@ def _cmd_calibrate(args) -> int:
     if missing:
         log.error("no results.jsonl in %s", ", ".join(missing))
         return EXIT_USAGE
+    from ntk_bench.implementations.auto import CalibrationError
+
+    from .rundir import RunDirError
+
     try:
         fitted = calibrate.calibrate([Path(r) for r in args.runs], out)
     except OSError as exc:
         log.error("cannot write %s: %s", out, exc.strerror or exc)
         return EXIT_USAGE
+    except CalibrationError as exc:
+        log.error("--out %s: %s; name a calibration file written by calibrate, or a new path", out, exc)
+        return EXIT_USAGE
+    except (RunDirError, ValueError) as exc:  # a results file of a later format, a link where out should be
+        log.error("%s", exc)
+        return EXIT_USAGE
+    if not fitted:
+        log.error("nothing to fit: no plugin has 3 ok rows with the cost model's estimate (est_flops) on one device "
+                  "in %s; %s not written", ", ".join(args.runs), out)
+        return EXIT_FAILED
     for device, table in fitted.items():
         for impl, c in table.items():
             rate = 1 / c["s_per_flop"] / 1e9 if c["s_per_flop"] else float("inf")
@@ -619,8 +644,21 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def _drop_current_directory() -> None:
+    """``python -m ntk_bench`` puts the current directory first on ``sys.path``: started in a downloaded folder, its
+    ``numpy.py`` or ``jax.py`` would be imported. It is taken off (``--plugin`` puts it back, saying so), unless
+    it is the checkout ntk_bench itself runs from."""
+    import ntk_bench
+
+    cwd = os.getcwd()
+    root = str(Path(ntk_bench.__file__).resolve().parent.parent)
+    if sys.path and sys.path[0] in ("", cwd) and not sys.flags.safe_path and os.path.realpath(cwd) != root:
+        del sys.path[0]
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _drop_current_directory()
     if next((a for a in argv if not a.startswith("-")), None) == "compare":
         try:
             from . import compare  # noqa: F401

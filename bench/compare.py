@@ -52,7 +52,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import report
+from . import plots, report, safefs
+from .rundir import unwritable
 
 VERDICTS = ("slower", "faster", "same", "n/a")
 DEFAULT_NOISE_FLOOR = 0.10  # run-to-run noise besides a common shift (the README: "Comparing two runs")
@@ -336,7 +337,7 @@ def plot(res: pd.DataFrame, path: Path, fail_above: float, title: str, shift: Sh
                 Line2D([], [], color="#d62728", linestyle="--", label=f"--fail-above {fail_above:g}")]
     fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.45 / height, 1, 1))
-    fig.savefig(path, dpi=100)
+    plots.save(fig, path)  # never through a link
     plt.close(fig)
     return True
 
@@ -478,6 +479,8 @@ def _check_args(args) -> str | None:
 def run(args) -> int:
     """The ``compare`` command: 0 pass, 1 a case fails the gate, 2 unusable input."""
     problem = _check_args(args)
+    if not problem and args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        problem = f"--out {args.out}: is a file, not a directory"
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
@@ -488,7 +491,7 @@ def run(args) -> int:
         except OSError as exc:
             print(f"error: cannot read {p}: {exc.strerror or exc}", file=sys.stderr)
             return 2
-        except ValueError as exc:
+        except (ValueError, RuntimeError) as exc:  # not a results file, or one of a later format: one line
             print(f"error: {exc}", file=sys.stderr)
             return 2
     ra, rb = runs
@@ -510,14 +513,23 @@ def run(args) -> int:
     verdict = ("FAIL" if failed else "PASS") + f" ({flags}): {counts_line(res)}"
     out = Path(args.out) if args.out else None
     plotted = False
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        plotted = plot(res, out / "compare.png", args.fail_above, f"{args.run_b} against {args.run_a}", shift)
-        res.to_csv(out / "compare.csv", index=False)
-    text = markdown(res, shift, Path(args.run_a), Path(args.run_b), ra.header, rb.header, args.fail_above,
-                    args.noise_floor, args.alpha, plotted, notes, strict=args.strict)
-    if out is not None:
-        (out / "compare.md").write_text(text)
+    try:
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            for name in ("compare.png", "compare.csv", "compare.md"):  # never written through a link
+                safefs.check_regular(out / name)
+            plotted = plot(res, out / "compare.png", args.fail_above, f"{args.run_b} against {args.run_a}", shift)
+            safefs.write_file(out / "compare.csv", res.to_csv(index=False))
+        text = markdown(res, shift, Path(args.run_a), Path(args.run_b), ra.header, rb.header, args.fail_above,
+                        args.noise_floor, args.alpha, plotted, notes, strict=args.strict)
+        if out is not None:
+            safefs.write_file(out / "compare.md", text)
+    except OSError as exc:  # the verdict's exit code (1) must not be mistaken for it: a usage error
+        print(f"error: {unwritable(out, exc)}", file=sys.stderr)
+        return 2
+    except safefs.UnsafeFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.quiet:
         print(verdict)
         failing = res[res["fail"] | (unjudged(res) if args.strict else False)]

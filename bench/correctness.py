@@ -387,7 +387,9 @@ def load_plugins(specs: list[str]) -> list[str]:
     """Import each ``package.module`` or ``path/to/file.py`` and register its plugins; return their names."""
     from ntk_bench import implementations
 
-    if os.getcwd() not in sys.path:  # as `python -m` would: a plugin module in the working directory imports
+    # a plugin module in the working directory imports; without --plugin the directory stays off the path (a
+    # numpy.py in a downloaded folder is never imported)
+    if specs and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     loaded: list[str] = []
     for spec in specs:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from . import architectures, sysinfo
+from . import architectures, safefs, sysinfo
 from .rundir import write_atomic
 from .sweeps import Case, Problem, build_architecture, kind_of
 
@@ -63,26 +63,86 @@ def reference_block(problem: Problem, o: int) -> tuple[int, int]:
     return a, b
 
 
+_DIGESTS: dict[tuple, str] = {}
+
+
+def _source_files(problem: Problem, model) -> list[Path]:
+    """The source files the model's behaviour comes from: its factories' and every module class's that is not
+    torch's own (the zoo's, the user's, a model library's)."""
+    import inspect
+
+    files = set()
+    if problem.source is not None:
+        files.update(f for f in (architectures.ref_file(r) for r in problem.source.refs()) if f is not None)
+    for module in model.modules():
+        cls = type(module)
+        if cls.__module__.split(".")[0] == "torch":
+            continue
+        try:
+            files.add(Path(inspect.getsourcefile(cls)))
+        except (TypeError, OSError):  # a class without a source file: its structure and weights still count
+            pass
+    return sorted(files, key=lambda f: (f.name, f.read_bytes() if f.is_file() else b""))
+
+
+def _digest_of(problem: Problem, model, x1, x2) -> str:
+    """sha1 of the model's structure (its modules as printed), its weights and buffers, its source files and the
+    inputs, as built for the reference (float64, CPU)."""
+    digest = hashlib.sha1(problem.id.encode() + b"\0" + str(model).encode())
+    for name, t in list(model.state_dict(keep_vars=False).items()) + [("x1", x1), ("x2", x2)]:
+        if t is None:
+            continue
+        t = t.detach().cpu().contiguous()
+        digest.update(f"\0{name}:{t.dtype}:{tuple(t.shape)}\0".encode())
+        digest.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    for f in _source_files(problem, model):  # by name and contents: the same code installed elsewhere agrees
+        try:
+            digest.update(f.name.encode() + b"\0" + f.read_bytes())
+        except OSError:
+            digest.update(f.name.encode() + b"\0missing")
+    return digest.hexdigest()
+
+
+def model_digest(problem: Problem) -> str:
+    """What the problem's reference depends on besides its name (``_digest_of``), once per process and problem;
+    a model that cannot be built gets a digest of the error (its reference job records the failure)."""
+    key = (problem.model_key, problem.n, problem.m)
+    if key not in _DIGESTS:
+        try:
+            _, model, x1, x2 = build_problem(problem, torch.float64, "cpu")
+            _DIGESTS[key] = _digest_of(problem, model, x1, x2)
+        except Exception as exc:  # the reference job meets the same failure and records it
+            _DIGESTS[key] = hashlib.sha1(f"{problem.id}\0unbuildable: {exc}".encode()).hexdigest()
+    return _DIGESTS[key]
+
+
 def _reference_path(problem: Problem, run_dir: Path) -> Path:
-    key = hashlib.sha1(problem.id.encode()).hexdigest()[:16]
+    """references/<key>: the key covers the problem's name and sizes, and the model's structure, weights, source
+    files and inputs (``model_digest``): a model whose code or weights changed never meets a stale reference."""
+    key = hashlib.sha1(f"{problem.id}\0{model_digest(problem)}".encode()).hexdigest()[:16]
     return Path(run_dir) / "references" / key
+
+
+def _references_dir(run_dir: Path) -> Path:
+    """The run's references/ folder, created when missing; a link or a file there is refused (UnsafeFileError)."""
+    folder = Path(run_dir) / "references"
+    if not safefs.check_dir(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        safefs.check_dir(folder)
+    return folder
 
 
 def _sha1_file(path: Path) -> str | None:
     try:
-        digest = hashlib.sha1()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        return digest.hexdigest()
-    except OSError:
+        return hashlib.sha1(safefs.read_bytes(path)).hexdigest()
+    except (OSError, ValueError):
         return None
 
 
 def read_reference_record(problem: Problem, run_dir: Path) -> dict | None:
     try:
-        record = json.loads(_reference_path(problem, run_dir).with_suffix(".json").read_text())
-        return record if isinstance(record, dict) else None
+        record = json.loads(safefs.read_bytes(_reference_path(problem, run_dir).with_suffix(".json")))
+        return record if isinstance(record, dict) and record.get("model_digest") == model_digest(problem) else None
     except (OSError, ValueError):
         return None
 
@@ -123,8 +183,8 @@ def ensure_reference(problem: Problem, run_dir: Path) -> dict:
     if reference_ok(problem, run_dir):
         return read_reference_record(problem, run_dir)
     path = _reference_path(problem, run_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"problem": problem.id}
+    _references_dir(run_dir)
+    record = {"problem": problem.id, "model_digest": model_digest(problem)}
     try:
         arch, model, x1, x2 = build_problem(problem, torch.float64, "cpu")
         a, b = reference_block(problem, arch.num_outputs)
@@ -179,8 +239,8 @@ def write_reference_record(problem: Problem, run_dir: Path, record: dict) -> Non
     from .rundir import dumps
 
     meta_path = _reference_path(problem, run_dir).with_suffix(".json")
-    meta_path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(meta_path, dumps({**record, "problem": problem.id}).encode())
+    _references_dir(run_dir)
+    write_atomic(meta_path, dumps({**record, "problem": problem.id, "model_digest": model_digest(problem)}).encode())
 
 
 def load_reference(problem: Problem, run_dir: Path):
@@ -191,10 +251,18 @@ def load_reference(problem: Problem, run_dir: Path):
     if record.get("status") != "ok":
         return record, None
     path = _reference_path(problem, run_dir).with_suffix(".pt")
-    if record.get("sha1") and _sha1_file(path) != record["sha1"]:
+    try:
+        data = safefs.read_bytes(path)  # read once: the bytes checked are the bytes loaded
+    except (OSError, ValueError) as exc:
+        return {**record, "status": "error", "error": f"reference file unreadable: {exc}"}, None
+    if record.get("sha1") and hashlib.sha1(data).hexdigest() != record["sha1"]:
         return {**record, "status": "error", "error": f"reference file {path.name} is damaged (checksum)"}, None
     try:
-        return record, torch.load(path)
+        import io
+
+        # tensors only (an explicit weights_only=True is not overridden by TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD): a
+        # checksum in a file beside it is no signature, and a pickle from a tampered run directory must never run
+        return record, torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     except Exception as exc:  # a truncated or unreadable file
         return {**record, "status": "error", "error": f"reference file unreadable: {type(exc).__name__}: {exc}"}, None
 

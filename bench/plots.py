@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import zlib
 from pathlib import Path
 
@@ -64,10 +65,20 @@ _EXTRA_COLORS = ("#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#393b79", "#637939
                  "#7b4173", "#3182bd", "#e6550d", "#31a354", "#756bb1", "#636363", "#dbdb8d", "#9edae5")
 
 
+# name -> peer or not, as the rows of the run being drawn say (their ``kind``): a report needs no registry
+KINDS: dict[str, bool] = {}
+
+
 def is_peer(name: str) -> bool:
-    """Whether ``name`` is another library's routine (kind ``peer``), not one of ours."""
-    if name.startswith("nt_") or name in _PEERS:
+    """Whether ``name`` is another library's routine (kind ``peer``), not one of ours: as the run's rows say
+    (``KINDS``), else by its name (a peer library's prefix), else by the registry where it is already loaded (a
+    report does not import torch and the plugins for this)."""
+    if name in KINDS:
+        return KINDS[name]
+    if name.startswith("nt_") or name in _PEERS or name.split("_")[0].lower() in _PEER_FAMILIES:
         return True
+    if "ntk_bench.implementations" not in sys.modules:
+        return False
     try:
         from ntk_bench import implementations
 
@@ -122,7 +133,7 @@ def _legend_columns(fig, entries: int) -> int:
 def _log_ticks(ax, kind: str, fmt) -> None:
     """Readable major ticks on a log y axis: decades of seconds (1 ms, 10 ms, ...) or of KiB/MiB/GiB, with
     1-2-5 steps when the data span less than about a decade."""
-    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
 
     lo, hi = ax.get_ylim()
     if not (np.isfinite(lo) and np.isfinite(hi) and 0 < lo < hi):
@@ -136,6 +147,8 @@ def _log_ticks(ax, kind: str, fmt) -> None:
         ticks = [lo * 1.02, hi / 1.02]
     ax.yaxis.set_major_locator(FixedLocator(ticks))
     ax.yaxis.set_major_formatter(FuncFormatter(_tick_label(fmt)))
+    # no minor ticks: unlabelled, they were most of a figure's artists and of a large run's report time
+    ax.yaxis.set_minor_locator(NullLocator())
     ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_ylim(lo, hi)
 
@@ -171,6 +184,9 @@ def _num(v) -> str:
         return str(v)
 
 
+_DRAWN = ("impl", "status", "N", "M", "x2", "time_median_s", "time_iqr_s", "peak_mem_bytes", "P")
+
+
 def arch_figure(config_title: str, groups: list[tuple[tuple, pd.DataFrame]], impls: list[str], path: Path | None):
     """One figure for an architecture: per group (O, mode, dtype, device, budget) a column with time (top) and
     peak memory (bottom) against N, log-log; N = M filled markers joined by lines, N ≠ M hollow markers at
@@ -183,6 +199,9 @@ def arch_figure(config_title: str, groups: list[tuple[tuple, pd.DataFrame]], imp
     from matplotlib.lines import Line2D
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
 
+    # the columns drawn, each group's rows split by plugin once (selections of a wide frame per plugin and axis
+    # took most of a large run's figures)
+    groups = [(key, g[[c for c in _DRAWN if c in g]]) for key, g in groups]
     every = pd.concat([g for _, g in groups])
     ok_all = every[every["status"] == "ok"]
     used = [i for i in impls if (ok_all["impl"] == i).any()]
@@ -206,35 +225,43 @@ def arch_figure(config_title: str, groups: list[tuple[tuple, pd.DataFrame]], imp
         ax_t = fig.add_axes((x0 / width, (y_top - ph) / height, pw / width, ph / height))
         ax_m = fig.add_axes((x0 / width, (y_top - 2 * ph - gap_tm) / height, pw / width, ph / height))
         ok = g[g["status"] == "ok"]
+        # numpy arrays, masked per plugin: selections of a frame per plugin and axis took most of a large
+        # run's figures
+        a_impl = ok["impl"].to_numpy(object)
+        a_n, a_m = ok["N"].to_numpy(float), ok["M"].to_numpy(float)
+        a_sq = (ok["x2"] == "x1").to_numpy(bool)
+        vals = {c: pd.to_numeric(ok[c], errors="coerce").to_numpy(float)
+                for c in ("time_median_s", "peak_mem_bytes", "time_iqr_s") if c in ok}
         xs: set = set()
         nm_labels: dict[float, str] = {}
         for impl in impls:
-            s = ok[ok["impl"] == impl]
-            if s.empty:
+            sel = a_impl == impl
+            if not sel.any():
                 continue
             st = style(impl)
             z = 5 if impl == "auto" else 3 if not st.peer else 2
             ms = 9 if impl == "auto" else 6
             lw = 1.0 if impl == "auto" else 1.6
             for ax, col in ((ax_t, "time_median_s"), (ax_m, "peak_mem_bytes")):
-                s2 = s[s[col].notna() & (s[col] > 0)]
-                sq = s2[s2["x2"] == "x1"].sort_values("N")
-                nm = s2[s2["x2"] != "x1"]
-                if len(sq):
-                    ax.plot(sq["N"], sq[col], **st.kwargs(), markersize=ms, linewidth=lw, zorder=z)
-                    xs.update(sq["N"].tolist())
-                if len(nm):
-                    x = np.sqrt(nm["N"].to_numpy(float) * nm["M"].to_numpy(float))
-                    ax.plot(x, nm[col], **{**st.kwargs(hollow=True), "linestyle": "none"},
+                y = vals[col]
+                with np.errstate(invalid="ignore"):
+                    keep = sel & ~np.isnan(y) & (y > 0)
+                sq, nm = keep & a_sq, keep & ~a_sq
+                if sq.any():
+                    order = np.argsort(a_n[sq], kind="stable")
+                    ax.plot(a_n[sq][order], y[sq][order], **st.kwargs(), markersize=ms, linewidth=lw, zorder=z)
+                    xs.update(a_n[sq].tolist())
+                if nm.any():
+                    x = np.sqrt(a_n[nm] * a_m[nm])
+                    ax.plot(x, y[nm], **{**st.kwargs(hollow=True), "linestyle": "none"},
                             markersize=ms + 1, markeredgewidth=1.5, zorder=z)
-                    nm_labels.update({float(xi): f"{int(n)}×{int(m)}" for xi, n, m in zip(x, nm["N"], nm["M"])})
+                    nm_labels.update({float(xi): f"{int(n)}×{int(m)}" for xi, n, m in zip(x, a_n[nm], a_m[nm])})
                     xs.update(x.tolist())
-                if col == "time_median_s" and "time_iqr_s" in s2:
-                    e = s2[s2["time_iqr_s"].notna()]
-                    if len(e):
-                        x = np.where(e["x2"] == "x1", e["N"].to_numpy(float),
-                                     np.sqrt(e["N"].to_numpy(float) * e["M"].to_numpy(float)))
-                        med, half = e[col].to_numpy(float), e["time_iqr_s"].to_numpy(float) / 2
+                if col == "time_median_s" and "time_iqr_s" in vals:
+                    e = keep & ~np.isnan(vals["time_iqr_s"])
+                    if e.any():
+                        x = np.where(a_sq[e], a_n[e], np.sqrt(a_n[e] * a_m[e]))
+                        med, half = y[e], vals["time_iqr_s"][e] / 2
                         ax.errorbar(x, med, yerr=np.vstack([np.minimum(half, 0.9 * med), half]), fmt="none",
                                     ecolor=st.color, elinewidth=0.8, alpha=0.6, zorder=z - 1)
         title = _panel_title(key, g["P"])
@@ -273,9 +300,20 @@ def arch_figure(config_title: str, groups: list[tuple[tuple, pd.DataFrame]], imp
                frameon=False)
     if path is None:  # the caller looks at the figure (and closes it)
         return fig
-    fig.savefig(path, dpi=100)
+    save(fig, path)
     plt.close(fig)
     return None
+
+
+def save(fig, path: Path) -> None:
+    """The figure as a PNG at ``path``, written whole and never through a link there (``safefs.write_file``)."""
+    import io
+
+    from . import safefs
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    safefs.write_file(path, buf.getvalue())
 
 
 def cost_model_figure(ok: pd.DataFrame, impls: list[str], path: Path) -> None:
@@ -315,5 +353,5 @@ def cost_model_figure(ok: pd.DataFrame, impls: list[str], path: Path) -> None:
     rows = math.ceil(len(handles) / ncol)
     fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, (0.2 + 0.22 * rows) / fig.get_figheight(), 1, 1))
-    fig.savefig(path, dpi=100)
+    save(fig, path)
     plt.close(fig)

@@ -10,7 +10,11 @@ columns, or without any rows at all give a report, not a traceback.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import math
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +24,10 @@ from . import paired as paired_rounds
 from . import plots as figs
 from . import summary as answers
 from .machine import disturbed_line
+from . import safefs
 from .plots import fmt_bytes as _fmt_bytes
 from .plots import fmt_time as _fmt_time
+from .rundir import check_format, unwritable
 
 COLUMNS = ["impl", "arch", "N", "M", "O", "P", "mode", "dtype", "device", "status", "time_median_s", "time_iqr_s",
            "peak_mem_bytes", "fp_flops", "predicted_jc_flops", "predicted_vp_flops", "rel_err", "reference", "error"]
@@ -58,9 +64,7 @@ def read_run(path: Path) -> tuple[list[dict], list[dict], int]:
 
     Every line with a ``"header"`` key starts a segment; each row gets ``segment``, the index of its header.
     """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "results.jsonl"
+    path = _results_path(path)
     headers: list[dict] = []
     rows: list[dict] = []
     unreadable = 0
@@ -77,9 +81,81 @@ def read_run(path: Path) -> tuple[list[dict], list[dict], int]:
                 unreadable += 1
             elif "header" in obj:
                 headers.append(obj["header"] if isinstance(obj["header"], dict) else {})
+                check_format(headers[-1], path)
             else:
                 rows.append({**obj, "segment": max(len(headers) - 1, 0)})
     return headers, rows, unreadable
+
+
+class _Columns:
+    """Rows gathered column by column as they are read: repeated strings kept once, lists and dicts as their
+    JSON text (as results.csv holds them), so that a large run's rows take little more memory than its table."""
+
+    def __init__(self):
+        self.cols: dict[str, list] = {}
+        self.n = 0
+        self._strings: dict[str, str] = {}
+
+    def add(self, row: dict) -> None:
+        for k, v in row.items():
+            col = self.cols.get(k)
+            if col is None:
+                col = self.cols[k] = []
+            if len(col) < self.n:
+                col.extend([None] * (self.n - len(col)))
+            if isinstance(v, str):
+                v = self._strings.setdefault(v, v)
+            elif isinstance(v, (list, dict)) and k != "arch_params":
+                v = self._strings.setdefault(json.dumps(v), json.dumps(v))
+            col.append(v)
+        self.n += 1
+
+    def frame(self) -> pd.DataFrame:
+        for col in self.cols.values():
+            if len(col) < self.n:
+                col.extend([None] * (self.n - len(col)))
+        df = pd.DataFrame(self.cols, index=range(self.n))
+        self.cols = {}
+        return df
+
+
+def read_columns(path: Path) -> tuple[list[dict], pd.DataFrame, int]:
+    """(headers, rows as a DataFrame of Python objects, unreadable lines) of a results.jsonl, read line by line
+    (``read_run`` as one frame: a large run never holds its rows as dicts)."""
+    path = _results_path(path)
+    headers: list[dict] = []
+    cols = _Columns()
+    unreadable = 0
+    with open(path, "rb") as f:
+        for raw in f:
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                unreadable += 1
+                continue
+            if not isinstance(obj, dict):
+                unreadable += 1
+            elif "header" in obj:
+                header = obj["header"] if isinstance(obj["header"], dict) else {}
+                check_format(header, path)
+                headers.append(header)
+            else:
+                cols.add({**obj, "segment": max(len(headers) - 1, 0)})
+    return headers, cols.frame(), unreadable
+
+
+def _results_path(path: Path) -> Path:
+    """The results.jsonl of ``path`` (a run directory or the file); ValueError in one line when there is none."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"no results file at {path}")
+    if not path.is_file():
+        raise ValueError(f"{path} is not a regular file (a results.jsonl was expected)")
+    return path
 
 
 def _params_dict(value) -> dict:
@@ -105,12 +181,15 @@ def _budget_label(b) -> str:
 
 def _case_budget(r) -> float:
     """The memory budget the case asked for: not the one a row fell back to after running out of memory."""
-    if r.get("blocked_after_oom") is True:
+    return _case_budget_of(r.get("blocked_after_oom"), r.get("memory_budget_bytes"), r.get("case_id"))
+
+
+def _case_budget_of(blocked, b, cid) -> float:
+    if blocked is True:
         return np.nan
-    b = r.get("memory_budget_bytes")
-    if b is not None and pd.notna(b):
+    if isinstance(b, (int, float)) and not isinstance(b, bool) and np.isfinite(b):
         return float(b)
-    cid = str(r.get("case_id") or "")  # a row the worker never answered carries the budget only in its key
+    cid = str(cid or "")  # a row the worker never answered carries the budget only in its key
     last = cid.rsplit("/", 1)[-1]
     if last.startswith("budget=") and last.endswith("B") and last[7:-1].isdigit():
         return float(last[7:-1])
@@ -121,15 +200,34 @@ def _jsonable(v):
     return json.dumps(v) if isinstance(v, (list, dict)) else v
 
 
-def frame(rows: list[dict]) -> tuple[pd.DataFrame, int, int]:
-    """(the rows as a DataFrame, one per case with the last row winning; duplicates; incomplete rows)."""
-    rows = [r for r in rows if isinstance(r, dict)]
-    complete = [r for r in rows if r.get("impl") not in (None, "") and r.get("arch") not in (None, "")
-                and isinstance(r.get("N"), (int, float)) and not isinstance(r.get("N"), bool)]
-    incomplete = len(rows) - len(complete)
-    for r in complete:
-        r["memory_budget_bytes_case"] = _case_budget(r)
-    df = pd.DataFrame(complete)
+def _count(v) -> bool:
+    """A usable N or M: a finite number, not a bool, at least 1 (a row with ``N: NaN`` is left out, not fatal)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 1 and v == int(v)
+
+
+def frame(rows: list[dict] | pd.DataFrame) -> tuple[pd.DataFrame, int, int]:
+    """(the rows as a DataFrame, one per case with the last row winning; duplicates; incomplete rows).
+
+    ``rows``: dicts, or a frame of them as ``read_columns`` gives."""
+    if not isinstance(rows, pd.DataFrame):
+        cols = _Columns()
+        for r in rows:
+            if isinstance(r, dict):
+                cols.add(r)
+        rows = cols.frame()
+    df = rows
+    for c in ("impl", "arch", "N", "M", "blocked_after_oom", "memory_budget_bytes", "case_id"):
+        if c not in df.columns:
+            df[c] = None
+    keep = [i not in (None, "") and not (isinstance(i, float) and math.isnan(i)) and a not in (None, "")
+            and not (isinstance(a, float) and math.isnan(a)) and _count(n)
+            for i, a, n in zip(df["impl"], df["arch"], df["N"])]
+    incomplete = len(df) - sum(keep)
+    if incomplete:
+        df = df[keep].reset_index(drop=True)
+    df["M"] = [m if _count(m) else None for m in df["M"]]
+    df["memory_budget_bytes_case"] = [_case_budget_of(b, m, c) for b, m, c in
+                                      zip(df["blocked_after_oom"], df["memory_budget_bytes"], df["case_id"])]
     for c in dict.fromkeys(COLUMNS + OPTIONAL):
         if c not in df.columns:
             df[c] = np.nan
@@ -169,7 +267,7 @@ def frame(rows: list[dict]) -> tuple[pd.DataFrame, int, int]:
 
 
 def load_run(run_dir: Path) -> Run:
-    headers, rows, unreadable = read_run(run_dir)
+    headers, rows, unreadable = read_columns(run_dir)
     df, duplicates, incomplete = frame(rows)
     run_dir = Path(run_dir)
     records = paired_rounds.read_records(run_dir if run_dir.is_dir() else run_dir.parent)
@@ -185,12 +283,16 @@ def load(run_dir: Path) -> tuple[dict, pd.DataFrame]:
 def _impl_order(df: pd.DataFrame) -> list[str]:
     """Ours in the registry's order, then peers, then anything else by name."""
     present = set(df["impl"])
-    try:
-        from ntk_bench import implementations
+    if "kind" in df:  # the rows say which are peers
+        figs.KINDS.update({i: k == "peer" for i, k in zip(df["impl"], df["kind"]) if k in ("peer", "ours")})
+    order = list(figs._OURS)
+    if "ntk_bench.implementations" in sys.modules:  # the registry's order, where it is loaded (never imported for
+        try:                                        # a report: torch and the plugins take hundreds of MB)
+            from ntk_bench import implementations
 
-        order = implementations.names() + implementations.names("peer")
-    except Exception:  # a broken third-party entry point must not stop a report
-        order = list(figs._OURS)
+            order = implementations.names() + implementations.names("peer")
+        except Exception:  # a broken third-party entry point must not stop a report
+            order = list(figs._OURS)
     from .sweeps import NT_PEERS
 
     order += [p for p in NT_PEERS if p not in order]
@@ -220,25 +322,50 @@ def _time_text(r) -> str:
 
 
 def _sizes(group: pd.DataFrame) -> list[str]:
-    first = group.drop_duplicates("size").set_index("size")
-    return sorted(first.index, key=lambda s: (first.loc[s, "N"], first.loc[s, "x2"] != "x1", first.loc[s, "M"], s))
+    return _sizes_of(group[["size", "N", "M", "x2"]].to_dict("records"))
 
 
-def _pivot(group: pd.DataFrame, impls: list[str], cell) -> pd.DataFrame:
-    """Sizes down, plugins across; ``cell(row, fastest)`` renders an ok or mismatch row; others show their status."""
-    ok = group[group["status"] == OK]
-    steady = ok[~(ok["time_iqr_s"] > ok["time_median_s"])]  # a noisy row is no yardstick, unless all are noisy
-    fastest = steady.groupby("size")["time_median_s"].min().combine_first(ok.groupby("size")["time_median_s"].min())
-    table = {}
-    for impl in impls:
-        col = {}
-        for _, r in group[group["impl"] == impl].iterrows():
-            if r["status"] not in (OK, "mismatch"):
-                col[r["size"]] = str(r["status"])
-            else:
-                col[r["size"]] = cell(r, fastest.get(r["size"], np.nan))
-        table[impl] = col
-    sizes = _sizes(group)
+def _sizes_of(records: list[dict]) -> list[str]:
+    first: dict[str, dict] = {}
+    for r in records:
+        first.setdefault(r["size"], r)
+    return sorted(first, key=lambda s: (first[s]["N"], first[s]["x2"] != "x1", first[s]["M"], s))
+
+
+_PIVOT_COLUMNS = ("impl", "size", "N", "M", "x2", "status", "time_median_s", "time_iqr_s", "peak_mem_bytes", "rel_err")
+
+
+def _records(group: pd.DataFrame) -> list[dict]:
+    return group[[c for c in _PIVOT_COLUMNS if c in group]].to_dict("records")
+
+
+def _pivot(group: pd.DataFrame, impls: list[str], cell, records: list[dict] | None = None) -> pd.DataFrame:
+    """Sizes down, plugins across; ``cell(row, fastest)`` renders an ok or mismatch row; others show their status.
+
+    The rows are read once as dicts (``records``: ``_records(group)``, when the caller has them; a large run has
+    thousands of groups, and pandas' selections per plugin and size took most of a report's time)."""
+    records = _records(group) if records is None else records
+    # the fastest ok time per size, of the rows that are not noisy (a noisy row is no yardstick, unless all are)
+    steady: dict[str, float] = {}
+    any_ok: dict[str, float] = {}
+    for r in records:
+        t = r["time_median_s"]
+        if r["status"] != OK or pd.isna(t):
+            continue
+        any_ok[r["size"]] = min(any_ok.get(r["size"], np.inf), t)
+        if not (r["time_iqr_s"] > t):
+            steady[r["size"]] = min(steady.get(r["size"], np.inf), t)
+    fastest = {**any_ok, **steady}
+    wanted = set(impls)
+    table: dict[str, dict] = {impl: {} for impl in impls}
+    for r in records:
+        if r["impl"] not in wanted:
+            continue
+        if r["status"] not in (OK, "mismatch"):
+            table[r["impl"]][r["size"]] = str(r["status"])
+        else:
+            table[r["impl"]][r["size"]] = cell(r, fastest.get(r["size"], np.nan))
+    sizes = _sizes_of(records)
     return pd.DataFrame(table, index=sizes, columns=impls).reindex(sizes).fillna("")
 
 
@@ -338,22 +465,27 @@ def ours_vs_peers(df: pd.DataFrame, impls: list[str]) -> tuple[pd.DataFrame, lis
     if not peers:
         return pd.DataFrame(), []
     ok = df[(df["status"] == OK) & df["time_median_s"].notna()]
-    best = _fastest(ok[_ours(ok)])
+    best_frame = _fastest(ok[_ours(ok)])
+    # plain dicts keyed by the case (NaN as None, so that equal keys meet): a large run has many thousand cases
+    best = {_key(k): (i, t) for k, i, t in zip(best_frame.index, best_frame["impl"], best_frame["time_median_s"])}
+    cases: dict[tuple, dict[str, dict]] = {}
+    cols = CASE_KEYS + ["impl", "status", "time_median_s"]
+    for r in df.loc[df["impl"].isin(peers), cols].to_dict("records"):
+        cases.setdefault(_key(tuple(r[k] for k in CASE_KEYS)), {})[r["impl"]] = r  # the last row of a peer wins
     rows = []
-    for key, g in df[df["impl"].isin(peers)].groupby(CASE_KEYS, sort=False, dropna=False):
-        if key in best.index:
-            ours_impl, ours_t = best.loc[key, "impl"], best.loc[key, "time_median_s"]
+    for key, g in cases.items():
+        if key in best:
+            ours_impl, ours_t = best[key]
             row = {**dict(zip(CASE_KEYS, key)), "ours (fastest)": f"{ours_impl} {_fmt_time(ours_t)}"}
         else:
             ours_t = np.nan
             row = {**dict(zip(CASE_KEYS, key)), "ours (fastest)": "none ok"}
         fastest_peer, fastest_t = None, np.inf
         for peer in peers:
-            r = g[g["impl"] == peer]
-            if r.empty:
+            r = g.get(peer)
+            if r is None:
                 row[peer] = ""
                 continue
-            r = r.iloc[-1]
             if r["status"] == OK and pd.notna(r["time_median_s"]):
                 if np.isfinite(ours_t):
                     row[peer] = f"{_fmt_time(r['time_median_s'])} ({r['time_median_s'] / ours_t:.3g}×)"
@@ -368,6 +500,10 @@ def ours_vs_peers(df: pd.DataFrame, impls: list[str]) -> tuple[pd.DataFrame, lis
         row["fastest peer"] = fastest_peer or ""
         rows.append(row)
     return _drop_empty_budget(pd.DataFrame(rows)), peers
+
+
+def _key(key: tuple) -> tuple:
+    return tuple(None if isinstance(v, float) and math.isnan(v) else v for v in key)
 
 
 def figure_groups(g: pd.DataFrame) -> list[tuple[tuple, pd.DataFrame]]:
@@ -385,8 +521,11 @@ def plots_for(df: pd.DataFrame, out: Path) -> list[tuple[str, str]]:
         groups = figure_groups(g)
         if not groups:
             continue
-        name = f"{_slug(config)}.png"
-        figs.arch_figure(_config_title(config, g), groups, impls, out / name)
+        name = figure_name(config)
+        title = _config_title(config, g)
+        if len(groups) > MAX_PANELS:  # a figure stays readable, and a large run's report fast; the tables have all
+            title += f" (the first {MAX_PANELS} of {len(groups)} groups; the tables show every one)"
+        figs.arch_figure(title, groups[:MAX_PANELS], impls, out / name)
         made.append((config, name))
     ok = df[(df["status"] == OK) & df["time_median_s"].notna()]
     if len(ok):
@@ -413,8 +552,55 @@ def _slug(s: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in s).strip("_") or "run"
 
 
-def _md(t: pd.DataFrame, **kw) -> str:
-    return t.to_markdown(**kw) if len(t) else "(none)"
+MAX_PANELS = 12  # groups (O, mode, dtype, device, budget) drawn in one architecture's figure
+
+
+def figure_name(config: str) -> str:
+    """The PNG's name for a configuration: readable (its first 60 characters, letters and digits) and its own (a
+    digest of the whole name: ``a.b`` and ``a,b`` differ, and a long one stays under the file system's limit)."""
+    digest = hashlib.sha1(config.encode()).hexdigest()[:10]
+    return f"{_slug(config)[:60].strip('_') or 'run'}-{digest}.png"
+
+
+# Text from a results file (sweep and plugin names, parameters, errors) is the user's, or whoever made the file:
+# in summary.md it must stay text. HTML's specials become entities (no <script>, <iframe> or remote <img>);
+# Markdown's link, image, emphasis, code and table characters are backslash-escaped; a line break becomes a space
+# (no injected heading or list).
+_MD_ESCAPES = str.maketrans({"\\": "\\\\", "`": "\\`", "*": "\\*", "[": "\\[", "]": "\\]", "|": "\\|", "#": "\\#",
+                             "<": "&lt;", ">": "&gt;", "&": "&amp;", "\n": " ", "\r": " "})
+
+
+def md_text(value) -> str:
+    """``value`` as literal text in Markdown (and the HTML a renderer makes of it)."""
+    return str(value).translate(_MD_ESCAPES)
+
+
+def _code(name) -> str:
+    """A plugin's name as `code`, or as escaped text when it is not a plain name."""
+    name = str(name)
+    return f"`{name}`" if name and all(ch.isalnum() or ch in "_.:+-" for ch in name) else md_text(name)
+
+
+def _escaped(t: pd.DataFrame) -> pd.DataFrame:
+    cell = lambda v: md_text(v) if isinstance(v, str) else v
+    out = t.map(cell) if hasattr(t, "map") else t.applymap(cell)  # DataFrame.map: pandas >= 2.1
+    out.index = [md_text(i) if isinstance(i, str) else i for i in out.index]
+    out.columns = [md_text(c) if isinstance(c, str) else c for c in out.columns]
+    return out
+
+
+def _md(t: pd.DataFrame) -> str:
+    """A table of strings (its index the first column) in Markdown, every cell escaped; written directly, since
+    a large run has thousands of these tables."""
+    if not len(t):
+        return "(none)"
+    rows = [["", *(md_text(c) for c in t.columns)]]
+    rows += [[md_text(i), *("" if v is None else md_text(v) for v in values)]
+             for i, values in zip(t.index, t.itertuples(index=False, name=None))]
+    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
+    lines.insert(1, "|" + "|".join(":" + "-" * (w + 1) for w in widths) + "|")
+    return "\n".join(lines)
 
 
 def _md_table(t: pd.DataFrame) -> str:
@@ -426,26 +612,34 @@ def _md_table(t: pd.DataFrame) -> str:
             return "" if not np.isfinite(v) else f"{v:.3g}"
         return "" if v is None else str(v)
     mapped = t.map(cell) if hasattr(t, "map") else t.applymap(cell)  # DataFrame.map: pandas >= 2.1
-    return mapped.to_markdown(index=False, disable_numparse=True) if len(t) else "(none)"
+    return _escaped(mapped).to_markdown(index=False, disable_numparse=True) if len(t) else "(none)"
 
 
 def _header_line(h: dict) -> str:
     keep = [k for k in ("sweep", "git_commit", "code_sha1", "started", "device_name") if h.get(k)]
-    return ", ".join(f"{k} {str(h[k])[:12] if k == 'git_commit' else h[k]}" for k in keep) or "no header"
+    return ", ".join(f"{k} {md_text(str(h[k])[:12] if k == 'git_commit' else h[k])}" for k in keep) or "no header"
+
+
+_NOT_IN_SUMMARY = ("time_blocks_s", "concurrent", "cpu_affinity", "paired_ratios", "paired_errors", "auto_reason",
+                   "worker_malloc", "worker_host", "executor_host", "worker", "executor", "kernel_bytes", "est_flops",
+                   "est_peak_bytes", "first_call_s", "max_abs_err_rel_mean", "ref_block", "case_wall_s",
+                   "time_repeats", "first_try_error", "paired_auto_s", "paired_pick_s", "worker_startup_s")
 
 
 def summary(header: dict | Run, df: pd.DataFrame | None = None, plot_names=None) -> str:
     """The summary.md of a run (a :class:`Run`, or the old (header, df, plot names) form)."""
     run = header if isinstance(header, Run) else Run([header] if header else [], df)
-    df = run.df
+    # the columns no section reads: every group's rows are taken from the frame many times, and a large run's
+    # lists and texts made each take slow
+    df = run.df.drop(columns=[c for c in _NOT_IN_SUMMARY if c in run.df.columns])
     made = [(("", n) if isinstance(n, str) else n) for n in (plot_names or [])]
     fig_of = {c: n for c, n in made if c}
     impls = _impl_order(df)
     h = run.header
     recs = answers.keyed(df, run.paired)
     lines = [disturbed_line(df.to_dict("records"), run.paired.values()), "",
-             f"# ntk-bench results: {h.get('sweep', '?')}", ""]
-    env = ", ".join(f"{k} {v}" for k, v in h.items() if k not in ("sweep", "cases") and v is not None)
+             f"# ntk-bench results: {md_text(h.get('sweep', '?'))}", ""]
+    env = ", ".join(f"{md_text(k)} {md_text(v)}" for k, v in h.items() if k not in ("sweep", "cases") and v is not None)
     lines += [f"Environment: {env or 'unknown (no header line)'}.", ""]
     if len(run.headers) > 1:
         per = df.groupby("segment").size().to_dict() if "segment" in df else {}
@@ -466,9 +660,9 @@ def summary(header: dict | Run, df: pd.DataFrame | None = None, plot_names=None)
         lines += ["No result rows yet.", ""]
         return "\n".join(lines)
     counts = df["status"].value_counts().to_dict()
-    lines += ["Cases: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + ".", ""]
-    n_noisy = int(sum(noisy(r) for _, r in df[df["status"] == OK].iterrows()))
-    refs = ", ".join(sorted(str(r) for r in df["reference"].dropna().unique())) or "none"
+    lines += ["Cases: " + ", ".join(f"{v} {md_text(k)}" for k, v in counts.items()) + ".", ""]
+    n_noisy = int(((df["status"] == OK) & (df["time_iqr_s"] > df["time_median_s"])).sum())
+    refs = ", ".join(sorted(md_text(r) for r in df["reference"].dropna().unique())) or "none"
     n_disturbed = int(sum(isinstance(d, str) and bool(d) for d in df.get("disturbed", pd.Series(dtype=object))))
     lines += ["How to read: each case ran alone in a worker first (its status, first call, peak memory and "
               "agreement); its time is the median over timing blocks there (after a warm-up call), `± x` the "
@@ -488,7 +682,7 @@ def summary(header: dict | Run, df: pd.DataFrame | None = None, plot_names=None)
                   "plugin's time is divided by another's, and there is no verdict.", ""]
     if "cuda_graph_bytes" in df and df["cuda_graph_bytes"].notna().any():
         graphed = df[df["cuda_graph_bytes"].notna()]
-        lines += [f"{len(graphed)} rows replayed a captured CUDA graph ({', '.join(sorted(graphed['impl'].unique()))}): "
+        lines += [f"{len(graphed)} rows replayed a captured CUDA graph ({', '.join(sorted(md_text(i) for i in graphed['impl'].unique()))}): "
                   "their time is the replay's, their first call includes the capture (`first_call_s`), and their "
                   "peak memory includes the graph's memory pool.", ""]
     shown_config = None
@@ -499,16 +693,17 @@ def summary(header: dict | Run, df: pd.DataFrame | None = None, plot_names=None)
         config, o, mode, dtype, device, budget = key
         if config != shown_config:
             shown_config = config
-            lines += [f"## {_config_title(config, g)}", ""]
+            lines += [f"## {md_text(_config_title(config, g))}", ""]
             lines += answers.recommendations(df[df["config"] == config], recs) + [""]
             if config in fig_of:
-                lines += [f"![{config}]({fig_of[config]})", ""]
+                lines += [f"![{md_text(config)}]({fig_of[config]})", ""]
         ps = sorted({int(p) for p in g["P"].dropna()})
         p = f"{ps[0]:,}" if len(ps) == 1 else "?" if not ps else "/".join(f"{x:,}" for x in ps)
         gi = [i for i in impls if i in set(g["impl"])]
         where = ", ".join(x for x in (f"O={figs._num(o)}", mode, dtype, device, budget) if x)
-        lines += [f"### {config}: {where} (P={p})", ""]
-        times = _pivot(g, gi, _time_cell)
+        lines += [f"### {md_text(config)}: {md_text(where)} (P={p})", ""]
+        records = _records(g)
+        times = _pivot(g, gi, _time_cell, records)
         slopes = answers.slopes(g, gi)
         if any(slopes.values()):
             times.loc["slope"] = [slopes[i] for i in gi]
@@ -516,14 +711,16 @@ def summary(header: dict | Run, df: pd.DataFrame | None = None, plot_names=None)
         ratios = answers.paired_table(g, recs, gi, list(times.index.drop("slope", errors="ignore")))
         if (ratios != "").any().any():
             lines += ["Paired: time over the fastest in the same rounds [95% band]", "", _md(ratios), ""]
-        mem = _pivot(g, gi, lambda r, f: _fmt_bytes(r["peak_mem_bytes"]) if pd.notna(r["peak_mem_bytes"]) else "")
+        mem = _pivot(g, gi, lambda r, f: _fmt_bytes(r["peak_mem_bytes"]) if pd.notna(r["peak_mem_bytes"]) else "",
+                     records)
         lines += ["Peak memory:", "", _md(mem), ""]
-        agree = _pivot(g, gi, lambda r, f: f"{r['rel_err']:.1e}" if pd.notna(r["rel_err"]) else "no ref")
+        agree = _pivot(g, gi, lambda r, f: f"{r['rel_err']:.1e}" if pd.notna(r["rel_err"]) else "no ref", records)
         lines += ["Agreement with the reference:", "", _md(agree), ""]
         bad = g[~g["status"].isin([OK, "mismatch"])].drop_duplicates("impl")
         if len(bad):
-            lines += ["Not ok:", ""] + [f"- `{r['impl']}` {r['status']}"
-                                        + (f": {r['error']}" if isinstance(r["error"], str) and r["error"] else "")
+            lines += ["Not ok:", ""] + [f"- {_code(r['impl'])} {md_text(r['status'])}"
+                                        + (f": {md_text(r['error'])}" if isinstance(r["error"], str) and r["error"]
+                                           else "")
                                         for _, r in bad.iterrows()] + [""]
     lines += answers.auto_section(df, recs, _md_table)
     lines += answers.peers_section(df, recs, _md_table)
@@ -576,17 +773,17 @@ def _peers_section(df: pd.DataFrame, impls: list[str]) -> list[str]:
         if col in table:
             f = table[col].dropna()
             if len(f):
-                lines.append(f"- `{peer}`: ours faster in {int((f >= 1).sum())} of {len(f)} cases where both ran "
+                lines.append(f"- {_code(peer)}: ours faster in {int((f >= 1).sum())} of {len(f)} cases where both ran "
                              f"(the peer's time over ours: median {f.median():.3g}, from {f.min():.3g} to "
                              f"{f.max():.3g}).")
                 continue
         statuses = table[peer][table[peer] != ""].value_counts().to_dict()
         if ((df["impl"] == peer) & (df["status"] == OK)).any():  # ok, but never where one of ours was
-            lines.append(f"- `{peer}`: ok where none of ours was.")
+            lines.append(f"- {_code(peer)}: ok where none of ours was.")
             continue
         errors = df.loc[(df["impl"] == peer) & df["error"].map(lambda e: isinstance(e, str) and bool(e)), "error"]
-        why = f": {errors.value_counts().index[0]}" if len(errors) else ""
-        lines.append(f"- `{peer}`: never ok here (" + ", ".join(f"{v} {k}" for k, v in statuses.items()) + f"){why}.")
+        why = f": {md_text(errors.value_counts().index[0])}" if len(errors) else ""
+        lines.append(f"- {_code(peer)}: never ok here (" + ", ".join(f"{v} {md_text(k)}" for k, v in statuses.items()) + f"){why}.")
     vs = table["ours / fastest peer"].dropna()
     if len(vs):
         lines.append(f"- The fastest of ours no slower than the fastest peer in {int((vs <= 1.0).sum())} of {len(vs)} "
@@ -598,18 +795,30 @@ def _peers_section(df: pd.DataFrame, impls: list[str]) -> list[str]:
 
 
 def write_report(run_dir: Path, out_dir: Path | None = None) -> Path:
-    """Write results.csv, summary.md and the figures for a run; return the summary's path."""
+    """Write results.csv, summary.md and the figures for a run; return the summary's path.
+
+    Every file is written whole under a temporary name and renamed over its own (never through a link there; a
+    link, a directory or a FIFO in its place is refused). ValueError in one line for an output directory that is
+    a file or cannot be written."""
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir else run_dir
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: is a file, not a directory")
+    if out.is_symlink() and not out.exists():
+        raise ValueError(f"--out {out}: is a symbolic link to {os.readlink(out)}, which does not exist")
     run = load_run(run_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    run.df.drop(columns=["config", "size", "memory_budget_bytes_case"], errors="ignore").to_csv(
-        out / "results.csv", index=False)
-    made = plots_for(run.df, out) if len(run.df) else []
-    path = out / "summary.md"
-    path.write_text(summary(run, plot_names=made))
-    scatter = "time_vs_predicted_flops.png"
-    (out / "cost_model.md").write_text(answers.cost_model_text(
-        fit_cost_model(run.df) if len(run.df) else pd.DataFrame(), _md_table,
-        scatter if scatter in [n for _, n in made] else None))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with safefs.replacing(out / "results.csv", "w") as f:
+            run.df.drop(columns=["config", "size", "memory_budget_bytes_case"], errors="ignore").to_csv(
+                f, index=False, chunksize=10_000)
+        made = plots_for(run.df, out) if len(run.df) else []
+        path = out / "summary.md"
+        safefs.write_file(path, summary(run, plot_names=made))
+        scatter = "time_vs_predicted_flops.png"
+        safefs.write_file(out / "cost_model.md", answers.cost_model_text(
+            fit_cost_model(run.df) if len(run.df) else pd.DataFrame(), _md_table,
+            scatter if scatter in [n for _, n in made] else None))
+    except OSError as exc:
+        raise ValueError(unwritable(out, exc)) from None
     return path

@@ -36,10 +36,16 @@ import socket
 import time
 from pathlib import Path
 
+from . import safefs
+from .safefs import UnsafeFileError, write_atomic  # noqa: F401 - write_atomic: its old home
+
 log = logging.getLogger("ntk_bench.runner")
 
 RESULTS = "results.jsonl"
 LOCK = ".ntk-bench.lock"
+# The layout of results.jsonl, written in every header (``format_version``); a header without one is format 1.
+# A file of a later format is refused, never extended or reported as if it were this one.
+FORMAT_VERSION = 1
 
 
 class RunDirError(RuntimeError):
@@ -68,8 +74,22 @@ def dumps(obj) -> str:
 
 # -- reading ---------------------------------------------------------------------------
 
+def check_format(header: dict, path: str | Path) -> None:
+    """RunDirError when ``header`` claims a format of results.jsonl this version cannot read."""
+    version = header.get("format_version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise RunDirError(f"{path}: its header's format_version {version!r} is not a format of ntk-bench results")
+    if version > FORMAT_VERSION:
+        raise RunDirError(f"{path} was written in format {version} of ntk-bench results, by a newer ntk-bench; this "
+                          f"one reads formats up to {FORMAT_VERSION}: upgrade ntk-bench, or use another --out")
+
+
 def read_segments(path: str | Path, warn: bool = True) -> list[tuple[dict, list[dict]]]:
-    """[(header, rows), ...] of a results file, one per segment; unreadable lines skipped (with a warning)."""
+    """[(header, rows), ...] of a results file, one per segment; unreadable lines skipped (with a warning).
+
+    RunDirError for a path that is not a file (a directory, a FIFO) or a header of a later format."""
+    if not Path(path).is_file():
+        raise RunDirError(f"{path} is not a regular file" if Path(path).exists() else f"{path} does not exist")
     data = Path(path).read_bytes()
     lines = data.split(b"\n")
     torn = lines[-1] != b""  # the last line has no newline: the runner died mid-write
@@ -94,6 +114,7 @@ def read_segments(path: str | Path, warn: bool = True) -> list[tuple[dict, list[
             skipped.append(f"line {i + 1}: a JSON {type(obj).__name__}, not an object")
             continue
         if "header" in obj and isinstance(obj["header"], dict):
+            check_format(obj["header"], path)
             segments.append((obj["header"], []))
         elif "case_id" in obj:
             if not segments:
@@ -141,7 +162,7 @@ class RunLock:
 
     def _holder(self) -> str:
         try:
-            info = json.loads(self.path.read_text() or "{}")
+            info = json.loads(safefs.read_bytes(self.path, limit=4096) or b"{}")
             return f"pid {info['pid']} on {info['host']}, since {info['since']}"
         except (OSError, ValueError, KeyError, TypeError):
             return "holder unknown"
@@ -151,7 +172,9 @@ class RunLock:
             raise RunDirError(f"{self.path.parent} is in use by another runner in this process: wait for it to "
                               "finish, or use another --out")
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = safefs.open_fd(self.path, os.O_RDWR | os.O_CREAT)
+        except UnsafeFileError as exc:
+            raise RunDirError(str(exc)) from None
         except OSError as exc:
             raise RunDirError(unwritable(self.path.parent, exc)) from None
         try:
@@ -211,7 +234,9 @@ class ResultsFile:
 
     def open(self) -> "ResultsFile":
         try:
-            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            self.fd = safefs.open_fd(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
+        except UnsafeFileError as exc:
+            raise RunDirError(str(exc)) from None
         except OSError as exc:
             raise RunDirError(unwritable(self.path.parent, exc)) from None
         self._repair_tail()
@@ -222,9 +247,8 @@ class ResultsFile:
         size = os.fstat(self.fd).st_size
         if size == 0:
             return
-        with open(self.path, "rb") as f:
-            f.seek(max(0, size - 65536))
-            tail = f.read()
+        start = max(0, size - 65536)
+        tail = os.pread(self.fd, size - start, start)  # through the descriptor opened above: never a link
         if tail.endswith(b"\n"):
             return
         cut = tail.rfind(b"\n")
@@ -262,34 +286,3 @@ class ResultsFile:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``path`` so that a reader (on any host of a shared file system) sees the old file or the whole new one:
-    a temporary file of a unique name beside it, fsync, ``os.replace``, then fsync of the directory."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{time.monotonic_ns()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:  # some file systems cannot fsync a directory; the rename is done
-        pass

@@ -39,10 +39,10 @@ import threading
 import time
 from pathlib import Path
 
-from . import sweeps
+from . import envcheck, safefs, sweeps
 from .executors import Executor, Job, JobFuture, LocalExecutor
-from .rundir import (RESULTS, ResultsFile, RunDirError, RunLock, latest_rows, read_results, read_segments,
-                     unwritable)
+from .rundir import (FORMAT_VERSION, RESULTS, ResultsFile, RunDirError, RunLock, latest_rows, read_results,
+                     read_segments, unwritable)
 from .sweeps import Case, Problem
 
 log = logging.getLogger("ntk_bench.runner")
@@ -55,7 +55,7 @@ RETRY_STATUSES = ("timeout", "oom", "killed", "error", "unchecked")
 STATUSES = ("ok", "mismatch", "unchecked", "unsupported", "timeout", "oom", "killed", "error")
 # What must match for a resumed run to extend the file's last segment.
 COMPARED = ("sweep", "sweep_sha1", "clock", "code_sha1", "user_code_sha1", "plugins", "torch", "numpy", "jax", "jaxlib",
-            "neural_tangents", "backpack", "python", "device_name", "cuda", "cpu_count", "host")
+            "neural_tangents", "backpack", "python", "device_name", "cuda", "cpu_count", "host", "worker_env")
 
 __all__ = ["RunDirError", "RunSummary", "read_results", "read_segments", "run", "run_sweep"]
 
@@ -289,9 +289,15 @@ def plugin_files(plugins) -> list[Path]:
 def make_header(cases: list[Case], sweep_name: str, plugins=()) -> dict:
     from . import measure
 
-    return {**measure.environment(), "sweep": sweep_name, "sweep_sha1": sweeps.fingerprint(cases),
-            "clock": cases[0].clock if cases else "wall", "cases": len(cases), "plugins": list(plugins),
-            "user_code_sha1": _files_sha1(sweeps.user_files(cases) + plugin_files(plugins))}
+    header = {"format_version": FORMAT_VERSION, **measure.environment(), "sweep": sweep_name,
+              "sweep_sha1": sweeps.fingerprint(cases), "clock": cases[0].clock if cases else "wall",
+              "cases": len(cases), "plugins": list(plugins),
+              "user_code_sha1": _files_sha1(sweeps.user_files(cases) + plugin_files(plugins))}
+    worker_env = envcheck.worker_env()
+    if worker_env:  # the user's pinning reaches every worker: the header says so, and what the rows' threads are
+        header["worker_env"] = worker_env
+        header["cpu_threads"] = envcheck.worker_threads(worker_env)
+    return header
 
 
 def differences(old: dict, new: dict, cases: list[Case], rows: list[dict]) -> list[str]:
@@ -385,6 +391,14 @@ def run(cases: list[Case], out_dir: Path, sweep_name: str, executor: Executor | 
         if lacking:
             raise sweeps.SweepError(f"no worker of this executor runs {', '.join(lacking)} cases (workers: "
                                     f"{', '.join(s.label for s in slots)}); add them to --devices")
+    envcheck.startup_seconds()  # ValueError naming a bad value, before any work
+    calibration = envcheck.calibration_problem()
+    if calibration:
+        reporter.note(calibration)
+    worker_env = envcheck.worker_env()
+    if worker_env:
+        reporter.note(f"{', '.join(f'{k}={v}' for k, v in worker_env.items())} from your environment: every worker of "
+                      f"this run uses it (recorded in the header as worker_env)", logging.INFO)
     models = models if models is not None else sweeps.check_models(cases)
     header = make_header(cases, sweep_name, plugins)
     summary = RunSummary(path, len(cases))
@@ -395,6 +409,10 @@ def run(cases: list[Case], out_dir: Path, sweep_name: str, executor: Executor | 
 
     def check_file(segments, latest) -> tuple[bool, bool]:
         """(a new segment needed, the file holds only a header)."""
+        if not any(h for h, _ in segments) and path.exists() and path.stat().st_size > 0 \
+                and not (resume and force):
+            raise RunDirError(f"{path} is not an ntk-bench results file (no header line reads): pass --resume --force "
+                              "to keep it and append a new segment, or use another --out")
         if not segments:
             return True, False
         if not resume:
@@ -408,7 +426,9 @@ def run(cases: list[Case], out_dir: Path, sweep_name: str, executor: Executor | 
         return bool(diffs), not all_rows
 
     try:
-        exists = path.exists() and path.stat().st_size > 0
+        exists = safefs.check_regular(path) and path.stat().st_size > 0
+    except safefs.UnsafeFileError as exc:
+        raise RunDirError(str(exc)) from None
     except OSError as exc:
         raise RunDirError(f"cannot read {path}: {exc.strerror or exc}") from None
     if exists:

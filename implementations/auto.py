@@ -30,8 +30,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 import weakref
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -48,17 +50,74 @@ CANDIDATES = ("explicit_mlp", "structured", "jacobian_contraction", "backpack_sq
               "ntk_vector_products", "autograd_loop")
 
 
+class CalibrationError(ValueError):
+    """A calibration file that cannot be used: one line naming the file and what is wrong."""
+
+
+def validate_calibration(table, source: str) -> dict:
+    """``table`` checked against the calibration schema: ``{"cpu"|"cuda": {plugin: {"overhead_s": x,
+    "s_per_flop": y, ...}}}`` with x and y finite and non-negative; CalibrationError in one line otherwise."""
+    from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError
+
+    class Constants(BaseModel):
+        model_config = ConfigDict(extra="allow")  # ``cases``: how many rows the fit used
+        overhead_s: float = Field(ge=0, allow_inf_nan=False)
+        s_per_flop: float = Field(ge=0, allow_inf_nan=False)
+        s_per_element: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+        s_per_op: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+
+    class Table(RootModel):
+        root: dict[Literal["cpu", "cuda"], dict[str, Constants]]
+
+    try:
+        Table.model_validate(table)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"] if p != "root") or "the top level"
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise CalibrationError(f"{source}: {where}: {err['msg']} (got {err.get('input')!r:.60}){more}; expected "
+                               '{"cpu"|"cuda": {plugin: {"overhead_s": s, "s_per_flop": s}}}, non-negative '
+                               "and finite") from None
+    return table
+
+
+def read_calibration(path: Path) -> dict:
+    """A calibration file, read and validated (CalibrationError naming the file and the problem)."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CalibrationError(f"{path}: cannot read it: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        table = json.loads(text)
+    except ValueError as exc:
+        raise CalibrationError(f"{path}: not JSON ({exc})") from None
+    return validate_calibration(table, str(path))
+
+
 def load_calibration(path: Path | None = None) -> dict:
-    """The packaged constants, overridden plugin by plugin by ``path`` or the file ``$NTK_BENCH_CALIBRATION`` names."""
+    """The packaged constants, overridden plugin by plugin by ``path`` or the file ``$NTK_BENCH_CALIBRATION`` names.
+
+    A file that is missing or fails the schema (``validate_calibration``) is not used: a warning says why in one
+    line, and the packaged constants stand."""
     table = json.loads(CALIBRATION_FILE.read_text()) if CALIBRATION_FILE.exists() else {}
     override = path or os.environ.get(CALIBRATION_ENV)
     if override:
-        override = Path(override)
-        if not override.is_file():
-            raise FileNotFoundError(f"auto: calibration file {override} (from {CALIBRATION_ENV}) does not exist")
-        for device, plugins in json.loads(override.read_text()).items():
+        source = f"{override} (from {CALIBRATION_ENV})" if not path else str(override)
+        try:
+            if not Path(override).is_file():
+                raise CalibrationError(f"{source} does not exist")
+            extra = read_calibration(Path(override))
+        except CalibrationError as exc:
+            warnings.warn(f"auto: calibration file not used, the packaged constants instead: {exc}",
+                          CalibrationWarning, stacklevel=2)
+            return table
+        for device, plugins in extra.items():
             table.setdefault(device, {}).update(plugins)
     return table
+
+
+class CalibrationWarning(UserWarning):
+    """A calibration file that auto could not use (it falls back to the packaged constants)."""
 
 
 def default_memory_budget(device: torch.device) -> int:

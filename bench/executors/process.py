@@ -31,15 +31,36 @@ import tempfile
 import time
 from pathlib import Path
 
-from .. import sysinfo
+from .. import envcheck, safefs, sysinfo
 from . import proctree
 from .base import Job, error_row, host
 
-STARTUP_TIMEOUT_S = float(os.environ.get("NTK_BENCH_WORKER_STARTUP_S", "300"))
+STARTUP_TIMEOUT_S = envcheck.startup_seconds_or_default()  # a bad value is refused by the runner before any work
 # How long a worker that ended its answers (closed the pipe) may take to exit before it is killed: an exit after
 # the end of the output is immediate unless the process is stuck.
 EXIT_GRACE_S = 10.0
 CRASH_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT}
+
+
+def worker_pythonpath() -> str:
+    """PYTHONPATH for a worker: the package's folder, the current directory only when ``--plugin`` put it on the
+    runner's path (``PLUGIN_PATHS``), then the user's PYTHONPATH."""
+    return os.pathsep.join(p for p in (package_root(), *PLUGIN_PATHS, os.environ.get("PYTHONPATH", "")) if p)
+
+
+# Folders the runner's --plugin put on its own sys.path: its workers get them too.
+PLUGIN_PATHS: list[str] = []
+# Python puts the current directory first on a ``-m`` module's path; ``-P`` (3.11+) leaves it out, so that a
+# pydantic.py or jax.py in the folder the run was started from is never imported.
+_SAFE_PATH = ["-P"] if sys.version_info >= (3, 11) else []
+
+
+def worker_command() -> list[str]:
+    """The worker's command line, the current directory not on its import path."""
+    if _SAFE_PATH:
+        return [sys.executable, *_SAFE_PATH, "-m", "ntk_bench.bench.worker"]
+    return [sys.executable, "-c", "import sys; del sys.path[0]; import runpy; "
+            "runpy.run_module('ntk_bench.bench.worker', run_name='__main__', alter_sys=True)"]
 
 
 def package_root() -> str:
@@ -72,13 +93,12 @@ class WorkerProcess:
     def start(self) -> dict:
         """Start the worker and wait for its ready signal; WorkerStartError (with its log's last lines) if not."""
         self.stop()
-        path = os.pathsep.join(p for p in (package_root(), os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)
-        env = {**os.environ, **self.env, "PYTHONPATH": path, "NTK_BENCH_PARENT_PID": str(os.getpid()),
+        env = {**os.environ, **self.env, "PYTHONPATH": worker_pythonpath(), "NTK_BENCH_PARENT_PID": str(os.getpid()),
                "PYTHONUNBUFFERED": "1"}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         offset = self._log_size()
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "ntk_bench.bench.worker"], stdin=subprocess.PIPE,
+        with safefs.open_append(self.log_path) as log:
+            self.proc = subprocess.Popen(worker_command(), stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, stderr=log, env=env, start_new_session=True,
                                          bufsize=0, close_fds=True)
         self._buf = b""
@@ -243,10 +263,8 @@ class WorkerProcess:
     def _log_tail(self, offset: int, lines: int = 4) -> str:
         """The last lines the worker logged since ``offset`` (its traceback's end), for the row."""
         try:
-            with open(self.log_path, "rb") as f:
-                f.seek(offset)
-                text = f.read()[-8192:].decode("utf-8", "replace")
-        except OSError:
+            text = safefs.read_bytes(self.log_path, offset)[-8192:].decode("utf-8", "replace")
+        except (OSError, ValueError):
             return ""
         kept = [ln.strip() for ln in text.splitlines() if ln.strip()][-lines:]
         return f"; {self.log_path.name}: " + " | ".join(kept) if kept else ""

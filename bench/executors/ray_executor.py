@@ -54,7 +54,7 @@ import psutil
 
 from . import proctree
 from .base import ExecutorLost, Job, JobFuture, error_row
-from .process import STARTUP_TIMEOUT_S, package_root, run_isolated, runner_identity
+from .process import _SAFE_PATH, STARTUP_TIMEOUT_S, run_isolated, runner_identity, worker_pythonpath
 from .queued import QueuedExecutor
 
 MAX_RETRIES = 3
@@ -69,7 +69,7 @@ class RayExecutor(QueuedExecutor):
         super().__init__()
         self.run_dir = Path(run_dir).resolve()
         self.cpus_per_task = cpus_per_task
-        path = os.pathsep.join(p for p in (package_root(), os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)
+        path = worker_pythonpath()
         kwargs = {"address": address, "log_to_driver": False,
                   "runtime_env": {"env_vars": {"PYTHONPATH": path}}, **(init_kwargs or {})}
         self._driver = _Driver(path)
@@ -129,7 +129,7 @@ class _Driver:
         env = {**os.environ, "PYTHONPATH": path, "NTK_BENCH_PARENT_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1"}
         # its own session: a Ctrl-C at the terminal reaches the runner alone, which decides; Ray's messages go
         # to the runner's stderr as before
-        self.proc = subprocess.Popen([sys.executable, "-m", "ntk_bench.bench.executors.ray_executor"],
+        self.proc = subprocess.Popen([sys.executable, *_SAFE_PATH, "-m", "ntk_bench.bench.executors.ray_executor"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True,
                                      bufsize=0, close_fds=True)
         self._lock = threading.Lock()
