@@ -26,6 +26,7 @@ from .base import NTKPlugin, UnsupportedModelError
 from .kernels import kernel_shape
 from .state import preserved
 from .validation import output_spec, probe_forward, refuse_ill_defined_modules, share_probe, validate_inputs
+from .wrappers import unwrap
 
 
 class NonFiniteKernelError(ValueError):
@@ -96,6 +97,7 @@ def _validate_budget(memory_budget_bytes) -> None:
 def compute(plugin: NTKPlugin, model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None,
             mode: str = "full", memory_budget_bytes: int | None = None) -> torch.Tensor:
     """Θ(x1, x2) of ``model`` by ``plugin``: see the module docstring for the steps."""
+    model = unwrap(model)  # torch.compile's and DataParallel's wrappers: the module they run, before anything else
     call = validated(plugin, model, x1, x2, mode, memory_budget_bytes)
     with torch.inference_mode(False), torch.enable_grad(), preserved(model):
         out = plugin.dispatch(call.net, call.x1, call.x2, mode, memory_budget_bytes)
@@ -117,6 +119,7 @@ class Call:
 def validated(plugin: NTKPlugin, model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None, mode: str,
               memory_budget_bytes: int | None = None) -> Call:
     """Step 1, validation: raises a clear error for bad inputs, an ill-defined kernel or a declined model."""
+    model = unwrap(model)  # (peers' prepare comes here directly)
     validate_inputs(model, x1, x2, mode)
     _validate_budget(memory_budget_bytes)
     refuse_ill_defined_modules(model)
