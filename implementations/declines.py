@@ -11,7 +11,7 @@ recognises them and raises :class:`UnsupportedModelError` naming the Function, t
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -56,7 +56,7 @@ def transform_problem(exc: BaseException, model: nn.Module, x: torch.Tensor) -> 
     if _OLD_STYLE in text:
         try:
             functions = old_style_functions(model, x)
-        except Exception:  # the forward fails here too: the message then names no class
+        except (RuntimeError, NotImplementedError, TypeError):  # the forward fails here too: no class named
             functions = []
         which = f"autograd.Function {', '.join(functions)}" if functions else "an autograd.Function of the model"
         return (f"{which} has no setup_context staticmethod (an old-style Function whose forward takes ctx), and "

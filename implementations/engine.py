@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .base import NTKPlugin, UnsupportedModelError
+from .input_errors import named_input_errors
 from .kernels import kernel_shape
 from .state import preserved
 from .validation import output_spec, probe_forward, refuse_ill_defined_modules, share_probe, validate_inputs
@@ -125,7 +126,7 @@ def validated(plugin: NTKPlugin, model: nn.Module, x1: torch.Tensor, x2: torch.T
     refuse_ill_defined_modules(model)
     with torch.inference_mode(False):
         x1, x2 = _plain(x1), _plain(x2)
-        with _integer_inputs_named(x1):
+        with named_input_errors(model, x1, "x1"), _integer_inputs_named(x1):
             probe_forward(model, x1)  # random, batch-dependent or stateful forwards (it puts back what it touched)
             spec = output_spec(model, x1)
     net = _as_matrix_output(model) if spec.vector else model

@@ -24,10 +24,16 @@ from torch.func import jacrev
 from .base import NTKPlugin
 from .declines import transform_declines
 from .kernels import contract_jacobians
-from .modelinfo import _VMAP_FAILS, composite_attention, functional_single, per_sample, shape_keyed_cache
+from .modelinfo import (
+    _VMAP_FAILS,
+    composite_attention,
+    functional_single,
+    per_sample,
+    shape_keyed_cache,
+)
 
 # model -> {(parameter shapes, input shape, dtype, device): True}: the vmapped Jacobians were checked
-_VMAP_CHECKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_VMAP_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _vmap_key(x):

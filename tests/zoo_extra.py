@@ -10,7 +10,7 @@ forward, wrappers). Each is small enough that a float64 per-sample brute force t
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -144,7 +144,7 @@ def _quiet_transformers():
     logging.set_verbosity_error()  # (tiny vocabularies make it warn about the default special token ids)
 
 
-_TINY = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=16)
+_TINY = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "max_position_embeddings": 16}
 
 
 def _bert():
@@ -201,10 +201,10 @@ class UNet(nn.Module):
 
     def __init__(self, batchnorm: bool = False):
         super().__init__()
-        self.down = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4) if batchnorm else nn.Identity(),
+        self.down = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2) if batchnorm else nn.Identity(),
                                   nn.ReLU())
-        self.mid = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.Tanh())
-        self.up = nn.Conv2d(8, 3, 3, padding=1)
+        self.mid = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.Tanh())
+        self.up = nn.Conv2d(4, 3, 3, padding=1)
 
     def forward(self, x):
         d = self.down(x)
@@ -411,8 +411,8 @@ def _eval(build):
 
 
 def _entries():
-    img = dict(input_shape=IMAGE)
-    text = dict(input_shape=(SEQ,), vocab=VOCAB, needs="transformers")
+    img = {"input_shape": IMAGE}
+    text = {"input_shape": (SEQ,), "vocab": VOCAB, "needs": "transformers"}
     yield ZooModel("timm-efficientnet_b0", _eval(_efficientnet_b0), needs="timm", **img)
     yield ZooModel("timm-convnext_atto", _eval(_convnext_atto), needs="timm", **img)
     yield ZooModel("timm-deit", _eval(_deit), needs="timm", **img)
@@ -427,7 +427,7 @@ def _entries():
     yield ZooModel("hf-roberta", _eval(_roberta), **text)
     yield ZooModel("hf-gpt2-tied", _eval(_gpt2), **text)
     yield ZooModel("hf-t5-encoder", _eval(_t5_encoder), **text)
-    yield ZooModel("unet", _eval(UNet), input_shape=(3, 8, 8))
+    yield ZooModel("unet", _eval(UNet), input_shape=(2, 6, 6))
     yield ZooModel("prelu", _prelu, input_shape=(10,))
     yield ZooModel("bilinear", BilinearNet, input_shape=(6,))
     yield ZooModel("embedding_bag", BagNet, input_shape=(4,), vocab=VOCAB)
@@ -446,7 +446,7 @@ def _entries():
     yield ZooModel("train-timm-efficientnet_b0", _train(_efficientnet_b0), needs="timm", well_defined=False, **img)
     yield ZooModel("train-tv-densenet", _train(_densenet), needs="torchvision", well_defined=False, **img)
     yield ZooModel("train-hf-bert", _train(lambda: _bert_dropout()), well_defined=False, **text)
-    yield ZooModel("train-unet-batchnorm", _train(lambda: UNet(batchnorm=True)), input_shape=(3, 8, 8),
+    yield ZooModel("train-unet-batchnorm", _train(lambda: UNet(batchnorm=True)), input_shape=(2, 6, 6),
                    well_defined=False)
 
 
