@@ -309,6 +309,14 @@ def param_problems(name: str, params: dict) -> list[str]:
     return problems
 
 
+class InputsError(FactoryError):
+    """The model cannot take the inputs it was given (their shape, or token ids past its vocabulary)."""
+
+
+class TrainModeError(FactoryError):
+    """A user's model returned in a mode whose kernel is ill-defined (train-mode BatchNorm, Dropout)."""
+
+
 def _as_architecture(name: str, made, input_spec: InputSpec | None, inputs_fn: Callable | None):
     """(model, InputSpec) from what a factory returned: a model, or (model, spec)."""
     spec = None
@@ -319,20 +327,12 @@ def _as_architecture(name: str, made, input_spec: InputSpec | None, inputs_fn: C
                            "or (nn.Module, input spec)")
     spec = input_spec if input_spec is not None else spec
     if spec is None and inputs_fn is None:
-        raise FactoryError(f"{name}: the factory returned a model alone; give its inputs: --input-shape (with "
+        raise InputsError(f"{name}: the factory returned a model alone; give its inputs: --input-shape (with "
                            "--input-dtype int64 and --input-range for token ids) or --inputs-factory on the command "
                            "line, inputs = {shape = [...]} or inputs_factory in a sweep file")
     if spec is not None and not isinstance(spec, InputSpec):
         spec = InputSpec(tuple(spec))
     return made, spec
-
-
-class InputsError(FactoryError):
-    """The model cannot take the inputs it was given (their shape, or token ids past its vocabulary)."""
-
-
-class TrainModeError(FactoryError):
-    """A user's model returned in a mode whose kernel is ill-defined (train-mode BatchNorm, Dropout)."""
 
 
 def build(name: str, seed: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
