@@ -413,7 +413,7 @@ def _eval(build):
 def _entries():
     img = {"input_shape": IMAGE}
     text = {"input_shape": (SEQ,), "vocab": VOCAB, "needs": "transformers"}
-    yield ZooModel("timm-efficientnet_b0", _eval(_efficientnet_b0), needs="timm", **img)
+    yield ZooModel("timm-efficientnet_b0", _eval(_efficientnet_b0), needs="timm", input_shape=(3, 16, 16))
     yield ZooModel("timm-convnext_atto", _eval(_convnext_atto), needs="timm", **img)
     yield ZooModel("timm-deit", _eval(_deit), needs="timm", **img)
     yield ZooModel("timm-swin", _eval(_swin), needs="timm", **img)
@@ -443,7 +443,8 @@ def _entries():
     yield ZooModel("data_parallel", _data_parallel, input_shape=(5,))
     yield ZooModel("parametrized", _parametrized, input_shape=(6,))
     # train mode: BatchNorm's batch statistics or Dropout's masks make the kernel ill-defined
-    yield ZooModel("train-timm-efficientnet_b0", _train(_efficientnet_b0), needs="timm", well_defined=False, **img)
+    yield ZooModel("train-timm-efficientnet_b0", _train(_efficientnet_b0), needs="timm", well_defined=False,
+                   input_shape=(3, 16, 16))
     yield ZooModel("train-tv-densenet", _train(_densenet), needs="torchvision", well_defined=False, **img)
     yield ZooModel("train-hf-bert", _train(lambda: _bert_dropout()), well_defined=False, **text)
     yield ZooModel("train-unet-batchnorm", _train(lambda: UNet(batchnorm=True)), input_shape=(2, 6, 6),
