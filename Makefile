@@ -43,10 +43,11 @@ report: $(DEPS)
 clean-venv:
 	rm -rf $(VENV)
 
-# Regression gate (not part of make test): benchmarks/regression.py times the small fixed sweep
-# benchmarks/regression.toml (process CPU time, one thread, blocks pooled from 3 fresh processes), then
-# `compare` fails when a case is slower by more than BENCHMARK_FAIL_ABOVE beyond its noise band, or when a case
-# that was ok is not. On a GPU machine: BENCHMARK_ARGS="--device cuda".
+# Regression gate (not part of make test): benchmarks/regression.py (the package's timer, ntk_bench.bench.gate)
+# times the small fixed sweep benchmarks/regression.toml (process CPU time, one thread, blocks pooled from 3 fresh
+# processes), then `compare --strict` fails when a case is slower by more than BENCHMARK_FAIL_ABOVE beyond its
+# noise band, when a case that was ok is not, or when a case could not be judged. On a GPU machine:
+# BENCHMARK_ARGS="--device cuda".
 BENCHMARK_DIR ?= .benchmarks
 BENCHMARK_FAIL_ABOVE ?= 1.10
 BENCHMARK_ARGS ?=
@@ -58,4 +59,4 @@ benchmark-compare: $(DEPS)
 	@test -f $(BENCHMARK_DIR)/baseline/results.jsonl || { echo "no baseline in $(BENCHMARK_DIR)/baseline: run make benchmark-save on the baseline code first"; exit 2; }
 	rm -rf $(BENCHMARK_DIR)/current
 	$(PYTHON) benchmarks/regression.py --out $(BENCHMARK_DIR)/current $(BENCHMARK_ARGS)
-	$(PYTHON) -m ntk_bench.bench.compare $(BENCHMARK_DIR)/baseline $(BENCHMARK_DIR)/current --fail-above $(BENCHMARK_FAIL_ABOVE) --out $(BENCHMARK_DIR)/compare --quiet
+	$(PYTHON) -m ntk_bench.bench.compare $(BENCHMARK_DIR)/baseline $(BENCHMARK_DIR)/current --fail-above $(BENCHMARK_FAIL_ABOVE) --strict --out $(BENCHMARK_DIR)/compare --quiet

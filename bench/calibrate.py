@@ -40,7 +40,8 @@ def calibrate(run_dirs: list[Path], out: Path) -> dict:
         a, b = _fit(f, t)
         fitted.setdefault(device, {})[impl] = {"overhead_s": a, "s_per_flop": b, "cases": len(pts)}
     existing = json.loads(out.read_text()) if out.exists() else {}
-    for device, table in fitted.items():
-        existing.setdefault(device, {}).update(table)
+    for device, table in fitted.items():  # (constants this fit does not make, s_per_element, s_per_op, are kept)
+        for impl, constants in table.items():
+            existing.setdefault(device, {}).setdefault(impl, {}).update(constants)
     write_atomic(Path(out), (json.dumps(existing, indent=1, sort_keys=True) + "\n").encode())
     return fitted

@@ -1,11 +1,11 @@
-"""ntk-bench run | report | compare | list | calibrate   (also: python -m ntk_bench ...)
+"""ntk-bench run | report | compare | check | list | calibrate   (also: python -m ntk_bench ...)
 
 Exit codes of ``run``: 0 when every case's last row passes; 1 when a row has a
 status named by ``--fail-on`` (default ``mismatch,error``) or, with
 ``--require-reference``, a computed row was not checked against
 neural-tangents; 2 for a usage error (an invalid sweep, an unusable run
 directory, a device this machine lacks), before any work; 130 after Ctrl-C
-(143 after SIGTERM), the finished rows kept for ``--resume``.
+(143 after SIGTERM, 129 after SIGHUP), the finished rows kept for ``--resume``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 log = logging.getLogger("ntk_bench")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
+EXIT_SIGHUP = 129
 
 
 # -- argument types: one clear line for a bad value -------------------------------------------------------
@@ -361,7 +362,8 @@ def _cmd_run(args) -> int:
     took = "" if summary.nothing_to_do else f"; this run: {summary.ran} row(s) in {fmt_duration(summary.elapsed_s)}"
     log.info("%s: %d of %d cases: %s%s", summary.path, done, summary.total, tally(summary.counts), took)
     if summary.interrupted:
-        return EXIT_SIGTERM if summary.interrupted == "SIGTERM" else EXIT_SIGINT
+        return {"SIGTERM": EXIT_SIGTERM, "SIGHUP": EXIT_SIGHUP, "SIGINT": EXIT_SIGINT,
+                "SIGINT twice": EXIT_SIGINT}.get(summary.interrupted, EXIT_FAILED)  # else the executor was lost
     return _verdict(summary, args)
 
 
@@ -438,6 +440,59 @@ def _add_compare(sub, wanted: bool) -> None:
         p = sub.add_parser("compare", help="compare two runs case by case, with the measured noise "
                                            "(ntk-bench compare --help)", add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
+
+
+def _add_kernel(sub, common, executors) -> None:
+    k = sub.add_parser("kernel", parents=[common], help="the kernel of a dataset, in tiles, on disk (zarr), resumable",
+                       description="Θ(X1, X2) over whole datasets: tiles as tasks, each written to the kernel's own "
+                                   "chunk as it finishes; run again (or --resume) to compute only the missing tiles.")
+    k.add_argument("--model", required=True, metavar="SPEC",
+                   help="'path/to/file.py:function' or 'package.module:function' returning the nn.Module")
+    k.add_argument("--data", required=True, metavar="SPEC",
+                   help="a factory returning X1: a tensor, a numpy array or a Dataset (of inputs or (input, target))")
+    k.add_argument("--data2", metavar="SPEC", help="a factory returning X2 (default: X2 = X1, upper triangle only)")
+    k.add_argument("--mode", choices=("full", "trace", "diagonal"), default="trace")
+    k.add_argument("--out", required=True, help="the kernel's directory, e.g. K.zarr")
+    k.add_argument("--impl", default="auto", help="the plugin (default auto: the cost model's pick, recorded)")
+    k.add_argument("--tile", type=positive_int, help="tile edge in samples (default: from the memory budget)")
+    k.add_argument("--memory-budget", type=gib, metavar="GIB", help="per worker (default: half the free memory)")
+    k.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    k.add_argument("--device", default="cpu", help="cpu, cuda or cuda:K")
+    k.add_argument("--resume", action="store_true",
+                   help="continue the kernel in OUT (the default when OUT is a kernel of the same model and data)")
+    k.add_argument("--verify", type=int, default=3, metavar="K",
+                   help="tiles besides the first diagonal one recomputed in float64 against the reference (default 3)")
+    k.add_argument("--executor", choices=("none",) + tuple(executors), default="none",
+                   help="none (this process, default), local (--workers pinned processes), ray, slurm, ...")
+    k.add_argument("--workers", type=positive_int, default=1, help="local: worker processes (default 1)")
+    k.add_argument("--devices", type=lambda t: [d.strip() for d in t.split(",") if d.strip()], metavar="LIST",
+                   help="local: one worker per GPU, e.g. cuda:0,cuda:1 (with --device cuda)")
+    k.add_argument("--timeout", type=seconds, help="per row band of tiles, on an executor")
+    k.add_argument("--no-progress", action="store_true", help="no progress lines")
+    k.set_defaults(func=_cmd_kernel)
+
+
+def _cmd_kernel(args) -> int:
+    from .kernel_matrix import kernel_matrix
+    from .kernel_store import KernelFileError
+
+    out = Path(args.out)
+    if out.exists() and not args.resume and any(out.iterdir() if out.is_dir() else [out]):
+        log.info("%s exists: resuming it (the model, data, mode and code must be the ones it was made from)", out)
+    try:
+        kernel = kernel_matrix(args.model, args.data, args.data2, mode=args.mode, out=out, impl=args.impl,
+                               tile=args.tile, executor=None if args.executor == "none" else args.executor,
+                               workers=args.workers, devices=args.devices, dtype=args.dtype, device=args.device, verify=args.verify,
+                               memory_budget_bytes=int(args.memory_budget * (1 << 30)) if args.memory_budget else None,
+                               timeout_s=args.timeout, progress=not args.no_progress)
+    except (KernelFileError, ValueError, TypeError) as exc:
+        print(f"ntk-bench kernel: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE if not isinstance(exc, KernelFileError) else 1
+    v = kernel.attrs.get("verification") or {}
+    print(f"{kernel.path}: {kernel.kernel_mode} kernel {kernel.shape} {kernel.dtype} by {kernel.attrs['plugin']}, "
+          f"{len(kernel.tiles())} tiles of {kernel.tile}; verified against the float64 reference on "
+          f"{len(v.get('tiles', []))} tiles, worst relative error {v.get('worst_rel_error', float('nan')):.2g}")
+    return 0
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
@@ -540,6 +595,14 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
                      help="the calibration file to write (merged into when it exists); auto reads it when "
                           "NTK_BENCH_CALIBRATION names it")
     cal.set_defaults(func=_cmd_calibrate)
+    from . import check  # (argparse only: no torch until the command runs)
+
+    chk = sub.add_parser("check", help="the correctness suite for a plugin (yours): exit 1 on any failure",
+                         parents=[common], description=check.__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    check.add_arguments(chk)
+    chk.set_defaults(func=check.run)
+    _add_kernel(sub, common, EXECUTORS)
     command = next((a for a in argv if not a.startswith("-")), None)
     _add_compare(sub, command == "compare")
     return parser

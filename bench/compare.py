@@ -1,5 +1,8 @@
 """Compare two runs case by case: ``ntk-bench compare RUN_A RUN_B [--fail-above 1.10] [--out DIR]``.
 
+A run is a run directory (``ntk-bench run``, ``python -m ntk_bench.bench.gate``) or pytest-benchmark's saved
+JSON (``load_pytest_benchmark``: the ``ntk_case`` fixture's rows, or any benchmark).
+
 For every case (matched by ``case_id``) the ratio B/A of the median times and a
 band around it that accounts for the measured noise:
 
@@ -24,9 +27,17 @@ run-to-run noise.
 Each case gets a verdict: ``slower`` (its band above 1 and, where there are
 blocks, the rank test below ``--alpha``), ``faster`` (likewise below 1),
 ``same`` (within the noise) or ``n/a`` (missing on one side, or not ok on
-either). Exit code 1 when a case is slower with its whole band above
-``--fail-above``, or when a case ok in A is not ok in B (an error, a mismatch,
-out of memory, a timeout ...); 2 for unusable input; else 0.
+either). The band decides; the rank test guards it against a band a few
+outlying blocks drew. A case with blocks too few for the rank test to reach
+``--alpha`` at all (``min_blocks``: 5 a side at 0.01) is judged from its band
+alone and marked *not judged* (so are cases with medians only, or timed with
+different clocks); ``--strict`` fails on any such case.
+
+Exit code 1 when a case is slower with its whole band above ``--fail-above``,
+when a case ok in A is not ok in B (an error, a mismatch, out of memory, a
+timeout ...), or with ``--strict`` when a case timed in both could not be
+judged; 2 for unusable input (no case in both runs, or fewer than half of the
+cases: runs of different sweeps); else 0.
 """
 
 from __future__ import annotations
@@ -50,7 +61,22 @@ DEFAULT_MAX_SHIFT = 1.5
 MIN_CASES_FOR_SHIFT = 5
 BOOTSTRAP = 2000
 MIN_BLOCKS = 3
+MIN_SHARED = 0.5  # of the cases in either run: fewer in both is two different sweeps, not a comparison
 OK = "ok"
+
+
+def rank_test_floor(na: int, nb: int) -> float:
+    """The smallest two-sided p a Mann–Whitney test of ``na`` against ``nb`` blocks can give (every block of one
+    side above every block of the other): 2 / C(na + nb, na)."""
+    return min(1.0, 2 / math.comb(na + nb, na))
+
+
+def min_blocks(alpha: float = DEFAULT_ALPHA) -> int:
+    """Blocks a side the rank test needs to be able to reach ``alpha`` (5 at 0.01; 3 blocks never reach 0.1)."""
+    n = 1
+    while rank_test_floor(n, n) >= alpha:
+        n += 1
+    return n
 
 
 def _blocks(v) -> np.ndarray | None:
@@ -148,7 +174,7 @@ def compare_frames(a: pd.DataFrame, b: pd.DataFrame, fail_above: float = 1.10,
                "status A": None if ra is None else ra["status"], "status B": None if rb is None else rb["status"],
                "A": np.nan, "IQR A": np.nan, "B": np.nan, "IQR B": np.nan, "B/A": np.nan, "relative": np.nan,
                "low": np.nan, "high": np.nan, "p": np.nan, "method": "", "verdict": "n/a", "fail": False, "why": "",
-               "_blocks": None}
+               "judged": False, "_blocks": None}
         out.append(row)
         if ra is None or rb is None:
             row["why"] = "only in B" if ra is None else "only in A"
@@ -165,7 +191,7 @@ def compare_frames(a: pd.DataFrame, b: pd.DataFrame, fail_above: float = 1.10,
             continue
         timers = [r.get("timer") if isinstance(r.get("timer"), str) else "wall clock" for r in (ra, rb)]
         if timers[0] != timers[1]:
-            row["why"] = f"timed differently ({timers[0]} → {timers[1]})"
+            row["why"] = f"not judged: timed differently ({timers[0]} → {timers[1]})"
             continue
         ta, tb = float(ra["time_median_s"]), float(rb["time_median_s"])
         row["B/A"] = tb / ta
@@ -175,10 +201,10 @@ def compare_frames(a: pd.DataFrame, b: pd.DataFrame, fail_above: float = 1.10,
             row.update(method=f"blocks {len(ba)}/{len(bb)}", _blocks=(ba, bb))
         elif pd.notna(ra["time_iqr_s"]) or pd.notna(rb["time_iqr_s"]):
             row["low"], row["high"] = iqr_band(ta, float(ra["time_iqr_s"]), tb, float(rb["time_iqr_s"]))
-            row["method"] = "IQR"
+            row.update(method="IQR", judged=True)
         else:
             row["low"] = row["high"] = tb / ta
-            row["method"] = "medians only"
+            row["method"] = "not judged: medians only, no noise measured"
     shift = common_shift(np.array([r["B/A"] for r in out], dtype=float), relative, max_shift)
     widen = 1 + max(noise_floor, 0.0)
     for row in out:
@@ -191,6 +217,13 @@ def compare_frames(a: pd.DataFrame, b: pd.DataFrame, fail_above: float = 1.10,
         if row["_blocks"] is not None:
             ba, bb = row["_blocks"]
             p = row["p"] = float(mannwhitneyu(bb / shift.applied, ba, alternative="two-sided").pvalue)
+            floor = rank_test_floor(len(ba), len(bb))
+            if floor < alpha:
+                row["judged"] = True
+            else:  # the test cannot guard: the band alone decides, and the case says it was not judged
+                p = None
+                row["method"] = (f"not judged: {len(ba)}/{len(bb)} blocks, the rank test needs "
+                                 f"{min_blocks(alpha)} a side to reach p < {alpha:g} (its floor here {floor:.2g})")
         significant = p is None or p < alpha
         if lo > 1 and significant:
             row["verdict"] = "slower"
@@ -233,9 +266,23 @@ def table(res: pd.DataFrame, shift: Shift | None = None) -> pd.DataFrame:
     return pd.DataFrame(cols)
 
 
+def unjudged(res: pd.DataFrame) -> pd.Series:
+    """The cases ok in both runs whose verdict lacks the evidence for one (what ``--strict`` fails on)."""
+    ok = (res["status A"] == OK) & (res["status B"] == OK)
+    return ok & ~res["judged"].astype(bool)
+
+
 def counts_line(res: pd.DataFrame) -> str:
     c = res["verdict"].value_counts()
-    return ", ".join(f"{int(c.get(v, 0))} {v}" for v in VERDICTS) + f"; {int(res['fail'].sum())} failing"
+    line = ", ".join(f"{int(c.get(v, 0))} {v}" for v in VERDICTS) + f"; {int(res['fail'].sum())} failing"
+    n = int(unjudged(res).sum())
+    return line + (f"; {n} not judged (too few blocks or no noise measured)" if n else "")
+
+
+def shared_cases(a: pd.DataFrame, b: pd.DataFrame) -> tuple[int, int]:
+    """(cases in both runs, cases in either)."""
+    ia, ib = set(a["case_id"]), set(b["case_id"])
+    return len(ia & ib), len(ia | ib)
 
 
 def plot(res: pd.DataFrame, path: Path, fail_above: float, title: str, shift: Shift) -> bool:
@@ -294,6 +341,47 @@ def plot(res: pd.DataFrame, path: Path, fail_above: float, title: str, shift: Sh
     return True
 
 
+def load_pytest_benchmark(path: Path) -> report.Run:
+    """A run from pytest-benchmark's saved JSON (``--benchmark-autosave``, ``--benchmark-json``): a benchmark timed
+    by the ``ntk_case`` fixture gives the runner's row it kept in ``extra_info``; any other benchmark a row of its
+    own (its name for the case, its median and IQR, its rounds as blocks where ``--benchmark-save-data`` kept
+    them), judged alike."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except ValueError as exc:
+        raise ValueError(f"{path} is not JSON: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
+        raise ValueError(f"{path} is neither a run directory nor pytest-benchmark's JSON (no 'benchmarks' list)")
+    rows = []
+    for b in data["benchmarks"]:
+        mine = (b.get("extra_info") or {}).get("ntk_bench")
+        if isinstance(mine, dict):
+            rows.append(dict(mine))
+            continue
+        stats = b.get("stats") or {}
+        timer = str((b.get("options") or {}).get("timer", "perf_counter")).rsplit(".", 1)[-1]
+        rows.append({"case_id": b.get("fullname") or b.get("name"), "impl": b.get("name"), "arch": "pytest",
+                     "arch_params": "{}", "N": 0, "M": 0, "mode": "", "dtype": "", "device": "", "status": OK,
+                     "time_median_s": stats.get("median"), "time_iqr_s": stats.get("iqr"),
+                     "time_blocks_s": stats.get("data"), "timer": timer})
+    machine = data.get("machine_info") or {}
+    header = {"sweep": f"pytest-benchmark {data.get('version', '')}".strip(), "started": data.get("datetime"),
+              "device_name": (machine.get("cpu") or {}).get("brand_raw"), "python": machine.get("python_version"),
+              "git_commit": (data.get("commit_info") or {}).get("id")}
+    df, duplicates, incomplete = report.frame(rows)
+    return report.Run([header], df, duplicates, 0, incomplete)
+
+
+def load(path) -> report.Run:
+    """A run directory (or its results.jsonl), or pytest-benchmark's saved JSON."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".json":
+        return load_pytest_benchmark(path)
+    return report.load_run(path)
+
+
 def _header_note(ha: dict, hb: dict) -> list[str]:
     keys = ("device_name", "torch", "cpu_threads", "cuda", "numpy", "python")
     diff = [f"{k}: {ha.get(k)} → {hb.get(k)}" for k in keys if ha.get(k) != hb.get(k)]
@@ -321,11 +409,13 @@ def _threads_note(a: pd.DataFrame, b: pd.DataFrame) -> list[str]:
 
 
 def markdown(res: pd.DataFrame, shift: Shift, run_a: Path, run_b: Path, ha: dict, hb: dict, fail_above: float,
-             noise_floor: float, alpha: float, plotted: bool, notes: list[str] = ()) -> str:
+             noise_floor: float, alpha: float, plotted: bool, notes: list[str] = (), strict: bool = False) -> str:
     lines = [f"# ntk-bench compare: {run_a} → {run_b}", "",
              f"A: {report._header_line(ha)}  ", f"B: {report._header_line(hb)}", ""]
     lines += _header_note(ha, hb) + _load_note(ha, hb) + list(notes)
-    lines += [f"**{'FAIL' if res['fail'].any() else 'PASS'}** (--fail-above {fail_above:g}): {counts_line(res)}.", ""]
+    failed = bool(res["fail"].any()) or bool(strict and unjudged(res).any())
+    flags = f"--fail-above {fail_above:g}" + (", --strict" if strict else "")
+    lines += [f"**{'FAIL' if failed else 'PASS'}** ({flags}): {counts_line(res)}.", ""]
     if shift.cases:
         lines += [f"Over the {shift.cases} cases timed in both, B/A has median {shift.median:.3g} and spreads by "
                   f"×{shift.spread:.3g} around it (1.4826 · median absolute deviation of the log ratios); "
@@ -349,7 +439,8 @@ def markdown(res: pd.DataFrame, shift: Shift, run_a: Path, run_b: Path, ha: dict
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("run_a", metavar="RUN_A", help="the baseline run directory (or its results.jsonl)")
+    parser.add_argument("run_a", metavar="RUN_A", help="the baseline run directory (or its results.jsonl), or "
+                                                        "pytest-benchmark's saved JSON")
     parser.add_argument("run_b", metavar="RUN_B", help="the run to check against it")
     parser.add_argument("--fail-above", type=float, default=1.10, metavar="FACTOR",
                         help="exit 1 when a case is slower by more than FACTOR beyond its noise band (default 1.10)")
@@ -366,6 +457,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help=f"significance level of the rank test on per-block times (default {DEFAULT_ALPHA:g})")
     parser.add_argument("--out", metavar="DIR", help="also write compare.md, compare.csv and compare.png there")
     parser.add_argument("--quiet", action="store_true", help="print only the verdict line and the failing cases")
+    parser.add_argument("--strict", action="store_true",
+                        help="also exit 1 when a case timed in both runs could not be judged (too few blocks for "
+                             "the rank test, or no noise measured)")
     return parser
 
 
@@ -390,19 +484,30 @@ def run(args) -> int:
     runs = []
     for p in (args.run_a, args.run_b):
         try:
-            runs.append(report.load_run(Path(p)))
+            runs.append(load(p))
         except OSError as exc:
             print(f"error: cannot read {p}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
             return 2
     ra, rb = runs
     for name, r in ((args.run_a, ra), (args.run_b, rb)):
         if r.df.empty:
             print(f"error: {name} has no result rows", file=sys.stderr)
             return 2
+    both, either = shared_cases(ra.df, rb.df)
+    if both == 0 or both < MIN_SHARED * either:
+        print(f"error: only {both} of the {either} cases are in both {args.run_a} and {args.run_b}: compare two runs "
+              "of the same sweep (the cases match by case_id)", file=sys.stderr)
+        return 2
     res, shift = compare_frames(ra.df, rb.df, args.fail_above, args.noise_floor, args.alpha, args.relative,
                                 args.max_shift)
     notes = _threads_note(ra.df, rb.df)
-    verdict = ("FAIL" if res["fail"].any() else "PASS") + f" (--fail-above {args.fail_above:g}): {counts_line(res)}"
+    strict_fail = bool(args.strict and unjudged(res).any())
+    failed = bool(res["fail"].any()) or strict_fail
+    flags = f"--fail-above {args.fail_above:g}" + (", --strict" if args.strict else "")
+    verdict = ("FAIL" if failed else "PASS") + f" ({flags}): {counts_line(res)}"
     out = Path(args.out) if args.out else None
     plotted = False
     if out is not None:
@@ -410,17 +515,17 @@ def run(args) -> int:
         plotted = plot(res, out / "compare.png", args.fail_above, f"{args.run_b} against {args.run_a}", shift)
         res.to_csv(out / "compare.csv", index=False)
     text = markdown(res, shift, Path(args.run_a), Path(args.run_b), ra.header, rb.header, args.fail_above,
-                    args.noise_floor, args.alpha, plotted, notes)
+                    args.noise_floor, args.alpha, plotted, notes, strict=args.strict)
     if out is not None:
         (out / "compare.md").write_text(text)
     if args.quiet:
         print(verdict)
-        failing = res[res["fail"]]
+        failing = res[res["fail"] | (unjudged(res) if args.strict else False)]
         if len(failing):
             print(table(failing, shift).to_markdown(index=False))
     else:
         print(text)
-    return 1 if res["fail"].any() else 0
+    return 1 if failed else 0
 
 
 def main(argv=None) -> int:

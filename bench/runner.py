@@ -17,8 +17,9 @@ are written as futures complete, in the order they finish.
 - A case the kernel's OOM killer ended is run once more, blocked under a budget
   that respects the worker's memory limits (``blocked_after_oom``).
 - Ctrl-C (SIGINT) stops starting cases and lets the running ones finish their
-  rows; a second Ctrl-C or SIGTERM stops them now. Either way the workers die
-  with the runner, and ``resume`` finishes the rest.
+  rows; a second Ctrl-C, SIGTERM or SIGHUP stops them now, as does the loss of
+  the executor's engine (``Executor.failure``). Either way the workers die with
+  the runner, and ``resume`` finishes the rest.
 - Each row records what ran beside it (``concurrent``: the other jobs whose run
   overlapped it), where (``worker``, ``cpu_affinity``) and its whole wall time.
 
@@ -45,7 +46,6 @@ from .sweeps import Case, Problem
 
 log = logging.getLogger("ntk_bench.runner")
 
-REFERENCE_TIMEOUT_S = 900
 # auto is timed in alternating blocks against every plugin of its case within this factor of the fastest one's
 # separately measured time: which of them is really fastest, separate timings minutes apart cannot tell.
 COMPARE_WITHIN = 1.25
@@ -100,7 +100,8 @@ class RunSummary:
     total: int  # cases in the sweep
     ran: int = 0  # rows written by this run
     counts: dict = dataclasses.field(default_factory=dict)  # status -> cases, from each case's last row
-    interrupted: str | None = None  # "SIGINT" (finished the running cases), "SIGINT twice", "SIGTERM"
+    interrupted: str | None = None  # "SIGINT" (finished the running cases), "SIGINT twice", "SIGTERM", "SIGHUP",
+    # or "<executor> executor lost: why"
     deadline_hit: bool = False
     nothing_to_do: bool = False
     left: int = 0  # cases without a row after this run
@@ -219,7 +220,7 @@ def differences(old: dict, new: dict, cases: list[Case], rows: list[dict]) -> li
 # -- the run ---------------------------------------------------------------------------------------------
 
 class _Terminated(BaseException):
-    """SIGTERM: stop now."""
+    """SIGTERM, SIGHUP (a closed terminal) or the executor's engine lost: stop now. Its argument: what happened."""
 
 
 class _State:
@@ -238,15 +239,15 @@ def _install_signals(state: _State, reporter: Reporter):
         reporter.note("interrupted: finishing the running case(s); press Ctrl-C again to stop them now")
 
     def on_sigterm(signum, frame):
-        raise _Terminated
+        raise _Terminated(signal.Signals(signum).name)
 
-    return signal.signal(signal.SIGINT, on_sigint), signal.signal(signal.SIGTERM, on_sigterm)
+    return {sig: signal.signal(sig, handler)
+            for sig, handler in ((signal.SIGINT, on_sigint), (signal.SIGTERM, on_sigterm), (signal.SIGHUP, on_sigterm))}
 
 
 def _restore_signals(saved) -> None:
-    if saved is not None:
-        signal.signal(signal.SIGINT, saved[0])
-        signal.signal(signal.SIGTERM, saved[1])
+    for sig, handler in (saved or {}).items():
+        signal.signal(sig, handler)
 
 
 def _case_rows(path: Path, cases: list[Case], warn: bool = True) -> tuple[list[tuple[dict, list[dict]]], dict]:
@@ -386,6 +387,10 @@ def _schedule(cases, todo, latest, out_dir, executor, results, summary, reporter
         if c.problem.id not in refs_needed:
             refs_needed[c.problem.id] = None if measure.reference_ok(c.problem, out_dir) else c.problem
     ref_done = {pid for pid, problem in refs_needed.items() if problem is None}
+    # a reference may take as long as the longest of its cases: the sweep's timeout (or --timeout), nothing fixed
+    ref_timeout: dict[str, float] = {}
+    for c in cases:
+        ref_timeout[c.problem.id] = max(ref_timeout.get(c.problem.id, 0.0), c.timeout_s)
     todo_ids = {c.id for c in todo}
     waits_for = {c.id: {o.id for o in todo if o.id != c.id and _group(o) == _group(c) and o.impl != "auto"
                         and sweeps.kind_of(o.impl) == "ours"} if c.impl == "auto" else set() for c in todo}
@@ -404,6 +409,8 @@ def _schedule(cases, todo, latest, out_dir, executor, results, summary, reporter
         if fut.cancelled():
             return
         row = fut.result()
+        if row.get("executor_lost"):  # never ran to its end: no row, resume runs it
+            return
         if kind == "reference":
             ref_done.add(obj.id)
             if row.get("status") != "ok":
@@ -444,7 +451,7 @@ def _schedule(cases, todo, latest, out_dir, executor, results, summary, reporter
         while True:
             if not state.stop_requested:
                 for problem in ref_queue:
-                    fut = executor.submit(Job("reference", problem, REFERENCE_TIMEOUT_S, plugins))
+                    fut = executor.submit(Job("reference", problem, ref_timeout[problem.id], plugins))
                     inflight[fut] = ("reference", problem)
                     history.append(fut)
                 ref_queue = []
@@ -463,6 +470,9 @@ def _schedule(cases, todo, latest, out_dir, executor, results, summary, reporter
                                                    return_when=concurrent.futures.FIRST_COMPLETED)
             for fut in done_futs:
                 process(fut)
+            lost = getattr(executor, "failure", lambda: None)()
+            if lost:
+                raise _Terminated(f"{executor.name} executor lost: {lost}")
             if not state.stop_requested and deadline_s is not None and time.monotonic() - start > deadline_s:
                 state.stop_requested = True
                 summary.deadline_hit = True
@@ -475,7 +485,7 @@ def _schedule(cases, todo, latest, out_dir, executor, results, summary, reporter
         if state.stop_requested and summary.interrupted is None and not summary.deadline_hit:
             summary.interrupted = "SIGINT"
     except (KeyboardInterrupt, _Terminated) as exc:
-        summary.interrupted = "SIGTERM" if isinstance(exc, _Terminated) else "SIGINT twice"
+        summary.interrupted = exc.args[0] if isinstance(exc, _Terminated) else "SIGINT twice"
         state.stop_requested = True
         keep_finished()
         executor.kill_running()

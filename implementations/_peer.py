@@ -100,7 +100,9 @@ class PeerPlugin(NTKPlugin):
         return None
 
     def _refuse_budget(self, memory_budget_bytes) -> None:
-        if memory_budget_bytes is not None:
+        from .validation import budget_bytes
+
+        if budget_bytes(memory_budget_bytes) is not None:  # (a malformed budget gets the same error as elsewhere)
             raise UnsupportedModelError(f"{self.name}: a peer runs as its library does and takes no memory budget")
 
     def compute(self, model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None, mode: str = "full",
@@ -114,11 +116,29 @@ class PeerPlugin(NTKPlugin):
         """The library's set-up, done here after the same validation as ``compute``; ``run`` is its NTK routine
         alone and ``to_torch`` the conversion and the checks of the result."""
         from .engine import checked, validated
+        from .locking import model_claimed
+        from .state import dense_gradients
 
         self._refuse_budget(memory_budget_bytes)
-        call = validated(self, model, x1, x2, mode)
-        run, convert = self._setup(call.net, call.x1, call.x2, mode)
-        return run, lambda out: checked(self, convert(out), call, mode)
+
+        @contextlib.contextmanager
+        def held():  # the model to this call alone, as in ``compute``, while each step runs
+            with model_claimed(model), dense_gradients(model):
+                yield
+
+        with held():
+            call = validated(self, model, x1, x2, mode)
+            run, convert = self._setup(call.net, call.x1, call.x2, mode)
+
+        def run_held():
+            with held():
+                return run()
+
+        def to_torch(out):
+            with held():
+                return checked(self, convert(out), call, mode)
+
+        return run_held, to_torch
 
     def _kernel(self, model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None, mode: str) -> torch.Tensor:
         run, convert = self._setup(model, x1, x2, mode)

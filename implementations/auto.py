@@ -3,15 +3,18 @@
 Every other built-in plugin that supports the model gives a cost-model
 estimate (FLOPs and peak bytes, from the layer shapes, P and [FP] measured by
 FlopCounterMode); the predicted time is ``overhead_s + flops · s_per_flop``
-with constants per plugin and device type fitted to measured runs
+(+ ``traffic · s_per_element + ops · s_per_op`` where a plugin's estimate counts
+the numbers its memory-bound operators move and its operator calls, and those
+constants are fitted) with constants per plugin and device type fitted to measured runs
 (``auto_calibration.json``, written by ``ntkbench calibrate``). A plugin whose
 peak does not fit the memory budget is costed as blocked: its tiles' times
 add up. The cheapest prediction wins; ``last_choice`` says which and why.
 Where the runner-up is predicted within ``TRIAL_WITHIN`` times the pick and the
 pick under ``TRIAL_UNDER_S`` (a cost model in FLOPs cannot rank a vmapped
-attention layer against a GEMM within a factor 3), the first call for a model
-and input shapes times both (a warm-up call, then the better of two) and keeps
-the faster, like cudnn.benchmark.
+attention layer against a GEMM within a factor 3), the first four calls for a
+model and input shapes run the two in turn (a, b, a, b: each one's second call
+timed, each call's kernel returned) and the calls after keep the faster, like
+cudnn.benchmark spread over calls: the first call costs what the pick costs.
 When the pick declines the model at compute time (a structure only running
 reveals), the next-cheapest candidate runs, and ``last_choice`` says so; a
 declined pick is remembered for that model and input shapes.
@@ -82,6 +85,7 @@ class Auto(NTKPlugin):
         self._choices: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._declined: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> shapes -> {name: why}
         self._measured: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> rank key -> (name, note)
+        self._trials: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> rank key -> turns left
         self.last_choice: tuple[str, str] | None = None
 
     @property
@@ -107,18 +111,20 @@ class Auto(NTKPlugin):
 
         c = self.calibration.get(device_type, {}).get(plugin.name, DEFAULT_CONSTANTS[device_type])
         b = tile_size(plugin.with_budget(budget), stats, n, m, mode, budget, symmetric)
+        def seconds(est):  # (the per-number and per-operator constants: where fitted, else none)
+            return (c["overhead_s"] + est.flops * c["s_per_flop"] + est.traffic * c.get("s_per_element", 0.0)
+                    + est.ops * c.get("s_per_op", 0.0))
+
         if b >= max(n, m):
-            est = plugin.estimate(stats, n, m, mode, symmetric)
-            return c["overhead_s"] + est.flops * c["s_per_flop"], b
+            return seconds(plugin.estimate(stats, n, m, mode, symmetric)), b
         tiles = math.ceil(n / b) * math.ceil(m / b)
         if symmetric:
             tiles = (tiles + math.ceil(n / b)) // 2
-        est = plugin.estimate(stats, min(b, n), min(b, m), mode, False)
-        return tiles * (c["overhead_s"] + est.flops * c["s_per_flop"]), b
+        return tiles * seconds(plugin.estimate(stats, min(b, n), min(b, m), mode, False)), b
 
     def choose(self, model, x1, x2=None, mode="full", memory_budget_bytes=None):
         """(the chosen plugin, why, the budget to compute it under or None, predicted seconds): the cost model's
-        pick, or the faster of the two timed on the first call; a candidate that declined this model at compute
+        pick, or the faster of the two timed over the first calls; a candidate that declined this model at compute
         time is passed over."""
         key = (tuple(x1.shape), None if x2 is None else tuple(x2.shape), x1.dtype, x1.device)
         declined = self._declined.get(model, {}).get(key, {})
@@ -148,37 +154,52 @@ class Auto(NTKPlugin):
         first = [(p, why + note, b, s) for p, why, b, s in ranked if p.name == name]
         return first + [r for r in ranked if r[0].name != name]
 
-    def _trial(self, model, x1, x2, mode, memory_budget_bytes, live, declined):
-        """Time the two cheapest predictions (a warm-up call, then the better of two calls each) when they are
-        close and small; remember and return (winner's name, its last kernel), or None without a trial."""
+    def _explore(self, model, x1, x2, mode, memory_budget_bytes, declined):
+        """While the two cheapest predictions are close and small, run them in turn over the first four calls for a
+        model and input shapes (a, b, a, b: each one's first call builds its plan, its second is timed), keep the
+        faster for the calls after, and return this call's kernel; None when there is nothing to try (or the plugin
+        whose turn it is declined the model). A single call costs what the cost model's pick costs alone."""
         import time
 
-        if len(live) < 2 or live[0][3] > TRIAL_UNDER_S or live[1][3] > TRIAL_WITHIN * live[0][3]:
+        tkey = self._trial_key(model, x1, x2, mode, memory_budget_bytes)
+        trials = self._trials.setdefault(model, {})
+        state = trials.get(tkey)
+        if state is None:
+            live = [r for r in self.rank(model, x1, x2, mode, memory_budget_bytes) if r[0].name not in declined]
+            if len(live) < 2 or live[0][3] > TRIAL_UNDER_S or live[1][3] > TRIAL_WITHIN * live[0][3]:
+                return None
+            state = trials[tkey] = {"turns": [live[0], live[1], live[0], live[1]], "times": {}}
+        plugin, why, budget, _ = state["turns"].pop(0)
+        timed = len(state["turns"]) < 2  # (each plugin's second call: its plan made)
+        try:
+            if x1.device.type == "cuda":
+                torch.cuda.synchronize(x1.device)
+            t0 = time.perf_counter()
+            out = plugin.dispatch(model, x1, x2, mode, budget)
+            if x1.device.type == "cuda":
+                torch.cuda.synchronize(x1.device)
+            seconds = time.perf_counter() - t0
+        except UnsupportedModelError as exc:
+            declined[plugin.name] = str(exc)
+            trials.pop(tkey, None)
             return None
-        times, outs = {}, {}
-        for plugin, _, budget, seconds in live:  # the two cheapest that compute the model
-            if len(times) == 2 or seconds > TRIAL_WITHIN * live[0][3]:
-                break
-            try:
-                plugin.dispatch(model, x1, x2, mode, budget)
-                best = math.inf
-                for _ in range(2):
-                    if x1.device.type == "cuda":
-                        torch.cuda.synchronize(x1.device)
-                    t0 = time.perf_counter()
-                    outs[plugin.name] = plugin.dispatch(model, x1, x2, mode, budget)
-                    if x1.device.type == "cuda":
-                        torch.cuda.synchronize(x1.device)
-                    best = min(best, time.perf_counter() - t0)
-                times[plugin.name] = best
-            except UnsupportedModelError as exc:
-                declined[plugin.name] = str(exc)
-        if not times:
-            return None
-        name = min(times, key=times.get)
-        note = "; timed on the first call: " + ", ".join(f"{k} {v * 1e3:.3g} ms" for k, v in times.items())
-        self._measured.setdefault(model, {})[self._trial_key(model, x1, x2, mode, memory_budget_bytes)] = (name, note)
-        return name, outs[name]
+        if timed:
+            state["times"][plugin.name] = seconds
+        note = "; trying the two cheapest predictions in turn over the first four calls"
+        if not state["turns"]:
+            times = state["times"]
+            name = min(times, key=times.get)
+            note = "; timed over the first calls: " + ", ".join(f"{k} {v * 1e3:.3g} ms" for k, v in times.items())
+            self._measured.setdefault(model, {})[tkey] = (name, note)
+            trials.pop(tkey, None)
+        self.last_choice = (plugin.name, why + note + self._fallback_note(declined))
+        return out
+
+    def turns_left(self, model, x1, x2=None, mode="full", memory_budget_bytes=None) -> int:
+        """Calls left before auto settles on one plugin for these inputs (it tries two in turn over its first
+        calls): a benchmark times auto after that many more calls."""
+        state = self._trials.get(model, {}).get(self._trial_key(model, x1, x2, mode, memory_budget_bytes))
+        return 0 if state is None else len(state["turns"])
 
     def rank(self, model, x1, x2=None, mode="full", memory_budget_bytes=None):
         """[(plugin, why, the budget to compute it under or None, predicted seconds)], cheapest first, from the
@@ -231,18 +252,13 @@ class Auto(NTKPlugin):
         return f" (fallback: {notes})" if notes else ""
 
     def dispatch(self, model, x1, x2, mode, memory_budget_bytes):
-        """Run the cheapest candidate (or time the two cheapest first, see ``_trial``); when it declines the model
-        at compute time, the next one."""
+        """Run the cheapest candidate (or, over the first calls, the two cheapest in turn: ``_explore``); when it
+        declines the model at compute time, the next one."""
         key = (tuple(x1.shape), None if x2 is None else tuple(x2.shape), x1.dtype, x1.device)
         declined = self._declined.setdefault(model, {}).setdefault(key, {})
         if self._trial_key(model, x1, x2, mode, memory_budget_bytes) not in self._measured.get(model, {}):
-            live = [r for r in self.rank(model, x1, x2, mode, memory_budget_bytes) if r[0].name not in declined]
-            won = self._trial(model, x1, x2, mode, memory_budget_bytes, live, declined)
-            if won is not None:
-                name, out = won
-                why = next(w for p, w, _, _ in self._ordered(model, x1, x2, mode, memory_budget_bytes)
-                           if p.name == name)
-                self.last_choice = (name, why + self._fallback_note(declined))
+            out = self._explore(model, x1, x2, mode, memory_budget_bytes, declined)
+            if out is not None:
                 return out
         for plugin, why, budget, _ in self._ordered(model, x1, x2, mode, memory_budget_bytes):
             if plugin.name in declined:

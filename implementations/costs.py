@@ -23,6 +23,7 @@ import weakref
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,11 @@ class ModelStats:
     activations: int  # numbers held by module outputs in one sample's forward pass
     layers: tuple[Layer, ...]
     itemsize: int
+    # Memory-bound work FLOPs miss: numbers written by the forward's operators (elementwise ops, norms, pooling,
+    # depthwise convs move far more numbers than they do FLOPs; FlopCounterMode counts none for most of them), and
+    # the number of those operators (each costs a dispatch, forward and backward, whatever its size).
+    traffic: int = 0
+    ops: int = 0
 
     @property
     def widths(self) -> int:
@@ -57,6 +63,23 @@ class ModelStats:
 class Estimate:
     flops: float
     bytes: float
+    traffic: float = 0.0  # numbers read or written by memory-bound operators (costed per number, not per FLOP)
+    ops: float = 0.0  # operator calls (costed per call)
+
+
+class _Traffic(TorchDispatchMode):
+    """Counts the operators a forward runs and the numbers their outputs hold (views excluded: they move none)."""
+
+    def __init__(self):
+        super().__init__()
+        self.elements, self.ops = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            self.ops += 1
+            self.elements += sum(v.numel() for v in torch.utils._pytree.tree_leaves(out) if isinstance(v, torch.Tensor))
+        return out
 
 
 _STATS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -125,9 +148,10 @@ def _measure_stats(model: nn.Module, x_single: torch.Tensor) -> ModelStats:
     from .structured_rules import _functional_names
 
     ops = _ParamOps({id(q) for q in model.parameters() if q.requires_grad})
+    traffic = _Traffic()
     handles = [m.register_forward_hook(hook) for _, m in named]
     try:  # (MultiheadAttention as structured records it: its projections as F.linear calls)
-        with torch.enable_grad(), _functional_names(), FlopCounterMode(display=False) as counter, ops:
+        with torch.enable_grad(), _functional_names(), FlopCounterMode(display=False) as counter, ops, traffic:
             y = model(x_single)
     finally:
         for h in handles:
@@ -182,7 +206,7 @@ def _measure_stats(model: nn.Module, x_single: torch.Tensor) -> ModelStats:
             layers.append(Layer("generic", 1, p, 1, False, p=p, flops=max(module_flops(m), 2 * p)))
     p = sum(q.numel() for q in model.parameters() if q.requires_grad)
     o = 1 if y.dim() == 1 else y.shape[-1]
-    return ModelStats(p, o, total, activations[0], tuple(layers), y.element_size())  # the kernel's numbers (x_single may hold integer ids)
+    return ModelStats(p, o, total, activations[0], tuple(layers), y.element_size(), traffic.elements, traffic.ops)  # the kernel's numbers (x_single may hold integer ids)
 
 
 def _rnn_flops(module: nn.RNNBase, x: torch.Tensor) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import threading
 import weakref
 
 import torch
@@ -25,8 +26,10 @@ from torch import nn
 from .base import NTKPlugin, UnsupportedModelError
 from .input_errors import named_input_errors
 from .kernels import kernel_shape
-from .state import preserved
-from .validation import output_spec, probe_forward, refuse_ill_defined_modules, share_probe, validate_inputs
+from .locking import model_claimed
+from .state import dense_gradients, preserved
+from .validation import (budget_bytes, output_spec, probe_forward, refuse_ill_defined_modules,
+                         refuse_scripted, share_probe, validate_inputs)
 from .wrappers import unwrap
 
 
@@ -49,16 +52,18 @@ class _ColumnOutput(nn.Module):
 # auto's pick) see the same object on every call. Bounded: a wrapper holds its model.
 _COLUMN_WRAPPERS: "collections.OrderedDict[int, tuple[weakref.ref, _ColumnOutput]]" = collections.OrderedDict()
 _MAX_COLUMN_WRAPPERS = 8
+_COLUMN_WRAPPERS_LOCK = threading.Lock()
 
 
 def _as_matrix_output(model: nn.Module) -> nn.Module:
-    entry = _COLUMN_WRAPPERS.get(id(model))
-    if entry is None or entry[0]() is not model:
-        entry = (weakref.ref(model), _ColumnOutput(model))
-        _COLUMN_WRAPPERS[id(model)] = entry
-        while len(_COLUMN_WRAPPERS) > _MAX_COLUMN_WRAPPERS:
-            _COLUMN_WRAPPERS.popitem(last=False)
-    _COLUMN_WRAPPERS.move_to_end(id(model))
+    with _COLUMN_WRAPPERS_LOCK:  # (threads on different models: one's eviction must not drop the other's entry)
+        entry = _COLUMN_WRAPPERS.get(id(model))
+        if entry is None or entry[0]() is not model:
+            entry = (weakref.ref(model), _ColumnOutput(model))
+            _COLUMN_WRAPPERS[id(model)] = entry
+            while len(_COLUMN_WRAPPERS) > _MAX_COLUMN_WRAPPERS:
+                _COLUMN_WRAPPERS.popitem(last=False)
+        _COLUMN_WRAPPERS.move_to_end(id(model))
     share_probe(model, entry[1])
     return entry[1]
 
@@ -88,21 +93,17 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())  # (a sum first: 2 ops, not 4)
 
 
-def _validate_budget(memory_budget_bytes) -> None:
-    if memory_budget_bytes is None:
-        return
-    if isinstance(memory_budget_bytes, bool) or not isinstance(memory_budget_bytes, int) or memory_budget_bytes <= 0:
-        raise ValueError(f"memory_budget_bytes must be a positive integer number of bytes, got {memory_budget_bytes!r}")
-
-
 def compute(plugin: NTKPlugin, model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None,
             mode: str = "full", memory_budget_bytes: int | None = None) -> torch.Tensor:
-    """Θ(x1, x2) of ``model`` by ``plugin``: see the module docstring for the steps."""
+    """Θ(x1, x2) of ``model`` by ``plugin``: see the module docstring for the steps. Calls on one model from several
+    threads take turns (``locking``): a call changes the model while it runs."""
     model = unwrap(model)  # torch.compile's and DataParallel's wrappers: the module they run, before anything else
-    call = validated(plugin, model, x1, x2, mode, memory_budget_bytes)
-    with torch.inference_mode(False), torch.enable_grad(), preserved(model):
-        out = plugin.dispatch(call.net, call.x1, call.x2, mode, memory_budget_bytes)
-    return checked(plugin, out, call, mode, memory_budget_bytes)
+    memory_budget_bytes = budget_bytes(memory_budget_bytes)
+    with model_claimed(model):
+        call = validated(plugin, model, x1, x2, mode, memory_budget_bytes)
+        with torch.inference_mode(False), torch.enable_grad(), preserved(model), dense_gradients(model):
+            out = plugin.dispatch(call.net, call.x1, call.x2, mode, memory_budget_bytes)
+        return checked(plugin, out, call, mode, memory_budget_bytes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +123,8 @@ def validated(plugin: NTKPlugin, model: nn.Module, x1: torch.Tensor, x2: torch.T
     """Step 1, validation: raises a clear error for bad inputs, an ill-defined kernel or a declined model."""
     model = unwrap(model)  # (peers' prepare comes here directly)
     validate_inputs(model, x1, x2, mode)
-    _validate_budget(memory_budget_bytes)
+    budget_bytes(memory_budget_bytes)
+    refuse_scripted(plugin.name, model)
     refuse_ill_defined_modules(model)
     with torch.inference_mode(False):
         x1, x2 = _plain(x1), _plain(x2)

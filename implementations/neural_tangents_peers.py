@@ -53,12 +53,22 @@ class NeuralTangentsPeer(NTKPlugin):
                 memory_budget_bytes: int | None = None):
         """``(run, to_torch)``: ``run()`` is neural-tangents' jitted kernel on pre-converted JAX arrays,
         ``block_until_ready()`` included; ``to_torch`` turns its output into a torch tensor in the plugin
-        shapes."""
-        from ntk_bench import reference
+        shapes. The inputs and the model pass the same validation as ``compute``'s."""
+        from .engine import validated
+        from .locking import model_claimed
+        from .validation import budget_bytes
 
-        if memory_budget_bytes is not None:
+        if budget_bytes(memory_budget_bytes) is not None:
             raise UnsupportedModelError(f"{self.name}: neural-tangents takes no memory budget (it is run as its "
                                         "authors run it)")
+        with model_claimed(model):
+            validated(self, model, x1, x2, mode)
+            return self._prepared(model, x1, x2, mode)
+
+    def _prepared(self, model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None, mode: str):
+        """``prepare`` after validation: the translation to JAX and the converted inputs (``run`` only reads those)."""
+        from ntk_bench import reference
+
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
         reason = self.supports(model)
@@ -79,7 +89,7 @@ class NeuralTangentsPeer(NTKPlugin):
         return run, _to_torch
 
     def _kernel(self, model, x1, x2, mode):
-        run, to_torch = self.prepare(model, x1, x2, mode)
+        run, to_torch = self._prepared(model, x1, x2, mode)
         return to_torch(run())
 
 

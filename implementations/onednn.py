@@ -10,6 +10,7 @@ switch) and ``linear`` calls oneDNN's linear for float32 CPU tensors; under ``en
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 
 import torch
@@ -70,10 +71,30 @@ def is_faster(run, repeats: int = 5, margin: float = 0.9, only_below_s: float = 
     return min(off) >= margin * min(on)
 
 
+_FIXED = threading.local()
+
+
+@contextlib.contextmanager
+def fixed_choice(flag: bool | None):
+    """Inside the block ``on_faster_backend`` runs with oneDNN on (True) or off (False) without timing a trial
+    (None: measured as usual). A computation split over processes (the tiles of a dataset's kernel) fixes the
+    choice once, so that every part runs the same kernels and the result does not depend on which process ran it."""
+    before = getattr(_FIXED, "flag", None)
+    _FIXED.flag = flag
+    try:
+        yield
+    finally:
+        _FIXED.flag = before
+
+
 def on_faster_backend(store, model, key: tuple, run, prepare=None):
     """``run()`` with oneDNN on or off, whichever ran it faster on the first call for ``model`` and ``key``
     (``is_faster``, its answer cached in ``store`` per model, key and parameter shapes); ``prepare()`` first, once,
     outside the timed calls (a plan)."""
+    flag = getattr(_FIXED, "flag", None)
+    if flag is not None:
+        with enabled(flag):
+            return run()
     outs = []
 
     def trial():

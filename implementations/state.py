@@ -62,3 +62,22 @@ def preserved(model: nn.Module) -> Iterator[None]:
         if changed:
             raise RuntimeError(f"the call changed the model's buffers {changed} in place and they cannot be put "
                                "back; this is a bug of the plugin or a forward pass with state")
+
+
+# Modules whose ``sparse=True`` makes their weight's gradient a sparse tensor, which torch.func's transforms and
+# the libraries' per-sample gradients cannot reshape or vmap; it changes the gradient's storage, not its values.
+_SPARSE_GRADIENT_MODULES = (nn.Embedding, nn.EmbeddingBag)
+
+
+@contextlib.contextmanager
+def dense_gradients(model: nn.Module) -> Iterator[None]:
+    """``sparse=False`` on the model's Embedding/EmbeddingBag modules for the duration of a call, put back after: the
+    kernel is the same, and every plugin can differentiate a dense gradient."""
+    sparse = [m for m in dict.fromkeys(submodules(model)) if isinstance(m, _SPARSE_GRADIENT_MODULES) and m.sparse]
+    for m in sparse:
+        m.sparse = False
+    try:
+        yield
+    finally:
+        for m in sparse:
+            m.sparse = True

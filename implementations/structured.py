@@ -40,6 +40,7 @@ captured CUDA graph (cuda_graphs).
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 import weakref
 
@@ -179,6 +180,10 @@ def _contract(total: KernelSum, blocks, symmetric: bool):
     flush()
 
 
+# Dtypes whose rounding (8 and 11 significant bits) is the size of the errors the plan's check must catch.
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
 class Structured(NTKPlugin):
     name = "structured"
     capturable = True  # on a GPU, replayed from a CUDA graph (cuda_graphs)
@@ -199,12 +204,20 @@ class Structured(NTKPlugin):
             if problem:
                 name = next(name for name, mod in model.named_modules(remove_duplicate=False) if mod is m)
                 return f"structured: {name or 'the model itself'}: {problem}"
+            if m._parameters:
+                low = next((p.dtype for p in m._parameters.values() if p is not None and p.requires_grad
+                            and p.dtype in _LOW_PRECISION), None)
+                if low is not None:
+                    return (f"structured: its parameters are {low}: the check of its per-layer rules against "
+                            "autograd cannot separate a wrong rule from rounding at that precision; use float32 "
+                            "or float64")
         return None
 
     def estimate(self, stats, n, m, mode, symmetric):
         """Forward + O-wide backward per side, then per layer its rule's cost: the cheaper order for Linear, ConvNd
         and Embedding, the Jacobian order for norms, the generic rule's per-sample vjp (about (1 + 2·O) forwards of
-        the module per sample) and its contraction. Peak: G and the inputs of every layer, the largest Gram
+        the module per sample) and its contraction; besides the FLOPs, the numbers the forward's operators write,
+        (1 + 2·O) times per sample, and the operators' count (``Estimate.traffic``, ``Estimate.ops``). Peak: G and the inputs of every layer, the largest Gram
         intermediate, the Jacobian blocks, the kernel."""
         from .costs import Estimate, kernel_numel
         from .structured_rules import order_costs
@@ -242,7 +255,10 @@ class Structured(NTKPlugin):
                 jac_held += side * o * layer.p
         inter = max(gram_held, 2 * jac_held)  # (the layers' J and their concatenation)
         peak = side * (o * stats.widths + stats.activations + patches) * stats.itemsize
-        return Estimate(flops, peak + (inter + 2 * kernel_numel(n, m, o, mode)) * stats.itemsize)
+        # The forward's memory-bound operators (norms, activations, depthwise convs, pooling) run again in the
+        # O-wide backward of every sample, and each operator costs its dispatches whatever its size.
+        traffic = side * (1 + 2 * o) * stats.traffic
+        return Estimate(flops, peak + (inter + 2 * kernel_numel(n, m, o, mode)) * stats.itemsize, traffic, stats.ops)
 
     # -- the plan ----------------------------------------------------------------------------------------------
 
@@ -388,6 +404,33 @@ class Structured(NTKPlugin):
         raise UnsupportedModelError(f"structured: {e.name} ({type(e.module).__name__}): its output for one sample "
                                     "depends on the other samples of the batch (or on randomness)")
 
+    # -- one block's factors, reused across the tiles of a dataset's kernel ----------------------------------------
+
+    def factors(self, model, x) -> "Factors":
+        """The per-layer data of one block of inputs (each rule's side: layer inputs and output gradients, or
+        Jacobian blocks), which ``contract`` combines with another block's into their kernel. A dataset's kernel
+        computes each block's factors once and contracts them against every other block's, instead of recording
+        both sides of every tile (the forward and O-wide backward are linear in N, only the contraction is
+        quadratic). Raises ``StaleFactors`` when this block's forward takes another path than the plan's."""
+        plan = self.plan(model, x)
+        with direct_calls(plan.direct_softmax):
+            try:
+                items, uses, o, _ = self._side(plan, model, x)
+            except _StalePlan as exc:
+                raise StaleFactors(str(exc)) from None
+        p = next(p for p in model.parameters() if p.requires_grad)
+        return Factors(plan, uses, items, o, x.shape[0], p.dtype, p.device)
+
+    def contract(self, f1: "Factors", f2: "Factors | None", mode: str) -> torch.Tensor:
+        """Θ of two blocks from their factors (``f2=None``: the block against itself, its symmetric path)."""
+        if f2 is not None and f2.plan is not f1.plan:
+            raise StaleFactors("the two blocks were recorded with different plans")
+        total = _assemble(f1.plan, f1.uses, f1.items, f1.items if f2 is None else f2.items, mode, f2 is None)
+        m = f1.n if f2 is None else f2.n
+        if total.acc is None and total.identity is None:
+            return torch.zeros(kernel_shape(f1.n, m, f1.o, mode), dtype=f1.dtype, device=f1.device)
+        return total.result().detach()
+
     # -- the kernel ----------------------------------------------------------------------------------------------
 
     def _kernel(self, model, x1, x2, mode):
@@ -423,6 +466,43 @@ class Structured(NTKPlugin):
             dtype = next(p for p in model.parameters() if p.requires_grad).dtype
             return torch.zeros(kernel_shape(x1.shape[0], m, o, mode), dtype=dtype, device=x1.device)
         return total.result().detach()
+
+
+class StaleFactors(Exception):
+    """A block whose forward took another path than the plan's: compute its tiles whole instead."""
+
+
+@dataclasses.dataclass
+class Factors:
+    """One block's factors (``Structured.factors``): the plan they were recorded with, its uses, each use's rule
+    data (None where no gradient reaches it), O and the block's N."""
+
+    plan: Plan
+    uses: list
+    items: list
+    o: int
+    n: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def nbytes(self) -> int:
+        """The bytes of the tensors the factors hold (what keeping them for later tiles costs); modules and
+        parameters they refer to are the model's, not counted."""
+        seen, total, stack = set(), 0, [(item, 0) for item in self.items]
+        while stack:
+            obj, depth = stack.pop()
+            if obj is None or id(obj) in seen or depth > 4 or isinstance(obj, (nn.Module, nn.Parameter)):
+                continue
+            seen.add(id(obj))
+            if isinstance(obj, torch.Tensor):
+                total += obj.numel() * obj.element_size()
+            elif isinstance(obj, (list, tuple)):
+                stack.extend((v, depth + 1) for v in obj)
+            elif isinstance(obj, dict):
+                stack.extend((v, depth + 1) for v in obj.values())
+            elif hasattr(obj, "__dict__"):
+                stack.extend((v, depth + 1) for v in vars(obj).values())
+        return total
 
 
 def _assemble(plan: Plan, uses, items1, items2, mode: str, symmetric: bool) -> torch.Tensor:

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import weakref
 
 import torch
 from torch import nn
 from torch.nn.modules.module import register_module_forward_pre_hook
 
+from .base import UnsupportedModelError
 from .kernels import MODES
 from .modelinfo import describe, has_trainable_parameters, module_names, shape_keyed_cache, submodules
 
@@ -36,6 +38,9 @@ def validate_inputs(model: nn.Module, x1, x2, mode: str) -> None:
               None)
     if p0 is None:
         raise ValueError("model has no trainable parameters: its NTK is empty")
+    if p0.device.type == "meta":
+        raise ValueError("the model's parameters are on the meta device (shapes without values): materialise them "
+                         "first, e.g. model.to_empty(device='cpu') then load_state_dict(...)")
     for label, x in (("x1", x1), ("x2", x2)):
         if x is None and label == "x2":
             continue
@@ -47,6 +52,9 @@ def validate_inputs(model: nn.Module, x1, x2, mode: str) -> None:
             raise ValueError(f"{label} must be batched, shape (N, ...); got {tuple(x.shape)}")
         if x.shape[0] == 0:
             raise ValueError(f"{label} is an empty batch (shape {tuple(x.shape)})")
+        if x.numel() == 0:
+            raise ValueError(f"{label} has samples without features (shape {tuple(x.shape)}): each sample needs at least "
+                             "one number")
         if x.device != p0.device:
             raise ValueError(f"{label} is on {x.device} but the model's parameters are on {p0.device}")
         if x.is_floating_point():
@@ -88,11 +96,16 @@ def output_spec(model: nn.Module, x: torch.Tensor) -> OutputSpec:
     to wrap the model.
     """
     def spec():
-        with torch.no_grad():
+        with torch.enable_grad():  # (to see whether autograd connects the output to the parameters)
             y = model(x[:1])
         if isinstance(y, torch.Tensor) and y.dim() == 2 and y.shape[0] == 1:
+            if y.shape[1] == 0:
+                raise ValueError("the model has no outputs: it returns shape (1, 0) for a batch of 1, so its NTK is "
+                                 "empty")
+            _refuse_detached(y)
             return OutputSpec(y.shape[1], False)
         if isinstance(y, torch.Tensor) and y.dim() == 1 and y.shape[0] == 1:
+            _refuse_detached(y)
             return OutputSpec(1, True)
         if isinstance(y, (tuple, list, dict)) or not isinstance(y, torch.Tensor):
             raise ValueError(
@@ -105,6 +118,40 @@ def output_spec(model: nn.Module, x: torch.Tensor) -> OutputSpec:
 
     flags = tuple(m.training for m in submodules(model))
     return shape_keyed_cache(_OUTPUTS, model, (tuple(x.shape[1:]), x.dtype, x.device, flags), spec)
+
+
+def _refuse_detached(y: torch.Tensor) -> None:
+    """An output without autograd history although the model has trainable parameters: its forward runs under
+    ``torch.no_grad()`` or detaches the result. Autograd would give a zero Jacobian while the function does depend
+    on the parameters (and the reference, which reads the forward's operations, sees that dependence): no kernel
+    is the NTK of both, so every plugin refuses it."""
+    if not y.requires_grad:
+        raise ValueError("the model's output has no autograd history (requires_grad=False) although it has trainable "
+                         "parameters: its forward runs under torch.no_grad()/inference_mode or detaches the output; "
+                         "compute the output with gradients enabled")
+
+
+def budget_bytes(memory_budget_bytes) -> int | None:
+    """A memory budget as an ``int``: any integral number (``int``, ``numpy.int64``, ...) above zero; None stays None.
+    A bool, a float, a string or a number ≤ 0 is a ValueError."""
+    if memory_budget_bytes is None:
+        return None
+    if isinstance(memory_budget_bytes, numbers.Integral) and not isinstance(memory_budget_bytes, bool) \
+            and int(memory_budget_bytes) > 0:
+        return int(memory_budget_bytes)
+    raise ValueError(f"memory_budget_bytes must be a positive whole number of bytes, got {memory_budget_bytes!r} "
+                     f"({type(memory_budget_bytes).__name__})")
+
+
+def refuse_scripted(plugin: str, model: nn.Module) -> None:
+    """UnsupportedModelError naming the first TorchScript module (``torch.jit.script`` / ``trace``) in the model: its
+    parameters cannot be substituted (``functional_call``), its calls cannot be hooked or recorded, and its
+    ``_parameters`` is not a dict, so no plugin can be sure of its Jacobian."""
+    scripted = next((m for m in submodules(model) if isinstance(m, torch.jit.ScriptModule)), None)
+    if scripted is not None:  # (a direct walk per call; the names only for the message)
+        raise UnsupportedModelError(
+            f"{plugin}: {describe(model, scripted)} is a TorchScript module; its parameters cannot be substituted "
+            "nor its calls recorded. Use the Python module it was scripted from")
 
 
 # Modules whose forward is random in train mode (p > 0), and those that use batch statistics.
@@ -235,6 +282,6 @@ def check_well_defined(model: nn.Module, x: torch.Tensor) -> None:
     probe_forward(model, x)
 
 
-__all__ = ["IllDefinedKernelError", "OutputSpec", "called_more_than_once", "check_well_defined",
-           "has_trainable_parameters", "module_names", "output_spec", "probe_forward", "refuse_ill_defined_modules", "share_probe",
-           "validate_inputs"]
+__all__ = ["IllDefinedKernelError", "OutputSpec", "budget_bytes", "called_more_than_once", "check_well_defined",
+           "has_trainable_parameters", "module_names", "output_spec", "probe_forward", "refuse_ill_defined_modules",
+           "refuse_scripted", "share_probe", "validate_inputs"]

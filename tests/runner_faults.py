@@ -13,7 +13,12 @@ Each computes the right kernel (Jacobian contraction's) unless its fault fires:
   ``NTKB_TEST_OOM_COUNTER`` (the test makes the runner read the kernel's count from there) and SIGKILLs its
   worker; under a budget (the runner's blocked retry) it computes correctly;
 - ``fault_started``: writes its pid to ``NTKB_TEST_PIDFILE`` then sleeps ``NTKB_TEST_SLEEP_S`` (a running worker to
-  signal the runner under).
+  signal the runner under);
+- ``fault_closed_pipe``: closes the worker's answer pipe and sleeps ``NTKB_TEST_SLEEP_S`` (a worker that will never
+  answer, yet does not exit);
+- ``fault_setsid_child``: starts a child in a session of its own (``setsid``: out of the worker's process group),
+  writes the child's pid to ``NTKB_TEST_PIDFILE``, then sleeps ``NTKB_TEST_SLEEP_S``;
+- with ``NTKB_TEST_FREEZE_REFERENCE`` set where this module is imported, every reference computation there hangs.
 
 They are never registered in the pytest process itself (the suite iterates every registered plugin): the
 tests load them in the runner or worker processes they start, or register them for one test and unregister.
@@ -23,11 +28,12 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
-
 from ntk_bench.implementations.base import NTKPlugin
 
 
@@ -123,4 +129,35 @@ class Started(_Fault):
         time.sleep(float(os.environ.get("NTKB_TEST_SLEEP_S", "3600")))
 
 
-plugins = [Sleep(), SelfKill(), Abort(), Wrong(), NaN(), Error(), Flaky(), OomKill(), Started()]
+class ClosedPipe(_Fault):
+    name = "fault_closed_pipe"
+
+    def fault(self, model, x1, x2, mode):
+        for fd in map(int, os.listdir("/proc/self/fd")):  # the answer pipe: the pipe this process writes to
+            try:
+                with open(f"/proc/self/fdinfo/{fd}") as info:
+                    flags = int(next(line for line in info if line.startswith("flags:")).split()[1], 8)
+                if fd > 2 and flags & 3 == os.O_WRONLY and os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:"):
+                    os.close(fd)
+            except (OSError, StopIteration):
+                pass
+        time.sleep(float(os.environ.get("NTKB_TEST_SLEEP_S", "3600")))
+
+
+class SetsidChild(_Fault):
+    name = "fault_setsid_child"
+
+    def fault(self, model, x1, x2, mode):
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"], start_new_session=True)
+        Path(os.environ["NTKB_TEST_PIDFILE"]).write_text(str(child.pid))
+        time.sleep(float(os.environ.get("NTKB_TEST_SLEEP_S", "3600")))
+
+
+if os.environ.get("NTKB_TEST_FREEZE_REFERENCE"):
+    from ntk_bench.bench import measure
+
+    measure.reference_block = lambda problem, o: time.sleep(3600)
+
+
+plugins = [Sleep(), SelfKill(), Abort(), Wrong(), NaN(), Error(), Flaky(), OomKill(), Started(), ClosedPipe(),
+           SetsidChild()]

@@ -14,6 +14,7 @@ from torch import nn
 import bruteforce
 from ntk_bench import implementations
 from ntk_bench.bench import architectures
+from ntk_bench.bench.problems import ILL_DEFINED, ill_defined_inputs
 from ntk_bench.implementations import UnsupportedModelError
 from ntk_bench.implementations.engine import NonFiniteKernelError
 from ntk_bench.implementations.validation import IllDefinedKernelError
@@ -41,62 +42,13 @@ def _compute_or_decline(plugin, model, x1, x2=None, mode="full"):
 
 # -- ill-defined kernels are refused -------------------------------------------------------------------------------
 
-class Noisy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.lin(x + 0.1 * torch.randn_like(x))
-
-
-class Centred(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.lin(x - x.mean(0, keepdim=True))
-
-
-def _old_spectral_norm():
-    return nn.Sequential(torch.nn.utils.spectral_norm(nn.Linear(4, 5)), nn.Tanh(), nn.Linear(5, 3)).train()
-
-
-ILL_DEFINED = {
-    "train BatchNorm": (lambda: architectures.build("cnn_batchnorm", channels=2, image=6, out=3).model.train(),
-                        (3, 3, 6, 6), "1 (BatchNorm2d) is in train mode"),
-    "BatchNorm without running stats": (
-        lambda: nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5, track_running_stats=False), nn.Linear(5, 3)).eval(),
-        (3, 4), "1 (BatchNorm1d) normalises with the statistics of the batch"),
-    "train Dropout": (lambda: nn.Sequential(nn.Linear(4, 5), nn.Dropout(0.5), nn.Linear(5, 3)).train(), (3, 4),
-                      "1 (Dropout) is in train mode"),
-    "train RReLU": (lambda: nn.Sequential(nn.Linear(4, 5), nn.RReLU(), nn.Linear(5, 3)).train(), (3, 4),
-                    "1 (RReLU) is in train mode"),
-    "train transformer": (lambda: architectures.build("text_transformer", out=3).model.train(), None,
-                          "self_attn (MultiheadAttention) is in train mode with dropout=0.1"),
-    "train InstanceNorm with running stats": (
-        lambda: nn.Sequential(nn.Conv2d(3, 2, 3), nn.InstanceNorm2d(2, track_running_stats=True), nn.Flatten(),
-                              nn.Linear(32, 3)).train(), (3, 3, 6, 6), "1 (InstanceNorm2d) is in train mode"),
-    "train spectral_norm": (_old_spectral_norm, (3, 4), "0 (Linear) changes its buffer 'weight_u'"),
-    "random forward": (lambda: Noisy().eval(), (3, 4), "its forward pass is random"),
-    "batch-dependent forward": (lambda: Centred().eval(), (3, 4), "depends on the other samples of the batch"),
-}
-
-
-def _ill_defined_inputs(model, shape):
-    if shape is None:  # the text transformer: token ids
-        return torch.randint(0, 50, (3, 8))
-    return torch.randn(shape)
-
-
 @pytest.mark.parametrize("case", list(ILL_DEFINED))
 @pytest.mark.parametrize("plugin_name", EVERY)
 def test_ill_defined_kernels_are_refused_before_any_work(plugin_name, case):
     make, shape, message = ILL_DEFINED[case]
     torch.manual_seed(0)
     model = make()
-    x = _ill_defined_inputs(model, shape)
+    x = ill_defined_inputs(shape)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     plugin = implementations.get(plugin_name)
     with pytest.raises(IllDefinedKernelError, match="model.eval()") as info:

@@ -59,7 +59,8 @@ def test_the_wheel_holds_one_namespace_with_its_data(installed):
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"ntk_bench"}, top
     for needed in ("ntk_bench/implementations/auto_calibration.json", "ntk_bench/py.typed",
-                   "ntk_bench/bench/real_models.py", "ntk_bench/reference/__init__.py"):
+                   "ntk_bench/bench/real_models.py", "ntk_bench/reference/__init__.py",
+                   "ntk_bench/bench/correctness.py", "ntk_bench/bench/problems.py", "ntk_bench/bench/bruteforce.py"):
         assert needed in names
 
 
@@ -89,3 +90,15 @@ def test_a_sweep_runs_and_checks_its_rows_from_a_user_project(installed, user_pr
     rows = [r for r in rows if "header" not in r]
     assert rows and all(r["status"] == "ok" for r in rows), rows
     assert all(r.get("rel_err") is not None and r["rel_err"] <= 1e-4 for r in rows), rows
+
+
+def test_the_correctness_check_runs_a_user_plugin_file_from_the_wheel(installed, user_project):
+    """``ntk-bench check`` needs nothing of the repository's tests/: the suite ships in the wheel."""
+    python, _ = installed
+    (user_project / "my_plugin.py").write_text(
+        "from ntk_bench.implementations.jacobian_contraction import JacobianContraction\n\n"
+        "class Mine(JacobianContraction):\n    name = 'mine'\n\nplugin = Mine()\n")
+    out = _run(python, user_project, "-m", "ntk_bench", "check", "--plugin", "my_plugin.py", "--problems",
+               "mlp-relu-O3-x2None", "--dtype", "float64", "--reference", "harness", "--junit", "check.xml")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "check passed: 1 of 1" in out.stdout and (user_project / "check.xml").is_file()

@@ -23,26 +23,32 @@ from ..sweeps import Case, Problem
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    kind: str  # "case" | "reference"
-    payload: Case | Problem
+    kind: str  # "case" | "reference" | "tile" (a row band of a dataset's kernel: ``kernel_matrix.run_band``)
+    payload: Case | Problem | dict
     timeout_s: float
     plugins: tuple[str, ...] = ()  # outside plugin modules (--plugin) the worker loads first
 
     @property
     def id(self) -> str:
+        if self.kind == "tile":
+            return self.payload["id"]
         return self.payload.id if self.kind == "case" else f"reference/{self.payload.id}"
 
     @property
     def device(self) -> str:
-        """Where the job computes: a case's device; references are float64 on the CPU."""
+        """Where the job computes: a case's or a tile's device; references are float64 on the CPU."""
+        if self.kind == "tile":
+            return self.payload["device"]
         return self.payload.device if self.kind == "case" else "cpu"
 
     def wire(self) -> dict:
-        return {"kind": self.kind, "payload": dataclasses.asdict(self.payload), "timeout_s": self.timeout_s,
-                "plugins": list(self.plugins)}
+        payload = self.payload if self.kind == "tile" else dataclasses.asdict(self.payload)
+        return {"kind": self.kind, "payload": payload, "timeout_s": self.timeout_s, "plugins": list(self.plugins)}
 
     @classmethod
     def from_wire(cls, d: dict) -> "Job":
+        if d["kind"] == "tile":
+            return cls("tile", dict(d["payload"]), float(d["timeout_s"]), tuple(d.get("plugins", ())))
         payload = Case.from_dict(d["payload"]) if d["kind"] == "case" else Problem.from_dict(d["payload"])
         return cls(d["kind"], payload, float(d["timeout_s"]), tuple(d.get("plugins", ())))
 
@@ -66,6 +72,10 @@ class JobFuture(concurrent.futures.Future):
             self.set_result(row)
 
 
+class ExecutorLost(RuntimeError):
+    """The executor's engine is gone (a cluster's head, the driver process): no job in flight will answer."""
+
+
 class Executor:
     """Runs jobs and hands back rows. ``slots``: how many jobs run at once (for the ETA)."""
 
@@ -84,6 +94,11 @@ class Executor:
 
     def close(self) -> None:
         """Wait for nothing more: release the workers (after the runner has its rows)."""
+
+    def failure(self) -> str | None:
+        """Why this executor can run nothing more (its engine lost), or None: the runner then stops, keeping its
+        rows, as after SIGTERM."""
+        return None
 
     def describe(self) -> dict:
         return {"executor": self.name, "slots": self.slots}
@@ -130,6 +145,10 @@ def run_job(wire: dict, run_dir: str | Path) -> dict:
 
         if job.kind == "reference":
             return measure.ensure_reference(job.payload, Path(run_dir))
+        if job.kind == "tile":
+            from ..kernel_matrix import run_band
+
+            return run_band(job.payload)
         case = job.payload
         gpu = os.environ.get("NTK_BENCH_GPU")
         if gpu is not None and case.device.startswith("cuda"):

@@ -32,9 +32,13 @@ import time
 from pathlib import Path
 
 from .. import sysinfo
+from . import proctree
 from .base import Job, error_row, host
 
 STARTUP_TIMEOUT_S = float(os.environ.get("NTK_BENCH_WORKER_STARTUP_S", "300"))
+# How long a worker that ended its answers (closed the pipe) may take to exit before it is killed: an exit after
+# the end of the output is immediate unless the process is stuck.
+EXIT_GRACE_S = 10.0
 CRASH_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT}
 
 
@@ -93,13 +97,16 @@ class WorkerProcess:
         return self.ready
 
     def stop(self) -> None:
-        """Kill the worker and everything in its session now (from any thread)."""
+        """Kill the worker and every process it started, in its session or in one of their own (from any thread)."""
         proc, self.proc, self.ready = self.proc, None, None
         if proc is not None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            if proc.poll() is None:
+                proctree.kill_tree(proc.pid)
+            else:  # its children may live on in its group
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -143,11 +150,7 @@ class WorkerProcess:
         oom_before = sysinfo.oom_kill_count()
         message = json.dumps({**job.wire(), "run_dir": str(run_dir)}) + "\n"
         started = time.monotonic()
-        try:
-            self.proc.stdin.write(message.encode())
-            self.proc.stdin.flush()
-        except (BrokenPipeError, OSError, ValueError, AttributeError):
-            pass  # it died (or was stopped) between jobs: the read below sees the end and says how
+        self._write(message.encode(), started + job.timeout_s)
         line = self._read_line(started + job.timeout_s)
         if line is None:
             self.stop()
@@ -166,6 +169,19 @@ class WorkerProcess:
                 if key in self.ready:
                     row.setdefault(f"worker_{key}" if key != "cpu_affinity" else key, self.ready[key])
         return row
+
+    def _write(self, data: bytes, deadline: float) -> None:
+        """Send ``data`` to the worker, waiting for room in its pipe no later than ``deadline``."""
+        try:
+            fd = self.proc.stdin.fileno()
+            while data:
+                _, ready, _ = select.select([], [fd], [], max(0.0, min(deadline - time.monotonic(), 1.0)))
+                if ready:
+                    data = data[os.write(fd, data[:select.PIPE_BUF]):]
+                elif time.monotonic() >= deadline:
+                    return  # a worker that reads nothing: the read below times out
+        except (BrokenPipeError, OSError, ValueError, AttributeError):
+            pass  # it died (or was stopped) between jobs: the read below sees the end and says how
 
     def _read_line(self, deadline: float) -> bytes | None:
         """The next line from the worker; b"" when it ended (or was stopped), None at the deadline."""
@@ -195,7 +211,13 @@ class WorkerProcess:
         proc, self.proc = self.proc, None
         if proc is None:
             return error_row("killed", "worker stopped by the runner")
-        code = proc.wait()
+        try:
+            code = proc.wait(timeout=EXIT_GRACE_S)
+        except subprocess.TimeoutExpired:  # it closed its answers but runs on: it will never say anything
+            self.proc = proc
+            self.stop()
+            return error_row("error", f"the worker closed its answer channel without answering and was still "
+                                      f"running {EXIT_GRACE_S:g} s later; killed{self._log_tail(offset)}")
         tail = self._log_tail(offset)
         if code < 0:
             sig = signal.Signals(-code)
@@ -233,6 +255,43 @@ class WorkerProcess:
 # -- inside a cluster task -------------------------------------------------------------------
 
 _PERSISTENT: dict[tuple, WorkerProcess] = {}
+_RUNNING: set[WorkerProcess] = set()  # this process's workers, killed if the runner dies
+_WATCHED: set[tuple] = set()
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def runner_identity() -> dict:
+    """Who runs the sweep (host, boot, pid, start time), for :func:`watch_runner` in a task on the same host."""
+    pid, created = proctree.process_identity()
+    return {"host": host(), "boot": _boot_id(), "pid": pid, "created": created}
+
+
+def watch_runner(runner: dict | None) -> None:
+    """In a cluster task on the runner's own host (submitit's local executor, a local Ray cluster): when the
+    runner is gone, however it died, kill this task's workers and end the task. A task on another host cannot
+    see the runner (nor one in another pid namespace: the runner must be visible when the watch starts): there
+    the cluster's own cancellation is what stops it."""
+    if not runner or runner.get("host") != host() or runner.get("boot") != _boot_id():
+        return
+    identity = (int(runner["pid"]), float(runner["created"]))
+    if identity in _WATCHED or identity[0] == os.getpid() or not proctree.alive(identity):
+        return
+    _WATCHED.add(identity)
+
+    def on_death():
+        try:
+            for worker in [*_RUNNING, *_PERSISTENT.values()]:
+                worker.stop()
+        finally:
+            os._exit(1)
+
+    proctree.watch_process(identity, on_death, name="runner-watch")
 
 
 def _log_path(run_dir: str) -> Path:
@@ -247,13 +306,15 @@ def _log_path(run_dir: str) -> Path:
     return Path(tempfile.gettempdir()) / name
 
 
-def run_isolated(wire: dict, run_dir: str, threads: int | None = None, persistent: bool = False) -> dict:
+def run_isolated(wire: dict, run_dir: str, threads: int | None = None, persistent: bool = False,
+                 runner: dict | None = None) -> dict:
     """Run a job in a worker subprocess of this process (a Ray task, a submitit job) and return its row.
 
     ``persistent``: keep the worker for the next job this process runs (a Ray worker runs many tasks); it is
     replaced after a crash or a timeout as in the local executor, and started again if the GPU this process was
-    given changes.
+    given changes. ``runner``: :func:`runner_identity` of the runner, watched when it is on this host.
     """
+    watch_runner(runner)
     env = {}
     if threads:
         env["NTK_BENCH_THREADS"] = str(int(threads))
@@ -261,9 +322,11 @@ def run_isolated(wire: dict, run_dir: str, threads: int | None = None, persisten
     worker = _PERSISTENT.pop(key, None) if persistent else None
     if worker is None:
         worker = WorkerProcess(_log_path(run_dir), env, label=f"{host()}:{os.getpid()}")
+    _RUNNING.add(worker)
     try:
         row = worker.run(Job.from_wire(wire), run_dir)
     finally:
+        _RUNNING.discard(worker)
         if persistent:
             _PERSISTENT[key] = worker
         else:
@@ -272,11 +335,15 @@ def run_isolated(wire: dict, run_dir: str, threads: int | None = None, persisten
     return row
 
 
-def run_isolated_many(wires: list[dict], run_dir: str, threads: int | None = None) -> list[dict]:
+def run_isolated_many(wires: list[dict], run_dir: str, threads: int | None = None,
+                      runner: dict | None = None) -> list[dict]:
     """Run several jobs one after the other in one worker subprocess (replaced after a job that kills it): a
-    SLURM task that amortises its worker's start-up over several cases. One row per job, in order."""
+    SLURM task that amortises its worker's start-up over several cases. One row per job, in order.
+    ``runner`` as in :func:`run_isolated`."""
+    watch_runner(runner)
     env = {"NTK_BENCH_THREADS": str(int(threads))} if threads else {}
     worker = WorkerProcess(_log_path(run_dir), env, label=f"{host()}:{os.getpid()}")
+    _RUNNING.add(worker)
     rows = []
     try:
         for wire in wires:
@@ -284,5 +351,6 @@ def run_isolated_many(wires: list[dict], run_dir: str, threads: int | None = Non
             row.setdefault("executor_host", host())
             rows.append(row)
     finally:
+        _RUNNING.discard(worker)
         worker.close()
     return rows

@@ -14,7 +14,7 @@ import threading
 import time
 from collections import deque
 
-from .base import Executor, Job, JobFuture, cancel_all, error_row
+from .base import Executor, ExecutorLost, Job, JobFuture, cancel_all, error_row
 from .process import STARTUP_TIMEOUT_S
 
 log = logging.getLogger("ntk_bench.runner")
@@ -30,6 +30,7 @@ class QueuedExecutor(Executor):
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._failure: str | None = None
 
     # -- subclass hooks ---------------------------------------------------------------------
 
@@ -54,9 +55,16 @@ class QueuedExecutor(Executor):
 
     # -- the loop ---------------------------------------------------------------------------------
 
+    def _lost_row(self) -> dict:
+        return error_row("killed", f"{self.name} executor lost: {self._failure}", executor_lost=True)
+
     def submit(self, job: Job) -> JobFuture:
         fut = JobFuture(job)
         with self._lock:
+            if self._failure is not None:  # nothing will run it: answered now
+                fut.set_running_or_notify_cancel()
+                fut.finish(self._lost_row())
+                return fut
             self._queue.append(fut)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name=f"{self.name}-executor", daemon=True)
@@ -67,6 +75,16 @@ class QueuedExecutor(Executor):
         while not self._stop.wait(self.poll_s):  # the runner submits in bursts: they go out together (one array)
             try:
                 self._step()
+            except ExecutorLost as exc:  # nothing in flight will answer: the runner stops, writing no row for them
+                log.error("%s executor: %s", self.name, exc)
+                with self._lock:
+                    self._failure = str(exc)
+                    running, queued = list(self._inflight), list(self._queue)
+                    self._inflight.clear()
+                    self._queue.clear()
+                for fut in running + [f for f in queued if f.set_running_or_notify_cancel()]:
+                    fut.finish(self._lost_row())  # answered, so that no caller waits on them for ever
+                return
             except Exception as exc:  # the engine failed (a lost connection): every job in flight gets a row
                 log.error("%s executor: %s: %s", self.name, type(exc).__name__, exc)
                 with self._lock:
@@ -87,6 +105,10 @@ class QueuedExecutor(Executor):
         if start:
             try:
                 handles = self._launch(start)
+            except ExecutorLost:
+                with self._lock:
+                    self._inflight.update((fut, None) for fut in start)
+                raise
             except Exception as exc:  # the engine refused them: rows, not a lost sweep
                 for fut in start:
                     fut.finish(error_row("error", f"{self.name}: submitting failed: {type(exc).__name__}: {exc}"))
@@ -131,6 +153,9 @@ class QueuedExecutor(Executor):
             except Exception:  # best effort: we are stopping
                 pass
             fut.finish(error_row("killed", f"stopped by the runner ({self.name} task cancelled)"))
+
+    def failure(self) -> str | None:
+        return self._failure
 
     def close(self) -> None:
         self._stop.set()

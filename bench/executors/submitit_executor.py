@@ -24,7 +24,7 @@ import math
 from pathlib import Path
 
 from .base import Job, JobFuture, error_row
-from .process import STARTUP_TIMEOUT_S, package_root, run_isolated_many
+from .process import STARTUP_TIMEOUT_S, package_root, run_isolated_many, runner_identity
 from .queued import BACKSTOP_MARGIN_S, QueuedExecutor
 
 
@@ -61,6 +61,7 @@ class SubmititExecutor(QueuedExecutor):
         for key, value in (slurm_params or {}).items():
             params[key if key.startswith("slurm_") else f"slurm_{key}"] = value
         self._ex.update_parameters(**params)
+        self._runner = runner_identity()  # a task on this host dies with the runner (submitit-local's do)
 
     def _fits(self, job: Job, inflight: list[Job]) -> bool:
         return len(inflight) < self.slots * self.jobs_per_task
@@ -89,7 +90,7 @@ class SubmititExecutor(QueuedExecutor):
             self._ex.update_parameters(gpus_per_node=gpus, timeout_min=minutes)
             with self._ex.batch():  # one job array
                 jobs = [self._ex.submit(run_isolated_many, [futures[i].job.wire() for i in part], str(self.run_dir),
-                                        self.cpus_per_task) for part in parts]
+                                        self.cpus_per_task, self._runner) for part in parts]
             for part, job in zip(parts, jobs):
                 for place, i in enumerate(part):
                     handles[i] = (job, place, minutes * 60)
