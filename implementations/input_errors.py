@@ -15,7 +15,6 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-
 # torch's shape errors say one of these ("mat1 and mat2 shapes cannot be multiplied", "expected input[1, 4, 8, 8]
 # to have 3 channels", "Expected 3D (unbatched) or 4D (batched) input", "The size of tensor a (5) must match")
 _SHAPE_WORDS = ("shape", "size", "dimension", "xpected", "channels")

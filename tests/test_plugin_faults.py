@@ -4,16 +4,16 @@ right kernel or declines naming the cause."""
 
 from __future__ import annotations
 
+import bruteforce
 import pytest
 import torch
-from torch import nn
-
-import bruteforce
-from ntk_bench import implementations
 from ntk_bench.implementations import auto as auto_module
 from ntk_bench.implementations import declines, wrappers
 from problems import TOLERANCE, rel_err
+from torch import nn
 from zoo_extra import OldStyleFunctionNet
+
+from ntk_bench import implementations
 
 
 def _mlp():
@@ -62,7 +62,7 @@ def test_auto_goes_on_at_unknown_cost_when_its_measuring_forward_fails(monkeypat
     model, x = _mlp(), torch.randn(3, 4, dtype=torch.float64)
     k = plugin.compute(model, x)
     assert rel_err(k, bruteforce.ntk(model, x)) <= TOLERANCE[torch.float64]
-    name, why = plugin.last_choice
+    _, why = plugin.last_choice
     assert "cost unknown" in why and "_will_engine_execute_node" in why
 
 

@@ -13,14 +13,14 @@ from __future__ import annotations
 import functools
 import importlib.util
 
+import bruteforce
 import pytest
 import torch
-
-import bruteforce
-from ntk_bench import implementations
 from ntk_bench.implementations.validation import IllDefinedKernelError
 from problems import TOLERANCE, rel_err
 from zoo_extra import EXTRA_MODELS, plain
+
+from ntk_bench import implementations
 
 PLUGINS = [n for n in implementations.names(kind=None) if not n.startswith("nt_")]
 # Models whose float64 forward computes a part in float32 (T5LayerNorm's variance): every method's kernel is then
@@ -37,7 +37,7 @@ def _batches(z):
     return [(z.inputs(3, seed=1), None), (z.inputs(2, seed=3), z.inputs(3, seed=2))]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference(model_id: str) -> tuple[torch.Tensor, ...]:
     z = EXTRA_MODELS[model_id]
     model = plain(z.model())  # (a wrapper's NTK is that of the module it runs)
