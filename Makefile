@@ -33,8 +33,10 @@ test: $(DEPS)
 	NTKBENCH_REQUIRE_REFERENCE=1 $(PYTHON) -m pytest -p no:cacheprovider --timeout=900 -q -n auto -m "not serial" tests
 	NTKBENCH_REQUIRE_REFERENCE=1 $(PYTHON) -m pytest -p no:cacheprovider --timeout=900 -q -m serial tests
 
+# BENCH_ARGS: more options of `ntk-bench run`, e.g. BENCH_ARGS="--clock cpu" on a busy shared machine
+BENCH_ARGS ?=
 bench: $(DEPS)
-	$(PYTHON) -m ntk_bench run --sweep $(SWEEP) --out $(RUN) --resume
+	$(PYTHON) -m ntk_bench run --sweep $(SWEEP) --out $(RUN) --resume $(BENCH_ARGS)
 	$(PYTHON) -m ntk_bench report $(RUN)
 
 report: $(DEPS)

@@ -175,6 +175,14 @@ class LineReporter:
         pass
 
 
+def can_show_bar(stream) -> bool:
+    """A terminal that can draw a progress bar: a tty that reports a width (some report 0 columns)."""
+    try:
+        return stream.isatty() and os.get_terminal_size(stream.fileno()).columns > 0
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
 class BarReporter(LineReporter):
     """A progress bar on a terminal, with the ETA from the cost model; rows that are not ok printed above it."""
 
@@ -234,8 +242,9 @@ def _load_plugins(modules) -> None:
 
 
 def _model_spec(args) -> dict:
-    """A one-entry sweep for ``--model`` (a one-off run of your own model)."""
-    from . import architectures
+    """A one-entry sweep for ``--model`` (a one-off run of your own model): our plugins, neural-tangents' three
+    and the peers that take seconds at most (``--impls all`` for every one)."""
+    from . import architectures, sweeps
 
     entry = {"factory": args.model, "N": args.N or [4]}
     if args.name:
@@ -254,7 +263,7 @@ def _model_spec(args) -> dict:
             inputs["range"] = args.input_range
         entry["inputs"] = inputs
     name = args.name or architectures.split_factory_ref(args.model)[1]
-    return {"name": name, "impls": ["all"], "modes": [args.mode], "dtypes": [args.dtype], "devices": [args.device],
+    return {"name": name, "impls": sweeps.MODEL_IMPLS, "modes": [args.mode], "dtypes": [args.dtype], "devices": [args.device],
             "time_budget_s": 0.3, "timeout_s": 300, "arch": [entry]}
 
 
@@ -320,6 +329,8 @@ def _cmd_run(args) -> int:
             changes["timeout_s"] = args.timeout
         if args.memory_budget is not None:
             changes["memory_budget_bytes"] = int(args.memory_budget * 2**30)
+        if args.clock != "wall":
+            changes["clock"] = args.clock
         if changes:
             cases = [dataclasses.replace(c, **changes) for c in cases]
         out = Path(args.out or f"results/{spec['name']}")
@@ -333,7 +344,7 @@ def _cmd_run(args) -> int:
         for line in str(exc).splitlines():
             log.error("%s", line)
         return EXIT_USAGE
-    reporter = LineReporter() if args.no_progress or not sys.stderr.isatty() else BarReporter()
+    reporter = LineReporter() if args.no_progress or not can_show_bar(sys.stderr) else BarReporter()
     try:
         executor = _executor(args, out, cases)
     except ValueError as exc:
@@ -343,6 +354,9 @@ def _cmd_run(args) -> int:
         log.error("cannot start the %s executor: %s: %s", args.executor, type(exc).__name__,
                   str(exc).strip().splitlines()[0] if str(exc).strip() else "")
         return EXIT_USAGE
+    from .plan import announce
+
+    announce(cases, models, executor.slots, out, args.resume)
     try:
         summary = runner.run(cases, out, spec["name"], executor=executor, resume=args.resume, force=args.force,
                              retry_failed=args.retry_failed, deadline_s=None if args.deadline is None else args.deadline * 60,
@@ -581,7 +595,12 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
                            "'none' for never)")
     gate.add_argument("--require-reference", action="store_true",
                       help="exit 1 when a computed row was not checked against neural-tangents")
-    run.add_argument("--no-progress", action="store_true", help="a line per finished case instead of a bar")
+    run.add_argument("--no-progress", action="store_true", help="a line per finished case instead of a bar "
+                                                                "(the default where the terminal cannot show one)")
+    run.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                     help="time on the wall clock (default), or on the process's CPU time with one thread (steadier "
+                          "on a shared machine: time spent waiting for a core is not counted; CUDA cases keep the "
+                          "wall clock)")
     run.set_defaults(func=_cmd_run)
 
     rep = sub.add_parser("report", help="write results.csv, summary.md and plots for a run", parents=[common])

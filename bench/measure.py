@@ -139,6 +139,9 @@ def ensure_reference(problem: Problem, run_dir: Path) -> dict:
                 try:
                     kernel = reference.ntk(model, x1b, x2b, implementation=implementation)
                     record["source"] = f"neural_tangents:{implementation}"
+                    if reference.reduced_precision(model, x1b):  # the model casts to float32 inside: its precision
+                        record["tolerance"] = reference.tolerance(model, x1b)
+                        record["reduced_precision"] = reference.reduced_precision(model, x1b)
                     break
                 except Exception as exc:
                     if "RESOURCE_EXHAUSTED" in str(exc):  # XLA out of memory: neural-tangents' next implementation
@@ -456,6 +459,19 @@ def _error_text(exc: BaseException) -> str:
 def run_case(case: Case, run_dir: Path) -> dict:
     """Measure one case; never raises for a failure of the case itself (it becomes the status).
 
+    The whole case (set-up, first call, memory, timing) runs with the thread count of its clock: one thread for
+    ``clock="cpu"`` (a plugin that picks a backend by timing its first call picks it for the threads it is timed
+    with), the worker's for ``"wall"``.
+    """
+    from . import timing
+
+    with timing.threads_for(case.clock):
+        return _run_case(case, run_dir)
+
+
+def _run_case(case: Case, run_dir: Path) -> dict:
+    """``run_case`` at the thread count already set.
+
     Statuses: ``ok`` / ``mismatch`` (checked against the reference), ``unchecked`` (no reference: the reason in
     ``error``), ``unsupported``, ``oom``, ``error``. An out-of-memory first call without a budget, or a case the
     runner retries after the kernel's OOM killer ended it (``case.retry_blocked``), computes blocked under a
@@ -528,9 +544,18 @@ def run_case(case: Case, run_dir: Path) -> dict:
         if cuda_graphs.last_replay_bytes is not None:  # a replayed CUDA graph: its pool holds the intermediates
             row["cuda_graph_bytes"] = cuda_graphs.last_replay_bytes
             row["peak_mem_bytes"] += cuda_graphs.last_replay_bytes
-        med, iqr, reps, blocks = time_blocks(fn, case.time_budget_s)
-        row.update(time_median_s=med, time_iqr_s=iqr, time_repeats=reps, time_blocks_s=blocks)
-        if case.impl == "auto":
+        from . import machine, timing
+
+        with timing.threads_for(case.clock) as threads, machine.Usage() as usage:
+            if case.clock == "wall":
+                med, iqr, reps, blocks = time_blocks(fn, case.time_budget_s)
+            else:
+                sync = torch.cuda.synchronize if case.device.startswith("cuda") else None
+                med, iqr, reps, blocks = timing.time_blocks(fn, case.time_budget_s,
+                                                            timing.clock_for(case.clock, case.device), sync)
+        row.update(time_median_s=med, time_iqr_s=iqr, time_repeats=reps, time_blocks_s=blocks, clock=case.clock)
+        row.update(machine.fields(usage, threads, case.device))
+        if case.impl == "auto" and case.compare_with:  # auto's verdicts come from the group's paired rounds
             row.update(_auto_paired(case, model, x1, x2, fn))
     except Exception as exc:  # the case failed: record why and move on (status oom or error)
         row.update(status=status_of(exc), error=_error_text(exc))
@@ -541,8 +566,11 @@ def run_case(case: Case, run_dir: Path) -> dict:
         return row
     a, b = record["block"]
     rel, maxrel = agreement(kernel[:a, :b], kernels.reduce_full(ref, case.mode))
+    tolerance = max(TOLERANCE[case.dtype], record.get("tolerance") or 0.0)
     row.update(reference=record["source"], ref_block=f"{a}x{b}", rel_err=rel, max_abs_err_rel_mean=maxrel,
-               status="ok" if rel <= TOLERANCE[case.dtype] else "mismatch")
+               status="ok" if rel <= tolerance else "mismatch")
+    if record.get("tolerance"):  # a reference only as precise as the model's own casts (float32 inside float64)
+        row["reference_tolerance"] = tolerance
     if record.get("note"):
         row["reference_note"] = record["note"]
     if not math.isfinite(rel):

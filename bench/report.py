@@ -16,7 +16,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import paired as paired_rounds
 from . import plots as figs
+from . import summary as answers
+from .machine import disturbed_line
 from .plots import fmt_bytes as _fmt_bytes
 from .plots import fmt_time as _fmt_time
 
@@ -43,6 +46,7 @@ class Run:
     duplicates: int = 0  # rows replaced by a later row of the same case
     unreadable: int = 0  # lines that are not a JSON object (a torn last line, a stray line)
     incomplete: int = 0  # rows without impl, arch or N: left out
+    paired: dict = dataclasses.field(default_factory=dict)  # paired id -> its record (paired.jsonl)
 
     @property
     def header(self) -> dict:
@@ -167,7 +171,9 @@ def frame(rows: list[dict]) -> tuple[pd.DataFrame, int, int]:
 def load_run(run_dir: Path) -> Run:
     headers, rows, unreadable = read_run(run_dir)
     df, duplicates, incomplete = frame(rows)
-    return Run(headers, df, duplicates, unreadable, incomplete)
+    run_dir = Path(run_dir)
+    records = paired_rounds.read_records(run_dir if run_dir.is_dir() else run_dir.parent)
+    return Run(headers, df, duplicates, unreadable, incomplete, records)
 
 
 def load(run_dir: Path) -> tuple[dict, pd.DataFrame]:
@@ -240,21 +246,11 @@ def _time_cell(r, fastest):
     mark = " ✗" if r["status"] == "mismatch" else ""
     if pd.isna(r["time_median_s"]):
         return f"{r['status']}, no time{mark}"
+    if isinstance(r.get("disturbed"), str) and r.get("disturbed"):
+        mark = " ⚠" + mark
     if noisy(r):
         return f"{_time_text(r)} (noisy){mark}"
-    factor = f" ({r['time_median_s'] / fastest:.3g}×)" if np.isfinite(fastest) and fastest > 0 else ""
-    return f"{_time_text(r)}{factor}{mark}"
-
-
-def _slopes(group: pd.DataFrame, impls: list[str]) -> dict[str, str]:
-    """Per plugin, the log-log slope of its N = M times against N (where it has two distinct N or more)."""
-    ok = group[(group["status"] == OK) & (group["x2"] == "x1")]
-    out = {}
-    for impl in impls:
-        s = ok[ok["impl"] == impl]
-        k = figs.slope(s["N"], s["time_median_s"])
-        out[impl] = "" if k is None else f"{k:.2f}"
-    return out
+    return f"{_time_text(r)}{mark}"
 
 
 def fit_cost_model(df: pd.DataFrame) -> pd.DataFrame:
@@ -446,7 +442,9 @@ def summary(header: dict | Run, df: pd.DataFrame | None = None, plot_names=None)
     fig_of = {c: n for c, n in made if c}
     impls = _impl_order(df)
     h = run.header
-    lines = [f"# ntk-bench results: {h.get('sweep', '?')}", ""]
+    recs = answers.keyed(df, run.paired)
+    lines = [disturbed_line(df.to_dict("records"), run.paired.values()), "",
+             f"# ntk-bench results: {h.get('sweep', '?')}", ""]
     env = ", ".join(f"{k} {v}" for k, v in h.items() if k not in ("sweep", "cases") and v is not None)
     lines += [f"Environment: {env or 'unknown (no header line)'}.", ""]
     if len(run.headers) > 1:
@@ -471,15 +469,23 @@ def summary(header: dict | Run, df: pd.DataFrame | None = None, plot_names=None)
     lines += ["Cases: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + ".", ""]
     n_noisy = int(sum(noisy(r) for _, r in df[df["status"] == OK].iterrows()))
     refs = ", ".join(sorted(str(r) for r in df["reference"].dropna().unique())) or "none"
-    lines += ["How to read: times are medians over timing blocks (torch.utils.benchmark, after a warm-up call), "
-              "`± x` is the interquartile range of those blocks in the same unit, and `(k×)` the median over the "
-              "fastest ok median in the row (of the rows that are not noisy). A row whose interquartile range is "
-              "larger than its median is marked "
-              f"`noisy` instead of a factor ({n_noisy} here): time it again. Peak memory is above what the model and "
-              "inputs already held. Agreement is ‖K − K_ref‖/‖K_ref‖ on the leading block of the kernel against the "
+    n_disturbed = int(sum(isinstance(d, str) and bool(d) for d in df.get("disturbed", pd.Series(dtype=object))))
+    lines += ["How to read: each case ran alone in a worker first (its status, first call, peak memory and "
+              "agreement); its time is the median over timing blocks there (after a warm-up call), `± x` the "
+              "interquartile range of those blocks in the same unit. A row whose interquartile range is larger than "
+              f"its median is marked `noisy` ({n_noisy} here); ⚠ marks a row whose timing was disturbed (its CPU "
+              f"time well under its wall time, or the load above its cores: {n_disturbed} here). Times of different "
+              "rows were taken at different moments and are not divided by each other: every ratio (`k× [lo–hi]`, "
+              "the paired tables, the verdicts) comes from the case's plugins timed side by side afterwards, in "
+              "alternating rounds in one worker, as the median over rounds of one's time over the other's in the "
+              "same round with its 95% band. Peak memory is above what the model and inputs already held. "
+              "Agreement is ‖K − K_ref‖/‖K_ref‖ on the leading block of the kernel against the "
               f"float64 reference ({refs}); ✗ marks a mismatch. `slope` is the log-log slope of time against N over "
-              "the N = M sizes (2: quadratic in N). Times of different rows were taken at different moments; "
-              "`auto` is also timed in alternating blocks against its pick and the fastest (its section).", ""]
+              "three N = M sizes or more (2: quadratic in N), with the 95% band of slopes fitted to timing blocks "
+              "drawn at random. The cost model's fit is in [cost_model.md](cost_model.md).", ""]
+    if not recs:
+        lines += ["**No paired rounds in this run** (a run from before them, or no case with two plugins ok): no "
+                  "plugin's time is divided by another's, and there is no verdict.", ""]
     if "cuda_graph_bytes" in df and df["cuda_graph_bytes"].notna().any():
         graphed = df[df["cuda_graph_bytes"].notna()]
         lines += [f"{len(graphed)} rows replayed a captured CUDA graph ({', '.join(sorted(graphed['impl'].unique()))}): "
@@ -494,6 +500,7 @@ def summary(header: dict | Run, df: pd.DataFrame | None = None, plot_names=None)
         if config != shown_config:
             shown_config = config
             lines += [f"## {_config_title(config, g)}", ""]
+            lines += answers.recommendations(df[df["config"] == config], recs) + [""]
             if config in fig_of:
                 lines += [f"![{config}]({fig_of[config]})", ""]
         ps = sorted({int(p) for p in g["P"].dropna()})
@@ -502,10 +509,13 @@ def summary(header: dict | Run, df: pd.DataFrame | None = None, plot_names=None)
         where = ", ".join(x for x in (f"O={figs._num(o)}", mode, dtype, device, budget) if x)
         lines += [f"### {config}: {where} (P={p})", ""]
         times = _pivot(g, gi, _time_cell)
-        slopes = _slopes(g, gi)
+        slopes = answers.slopes(g, gi)
         if any(slopes.values()):
             times.loc["slope"] = [slopes[i] for i in gi]
-        lines += ["Median time: median ± IQR (× the fastest)", "", _md(times), ""]
+        lines += ["Median time, each case alone: median ± IQR", "", _md(times), ""]
+        ratios = answers.paired_table(g, recs, gi, list(times.index.drop("slope", errors="ignore")))
+        if (ratios != "").any().any():
+            lines += ["Paired: time over the fastest in the same rounds [95% band]", "", _md(ratios), ""]
         mem = _pivot(g, gi, lambda r, f: _fmt_bytes(r["peak_mem_bytes"]) if pd.notna(r["peak_mem_bytes"]) else "")
         lines += ["Peak memory:", "", _md(mem), ""]
         agree = _pivot(g, gi, lambda r, f: f"{r['rel_err']:.1e}" if pd.notna(r["rel_err"]) else "no ref")
@@ -515,16 +525,8 @@ def summary(header: dict | Run, df: pd.DataFrame | None = None, plot_names=None)
             lines += ["Not ok:", ""] + [f"- `{r['impl']}` {r['status']}"
                                         + (f": {r['error']}" if isinstance(r["error"], str) and r["error"] else "")
                                         for _, r in bad.iterrows()] + [""]
-    fits = fit_cost_model(df)
-    if len(fits):
-        lines += ["## Cost model: fitted constants and JC / NTK-VP crossover", "",
-                  "JC: t ≈ a·(N+M')·O·[FP] + b·N·M·O²·P; NTK-VP: t ≈ c·N·M·O·[FP] (least squares over the sizes measured). "
-                  "1/b and 1/c read as effective FLOP/s.", "",
-                  _md_table(fits), ""]
-    lines += _auto_section(df)
-    lines += _peers_section(df, impls)
-    if "time_vs_predicted_flops.png" in [n for _, n in made]:
-        lines += ["## Time against the cost model", "", "![time_vs_predicted_flops](time_vs_predicted_flops.png)", ""]
+    lines += answers.auto_section(df, recs, _md_table)
+    lines += answers.peers_section(df, recs, _md_table)
     return "\n".join(lines)
 
 
@@ -606,4 +608,8 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> Path:
     made = plots_for(run.df, out) if len(run.df) else []
     path = out / "summary.md"
     path.write_text(summary(run, plot_names=made))
+    scatter = "time_vs_predicted_flops.png"
+    (out / "cost_model.md").write_text(answers.cost_model_text(
+        fit_cost_model(run.df) if len(run.df) else pd.DataFrame(), _md_table,
+        scatter if scatter in [n for _, n in made] else None))
     return path

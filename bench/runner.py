@@ -5,8 +5,9 @@ model built once, the devices, the run directory: its lock, and on ``resume``
 that the file holds the same sweep, code and environment), then submits jobs
 to the executor as their dependencies finish: a problem's float64 reference
 before its cases, each group's ``auto`` case after our other plugins of the
-group (auto is timed in alternating blocks against the fastest of them). Rows
-are written as futures complete, in the order they finish.
+group, and once every case of a group has its row, the group's ``ok`` cases
+timed side by side in one worker (``paired``: the records go to paired.jsonl).
+Rows are written as futures complete, in the order they finish.
 
 - ``resume=True`` skips the cases that have a row; with ``retry_failed`` the
   ones whose last row is ``timeout``, ``oom``, ``killed``, ``error`` or
@@ -53,7 +54,7 @@ MAX_COMPARED = 3
 RETRY_STATUSES = ("timeout", "oom", "killed", "error", "unchecked")
 STATUSES = ("ok", "mismatch", "unchecked", "unsupported", "timeout", "oom", "killed", "error")
 # What must match for a resumed run to extend the file's last segment.
-COMPARED = ("sweep", "sweep_sha1", "code_sha1", "user_code_sha1", "plugins", "torch", "numpy", "jax", "jaxlib",
+COMPARED = ("sweep", "sweep_sha1", "clock", "code_sha1", "user_code_sha1", "plugins", "torch", "numpy", "jax", "jaxlib",
             "neural_tangents", "backpack", "python", "device_name", "cuda", "cpu_count", "host")
 
 __all__ = ["RunDirError", "RunSummary", "read_results", "read_segments", "run", "run_sweep"]
@@ -110,59 +111,155 @@ class RunSummary:
 
 
 class _Eta:
-    """Seconds left, from the cost model's prediction for every case, scaled by how the finished ones went."""
+    """Seconds left: the cost model's prediction for every job still to run, refitted as jobs finish.
 
-    def __init__(self, predicted: dict[str, float], slots: int):
-        self.predicted, self.slots = predicted, max(1, slots)
+    Each plugin's predictions are scaled by how its finished cases went (its actual over predicted seconds),
+    blended with the run's overall ratio while it has few finished cases; jobs of a plugin with none finished yet
+    take the overall ratio. (A cost model that is 5x off on the peers and right on ours is corrected per plugin.)
+    Then everything is scaled by the run's elapsed wall time over the jobs' own: what the jobs do not count (the
+    references, workers starting again, the gaps between jobs) takes its share of what is left too.
+    """
+
+    def __init__(self, predicted: dict[str, float], slots: int, kinds: dict[str, str] | None = None,
+                 clock=time.monotonic):
+        self.predicted, self.slots = dict(predicted), max(1, slots)
+        self.kinds = dict(kinds or {})  # job id -> its plugin (or "paired")
         self.actual_s = self.predicted_s = 0.0
+        self.by_kind: dict[str, list[float]] = {}  # plugin -> [actual, predicted]
+        self.clock, self.started = clock, clock()
+        self.one_off_s = 0.0  # wall time of what happens once, mostly first: references, worker start-ups
+        self.measured: set[str] = set()  # kinds predicted from measured times, not the cost model
 
-    def done(self, case_id: str, wall_s: float) -> None:
+    def add(self, job_id: str, seconds: float, kind: str, measured: bool = False) -> None:
+        """A job the run learned of after it started (a group's paired timing); ``measured``: its prediction
+        comes from this run's own times (scaled by nothing until jobs of its kind have finished)."""
+        self.predicted[job_id], self.kinds[job_id] = seconds, kind
+        if measured:
+            self.measured.add(kind)
+
+    def done(self, job_id: str, wall_s: float) -> None:
+        p = self.predicted.get(job_id, 0.0)
         self.actual_s += wall_s
-        self.predicted_s += self.predicted.get(case_id, 0.0)
+        self.predicted_s += p
+        acc = self.by_kind.setdefault(self.kinds.get(job_id, "?"), [0.0, 0.0])
+        acc[0] += wall_s
+        acc[1] += p
 
-    def left_s(self, case_ids) -> float | None:
+    def one_off(self, seconds: float) -> None:
+        """Time spent on something that does not recur in proportion to the jobs left (a reference, a worker's
+        start-up): left out of the overhead."""
+        self.one_off_s += max(0.0, seconds or 0.0)
+
+    def overhead(self) -> float:
+        """The run's elapsed wall time (on all its slots, one-off work left out) over the finished jobs' own wall
+        time (at least 1)."""
+        if self.actual_s <= 0:
+            return 1.0
+        elapsed = (self.clock() - self.started) * self.slots - self.one_off_s
+        return min(5.0, max(1.0, elapsed / self.actual_s))
+
+    def scale(self, kind: str | None = None) -> float:
+        overall = min(10.0, max(0.1, self.actual_s / self.predicted_s)) if self.predicted_s > 0 else 1.0
+        if kind in self.measured:
+            overall = 1.0  # times measured in this run already carry the machine's state
+        acc = self.by_kind.get(kind)
+        if acc is None or acc[1] <= 0:
+            return overall
+        prior = self.predicted_s / max(1, len(self.by_kind)) / 4  # the overall ratio's weight
+        return min(20.0, max(0.05, (acc[0] + overall * prior) / (acc[1] + prior)))
+
+    def left_s(self, job_ids) -> float | None:
         if not self.predicted:
             return None
-        scale = min(10.0, max(0.1, self.actual_s / self.predicted_s)) if self.predicted_s > 0 else 1.0
-        return scale * sum(self.predicted.get(c, 0.0) for c in case_ids) / self.slots
+        left = sum(self.scale(self.kinds.get(j)) * self.predicted.get(j, 0.0) for j in job_ids)
+        return left * self.overhead() / self.slots
 
 
-def predict_seconds(cases: list[Case], models: dict) -> dict[str, float]:
-    """A case's predicted wall time: set-up, the warm-up and memory calls and the timing (auto's paired timings
-    too), each call's time from auto's cost model and calibration; {} where the cost model cannot say."""
+# A peer's call over our cheapest plugin's predicted call, for the run's prediction only: the PyTorch NTK libraries
+# build per-sample Jacobians with generic hooks (typical factors over jacobian_contraction in
+# results/2026-11-23-peers-cpu); neural-tangents' and other peers: 3.
+PEER_CALL_FACTOR = {"asdl": 15.0, "nngeometry": 15.0, "curvlinops": 10.0, "laplace": 5.0}
+
+
+def _call_seconds(case: Case, info, auto) -> float:
+    """One call's predicted seconds (auto's cost model and calibration); the case's time budget where it cannot
+    say."""
+    from ntk_bench import implementations
+
+    p = case.problem
+    device = "cuda" if case.device.startswith("cuda") else "cpu"
+    if info is None or info.stats is None or case.impl in info.declined or auto is None:
+        return case.time_budget_s
+    names = ([n for n in ("structured", "explicit_mlp", "jacobian_contraction") if n not in info.declined]
+             if case.impl == "auto" else [case.impl])
+    budget = case.memory_budget_bytes or (8 << 30)
+    guesses = []
+    for name in names:
+        try:
+            plugin = implementations.get(name if sweeps.kind_of(name) == "ours" else "jacobian_contraction")
+            guesses.append(auto.predict(plugin, info.stats, p.n, p.M, case.mode, p.m is None, device, budget)[0])
+        except Exception:  # a plugin the cost model cannot cost on this model: leave it out
+            continue
+    if not guesses:
+        return case.time_budget_s
+    return min(guesses) * (PEER_CALL_FACTOR.get(case.impl, 3) if sweeps.kind_of(case.impl) == "peer" else 1)
+
+
+def _auto():
     try:
         from ntk_bench import implementations
 
-        auto = implementations.get("auto")
+        return implementations.get("auto")
     except Exception:  # no cost model here: the ETA counts cases instead
+        return None
+
+
+def predict_seconds(cases: list[Case], models: dict) -> dict[str, float]:
+    """A case's predicted wall time: set-up, the warm-up and memory calls and the timing, each call's time from
+    auto's cost model and calibration; {} where the cost model cannot say."""
+    auto = _auto()
+    if auto is None:
         return {}
     out = {}
     for case in cases:
         info = models.get(case.problem.model_key)
-        p = case.problem
-        device = "cuda" if case.device.startswith("cuda") else "cpu"
-        call_s = case.time_budget_s
-        if info is not None and info.stats is not None and case.impl not in info.declined:
-            names = ([n for n in ("structured", "explicit_mlp", "jacobian_contraction") if n not in info.declined]
-                     if case.impl == "auto" else [case.impl])
-            budget = case.memory_budget_bytes or (8 << 30)
-            guesses = []
-            for name in names:
-                try:
-                    plugin = implementations.get(name if sweeps.kind_of(name) == "ours" else "jacobian_contraction")
-                    guesses.append(auto.predict(plugin, info.stats, p.n, p.M, case.mode, p.m is None, device, budget)[0])
-                except Exception:  # a plugin the cost model cannot cost on this model: leave it out
-                    continue
-            if guesses:
-                call_s = min(guesses) * (3 if sweeps.kind_of(case.impl) == "peer" else 1)
         if info is not None and case.impl in info.declined:
             out[case.id] = 0.5
             continue
-        seconds = 1.0 + 3 * call_s + max(case.time_budget_s, 5 * call_s)
-        if case.impl == "auto":
-            seconds += 3 * max(case.time_budget_s, 1.0)
-        out[case.id] = seconds
+        call_s = _call_seconds(case, info, auto)
+        out[case.id] = 1.0 + 3 * call_s + max(case.time_budget_s, 5 * call_s)
     return out
+
+
+def paired_budget(case: Case) -> float:
+    """Seconds of side-by-side rounds for a group (at least ``paired.MIN_ROUNDS`` rounds whatever it is)."""
+    return max(1.0, 10 * case.time_budget_s)
+
+
+def predict_paired(cases: list[Case], models: dict) -> dict[str, float]:
+    """Each group's paired timing's predicted wall time (the plugins that do not decline its model)."""
+    from . import paired
+
+    auto = _auto()
+    calls: dict[str, list[float]] = {}
+    first: dict[str, Case] = {}
+    for case in cases:
+        info = models.get(case.problem.model_key)
+        gid = paired.group_id(case)
+        first.setdefault(gid, case)
+        calls.setdefault(gid, [])
+        if info is None or case.impl not in info.declined:
+            calls[gid].append(_call_seconds(case, info, auto) if auto is not None else case.time_budget_s)
+    return {gid: paired.predict_seconds(c, paired_budget(first[gid])) for gid, c in calls.items() if len(c) >= 2}
+
+
+def estimate(cases: list[Case], models: dict, slots: int = 1) -> tuple[float, list[tuple[str, float]]]:
+    """(the sweep's predicted wall time in seconds on ``slots`` workers, [(case id, seconds)] slowest first)."""
+    per_case = predict_seconds(cases, models)
+    if not per_case:
+        per_case = {c.id: 1.0 + 6 * c.time_budget_s for c in cases}
+    total = sum(per_case.values()) + sum(predict_paired(cases, models).values())
+    return total / max(1, slots), sorted(per_case.items(), key=lambda kv: -kv[1])
 
 
 # -- the header and what a resume must match ------------------------------------------------------------
@@ -193,7 +290,7 @@ def make_header(cases: list[Case], sweep_name: str, plugins=()) -> dict:
     from . import measure
 
     return {**measure.environment(), "sweep": sweep_name, "sweep_sha1": sweeps.fingerprint(cases),
-            "cases": len(cases), "plugins": list(plugins),
+            "clock": cases[0].clock if cases else "wall", "cases": len(cases), "plugins": list(plugins),
             "user_code_sha1": _files_sha1(sweeps.user_files(cases) + plugin_files(plugins))}
 
 
@@ -367,7 +464,7 @@ def run(cases: list[Case], out_dir: Path, sweep_name: str, executor: Executor | 
 
 def _schedule(cases, todo, latest, out_dir, executor, results, summary, reporter, models, plugins, deadline_s):
     """Submit jobs as their dependencies finish; write rows as they arrive."""
-    from . import measure
+    from . import measure, paired
 
     start = time.monotonic()
     plugins = tuple(plugins)
@@ -399,9 +496,55 @@ def _schedule(cases, todo, latest, out_dir, executor, results, summary, reporter
     ref_queue = [p for p in refs_needed.values() if p is not None]
     inflight: dict[JobFuture, tuple] = {}
     history: list[JobFuture] = []
-    eta = _Eta(predict_seconds(todo, models), executor.slots)
+    # paired timing: a group's ok cases side by side in one worker, once every case of the group has its row
+    rows_now = dict(latest)
+    group_of = {c.id: paired.group_id(c) for c in cases}
+    members: dict[str, list[Case]] = {}
+    for c in cases:
+        members.setdefault(group_of[c.id], []).append(c)
+    ran_now = {group_of[c.id] for c in todo}  # groups with a case to run: their paired timing is redone
+    paired_done = {gid for gid in paired.read_records(out_dir) if gid not in ran_now}
+    paired_file: list = []  # the open paired.jsonl, once there is a record to write
+    predicted = predict_seconds(todo, models)
+    kinds = {c.id: c.impl for c in todo}
+    eta = _Eta(predicted, executor.slots, kinds)
+    for gid, seconds in predict_paired([c for c in cases if group_of[c.id] not in paired_done], models).items():
+        eta.add(gid, seconds, "paired, from the cost model")  # replaced by its measured prediction when submitted
+    pending_paired = {gid for gid in eta.predicted if gid.startswith("paired/")}
     done_count = len(cases) - len(todo)
     reporter.start(len(cases), len(todo), executor.slots)
+
+    def submit_paired(gid: str) -> None:
+        """Time the group's ok cases side by side, when every case of it has a row and two or more are ok."""
+        if gid in paired_done or state.stop_requested or any(c.id not in rows_now for c in members[gid]):
+            return
+        paired_done.add(gid)
+        ok = [c for c in members[gid] if rows_now[c.id].get("status") == "ok"
+              and rows_now[c.id].get("time_median_s") is not None and not rows_now[c.id].get("blocked_after_oom")]
+        if len(ok) < 2:
+            pending_paired.discard(gid)
+            return
+        calls = [rows_now[c.id]["time_median_s"] for c in ok]
+        firsts = sum(rows_now[c.id].get("first_call_s") or 0.0 for c in ok)
+        budget = paired_budget(ok[0])
+        group = paired.PairedGroup(tuple(ok), budget)
+        eta.add(gid, paired.predict_seconds(calls, budget), "paired", measured=True)
+        pending_paired.add(gid)
+        timeout = max(c.timeout_s for c in ok) + firsts + 3 * paired.predict_seconds(calls, budget)
+        fut = executor.submit(Job("paired", group, timeout, plugins))
+        inflight[fut] = ("paired", group)
+        history.append(fut)
+
+    def write_paired(fut: JobFuture, group, record: dict) -> None:
+        record = {**record, "paired_id": group.id}
+        if fut.started_at is not None and fut.finished_at is not None:
+            record["job_wall_s"] = fut.finished_at - fut.started_at - (record.get("worker_startup_s") or 0.0)
+        record.setdefault("status", "error")
+        if not paired_file:
+            paired_file.append(ResultsFile(out_dir / paired.PAIRED).open())
+        paired_file[0].append(record)
+        pending_paired.discard(group.id)
+        eta.done(group.id, record.get("job_wall_s") or 0.0)
 
     def process(fut: JobFuture) -> None:
         nonlocal done_count
@@ -411,10 +554,16 @@ def _schedule(cases, todo, latest, out_dir, executor, results, summary, reporter
         row = fut.result()
         if row.get("executor_lost"):  # never ran to its end: no row, resume runs it
             return
+        eta.one_off(row.get("worker_startup_s") or 0.0)
         if kind == "reference":
+            if fut.started_at is not None and fut.finished_at is not None:
+                eta.one_off(fut.finished_at - fut.started_at)
             ref_done.add(obj.id)
             if row.get("status") != "ok":
                 _reference_failed(obj, row, out_dir, reporter)
+            return
+        if kind == "paired":
+            write_paired(fut, obj, row)
             return
         case: Case = obj
         if row.get("oom_killed") and not case.retry_blocked and case.memory_budget_bytes is None \
@@ -437,8 +586,10 @@ def _schedule(cases, todo, latest, out_dir, executor, results, summary, reporter
         finished.add(case.id)
         todo_ids.discard(case.id)
         note_time(case, full)
+        rows_now[case.id] = full
         eta.done(case.id, full.get("case_wall_s") or 0.0)
-        reporter.row(full, done_count, len(cases), eta.left_s(todo_ids))
+        submit_paired(group_of[case.id])
+        reporter.row(full, done_count, len(cases), eta.left_s(todo_ids | pending_paired))
 
     def keep_finished() -> None:
         """On a hard stop: write the rows that had arrived, before the running jobs are killed."""
@@ -448,6 +599,8 @@ def _schedule(cases, todo, latest, out_dir, executor, results, summary, reporter
     state = _State()
     saved = _install_signals(state, reporter)
     try:
+        for gid in members:  # groups whose cases all have rows from before (a resumed run)
+            submit_paired(gid)
         while True:
             if not state.stop_requested:
                 for problem in ref_queue:
@@ -457,9 +610,6 @@ def _schedule(cases, todo, latest, out_dir, executor, results, summary, reporter
                 ref_queue = []
                 for case in list(queue):
                     if case.problem.id in ref_done and not (waits_for[case.id] - finished):
-                        if case.impl == "auto":
-                            case = dataclasses.replace(case, compare_with=_near_fastest(
-                                group_times.get(_group(case), {})))
                         fut = executor.submit(Job("case", case, case.timeout_s, plugins))
                         inflight[fut] = ("case", case)
                         history.append(fut)
@@ -491,6 +641,8 @@ def _schedule(cases, todo, latest, out_dir, executor, results, summary, reporter
         executor.kill_running()
     finally:
         _restore_signals(saved)
+        if paired_file:
+            paired_file[0].close()
 
 
 def _reference_failed(problem: Problem, row: dict, out_dir: Path, reporter: Reporter) -> None:

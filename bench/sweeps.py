@@ -52,6 +52,12 @@ from typing import Any
 
 # neural-tangents' three implementations as peers (implementations/neural_tangents_peers.py).
 NT_PEERS = ("nt_jacobian_contraction", "nt_ntk_vector_products", "nt_structured_derivatives")
+# Our plugins but the autograd loop (one backward pass per sample and output: seconds a call from small models
+# on), neural-tangents' three, and the one PyTorch NTK library whose calls stay under seconds on small CNNs
+# (asdl, nngeometry and curvlinops took 2-8 s a call on the tutorial CNN at N=8): what --model runs by default.
+FAST_OURS = ("jacobian_contraction", "ntk_vector_products", "explicit_mlp", "backpack_batchgrad", "backpack_sqrtggn",
+             "structured", "auto")
+MODEL_IMPLS = [*FAST_OURS, *NT_PEERS, "laplace"]
 DTYPES = ("float32", "float64")
 MODES = ("full", "trace", "diagonal")
 
@@ -141,6 +147,8 @@ class Case:
     # set by the runner when the kernel's OOM killer ended the first try: compute blocked under a budget that
     # respects the worker's memory limit
     retry_blocked: bool = False
+    # "wall" or "cpu" (process CPU time with one thread: bench/timing.py); the run's header records it
+    clock: str = "wall"
 
     @property
     def id(self) -> str:
@@ -318,12 +326,38 @@ def _builtin_sweeps() -> dict[str, dict]:
     gpu_real = ["jacobian_contraction", "ntk_vector_products", "structured", "auto"]
     torch_peers = ["asdl", "nngeometry", "curvlinops", "laplace"]
     real_impls = [*gpu_real, *NT_PEERS]
+    fast_ours = list(FAST_OURS)
+    # the plugins that stay fast on every zoo model here; explicit_mlp declines the CNNs at once
+    quick_core = ["jacobian_contraction", "explicit_mlp", "structured", "auto", "nt_jacobian_contraction",
+                  "nt_structured_derivatives"]
+    # BackPACK's O backward passes with per-sample hooks ran past a minute a case on the CNNs at load
+    quick_ours = [i for i in fast_ours if not i.startswith("backpack")]
     return {
         "quick": {
             "name": "quick",
-            "description": "CPU default: every plugin and zoo architecture, 4 N values, O in {1, 10}, the autograd "
-                           "loop up to N=16, the PyTorch NTK libraries on the MLP and the CNN; about 9 minutes on 2 "
-                           "cores before those libraries were added",
+            "description": "CPU default: the four small zoo architectures at N = 4, 8, 16 (three sizes: a slope with "
+                           "its band), our fast plugins and neural-tangents' JC and structured derivatives on each, "
+                           "NTK-vector products and laplace on the MLP; the calls that take seconds (the autograd "
+                           "loop, BackPACK, the PyTorch NTK libraries, NTK-vector products on the CNNs) are in "
+                           "`full`",
+            "impls": [*fast_ours, *NT_PEERS], "modes": ["full"], "dtypes": ["float32"], "devices": ["cpu"],
+            "time_budget_s": 0.1, "timeout_s": 60,
+            "arch": [
+                {"name": "mlp", "params": mlp, "N": [4, 8, 16], "O": [10],
+                 "impls": [*quick_ours, *NT_PEERS, "laplace"]},
+                {"name": "mlp", "params": mlp, "N": [16], "O": [1], "impls": quick_core},
+                {"name": "mlp", "params": mlp, "N": [16], "O": [10], "modes": ["trace", "diagonal"],
+                 "impls": quick_core},
+                {"name": "tutorial_cnn", "N": [4, 8, 16], "impls": quick_core},
+                {"name": "cnn", "params": small_cnn, "N": [4, 8, 16], "O": [10], "impls": quick_core},
+                {"name": "resnet_tiny", "params": tiny_resnet, "N": [4, 8, 16], "O": [10], "impls": quick_core},
+            ],
+        },
+        "full": {
+            "name": "full",
+            "description": "CPU, everything: every plugin and zoo architecture, 4 N values, O in {1, 10}, the "
+                           "autograd loop up to N=16, the PyTorch NTK libraries on the MLP and the CNN (calls of "
+                           "seconds; over an hour on 2 busy cores)",
             "impls": ["all"], "modes": ["full"], "dtypes": ["float32"], "devices": ["cpu"],
             "time_budget_s": 0.1, "timeout_s": 60,
             "arch": [

@@ -52,7 +52,10 @@ def _pin() -> dict:
             os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
         except (AttributeError, OSError, ValueError):
             pass
-    threads = os.environ.get("NTK_BENCH_THREADS") or (str(len(cpus.split(","))) if cpus else None)
+    from .machine import default_threads
+
+    # the cores this worker owns, never more: more threads than cores wait for each other
+    threads = os.environ.get("NTK_BENCH_THREADS") or str(default_threads())
     if threads:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[var] = threads

@@ -12,7 +12,9 @@ mixes the samples of a batch is refused, not silently mis-kernelled). Weights a 
 - ``to_jax(model, example)``: ``(apply_fn, params)``, float64; ``forward(model, x)``: its output, per sample;
 - ``kernel_fn(model, example, implementation, mode, dtype)``: neural-tangents' jitted kernel, for timing it as
   a peer (``implementations/neural_tangents_peers.py``);
-- ``ntk(model, x1, x2, mode, implementation)``: the float64 reference kernel, a torch tensor in the plugin shapes.
+- ``ntk(model, x1, x2, mode, implementation)``: the float64 reference kernel, a torch tensor in the plugin shapes;
+- ``tolerance(model, example)``: what the reference is good to (1e-10; 100 eps of float32 for a float64 model that
+  casts to float32 inside, as T5's layer norm does: those casts are translated, not lifted to float64).
 
 ``example`` is a batch like x1 (its per-sample shape and dtype; integer token ids work). JAX and
 neural-tangents are imported on first use, with TensorFlow's and XLA's start-up logging silenced.
@@ -77,18 +79,46 @@ def to_numpy(x: torch.Tensor) -> np.ndarray:
 to_numpy64 = to_numpy  # the name bench/measure.py uses
 
 
+def _lowest_float_computed(fn, *args):
+    """``(fn(*args), dtype)``: the float dtype of least precision among the tensors its ops produce (float64 when
+    none is lower): a float64 model that casts to float32 inside computes part of its forward in float32."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    lowest = [torch.float64]
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and \
+                        torch.finfo(t.dtype).eps > torch.finfo(lowest[0]).eps:
+                    lowest[0] = t.dtype
+            return out
+
+    try:
+        with Watch():
+            result = fn(*args)
+    except Exception:  # a forward that does not run under a dispatch mode: its dtypes are not known
+        return fn(*args), torch.float64
+    return result, lowest[0]
+
+
 def _torch_forward64(model: torch.nn.Module, example: torch.Tensor) -> tuple[np.ndarray, float]:
-    """The torch forward in float64 (on a float64 copy of a float32 model), and the tolerance it is good to."""
+    """The torch forward in float64 (on a float64 copy of a float32 model), and the tolerance it is good to:
+    1e-10, or ``REDUCED_PRECISION_ULPS`` eps of the lowest precision the float64 forward casts to inside."""
     floating = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
     x = example.double() if example.is_floating_point() else example
     with torch.no_grad():
         if all(t.dtype == torch.float64 for t in floating):
-            return model(x).detach().cpu().numpy(), 1e-10
-        try:
-            twin = copy.deepcopy(model).to(torch.float64)
-        except Exception:  # a model that cannot be deep-copied: compare with its own precision
-            return model(example).detach().cpu().double().numpy(), 1e-4
-        return twin(x).detach().cpu().numpy(), 1e-10
+            twin = model
+        else:
+            try:
+                twin = copy.deepcopy(model).to(torch.float64)
+            except Exception:  # a model that cannot be deep-copied: compare with its own precision
+                return model(example).detach().cpu().double().numpy(), 1e-4
+        out, lowest = _lowest_float_computed(twin, x)
+        tol = max(FLOAT64_TOLERANCE, REDUCED_PRECISION_ULPS * torch.finfo(lowest).eps)
+        return out.detach().cpu().numpy(), tol
 
 
 def _per_sample_forward(model: torch.nn.Module, prog, x: torch.Tensor) -> np.ndarray:
@@ -140,6 +170,7 @@ def _check(model: torch.nn.Module, example: torch.Tensor, prog) -> str:
     except Exception as exc:  # a rule meeting arguments it cannot take: a translation failure, reported as such
         return f"{name}: evaluating the JAX translation failed: {type(exc).__name__}: {translate._first_lines(exc)}"
     ref, tol = _torch_forward64(model, example)
+    tol = prog.tolerance = max(tol, _precision(prog))
     ref = ref.reshape(ref.shape[0], -1) if ref.ndim == 1 else ref
     if y.shape != ref.shape:
         return f"{name}: the translation returns shape {y.shape}, torch {ref.shape}"
@@ -155,8 +186,36 @@ def _check(model: torch.nn.Module, example: torch.Tensor, prog) -> str:
                 mixed = " (the batched translation agrees: the model mixes the samples of a batch, and "\
                         "neural-tangents differentiates one sample at a time)"
         return (f"{name}: the JAX translation's forward, per sample, differs from torch's by {err:.1e} "
-                f"(relative to max |f|){mixed}; no reference is computed from it")
+                f"(relative to max |f|; allowed: {tol:.1e}){mixed}; no reference is computed from it")
     return ""
+
+
+FLOAT64_TOLERANCE = 1e-10
+REDUCED_PRECISION_ULPS = 100  # a model casting to a lower precision: its forward and kernel are good to 100 eps
+
+
+def _precision(prog) -> float:
+    """The relative precision the translation is good to: 1e-10 when it computes in float64 throughout; where the
+    model casts to a lower precision (seen while tracing it), ``REDUCED_PRECISION_ULPS`` of that dtype's eps."""
+    if not prog.reduced:
+        return FLOAT64_TOLERANCE
+    import jax.numpy as jnp
+
+    return max(FLOAT64_TOLERANCE, REDUCED_PRECISION_ULPS * max(float(jnp.finfo(d).eps) for d in prog.reduced))
+
+
+def tolerance(model: torch.nn.Module, example: torch.Tensor) -> float:
+    """The relative agreement with torch's float64 forward (and kernel, ``‖K − K_ref‖ / ‖K_ref‖``) this model's
+    reference is good to: 1e-10 where the model computes in float64 throughout, 100 eps of the lowest precision
+    it casts to otherwise (a float64 T5, whose layer norm computes in float32: 1.2e-5). Raises
+    UnsupportedOpError like ``ntk``."""
+    prog = _checked_program(model, example)
+    return prog.tolerance if prog.tolerance is not None else _precision(prog)
+
+
+def reduced_precision(model: torch.nn.Module, example: torch.Tensor) -> list[str]:
+    """The float dtypes below float64 the model casts to (and its translation computes in); [] for none."""
+    return sorted(_checked_program(model, example).reduced)
 
 
 def _checked_program(model: torch.nn.Module, example: torch.Tensor):
@@ -281,5 +340,5 @@ def ntk(model: torch.nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None
     return reduce_full(torch.from_numpy(np.array(out)), mode)
 
 
-__all__ = ["IMPLEMENTATIONS", "UnsupportedOpError", "available", "forward", "kernel_fn", "ntk", "supports",
-           "to_jax", "to_numpy"]
+__all__ = ["IMPLEMENTATIONS", "UnsupportedOpError", "available", "forward", "kernel_fn", "ntk", "reduced_precision",
+           "supports", "to_jax", "to_numpy", "tolerance"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 import operator
 
@@ -38,6 +39,8 @@ from jax import lax  # noqa: E402
 RULES: dict = {}
 
 _FLOAT = contextvars.ContextVar("ntk_bench_reference_float", default=jnp.float64)
+# The model's own float dtype (None: unknown); a graph's float dtype of lower precision is a cast the model makes.
+_MODEL_FLOAT = contextvars.ContextVar("ntk_bench_reference_model_float", default=None)
 
 
 class _Missing:
@@ -59,19 +62,38 @@ def float_dtype():
 
 
 @contextlib.contextmanager
-def computing_in(dtype):
-    """Compute floating-point tensors in ``dtype`` (a numpy/JAX dtype) inside the block."""
+def computing_in(dtype, model_dtype: torch.dtype | None = None):
+    """Compute floating-point tensors in ``dtype`` (a numpy/JAX dtype) inside the block; ``model_dtype``: the
+    model's own float dtype, below whose precision a float dtype of the graph is kept (:func:`jax_dtype`)."""
     token = _FLOAT.set(jnp.dtype(dtype).type)
+    model_token = _MODEL_FLOAT.set(model_dtype)
     try:
         yield
     finally:
+        _MODEL_FLOAT.reset(model_token)
         _FLOAT.reset(token)
 
 
+_TORCH_FLOATS = {torch.float64: jnp.float64, torch.float32: jnp.float32, torch.float16: jnp.float16,
+                 torch.bfloat16: jnp.bfloat16}
+
+
+def _eps(dtype) -> float:
+    return float(jnp.finfo(dtype).eps)
+
+
 def jax_dtype(dtype: torch.dtype):
-    """The JAX dtype of a torch dtype: every float dtype means :func:`float_dtype`."""
+    """The JAX dtype of a torch dtype. A float dtype means :func:`float_dtype` (the model's float32 computed in
+    float64 for the reference), except one of lower precision than the model's own (``computing_in``'s
+    ``model_dtype``): a cast the model makes on purpose (T5's layer norm computes in float32 inside a float64
+    model), kept, so the translation rounds where torch does; never above :func:`float_dtype`."""
     if dtype.is_floating_point:
-        return float_dtype()
+        model = _MODEL_FLOAT.get()
+        if model not in _TORCH_FLOATS or dtype not in _TORCH_FLOATS or \
+                _eps(_TORCH_FLOATS[dtype]) <= _eps(_TORCH_FLOATS[model]):
+            return float_dtype()
+        reduced = _TORCH_FLOATS[dtype]
+        return reduced if _eps(reduced) > _eps(float_dtype()) else float_dtype()
     if dtype.is_complex:
         raise TypeError(f"complex tensors ({dtype}) are not supported")
     return {torch.bool: jnp.bool_, torch.int64: jnp.int64, torch.int32: jnp.int32, torch.int16: jnp.int16,
@@ -428,6 +450,13 @@ for _name, _fn in {
     "detach": lax.stop_gradient,
 }.items():
     _unary(_name, _fn)
+
+
+@rule("ntk_bench_reference.stop_gradient.default")
+def stop_gradient(x):
+    """Where torch's forward cuts the gradient (a ``torch.no_grad()`` block's outputs, ``detach``), marked by
+    the translator before torch's decompositions inline the block."""
+    return lax.stop_gradient(x)
 
 
 @rule("aten.gelu.default")
@@ -818,6 +847,117 @@ def embedding(weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=
     if padding_idx is None or padding_idx < 0:
         return rows
     return jnp.where((indices == padding_idx)[..., None], lax.stop_gradient(rows), rows)
+
+
+@functools.lru_cache(maxsize=64)
+def _resampling_matrix(name: str, axis: int, spatial: tuple, call: tuple) -> np.ndarray:
+    """The (out, in) matrix an upsampling op applies along spatial ``axis`` of an input of ``spatial`` sizes.
+
+    Every interpolation ATen offers (nearest, linear, cubic, antialiased) is separable, with weights that sum
+    to one along each axis, so the op's own output on inputs that are one-hot along ``axis`` and constant along
+    the others is that matrix. torch computes it: its conventions (half-pixel centres, ``align_corners``, a
+    given scale factor taking precedence over the size ratio, nearest's float32 index arithmetic) are the op's,
+    not a copy of them. (The other axes keep their sizes: the antialiased ops mis-handle a length-1 axis.)
+    """
+    op = _torch_op(name)
+    length = spatial[axis]
+    shape = (length, 1) + tuple(length if k == axis else 1 for k in range(len(spatial)))
+    basis = torch.eye(length, dtype=torch.float64).reshape(shape).expand((length, 1) + spatial)
+    with torch.no_grad():
+        out = op(basis.contiguous(), *call)
+    out = out[(slice(None), 0) + tuple(slice(None) if k == axis else 0 for k in range(len(spatial)))]
+    return out.T.numpy()
+
+
+def _torch_op(name: str):
+    _, op, overload = name.split(".")
+    return getattr(getattr(torch.ops.aten, op), overload)
+
+
+def _hashable(value):
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(v) for v in value)
+    return value
+
+
+def _resampling_rule(name: str, nd: int):
+    def resample(input, *args, **kwargs):
+        arguments = _torch_op(name)._schema.arguments[1:]
+        values = {**{a.name: a.default_value for a in arguments if a.has_default_value()},
+                  **dict(zip([a.name for a in arguments], args)), **kwargs}
+        call = tuple(_hashable(values.get(a.name)) for a in arguments)
+        spatial = tuple(input.shape[input.ndim - nd:])
+        x = input
+        for axis in range(nd):
+            dim = x.ndim - nd + axis
+            matrix = _resampling_matrix(name, axis, spatial, call)
+            x = jnp.moveaxis(jnp.tensordot(x, jnp.asarray(matrix, x.dtype), axes=([dim], [1])), -1, dim)
+        return x
+
+    resample.__doc__ = f"``{name}`` as one product per spatial axis with the op's interpolation matrix."
+    return resample
+
+
+for _op, _nd in {"upsample_nearest1d": 1, "upsample_nearest2d": 2, "upsample_nearest3d": 3,
+                 "upsample_linear1d": 1, "upsample_bilinear2d": 2, "upsample_trilinear3d": 3,
+                 "_upsample_bilinear2d_aa": 2, "_upsample_bicubic2d_aa": 2}.items():
+    for _overload in ("default", "vec"):
+        RULES[f"aten.{_op}.{_overload}"] = _resampling_rule(f"aten.{_op}.{_overload}", _nd)
+
+
+@rule("aten._trilinear.default")
+def trilinear(i1, i2, i3, expand1, expand2, expand3, sumdim, unroll_dim=1):
+    """``nn.Bilinear``'s product: each input unsqueezed at its ``expand`` dims, multiplied, summed over
+    ``sumdim``; as one einsum (dot_generals, no (N, O, I1, I2) intermediate)."""
+    ndim = i1.ndim + len(expand1)
+    letters = "abcdefghijklmnopqrstuvwxyz"[:ndim]
+    sizes, subscripts = [1] * ndim, []
+    for x, expand in zip((i1, i2, i3), (expand1, expand2, expand3)):
+        dims = [d for d in range(ndim) if d not in set(expand)]
+        subscripts.append("".join(letters[d] for d in dims))
+        for d, n in zip(dims, x.shape):
+            sizes[d] = max(sizes[d], n)
+    kept = [d for d in range(ndim) if d not in set(sumdim)]
+    present = set("".join(subscripts))
+    y = jnp.einsum(",".join(subscripts) + "->" + "".join(letters[d] for d in kept if letters[d] in present),
+                   i1, i2, i3)
+    return y.reshape(tuple(sizes[d] for d in kept))  # (a dim no input has is of size 1)
+
+
+@rule("aten._embedding_bag.default", "aten._embedding_bag_forward_only.default")
+def embedding_bag(weight, indices, offsets, scale_grad_by_freq=False, mode=0, sparse=False,
+                  per_sample_weights=None, include_last_offset=False, padding_idx=-1):
+    """The bags' sums (mode 0, weighted by ``per_sample_weights``), means (1) or maxima (2) of the table's rows;
+    an empty bag is zeros; rows at ``padding_idx`` are left out (of a mean's count too). The bags' bookkeeping
+    outputs (offset2bag, sizes, the maxima's indices) are not computed."""
+    if scale_grad_by_freq:
+        raise NotImplementedError("embedding_bag with scale_grad_by_freq (a gradient that is not the forward's)")
+    if indices.ndim != 1 or offsets.ndim != 1:
+        raise NotImplementedError(f"embedding_bag with {indices.ndim}-D indices and {offsets.ndim}-D offsets")
+    bags = offsets.shape[0] - (1 if include_last_offset else 0)
+    positions = jnp.arange(indices.shape[0])
+    bag = jnp.searchsorted(offsets, positions, side="right") - 1
+    valid = bag < bags  # (with include_last_offset, torch's last bag runs to the end of the indices too)
+    if padding_idx is not None and padding_idx >= 0:
+        valid = valid & (indices != padding_idx)
+    bag = jnp.where(valid, bag, bags)  # (an id past the last bag: dropped by the segment ops)
+    rows = jnp.take(weight, indices, axis=0)
+    if per_sample_weights is not None:
+        if mode != 0:
+            raise NotImplementedError("embedding_bag's per_sample_weights with a mode other than sum")
+        rows = rows * per_sample_weights[:, None]
+    if mode == 2:
+        rows = jnp.where(valid[:, None], rows, -jnp.inf)
+        out = jax.ops.segment_max(rows, bag, num_segments=bags)
+        out = jnp.where(jnp.isneginf(out), jnp.zeros((), out.dtype), out)
+    else:
+        out = jax.ops.segment_sum(jnp.where(valid[:, None], rows, jnp.zeros((), rows.dtype)), bag,
+                                  num_segments=bags)
+        if mode == 1:
+            count = jax.ops.segment_sum(valid.astype(out.dtype), bag, num_segments=bags)
+            out = out / jnp.maximum(count, 1)[:, None]
+    return (out, MISSING("embedding_bag's offset2bag"), MISSING("embedding_bag's bag sizes"),
+            MISSING("embedding_bag's max indices"))
 
 
 @rule("aten.constant_pad_nd.default")

@@ -46,27 +46,115 @@ def _first_lines(exc: BaseException, limit: int = 600) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
-def export_model(model: nn.Module, example: torch.Tensor):
-    """``torch.export`` with a dynamic batch dimension, decomposed to core ATen."""
+STOP_GRADIENT = "ntk_bench_reference.stop_gradient.default"  # the rule-table name of the marker below
+
+
+def _stop_gradient_op():
+    """An identity op torch's decompositions keep as it is, marking where the forward cuts the gradient.
+
+    ``run_decompositions()`` inlines ``wrap_with_set_grad_enabled(False, ...)`` (a ``with torch.no_grad():``
+    block) into plain ops and turns ``aten.detach`` into ``aten.alias``, so after it nothing says where torch's
+    autograd stops. The marker is put on those places before decomposing, and translated as
+    ``lax.stop_gradient``.
+    """
+    namespace = torch.ops.ntk_bench_reference
+    if not hasattr(namespace, "stop_gradient"):
+        @torch.library.custom_op("ntk_bench_reference::stop_gradient", mutates_args=())
+        def stop_gradient(x: torch.Tensor) -> torch.Tensor:
+            return x.clone()  # (a custom op's output may not alias its input)
+
+        @stop_gradient.register_fake
+        def _(x):
+            return torch.empty_like(x)
+    return torch.ops.ntk_bench_reference.stop_gradient.default
+
+
+def _mark_gradient_stops(program) -> int:
+    """Put the stop-gradient marker on every output of a grad-disabled region and on every ``detach`` of the
+    exported (not yet decomposed) graph, its nested graphs included. A region that turns gradients back on
+    inside a disabled one is refused: what it differentiates depends on the nesting, which inlining loses."""
+    from torch._higher_order_ops.wrap import wrap_with_set_grad_enabled
+
+    marker = _stop_gradient_op()
+    count = 0
+    modules = [m for m in program.graph_module.modules() if isinstance(m, torch.fx.GraphModule)]
+    for gm in modules:
+        graph, changed = gm.graph, False
+        for node in list(graph.nodes):
+            if node.op != "call_function":
+                continue
+            if node.target is wrap_with_set_grad_enabled and not node.args[0]:
+                region = getattr(gm, node.args[1].target)
+                if any(n.op == "call_function" and n.target is wrap_with_set_grad_enabled and n.args[0]
+                       for m in region.modules() if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes):
+                    raise UnsupportedOpError("a torch.enable_grad() block inside a torch.no_grad() block: its "
+                                             "gradient stops are not translated")
+                outputs = [u for u in node.users]  # getitem nodes picking the region's outputs
+            elif node.target is torch.ops.aten.detach.default:
+                outputs = [node]
+            else:
+                continue
+            for out in outputs:
+                with graph.inserting_after(out):
+                    stop = graph.call_function(marker, (out,))
+                stop.meta.update(out.meta)
+                out.replace_all_uses_with(stop, delete_user_cb=lambda user, stop=stop: user is not stop)
+                count += 1
+                changed = True
+        if changed:
+            gm.recompile()
+    return count
+
+
+def _export(model: nn.Module, example: torch.Tensor, dynamic: bool):
+    """The exported program, gradient stops marked, decomposed to core ATen; UnsupportedOpError naming the
+    step that failed."""
     from torch.export import Dim, export
 
+    name = type(model).__name__
+    how = "with a dynamic batch dimension" if dynamic else f"with a fixed batch of {example.shape[0]}"
+    try:
+        program = export(model, (example,), dynamic_shapes=({0: Dim("batch", min=1)},) if dynamic else None)
+    except Exception as exc:  # torch.export raises many types (UserError, ConstraintViolation, Unsupported ...)
+        raise UnsupportedOpError(f"torch.export cannot export {name} {how}: "
+                                 f"{type(exc).__name__}: {_first_lines(exc)}") from exc
+    try:
+        _mark_gradient_stops(program)
+    except UnsupportedOpError as exc:
+        raise UnsupportedOpError(f"{name}: {exc}") from exc
+    try:
+        return program.run_decompositions()
+    except Exception as exc:
+        raise UnsupportedOpError(f"{name}: decomposing the exported graph ({how}) to core ATen failed: "
+                                 f"{type(exc).__name__}: {_first_lines(exc)}") from exc
+
+
+def export_model(model: nn.Module, example: torch.Tensor):
+    """``(program, per_sample)``: ``torch.export`` with a dynamic batch dimension, decomposed to core ATen, with a
+    stop-gradient marker (:data:`STOP_GRADIENT`) where the forward cuts the gradient (``torch.no_grad()`` blocks,
+    ``detach``).
+
+    Where that fails, the model is exported for one sample (a fixed batch of 1) and ``per_sample`` is True:
+    neural-tangents evaluates the function one sample at a time anyway, and a batch is then that program
+    vmapped. Some graphs only decompose with a concrete batch: transformers' ``Conv1D`` (GPT-2) reshapes a
+    transposed (batch, seq, features) view, and with a symbolic batch torch cannot prove the view valid ("Cannot
+    view a tensor with shape [s, 8, 32] and strides (32, 32*s, 1)"). The forward check still compares the
+    per-sample translation with torch's batched forward, so a model mixing the samples of a batch is refused.
+    """
     if not isinstance(example, torch.Tensor) or example.dim() < 1:
         raise ValueError(f"example must be a batched torch.Tensor, got {type(example).__name__}")
-    if example.shape[0] < 2:  # export specialises a size-1 dimension; any size >= 2 stays symbolic
-        example = torch.cat([example, example])
-    name = type(model).__name__
+    dynamic_example = example if example.shape[0] >= 2 else torch.cat([example, example])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
-            program = export(model, (example,), dynamic_shapes=({0: Dim("batch", min=1)},))
-        except Exception as exc:  # torch.export raises many types (UserError, ConstraintViolation, Unsupported ...)
-            raise UnsupportedOpError(f"torch.export cannot export {name} with a dynamic batch dimension: "
-                                     f"{type(exc).__name__}: {_first_lines(exc)}") from exc
-        try:
-            return program.run_decompositions()
-        except Exception as exc:
-            raise UnsupportedOpError(f"{name}: decomposing the exported graph to core ATen failed: "
-                                     f"{type(exc).__name__}: {_first_lines(exc)}") from exc
+        try:  # (export specialises a size-1 dimension; any size >= 2 stays symbolic)
+            return _export(model, dynamic_example, dynamic=True), False
+        except UnsupportedOpError as dynamic_failure:
+            try:
+                return _export(model, example[:1], dynamic=False), True
+            except UnsupportedOpError as static_failure:
+                if all(str(f).startswith("torch.export cannot") for f in (static_failure, dynamic_failure)):
+                    raise dynamic_failure from None  # (export itself failed both ways: one reason is enough)
+                raise UnsupportedOpError(f"{dynamic_failure}; for one sample: {static_failure}") from None
 
 
 def _is_transpose_2d(node) -> bool:
@@ -146,8 +234,12 @@ class Program:
     constants: dict  # placeholder name -> ("model", fqn) / ("lifted", tensor)
     transposed: frozenset  # canonical names of parameters stored transposed
     integer_input: bool
+    per_sample: bool = False  # exported for a batch of one sample (a batch is that program, vmapped)
+    model_dtype: object = None  # the model's float dtype (torch); graph floats below it are casts kept as such
+    reduced: set = dataclasses.field(default_factory=set)  # float dtypes below it the translation computes in
     kernels: dict = dataclasses.field(default_factory=dict)  # (impl, mode, dtype) -> jitted nt kernel
     check: object = None  # None until checked; then "" (passed) or the reason it failed
+    tolerance: float | None = None  # what the check allowed: 1e-10, or looser where the model casts to float32
     forward: object = None  # the jitted per-sample forward (params, constants, x) -> (N, O), once built
     compiled: dict = dataclasses.field(default_factory=dict)  # executables compiled with QUICK_COMPILE
 
@@ -166,7 +258,7 @@ def build_program(model: nn.Module, example: torch.Tensor) -> Program:
     from .aten_rules import HINTS, RULES
 
     name = type(model).__name__
-    ep = export_model(model, example)
+    ep, per_sample = export_model(model, example)
     graph = ep.graph
     signature = ep.graph_signature
     canonical = _canonical_names(model)
@@ -245,7 +337,9 @@ def build_program(model: nn.Module, example: torch.Tensor) -> Program:
     out = output.args[0]
     out = out[out_index] if isinstance(out, (tuple, list)) else out
     integer = not example.is_floating_point()
-    return Program(name, nodes, out, params, constants, frozenset(transposed), integer)
+    floats = [t.dtype for t in (*model.parameters(), *model.buffers(), example) if t.is_floating_point()]
+    model_dtype = max(floats, key=lambda d: torch.finfo(d).bits) if floats else None
+    return Program(name, nodes, out, params, constants, frozenset(transposed), integer, per_sample, model_dtype)
 
 
 def _contains_missing(value, missing_type):
@@ -273,6 +367,11 @@ class JaxFunction:
         self.layouts = {name: "(in, out)" for name in program.transposed}
 
     def __call__(self, params, x):
+        if self.program.per_sample and x.shape[0] != 1:
+            import jax
+
+            return jax.vmap(lambda xi: self(params, xi[None])[0])(x)
+        import jax.numpy as jnp
         from torch.fx.node import map_aggregate
 
         from . import aten_rules as R
@@ -288,7 +387,8 @@ class JaxFunction:
                 return R.to_jax(arg)
             return arg
 
-        with R.computing_in(self.dtype):
+        floor = np.finfo(self.dtype).eps
+        with R.computing_in(self.dtype, self.program.model_dtype):
             for node, kind, payload in self.program.nodes:
                 if kind == "call":
                     key, fn = payload
@@ -302,6 +402,11 @@ class JaxFunction:
                                                  "the translation does not compute")
                     try:
                         env[node] = fn(*args, **kwargs)
+                        for value in (env[node] if isinstance(env[node], (tuple, list)) else (env[node],)):
+                            dtype = getattr(value, "dtype", None)
+                            if dtype is not None and jnp.issubdtype(dtype, jnp.floating) and \
+                                    jnp.finfo(dtype).eps > floor:  # (seen while tracing: a cast the model makes)
+                                self.program.reduced.add(np.dtype(dtype).name)
                     except UnsupportedOpError:
                         raise
                     except NotImplementedError as exc:

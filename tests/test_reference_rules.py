@@ -277,6 +277,53 @@ SAMPLES: dict[str, list] = {
     "aten.scatter_add.default": [lambda: S(r(4, 5), 1, ints(5, 4, 3), r(4, 3))],
     "aten.embedding.default": [lambda: S(r(10, 4), ints(10, 3, 5)),
                                lambda: S(r(10, 4), torch.tensor([[1, 2, 1], [0, 1, 9]]), 1)],
+    # interpolation: sizes, scale factors (a given scale takes precedence over the size ratio), align_corners
+    "aten.upsample_nearest1d.default": [lambda: S(r(2, 3, 5), [8]), lambda: S(r(2, 3, 5), [7], 1.5)],
+    "aten.upsample_nearest1d.vec": [lambda: S(r(2, 3, 5), None, [1.7]), lambda: S(r(2, 3, 5), [3], None)],
+    "aten.upsample_nearest2d.default": [lambda: S(r(2, 3, 4, 5), [7, 9]),
+                                        lambda: S(r(2, 3, 4, 5), [8, 10], 2.0, 2.0),
+                                        lambda: S(r(2, 3, 6, 5), [4, 3])],
+    "aten.upsample_nearest2d.vec": [lambda: S(r(2, 3, 4, 5), None, [2.0, 1.5]),
+                                    lambda: S(r(2, 3, 4, 5), None, [1.7, 2.3]),
+                                    lambda: S(r(2, 3, 4, 5), [3, 7], None)],
+    "aten.upsample_nearest3d.default": [lambda: S(r(1, 2, 3, 4, 2), [5, 6, 4])],
+    "aten.upsample_nearest3d.vec": [lambda: S(r(1, 2, 3, 4, 2), None, [2.0, 1.5, 1.0])],
+    "aten.upsample_linear1d.default": [lambda: S(r(2, 3, 5), [9], False), lambda: S(r(2, 3, 5), [9], True),
+                                       lambda: S(r(2, 3, 5), [8], False, 1.7)],
+    "aten.upsample_linear1d.vec": [lambda: S(r(2, 3, 5), None, False, [1.7])],
+    "aten.upsample_bilinear2d.default": [lambda: S(r(2, 3, 4, 5), [7, 9], False),
+                                         lambda: S(r(2, 3, 4, 5), [7, 9], True),
+                                         lambda: S(r(2, 3, 4, 5), [6, 8], False, 1.7, 1.6),
+                                         lambda: S(r(2, 3, 6, 5), [3, 5], False)],
+    "aten.upsample_bilinear2d.vec": [lambda: S(r(2, 3, 4, 5), None, False, [1.7, 2.0]),
+                                     lambda: S(r(2, 3, 4, 5), None, True, [2.0, 2.5]),
+                                     lambda: S(r(2, 3, 4, 5), [7, 3], False, None),
+                                     lambda: S(r(2, 3, 4, 5), [1, 1], True, None)],
+    "aten.upsample_trilinear3d.default": [lambda: S(r(1, 2, 3, 4, 2), [5, 6, 4], False),
+                                          lambda: S(r(1, 2, 3, 4, 2), [5, 6, 3], True)],
+    "aten.upsample_trilinear3d.vec": [lambda: S(r(1, 2, 3, 4, 2), None, False, [2.0, 1.5, 1.3])],
+    "aten._upsample_bilinear2d_aa.default": [lambda: S(r(2, 3, 8, 9), [3, 4], False),
+                                             lambda: S(r(2, 3, 4, 5), [7, 9], True)],
+    "aten._upsample_bilinear2d_aa.vec": [lambda: S(r(2, 3, 8, 9), None, False, [0.4, 0.5])],
+    "aten._upsample_bicubic2d_aa.default": [lambda: S(r(2, 3, 8, 9), [3, 4], False)],
+    "aten._upsample_bicubic2d_aa.vec": [lambda: S(r(2, 3, 8, 9), None, True, [0.4, 0.6])],
+    # nn.Bilinear's product, and other expand/sum patterns
+    "aten._trilinear.default": [lambda: S(r(3, 4), r(2, 4, 5), r(3, 5), [1, 3], [0], [1, 2], [2, 3]),
+                                lambda: S(r(3, 4), r(3, 4), r(3, 4), [], [], [], [1]),
+                                lambda: S(r(3, 4), r(4, 5), r(3, 5), [2], [0], [1], [1, 2])],
+    # bags of embeddings: sum (an empty bag), mean, max, per-sample weights, include_last_offset, padding_idx
+    "aten._embedding_bag.default": [
+        lambda: S(r(10, 3), ints(10, 8), torch.tensor([0, 3, 3, 5])),
+        lambda: S(r(10, 3), ints(10, 8), torch.tensor([0, 3, 3, 5]), False, 1),
+        lambda: S(r(10, 3), torch.randperm(10)[:8], torch.tensor([0, 3, 3, 5]), False, 2),
+        lambda: S(r(10, 3), ints(10, 8), torch.tensor([0, 2, 5]), False, 0, False, r(8)),
+        lambda: S(r(10, 3), ints(10, 8), torch.tensor([0, 2, 5, 8]), False, 1, False, None, True),
+        lambda: S(r(10, 3), torch.tensor([1, 2, 1, 0, 4, 1, 3, 1]), torch.tensor([0, 3, 6]), False, 1, False,
+                  None, False, 1),
+        lambda: S(r(10, 3), torch.tensor([1, 2, 1, 0, 4, 1, 3, 1]), torch.tensor([0, 3, 6]), False, 2, False,
+                  None, False, 1)],
+    "aten._embedding_bag_forward_only.default": [
+        lambda: S(r(10, 3), ints(10, 8), torch.tensor([0, 3, 3, 5]), False, 1)],
     "aten.constant_pad_nd.default": [lambda: S(r(2, 3, 4), [1, 2]), lambda: S(r(2, 3, 4), [1, -1, 2, 0], 0.5)],
     "aten.reflection_pad1d.default": [lambda: S(r(2, 3, 5), [2, 1])],
     "aten.reflection_pad2d.default": [lambda: S(r(2, 3, 5, 4), [1, 2, 2, 1])],
@@ -314,10 +361,12 @@ SAMPLES: dict[str, list] = {
     "aten.arange.start_step": [lambda: S(-1, 9, 2), lambda: S(0.5, 3.0, 0.25)],
     "aten.arange.start": [lambda: S(2, 7)],
     "aten.arange.default": [lambda: S(5), lambda: S(4, dtype=F64)],
+    # the translator's own marker: where the torch forward cuts the gradient
+    "ntk_bench_reference.stop_gradient.default": [lambda: S(r(3, 4))],
 }
 
 # Python operators on sizes: the rule is the operator itself.
-PYTHON_OPS = [name for name in R.RULES if not name.startswith("aten.")]
+PYTHON_OPS = [name for name in R.RULES if not name.startswith(("aten.", "ntk_bench_reference."))]
 # Outputs whose values are unspecified (uninitialised memory): shapes and dtypes are compared, not values.
 UNINITIALISED = {"aten.empty.memory_format", "aten.empty_strided.default", "aten.empty_like.default",
                  "aten.new_empty.default", "aten.new_empty_strided.default"}
@@ -332,14 +381,18 @@ DIFFERENTIATED_OUTPUTS = {"aten.native_layer_norm.default": {0}, "aten.native_gr
                           "aten.native_batch_norm.default": {0}}
 # Gradient checks torch cannot make: the functional copy has no derivative of its own (in a model, copy_'s
 # gradient goes to the source, as the rule's does).
-NO_TORCH_GRADIENT = {"aten.copy.default"}
+NO_TORCH_GRADIENT = {"aten.copy.default", "ntk_bench_reference.stop_gradient.default",
+                     "aten._embedding_bag_forward_only.default"}
 # torch's hardsigmoid backward multiplies by a float32 1/6 (3e-8 off); the rule's exact 1/6 is checked to that.
 GRADIENT_TOLERANCE = {"aten.hardsigmoid.default": 1e-7}
 
 
 def torch_op(name: str):
-    _, op, overload = name.split(".")
-    packet = getattr(torch.ops.aten, op, None)
+    from ntk_bench.reference import translate
+
+    translate._stop_gradient_op()  # (registers the translator's marker op with torch)
+    namespace, op, overload = name.split(".")
+    packet = getattr(getattr(torch.ops, namespace), op, None)
     return getattr(packet, overload, None) if packet is not None else None
 
 
@@ -347,7 +400,7 @@ CASES = [pytest.param(name, i, id=f"{name}-{i}") for name in sorted(SAMPLES) for
 
 
 def test_every_rule_has_a_sample():
-    untested = sorted(n for n in R.RULES if n.startswith("aten.") and n not in SAMPLES)
+    untested = sorted(n for n in R.RULES if n not in SAMPLES and n not in PYTHON_OPS)
     assert not untested, f"rules without a sample in SAMPLES: {untested}"
     assert not [n for n in SAMPLES if n not in R.RULES], "samples for rules that do not exist"
 
@@ -516,3 +569,15 @@ def test_missing_outputs_are_marked():
     with R.computing_in(np.float64):
         out = R.RULES["aten.max_pool2d_with_indices.default"](R.to_jax(torch.randn(1, 1, 4, 4)), [2, 2])
     assert isinstance(out[1], R.MISSING) and "indices" in out[1].what
+
+
+def test_stop_gradient_has_no_gradient():
+    """The marker of a ``torch.no_grad()`` block's outputs: the value passes, the gradient does not."""
+    import jax
+
+    with R.computing_in(np.float64):
+        x = R.to_jax(torch.randn(3, 4, dtype=F64))
+        rule = R.RULES["ntk_bench_reference.stop_gradient.default"]
+        np.testing.assert_array_equal(np.asarray(rule(x)), np.asarray(x))
+        grad = jax.grad(lambda v: (rule(v) * v).sum())(x)
+    np.testing.assert_array_equal(np.asarray(grad), np.asarray(x))  # d(sg(v)·v)/dv = sg(v): only the right factor

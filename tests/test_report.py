@@ -61,7 +61,8 @@ def test_a_duplicated_case_keeps_its_last_row_and_says_so(tmp_path):
     assert rep.df.set_index("impl").loc["structured", "time_median_s"] == pytest.approx(5e-3 * 4)
     text = report.write_report(run, tmp_path / "out").read_text()
     assert "1 rows repeat a case already in the file" in text and "the last row of each case" in text
-    assert "| N=4 | 4 ms ± 0.1 (1×) | 20 ms ± 0.1 (5×) |" in text
+    cells = [c.strip() for c in next(line for line in text.splitlines() if line.startswith("| N=4")).split("|")]
+    assert cells[2:4] == ["4 ms ± 0.1", "20 ms ± 0.1"]  # no factor from medians of separate processes
 
 
 def test_one_problem_with_and_without_a_memory_budget_is_two_groups(tmp_path):
@@ -114,16 +115,25 @@ def test_a_segmented_results_file_reads_every_segment(tmp_path):
 def test_iqr_beside_each_median_and_a_noisy_row_flagged():
     df, *_ = report.frame([row("structured", 4, t=1e-3, iqr=4e-4), row("explicit_mlp", 4, t=2e-4, iqr=9e-3)])
     table = report._pivot(df, ["structured", "explicit_mlp"], report._time_cell)
-    assert table.loc["N=4", "structured"] == "4 ms ± 0.4 (1×)"
+    assert table.loc["N=4", "structured"] == "4 ms ± 0.4"
     assert table.loc["N=4", "explicit_mlp"] == "800 µs ± 9000 (noisy)"
 
 
-def test_slopes_only_from_two_distinct_sizes_and_no_nan_anywhere(tmp_path):
-    rows = [row("structured", n) for n in (4, 8, 16)] + [row("explicit_mlp", 4), row("explicit_mlp", 8, m=4),
-                                                        row("jacobian_contraction", 8, t=float("nan"))]
+def test_slopes_only_from_three_sizes_with_their_band_and_no_nan_anywhere(tmp_path):
+    from ntk_bench.bench import summary as answers
+
+    def blocks(n):
+        return [1e-3 * n * f for f in (0.8, 1.0, 1.25)]
+
+    rows = [row("structured", n, time_blocks_s=blocks(n)) for n in (4, 8, 16)] + \
+        [row("explicit_mlp", 4, time_blocks_s=blocks(4)), row("explicit_mlp", 8, time_blocks_s=blocks(8)),
+         row("explicit_mlp", 16, m=4, time_blocks_s=blocks(16)), row("jacobian_contraction", 8, t=float("nan")),
+         row("backpack_batchgrad", 4), row("backpack_batchgrad", 8), row("backpack_batchgrad", 16)]  # no blocks
     df, *_ = report.frame(rows)
-    slopes = report._slopes(df, ["structured", "explicit_mlp", "jacobian_contraction"])
-    assert slopes["structured"] == "1.00" and slopes["explicit_mlp"] == "" and slopes["jacobian_contraction"] == ""
+    slopes = answers.slopes(df, ["structured", "explicit_mlp", "jacobian_contraction", "backpack_batchgrad"])
+    k, lo, hi = (float(v) for v in slopes["structured"].replace("[", "").replace("]", "").replace("–", " ").split())
+    assert k == 1.0 and lo < 1.0 < hi and hi - lo < 1  # a band from the blocks, around the slope of the medians
+    assert slopes["explicit_mlp"] == "" and slopes["jacobian_contraction"] == "" and slopes["backpack_batchgrad"] == ""
     run = write_run(tmp_path / "run", [HEADER, *rows])
     text = report.write_report(run, tmp_path / "out").read_text()
     assert "nan" not in text.lower()
@@ -175,26 +185,50 @@ class _FakePeer(implementations.NTKPlugin):
         raise NotImplementedError
 
 
-def test_ours_against_every_peer_and_autos_pick_outside_the_sweep(tmp_path):
+def paired_record(n: int, times: dict[str, list[float]]) -> dict:
+    """A paired.jsonl record of the rows ``row(impl, n)``: every round's time of each plugin."""
+    import statistics
+
+    return {"paired_id": f"paired/mlp/N={n}", "status": "ok", "case_ids": {i: row(i, n)["case_id"] for i in times},
+            "times_s": times, "median_s": {i: statistics.median(t) for i, t in times.items()},
+            "rounds": len(next(iter(times.values())))}
+
+
+def test_ours_against_every_peer_and_auto_from_the_paired_rounds_only(tmp_path):
     implementations.register(_FakePeer())
     try:
-        rows = [row("structured", 4), row("explicit_mlp", 4, t=5e-4), row("nt_jacobian_contraction", 4, t=4e-3),
-                row("asdl_fake_peer", 4, t=2e-3), row("nt_structured_derivatives", 4, status="error"),
-                row("auto", 4, t=6e-4, auto_pick="explicit_mlp"),
-                row("structured", 8), row("auto", 8, t=1e-3, auto_pick="backpack_sqrtggn"),
-                row("asdl_fake_peer", 8, t=5e-4)]
+        # The isolated medians say the opposite of the rounds (structured "faster" than explicit_mlp): only the
+        # rounds may decide.
+        rows = [row("structured", 4, t=1e-4), row("explicit_mlp", 4, t=5e-4), row("nt_jacobian_contraction", 4),
+                row("asdl_fake_peer", 4), row("nt_structured_derivatives", 4, status="error"),
+                row("auto", 4, auto_pick="explicit_mlp"), row("structured", 8), row("asdl_fake_peer", 8)]
         run = write_run(tmp_path / "run", [HEADER, *rows])
+        drift = [1.0, 1.3, 0.8, 1.6, 1.1, 0.9, 2.0, 1.2]  # the machine's speed, round by round
+        recs = [paired_record(4, {"structured": [2e-3 * d for d in drift], "explicit_mlp": [1e-3 * d for d in drift],
+                                  "auto": [1.02e-3 * d for d in drift],
+                                  "nt_jacobian_contraction": [4e-3 * d for d in drift],
+                                  "asdl_fake_peer": [3e-3 * d for d in drift]}),
+                paired_record(8, {"structured": [1e-3 * d for d in drift],
+                                  "asdl_fake_peer": [0.5e-3 * d for d in drift]})]
+        (run / "paired.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
         text = report.write_report(run, tmp_path / "out").read_text()
     finally:
         implementations.unregister("asdl_fake_peer")
-    peers = text.split("## Ours against the peers")[1]
-    for peer in ("nt_jacobian_contraction", "asdl_fake_peer", "nt_structured_derivatives"):
-        assert f"`{peer}`" in peers
-    assert "`nt_structured_derivatives`: never ok here (1 error)" in peers
-    assert "`asdl_fake_peer`: ours faster in 1 of 2" in peers
-    autos = text.split("## auto's pick")[1].split("## Ours")[0]
-    assert "backpack_sqrtggn (outside the sweep)" in autos and "explicit_mlp (outside" not in autos
-    assert "auto picked a plugin outside the sweep in 1 of 2" in autos
+    verdicts = text.split("## mlp")[1].split("![")[0]
+    assert "N=8: **use `structured`**" in verdicts  # the largest size's verdict first
+    assert "faster still: the peer(s) `asdl_fake_peer`" in verdicts
+    assert "Elsewhere: N=4: `explicit_mlp`" in verdicts
+    # explicit_mlp over structured: 0.5 in every round, whatever the drift; the band is a point
+    table = text.split("Paired: time over the fastest")[1].split("Peak memory")[0]
+    n4 = [c.strip() for c in next(line for line in table.splitlines() if line.startswith("| N=4")).split("|")]
+    assert n4[2:5] == ["1× (fastest)", "2× [2–2]", "1.02× [1.02–1.02]"]
+    peers = text.split("## Ours against the peers (paired)")[1]
+    assert "Ours faster in 1 of 2 cases (the band above 1), the peer faster in 1" in peers
+    assert "`nt_jacobian_contraction` over our fastest: median 4" in peers
+    autos = text.split("## auto against the fastest (paired)")[1].split("## Ours")[0]
+    assert "within 10% of the fastest of our other plugins in 1 of 1" in autos
+    assert "auto picked the plugin that was fastest in the rounds in 1 of 1" in autos
+    assert "1.02× [1.02–1.02]" in autos
 
 
 @pytest.mark.parametrize("run", ["2026-11-23-quick-cpu", "2026-11-23-gpu"])
@@ -206,8 +240,12 @@ def test_a_committed_run_gives_a_figure_per_architecture(run, tmp_path):
     configs = report.load_run(src).df["config"].unique()
     pngs = {p.name for p in tmp_path.glob("*.png")}
     assert len(pngs) == len(configs) + 1 and "time_vs_predicted_flops.png" in pngs
-    assert all(f"]({name})" in summary for name in pngs)
-    assert " ± " in summary and "## Ours against the peers" in summary and "nan" not in summary.lower()
+    cost_model = (tmp_path / "cost_model.md").read_text()
+    assert "](time_vs_predicted_flops.png)" in cost_model and "time_vs_predicted_flops" not in summary
+    assert all(f"]({name})" in summary for name in pngs - {"time_vs_predicted_flops.png"})
+    # a run from before the paired rounds: no plugin's median divided by another's, and it says so
+    assert " ± " in summary and "No paired rounds in this run" in summary and "nan" not in summary.lower()
+    assert "×" not in summary.split("## ")[1]
     csv = pd.read_csv(tmp_path / "results.csv")
     assert list(csv.columns[: len(report.COLUMNS)]) == report.COLUMNS
 
@@ -219,5 +257,5 @@ def test_a_run_where_nothing_ran_ok_has_tables_and_no_figures(tmp_path):
         r.pop("O"), r.pop("P")  # the worker never answered
     text = report.write_report(write_run(tmp_path / "run", [HEADER, *rows]), tmp_path / "out").read_text()
     assert "Cases: 2 error, 2 timeout, 2 unsupported." in text and "O=?" in text
-    assert "`nt_jacobian_contraction`: never ok here (2 unsupported): unsupported: something." in text
+    assert "`nt_jacobian_contraction` unsupported: unsupported: something" in text
     assert not list((tmp_path / "out").glob("*.png"))

@@ -22,8 +22,8 @@ def _smoke(impls):
     return sweeps.expand(sweeps.SWEEPS["smoke"], impls)
 
 
-def test_quick_sweep_covers_every_plugin_and_architecture_with_four_n_and_two_o():
-    cases = sweeps.expand(sweeps.SWEEPS["quick"])
+def test_full_sweep_covers_every_plugin_and_architecture_with_four_n_and_two_o():
+    cases = sweeps.expand(sweeps.SWEEPS["full"])
     assert {c.impl for c in cases} == set(sweeps.all_impls())
     assert {c.problem.arch for c in cases} == {"mlp", "tutorial_cnn", "cnn", "resnet_tiny"}
     for arch in ("mlp", "cnn", "resnet_tiny"):
@@ -172,14 +172,16 @@ def test_a_run_records_every_case_with_checked_numbers(smoke_run):
         assert r["rel_err"] <= 1e-4 and r["reference"].startswith(("neural_tangents", "harness"))
         assert r["predicted_jc_flops"] == 3 * r["O"] * r["fp_flops"] + 9 * r["O"] ** 2 * r["P"]
         assert r["predicted_vp_flops"] == 9 * r["O"] * r["fp_flops"]
+        assert r["clock"] == "wall" and r["cpu_threads"] >= 1 and r["cpu_over_wall"] > 0  # the machine beside it
+        assert "load_avg_1m" in r and "involuntary_switches" in r and "disturbed" in r
     auto = next(r for r in rows if r["impl"] == "auto")
-    assert auto["auto_pick"] in sweeps.all_impls() and auto["paired_auto_s"] > 0 and auto["paired_pick_s"] > 0
-    assert 0 < auto["auto_over_pick_paired"] < 100
-    # auto was also timed against the fastest of the plugins before it, and the largest ratio is the one reported
-    ours = {r["impl"]: r["time_median_s"] for r in rows if r["impl"] != "auto" and r["kind"] == "ours"}
-    assert min(ours, key=ours.get) in auto["paired_ratios"]
-    assert auto["auto_over_fastest_paired"] == max(auto["paired_ratios"].values())
-    assert auto["paired_fastest"] in auto["paired_ratios"] and auto["auto_pick"] in auto["paired_ratios"]
+    assert auto["auto_pick"] in sweeps.all_impls()
+    # then every plugin and peer of the case side by side in one worker, auto and its pick among them
+    from ntk_bench.bench import paired
+
+    (rec,) = paired.read_records(smoke_run).values()
+    assert set(rec["impls"]) == set(sweeps.all_impls()) and rec["worker"] == "worker"
+    assert rec["rounds"] >= paired.MIN_ROUNDS and paired.ratio(rec, "auto", auto["auto_pick"]) is not None
 
 
 def test_auto_runs_after_our_other_plugins_and_before_the_peers():
@@ -214,9 +216,10 @@ def test_report_writes_csv_summary_and_plots(smoke_run, tmp_path):
     df = pd.read_csv(tmp_path / "results.csv")
     assert list(df.columns[: len(report.COLUMNS)]) == report.COLUMNS
     text = summary.read_text()
-    assert "Median time:" in text and "explicit_mlp" in text and "Agreement with the reference:" in text
-    assert "auto / pick, paired" in text and "timed in alternating blocks" in text
-    assert "auto / fastest, paired" in text and "within 25% of the fastest" in text
+    assert "Median time, each case alone:" in text and "explicit_mlp" in text and "Agreement with the reference:" in text
+    assert "## auto against the fastest (paired)" in text and "| auto / fastest " in text and "| auto / pick " in text
+    assert "## Ours against the peers (paired)" in text and "**use `" in text
+    assert (tmp_path / "cost_model.md").exists()
     pngs = list(tmp_path.glob("*.png"))
     assert len(pngs) >= 2 and all(p.stat().st_size > 1000 for p in pngs)  # a figure per architecture + cost model
 
@@ -355,14 +358,18 @@ def test_a_case_out_of_memory_finishes_blocked(tmp_path, monkeypatch):
 
 
 def test_resumed_run_still_times_auto_against_the_rows_already_there(tmp_path):
+    from ntk_bench.bench import paired
+
     runner.run_sweep(_smoke(["jacobian_contraction"]), tmp_path, "smoke", executor=InlineExecutor(tmp_path))
+    assert paired.read_records(tmp_path) == {}  # one plugin: nothing to pair
     runner.run_sweep(_smoke(["jacobian_contraction", "auto"]), tmp_path, "smoke", resume=True, force=True,
                      executor=InlineExecutor(tmp_path))
     _, rows = runner.read_results(tmp_path / "results.jsonl")
     auto = next(r for r in rows if r["impl"] == "auto")
     assert [r["impl"] for r in rows] == ["jacobian_contraction", "auto"]
     assert auto["auto_pick"] != "jacobian_contraction"
-    assert "jacobian_contraction" in auto["paired_ratios"]  # known only from the first run's row
+    (rec,) = paired.read_records(tmp_path).values()
+    assert set(rec["impls"]) == {"jacobian_contraction", "auto"}  # the first run's case, timed beside auto
 
 
 def test_a_replayed_graphs_pool_counts_in_the_peak_memory(tmp_path, monkeypatch):

@@ -24,6 +24,7 @@ from ..sweeps import Case, Problem
 @dataclasses.dataclass(frozen=True)
 class Job:
     kind: str  # "case" | "reference" | "tile" (a row band of a dataset's kernel: ``kernel_matrix.run_band``)
+    #          | "paired" (a group's ok cases timed side by side: bench/paired.py)
     payload: Case | Problem | dict
     timeout_s: float
     plugins: tuple[str, ...] = ()  # outside plugin modules (--plugin) the worker loads first
@@ -32,24 +33,31 @@ class Job:
     def id(self) -> str:
         if self.kind == "tile":
             return self.payload["id"]
-        return self.payload.id if self.kind == "case" else f"reference/{self.payload.id}"
+        return self.payload.id if self.kind in ("case", "paired") else f"reference/{self.payload.id}"
 
     @property
     def device(self) -> str:
-        """Where the job computes: a case's or a tile's device; references are float64 on the CPU."""
+        """Where the job computes: a case's, a tile's or a paired group's device; references are float64 on the
+        CPU."""
         if self.kind == "tile":
             return self.payload["device"]
-        return self.payload.device if self.kind == "case" else "cpu"
+        return self.payload.device if self.kind in ("case", "paired") else "cpu"
 
     def wire(self) -> dict:
-        payload = self.payload if self.kind == "tile" else dataclasses.asdict(self.payload)
+        payload = self.payload if self.kind == "tile" else \
+            self.payload.to_dict() if self.kind == "paired" else dataclasses.asdict(self.payload)
         return {"kind": self.kind, "payload": payload, "timeout_s": self.timeout_s, "plugins": list(self.plugins)}
 
     @classmethod
     def from_wire(cls, d: dict) -> "Job":
         if d["kind"] == "tile":
             return cls("tile", dict(d["payload"]), float(d["timeout_s"]), tuple(d.get("plugins", ())))
-        payload = Case.from_dict(d["payload"]) if d["kind"] == "case" else Problem.from_dict(d["payload"])
+        if d["kind"] == "paired":
+            from ..paired import PairedGroup
+
+            payload = PairedGroup.from_dict(d["payload"])
+        else:
+            payload = Case.from_dict(d["payload"]) if d["kind"] == "case" else Problem.from_dict(d["payload"])
         return cls(d["kind"], payload, float(d["timeout_s"]), tuple(d.get("plugins", ())))
 
 
@@ -149,8 +157,16 @@ def run_job(wire: dict, run_dir: str | Path) -> dict:
             from ..kernel_matrix import run_band
 
             return run_band(job.payload)
-        case = job.payload
         gpu = os.environ.get("NTK_BENCH_GPU")
+        if job.kind == "paired":
+            from .. import paired
+
+            group = job.payload
+            if gpu is not None and group.device.startswith("cuda"):  # the one device this worker sees
+                group = dataclasses.replace(group, cases=tuple(dataclasses.replace(c, device="cuda:0")
+                                                               for c in group.cases))
+            return paired.run_paired(group, Path(run_dir))
+        case = job.payload
         if gpu is not None and case.device.startswith("cuda"):
             case = dataclasses.replace(case, device="cuda:0")
         row = measure.run_case(case, Path(run_dir))

@@ -1,0 +1,136 @@
+"""What the machine was doing while calls were timed, and whether it disturbed them (no torch here).
+
+On a shared machine a time means little without the machine's state beside it: two torch threads on two cores
+that other processes hold wait for each other, and the call's wall time grows while its CPU time does not.
+:class:`Usage` measures a stretch of timed calls (wall time, this process's CPU time, its involuntary context
+switches, the load average before and after); :func:`fields` turns that into a row's columns, with
+``disturbed`` set to the reason when
+
+- the process's CPU time was well under the wall time (``cpu_over_wall`` below ``MIN_CPU_OVER_WALL``, CPU
+  cases only: a GPU call waits for the device, not for a core): the calls waited for a core;
+- the load average was above the cores this process may run on (``os.sched_getaffinity``): others wanted them.
+
+Its own threads count in the load average: one worker with two threads on two cores does not disturb itself.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+
+# A CPU call whose process CPU time is below this fraction of its wall time spent the rest waiting for a core.
+MIN_CPU_OVER_WALL = 0.8
+
+FIELDS = ("load_avg_1m", "cpu_over_wall", "involuntary_switches", "cpu_threads", "cpu_affinity", "cores",
+          "disturbed")
+
+
+def cores() -> list[int] | None:
+    """The CPUs this process may run on (None where the system does not say)."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+
+
+def default_threads() -> int:
+    """The compute threads a worker uses by default: the cores it owns, never more."""
+    owned = cores()
+    return len(owned) if owned else (os.cpu_count() or 1)
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (None where the system has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def load_factor(threads: int | None = None) -> tuple[float, float | None, int]:
+    """(how much slower than on an idle machine CPU-bound work of ``threads`` threads should run now, the load
+    average, the cores this process may use): with the cores shared fairly among the load and our threads, a
+    thread gets cores / (load + threads) of one, and no more than one."""
+    owned = cores()
+    n = len(owned) if owned else (os.cpu_count() or 1)
+    threads = threads or default_threads()
+    load = load_average()
+    if load is None:
+        return 1.0, None, n
+    share = min(1.0, n / (load + threads))
+    return max(1.0, min(threads, n) / (threads * share)), load, n
+
+
+class Usage:
+    """Wall time, process CPU time and involuntary context switches of the code run inside ``with Usage() as u``;
+    the load average is read at both ends (the larger is kept)."""
+
+    def __enter__(self) -> "Usage":
+        self.load_before = load_average()
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        self._ivcsw = ru.ru_nivcsw
+        self._cpu = time.process_time()
+        self._wall = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall_s = time.perf_counter() - self._wall
+        self.cpu_s = time.process_time() - self._cpu
+        self.involuntary_switches = resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw - self._ivcsw
+        loads = [v for v in (self.load_before, load_average()) if v is not None]
+        self.load = max(loads) if loads else None
+
+
+def disturbed(cpu_over_wall: float | None, load: float | None, n_cores: int | None, device: str = "cpu") -> str | None:
+    """Why a stretch of timed calls was disturbed, or None when nothing says it was."""
+    why = []
+    if device == "cpu" and cpu_over_wall is not None and cpu_over_wall < MIN_CPU_OVER_WALL:
+        why.append(f"CPU time {cpu_over_wall:.0%} of wall time")
+    if load is not None and n_cores and load > n_cores:
+        why.append(f"load {load:.1f} on {n_cores} core(s)")
+    return "; ".join(why) or None
+
+
+def fields(usage: Usage, threads: int | None, device: str = "cpu") -> dict:
+    """A row's machine columns for the timed calls measured by ``usage`` (see the module docstring)."""
+    owned = cores()
+    ratio = usage.cpu_s / usage.wall_s if usage.wall_s > 0 else None
+    return {
+        "load_avg_1m": usage.load,
+        "cpu_over_wall": ratio,
+        "involuntary_switches": usage.involuntary_switches,
+        "cpu_threads": threads,
+        "cpu_affinity": owned,
+        "cores": len(owned) if owned else os.cpu_count(),
+        "disturbed": disturbed(ratio, usage.load, len(owned) if owned else os.cpu_count(),
+                               "cpu" if str(device).startswith("cpu") else "cuda"),
+    }
+
+
+ADVICE = ("their times are not to be trusted: run again on a quieter machine (stop other work, or fewer "
+          "--workers), or with --clock cpu (process CPU time, one thread), and compare paired ratios only")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+
+
+def disturbed_line(rows, paired=()) -> str:
+    """The summary's first line: how many timed rows (and paired groups) were disturbed, and what to do."""
+    timed = [r for r in rows if _is_number(r.get("cpu_over_wall"))]
+    bad = [r for r in timed if isinstance(r.get("disturbed"), str) and r["disturbed"]]
+    groups = [p for p in paired if _is_number(p.get("cpu_over_wall"))]
+    bad_groups = [p for p in groups if isinstance(p.get("disturbed"), str) and p["disturbed"]]
+    loads = [r["load_avg_1m"] for r in timed + groups if _is_number(r.get("load_avg_1m"))]
+    load = f" (load average {min(loads):.1f} to {max(loads):.1f})" if loads else ""
+    also = f", and {len(bad_groups)} of {len(groups)} paired groups" if groups else ""
+    if not timed:
+        return "**Timing: the rows do not record the machine's state** (a run from before it was recorded)."
+    if not bad and not bad_groups:
+        return f"**Timing: none of {len(timed)} timed rows was disturbed**{also.replace(', and', ', nor')}{load}."
+    if all(r.get("clock") == "cpu" for r in timed):  # waiting for a core is not in these times already
+        return (f"**Timing: {len(bad)} of {len(timed)} timed rows ran on a busy machine{also}**{load}: they are "
+                "CPU times on one thread, so waiting for a core is not counted, but other work still shared the "
+                "caches and memory bandwidth: compare paired ratios only, or run again on a quieter machine.")
+    return f"**Timing: {len(bad)} of {len(timed)} timed rows were disturbed{also}**{load}: {ADVICE}."
