@@ -19,7 +19,7 @@ RUN ?= results/$(shell date +%Y%m%d)-$(SWEEP)
 
 .PHONY: test bench report benchmark-save benchmark-compare clean-venv
 
-EXTRAS ?= zoo,backpack,reference,peers,ray,slurm,dev
+EXTRAS ?= zoo,backpack,reference,peers,ray,slurm,testzoo,dev
 PIP := $(VENV)/bin/python -m pip --quiet --disable-pip-version-check
 
 $(VENV)/.installed: pyproject.toml constraints.txt

@@ -309,6 +309,14 @@ def param_problems(name: str, params: dict) -> list[str]:
     return problems
 
 
+class InputsError(FactoryError):
+    """The model cannot take the inputs it was given (their shape, or token ids past its vocabulary)."""
+
+
+class TrainModeError(FactoryError):
+    """A user's model returned in a mode whose kernel is ill-defined (train-mode BatchNorm, Dropout)."""
+
+
 def _as_architecture(name: str, made, input_spec: InputSpec | None, inputs_fn: Callable | None):
     """(model, InputSpec) from what a factory returned: a model, or (model, spec)."""
     spec = None
@@ -319,32 +327,61 @@ def _as_architecture(name: str, made, input_spec: InputSpec | None, inputs_fn: C
                            "or (nn.Module, input spec)")
     spec = input_spec if input_spec is not None else spec
     if spec is None and inputs_fn is None:
-        raise FactoryError(f"{name}: the factory returned a model alone; give its inputs (a per-sample shape, "
-                           "dtype and range, or an inputs function)")
+        raise InputsError(f"{name}: the factory returned a model alone; give its inputs: --input-shape (with "
+                           "--input-dtype int64 and --input-range for token ids) or --inputs-factory on the command "
+                           "line, inputs = {shape = [...]} or inputs_factory in a sweep file")
     if spec is not None and not isinstance(spec, InputSpec):
         spec = InputSpec(tuple(spec))
     return made, spec
 
 
 def build(name: str, seed: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-          input_spec: InputSpec | None = None, inputs_fn: Callable | None = None, **params) -> Architecture:
-    """Build ``name`` with ``params``, its weights drawn from ``seed`` (the same seed, the same weights), in eval mode.
+          input_spec: InputSpec | None = None, inputs_fn: Callable | None = None, call_eval: bool = False,
+          **params) -> Architecture:
+    """Build ``name`` with ``params``.
 
-    ``name`` is a zoo name or a factory reference (``"pkg.mod:fn"``, ``"file.py:fn"``); ``input_spec`` gives
-    (or replaces) the factory's per-sample input, ``inputs_fn(n, seed) -> tensor`` draws batches instead.
+    A zoo name's weights are drawn from ``seed`` (the same seed, the same weights), in eval mode. A factory
+    reference (``"pkg.mod:fn"``, ``"file.py:fn"``) is the user's model as the factory returns it: its own seeding
+    (the process's generator is left as it was found), its own train/eval mode unless ``call_eval`` asks for
+    ``.eval()`` (a train-mode model whose kernel is ill-defined is refused by every plugin, as in the API).
+    ``input_spec`` gives (or replaces) the factory's per-sample input, ``inputs_fn(n, seed) -> tensor`` draws
+    batches instead.
     """
     make = factory(name)
     check_params(name, params)
+    users = is_factory_ref(name)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        if not users:
+            torch.manual_seed(seed)
         made = make(**params)
     model, spec = _as_architecture(name, made, input_spec, inputs_fn)
     defaults = {k: v.default for k, v in inspect.signature(make).parameters.items()
                 if v.default is not inspect.Parameter.empty}
-    model = model.to(dtype=dtype, device=device).eval()
+    model = model.to(dtype=dtype, device=device)
+    if call_eval or not users:
+        model.eval()
+    else:
+        from ntk_bench.implementations.validation import IllDefinedKernelError, refuse_ill_defined_modules
+
+        try:
+            refuse_ill_defined_modules(model)  # before a forward that would update or fail on its batch statistics
+        except IllDefinedKernelError as exc:
+            raise TrainModeError(f"{exc} (the model runs as the factory returns it: --eval, or eval = true in a "
+                                 f"sweep file, calls .eval() on it)") from None
     arch = Architecture(name, model, spec or InputSpec(()), {**defaults, **params}, 0, inputs_fn)
-    with torch.no_grad():
-        y = model(inputs(arch, 1, dtype=dtype, device=device))
+    x = inputs(arch, 1, dtype=dtype, device=device)
+    given = ("the inputs function's batch" if inputs_fn is not None else
+             f"the per-sample input shape {','.join(map(str, arch.input_spec.shape)) or '()'} (--input-shape, or "
+             f"inputs.shape in a sweep file)" + (f" with ids in [{arch.input_spec.integer_range[0]}, "
+                                                 f"{arch.input_spec.integer_range[1]}) (--input-range, "
+                                                 f"inputs.range)" if arch.input_spec.is_integer else ""))
+    from ntk_bench.implementations.input_errors import InputMismatchError, named_input_errors
+
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), named_input_errors(model, x, given):
+            y = model(x)  # (a train-mode model may draw random numbers: the caller's generator is kept)
+    except InputMismatchError as exc:
+        raise InputsError(str(exc)) from None
     if not isinstance(y, torch.Tensor) or y.dim() not in (1, 2):
         what = type(y).__name__ if not isinstance(y, torch.Tensor) else f"a tensor of shape {tuple(y.shape)}"
         raise FactoryError(f"{name}: the model returned {what} for a batch of 1; expected (N,) or (N, O)")

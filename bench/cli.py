@@ -258,6 +258,8 @@ def _model_spec(args) -> dict:
         entry["params"] = dict(args.param)
     if args.O:
         entry["O"] = args.O
+    if args.eval:
+        entry["eval"] = True
     if args.inputs_factory:
         entry["inputs_factory"] = args.inputs_factory
     elif args.input_shape:
@@ -414,6 +416,9 @@ def _cmd_report(args) -> int:
     from . import report
     from .rundir import RunDirError
 
+    if not Path(args.run).is_dir():
+        log.error("report: no run directory %s (RUN is the --out folder of `ntk-bench run`)", args.run)
+        return EXIT_USAGE
     try:
         path = report.write_report(Path(args.run), args.out and Path(args.out))
     except (FileNotFoundError, ValueError, RunDirError) as exc:
@@ -564,6 +569,9 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     own.add_argument("--input-dtype", choices=("float", "int64"), default="float")
     own.add_argument("--input-range", type=int_range, metavar="LOW,HIGH", help="int64 ids in [LOW, HIGH)")
     own.add_argument("--inputs-factory", metavar="SPEC", help="f(n, seed) -> tensor, instead of --input-shape")
+    own.add_argument("--eval", action="store_true",
+                     help="call .eval() on the model (by default it runs as the factory returns it: a train-mode "
+                          "BatchNorm or Dropout is refused, as ntk_bench.ntk refuses it)")
     own.add_argument("--param", action="append", type=key_value, metavar="KEY=VALUE",
                      help="a keyword argument of the factory (repeatable)")
     own.add_argument("--name", help="the model's name in the rows (default: the function's)")

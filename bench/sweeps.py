@@ -79,6 +79,7 @@ class ModelSource:
     input_dtype: str = "float"  # "float" | "int64"
     input_range: tuple[int, int] | None = None  # int64: ids in [low, high)
     inputs_factory: str | None = None  # f(n, seed) -> tensor, instead of the shape
+    call_eval: bool = False  # call .eval() on the model (--eval; `eval = true`): otherwise it runs as returned
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "ModelSource | None":
@@ -86,7 +87,7 @@ class ModelSource:
             return None
         return cls(d["factory"], None if d.get("input_shape") is None else tuple(d["input_shape"]),
                    d.get("input_dtype", "float"), None if d.get("input_range") is None else tuple(d["input_range"]),
-                   d.get("inputs_factory"))
+                   d.get("inputs_factory"), bool(d.get("call_eval", False)))
 
     def input_spec(self):
         from . import architectures
@@ -209,6 +210,7 @@ def _schema():
         params: dict[str, Any] = {}
         inputs: Inputs | None = None
         inputs_factory: Name | None = None
+        eval: bool = False
         N: list[PosInt] = []
         NM: list[Annotated[list[PosInt], Field(min_length=2, max_length=2)]] = []
         O: Annotated[list[PosInt], Field(min_length=1)] | None = None
@@ -226,6 +228,8 @@ def _schema():
                 raise ValueError("inputs and inputs_factory go with a factory")
             if self.inputs is not None and self.inputs_factory is not None:
                 raise ValueError("give inputs or inputs_factory, not both")
+            if self.factory is None and self.eval:
+                raise ValueError("eval goes with a factory (the zoo's models are built in eval mode)")
             return self
 
     class Sweep(Strict):
@@ -582,6 +586,7 @@ def expand(spec: dict, impls_override: list[str] | None = None, base_dir: str | 
                 "float" if inputs is None else inputs.dtype,
                 None if inputs is None or inputs.range is None else tuple(inputs.range),
                 entry.inputs_factory,
+                entry.eval,
             )
         else:
             arch = entry.name
@@ -649,7 +654,7 @@ def build_architecture(problem: Problem, dtype=None, device: str = "cpu", seed: 
         return architectures.build(problem.arch, seed=seed, dtype=dtype, device=device, **params)
     inputs_fn = None if src.inputs_factory is None else architectures.load_callable(src.inputs_factory)
     arch = architectures.build(src.factory, seed=seed, dtype=dtype, device=device, input_spec=src.input_spec(),
-                               inputs_fn=inputs_fn, **params)
+                               inputs_fn=inputs_fn, call_eval=src.call_eval, **params)
     return dataclasses.replace(arch, name=problem.arch)
 
 
@@ -685,6 +690,8 @@ def check_models(cases: list[Case]) -> dict[tuple, ModelInfo]:
                 pass
             infos[key] = ModelInfo(arch.num_outputs, arch.num_parameters, getattr(stats, "fp_flops", None), stats,
                                    _declined(arch.model, impls[key]))
+        except (architectures.InputsError, architectures.TrainModeError) as exc:  # the inputs or the model's mode
+            problems.append((key, f"{label}: {exc}"[:600]))
         except Exception as exc:  # anything the user's factory or the zoo raises: name it, go on checking
             text = str(exc).splitlines()[0] if str(exc) else ""
             problems.append((key, f"{label}: cannot build the model: {type(exc).__name__}: {text}"[:400]))

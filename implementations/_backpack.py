@@ -63,6 +63,9 @@ def backpack_problem(model, plugin: str) -> str | None:
 # What torch raises when BackPACK's hooks meet an output that the forward then modifies in place (ResNet's
 # ``out += identity``): not visible from the module tree, so recognised here and turned into a decline.
 _INPLACE_HOOK_ERROR = "is a view and is being modified inplace"
+# What BackPACK raises when its module hooks fire in a backward pass that the forward itself runs (a PINN's
+# torch.autograd.grad): the module's stored input/output are not there yet.
+_HOOK_WITHOUT_FORWARD_ERROR = "object has no attribute 'output'"
 
 
 class BackpackPlugin(NTKPlugin):
@@ -100,6 +103,13 @@ class BackpackPlugin(NTKPlugin):
             raise UnsupportedModelError(
                 f"{self.name}: the model modifies a module's output in place (e.g. `out += identity` in its "
                 f"forward), which BackPACK's backward hooks cannot handle") from exc
+        except AttributeError as exc:
+            if _HOOK_WITHOUT_FORWARD_ERROR not in str(exc):
+                raise
+            raise UnsupportedModelError(
+                f"{self.name}: BackPACK's backward hooks fired on a module whose forward quantities they had not "
+                f"stored ({exc}): the forward runs a backward pass itself (torch.autograd.grad inside forward, "
+                f"as a PINN does)") from exc
         j1 = [j[:n] for j in jac]
         j2 = j1 if x2 is None else [j[n:] for j in jac]
         return contract_jacobians(j1, j2, mode)

@@ -271,7 +271,10 @@ class Auto(NTKPlugin):
                                  lambda: self._rank(model, x1, x2, mode, memory_budget_bytes))
 
     def _rank(self, model, x1, x2, mode, memory_budget_bytes):
-        stats = model_stats(model, x1[:1])
+        try:
+            stats = model_stats(model, x1[:1])
+        except (RuntimeError, NotImplementedError) as exc:
+            return self._unknown_cost(model, memory_budget_bytes, exc)
         n, m = x1.shape[0], (x1 if x2 is None else x2).shape[0]
         device_type = "cuda" if x1.device.type == "cuda" else "cpu"
         budget = memory_budget_bytes or default_memory_budget(x1.device)
@@ -293,6 +296,14 @@ class Auto(NTKPlugin):
                    f"{runner_up} (P={stats.p}, O={stats.o}, [FP]={stats.fp_flops})")
             ranked.append((plugin, why, budget if blocked else memory_budget_bytes, seconds))
         return ranked
+
+    def _unknown_cost(self, model, memory_budget_bytes, exc):
+        """The candidates in their default order at an unknown (infinite) cost, when the cost model's measuring
+        forward fails (a forward that takes gradients itself cannot run under its counters): the call goes on,
+        each candidate computing or declining in turn."""
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        why = f"cost unknown: the cost model's measuring forward failed ({type(exc).__name__}: {first})"
+        return [(plugin, f"{plugin.name}: {why}", memory_budget_bytes, math.inf) for plugin in self._candidates(model)]
 
     @staticmethod
     def _fallback_note(declined) -> str:

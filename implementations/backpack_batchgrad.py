@@ -11,6 +11,7 @@ works on a deep copy.
 from __future__ import annotations
 
 from ._backpack import BackpackPlugin, backpack_problem
+from .base import UnsupportedModelError
 
 
 def _first_order_modules():
@@ -37,16 +38,32 @@ class BackpackBatchGrad(BackpackPlugin):
         from backpack import backpack
         from backpack.extensions import BatchGrad
 
+        names = {id(p): k for k, p in net.named_parameters()}
         y = net(x)
         jac = [y.new_empty((x.shape[0], y.shape[1], p.numel())) for p in params]
         for a in range(y.shape[1]):
-            for p in params:  # (an output that does not reach a parameter leaves it none: its rows are zero)
-                p.__dict__.pop("grad_batch", None)
+            for p in params:  # (a parameter that gets no gradient keeps no stale grad_batch from output a - 1)
+                p.grad = None
+                if hasattr(p, "grad_batch"):
+                    del p.grad_batch
             with backpack(BatchGrad(), retain_graph=True):
                 y[:, a].sum().backward(retain_graph=True)
             for block, p in zip(jac, params):
                 grad_batch = getattr(p, "grad_batch", None)
-                block[:, a] = 0 if grad_batch is None else grad_batch.reshape(x.shape[0], -1)
+                if grad_batch is None:
+                    if p.grad is not None:
+                        raise UnsupportedModelError(
+                            f"{self.name}: {names[id(p)]!r} got a gradient but BackPACK computed no per-sample "
+                            f"gradients for it (a layer BackPACK's hooks did not see)")
+                    # no gradient reached it (an unused expert, a branch under no_grad): its Jacobian is zero
+                    block[:, a] = 0
+                elif grad_batch.shape[0] != x.shape[0]:
+                    raise UnsupportedModelError(
+                        f"{self.name}: {names[id(p)]!r} sees a sub-batch of {grad_batch.shape[0]} of the "
+                        f"{x.shape[0]} samples (its layer runs on part of the batch, e.g. x[mask] in a mixture of "
+                        f"experts), and BackPACK's per-sample gradients are those of its own batch")
+                else:
+                    block[:, a] = grad_batch.reshape(x.shape[0], -1)
         return jac
 
 

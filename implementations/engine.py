@@ -24,11 +24,13 @@ import torch
 from torch import nn
 
 from .base import NTKPlugin, UnsupportedModelError
+from .input_errors import named_input_errors
 from .kernels import kernel_shape
 from .locking import model_claimed
 from .state import dense_gradients, preserved
 from .validation import (budget_bytes, output_spec, probe_forward, refuse_ill_defined_modules,
                          refuse_scripted, share_probe, validate_inputs)
+from .wrappers import unwrap
 
 
 class NonFiniteKernelError(ValueError):
@@ -95,6 +97,7 @@ def compute(plugin: NTKPlugin, model: nn.Module, x1: torch.Tensor, x2: torch.Ten
             mode: str = "full", memory_budget_bytes: int | None = None) -> torch.Tensor:
     """Θ(x1, x2) of ``model`` by ``plugin``: see the module docstring for the steps. Calls on one model from several
     threads take turns (``locking``): a call changes the model while it runs."""
+    model = unwrap(model)  # torch.compile's and DataParallel's wrappers: the module they run, before anything else
     memory_budget_bytes = budget_bytes(memory_budget_bytes)
     with model_claimed(model):
         call = validated(plugin, model, x1, x2, mode, memory_budget_bytes)
@@ -118,13 +121,14 @@ class Call:
 def validated(plugin: NTKPlugin, model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None, mode: str,
               memory_budget_bytes: int | None = None) -> Call:
     """Step 1, validation: raises a clear error for bad inputs, an ill-defined kernel or a declined model."""
+    model = unwrap(model)  # (peers' prepare comes here directly)
     validate_inputs(model, x1, x2, mode)
     budget_bytes(memory_budget_bytes)
     refuse_scripted(plugin.name, model)
     refuse_ill_defined_modules(model)
     with torch.inference_mode(False):
         x1, x2 = _plain(x1), _plain(x2)
-        with _integer_inputs_named(x1):
+        with named_input_errors(model, x1, "x1"), _integer_inputs_named(x1):
             probe_forward(model, x1)  # random, batch-dependent or stateful forwards (it puts back what it touched)
             spec = output_spec(model, x1)
     net = _as_matrix_output(model) if spec.vector else model

@@ -24,6 +24,7 @@ import torch
 from torch.func import functional_call, jvp, vjp, vmap
 
 from .base import NTKPlugin, UnsupportedModelError
+from .declines import transform_declines
 from .kernels import chunks, reduce_full
 from .modelinfo import composite_attention, functional_single, per_sample
 
@@ -56,6 +57,10 @@ class NTKVectorProducts(NTKPlugin):
         return min(n, max(1, self.memory_budget_bytes // (per_lane * o)))
 
     def _kernel(self, model, x1, x2, mode):
+        with transform_declines(self.name, model, x1):
+            return self._products(model, x1, x2, mode)
+
+    def _products(self, model, x1, x2, mode):
         from .costs import model_stats
 
         xb = x1 if x2 is None else x2

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from ._peer import PeerPlugin, reraise_as_unsupported, shared_submodule
+from .declines import transform_declines
 from .kernels import reduce_full
 
 _UNSUPPORTED = {
@@ -59,7 +60,8 @@ class CurvlinopsJacobianNTK(PeerPlugin):
             return JacobianLinearOperator(model, params, [(x, y)])
 
         try:
-            with torch.random.fork_rng(devices=[x1.device] if x1.device.type == "cuda" else []):
+            with transform_declines(self.name, model, x1), \
+                    torch.random.fork_rng(devices=[x1.device] if x1.device.type == "cuda" else []):
                 j1 = jacobian(x1)  # (its determinism check draws a random vector: the caller's stream is kept)
                 j2 = j1 if x2 is None else jacobian(x2)
         except (RuntimeError, NotImplementedError) as exc:
@@ -71,7 +73,8 @@ class CurvlinopsJacobianNTK(PeerPlugin):
 
         def run():
             try:
-                return kernel @ identity
+                with transform_declines(self.name, model, x1):
+                    return kernel @ identity
             except (RuntimeError, NotImplementedError) as exc:
                 reraise_as_unsupported(exc, self.name, _UNSUPPORTED)
                 raise

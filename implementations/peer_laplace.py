@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from ._peer import PeerPlugin, shared_submodule
+from .declines import transform_declines
 
 
 class LaplaceFunctionalNTK(PeerPlugin):
@@ -57,10 +58,11 @@ class LaplaceFunctionalNTK(PeerPlugin):
         la.backend  # (builds the backend now: set-up, not the kernel)
 
         def run():
-            j1, _ = la._jacobians(x1, enable_backprop=False)
-            if x2 is None:
-                return la._kernel_star(j1, joint=True)
-            return la._kernel_batch_star(j1, x2)
+            with transform_declines(self.name, model, x1):
+                j1, _ = la._jacobians(x1, enable_backprop=False)
+                if x2 is None:
+                    return la._kernel_star(j1, joint=True)
+                return la._kernel_batch_star(j1, x2)
 
         return run, (lambda out: out.sum(-1)) if mode == "trace" else (lambda out: out)
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._peer import PeerPlugin, hooks_restored, shared_submodule
+from ._peer import PeerPlugin, hooks_restored, reraise_as_unsupported, shared_submodule
 from .base import UnsupportedModelError
 from .kernels import reduce_full
 
@@ -44,6 +44,12 @@ from .kernels import reduce_full
 _CHECKED = {nn.Linear: 2, nn.Conv1d: 3, nn.Conv2d: 4, nn.BatchNorm1d: 2, nn.BatchNorm2d: 4, nn.GroupNorm: 4,
             nn.LayerNorm: None}
 _EXACT_IN_FLOAT64 = (nn.Linear,)
+# Library errors that mean "this model is outside what GramMatrix can do" (message fragment -> why).
+_UNSUPPORTED = {
+    "not have been used in the graph": "it differentiates the outputs with respect to the inputs, and the model's "
+                                       "output does not depend on them through autograd (the forward detaches its "
+                                       "input, e.g. to take gradients itself as a PINN does)",
+}
 
 
 def _layer_problem(name: str, m: nn.Module) -> str | None:
@@ -107,14 +113,23 @@ class NNGeometryGram(PeerPlugin):
         return None
 
     def _probe(self, model, x1):
-        """One forward of a sample: every checked layer called once, with inputs of the rank its rule expects."""
+        """One forward of the batch: every checked layer called once, on the whole batch (nngeometry pairs a
+        layer's rows with the batch's samples: a layer run on ``x[mask]`` gives a wrong kernel), with gradient (a
+        layer run under ``torch.no_grad()`` makes it fail), with inputs of the rank its rule expects."""
         calls: dict[nn.Module, int] = {}
         problems: list[str] = []
         names = {m: n for n, m in model.named_modules()}
 
-        def hook(m, inputs, _out):
+        def hook(m, inputs, out):
             calls[m] = calls.get(m, 0) + 1
             x = inputs[0]
+            if x.shape[0] != x1.shape[0]:
+                problems.append(f"it pairs each layer's rows with the batch's samples, and {names[m]!r} runs on "
+                                f"{x.shape[0]} rows of a batch of {x1.shape[0]} (a sub-batch, e.g. x[mask] in a "
+                                f"mixture of experts)")
+            if isinstance(out, torch.Tensor) and not out.requires_grad:
+                problems.append(f"it hooks each layer's output gradient, and {names[m]!r} runs without gradient "
+                                f"(under torch.no_grad(), or on detached inputs with frozen parameters)")
             rank = _CHECKED[type(m)]
             if rank is None:  # LayerNorm
                 if tuple(x.shape[1:]) != tuple(m.normalized_shape):
@@ -128,8 +143,8 @@ class NNGeometryGram(PeerPlugin):
             for m in names:
                 if type(m) in _CHECKED:
                     m.register_forward_hook(hook)
-            with torch.no_grad():
-                model(x1[:1])
+            with torch.enable_grad():
+                model(x1)
         twice = [f"{names[m]!r} ({n} times)" for m, n in calls.items() if n > 1]
         if twice:
             problems.append(f"it keeps one input per layer, and {', '.join(twice)} is called more than once in "
@@ -152,7 +167,11 @@ class NNGeometryGram(PeerPlugin):
 
         def run():
             with hooks_restored(model), torch.enable_grad():  # (its hooks are removed only when it succeeds)
-                return GramMatrix(model=model, loader=loader)
+                try:
+                    return GramMatrix(model=model, loader=loader)
+                except RuntimeError as exc:
+                    reraise_as_unsupported(exc, self.name, _UNSUPPORTED)
+                    raise
 
         # FMatDense.to_torch(): (O, N, O, N) -> (N, N, O, O)
         return run, lambda out: reduce_full(out.to_torch().permute(1, 3, 0, 2).contiguous(), mode)

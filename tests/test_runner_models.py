@@ -108,8 +108,12 @@ def test_a_factory_that_cannot_be_used_is_one_line_before_any_work(tmp_path, mod
 @pytest.mark.parametrize("factory, inputs, message", [
     ("broken", {"shape": [5]}, "broken(): cannot build the model: RuntimeError: this factory is broken"),
     ("not_a_model", {"shape": [5]}, "the factory returned list, expected an nn.Module"),
-    ("tiny", {"shape": [4]}, "cannot build the model: RuntimeError"),  # inputs the model cannot take
-    ("tokens", {"shape": [7], "dtype": "int64", "range": [0, 50]}, "IndexError"),  # ids past the vocabulary
+    # inputs the model cannot take: the shape given and what the first layer takes
+    ("tiny", {"shape": [4]}, "(--input-shape, or inputs.shape in a sweep file): the model's forward fails on a "
+                             "batch of shape (1, 4) (per sample (4,)); its first layer 0 (Linear) takes inputs whose "
+                             "last dimension is 5"),
+    # ids past the vocabulary: their range and the embedding's size
+    ("tokens", {"shape": [7], "dtype": "int64", "range": [0, 50]}, "(Embedding) has 20 rows: ids must lie in [0, 19]"),
 ])
 def test_a_model_that_cannot_be_built_or_fed_is_caught_before_any_work(models_file, factory, inputs, message):
     cases = sweeps.expand({"name": "bad", "impls": ["structured"], "arch": [
