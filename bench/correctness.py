@@ -176,6 +176,20 @@ def _error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:300] if text else ''}"
 
 
+def _declines(plugin, model, result) -> bool:
+    """Whether ``plugin`` declines ``model`` (the result then says so: skipped, or an error when supports()
+    raised instead of answering)."""
+    try:
+        reason = _declined(plugin, model)
+    except Exception as exc:  # supports() must answer, not raise
+        result.status, result.message = "error", f"supports() raised {_error(exc)}"
+        return True
+    if reason is not None:
+        result.status, result.message = "skipped", reason
+        return True
+    return False
+
+
 def _declined(plugin, model: nn.Module) -> str | None:
     """The plugin's reason to decline the model up front (its ``supports``, or a peer's documented inexactness)."""
     reason = plugin.supports(model)
@@ -215,13 +229,7 @@ def check_kernel(plugin, problem: Problem, mode: str, dtype: str, device: str, r
             result.status, result.message = "skipped", f"cannot build the model here: {_error(exc)}"
             return result
         x1, x2 = problem.inputs(dtype=torch_dtype, device=device)
-        try:
-            reason = _declined(plugin, model)
-        except Exception as exc:  # supports() must answer, not raise
-            result.status, result.message = "error", f"supports() raised {_error(exc)}"
-            return result
-        if reason is not None:
-            result.status, result.message = "skipped", reason
+        if _declines(plugin, model, result):
             return result
         ref, result.reference, note = references.full(problem)
         ref = reduce_full(ref, mode)
@@ -300,13 +308,7 @@ def check_untouched(plugin, how: str) -> CaseResult:
     try:
         model, x = _train_mode_mlp()
         expected = bruteforce.ntk(model, x)
-        try:
-            reason = _declined(plugin, model)
-        except Exception as exc:  # supports() must answer, not raise
-            result.status, result.message = "error", f"supports() raised {_error(exc)}"
-            return result
-        if reason is not None:
-            result.status, result.message = "skipped", reason
+        if _declines(plugin, model, result):
             return result
         if how == "grads":
             x = x.clone().requires_grad_(True)

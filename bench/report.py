@@ -59,6 +59,28 @@ class Run:
         return self.headers[0] if self.headers else {}
 
 
+def _entries(path: Path):
+    """The lines of a results.jsonl as ("header", dict), ("row", dict) or ("unreadable", None), one at a time;
+    a header claiming a newer format is refused (``check_format``)."""
+    with open(path, "rb") as f:
+        for raw in f:
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                yield "unreadable", None
+                continue
+            if not isinstance(obj, dict):
+                yield "unreadable", None
+            elif "header" in obj:
+                header = obj["header"] if isinstance(obj["header"], dict) else {}
+                check_format(header, path)
+                yield "header", header
+            else:
+                yield "row", obj
+
+
 def read_run(path: Path) -> tuple[list[dict], list[dict], int]:
     """(headers, rows, unreadable lines) of a results.jsonl (or a run directory holding one).
 
@@ -68,22 +90,13 @@ def read_run(path: Path) -> tuple[list[dict], list[dict], int]:
     headers: list[dict] = []
     rows: list[dict] = []
     unreadable = 0
-    with open(path, "rb") as f:
-        for raw in f:
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError):
-                unreadable += 1
-                continue
-            if not isinstance(obj, dict):
-                unreadable += 1
-            elif "header" in obj:
-                headers.append(obj["header"] if isinstance(obj["header"], dict) else {})
-                check_format(headers[-1], path)
-            else:
-                rows.append({**obj, "segment": max(len(headers) - 1, 0)})
+    for what, obj in _entries(path):
+        if what == "unreadable":
+            unreadable += 1
+        elif what == "header":
+            headers.append(obj)
+        else:
+            rows.append({**obj, "segment": max(len(headers) - 1, 0)})
     return headers, rows, unreadable
 
 
@@ -126,23 +139,13 @@ def read_columns(path: Path) -> tuple[list[dict], pd.DataFrame, int]:
     headers: list[dict] = []
     cols = _Columns()
     unreadable = 0
-    with open(path, "rb") as f:
-        for raw in f:
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError):
-                unreadable += 1
-                continue
-            if not isinstance(obj, dict):
-                unreadable += 1
-            elif "header" in obj:
-                header = obj["header"] if isinstance(obj["header"], dict) else {}
-                check_format(header, path)
-                headers.append(header)
-            else:
-                cols.add({**obj, "segment": max(len(headers) - 1, 0)})
+    for what, obj in _entries(path):
+        if what == "unreadable":
+            unreadable += 1
+        elif what == "header":
+            headers.append(obj)
+        else:
+            cols.add({**obj, "segment": max(len(headers) - 1, 0)})
     return headers, cols.frame(), unreadable
 
 
