@@ -134,9 +134,10 @@ def verdict_text(v: dict) -> str:
     return text
 
 
-def _size_n(df: pd.DataFrame, size: str) -> tuple:
-    r = df[df["size"] == size].iloc[0]
-    return int(r["N"]), r["x2"] != "x1", int(r["M"])
+def _size_order(df: pd.DataFrame) -> dict[str, tuple]:
+    """Each size label's sort key (N, x2 given, M), read once from the group's first row of each size."""
+    first = df.drop_duplicates("size")
+    return {s: (int(n), x2 != "x1", int(m)) for s, n, x2, m in zip(first["size"], first["N"], first["x2"], first["M"])}
 
 
 def recommendations(g: pd.DataFrame, recs: dict[tuple, dict]) -> list[str]:
@@ -144,7 +145,8 @@ def recommendations(g: pd.DataFrame, recs: dict[tuple, dict]) -> list[str]:
     paired size, and the sizes where another plugin wins."""
     lines = []
     for key, grp in g.groupby(GROUP_KEYS, sort=False, dropna=False):
-        sizes = sorted(grp["size"].unique(), key=lambda s: _size_n(grp, s))
+        order = _size_order(grp)
+        sizes = sorted(order, key=order.get)
         found = [(s, recs[(*key, s)]) for s in sizes if (*key, s) in recs]
         config, o, mode, dtype, device, budget = key
         where = ", ".join(str(x) for x in (f"O={figs._num(o)}", mode, dtype, device, budget) if x)
@@ -198,11 +200,16 @@ def _blocks(value) -> list[float]:
 def slopes(group: pd.DataFrame, impls: list[str]) -> dict[str, str]:
     """Per plugin: ``1.02 [0.95–1.10]`` from its ok N = M rows when it has three sizes or more, else blank."""
     ok = group[(group["status"] == "ok") & (group["x2"] == "x1")]
+    blocks_col = ok["time_blocks_s"] if "time_blocks_s" in ok else pd.Series([None] * len(ok), index=ok.index)
+    per_impl: dict[str, tuple[list, list]] = {}
+    for impl, n, b in zip(ok["impl"], ok["N"], blocks_col):  # (one pass: a large run has thousands of groups)
+        ns, bs = per_impl.setdefault(impl, ([], []))
+        ns.append(n)
+        bs.append(b)
     out = {}
     for impl in impls:
-        s = ok[ok["impl"] == impl]
-        blocks = [_blocks(b) for b in s.get("time_blocks_s", pd.Series([None] * len(s), index=s.index))]
-        band = slope_band(s["N"], blocks)
+        ns, bs = per_impl.get(impl, ([], []))
+        band = slope_band(ns, [_blocks(b) for b in bs]) if len(set(ns)) >= 3 else None
         out[impl] = "" if band is None else f"{band[0]:.2f} [{band[1]:.2f}–{band[2]:.2f}]"
     return out
 
