@@ -127,8 +127,9 @@ def _refuse_detached(y: torch.Tensor) -> None:
     is the NTK of both, so every plugin refuses it."""
     if not y.requires_grad:
         raise ValueError("the model's output has no autograd history (requires_grad=False) although it has trainable "
-                         "parameters: its forward runs under torch.no_grad()/inference_mode or detaches the output; "
-                         "compute the output with gradients enabled")
+                         "parameters: its forward runs under torch.no_grad()/inference_mode, detaches the output, or "
+                         "goes through an operation autograd cannot differentiate; compute the output with gradients "
+                         "enabled")
 
 
 def budget_bytes(memory_budget_bytes) -> int | None:
