@@ -81,14 +81,10 @@ def _entries(path: Path):
                 yield "row", obj
 
 
-def read_run(path: Path) -> tuple[list[dict], list[dict], int]:
-    """(headers, rows, unreadable lines) of a results.jsonl (or a run directory holding one).
-
-    Every line with a ``"header"`` key starts a segment; each row gets ``segment``, the index of its header.
-    """
-    path = _results_path(path)
+def _read(path: Path, add) -> tuple[list[dict], int]:
+    """(headers, unreadable lines) of a results.jsonl; ``add(row)`` for each row, with ``segment`` (the index of
+    its header)."""
     headers: list[dict] = []
-    rows: list[dict] = []
     unreadable = 0
     for what, obj in _entries(path):
         if what == "unreadable":
@@ -96,7 +92,17 @@ def read_run(path: Path) -> tuple[list[dict], list[dict], int]:
         elif what == "header":
             headers.append(obj)
         else:
-            rows.append({**obj, "segment": max(len(headers) - 1, 0)})
+            add({**obj, "segment": max(len(headers) - 1, 0)})
+    return headers, unreadable
+
+
+def read_run(path: Path) -> tuple[list[dict], list[dict], int]:
+    """(headers, rows, unreadable lines) of a results.jsonl (or a run directory holding one).
+
+    Every line with a ``"header"`` key starts a segment; each row gets ``segment``, the index of its header.
+    """
+    rows: list[dict] = []
+    headers, unreadable = _read(_results_path(path), rows.append)
     return headers, rows, unreadable
 
 
@@ -135,17 +141,8 @@ class _Columns:
 def read_columns(path: Path) -> tuple[list[dict], pd.DataFrame, int]:
     """(headers, rows as a DataFrame of Python objects, unreadable lines) of a results.jsonl, read line by line
     (``read_run`` as one frame: a large run never holds its rows as dicts)."""
-    path = _results_path(path)
-    headers: list[dict] = []
     cols = _Columns()
-    unreadable = 0
-    for what, obj in _entries(path):
-        if what == "unreadable":
-            unreadable += 1
-        elif what == "header":
-            headers.append(obj)
-        else:
-            cols.add({**obj, "segment": max(len(headers) - 1, 0)})
+    headers, unreadable = _read(_results_path(path), cols.add)
     return headers, cols.frame(), unreadable
 
 
