@@ -312,13 +312,13 @@ def _builtin_sweeps() -> dict[str, dict]:
     fast = ["jacobian_contraction", "structured", "explicit_mlp", "auto", *NT_PEERS]
     # Jacobian contraction too at MLP N=512 with O=100 (2·N²·O²·P = 3.5e15 FLOP) or width 2048 (3e14 FLOP, blocked).
     fastest = fast[1:]
-    # Every plugin but the autograd loop, which takes seconds a case from N=32 on 2 cores; every peer.
+    # Every plugin but the autograd loop, which takes seconds a case from N=32 on a CPU; every peer.
     no_loops = ["jacobian_contraction", "ntk_vector_products", "explicit_mlp", "backpack_batchgrad", "backpack_sqrtggn",
                 "structured", "auto", *NT_PEERS]
     every_but_torch_peers = ["jacobian_contraction", "ntk_vector_products", "autograd_loop", "explicit_mlp",
                              "backpack_batchgrad", "backpack_sqrtggn", "structured", "auto", *NT_PEERS]
     small_cnn, tiny_resnet = {"channels": 16, "image": 16}, {"channels": 8, "image": 8}
-    # Real networks (issue 12): neural-tangents' notebook MLP, and small but real transformer / RNN configurations.
+    # Real networks: neural-tangents' notebook MLP, and small but real transformer / RNN configurations.
     nt_mlp = {"in_features": 3072, "width": 2048, "depth": 3}
     vit = {"image": 32, "patch": 4, "layers": 4, "heads": 4, "hidden": 64, "mlp": 128}
     text = {"vocab": 1000, "seq": 32, "d_model": 64, "heads": 4, "ff": 128, "layers": 2}
@@ -375,7 +375,7 @@ def _builtin_sweeps() -> dict[str, dict]:
         },
         "mlp_cpu": {
             "name": "mlp_cpu",
-            "description": "The 670k-parameter MLP 784-512-512-10 at N=M=128 on the CPU (DESIGN.md's CPU case); "
+            "description": "The 670k-parameter MLP 784-512-512-10 at N=M=128 on the CPU (the brief's CPU case); "
                            "NTK-VP left out: N²·O = 163,840 vjp/jvp pairs of a 670k-parameter net",
             "impls": ["jacobian_contraction", "autograd_loop", "explicit_mlp", "backpack_batchgrad", "backpack_sqrtggn",
                       "structured", "auto", "nt_jacobian_contraction", "nt_structured_derivatives"],
@@ -385,10 +385,10 @@ def _builtin_sweeps() -> dict[str, dict]:
         },
         "gpu": {
             "name": "gpu",
-            "description": "One 80 GB GPU: issue 4's targets first (MLP N=512; O=100 under an 8 GiB budget), then "
+            "description": "One 80 GB GPU: the MLP targets first (MLP N=512; O=100 under an 8 GiB budget), then "
                            "the tutorial CNN, MLPs of width 512 and 2048 and a CNN, N up to 512, the slow loops only "
-                           "where they finish in seconds (these 170 cases: about 10 minutes on an H100); then issue "
-                           "12's real networks (resnet18 at 224x224 with O = 8, 128, 1000; 3 x Dense(2048))",
+                           "where they finish in seconds (170 cases); then the "
+                           "real networks (resnet18 at 224x224 with O = 8, 128, 1000; 3 x Dense(2048))",
             "impls": ["all"], "modes": ["full"], "dtypes": ["float32"], "devices": ["cuda"],
             "time_budget_s": 0.5, "timeout_s": 120,
             "arch": [
@@ -408,7 +408,7 @@ def _builtin_sweeps() -> dict[str, dict]:
                 {"name": "mlp", "params": mlp2048, "N": [512], "O": [10], "impls": fastest},
                 {"name": "cnn", "params": {"channels": 32, "image": 32}, "N": [32], "O": [10]},
                 {"name": "cnn", "params": {"channels": 32, "image": 32}, "N": [128, 512], "O": [10], "impls": fast},
-                # Real networks (issue 12; neural-tangents runs on the CPU only: its published numbers are the peer)
+                # Real networks (neural-tangents runs on the CPU only: its published numbers are the peer)
                 {"name": "mlp", "params": nt_mlp, "N": [16], "O": [8], "impls": gpu_real + ["explicit_mlp"]},
                 {"name": "resnet18", "params": {"image": 224}, "N": [8], "O": [8], "impls": gpu_real},
                 {"name": "resnet18", "params": {"image": 224}, "N": [1], "O": [128, 1000], "impls": gpu_real},
@@ -416,10 +416,10 @@ def _builtin_sweeps() -> dict[str, dict]:
         },
         "real": {
             "name": "real",
-            "description": "Real networks on the CPU against neural-tangents' three implementations (issue 12's "
-                           "cases): neural-tangents' notebook MLP (3 x Dense(2048), O=8, N=16), the tutorial CNN, "
+            "description": "Real networks on the CPU against neural-tangents' three implementations: "
+                           "neural-tangents' notebook MLP (3 x Dense(2048), O=8, N=16), the tutorial CNN, "
                            "resnet18 at 32x32 and 224x224, a small ViT, a text transformer and an LSTM at N=16, "
-                           "the PyTorch NTK libraries where they take seconds; about 25 minutes on 2 cores",
+                           "the PyTorch NTK libraries where they take seconds",
             "impls": real_impls, "modes": ["full"], "dtypes": ["float32"], "devices": ["cpu"],
             "time_budget_s": 1.0, "timeout_s": 600,
             "arch": [

@@ -55,8 +55,8 @@ def gradient_gram(g1: torch.Tensor, g2: torch.Tensor, mode: str) -> torch.Tensor
 # wall time (2.6 to 2.8 ms: more launches, and the call is bound by the CPU's launch overhead); it pays only
 # where the GEMMs dominate.
 SYMMETRIC_SPLIT_MIN_ROWS = 8192
-# Inside a CUDA graph capture (cuda_graphs) the extra launches cost nothing at replay: on an H100 the split took
-# the replayed MLP call at N·O = 5120 from 2.24 to 2.02 ms (structured) and 2.18 to 1.99 ms (explicit_mlp).
+# Inside a CUDA graph capture (cuda_graphs) the extra launches cost nothing at replay, so the split pays off from
+# fewer rows (measured in results/2026-11-23-gpu).
 SYMMETRIC_SPLIT_MIN_ROWS_CAPTURED = 2048
 
 

@@ -389,7 +389,7 @@ class NormRule:
 
 def _softmax(x, dim, dtype=None):
     """softmax as exp(x - max) / sum: its backward is made of ops vmap batches (``_softmax_backward_data`` under
-    torch.func.vmap took 1 s for 10 x (16, 4, 65, 65) cotangents on 2 cores, this 23 ms)."""
+    torch.func.vmap was about 40 times slower than this on the same cotangents)."""
     if dtype is not None:
         x = x.to(dtype)
     e = torch.exp(x - x.detach().amax(dim, keepdim=True))

@@ -1,4 +1,4 @@
-"""The plugin contract on the models people use (issue 11): each plugin returns the right kernel or declines with
+"""The plugin contract on the models people use: each plugin returns the right kernel or declines with
 a reason; ill-defined kernels are refused before any work; the caller's model, inputs and grads are left as found;
 integer inputs, (N,) outputs, calls under no_grad work; a tuple output gets an error that says what to do; auto
 falls back when its pick declines. Every case here injects the fault it guards against."""

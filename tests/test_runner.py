@@ -69,7 +69,7 @@ def test_real_sweep_times_ours_against_neural_tangents_on_the_real_networks():
      "memory_budget_gib = -1: expected a positive finite number of GiB"),
     ({"memory_budget_gib": "8G", "arch": [{"name": "mlp", "N": [2]}]},
      "memory_budget_gib = '8G': expected a positive finite number of GiB"),
-    # issue 14's bad values, each one line
+    # bad values, each one line
     ({"arch": [{"name": "mlp", "N": 2}]}, "arch entry 1: N = 2: expected a list, e.g. N = [2]"),
     ({"arch": [{"name": "mlp", "N": [2], "NM": [[4]]}]}, "arch entry 1: NM[1] = [4]: expected a pair [N, M]"),
     ({"impls": "structured", "arch": [{"name": "mlp", "N": [2]}]}, "impls = 'structured': expected a list"),
