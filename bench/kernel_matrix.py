@@ -232,7 +232,6 @@ def compute_band(kernel: KernelArray, plugin, model, x1: Inputs, x2, i: int, col
     contraction quadratically; other plugins compute each tile whole. Returns seconds per phase."""
     from ntk_bench.implementations import engine, onednn
     from ntk_bench.implementations.base import UnsupportedModelError
-    from ntk_bench.implementations.state import preserved
 
     dtype, device, mode = DTYPES[spec["dtype"]], spec["device"], spec["mode"]
     si = kernel.tile_slices(i, 0)[0]
@@ -249,7 +248,7 @@ def compute_band(kernel: KernelArray, plugin, model, x1: Inputs, x2, i: int, col
             try:
                 call = engine.validated(plugin, model, xa, None, mode)
                 t0 = time.perf_counter()
-                with torch.inference_mode(False), torch.enable_grad(), preserved(model), \
+                with engine.running(model), \
                         (onednn.enabled(flag) if flag is not None else contextlib.nullcontext()):
                     fa = plugin.factors(call.net, call.x1)
                 phases["factors_s"] += time.perf_counter() - t0
@@ -286,7 +285,6 @@ def _contracted(plugin, model, call, fa, xb, j, mode, flag, spec, phases):
     import dataclasses as dc
 
     from ntk_bench.implementations import engine, onednn
-    from ntk_bench.implementations.state import preserved
 
     toggle = onednn.enabled(flag) if flag is not None else contextlib.nullcontext()
     fb, xb_call = None, None
@@ -296,13 +294,12 @@ def _contracted(plugin, model, call, fa, xb, j, mode, flag, spec, phases):
         if fb is None:
             xb_call = engine.validated(plugin, model, xb, None, mode)
             t0 = time.perf_counter()
-            with torch.inference_mode(False), torch.enable_grad(), preserved(model), toggle:
+            with engine.running(model), toggle:
                 fb = plugin.factors(xb_call.net, xb_call.x1)
             phases["factors_s"] += time.perf_counter() - t0
             _CACHE.put(j, fb, int(spec.get("cache_bytes") or 0))
     t0 = time.perf_counter()
-    with torch.inference_mode(False), torch.enable_grad(), preserved(model), \
-            (onednn.enabled(flag) if flag is not None else contextlib.nullcontext()):
+    with engine.running(model), (onednn.enabled(flag) if flag is not None else contextlib.nullcontext()):
         k = plugin.contract(fa, fb, mode)
     k = engine.checked(plugin, k, dc.replace(call, x2=None if xb is None else xb.detach()), mode)
     phases["contract_s"] += time.perf_counter() - t0

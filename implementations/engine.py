@@ -101,9 +101,19 @@ def compute(plugin: NTKPlugin, model: nn.Module, x1: torch.Tensor, x2: torch.Ten
     memory_budget_bytes = budget_bytes(memory_budget_bytes)
     with model_claimed(model):
         call = validated(plugin, model, x1, x2, mode, memory_budget_bytes)
-        with torch.inference_mode(False), torch.enable_grad(), preserved(model), dense_gradients(model):
+        with running(model):
             out = plugin.dispatch(call.net, call.x1, call.x2, mode, memory_budget_bytes)
         return checked(plugin, out, call, mode, memory_budget_bytes)
+
+
+@contextlib.contextmanager
+def running(model: nn.Module):
+    """Step 3's surroundings, for any code that runs a plugin's kernel (or part of it) on a validated call: the model
+    claimed by this thread, grad mode on outside inference mode, sparse Embeddings' gradients dense, and the model
+    put back as found afterwards."""
+    with model_claimed(model), torch.inference_mode(False), torch.enable_grad(), preserved(model), \
+            dense_gradients(model):
+        yield
 
 
 @dataclasses.dataclass(frozen=True)
