@@ -367,30 +367,11 @@ def _choose_onednn(plugin, model, x1: Inputs, x2, mode, device, dtype, b):
         return None
 
     def run():
-        _block(plugin, model, xa, None, mode, device, dtype)
+        # (is_faster switches oneDNN on and off; the plugin's own per-model choice follows that switch)
+        with onednn.fixed_choice(torch._C._get_mkldnn_enabled()):
+            _block(plugin, model, xa, None, mode, device, dtype)
 
-    def fixed(flag):
-        def call():
-            with onednn.fixed_choice(flag):
-                run()
-        return call
-
-    # is_faster switches oneDNN itself; fixed_choice makes the plugin's own trial follow that switch
-    timed = {}
-    for flag in (True, False):
-        with onednn.fixed_choice(flag):
-            t0 = time.perf_counter()
-            run()
-            timed[flag] = time.perf_counter() - t0
-    if timed[True] > 0.5:  # oneDNN's set-up is small next to such a tile
-        return True
-    for _ in range(2):
-        for flag in (False, True):
-            with onednn.fixed_choice(flag):
-                t0 = time.perf_counter()
-                run()
-                timed[flag] = min(timed[flag], time.perf_counter() - t0)
-    return not timed[False] < 0.9 * timed[True]
+    return onednn.is_faster(run)
 
 
 def _predicted_s(plugin, model, x1: Inputs, x2, mode, device, dtype, budget) -> float | None:
