@@ -52,9 +52,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import plots, report
 from ..store import safefs
 from ..store.rundir import unwritable
+from . import plots, report
 
 VERDICTS = ("slower", "faster", "same", "n/a")
 DEFAULT_NOISE_FLOOR = 0.10  # run-to-run noise besides a common shift (the README: "Comparing two runs")

@@ -31,10 +31,12 @@ def contract_jacobians(jac1: list[torch.Tensor], jac2: list[torch.Tensor], mode:
     instead of N·M·O²·P_i).
     """
     expr = _CONTRACTIONS[mode]
-    out = None
+    out: torch.Tensor | None = None
     for j1, j2 in zip(jac1, jac2):
         term = torch.einsum(expr, j1, j2)
         out = term if out is None else out.add_(term)
+    if out is None:
+        raise ValueError("contract_jacobians: no Jacobian blocks (a model without trainable parameters)")
     return out
 
 
@@ -104,9 +106,11 @@ class KernelSum:
     """
 
     def __init__(self, mode: str):
-        self.mode, self.acc = mode, None
-        self.half = None  # set when only the upper blocks are summed: the first half's size
-        self.identity = None  # (Σ xx, O) of the identity-Gram terms, added to the diagonal by result()
+        self.mode = mode
+        self.acc: torch.Tensor | None = None
+        self.half: int | None = None  # set when only the upper blocks are summed: the first half's size
+        # (Σ xx, O) of the identity-Gram terms, added to the diagonal by result()
+        self.identity: tuple[torch.Tensor, int] | None = None
 
     def add_gram(self, xx: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor, symmetric: bool = False) -> None:
         """Add xx ⊙ (G1 G2ᵀ) for G of shape (O, N, C); ``symmetric``: g2 is g1 and xx is symmetric (x2 = None)."""
@@ -193,8 +197,10 @@ class KernelSum:
 
     def _gram_sum(self) -> torch.Tensor:
         if self.acc is None:  # only identity terms
+            if self.identity is None:
+                raise ValueError("KernelSum.result(): no term was added")
             xx, o = self.identity
-            return xx.new_zeros(kernel_shape(*xx.shape, o, self.mode))
+            return xx.new_zeros(kernel_shape(xx.shape[0], xx.shape[1], o, self.mode))
         if self.mode != "full":
             return self.acc
         full = self.acc.permute(0, 2, 1, 3)

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import torch
 
-from ._peer import PeerPlugin, reraise_as_unsupported
 from ..core.kernels import reduce_full
+from ._peer import PeerPlugin, reraise_as_unsupported
 
 # Library errors that mean "this model is outside what the routine can do" (message fragment -> why).
 _UNSUPPORTED = {

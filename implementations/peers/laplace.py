@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import torch
 
-from ._peer import PeerPlugin, shared_submodule
 from ..core.declines import transform_declines
+from ._peer import PeerPlugin, shared_submodule
 
 
 class LaplaceFunctionalNTK(PeerPlugin):

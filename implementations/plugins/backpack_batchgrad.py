@@ -10,8 +10,8 @@ works on a deep copy.
 
 from __future__ import annotations
 
-from ._backpack import BackpackPlugin, backpack_problem
 from ..core.base import UnsupportedModelError
+from ._backpack import BackpackPlugin, backpack_problem
 
 
 def _first_order_modules():
