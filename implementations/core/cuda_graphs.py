@@ -1,9 +1,8 @@
 """A plugin's kernel replayed from a captured CUDA graph, where the call is bound by kernel launches.
 
-On a GPU a small kernel is bound by the host: on the 670k-parameter MLP at N=512 an H100 was busy 1.8-2.0 ms
-of a 2.8-3.3 ms call; the rest was the host issuing 40-50 operators (and autograd's backward) one by one.
-A CUDA graph records them once and replays them with one launch: 2.0 ms a call there (H100,
-``results/2026-11-23-gpu/graph_check.txt``).
+On a GPU a small kernel is bound by the host: the device idles while the host issues the call's tens of
+operators (and autograd's backward) one by one. A CUDA graph records them once and replays them with one launch
+(eager against replayed calls: ``results/2026-11-23-gpu/graph_check.txt``).
 
 ``NTKPlugin.compute`` routes a call here when the plugin sets ``capturable = True`` (its ``_kernel`` has no
 host syncs and no data-dependent shapes), the inputs are on a GPU, no memory budget is given and the plugin's

@@ -52,13 +52,13 @@ def gradient_gram(g1: torch.Tensor, g2: torch.Tensor, mode: str) -> torch.Tensor
     return torch.bmm(g1, g2.transpose(1, 2)).permute(1, 2, 0)
 
 
-# From this many rows (N·O), a symmetric full-mode Gram (x2 = None) is built from 3 of its 4 blocks. On an H100
-# at N·O = 5120 (MLP 784-512-512-10, N=512) the split cut GPU time from 2.0 to 1.8 ms a call but raised the
-# wall time (2.6 to 2.8 ms: more launches, and the call is bound by the CPU's launch overhead); it pays only
-# where the GEMMs dominate.
+# From this many rows (N·O), a symmetric full-mode Gram (x2 = None) is built from 3 of its 4 blocks: a quarter less
+# GEMM and multiply-add work for more kernel launches, so eagerly it pays only where the GEMMs bound the call, not
+# the host issuing them. results/2026-11-23-gpu/graph_check.txt times this threshold against the captured one
+# below, eager and replayed, at one size (N·O = 5120).
 SYMMETRIC_SPLIT_MIN_ROWS = 8192
 # Inside a CUDA graph capture (cuda_graphs) the extra launches cost nothing at replay, so the split pays off from
-# fewer rows (measured in results/2026-11-23-gpu).
+# fewer rows (results/2026-11-23-gpu/graph_check.txt).
 SYMMETRIC_SPLIT_MIN_ROWS_CAPTURED = 2048
 
 
