@@ -46,6 +46,9 @@ _UNSUPPORTED = {
 
 
 class AsdlImplicitNTK(PeerPlugin):
+    """ASDL's implicit NTK as a peer: the full kernel by double backward (see the module docstring for what it
+    declines)."""
+
     name = "asdl"
     package = "asdfghjkl (ASDL)"
     module = "asdl"

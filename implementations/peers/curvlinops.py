@@ -34,6 +34,9 @@ _UNSUPPORTED = {
 
 
 class CurvlinopsJacobianNTK(PeerPlugin):
+    """curvlinops' Jacobian operators as a peer: J(x1) J(x2)ᵀ applied to the identity (see the module docstring for
+    what it declines)."""
+
     name = "curvlinops"
     package = "curvlinops-for-pytorch"
     module = "curvlinops"

@@ -36,6 +36,9 @@ from ._peer import PeerPlugin, shared_submodule
 
 
 class LaplaceFunctionalNTK(PeerPlugin):
+    """laplace-torch's FunctionalLaplace kernel as a peer: its backend's Jacobians, contracted by its own einsums
+    (see the module docstring for what it declines)."""
+
     name = "laplace"
     package = "laplace-torch"
     module = "laplace"

@@ -38,6 +38,8 @@ class NeuralTangentsPeer(NTKPlugin):
         self.name = f"nt_{implementation}"
 
     def supports(self, model: nn.Module) -> str | None:
+        """None when neural-tangents imports and the model is on the CPU (JAX's CPU backend only), otherwise why
+        not. Whether the model translates needs an input: ``prepare`` raises with that reason."""
         from ntk_bench import reference
 
         reason = reference.available()

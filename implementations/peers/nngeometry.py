@@ -72,6 +72,9 @@ def _layer_problem(name: str, m: nn.Module) -> str | None:
 
 
 class NNGeometryGram(PeerPlugin):
+    """nngeometry's GramMatrix as a peer: Θ(x1, x1) from per-layer Gram terms (see the module docstring for what it
+    declines)."""
+
     name = "nngeometry"
     package = "nngeometry"
     module = "nngeometry"
@@ -103,6 +106,8 @@ class NNGeometryGram(PeerPlugin):
         return None
 
     def known_inexact(self, model, dtype):
+        """In float64, the layers whose per-sample gradients nngeometry keeps in float32 buffers (its result then
+        misses the float64 tolerance); None in float32 or when no such layer holds parameters."""
         if dtype != torch.float64:
             return None
         for mname, m in model.named_modules():

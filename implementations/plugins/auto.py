@@ -138,6 +138,9 @@ def default_memory_budget(device: torch.device) -> int:
 
 
 class Auto(NTKPlugin):
+    """The plugin that picks another: the cheapest supporting plugin by the cost model's predicted time, with a timed
+    trial of the first calls where the prediction is close (see the module docstring)."""
+
     name = "auto"
 
     def __init__(self, calibration: dict | None = None):
@@ -150,11 +153,14 @@ class Auto(NTKPlugin):
 
     @property
     def calibration(self) -> dict:
+        """The cost model's constants per device type and plugin: the packaged ones, unless given to the constructor,
+        loaded on first use (``load_calibration``)."""
         if self._calibration is None:
             self._calibration = load_calibration()
         return self._calibration
 
     def supports(self, model):
+        """None when at least one other plugin supports ``model``, otherwise why auto cannot pick one."""
         if self._candidates(model):
             return None
         return "auto: no plugin supports this model"

@@ -21,9 +21,14 @@ def _first_order_modules():
 
 
 class BackpackBatchGrad(BackpackPlugin):
+    """Per-sample gradients of each output from BackPACK's BatchGrad on a deep copy of the model, then contracted
+    (see the module docstring)."""
+
     name = "backpack_batchgrad"
 
     def supports(self, model):
+        """None when BackPACK is installed and every module holding trainable parameters is one its first-order
+        extensions know, otherwise why not."""
         try:
             known = _first_order_modules()
         except ImportError:
