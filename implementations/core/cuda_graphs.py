@@ -54,6 +54,8 @@ class CapturedKernel:
 
     @torch.no_grad()
     def __call__(self, *inputs) -> torch.Tensor:
+        """Copy ``inputs`` into the static buffers, replay the graph and return a copy of its output (the next replay
+        overwrites the graph's own)."""
         for static, x in zip(self.inputs, inputs):
             if static is not None:
                 static.copy_(x)
@@ -120,11 +122,15 @@ class GraphCache:
         self.captures = 0
 
     def applies(self, plugin, x1) -> bool:
+        """Whether a call may replay a graph at all: a capturable plugin, inputs on one of ``devices``, and
+        ``NTKBENCH_CUDA_GRAPHS`` not 0."""
         return (getattr(plugin, "capturable", False) and x1.device.type in self.devices
                 and os.environ.get("NTKBENCH_CUDA_GRAPHS", "1") != "0")
 
     @staticmethod
     def small_enough(plugin, model, x1, x2, mode) -> bool:
+        """Whether the plugin's estimated peak for this call is at most ``MAX_GRAPH_BYTES`` (a graph's pool keeps
+        that much memory for as long as it is cached)."""
         from .costs import model_stats
 
         n, m = x1.shape[0], (x1 if x2 is None else x2).shape[0]

@@ -9,6 +9,8 @@ MODES = ("full", "trace", "diagonal")
 
 
 def kernel_shape(n: int, m: int, o: int, mode: str) -> tuple[int, ...]:
+    """The kernel's shape for N×M samples and O outputs in ``mode``: (N, M, O, O) full, (N, M) trace, (N, M, O)
+    diagonal."""
     return {"full": (n, m, o, o), "trace": (n, m), "diagonal": (n, m, o)}[mode]
 
 
@@ -186,6 +188,8 @@ class KernelSum:
             self.acc.add_(term)
 
     def result(self) -> torch.Tensor:
+        """The sum in the mode's shape ((N, M, O, O) for full, contiguous), the identity-Gram terms added to the
+        diagonal entries; ValueError when nothing was added."""
         out = self._gram_sum()
         if self.identity is not None:
             xx, o = self.identity

@@ -42,6 +42,7 @@ def trainable_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def has_trainable_parameters(model: nn.Module) -> bool:
+    """Whether any parameter of ``model`` or its submodules requires grad."""
     return any(p is not None and p.requires_grad for m in submodules(model) for p in m._parameters.values())
 
 
