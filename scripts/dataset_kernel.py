@@ -74,6 +74,7 @@ def _model(name):
 
 
 def main() -> int:
+    """The command line: see the module docstring."""
     args = _args()
     if args.threads == 1:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +

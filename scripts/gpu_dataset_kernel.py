@@ -22,6 +22,7 @@ from pathlib import Path
 
 
 def main() -> int:
+    """The command line: see the module docstring."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--N", type=int, default=50_000)
     p.add_argument("--tile", type=int, default=2048)

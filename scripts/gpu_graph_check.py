@@ -25,6 +25,7 @@ from ntk_bench.implementations.core import kernels as base  # noqa: E402
 
 
 def main() -> None:
+    """The command line: see the module docstring."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--N", type=int, default=512)
     ap.add_argument("--jc", action="store_true", help="also time jacobian_contraction (about 0.8 s a call)")
