@@ -59,7 +59,7 @@ def describe(cases, models: dict, slots: int = 1) -> tuple[float, str, list[str]
     from .cli import fmt_duration
 
     total, per_case = runner.estimate(cases, models, slots)
-    factor, load, cores, how = slowdown(cases)
+    factor, _, _, how = slowdown(cases)
     total *= factor
     per_case = [(cid, s * factor) for cid, s in per_case]
     line = f"predicted duration: about {fmt_duration(total)} for {len(cases)} case(s) on {slots} worker(s)"

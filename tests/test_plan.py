@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from ntk_bench.bench import machine, plan, runner, sweeps
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
