@@ -147,18 +147,21 @@ _PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.Si
 
 
 def _plain(value):
-    """``value`` as a hashable key part when it is plain data (numbers, strings, tuples of them, a module-level
-    function); ``_UNKNOWN`` otherwise."""
+    """``value`` as a hashable key part when it is plain data (numbers, strings; tuples, lists and string-keyed
+    dicts of them; a class, a module-level function or a partial of one); ``_UNKNOWN`` otherwise."""
     if isinstance(value, _PLAIN):
         return value
     if isinstance(value, (tuple, list)):
         parts = tuple(_plain(v) for v in value)
-        return _UNKNOWN if _UNKNOWN in parts else (type(value), parts)
+        return _UNKNOWN if any(v is _UNKNOWN for v in parts) else (type(value), parts)
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):  # a config (timm's default_cfg)
+        parts = tuple((k, _plain(v)) for k, v in sorted(value.items()))
+        return _UNKNOWN if any(v is _UNKNOWN for _, v in parts) else (dict, parts)
     if isinstance(value, type):  # a class (a layer type to build from): the same class, the same code
         return value
     if isinstance(value, functools.partial):
-        parts = (_plain(value.func), _plain(value.args), _plain(sorted(value.keywords.items())))
-        return _UNKNOWN if _UNKNOWN in parts else (functools.partial, parts)
+        parts = (_plain(value.func), _plain(value.args), _plain(value.keywords))
+        return _UNKNOWN if any(v is _UNKNOWN for v in parts) else (functools.partial, parts)
     if isinstance(value, (types.FunctionType, types.BuiltinFunctionType)):
         name = getattr(value, "__qualname__", "")
         # a closure or lambda may capture anything: only a named module-level function is the same code everywhere
