@@ -18,7 +18,8 @@ cudnn.benchmark spread over calls: the first call costs what the pick costs.
 When the pick declines the model at compute time (a structure only running
 reveals), the next-cheapest candidate runs, and ``last_choice`` says so; a
 declined pick is remembered for that model and input shapes.
-Cost: one forward pass on one sample to read the model, then the pick's own.
+Cost: one forward pass on one sample to read the model (reused for a model of the same structure and input
+shape: ``stats_by_structure``), then the pick's own.
 
 The constants are package data (``auto_calibration.json``); a file named by the
 environment variable ``NTK_BENCH_CALIBRATION`` (written by ``ntk-bench calibrate
