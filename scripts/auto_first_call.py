@@ -33,7 +33,7 @@ MODELS = [("mlp", {"in_features": 16, "width": 32, "depth": 2}), ("cnn", {}), ("
 
 def fresh(name: str, params: dict):
     """A new instance of the model (same seed, same weights) and N inputs."""
-    from ntk_bench.bench import architectures
+    from ntk_bench.bench.zoo import architectures
 
     arch = architectures.build(name, seed=0, **params)
     return arch.model, architectures.inputs(arch, N, seed=1)

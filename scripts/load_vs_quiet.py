@@ -68,7 +68,7 @@ def baseline_of(rec_a: dict, rec_b: dict, common: list[str], given: str | None) 
 
 def compare(run_a: Path, run_b: Path, baseline: str | None = None) -> tuple[list[dict], list[str]]:
     """(one dict per (group, plugin) compared, the lines to print)."""
-    from ntk_bench.bench import paired
+    from ntk_bench.bench.measurement import paired
 
     recs_a, recs_b = paired.read_records(run_a), paired.read_records(run_b)
     med_a, med_b = _medians(run_a), _medians(run_b)

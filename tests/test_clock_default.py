@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from ntk_bench.bench import cli as cli_module
-from ntk_bench.bench import runner
+from ntk_bench.bench.execution import runner
 
 SMALL = {"name": "s", "impls": ["explicit_mlp"], "time_budget_s": 0.01, "timeout_s": 120,
          "arch": [{"name": "mlp", "params": {"in_features": 4, "width": 8, "depth": 1}, "N": [3], "O": [2]}]}

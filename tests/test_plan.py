@@ -12,7 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from ntk_bench.bench import machine, plan, runner, sweeps
+from ntk_bench.bench import sweeps
+from ntk_bench.bench.execution import plan, runner
+from ntk_bench.bench.measurement import machine
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 WALL_RUN = RESULTS / "2026-12-07-quick-cpu-load"  # 2 torch threads, wall clock, at load
@@ -84,7 +86,8 @@ def test_the_measured_share_sees_a_busy_process_on_the_same_core():
 
 
 def test_a_paired_job_is_predicted_at_wall_time_with_its_first_calls_from_the_committed_cpu_clock_run():
-    from ntk_bench.bench import paired, rundir
+    from ntk_bench.bench.measurement import paired
+    from ntk_bench.bench.store import rundir
 
     run = RESULTS / "2026-12-07-quick-cpu-load-clock-cpu"  # one thread, CPU clock, at load 12-20
     rows = rundir.latest_rows(rundir.read_results(run / "results.jsonl", warn=False)[1])
