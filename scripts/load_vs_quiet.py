@@ -7,9 +7,10 @@ For every paired group the two runs have in common (matched by the group's key: 
 budget; the runs may hold different case sets), each plugin both runs timed in the group's paired rounds is
 divided by a baseline of the group (``--baseline``, or the fastest of neural-tangents' programs both runs timed
 there, by run A's paired medians; the fastest plugin both timed when there is none): both runs' paired ratios
-with their 95% bands (``agree`` when the bands overlap), and, for the plugin and the baseline, run A's median
-over run B's (the cases' own timings, ``time_median_s``: how much the machine's state moved each one). The last
-lines count the agreeing ratios and give the range of the medians' ratios. Exit 0, or 2 when the runs have no
+with their 95% bands (``agree`` when the bands overlap); each run's medians' ratio (the plugin's median over the
+baseline's, the cases' own timings ``time_median_s`` from separate processes minutes apart); and, for the plugin
+and the baseline, run A's median over run B's (how much the machine's state moved each one). The last lines
+count the agreeing paired ratios and give the ranges of the medians' ratios. Exit 0, or 2 when the runs have no
 paired group in common.
 """
 
@@ -50,6 +51,10 @@ def _header(run: Path) -> dict:
         return {}
 
 
+def _num(v) -> str:
+    return "" if v is None else f"{v:.3g}"
+
+
 def overlap(a: tuple[float, float, float], b: tuple[float, float, float]) -> bool:
     """Whether two (median, low, high) bands overlap."""
     return a[1] <= b[2] and b[1] <= a[2]
@@ -87,9 +92,14 @@ def compare(run_a: Path, run_b: Path, baseline: str | None = None) -> tuple[list
             lines.append(f"\n{gid.removeprefix('paired/')}: fewer than two plugins timed in both runs")
             continue
         lines.append(f"\n{gid.removeprefix('paired/')}  (time over {base}'s; A/B: run A's median over run B's)")
-        lines.append(f"  {'plugin':26s} {'A paired':24s} {'B paired':24s} {'agree':6s} {'A/B median':>10s} "
-                     f"{'A/B median ' + base:>14s}")
+        lines.append(f"  {'plugin':26s} {'A paired':22s} {'B paired':22s} {'agree':5s} {'A medians':>9s} "
+                     f"{'B medians':>9s} {'A/B median':>10s} {'A/B median ' + base}")
         ids_a, ids_b = ra.get("case_ids") or {}, rb.get("case_ids") or {}
+
+        def run_ratio(meds, ids, name, base=base):
+            """One plugin's median over another's in one run (separate processes, minutes apart)."""
+            x, y = meds.get(ids.get(name, "")), meds.get(ids.get(base, ""))
+            return x / y if x and y else None
 
         def med_ratio(name, ids_a=ids_a, ids_b=ids_b):
             a, b = med_a.get(ids_a.get(name, "")), med_b.get(ids_b.get(name, ""))
@@ -104,16 +114,27 @@ def compare(run_a: Path, run_b: Path, baseline: str | None = None) -> tuple[list
                 continue
             agree = overlap(band_a, band_b)
             m = med_ratio(name)
+            ua, ub = run_ratio(med_a, ids_a, name), run_ratio(med_b, ids_b, name)
             rows.append({"group": gid, "plugin": name, "baseline": base, "a": band_a, "b": band_b, "agree": agree,
+                         "medians_ratio_a": ua, "medians_ratio_b": ub,
                          "median_a_over_b": m, "baseline_median_a_over_b": base_ratio})
-            lines.append(f"  {name:26s} {paired.fmt_ratio(band_a):24s} {paired.fmt_ratio(band_b):24s} "
-                         f"{'yes' if agree else 'NO':6s} {'' if m is None else f'{m:.3g}':>10s} "
-                         f"{'' if base_ratio is None else f'{base_ratio:.3g}':>14s}")
+            lines.append(f"  {name:26s} {paired.fmt_ratio(band_a):22s} {paired.fmt_ratio(band_b):22s} "
+                         f"{'yes' if agree else 'NO':5s} {_num(ua):>9s} {_num(ub):>9s} {_num(m):>10s} "
+                         f"{_num(base_ratio):>10s}")
     if rows:
         agree = sum(r["agree"] for r in rows)
         meds = [v for r in rows for v in (r["median_a_over_b"], r["baseline_median_a_over_b"]) if v]
+        unpaired = [r["medians_ratio_a"] / r["medians_ratio_b"] for r in rows
+                    if r["medians_ratio_a"] and r["medians_ratio_b"]]
+        inside = sum(1 for r in rows if r["medians_ratio_a"] and r["medians_ratio_b"]
+                     and r["a"][1] <= r["medians_ratio_a"] <= r["a"][2]
+                     and r["b"][1] <= r["medians_ratio_b"] <= r["b"][2])
         lines.append(f"\npaired ratios: {agree} of {len(rows)} agree within their bands "
                      f"({len({r['group'] for r in rows})} groups)")
+        if unpaired:
+            lines.append(f"medians' ratios (one plugin's median over the baseline's, each run on its own): run A's "
+                         f"over run B's {min(unpaired):.3g} to {max(unpaired):.3g}; both inside their run's paired "
+                         f"band in {inside} of {len(unpaired)}")
         if meds:
             lines.append(f"medians, run A's over run B's: {min(meds):.3g} to {max(meds):.3g} "
                          f"(the same plugin's separate timings in the two runs)")

@@ -38,5 +38,8 @@ def test_the_two_committed_load_runs(capsys):
     # the 2-thread wall clock at load: ours many times slower against the peer than on one thread's CPU time
     assert sum(r["a"][0] > r["b"][0] for r in rows if not r["plugin"].startswith("nt_")) >= 0.9 * sum(
         not r["plugin"].startswith("nt_") for r in rows)
+    for r in rows:  # each run's own medians' ratio: the plugin's separate median over the baseline's
+        assert r["medians_ratio_a"] is None or r["medians_ratio_a"] > 0
+    assert sum(r["medians_ratio_a"] is not None and r["medians_ratio_b"] is not None for r in rows) >= len(rows) // 2
     assert lvq.main([str(A), str(B)]) == 0 and "agree within their bands" in capsys.readouterr().out
     assert lvq.main([str(A), str(ROOT / "results" / "2026-12-07-structured-costs")]) == 2  # no group in common
