@@ -53,7 +53,10 @@ lint: $(DEPS) lint-imports
 	$(PYTHON) -m ruff check --quiet --output-format concise --config 'lint.per-file-ignores = {}' --extend-ignore F,I $$(cat fully_documented.txt)
 	$(PYTHON) -m mypy
 
-test: $(DEPS) lint
+# make test runs the style checks first (lint runs lint-imports too)
+test: lint
+
+test: $(DEPS) lint-imports
 	NTKBENCH_REQUIRE_REFERENCE=1 $(PYTHON) -m pytest -p no:cacheprovider --timeout=900 -q -n auto -m "not serial" tests
 	NTKBENCH_REQUIRE_REFERENCE=1 $(PYTHON) -m pytest -p no:cacheprovider --timeout=900 -q -m serial tests
 

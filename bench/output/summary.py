@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 
 from ..measurement import paired
-from ..sweeps import NT_PEERS
 from . import plots as figs
 from .plots import fmt_bytes, fmt_time
+from ..sweeps import NT_PEERS
 
 CASE_KEYS = ["config", "O", "mode", "dtype", "device", "budget", "size"]
 GROUP_KEYS = CASE_KEYS[:-1]

@@ -9,7 +9,6 @@ mode on, a model whose output is (N, O), and returns a kernel in the mode's shap
 
 from __future__ import annotations
 
-from types import ModuleType
 from typing import Callable
 
 import torch
@@ -22,7 +21,7 @@ MODES = ("full", "trace", "diagonal")
 
 # The call machinery: ``core.engine`` sets this to itself when imported (the registry imports it), so the engine
 # depends on this interface and not the reverse.
-_engine: ModuleType | None = None
+_engine = None
 
 
 def _the_engine():

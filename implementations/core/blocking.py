@@ -40,9 +40,6 @@ def tile_size(plugin, stats, n: int, m: int, mode: str, budget: int, symmetric: 
 
 
 def blocked_kernel(plugin, model, x1, x2, mode: str, budget: int) -> torch.Tensor:
-    """``plugin``'s kernel of ``model`` under a memory budget of ``budget`` bytes: in one call when its estimate
-    fits, otherwise tile by tile (see the module docstring); on x1's device, or in CPU memory when the whole kernel
-    does not fit next to a tile."""
     stats = model_stats(model, x1[:1])
     symmetric = x2 is None
     xb = x1 if symmetric else x2

@@ -163,8 +163,7 @@ def _measure_stats(model: nn.Module, x_single: torch.Tensor) -> ModelStats:
     def module_flops(m):
         return counted(m) or rnn_flops.get(m, 0) or total
 
-    layers: list[Layer] = []
-    generic: dict[nn.Module, int] = {}
+    layers, generic = [], {}
     for (module, layer), z in zip(records, outputs):
         if layer is not None:
             layers.append(dataclasses.replace(layer, is_output=True) if z is y and layer.kind == "linear" else layer)

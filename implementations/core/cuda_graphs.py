@@ -129,8 +129,6 @@ class GraphCache:
 
     @staticmethod
     def small_enough(plugin, model, x1, x2, mode) -> bool:
-        """Whether the plugin's estimated peak for this call is at most ``MAX_GRAPH_BYTES`` (a graph's pool keeps
-        that much memory for as long as it is cached)."""
         from .costs import model_stats
 
         n, m = x1.shape[0], (x1 if x2 is None else x2).shape[0]
