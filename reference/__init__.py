@@ -324,8 +324,8 @@ def ntk(model: torch.nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None
     ((N, M, O, O) / (N, M) / (N, M, O); a model returning (N,) has O = 1).
 
     Computed with ``trace_axes=(), diagonal_axes=()`` (the full kernel), then reduced to ``mode`` in torch.
-    ``quick_compile``: XLA's backend optimisation off, for small problems where compiling dominates (big
-    conv nets: 2-3x faster to compile, 3-4x slower to run). Raises UnsupportedOpError (with the reason) for a
+    ``quick_compile``: XLA's backend optimisation off, for small problems where compiling dominates (on big
+    conv nets it compiles several times faster and runs several times slower). Raises UnsupportedOpError (with the reason) for a
     model the translation cannot reproduce.
     """
     from ntk_bench.implementations.core.kernels import reduce_full
