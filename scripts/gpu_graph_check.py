@@ -28,7 +28,8 @@ def main() -> None:
     """The command line: see the module docstring."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--N", type=int, default=512)
-    ap.add_argument("--jc", action="store_true", help="also time jacobian_contraction, the slow baseline of the printed ratios")
+    ap.add_argument("--jc", action="store_true",
+                    help="also time jacobian_contraction, the slow baseline of the printed ratios")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
