@@ -50,14 +50,6 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-# neural-tangents' three implementations as peers (implementations/neural_tangents_peers.py).
-NT_PEERS = ("nt_jacobian_contraction", "nt_ntk_vector_products", "nt_structured_derivatives")
-# Our plugins but the autograd loop (one backward pass per sample and output: seconds a call from small models
-# on), neural-tangents' three, and the one PyTorch NTK library whose calls stay under seconds on small CNNs
-# (asdl, nngeometry and curvlinops took 2-8 s a call on the tutorial CNN at N=8): what --model runs by default.
-FAST_OURS = ("jacobian_contraction", "ntk_vector_products", "explicit_mlp", "backpack_batchgrad", "backpack_sqrtggn",
-             "structured", "auto")
-MODEL_IMPLS = [*FAST_OURS, *NT_PEERS, "laplace"]
 DTYPES = ("float32", "float64")
 MODES = ("full", "trace", "diagonal")
 
@@ -303,149 +295,25 @@ def _schema_problems(name: str, exc) -> list[str]:
 
 # -- built-in sweeps -------------------------------------------------------------
 
-def _builtin_sweeps() -> dict[str, dict]:
-    mlp = {"in_features": 64, "width": 256, "depth": 2}
-    mlp512 = {"in_features": 784, "width": 512, "depth": 2}
-    mlp2048 = {"in_features": 784, "width": 2048, "depth": 2}
-    # On the GPU at N >= 128 the per-sample loops (autograd, NTK-VP) and BackPACK took tens of seconds per call
-    # (NTK-VP before its per-sample-vjp form; not re-measured on a GPU since).
-    fast = ["jacobian_contraction", "structured", "explicit_mlp", "auto", *NT_PEERS]
-    # Jacobian contraction too at MLP N=512 with O=100 (2·N²·O²·P = 3.5e15 FLOP) or width 2048 (3e14 FLOP, blocked).
-    fastest = fast[1:]
-    # Every plugin but the autograd loop, which takes seconds a case from N=32 on a CPU; every peer.
-    no_loops = ["jacobian_contraction", "ntk_vector_products", "explicit_mlp", "backpack_batchgrad", "backpack_sqrtggn",
-                "structured", "auto", *NT_PEERS]
-    every_but_torch_peers = ["jacobian_contraction", "ntk_vector_products", "autograd_loop", "explicit_mlp",
-                             "backpack_batchgrad", "backpack_sqrtggn", "structured", "auto", *NT_PEERS]
-    small_cnn, tiny_resnet = {"channels": 16, "image": 16}, {"channels": 8, "image": 8}
-    # Real networks: neural-tangents' notebook MLP, and small but real transformer / RNN configurations.
-    nt_mlp = {"in_features": 3072, "width": 2048, "depth": 3}
-    vit = {"image": 32, "patch": 4, "layers": 4, "heads": 4, "hidden": 64, "mlp": 128}
-    text = {"vocab": 1000, "seq": 32, "d_model": 64, "heads": 4, "ff": 128, "layers": 2}
-    rnn = {"features": 16, "seq": 32, "hidden": 64}
-    gpu_real = ["jacobian_contraction", "ntk_vector_products", "structured", "auto"]
-    torch_peers = ["asdl", "nngeometry", "curvlinops", "laplace"]
-    real_impls = [*gpu_real, *NT_PEERS]
-    fast_ours = list(FAST_OURS)
-    # the plugins that stay fast on every zoo model here; explicit_mlp declines the CNNs at once
-    quick_core = ["jacobian_contraction", "explicit_mlp", "structured", "auto", "nt_jacobian_contraction",
-                  "nt_structured_derivatives"]
-    # BackPACK's O backward passes with per-sample hooks ran past a minute a case on the CNNs at load
-    quick_ours = [i for i in fast_ours if not i.startswith("backpack")]
-    return {
-        "quick": {
-            "name": "quick",
-            "description": "CPU default: the four small zoo architectures at N = 4, 8, 16 (three sizes: a slope with "
-                           "its band), our fast plugins and neural-tangents' JC and structured derivatives on each, "
-                           "NTK-vector products and laplace on the MLP; the calls that take seconds (the autograd "
-                           "loop, BackPACK, the PyTorch NTK libraries, NTK-vector products on the CNNs) are in "
-                           "`full`",
-            "impls": [*fast_ours, *NT_PEERS], "modes": ["full"], "dtypes": ["float32"], "devices": ["cpu"],
-            "time_budget_s": 0.1, "timeout_s": 60,
-            "arch": [
-                {"name": "mlp", "params": mlp, "N": [4, 8, 16], "O": [10],
-                 "impls": [*quick_ours, *NT_PEERS, "laplace"]},
-                {"name": "mlp", "params": mlp, "N": [16], "O": [1], "impls": quick_core},
-                {"name": "mlp", "params": mlp, "N": [16], "O": [10], "modes": ["trace", "diagonal"],
-                 "impls": quick_core},
-                {"name": "tutorial_cnn", "N": [4, 8, 16], "impls": quick_core},
-                {"name": "cnn", "params": small_cnn, "N": [4, 8, 16], "O": [10], "impls": quick_core},
-                {"name": "resnet_tiny", "params": tiny_resnet, "N": [4, 8, 16], "O": [10], "impls": quick_core},
-            ],
-        },
-        "full": {
-            "name": "full",
-            "description": "CPU, everything: every plugin and zoo architecture, 4 N values, O in {1, 10}, the "
-                           "autograd loop up to N=16, the PyTorch NTK libraries on the MLP and the CNN (calls of "
-                           "seconds; over an hour on 2 busy cores)",
-            "impls": ["all"], "modes": ["full"], "dtypes": ["float32"], "devices": ["cpu"],
-            "time_budget_s": 0.1, "timeout_s": 60,
-            "arch": [
-                {"name": "mlp", "params": mlp, "N": [4, 8, 16], "O": [1, 10]},
-                {"name": "mlp", "params": mlp, "N": [32], "O": [1, 10], "NM": [[32, 8]], "impls": no_loops},
-                {"name": "mlp", "params": mlp, "N": [16], "O": [10], "modes": ["trace", "diagonal"]},
-                {"name": "mlp", "params": mlp, "N": [32], "O": [10], "modes": ["trace", "diagonal"], "impls": no_loops},
-                {"name": "tutorial_cnn", "N": [2, 4, 8], "impls": [*every_but_torch_peers]},
-                {"name": "tutorial_cnn", "N": [16], "impls": no_loops},
-                {"name": "cnn", "params": small_cnn, "N": [4, 8, 16], "O": [1, 10]},
-                {"name": "cnn", "params": small_cnn, "N": [32], "O": [1, 10], "impls": no_loops},
-                {"name": "resnet_tiny", "params": tiny_resnet, "N": [4, 8, 16], "O": [1, 10], "impls": [*every_but_torch_peers]},
-                {"name": "resnet_tiny", "params": tiny_resnet, "N": [32], "O": [1, 10], "impls": no_loops},
-            ],
-        },
-        "mlp_cpu": {
-            "name": "mlp_cpu",
-            "description": "The 670k-parameter MLP 784-512-512-10 at N=M=128 on the CPU (the brief's CPU case); "
-                           "NTK-VP left out: N²·O = 163,840 vjp/jvp pairs of a 670k-parameter net",
-            "impls": ["jacobian_contraction", "autograd_loop", "explicit_mlp", "backpack_batchgrad", "backpack_sqrtggn",
-                      "structured", "auto", "nt_jacobian_contraction", "nt_structured_derivatives"],
-            "modes": ["full"], "dtypes": ["float32"], "devices": ["cpu"],
-            "time_budget_s": 1.0, "timeout_s": 300,
-            "arch": [{"name": "mlp", "params": {"in_features": 784, "width": 512, "depth": 2}, "N": [128], "O": [10]}],
-        },
-        "gpu": {
-            "name": "gpu",
-            "description": "One 80 GB GPU: the MLP targets first (MLP N=512; O=100 under an 8 GiB budget), then "
-                           "the tutorial CNN, MLPs of width 512 and 2048 and a CNN, N up to 512, the slow loops only "
-                           "where they finish in seconds (170 cases); then the "
-                           "real networks (resnet18 at 224x224 with O = 8, 128, 1000; 3 x Dense(2048))",
-            "impls": ["all"], "modes": ["full"], "dtypes": ["float32"], "devices": ["cuda"],
-            "time_budget_s": 0.5, "timeout_s": 120,
-            "arch": [
-                {"name": "mlp", "params": mlp512, "N": [512], "O": [10], "impls": fast},
-                # (SqrtGGN left out: like BatchGrad, per-sample work for 100 outputs under 8 GiB exceeds the timeout)
-                {"name": "mlp", "params": mlp512, "N": [128], "O": [100], "memory_budget_gib": 8,
-                 "impls": ["jacobian_contraction", "ntk_vector_products", "backpack_batchgrad",
-                           "structured", "explicit_mlp", "auto"]},
-                {"name": "tutorial_cnn", "N": [20, 64], "NM": [[20, 5]]},
-                {"name": "tutorial_cnn", "N": [128, 256], "impls": fast},
-                {"name": "mlp", "params": mlp512, "N": [32, 128], "O": [10]},
-                {"name": "mlp", "params": mlp512, "N": [128], "O": [10], "modes": ["trace", "diagonal"]},
-                {"name": "mlp", "params": mlp512, "N": [32], "O": [100]},
-                {"name": "mlp", "params": mlp512, "N": [512], "O": [100], "impls": fastest},
-                {"name": "mlp", "params": mlp2048, "N": [32], "O": [10]},
-                {"name": "mlp", "params": mlp2048, "N": [128], "O": [10], "impls": fast},
-                {"name": "mlp", "params": mlp2048, "N": [512], "O": [10], "impls": fastest},
-                {"name": "cnn", "params": {"channels": 32, "image": 32}, "N": [32], "O": [10]},
-                {"name": "cnn", "params": {"channels": 32, "image": 32}, "N": [128, 512], "O": [10], "impls": fast},
-                # Real networks (neural-tangents runs on the CPU only: its published numbers are the peer)
-                {"name": "mlp", "params": nt_mlp, "N": [16], "O": [8], "impls": gpu_real + ["explicit_mlp"]},
-                {"name": "resnet18", "params": {"image": 224}, "N": [8], "O": [8], "impls": gpu_real},
-                {"name": "resnet18", "params": {"image": 224}, "N": [1], "O": [128, 1000], "impls": gpu_real},
-            ],
-        },
-        "real": {
-            "name": "real",
-            "description": "Real networks on the CPU against neural-tangents' three implementations: "
-                           "neural-tangents' notebook MLP (3 x Dense(2048), O=8, N=16), the tutorial CNN, "
-                           "resnet18 at 32x32 and 224x224, a small ViT, a text transformer and an LSTM at N=16, "
-                           "the PyTorch NTK libraries where they take seconds",
-            "impls": real_impls, "modes": ["full"], "dtypes": ["float32"], "devices": ["cpu"],
-            "time_budget_s": 1.0, "timeout_s": 600,
-            "arch": [
-                {"name": "mlp", "params": nt_mlp, "N": [16], "O": [8], "impls": [*real_impls, "explicit_mlp"]},
-                {"name": "tutorial_cnn", "N": [16], "impls": [*real_impls, *torch_peers]},
-                {"name": "resnet18", "params": {"image": 32}, "N": [8], "O": [10],
-                 "impls": [*real_impls, "asdl", "curvlinops", "laplace"]},
-                {"name": "resnet18", "params": {"image": 224}, "N": [4], "O": [10],
-                 "impls": ["jacobian_contraction", "structured", "auto", "nt_jacobian_contraction",
-                           "nt_structured_derivatives"]},
-                {"name": "vit_tiny", "params": vit, "N": [16], "O": [10], "impls": [*real_impls, *torch_peers]},
-                {"name": "text_transformer", "params": text, "N": [16], "O": [10], "impls": [*real_impls, *torch_peers]},
-                {"name": "lstm", "params": rnn, "N": [16], "O": [10], "impls": [*real_impls, *torch_peers]},
-            ],
-        },
-        "smoke": {
-            "name": "smoke",
-            "description": "Seconds: one tiny MLP, every plugin (used by the tests)",
-            "impls": ["all"], "modes": ["full"], "dtypes": ["float32"], "devices": ["cpu"],
-            "time_budget_s": 0.01, "timeout_s": 60,
-            "arch": [{"name": "mlp", "params": {"in_features": 4, "width": 8, "depth": 1}, "N": [3], "O": [2]}],
-        },
-    }
+def builtin_sweeps() -> dict[str, dict]:
+    """The built-in sweeps: the TOML files beside this module (``sweeps/<name>.toml``), by name, read as a user's
+    sweep file is read."""
+    from importlib import resources
+
+    folder = resources.files("ntk_bench.bench") / "sweeps"
+    out = {}
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".toml"):
+            spec = tomllib.loads(entry.read_text(encoding="utf-8"))
+            out[spec.setdefault("name", entry.name.removesuffix(".toml"))] = spec
+    return out
 
 
-SWEEPS = _builtin_sweeps()
+SWEEPS = builtin_sweeps()
+# What ``--model`` runs by default: our plugins but the autograd loop (one backward pass per sample and output:
+# seconds a call from small models on), neural-tangents' three, and the one PyTorch NTK library whose calls stay
+# under seconds on small CNNs (asdl, nngeometry and curvlinops took 2-8 s a call on the tutorial CNN at N=8).
+MODEL_IMPLS = ["ours", "-tag:loop", "tag:neural_tangents", "laplace"]
 
 
 def default_sweep_name() -> str:
@@ -499,6 +367,54 @@ def load(name_or_path: str) -> dict:
     return _absolute_refs(spec, path.resolve().parent)
 
 
+def select_plugins(selectors: list[str]) -> tuple[list[str], list[str]]:
+    """(the plugins a sweep's ``impls`` list selects, in the registry's order; one line per selector that is wrong).
+
+    Each selector adds plugins to the selection, or with a leading ``-`` removes them, applied left to right:
+    a registered name; ``all``; ``ours`` or ``peers`` (the registry's kinds); ``tag:NAME`` (the plugins carrying
+    that tag, ``NTKPlugin.tags``); a shell pattern over the names (``nt_*``). ``["ours", "-tag:loop",
+    "tag:neural_tangents"]`` is our plugins but the autograd loop, and neural-tangents' three.
+    """
+    import fnmatch
+
+    from ntk_bench import implementations
+
+    every = all_impls()
+    kinds = {"all": every, "ours": implementations.names("ours"), "peers": implementations.names("peer")}
+    chosen: set[str] = set()
+    wrong: list[str] = []
+    named: list[str] = []
+    for selector in selectors:
+        remove = selector.startswith("-")
+        key = selector[1:] if remove else selector
+        if key in kinds:
+            matched = kinds[key]
+        elif key.startswith("tag:"):
+            tag = key[4:]
+            matched = implementations.names(None, tag=tag)
+            if not matched:
+                wrong.append(f"no plugin carries the tag {tag!r} ({selector!r}); tags: "
+                             f"{', '.join(implementations.all_tags()) or 'none'}")
+        elif any(c in key for c in "*?["):
+            matched = fnmatch.filter(every, key)
+            if not matched:
+                wrong.append(f"the pattern {selector!r} matches no plugin; valid: {', '.join(every)}")
+        elif key in every:
+            matched = [key]
+            named.append(key)
+        else:
+            wrong.append(f"unknown plugin {key!r}; valid: {', '.join(every)} (or all, ours, peers, tag:NAME, "
+                         "a pattern, each with a leading - to remove)")
+            continue
+        chosen = chosen - set(matched) if remove else chosen | set(matched)
+    twice = sorted({n for n in named if named.count(n) > 1})
+    if twice:
+        wrong.append(f"a plugin is named twice in {selectors}: {', '.join(twice)}")
+    if not chosen and not wrong:
+        wrong.append(f"{selectors} selects no plugin")
+    return [n for n in every if n in chosen], wrong
+
+
 def all_impls() -> list[str]:
     """Every plugin a sweep can name: ours, then the peers."""
     from ntk_bench import implementations
@@ -537,17 +453,11 @@ def expand(spec: dict, impls_override: list[str] | None = None, base_dir: str | 
     except ValidationError as exc:
         raise SweepError(_schema_problems(name, exc)) from None
     problems: list[str] = []
-    valid_impls = all_impls()
 
     def impl_list(values, where) -> list[str]:
-        if values == ["all"]:
-            return list(valid_impls)
-        for impl in values:
-            if impl not in valid_impls:
-                problems.append(f"{where}: unknown plugin {impl!r}; valid: {', '.join(valid_impls)}")
-        if len(set(values)) != len(values):
-            problems.append(f"{where}: a plugin is named twice in {values}")
-        return [i for i in values if i in valid_impls]
+        chosen, wrong = select_plugins(values)
+        problems.extend(f"{where}: {w}" for w in wrong)
+        return chosen
 
     where_top = f"sweep {name!r}"
     if impls_override is not None:

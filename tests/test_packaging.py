@@ -60,7 +60,8 @@ def test_the_wheel_holds_one_namespace_with_its_data(installed):
     assert top == {"ntk_bench"}, top
     for needed in ("ntk_bench/implementations/auto_calibration.json", "ntk_bench/py.typed",
                    "ntk_bench/bench/real_models.py", "ntk_bench/reference/__init__.py",
-                   "ntk_bench/bench/correctness.py", "ntk_bench/bench/problems.py", "ntk_bench/bench/bruteforce.py"):
+                   "ntk_bench/bench/correctness.py", "ntk_bench/bench/problems.py", "ntk_bench/bench/bruteforce.py",
+                   "ntk_bench/bench/sweeps/quick.toml", "ntk_bench/bench/sweeps/smoke.toml"):
         assert needed in names
 
 
