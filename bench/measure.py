@@ -29,6 +29,7 @@ import torch
 
 from . import architectures, safefs, sysinfo
 from .rundir import write_atomic
+from .store.row import check_row
 from .sweeps import Case, Problem, build_architecture, kind_of
 
 TOLERANCE = {"float64": 1e-10, "float32": 1e-4}
@@ -534,7 +535,7 @@ def run_case(case: Case, run_dir: Path) -> dict:
     from . import timing
 
     with timing.threads_for(case.clock):
-        return _run_case(case, run_dir)
+        return check_row(_run_case(case, run_dir))  # the row as the schema says, where it is made
 
 
 def _run_case(case: Case, run_dir: Path) -> dict:

@@ -41,6 +41,7 @@ from pathlib import Path
 
 from . import envcheck, safefs, sweeps
 from .executors import Executor, Job, JobFuture, LocalExecutor
+from .store.row import RowError, check_row
 from .rundir import (FORMAT_VERSION, RESULTS, ResultsFile, RunDirError, RunLock, latest_rows, read_results,
                      read_segments, unwritable)
 from .sweeps import Case, Problem
@@ -600,6 +601,12 @@ def _schedule(cases, todo, latest, out_dir, executor, results, summary, reporter
         first = getattr(fut, "first_try", None)
         if first is not None:
             full.update(blocked_after_oom=True, first_try_error=str(first.get("error"))[:300])
+        try:
+            full = check_row(full)
+        except RowError as exc:  # a row our own code made wrong: kept as an error row that says so, the run goes on
+            reporter.note(f"{case.id}: {exc}")
+            full = check_row({**measure.case_fields(case), "status": "error",
+                              "error": f"the row did not match the row schema: {exc}"[:1000]})
         results.append(full)
         summary.ran += 1
         done_count += 1

@@ -368,7 +368,7 @@ def load(name_or_path: str) -> dict:
 
 
 def select_plugins(selectors: list[str]) -> tuple[list[str], list[str]]:
-    """(the plugins a sweep's ``impls`` list selects, in the registry's order; one line per selector that is wrong).
+    """(the plugins a sweep's ``impls`` list selects, in the order it adds them; one line per selector that is wrong).
 
     Each selector adds plugins to the selection, or with a leading ``-`` removes them, applied left to right:
     a registered name; ``all``; ``ours`` or ``peers`` (the registry's kinds); ``tag:NAME`` (the plugins carrying
@@ -381,7 +381,7 @@ def select_plugins(selectors: list[str]) -> tuple[list[str], list[str]]:
 
     every = all_impls()
     kinds = {"all": every, "ours": implementations.names("ours"), "peers": implementations.names("peer")}
-    chosen: set[str] = set()
+    chosen: dict[str, None] = {}  # ordered: the order the selectors add them (a kind, a tag: the registry's)
     wrong: list[str] = []
     named: list[str] = []
     for selector in selectors:
@@ -406,13 +406,17 @@ def select_plugins(selectors: list[str]) -> tuple[list[str], list[str]]:
             wrong.append(f"unknown plugin {key!r}; valid: {', '.join(every)} (or all, ours, peers, tag:NAME, "
                          "a pattern, each with a leading - to remove)")
             continue
-        chosen = chosen - set(matched) if remove else chosen | set(matched)
+        for name in matched:
+            if remove:
+                chosen.pop(name, None)
+            else:
+                chosen.setdefault(name)
     twice = sorted({n for n in named if named.count(n) > 1})
     if twice:
         wrong.append(f"a plugin is named twice in {selectors}: {', '.join(twice)}")
     if not chosen and not wrong:
         wrong.append(f"{selectors} selects no plugin")
-    return [n for n in every if n in chosen], wrong
+    return list(chosen), wrong
 
 
 def all_impls() -> list[str]:

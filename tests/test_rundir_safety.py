@@ -128,7 +128,7 @@ def test_a_results_file_that_is_not_ntk_benchs_is_refused_without_force(tmp_path
     assert (run / rundir.RESULTS).read_text() == foreign
     runner.run(cases_of(["structured"]), run, "s", executor=FakeExecutor(run), resume=True, force=True)
     text = (run / rundir.RESULTS).read_text()
-    assert text.startswith(foreign) and '"format_version": 1' in text
+    assert text.startswith(foreign) and f'"format_version": {rundir.FORMAT_VERSION}' in text
 
 
 def test_the_format_version_is_written_and_a_later_one_refused_everywhere(tmp_path, capsys):
@@ -141,7 +141,7 @@ def test_the_format_version_is_written_and_a_later_one_refused_everywhere(tmp_pa
     (future / rundir.RESULTS).write_text(header_line(format_version=rundir.FORMAT_VERSION + 1)
                                          + json.dumps(rows[0]) + "\n")
     before = (future / rundir.RESULTS).read_text()
-    with pytest.raises(rundir.RunDirError, match="format 2 .*newer ntk-bench"):
+    with pytest.raises(rundir.RunDirError, match=f"format {rundir.FORMAT_VERSION + 1} .*newer ntk-bench"):
         runner.run(cases_of(["structured", "explicit_mlp"]), future, "s", executor=FakeExecutor(future),
                    resume=True, force=True)
     assert (future / rundir.RESULTS).read_text() == before  # never extended
