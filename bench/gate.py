@@ -43,6 +43,8 @@ import sys
 import time
 from pathlib import Path
 
+from .store.row import FORMAT_VERSION, check_row
+
 CLOCKS = ("cpu", "wall")
 _WORSE = {"ok": 0, "unsupported": 1, "mismatch": 2, "oom": 3, "error": 4}
 
@@ -292,14 +294,15 @@ def main(argv=None) -> int:
         parts.append(json.loads(part.read_text()))
         part.unlink()
     rows = merge(parts, cases, timer_name)
-    header = {**measure.environment(), "sweep": spec.get("name", "regression"), "cases": len(cases),
+    header = {"format_version": FORMAT_VERSION, **measure.environment(), "sweep": spec.get("name", "regression"),
+              "cases": len(cases),
               "timer": timer_name, "processes": args.processes, "rounds": rounds,
               "blocks_per_round": args.blocks, "torch_threads": args.threads, "plugins": args.plugin,
               "load_average": [load_before, _load()]}
     with open(path, "w") as f:
         f.write(json.dumps({"header": header}) + "\n")
         for case in cases:
-            f.write(json.dumps({k: _finite(v) for k, v in rows[case.id].items()}, allow_nan=False) + "\n")
+            f.write(json.dumps({k: _finite(v) for k, v in check_row(rows[case.id]).items()}, allow_nan=False) + "\n")
     statuses: dict[str, int] = {}
     for r in rows.values():
         statuses[r["status"]] = statuses.get(r["status"], 0) + 1

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import statistics
 import time
 from pathlib import Path
 
+from .store.row import RowError, check_paired
 from .sweeps import Case
 
 PAIRED = "paired.jsonl"
@@ -121,9 +123,11 @@ def fmt_ratio(band: tuple[float, float, float] | None) -> str:
 
 def read_records(run_dir: Path) -> dict[str, dict]:
     """paired id -> its last record in ``run_dir/paired.jsonl`` ({} when there is none; unreadable lines
-    skipped)."""
+    skipped). A record that does not match :class:`~ntk_bench.bench.store.row.PairedRecord` is kept (the
+    summary reads what it can of it) with one warning for the file."""
     path = Path(run_dir) / PAIRED
     out: dict[str, dict] = {}
+    off_schema = []
     try:
         data = path.read_bytes()
     except OSError:
@@ -136,7 +140,14 @@ def read_records(run_dir: Path) -> dict[str, dict]:
         except (UnicodeDecodeError, ValueError):
             continue
         if isinstance(obj, dict) and isinstance(obj.get("paired_id"), str):
+            try:
+                check_paired(obj)
+            except RowError as exc:
+                off_schema.append(str(exc))
             out[obj["paired_id"]] = obj
+    if off_schema:
+        logging.getLogger("ntk_bench").warning("%s: %d record(s) do not match the paired record's schema: %s", path,
+                                               len(off_schema), "; ".join(off_schema[:2]))
     return out
 
 
@@ -221,4 +232,4 @@ def run_paired(group: PairedGroup, run_dir: Path) -> dict:
                   times_s=times, median_s={k: statistics.median(v) for k, v in times.items()}, errors=errors,
                   wall_s=time.perf_counter() - t_start)
     record.update(machine.fields(usage, threads, first.device))
-    return record
+    return check_paired(record)

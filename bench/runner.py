@@ -41,7 +41,7 @@ from pathlib import Path
 
 from . import envcheck, safefs, sweeps
 from .executors import Executor, Job, JobFuture, LocalExecutor
-from .store.row import RowError, check_row
+from .store.row import RowError, check_paired, check_row
 from .rundir import (FORMAT_VERSION, RESULTS, ResultsFile, RunDirError, RunLock, latest_rows, read_results,
                      read_segments, unwritable)
 from .sweeps import Case, Problem
@@ -561,6 +561,11 @@ def _schedule(cases, todo, latest, out_dir, executor, results, summary, reporter
         if fut.started_at is not None and fut.finished_at is not None:
             record["job_wall_s"] = fut.finished_at - fut.started_at - (record.get("worker_startup_s") or 0.0)
         record.setdefault("status", "error")
+        try:
+            record = check_paired(record)
+        except RowError as exc:  # our own code made it wrong: the group's record says so, the run goes on
+            reporter.note(f"{group.id}: {exc}")
+            record = {"paired_id": group.id, "status": "error", "error": f"the record did not match its schema: {exc}"}
         if not paired_file:
             paired_file.append(ResultsFile(out_dir / paired.PAIRED).open())
         paired_file[0].append(record)

@@ -3,7 +3,8 @@
 A sweep is a mapping (a Python dict here, or a TOML/JSON file a user passes):
 
     name = "mine"
-    impls = ["all"]             # registered plugins and peers by name, or "all"
+    impls = ["all"]             # selectors, left to right: a name, all, ours, peers, tag:NAME, a pattern (nt_*);
+                                # a leading "-" removes: ["ours", "-tag:loop", "tag:neural_tangents"]
     modes = ["full"]
     dtypes = ["float32"]
     devices = ["cpu"]           # "cpu", "cuda", "cuda:K"
@@ -34,6 +35,8 @@ takes ``out``, from ``O``). Every value is checked before any work (:func:`expan
 plugin and architecture names and parameter types), one line per problem; :func:`check_models` then builds
 each problem's model once on the CPU, so a value that passes the schema but cannot build (``activation =
 "swish"``) is caught before the sweep starts too.
+
+The built-in sweeps are files of this form (``sweeps/<name>.toml``, beside this module), read as a user's file is.
 
 Each (arch entry, O, N/M, mode, dtype, device, impl) is one :class:`Case`; a :class:`Problem` carries what the
 worker needs to rebuild the model (the zoo name or the factory reference and its parameters).

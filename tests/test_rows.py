@@ -99,3 +99,9 @@ def test_a_row_that_does_not_match_the_schema_is_left_out_by_read_rows_and_said(
         rows = rundir.read_rows(path)
     assert len(rows) == 1 and any("left out 1 row" in r.getMessage() and "N" in r.getMessage()
                                   for r in caplog.records)
+
+
+@pytest.mark.parametrize("run", sorted(p.parent.name for p in (ROOT / "results").glob("*/paired.jsonl")))
+def test_every_committed_paired_record_validates(run):
+    records = [json.loads(line) for line in (ROOT / "results" / run / "paired.jsonl").read_text().splitlines()]
+    assert records and all(rowschema.check_paired(r) == r for r in records)

@@ -1,4 +1,5 @@
-"""The schema of a stored result row: one line of ``results.jsonl`` per finished case.
+"""The schema of a stored result row: one line of ``results.jsonl`` per finished case (and of ``paired.jsonl``'s
+records: :class:`PairedRecord`).
 
 :class:`Row` declares every column a row may carry, its type and what it means; the worker, the executors and the
 runner build rows through it (:func:`make_row`, :func:`check_row`), and the readers (report, compare, calibrate,
@@ -31,10 +32,8 @@ Count = int | float
 STATUSES = ("ok", "mismatch", "unchecked", "unsupported", "oom", "timeout", "killed", "error")
 
 
-class Row(BaseModel):
-    """One case's result as stored: its identity, the problem's size, the outcome, timings, memory, the check
-    against the reference, and where and how it ran. Every field but the identity and the status is optional: a
-    case that failed early (a timeout, a worker that died) has only what the runner knew."""
+class _Strict(BaseModel):
+    """Frozen, no undeclared keys, numpy and torch scalars read as the Python numbers they hold."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -46,6 +45,38 @@ class Row(BaseModel):
             return {k: v.item() if getattr(v, "ndim", None) == 0 and callable(getattr(v, "item", None)) else v
                     for k, v in data.items()}
         return data
+
+
+class MachineFields(_Strict):
+    """The machine while a job timed its calls (``machine.fields``): what says whether the times can be trusted."""
+
+    load_avg_1m: float | None = Field(None, description="The machine's 1-minute load average over the timed calls")
+    cpu_over_wall: float | None = Field(None, description="The process's CPU seconds over wall seconds while timed")
+    involuntary_switches: int | None = Field(None, description="Involuntary context switches while timed")
+    cpu_threads: int | None = Field(None, description="Torch threads the case was timed with")
+    cpu_affinity: list[int] | None = Field(None, description="The cores the worker was pinned to")
+    cores: int | None = Field(None, description="Cores the worker owned (its affinity, else the machine's)")
+    disturbed: str | None = Field(None, description="Why the timing is not to be trusted (a busy machine); empty "
+                                                    "when it is")
+
+
+class WorkerFields(_Strict):
+    """Where a job ran: the worker (``executors.process``: its ready message) and the cluster task."""
+
+    worker: str | None = Field(None, description="The worker slot's label")
+    worker_host: str | None = Field(None, description="The worker's host name")
+    worker_threads: int | None = Field(None, description="The worker's torch threads at start")
+    worker_malloc: str | None = Field(None, description="What was set of glibc's malloc in the worker")
+    worker_startup_s: float | None = Field(None, description="Seconds the worker took to start (not the case's)")
+    gpu: int | None = Field(None, description="The GPU index the worker was pinned to (CUDA_VISIBLE_DEVICES)")
+    executor_host: str | None = Field(None, description="The host a cluster task ran on")
+    slurm_job_id: str | None = Field(None, description="The SLURM job of the task")
+
+
+class Row(MachineFields, WorkerFields):
+    """One case's result as stored: its identity, the problem's size, the outcome, timings, memory, the check
+    against the reference, and where and how it ran. Every field but the identity and the status is optional: a
+    case that failed early (a timeout, a worker that died) has only what the runner knew."""
 
     # -- identity: what the case alone determines (``measure.case_fields``) ------------------------------------
     case_id: str = Field(description="The case's stable key (``Case.id``): impl/problem/mode/dtype/device[/budget]; "
@@ -110,6 +141,9 @@ class Row(BaseModel):
     clock: Literal["wall", "cpu"] | None = Field(None, description="What the times measure: the wall clock with the "
                                                                    "worker's threads, or process CPU time on one "
                                                                    "thread")
+    timer: str | None = Field(None, description="The regression gate's timer (``process_time``, "
+                                                "``perf_counter``); the runner's rows say ``clock``")
+    processes: int | None = Field(None, description="The regression gate's fresh processes whose blocks are pooled")
     compiled: bool | None = Field(None, description="True when the timed call ran a compiled (torch.compile) path")
     compile_s: float | None = Field(None, description="Seconds spent compiling, outside the timed calls")
 
@@ -121,16 +155,6 @@ class Row(BaseModel):
                                                          "CUDA's max_memory_allocated, or the CPU's peak RSS")
     cuda_graph_bytes: int | None = Field(None, description="Bytes held by a replayed CUDA graph's pool (included in "
                                                            "peak_mem_bytes)")
-
-    # -- the machine while timing (``machine.fields``) ------------------------------------------------------------
-    load_avg_1m: float | None = Field(None, description="The machine's 1-minute load average over the timed calls")
-    cpu_over_wall: float | None = Field(None, description="The process's CPU seconds over wall seconds while timed")
-    involuntary_switches: int | None = Field(None, description="Involuntary context switches while timed")
-    cpu_threads: int | None = Field(None, description="Torch threads the case was timed with")
-    cpu_affinity: list[int] | None = Field(None, description="The cores the worker was pinned to")
-    cores: int | None = Field(None, description="Cores the worker owned (its affinity, else the machine's)")
-    disturbed: str | None = Field(None, description="Why the timing is not to be trusted (a busy machine); empty "
-                                                    "when it is")
 
     # -- auto -----------------------------------------------------------------------------------------------------
     auto_pick: str | None = Field(None, description="The plugin auto ran for this case")
@@ -161,14 +185,38 @@ class Row(BaseModel):
                                                         "worker's start-up")
     concurrent: list[str] | None = Field(None, description="Ids of the jobs that ran beside it")
     executor: str | None = Field(None, description="The executor's name (local, ray, slurm, inline, ...)")
-    worker: str | None = Field(None, description="The worker slot's label")
-    worker_host: str | None = Field(None, description="The worker's host name")
-    worker_threads: int | None = Field(None, description="The worker's torch threads at start")
-    worker_malloc: str | None = Field(None, description="What was set of glibc's malloc in the worker")
-    worker_startup_s: float | None = Field(None, description="Seconds the worker took to start (not the case's)")
-    gpu: int | None = Field(None, description="The GPU index the worker was pinned to (CUDA_VISIBLE_DEVICES)")
-    executor_host: str | None = Field(None, description="The host a cluster task ran on")
-    slurm_job_id: str | None = Field(None, description="The SLURM job of the task")
+
+
+class PairedRecord(MachineFields, WorkerFields):
+    """One group's paired timing, a line of ``paired.jsonl``: the plugins of one problem timed in alternating
+    rounds in one process (``paired.run_paired``), so that their ratios are free of the machine's drift."""
+
+    paired_id: str = Field(description="The group's key: ``paired/<problem>/<mode>/<dtype>/<device>[/budget]``")
+    problem: str = Field(description="The problem's id (``Problem.id``)")
+    arch: str = Field(description="The architecture (as in the rows)")
+    arch_params: str = Field(description="Its parameters as a JSON object in a string (as in the rows)")
+    N: int = Field(description="Samples in x1")
+    M: int = Field(description="Samples in x2 (N when x2 is x1)")
+    x2: Literal["x1", "separate"] = Field(description="As in the rows")
+    mode: Literal["full", "trace", "diagonal"] = Field(description="As in the rows")
+    dtype: Literal["float32", "float64"] = Field(description="As in the rows")
+    device: str = Field(description="As in the rows")
+    memory_budget_bytes: int | None = Field(None, description="The group's memory budget (None: unblocked)")
+    clock: Literal["wall", "cpu"] | None = Field(None, description="What the times measure (as in the rows)")
+    case_ids: dict[str, str] = Field(description="plugin -> the case id of its own row")
+    budget_s: float | None = Field(None, description="Seconds the rounds were given")
+    status: str = Field(description="ok, or why the rounds could not run (error, oom, ...)")
+    error: str | None = Field(None, description="Why the rounds could not run")
+    errors: dict[str, str] | None = Field(None, description="Plugins left out of the rounds, and why")
+    impls: list[str] | None = Field(None, description="The plugins timed in the rounds")
+    rounds: int | None = Field(None, description="Rounds timed (a block of each plugin per round)")
+    number: dict[str, int] | None = Field(None, description="plugin -> calls per block")
+    times_s: dict[str, list[float]] | None = Field(None, description="plugin -> seconds per call of each round's "
+                                                                     "block, round by round")
+    median_s: dict[str, float] | None = Field(None, description="plugin -> the median of its times_s")
+    wall_s: float | None = Field(None, description="Seconds of the whole group's job in its worker")
+    job_wall_s: float | None = Field(None, description="Seconds of the job as the runner saw it, not its worker's "
+                                                       "start-up")
 
 
 ROW_FIELDS = frozenset(Row.model_fields)
@@ -201,6 +249,15 @@ def row_problems(row: dict[str, Any]) -> str | None:
     except ValidationError as exc:
         return f"{row.get('case_id', 'a row without case_id')}: {_problems(exc)}"
     return None
+
+
+def check_paired(record: dict[str, Any]) -> dict[str, Any]:
+    """A paired-timing record validated against :class:`PairedRecord` (as :func:`check_row` does for a row)."""
+    try:
+        checked = PairedRecord.model_validate(record)
+    except ValidationError as exc:
+        raise RowError(f"{record.get('paired_id', 'a paired record')}: {_problems(exc)}") from None
+    return checked.model_dump(mode="json", exclude_unset=True)
 
 
 def make_row(**fields: Any) -> dict[str, Any]:
