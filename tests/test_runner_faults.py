@@ -51,7 +51,9 @@ class FakeExecutor(InlineExecutor):
         else:
             status = self.statuses.get(job.payload.impl, "ok")
             row = {"status": status, "time_median_s": 1e-3, "reference": "neural_tangents:structured_derivatives",
-                   "rel_err": float("nan") if status == "mismatch" else 1e-9, "filler": "x" * self.filler}
+                   "rel_err": float("nan") if status == "mismatch" else 1e-9}
+            if self.filler:  # a long row (a declared text field of the row schema)
+                row["reference_note"] = "x" * self.filler
         fut.finish(row, "fake")
         return fut
 
@@ -449,3 +451,16 @@ def test_a_case_that_cannot_even_be_set_up_is_a_row_naming_why(tmp_path, monkeyp
     monkeypatch.setattr(measure, "build_problem", lambda *a: (_ for _ in ()).throw(KeyError("no such layer")))
     row = measure.run_case(case, tmp_path)
     assert row["status"] == "error" and "KeyError" in row["error"]
+
+
+def test_a_row_with_an_undeclared_key_is_written_as_an_error_naming_it(tmp_path):
+    class Undeclared(FakeExecutor):
+        def submit(self, job):
+            fut = super().submit(job)
+            if job.kind == "case":
+                fut.result()["worker_hostname"] = "h"  # a key the row schema does not declare
+            return fut
+
+    runner.run(cases_of(["structured"]), tmp_path, "s", executor=Undeclared(tmp_path))
+    (row,) = runner.read_results(tmp_path / "results.jsonl")[1]
+    assert row["status"] == "error" and "worker_hostname" in row["error"] and "row schema" in row["error"]
