@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ntk_bench.bench import compare, rundir
+from ntk_bench.bench.output import compare
+from ntk_bench.bench.store import rundir
 from ntk_bench.bench.store import row as rowschema
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,7 +47,7 @@ def test_every_row_of_a_committed_run_migrates_and_validates(run, caplog):
 
 @pytest.mark.parametrize("run", ["2026-11-23-mlp_cpu", "2026-12-07-quick-cpu-load-clock-cpu"])
 def test_report_reads_a_committed_run_of_each_format_into_a_new_folder(run, tmp_path):
-    from ntk_bench.bench import report
+    from ntk_bench.bench.output import report
 
     text = report.write_report(ROOT / "results" / run, tmp_path).read_text()
     assert "match the row schema" not in text and (tmp_path / "results.csv").is_file()

@@ -10,10 +10,10 @@ import pytest
 
 from ntk_bench import implementations
 from ntk_bench.bench import sweeps
-from ntk_bench.implementations.base import NTKPlugin
+from ntk_bench.implementations.core.base import NTKPlugin
 
 FIXTURE = json.loads((Path(__file__).parent / "builtin_sweeps_before_toml.json").read_text())
-FOLDER = Path(sweeps.__file__).parent / "sweeps"
+FOLDER = Path(sweeps.__file__).parent
 
 
 def _digest(cases) -> tuple[int, str]:
