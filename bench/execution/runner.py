@@ -290,9 +290,9 @@ def plugin_files(plugins) -> list[Path]:
 
 
 def make_header(cases: list[Case], sweep_name: str, plugins=()) -> dict:
-    from ..measurement import measure
+    from ..measurement import environment
 
-    header = {"format_version": FORMAT_VERSION, **measure.environment(), "sweep": sweep_name,
+    header = {"format_version": FORMAT_VERSION, **environment.environment(), "sweep": sweep_name,
               "sweep_sha1": sweeps.fingerprint(cases), "clock": cases[0].clock if cases else "wall",
               "cases": len(cases), "plugins": list(plugins),
               "user_code_sha1": _files_sha1(sweeps.user_files(cases) + plugin_files(plugins))}
@@ -487,7 +487,7 @@ def run(cases: list[Case], out_dir: Path, sweep_name: str, executor: Executor | 
 
 def _schedule(cases, todo, latest, out_dir, executor, results, summary, reporter, models, plugins, deadline_s):
     """Submit jobs as their dependencies finish; write rows as they arrive."""
-    from ..measurement import measure, paired
+    from ..measurement import one_case, paired, references
 
     start = time.monotonic()
     plugins = tuple(plugins)
@@ -505,7 +505,7 @@ def _schedule(cases, todo, latest, out_dir, executor, results, summary, reporter
     refs_needed = {}
     for c in todo:
         if c.problem.id not in refs_needed:
-            refs_needed[c.problem.id] = None if measure.reference_ok(c.problem, out_dir) else c.problem
+            refs_needed[c.problem.id] = None if references.reference_ok(c.problem, out_dir) else c.problem
     ref_done = {pid for pid, problem in refs_needed.items() if problem is None}
     # a reference may take as long as the longest of its cases: the sweep's timeout (or --timeout), nothing fixed
     ref_timeout: dict[str, float] = {}
@@ -611,7 +611,7 @@ def _schedule(cases, todo, latest, out_dir, executor, results, summary, reporter
             full = check_row(full)
         except RowError as exc:  # a row our own code made wrong: kept as an error row that says so, the run goes on
             reporter.note(f"{case.id}: {exc}")
-            full = check_row({**measure.case_fields(case), "status": "error",
+            full = check_row({**one_case.case_fields(case), "status": "error",
                               "error": f"the row did not match the row schema: {exc}"[:1000]})
         results.append(full)
         summary.ran += 1
@@ -680,12 +680,12 @@ def _schedule(cases, todo, latest, out_dir, executor, results, summary, reporter
 
 def _reference_failed(problem: Problem, row: dict, out_dir: Path, reporter: Reporter) -> None:
     """Record why a problem's reference failed (its cases are then ``unchecked``; the next run tries again)."""
-    from ..measurement import measure
+    from ..measurement import references
 
-    record = measure.read_reference_record(problem, out_dir)
+    record = references.read_reference_record(problem, out_dir)
     if record is None or record.get("status") == "ok":  # the job died before it could say why
         try:
-            measure.write_reference_record(problem, out_dir, {"status": row.get("status", "error"),
+            references.write_reference_record(problem, out_dir, {"status": row.get("status", "error"),
                                                               "error": row.get("error", "no record")})
         except OSError as exc:
             reporter.note(f"cannot record the failed reference of {problem.id}: {exc}")
@@ -695,11 +695,11 @@ def _reference_failed(problem: Problem, row: dict, out_dir: Path, reporter: Repo
 
 def _assemble(case: Case, row: dict, fut: JobFuture, history: list[JobFuture], models: dict, executor) -> dict:
     """The row as written: the worker's answer, the case's identity, what ran beside it, sizes for a crash."""
-    from ..measurement import measure
+    from ..measurement import one_case
 
     info = models.get(case.problem.model_key)
     size = {} if info is None else {"O": info.o, "P": info.p, "fp_flops": info.fp_flops}
-    full = {**size, **row, **measure.case_fields(case)}
+    full = {**size, **row, **one_case.case_fields(case)}
     if fut.started_at is not None and fut.finished_at is not None:
         # the whole case (set-up, checks and timing), not its worker's start-up
         full["case_wall_s"] = fut.finished_at - fut.started_at - (row.get("worker_startup_s") or 0.0)

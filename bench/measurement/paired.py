@@ -194,7 +194,7 @@ def run_paired(group: PairedGroup, run_dir: Path) -> dict:
     plugin's failure: it is left out, with its error)."""
     import torch
 
-    from . import machine, measure, timing
+    from . import failures, machine, one_case, problem_build, timing
 
     first = group.first
     p = first.problem
@@ -205,19 +205,19 @@ def run_paired(group: PairedGroup, run_dir: Path) -> dict:
               "case_ids": {c.impl: c.id for c in group.cases}, "budget_s": group.budget_s}
     t_start = time.perf_counter()
     try:
-        _, model, x1, x2 = measure.build_problem(p, measure.DTYPES[first.dtype], first.device)
+        _, model, x1, x2 = problem_build.build_problem(p, problem_build.DTYPES[first.dtype], first.device)
     except Exception as exc:  # the problem cannot be set up here: a record that says so
-        return {**record, "status": measure.status_of(exc), "error": measure._error_text(exc)}
+        return {**record, "status": failures.status_of(exc), "error": failures.error_text(exc)}
     calls, errors = {}, {}
     sync = torch.cuda.synchronize if first.device.startswith("cuda") else None
     with timing.threads_for(first.clock) as threads:
         for case in group.cases:
             try:
-                fn, _ = measure._kernel_fn(case, model, x1, x2, case.memory_budget_bytes)
+                fn, _ = one_case.kernel_fn(case, model, x1, x2, case.memory_budget_bytes)
                 fn()  # set-up and compilation are the isolated run's first call, not the rounds'
                 calls[case.impl] = fn
             except Exception as exc:  # it ran in its own case; here it is left out: say why, go on
-                errors[case.impl] = measure._error_text(exc)[:300]
+                errors[case.impl] = failures.error_text(exc)[:300]
         if len(calls) < 2:
             return {**record, "status": "error", "errors": errors,
                     "error": "fewer than two plugins could be called side by side"}
@@ -226,8 +226,8 @@ def run_paired(group: PairedGroup, run_dir: Path) -> dict:
                 times, number = time_rounds(calls, group.budget_s, timing.clock_for(first.clock, first.device),
                                             sync=sync)
         except Exception as exc:  # one of them failed mid-rounds (memory beside the others): the record says so
-            return {**record, "status": measure.status_of(exc), "errors": errors,
-                    "error": measure._error_text(exc)}
+            return {**record, "status": failures.status_of(exc), "errors": errors,
+                    "error": failures.error_text(exc)}
     record.update(status="ok", impls=list(times), rounds=len(next(iter(times.values()))), number=number,
                   times_s=times, median_s={k: statistics.median(v) for k, v in times.items()}, errors=errors,
                   wall_s=time.perf_counter() - t_start)

@@ -78,7 +78,7 @@ class Row(MachineFields, WorkerFields):
     against the reference, and where and how it ran. Every field but the identity and the status is optional: a
     case that failed early (a timeout, a worker that died) has only what the runner knew."""
 
-    # -- identity: what the case alone determines (``measure.case_fields``) ------------------------------------
+    # -- identity: what the case alone determines (``one_case.case_fields``) ------------------------------------
     case_id: str = Field(description="The case's stable key (``Case.id``): impl/problem/mode/dtype/device[/budget]; "
                                      "the last row of a case id wins")
     impl: str = Field(description="The plugin's registry name")
