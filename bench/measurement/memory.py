@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 
 import torch
+
 from ntk_bench.implementations.plugins.auto import default_memory_budget
 
 from . import sysinfo

@@ -10,18 +10,18 @@ import time
 from pathlib import Path
 
 import torch
-from ntk_bench.implementations.core import cuda_graphs, kernels
-from ntk_bench.implementations.core.costs import model_stats
 
 from ntk_bench import implementations
+from ntk_bench.implementations.core import cuda_graphs, kernels
+from ntk_bench.implementations.core.costs import model_stats
 
 from ..store.row import check_row
 from ..sweeps import Case, kind_of
 from . import machine, timing
-from .problem_build import DTYPES, build_problem
-from .memory import measure_peak_memory, safe_memory_budget
-from .references import load_reference
 from .failures import CaseUnsupported, error_text, status_of
+from .memory import measure_peak_memory, safe_memory_budget
+from .problem_build import DTYPES, build_problem
+from .references import load_reference
 from .timers import time_blocks, time_paired
 
 TOLERANCE = {"float64": 1e-10, "float32": 1e-4}

@@ -28,8 +28,8 @@ from ..store.rundir import dumps, write_atomic
 from ..sweeps import Problem
 from ..zoo import architectures
 from . import sysinfo
-from .problem_build import build_problem
 from .failures import status_of
+from .problem_build import build_problem
 
 REF_MAX_BLOCK = 64  # the reference covers the leading block of at most 64 x 64 samples ...
 REF_MAX_ENTRIES = 4_000_000  # ... and at most this many kernel entries (O = 100: 20 x 20 samples)

@@ -27,9 +27,9 @@ def check_models(cases: list[Case]) -> dict[tuple, ModelInfo]:
     This catches what a schema cannot: ``activation = "swish"``, a factory that raises, a model whose output is
     not (N,) or (N, O), inputs the model cannot take.
     """
-    from ..zoo import architectures
-
     import torch
+
+    from ..zoo import architectures
 
     problems, infos = [], {}
     impls: dict[tuple, set[str]] = {}

@@ -9,9 +9,9 @@ from .cases import Problem
 
 def build_architecture(problem: Problem, dtype=None, device: str = "cpu", seed: int = 0):
     """The problem's Architecture: the zoo's, or the user's factory with its inputs."""
-    from ..zoo import architectures
-
     import torch
+
+    from ..zoo import architectures
 
     dtype = dtype or torch.float32
     params = dict(problem.arch_params)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+
 def select_plugins(selectors: list[str]) -> tuple[list[str], list[str]]:
     """(the plugins a sweep's ``impls`` list selects, in the order it adds them; one line per selector that is wrong).
 
