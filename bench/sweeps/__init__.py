@@ -36,7 +36,7 @@ plugin and architecture names and parameter types), one line per problem; :func:
 each problem's model once on the CPU, so a value that passes the schema but cannot build (``activation =
 "swish"``) is caught before the sweep starts too.
 
-The built-in sweeps are files of this form (``sweeps/<name>.toml``, beside this module), read as a user's file is.
+The built-in sweeps are files of this form (``<name>.toml`` in this package's folder), read as a user's file is.
 
 Each (arch entry, O, N/M, mode, dtype, device, impl) is one :class:`Case`; a :class:`Problem` carries what the
 worker needs to rebuild the model (the zoo name or the factory reference and its parameters).

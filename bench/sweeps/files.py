@@ -10,7 +10,7 @@ from .schema import SweepError
 
 
 def builtin_sweeps() -> dict[str, dict]:
-    """The built-in sweeps: the TOML files beside this module (``sweeps/<name>.toml``), by name, read as a user's
+    """The built-in sweeps: the TOML files beside this module (``<name>.toml``), by name, read as a user's
     sweep file is read."""
     from importlib import resources
 
