@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tomllib
+from importlib import resources
 from pathlib import Path
 
 from .schema import SweepError
@@ -12,8 +13,6 @@ from .schema import SweepError
 def builtin_sweeps() -> dict[str, dict]:
     """The built-in sweeps: the TOML files beside this module (``<name>.toml``), by name, read as a user's
     sweep file is read."""
-    from importlib import resources
-
     folder = resources.files(__package__)
     out = {}
     for entry in sorted(folder.iterdir(), key=lambda e: e.name):
