@@ -62,7 +62,8 @@ def test_compare_reads_every_committed_run(run, capsys):
 
 
 def test_every_field_is_documented():
-    undocumented = [name for name, f in rowschema.Row.model_fields.items() if not (f.description or "").strip()]
+    undocumented = [f"{model.__name__}.{name}" for model in (rowschema.Row, rowschema.PairedRecord, rowschema.Header)
+                    for name, f in model.model_fields.items() if not (f.description or "").strip()]
     assert undocumented == []
 
 
@@ -106,3 +107,16 @@ def test_a_row_that_does_not_match_the_schema_is_left_out_by_read_rows_and_said(
 def test_every_committed_paired_record_validates(run):
     records = [json.loads(line) for line in (ROOT / "results" / run / "paired.jsonl").read_text().splitlines()]
     assert records and all(rowschema.check_paired(r) == r for r in records)
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_every_committed_header_validates(run):
+    headers = [obj["header"] for obj in _lines(run) if "header" in obj]
+    assert headers and all(rowschema.check_header(h) == h for h in headers)
+    assert all(rowschema.Header.model_validate(h).format_version == h.get("format_version", 1) for h in headers)
+
+
+def test_a_header_field_of_the_wrong_type_is_refused_naming_it():
+    with pytest.raises(rowschema.RowError, match="cases"):
+        rowschema.check_header({"format_version": rowschema.FORMAT_VERSION, "cases": "many"})
+    assert rowschema.check_header({"format_version": 2, "slots": 3}) == {"format_version": 2, "slots": 3}

@@ -43,7 +43,7 @@ from ..measurement import envcheck
 from ..store import safefs
 from .. import sweeps
 from .executors import Executor, Job, JobFuture, LocalExecutor
-from ..store.row import RowError, check_paired, check_row
+from ..store.row import RowError, check_header, check_paired, check_row
 from ..store.rundir import (FORMAT_VERSION, RESULTS, ResultsFile, RunDirError, RunLock, latest_rows, read_results,
                      read_segments, unwritable)
 from ..sweeps import Case, Problem
@@ -465,7 +465,7 @@ def run(cases: list[Case], out_dir: Path, sweep_name: str, executor: Executor | 
         if own_executor:
             executor = LocalExecutor(out_dir, cuda_cases=any(c.device != "cpu" for c in cases))
         if new_segment:
-            results.append({"header": {**header, **executor.describe(), "segment": len(segments)}})
+            results.append({"header": check_header({**header, **executor.describe(), "segment": len(segments)})})
         _schedule(cases, todo, latest, out_dir, executor, results, summary, reporter, models, plugins, deadline_s)
     except BaseException:
         if executor is not None:

@@ -43,7 +43,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..store.row import FORMAT_VERSION, check_row
+from ..store.row import FORMAT_VERSION, check_header, check_row
 
 CLOCKS = ("cpu", "wall")
 _WORSE = {"ok": 0, "unsupported": 1, "mismatch": 2, "oom": 3, "error": 4}
@@ -301,7 +301,7 @@ def main(argv=None) -> int:
               "blocks_per_round": args.blocks, "torch_threads": args.threads, "plugins": args.plugin,
               "load_average": [load_before, _load()]}
     with open(path, "w") as f:
-        f.write(json.dumps({"header": header}) + "\n")
+        f.write(json.dumps({"header": check_header(header)}) + "\n")
         for case in cases:
             f.write(json.dumps({k: _finite(v) for k, v in check_row(rows[case.id]).items()}, allow_nan=False) + "\n")
     statuses: dict[str, int] = {}

@@ -219,6 +219,53 @@ class PairedRecord(MachineFields, WorkerFields):
                                                        "start-up")
 
 
+class Header(BaseModel):
+    """A segment's first line of ``results.jsonl`` (``{"header": {...}}``): the layout, the code, the environment
+    and the sweep the rows below it come from. An executor adds its own description (``slots``, ``workers``, a
+    cluster's settings), kept as it is; every field is optional, as headers of older runs lack many."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    format_version: int = Field(1, ge=1, description="The layout of the file (:data:`FORMAT_VERSION`); absent: 1")
+    sweep: str | None = Field(None, description="The sweep's name")
+    sweep_sha1: str | None = Field(None, description="What makes two runs of the sweep comparable "
+                                                     "(``sweeps.fingerprint``): --resume refuses another")
+    cases: int | None = Field(None, description="Cases in the sweep")
+    clock: Literal["wall", "cpu"] | None = Field(None, description="The clock the cases are timed on")
+    plugins: list[str] | None = Field(None, description="Outside plugin modules loaded (``--plugin``)")
+    user_code_sha1: str | None = Field(None, description="A digest of the user's factory and plugin files")
+    torch: str | None = Field(None, description="torch's version")
+    jax: str | None = Field(None, description="jax's version (None: not installed)")
+    jaxlib: str | None = Field(None, description="jaxlib's version")
+    neural_tangents: str | None = Field(None, description="neural-tangents' version (None: the harness's own "
+                                                          "reference was used)")
+    backpack: str | None = Field(None, description="BackPACK's version")
+    numpy: str | None = Field(None, description="numpy's version")
+    python: str | None = Field(None, description="Python's version")
+    device_name: str | None = Field(None, description="The GPU's name, or the CPU's")
+    cuda: str | None = Field(None, description="CUDA's version (None: no CUDA)")
+    cpu_threads: int | None = Field(None, description="Torch threads of the runner (or of the workers, with "
+                                                      "worker_env)")
+    cpu_count: int | None = Field(None, description="The machine's CPUs")
+    git_commit: str | None = Field(None, description="The checkout's commit, when there is one")
+    code_sha1: str | None = Field(None, description="A digest of the harness's code that ran")
+    host: str | None = Field(None, description="The runner's host")
+    started: str | None = Field(None, description="When the segment started (ISO 8601)")
+    worker_env: dict[str, str] | None = Field(None, description="Thread-pinning variables every worker inherits")
+    executor: str | None = Field(None, description="The executor's name")
+    segment: int | None = Field(None, description="The segment's index in the file (``--force`` starts another)")
+
+
+def check_header(header: dict[str, Any]) -> dict[str, Any]:
+    """``header`` validated against :class:`Header` (its declared fields; an executor's own keys pass as they are);
+    RowError naming the problems otherwise."""
+    try:
+        Header.model_validate(header)
+    except ValidationError as exc:
+        raise RowError(f"the header: {_problems(exc)}") from None
+    return header
+
+
 ROW_FIELDS = frozenset(Row.model_fields)
 
 
