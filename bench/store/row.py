@@ -1,5 +1,5 @@
-"""The schema of a stored result row: one line of ``results.jsonl`` per finished case (and of ``paired.jsonl``'s
-records: :class:`PairedRecord`).
+"""The schema of what a run stores: a result row, one line of ``results.jsonl`` per finished case (:class:`Row`);
+the header that starts each segment of it (:class:`Header`); a record of ``paired.jsonl`` (:class:`PairedRecord`).
 
 :class:`Row` declares every column a row may carry, its type and what it means; the worker, the executors and the
 runner build rows through it (:func:`make_row`, :func:`check_row`), and the readers (report, compare, calibrate,
