@@ -2,7 +2,7 @@
 the header that starts each segment of it (:class:`Header`); a record of ``paired.jsonl`` (:class:`PairedRecord`).
 
 :class:`Row` declares every column a row may carry, its type and what it means; the worker, the executors and the
-runner build rows through it (:func:`make_row`, :func:`check_row`), and the readers (report, compare, calibrate,
+runner build rows through it (:func:`check_row`), and the readers (report, compare, calibrate,
 ``--resume``) read rows through :func:`~ntk_bench.bench.store.rundir.read_rows`, which migrates a row of an older
 format (:data:`MIGRATIONS`) and validates it here.
 
@@ -305,11 +305,6 @@ def check_paired(record: dict[str, Any]) -> dict[str, Any]:
     except ValidationError as exc:
         raise RowError(f"{record.get('paired_id', 'a paired record')}: {_problems(exc)}") from None
     return checked.model_dump(mode="json", exclude_unset=True)
-
-
-def make_row(**fields: Any) -> dict[str, Any]:
-    """A row from keyword fields, validated (:func:`check_row`)."""
-    return check_row(fields)
 
 
 def split_unknown(row: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
