@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fnmatch
+
 
 def select_plugins(selectors: list[str]) -> tuple[list[str], list[str]]:
     """(the plugins a sweep's ``impls`` list selects, in the order it adds them; one line per selector that is wrong).
@@ -11,8 +13,6 @@ def select_plugins(selectors: list[str]) -> tuple[list[str], list[str]]:
     that tag, ``NTKPlugin.tags``); a shell pattern over the names (``nt_*``). ``["ours", "-tag:loop",
     "tag:neural_tangents"]`` is our plugins but the autograd loop, and neural-tangents' three.
     """
-    import fnmatch
-
     from ntk_bench import implementations
 
     every = all_impls()
