@@ -34,6 +34,7 @@ class AutogradLoop(NTKPlugin):
     """The baseline: the Jacobians row by row with autograd, then contracted (see the module docstring)."""
 
     name = "autograd_loop"
+    tags = frozenset({"loop"})
 
     def estimate(self, stats, n, m, mode, symmetric):
         """Each of the N·O backward passes runs through the whole batch's graph."""

@@ -34,6 +34,7 @@ class NTKVectorProducts(NTKPlugin):
     ``memory_budget_bytes`` (see the module docstring)."""
 
     name = "ntk_vector_products"
+    tags = frozenset({"vector_products"})
 
     def __init__(self, memory_budget_bytes: int = 1 << 30):
         self.memory_budget_bytes = memory_budget_bytes
