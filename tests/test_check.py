@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from ntk_bench import implementations
-from ntk_bench.bench import cli, correctness, problems
-from ntk_bench.implementations.jacobian_contraction import JacobianContraction
+from ntk_bench.bench import cli
+from ntk_bench.bench.measurement import correctness, problems
+from ntk_bench.implementations.plugins.jacobian_contraction import JacobianContraction
 
 # N != M and x2 = None, O > 1; the contract's cases run with every check
 PROBLEMS = "mlp-relu-O3-N4M3,mlp-relu-O3-x2None"
@@ -24,8 +25,8 @@ BAD_PLUGINS = '''
 import torch
 
 from ntk_bench.bench import bruteforce
-from ntk_bench.implementations.base import NTKPlugin
-from ntk_bench.implementations.jacobian_contraction import JacobianContraction
+from ntk_bench.implementations.core.base import NTKPlugin
+from ntk_bench.implementations.plugins.jacobian_contraction import JacobianContraction
 
 
 class WrongDiagonal(JacobianContraction):
@@ -177,7 +178,7 @@ def test_a_plugin_that_computes_an_ill_defined_kernel_instead_of_refusing_fails(
 def test_a_plugin_module_and_an_entry_point_are_found(tmp_path, monkeypatch, registry, capsys):
     """--plugin package.module; with no name, the plugins of the ntk_bench.plugins entry points are checked."""
     (tmp_path / "my_ntk.py").write_text(textwrap.dedent('''
-        from ntk_bench.implementations.autograd_loop import AutogradLoop
+        from ntk_bench.implementations.plugins.autograd_loop import AutogradLoop
 
         class Mine(AutogradLoop):
             name = "my_loop"
