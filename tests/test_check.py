@@ -24,7 +24,7 @@ CONTRACT_CASES = 9 + 2  # problems.ILL_DEFINED, and the model left as found (wit
 BAD_PLUGINS = '''
 import torch
 
-from ntk_bench.bench import bruteforce
+from ntk_bench.bench.measurement import bruteforce
 from ntk_bench.implementations.core.base import NTKPlugin
 from ntk_bench.implementations.plugins.jacobian_contraction import JacobianContraction
 
