@@ -10,7 +10,8 @@ packages declare theirs under the ``ntk_bench.plugins`` entry point group):
   float64 reference (≤ 1e-4, TF32 off). The reference is neural-tangents where it is installed and takes the model,
   else the harness's brute-force kernel (``bench/measurement/bruteforce.py``: one ``autograd.grad`` per sample and
   output, independent of every plugin); each case records which. Every call must also return a detached kernel
-  of the right shape, dtype and device, and leave the model, its ``.grad``s, hooks, train/eval flags and the inputs as it found them.
+  of the right shape, dtype and device, and leave the model, its ``.grad``s, hooks, train/eval flags and the
+  inputs as it found them.
 - **the contract**: every ill-defined model of ``problems.ILL_DEFINED`` (train-mode BatchNorm, Dropout, ...)
   refused with ``IllDefinedKernelError`` naming the module, the model untouched; a train-mode model with
   ``.grad``s and inputs that require grad (and have a ``.grad``) left as found; a call under ``torch.no_grad()``.
