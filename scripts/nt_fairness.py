@@ -11,9 +11,9 @@ excluded, ``block_until_ready``, CPU, float32:
   with torch's activations and stax's kernels (NCHW, HWIO); each is a baseline.
 
 Structured derivatives and the CNN's Jacobian contraction at N = 16. The FCN's Jacobian contraction and
-NTK-vector products would hold 16·8 rows of its 14.7M-parameter Jacobian (7.5 GB in float32), more than a
-process may use on the shared 24 GiB machine, and take seconds per sample: they are timed on one sample with
-itself (N = 1, x2 = None); the CNN's NTK-vector products (6 s a call at N = 16) at N = M = 4. ``--naive``
+NTK-vector products would hold 16·8 rows of its 14.7M-parameter Jacobian (7.5 GB in float32) and take seconds
+per sample: they are timed on one sample with itself (N = 1, x2 = None); the CNN's NTK-vector products (seconds
+a call at N = 16) at N = M = 4. ``--naive``
 also times the FCN hand-written with torch's (out, in) weights as ``x @ W.T`` (structured derivatives, one
 call each at N = M = 4, where it takes 2.8 GB), the layout the translation avoids.
 
