@@ -21,15 +21,20 @@ INLINE_CODE = re.compile(r"`[^`]*`")
 HEADING = re.compile(r"^\s{0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
 
 
-def _prose_lines(text: str):
-    """The lines outside fenced code blocks, with their line numbers."""
+def _prose_lines(text: str, keep_numbers: bool = False):
+    """The lines outside fenced code blocks, with their line numbers (``keep_numbers``: a fenced line as an empty
+    one, so that the lines keep their places)."""
     fenced = False
     for number, line in enumerate(text.splitlines(), 1):
         if FENCE.match(line):
             fenced = not fenced
+            if keep_numbers:
+                yield number, ""
             continue
         if not fenced:
             yield number, line
+        elif keep_numbers:
+            yield number, ""
 
 
 def _slug(heading: str) -> str:
@@ -54,15 +59,17 @@ def anchors(page: Path) -> set[str]:
 
 
 def links(page: Path):
-    """(line number, target) of every link of a page that is not to another site."""
-    text = page.read_text(encoding="utf-8")
-    for number, line in _prose_lines(text):
-        # inline code is dropped before links are read, so `[x](y)` inside backticks is not a link; a link whose
-        # text is code keeps its target (the code span becomes empty text)
-        for target in LINK.findall(INLINE_CODE.sub("code", line)):
-            if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.I):  # http:, https:, mailto:
-                continue
-            yield number, target
+    """(line number, target) of every link of a page that is not to another site; a link's text may run over
+    lines."""
+    text = "\n".join(line for _, line in _prose_lines(page.read_text(encoding="utf-8"), keep_numbers=True))
+    # inline code is read as text, so `[x](y)` inside backticks is not a link, while a link whose text is code
+    # keeps its target
+    text = INLINE_CODE.sub(lambda m: "code" + "\n" * m.group(0).count("\n"), text)
+    for match in LINK.finditer(text):
+        target = match.group(1)
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.I):  # http:, https:, mailto:
+            continue
+        yield text.count("\n", 0, match.start()) + 1, target
 
 
 def broken(page: Path) -> list[str]:
@@ -100,10 +107,10 @@ def test_the_checker_finds_a_broken_link_and_a_broken_anchor(tmp_path, monkeypat
     (tmp_path / "other.md").write_text("# Other page\n\n## A `code` heading, with commas\n", encoding="utf-8")
     page = tmp_path / "page.md"
     page.write_text(
-        "[ok](other.md#a-code-heading-with-commas) [gone](missing.md) [bad anchor](other.md#nowhere)\n"
+        "[ok](other.md#a-code-heading-with-commas) [gone](missing.md) [bad\nanchor](other.md#nowhere)\n"
         "`[not a link](missing-too.md)`\n```\n[in a fence](missing-three.md)\n```\n[site](https://example.org/x)\n",
         encoding="utf-8")
     problems = broken(page)
     assert len(problems) == 2, problems
     assert "missing.md: no such file" in problems[0]
-    assert "no heading #nowhere" in problems[1]
+    assert "page.md:1: other.md#nowhere: no heading #nowhere" in problems[1]  # its text ran over two lines
