@@ -67,7 +67,7 @@ def links(page: Path):
     text = INLINE_CODE.sub(lambda m: "code" + "\n" * m.group(0).count("\n"), text)
     for match in LINK.finditer(text):
         target = match.group(1)
-        if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.I):  # http:, https:, mailto:
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.IGNORECASE):  # http:, https:, mailto:
             continue
         yield text.count("\n", 0, match.start()) + 1, target
 
