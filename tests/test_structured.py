@@ -226,3 +226,59 @@ def test_onednn_linear_is_f_linear():
     with torch.enable_grad():  # autograd: PyTorch's own linear
         xr = x.clone().requires_grad_()
         assert onednn.linear(xr, w, b).grad_fn is not None
+
+
+class _Tied(nn.Module):
+    """An embedding tied to the output head, on int64 ids."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(7, 4), nn.Linear(4, 7)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.embed(ids)).mean(1))
+
+
+class _Tagger(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.head = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+# name -> (model factory, per-sample input shape, int64 ids, the rules its plan takes)
+_AGREEMENT = {
+    "mlp": (lambda: nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3)), (5,), False, {"linear"}),
+    "cnn-batchnorm": (lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
+                                            nn.Linear(3 * 4 * 4, 2)).eval(), (2, 6, 6), False, {"conv", "norm", "linear"}),
+    "transformer-layer": (lambda: nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), nn.Flatten(),
+                                                nn.Linear(3 * 8, 2)).eval(), (3, 8), False,
+                          {"linear_op", "linear", "norm"}),
+    "rnn": (_Tagger, (5, 3), False, {"generic", "linear"}),
+    "tied": (_Tied, (4,), True, {"embedding", "linear"}),
+}
+
+
+@pytest.mark.parametrize("name", list(_AGREEMENT))
+def test_the_cost_model_and_the_plan_agree(name):
+    """The cost model's view of the layers (from one sample) is the plan's (from a batch): the same rules on the
+    same parameters, layer for layer, with the same geometry."""
+    from ntk_bench.implementations.costs import model_stats
+
+    make, shape, ids, kinds = _AGREEMENT[name]
+    torch.manual_seed(0)
+    model = make()
+    x = torch.randint(0, 7, (3, *shape)) if ids else torch.randn(3, *shape)
+    plugin = implementations.get("structured")
+    plan = plugin.plan(model, x)
+    view = plugin.layers(model_stats(model, x[:1]))
+
+    def geometry(rule, layer):
+        return rule.__name__, layer.kind, layer.s, layer.k, layer.c, layer.groups, layer.p, layer.is_output
+
+    from_plan = [geometry(type(e.rule), layer) for e in plan.entries for layer in e.rule.layers(e, lambda m: 0)]
+    assert [geometry(*v) for v in view] == from_plan
+    assert {kind for _, kind, *_ in from_plan} == kinds

@@ -434,3 +434,100 @@ def test_a_projected_attention_that_differs_from_pytorchs_is_refused(monkeypatch
     model, x1, _ = _problem("attention-self-linear-ops")
     with pytest.raises(implementations.UnsupportedModelError, match="MultiheadAttention computed as two Linears"):
         plan.discover(model, x1)
+
+
+class _ScaledLinear(nn.Linear):
+    """A user's own module type: a Linear whose forward is its own (the table does not know it)."""
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+def _registered(module_type, rule):
+    """register_rule for one test; the table as it was afterwards."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def scope():
+        table.register_rule(module_type, rule)
+        try:
+            yield
+        finally:
+            table.TABLE.pop(module_type)
+            table._RESOLVED.clear()
+    return scope()
+
+
+def test_a_registered_rule_computes_a_users_module_type():
+    """register_rule: the user's type takes the rule (not the generic one), and the kernel is exact."""
+    torch.manual_seed(0)
+    model = Head(_ScaledLinear(5, 4), 4).to(D)
+    x1, x2 = torch.randn(4, 5, dtype=D), torch.randn(3, 5, dtype=D)
+    assert [e.kind for e in Structured().plan(model, x1).entries] == ["linear_op"]  # (unregistered: its F.linear)
+    with _registered(_ScaledLinear, linear.LinearRule):
+        plugin = Structured()
+        assert [e.kind for e in plugin.plan(model, x1).entries] == ["linear"]
+        assert rel_err(plugin._kernel(model, x1, x2, "full"), brute_force_kernel(model, x1, x2)) <= 1e-10
+    with pytest.raises(TypeError, match="not a subclass of structured's Rule"):
+        table.register_rule(_ScaledLinear, object)
+
+
+def test_a_rule_whose_output_breaks_its_invariants_is_named():
+    """Fault injected: a rule whose side has the wrong layout (G's outputs and positions swapped) is stopped where
+    it is called, naming the module and the rule, instead of contracting a wrong kernel."""
+
+    class Swapped(linear.LinearRule):
+        def side(self, use, grads, checking=False):
+            s = super().side(use, grads, checking)
+            return linear.PatchSide(s.x, s.g.transpose(3, 4))
+
+    torch.manual_seed(0)
+    model = Head(_ScaledLinear(5, 4), 8).to(D)
+    x = torch.randn(4, 2, 5, dtype=D)  # (two positions, so that the swap changes the shape)
+    with _registered(_ScaledLinear, Swapped), \
+            pytest.raises(implementations.UnsupportedModelError,
+                          match=r"linear rule of _ScaledLinear broke its invariant: G \(O, N, groups, C, S\)"):
+        Structured()._kernel(model, x, None, "full")
+
+
+def test_torch_functions_stay_the_originals_in_other_threads_during_and_after_a_call():
+    """The attention rewrites are a torch function mode of the calling thread: while structured records a model with
+    self-attention and its own softmax in one thread, another thread sees torch.nn.functional's own objects and
+    its softmax calls are PyTorch's; and so does everyone after the call."""
+    import threading
+
+    import torch.nn.functional as F
+
+    originals = (F.softmax, F.scaled_dot_product_attention, F.multi_head_attention_forward)
+    inside, resume, seen = threading.Event(), threading.Event(), {}
+
+    class Paused(nn.Module):
+        """Self-attention then the model's own softmax; the first call waits for the other thread's look."""
+
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(4, 2, batch_first=True)
+
+        def forward(self, x):
+            z = torch.softmax(self.mha(x, x, x, need_weights=False)[0], -1)
+            if not inside.is_set():
+                inside.set()
+                resume.wait(30)
+            return z
+
+    torch.manual_seed(0)
+    model = Head(Paused(), 12).to(D)
+    x = torch.randn(3, 3, 4, dtype=D)
+    worker = threading.Thread(target=lambda: seen.setdefault("kernel", Structured()._kernel(model, x, None, "full")))
+    worker.start()
+    try:
+        assert inside.wait(60)
+        seen["during"] = (F.softmax, F.scaled_dot_product_attention, F.multi_head_attention_forward)
+        t = torch.randn(2, 3, dtype=D, requires_grad=True)
+        seen["grad_fn"] = type(torch.softmax(t, -1).grad_fn).__name__
+    finally:
+        resume.set()
+        worker.join(120)
+    assert seen["during"] == originals and seen["grad_fn"] == "SoftmaxBackward0"
+    assert (F.softmax, F.scaled_dot_product_attention, F.multi_head_attention_forward) == originals
+    assert rel_err(seen["kernel"], brute_force_kernel(model, x)) <= 1e-10
