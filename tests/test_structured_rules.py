@@ -17,7 +17,7 @@ from torch import nn
 
 from ntk_bench import implementations
 from ntk_bench.implementations.structured import Structured, table
-from ntk_bench.implementations.structured.rules import conv, embedding, generic, linear, norms, taps
+from ntk_bench.implementations.structured.rules import conv, embedding, generic, linear, norms, prelu, taps
 
 from problems import rel_err
 
@@ -145,6 +145,7 @@ LAYERS = {i: (make, shape, kind, rule) for i, make, shape, kind, rule in [
     ("batchnorm2d", lambda: _randomised_bn(nn.BatchNorm2d(3)).eval(), (3, 3, 2), "float", norms.BatchNormRule),
     ("layernorm-2d-shape", lambda: nn.LayerNorm((3, 4)), (2, 3, 4), "float", norms.LayerNormRule),
     ("groupnorm", lambda: nn.GroupNorm(2, 4), (4, 3, 2), "float", norms.GroupNormRule),
+    ("prelu-channels", lambda: nn.PReLU(3, init=0.3), (3, 4), "float", prelu.PReLURule),
     *_RMS,
     ("attention-self-linear-ops", SelfAttention, (3, 4), "float", linear.LinearOpRule),
     ("attention-weights-masks-linear-ops", lambda: SelfAttention("weights-masks"), (3, 4), "float",

@@ -21,6 +21,7 @@ Embedding (``embedding``)            X1·X2 is [id1[n,s] = id2[m,t]]; the paddin
                                      row has no gradient                            vocabulary, the cheaper
 eval BatchNorm, GroupNorm,           J_weight = Σ_positions x̂ ⊙ G, J_bias = Σ G      Jacobian
 LayerNorm, RMSNorm (``norm``)        (x̂ the normalised input)
+PReLU's weight (``prelu``)           J = Σ_positions min(x, 0) ⊙ G per channel      Jacobian
 parameters read only as              as Linear on each call's input and output      as Linear
 ``F.linear``'s weight and bias on
 batched tokens (``linear_op``):
@@ -47,7 +48,7 @@ vmap batches (``rewrites.py``). Declined, naming the module: a model whose outpu
 other samples, BatchNorm with batch statistics, Embedding with ``max_norm`` or ``scale_grad_by_freq``,
 TorchScript submodules, a parameter whose per-sample Jacobians do not add up to autograd's gradient.
 
-The table below holds the module rules (``linear`` to ``norm``); ``linear_op``, ``tap`` and ``generic`` are the
+The table below holds the module rules (``linear`` to ``prelu``); ``linear_op``, ``tap`` and ``generic`` are the
 plan's own for parameters no table entry covers. A module takes the rule of the first class in its MRO that the
 table holds, when that rule ``applies`` to it (the class's own ``forward``, plain ``weight``/``bias``, no
 parametrization); otherwise it is generic. Register a rule for your own module type with ``register_rule``.
@@ -63,6 +64,7 @@ from .rules.embedding import EmbeddingRule
 from .rules.generic import GenericRule
 from .rules.linear import LinearOpRule, LinearRule
 from .rules.norms import BatchNormRule, GroupNormRule, LayerNormRule, RMSNormRule
+from .rules.prelu import PReLURule
 from .rules.taps import TapRule
 
 TABLE: dict[type, type[Rule]] = {
@@ -74,6 +76,7 @@ TABLE: dict[type, type[Rule]] = {
     nn.modules.batchnorm._BatchNorm: BatchNormRule,
     nn.GroupNorm: GroupNormRule,
     nn.LayerNorm: LayerNormRule,
+    nn.PReLU: PReLURule,
     **({nn.RMSNorm: RMSNormRule} if hasattr(nn, "RMSNorm") else {}),
 }
 
