@@ -179,8 +179,7 @@ class Structured(NTKPlugin):
             if isinstance(m, torch.jit.ScriptModule):
                 problem = "is a TorchScript module; its calls cannot be recorded"
             elif m._parameters and any(p is not None and p.requires_grad for p in m._parameters.values()):
-                rule = table.rule_for(m)
-                problem = rule.problem(m) if rule is not None else None
+                problem = table.problem(m)
             if problem:
                 name = next(name for name, mod in model.named_modules(remove_duplicate=False) if mod is m)
                 return f"structured: {name or 'the model itself'}: {problem}"

@@ -104,16 +104,29 @@ def register_rule(module_type: type, rule: type[Rule]) -> None:
     _RESOLVED.clear()
 
 
-def rule_for(module: nn.Module) -> type[Rule] | None:
-    """The rule the table gives ``module``, or None (the plan's generic rule, or a linear op or a tap)."""
-    cls = type(module)
+def _resolve(cls: type) -> tuple[type, type[Rule]] | None:
     if cls not in _RESOLVED:
         _RESOLVED[cls] = next(((key, TABLE[key]) for key in cls.__mro__ if key in TABLE), None)
-    found = _RESOLVED[cls]
+    return _RESOLVED[cls]
+
+
+def rule_for(module: nn.Module) -> type[Rule] | None:
+    """The rule the table gives ``module``, or None (the plan's generic rule, or a linear op or a tap)."""
+    found = _resolve(type(module))
     if found is None:
         return None
     key, rule = found
     return rule if rule.applies(module, key) else None
+
+
+def problem(module: nn.Module) -> str | None:
+    """Why the rule the table gives ``module`` cannot compute it at all (``Rule.problem``), or None. (Called on
+    every plugin call: rules without a ``problem`` of their own are not asked.)"""
+    found = _resolve(type(module))
+    if found is None or found[1].problem.__func__ is Rule.problem.__func__:
+        return None
+    key, rule = found
+    return rule.problem(module) if rule.applies(module, key) else None
 
 
 def all_rules() -> list[type[Rule]]:

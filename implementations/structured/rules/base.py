@@ -189,8 +189,8 @@ class Rule(abc.ABC):
 
     def expect(self, what: str, got: tuple, expected: tuple) -> None:
         """``self.fail`` unless shape ``got`` equals ``expected`` (None in ``expected``: any size there)."""
-        got = tuple(got)
         if len(got) != len(expected) or any(e is not None and g != e for g, e in zip(got, expected)):
+            got = tuple(got)
             self.fail(f"{what} has shape {got}, expected {tuple('*' if e is None else e for e in expected)}")
 
     def checked_side(self, use, grads: list[torch.Tensor], n: int, o: int, checking: bool = False) -> Any:

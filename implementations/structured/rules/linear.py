@@ -132,7 +132,7 @@ class PatchRule(Rule):
     def sizes(self) -> tuple[int, int]:
         """(K inputs per position and group, C outputs per position in all groups) of the weight."""
         w = self.module.weight
-        return w[0].numel(), w.shape[0]
+        return w.numel() // w.shape[0], w.shape[0]
 
     def costs(self, s1, s2, mode, symmetric):
         o, n, gr, c, s = s1.g.shape
