@@ -53,8 +53,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from ..base import UnsupportedModelError
-from ..modelinfo import submodules
+from ..core.base import UnsupportedModelError
+from ..core.modelinfo import submodules
 from . import rewrites, table
 from .rules.base import CallShape, Rule, per_sample
 from .rules.generic import GenericRule

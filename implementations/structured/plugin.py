@@ -26,10 +26,10 @@ import weakref
 import torch
 from torch import nn
 
-from .. import onednn
-from ..base import NTKPlugin, UnsupportedModelError
-from ..kernels import KernelSum, input_gram, kernel_shape
-from ..modelinfo import submodules
+from ..core import onednn
+from ..core.base import NTKPlugin, UnsupportedModelError
+from ..core.kernels import KernelSum, input_gram, kernel_shape
+from ..core.modelinfo import submodules
 from . import rewrites, table
 from .plan import Plan, _Replan, discover, layer_costs, record, structure_key
 from .rules.base import Options
@@ -197,7 +197,7 @@ class Structured(NTKPlugin):
         ``layers(stats)``); besides the FLOPs, the numbers the forward's operators write, (1 + 2·O) times per
         sample, and the operators' count (``Estimate.traffic``, ``Estimate.ops``). Peak: G and the inputs of every
         layer, the largest Gram intermediate, the Jacobian blocks, the kernel."""
-        from ..costs import Estimate, kernel_numel
+        from ..core.costs import Estimate, kernel_numel
 
         o = stats.o
         side = n if symmetric else n + m
@@ -223,7 +223,7 @@ class Structured(NTKPlugin):
         discovered on their one sample (``plan.layer_costs``), computed once per stats. Where the plan cannot be
         made (the model declines, or the stats outlived their model): the whole model as one generic layer, the
         cost of its per-sample vjp."""
-        from ..costs import Layer
+        from ..core.costs import Layer
 
         def read(model, x_single):
             if model is None:

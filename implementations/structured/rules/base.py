@@ -24,8 +24,8 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import nn
 
-from ...base import UnsupportedModelError
-from ...costs import Layer
+from ...core.base import UnsupportedModelError
+from ...core.costs import Layer
 
 
 class RuleError(UnsupportedModelError):

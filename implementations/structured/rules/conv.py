@@ -7,7 +7,7 @@ import math
 import torch.nn.functional as F
 from torch import nn
 
-from ...costs import Layer
+from ...core.costs import Layer
 from .base import batch_first, covered, numel
 from .linear import PatchRule, PatchSide
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ...costs import Layer
+from ...core.costs import Layer
 from .base import LayerCost, Rule, batch_first, covered, numel, order_of
 from .linear import PatchSide, order_costs, patch_gram
 

@@ -7,8 +7,8 @@ import warnings
 import torch
 from torch.utils import _pytree as pytree
 
-from ...base import UnsupportedModelError
-from ...costs import Layer
+from ...core.base import UnsupportedModelError
+from ...core.costs import Layer
 from .. import rewrites
 from .base import LayerCost, Rule, covered, order_of
 from .taps import JacobianSide, check_jacobian_side

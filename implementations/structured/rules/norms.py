@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ...costs import Layer
+from ...core.costs import Layer
 from .base import LayerCost, Rule, batch_first, covered, numel, order_of
 
 

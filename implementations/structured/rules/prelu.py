@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ...costs import Layer
+from ...core.costs import Layer
 from .base import LayerCost, Rule, batch_first, covered, numel, order_of
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils import _pytree as pytree
 
-from ...costs import Layer
+from ...core.costs import Layer
 from .base import LayerCost, Rule, covered, numel, order_of
 
 
