@@ -254,7 +254,8 @@ class _Tagger(nn.Module):
 _AGREEMENT = {
     "mlp": (lambda: nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3)), (5,), False, {"linear"}),
     "cnn-batchnorm": (lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
-                                            nn.Linear(3 * 4 * 4, 2)).eval(), (2, 6, 6), False, {"conv", "norm", "linear"}),
+                                            nn.Linear(3 * 4 * 4, 2)).eval(), (2, 6, 6), False,
+                      {"conv", "norm", "linear"}),
     "transformer-layer": (lambda: nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), nn.Flatten(),
                                                 nn.Linear(3 * 8, 2)).eval(), (3, 8), False,
                           {"linear_op", "linear", "norm"}),
@@ -283,3 +284,21 @@ def test_the_cost_model_and_the_plan_agree(name):
     from_plan = [geometry(type(e.rule), layer) for e in plan.entries for layer in e.rule.layers(e, lambda m: 0)]
     assert [geometry(*v) for v in view] == from_plan
     assert {kind for _, kind, *_ in from_plan} == kinds
+
+
+def test_the_cost_view_is_kept_with_the_stats_and_falls_back_once_the_model_is_gone():
+    """structured reads its layers into the stats once (the stats hold their model weakly): read while the model
+    lives, they stay; stats whose model is gone cost the whole model as one generic layer."""
+    import gc
+
+    from ntk_bench.implementations.core.costs import model_stats
+
+    plugin, x = implementations.get("structured"), torch.randn(1, 5)
+    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3))
+    stats = model_stats(model, x)
+    read = plugin.layers(stats)
+    other = model_stats(nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3)), x)
+    del model
+    gc.collect()
+    assert plugin.layers(stats) == read and [layer.kind for _, layer in read] == ["linear", "linear"]
+    assert [(layer.kind, layer.p) for _, layer in plugin.layers(other)] == [("generic", other.p)]

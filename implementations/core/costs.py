@@ -12,6 +12,7 @@ model does not classify layers for any plugin.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import weakref
 from collections.abc import Callable, Mapping
@@ -111,7 +112,13 @@ def model_stats(model: nn.Module, x_single: torch.Tensor) -> ModelStats:
     return shape_keyed_cache(_STATS, model, key, lambda: _measure_stats(model, x_single))
 
 
-def _measure_stats(model: nn.Module, x_single: torch.Tensor) -> ModelStats:
+def measure(model: nn.Module, x_single: torch.Tensor, within: Callable = contextlib.nullcontext) -> ModelStats:
+    """The model's stats with its forward run inside ``within()`` (a plugin's own rewrites of the forward, whose
+    FLOPs and operators are what it will run); not cached (the plugin keeps them in its ``ModelStats.view``)."""
+    return _measure_stats(model, x_single, within)
+
+
+def _measure_stats(model: nn.Module, x_single: torch.Tensor, within: Callable = contextlib.nullcontext) -> ModelStats:
     from torch.utils.flop_counter import FlopCounterMode
 
     named = list(model.named_modules(remove_duplicate=True))
@@ -126,7 +133,7 @@ def _measure_stats(model: nn.Module, x_single: torch.Tensor) -> ModelStats:
     traffic = _Traffic()
     handles = [m.register_forward_hook(hook) for _, m in named]
     try:
-        with torch.enable_grad(), FlopCounterMode(display=False) as counter, traffic:
+        with torch.enable_grad(), FlopCounterMode(display=False) as counter, traffic, within():
             y = model(x_single)
     finally:
         for h in handles:

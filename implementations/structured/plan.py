@@ -9,10 +9,11 @@ twice, on the batch and on the batch plus one sample, with every module's ``forw
   are copied and those outputs cloned when recorded, so downstream in-place ops hit the copy;
 - where each trainable parameter is used. A parameter whose owners are all modules the rule table
   (``table.rule_for``) gives a rule, each called on batched inputs in the layout its rule computes
-  (``Rule.batched``), is covered by those layers, once per call. Any other parameter (a module without a rule, a raw ``nn.Parameter`` used in a parent's
-  forward such as ViT's class token, a module never called through its forward such as MultiheadAttention's
-  ``out_proj``, a parametrization's originals) goes to the generic rule of the nearest module above all its
-  owners that is called on batched inputs: that module's per-sample vjp covers every use inside it.
+  (``Rule.batched``), is covered by those layers, once per call. Any other parameter (a module without a rule,
+  a raw ``nn.Parameter`` used in a parent's forward such as ViT's class token, a module never called through
+  its forward such as MultiheadAttention's ``out_proj``, a parametrization's originals) goes to the generic
+  rule of the nearest module above all its owners that is called on batched inputs: that module's per-sample
+  vjp covers every use inside it.
 
 Parameters of a generic module that it reads only as ``F.linear(x, weight, bias)`` on an input with a batch
 dimension (MultiheadAttention's projections: ``rewrites.batchable`` computes self-attention by
@@ -26,9 +27,9 @@ per-use Jacobian blocks are summed before contracting, so the cross terms betwee
 
 The plan is then checked against autograd on the discovery batch (``Structured._check``): for every parameter,
 Σ_{n,o} R[n,o]·J[n,o] with the rules' per-sample Jacobians J and random weights R must equal autograd's gradient
-of Σ_{n,o} R[n,o]·f[n,o]. A parameter that fails (used in a way no hook sees: a parameter read in a parent's forward besides its
-module's call, a module called through ``forward`` of another) is moved to the generic rule of the whole model
-and checked again; a parameter that still fails makes the model unsupported, naming it.
+of Σ_{n,o} R[n,o]·f[n,o]. A parameter that fails (used in a way no hook sees: a parameter read in a parent's
+forward besides its module's call, a module called through ``forward`` of another) is moved to the generic rule
+of the whole model and checked again; a parameter that still fails makes the model unsupported, naming it.
 
 Recording (every call) touches only the planned modules, and removes what it adds. A layer with a rule has its
 ``forward`` wrapped (an instance attribute): the wrapper sees the input after forward pre-hooks and the layer's
@@ -735,10 +736,8 @@ def record(plan: Plan, model: nn.Module, x: torch.Tensor):
     return y, out
 
 
-def layer_costs(model: nn.Module, x_single: torch.Tensor, flops_of) -> list:
-    """The cost view of ``model`` on inputs shaped like ``x_single`` (one sample): [(rule class, ``Layer``)], the
-    plan discovered on that sample with each entry's rule turning its calls into cost records (``Rule.layers``).
-    ``flops_of(module)``: FLOPs of one forward of a module on one sample. Not checked against autograd and not
-    kept: the plugin's own plan is made, and checked, on its first batch."""
-    plan = discover(model, x_single)
+def layer_costs(plan: Plan, flops_of) -> list:
+    """The cost view of a plan (discovered on one sample): [(rule class, ``Layer``)], each entry's rule turning its
+    calls into cost records (``Rule.layers``). ``flops_of(module)``: FLOPs of one forward of a module on one
+    sample."""
     return [(type(e.rule), layer) for e in plan.entries for layer in e.rule.layers(e, flops_of)]

@@ -194,16 +194,18 @@ class Structured(NTKPlugin):
 
     def estimate(self, stats, n, m, mode, symmetric):
         """Forward + O-wide backward per side, then per layer its rule's cost (``Rule.estimate``, on the layers of
-        ``layers(stats)``); besides the FLOPs, the numbers the forward's operators write, (1 + 2·O) times per
+        ``cost_view(stats)``); besides the FLOPs, the numbers the forward's operators write, (1 + 2·O) times per
         sample, and the operators' count (``Estimate.traffic``, ``Estimate.ops``). Peak: G and the inputs of every
         layer, the largest Gram intermediate, the Jacobian blocks, the kernel."""
         from ..core.costs import Estimate, kernel_numel
 
+        view = self.cost_view(stats)
+        own = view.stats  # (the forward as structured runs it: attention rewritten where the model has any)
         o = stats.o
         side = n if symmetric else n + m
-        flops = side * (stats.fp_flops + 2 * o * stats.fp_flops)
+        flops = side * (own.fp_flops + 2 * o * own.fp_flops)
         gram_held, jac_held, patches, widths = 0, 0, 0, 0
-        for rule, layer in self.layers(stats):
+        for rule, layer in view.layers:
             cost = rule.estimate(layer, n, m, o, mode, symmetric)
             flops += cost.flops
             gram_held = max(gram_held, cost.gram_held)
@@ -211,29 +213,45 @@ class Structured(NTKPlugin):
             patches = max(patches, cost.patches)
             widths += cost.g_numbers
         inter = max(gram_held, 2 * jac_held)  # (the layers' J and their concatenation)
-        peak = side * (o * widths + stats.activations + patches) * stats.itemsize
+        peak = side * (o * widths + own.activations + patches) * stats.itemsize
         # The forward's memory-bound operators (norms, activations, depthwise convs, pooling) run again in the
         # O-wide backward of every sample, and each operator costs its dispatches whatever its size.
-        traffic = side * (1 + 2 * o) * stats.traffic
-        return Estimate(flops, peak + (inter + 2 * kernel_numel(n, m, o, mode)) * stats.itemsize, traffic, stats.ops)
+        traffic = side * (1 + 2 * o) * own.traffic
+        return Estimate(flops, peak + (inter + 2 * kernel_numel(n, m, o, mode)) * stats.itemsize, traffic, own.ops)
+
+    def layers(self, stats) -> list:
+        """[(rule class, ``costs.Layer``)]: ``cost_view(stats).layers``."""
+        return self.cost_view(stats).layers
 
     @staticmethod
-    def layers(stats) -> list:
-        """[(rule class, ``costs.Layer``)]: the cost records of the model ``stats`` were measured on, from the plan
-        discovered on their one sample (``plan.layer_costs``), computed once per stats. Where the plan cannot be
-        made (the model declines, or the stats outlived their model): the whole model as one generic layer, the
-        cost of its per-sample vjp."""
-        from ..core.costs import Layer
+    def cost_view(stats) -> "CostView":
+        """How structured sees the model ``stats`` were measured on, read once per stats (``ModelStats.view``):
+        its layers, from the plan discovered on their one sample (``plan.layer_costs``), and the stats of the
+        forward with the attention rewrites the plan needs (the stats themselves where it needs none). Where the
+        plan cannot be made (the model declines, or the stats outlived their model): the whole model as one generic
+        layer, the cost of its per-sample vjp."""
+        from ..core.costs import Layer, measure
 
         def read(model, x_single):
-            if model is None:
-                raise LookupError
-            return layer_costs(model, x_single, lambda module: stats.module_flops.get(module, 0) or stats.fp_flops)
+            if model is not None:
+                names = {mod: k for k, mod in model.named_modules()}
+                try:
+                    plan = discover(model, x_single)
+                    own = stats
+                    if plan.direct_softmax or plan.attention:
+                        with rewrites.needed(plan.direct_softmax, plan.attention):
+                            own = measure(model, x_single, rewrites.batchable)
 
-        try:
-            return stats.view("structured", read)
-        except (LookupError, UnsupportedModelError, RuntimeError, ValueError, TypeError):
-            return [(GenericRule, Layer("generic", 1, stats.p, 1, False, p=stats.p, flops=stats.fp_flops))]
+                    def flops_of(module):
+                        return own.module_flops.get(names.get(module), 0) or own.fp_flops
+
+                    return CostView(layer_costs(plan, flops_of), own)
+                except (UnsupportedModelError, RuntimeError, ValueError, TypeError):
+                    pass
+            return CostView([(GenericRule, Layer("generic", 1, stats.p, 1, False, p=stats.p, flops=stats.fp_flops))],
+                            stats)
+
+        return stats.view("structured", read)
 
     # -- the plan ----------------------------------------------------------------------------------------------
 
@@ -397,6 +415,15 @@ class Structured(NTKPlugin):
             dtype = next(p for p in model.parameters() if p.requires_grad).dtype
             return torch.zeros(kernel_shape(x1.shape[0], m, o, mode), dtype=dtype, device=x1.device)
         return total.result().detach()
+
+
+@dataclasses.dataclass(frozen=True)
+class CostView:
+    """What ``Structured.estimate`` reads of a model: ``layers``, [(rule class, ``costs.Layer``)] per planned call
+    (or entry), and ``stats``, the model's stats with its forward as structured runs it."""
+
+    layers: list
+    stats: object
 
 
 class StaleFactors(Exception):
