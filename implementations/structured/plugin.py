@@ -80,9 +80,9 @@ def _output_grads(y2, targets, retain_graph=False):
         return [g.unsqueeze(0) for g in got]
     basis = torch.eye(o, dtype=y2.dtype, device=y2.device).unsqueeze(1).expand(o, n, o)
     # Where one output's largest gradient has BACKWARD_CHUNK_FROM numbers or more, the outputs go in chunks of
-    # at most BACKWARD_CHUNK_NUMEL numbers: large convolution gradients ran faster in smaller batches (CPU time,
-    # alternating pairs: the tutorial CNN at N=16, 460k numbers per output, 0.92x with chunks of 2; resnet18 at
-    # 224x224, N=M=4, 1.13x faster in chunks of 1), while resnet18 at 32x32, N=M=8 (131k) lost 1.15x to two chunks.
+    # at most BACKWARD_CHUNK_NUMEL numbers: large convolution gradients ran faster in smaller batches, while
+    # gradients of about 10^5 numbers per output lost to chunking (paired CPU-time measurements on the tutorial
+    # CNN and resnet18).
     per_output = max(t.numel() for t in targets)
     fits = BACKWARD_CHUNK_NUMEL // max(per_output, 1) if per_output >= BACKWARD_CHUNK_FROM else o
     chunks = -(-o // max(1, min(o, fits)))
