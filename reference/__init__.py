@@ -28,6 +28,8 @@ import os
 import numpy as np
 import torch
 
+from ntk_bench.modes import MODES
+
 from .translate import UnsupportedOpError
 
 IMPLEMENTATIONS = ("jacobian_contraction", "ntk_vector_products", "structured_derivatives", "auto")
@@ -35,7 +37,8 @@ IMPLEMENTATIONS = ("jacobian_contraction", "ntk_vector_products", "structured_de
 # dominates (compiles 2-3x faster, runs 3-4x slower on the zoo's conv nets; README, "The reference").
 # Timed peers compile with XLA's defaults.
 QUICK_COMPILE = {"xla_backend_optimization_level": 0}
-_MODES = {"full": ((), ()), "trace": ((-1,), ()), "diagonal": ((), (-1,))}
+# neural-tangents' (trace_axes, diagonal_axes) for each of the interface's modes.
+_MODES = dict(zip(MODES, (((), ()), ((-1,), ()), ((), (-1,)))))
 
 
 # neural-tangents imports TensorFlow, whose C++ start-up logs errors about CUDA plugins at level 2; the level is
@@ -271,7 +274,7 @@ def kernel_fn(model: torch.nn.Module, example: torch.Tensor, implementation: str
         raise ValueError(f"unknown neural-tangents implementation {implementation!r}; "
                          f"valid: {', '.join(IMPLEMENTATIONS)}")
     if mode not in _MODES:
-        raise ValueError(f"unknown mode {mode!r}; valid modes: full, trace, diagonal")
+        raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
         raise ValueError(f"dtype must be float32 or float64, got {dtype}")
@@ -331,7 +334,7 @@ def ntk(model: torch.nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None
     from ntk_bench.implementations.core.kernels import reduce_full
 
     if mode not in _MODES:
-        raise ValueError(f"unknown mode {mode!r}; valid modes: full, trace, diagonal")
+        raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
     if x2 is not None and tuple(x2.shape[1:]) != tuple(x1.shape[1:]):
         raise ValueError(f"x1 and x2 have different per-sample shapes: {tuple(x1.shape[1:])} vs "
                          f"{tuple(x2.shape[1:])}")

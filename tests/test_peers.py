@@ -51,7 +51,7 @@ def _case(id, arch, modes=("full",), **params):
     return Case(id, arch, tuple(sorted(params.items())), modes=modes)
 
 
-ALL_MODES = ("full", "trace", "diagonal")
+ALL_MODES = implementations.MODES
 ZOO = [
     _case("mlp", "mlp", ALL_MODES, in_features=6, width=8, depth=2, out=3),
     _case("cnn-inplace", "cnn", ALL_MODES, channels=3, image=8, out=3, inplace=True),

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ntk_bench.modes import MODES
+
 from ..measurement import paired as paired_rounds
 from . import plots as figs
 from . import summary as answers
@@ -534,7 +536,7 @@ def plots_for(df: pd.DataFrame, out: Path) -> list[tuple[str, str]]:
     return made
 
 
-_MODE_ORDER = {"full": 0, "trace": 1, "diagonal": 2}
+_MODE_ORDER = {mode: i for i, mode in enumerate(MODES)}
 
 
 def _group_order(key: tuple) -> tuple:

@@ -59,7 +59,6 @@ FAST_OURS = ("jacobian_contraction", "ntk_vector_products", "explicit_mlp", "bac
              "structured", "auto")
 MODEL_IMPLS = [*FAST_OURS, *NT_PEERS, "laplace"]
 DTYPES = ("float32", "float64")
-MODES = ("full", "trace", "diagonal")
 
 
 class SweepError(ValueError):

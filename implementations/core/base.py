@@ -14,9 +14,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ...modes import MODES  # noqa: F401 - re-exported: the interface's modes
 from .estimate import Estimate, contraction_flops, jacobian_bytes, kernel_numel
 
-MODES = ("full", "trace", "diagonal")
 
 
 # The call machinery: ``core.engine`` sets this to itself when imported (the registry imports it), so the engine

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import torch
 
-MODES = ("full", "trace", "diagonal")
-
 
 def kernel_shape(n: int, m: int, o: int, mode: str) -> tuple[int, ...]:
     return {"full": (n, m, o, o), "trace": (n, m), "diagonal": (n, m, o)}[mode]

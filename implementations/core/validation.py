@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.modules.module import register_module_forward_pre_hook
 
 from .base import UnsupportedModelError
-from .kernels import MODES
+from .base import MODES
 from .modelinfo import describe, has_trainable_parameters, module_names, shape_keyed_cache, submodules
 
 
