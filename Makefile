@@ -42,8 +42,8 @@ lint-imports: $(DEPS)
 	rc=$$?; rm -rf $$d; exit $$rc
 
 test: $(DEPS) lint-imports
-	NTKBENCH_REQUIRE_REFERENCE=1 $(PYTHON) -m pytest -p no:cacheprovider --timeout=900 -q -n auto -m "not serial" tests
-	NTKBENCH_REQUIRE_REFERENCE=1 $(PYTHON) -m pytest -p no:cacheprovider --timeout=900 -q -m serial tests
+	NTK_BENCH_REQUIRE_REFERENCE=1 $(PYTHON) -m pytest -p no:cacheprovider --timeout=900 -q -n auto -m "not serial" tests
+	NTK_BENCH_REQUIRE_REFERENCE=1 $(PYTHON) -m pytest -p no:cacheprovider --timeout=900 -q -m serial tests
 
 # BENCH_ARGS: more options of `ntk-bench run`, e.g. BENCH_ARGS="--clock cpu" on a busy shared machine
 BENCH_ARGS ?=

@@ -42,11 +42,11 @@ def main() -> None:
     default_split = base.SYMMETRIC_SPLIT_MIN_ROWS, base.SYMMETRIC_SPLIT_MIN_ROWS_CAPTURED
     for name in ("structured", "explicit_mlp", "auto"):
         plugin = implementations.get(name)
-        os.environ["NTKBENCH_CUDA_GRAPHS"] = "0"
+        os.environ["NTK_BENCH_CUDA_GRAPHS"] = "0"
         eager = plugin.compute(model, x)
         for graphs in ("0", "1"):
             for split in default_split:
-                os.environ["NTKBENCH_CUDA_GRAPHS"] = graphs
+                os.environ["NTK_BENCH_CUDA_GRAPHS"] = graphs
                 base.SYMMETRIC_SPLIT_MIN_ROWS = base.SYMMETRIC_SPLIT_MIN_ROWS_CAPTURED = split
                 cuda_graphs.CACHE = cuda_graphs.GraphCache()  # a fresh capture for this threshold
                 out = plugin.compute(model, x)

@@ -5,7 +5,7 @@ then J1 J2ᵀ. Each peer either declines a model with the reason recorded in ``E
 1e-10 in every mode, with N ≠ M and x2 = None, and leaves the model as it found it; nngeometry's float64
 kernels of non-Linear layers are float32-accurate (``known_inexact``): there the error must be what its
 docstring says, and above the 1e-10 at which the runner calls a mismatch. A library that is not installed
-skips its tests. ``NTKBENCH_PEERS_REAL_MODELS=1`` adds torchvision's resnet18 and mobilenet_v3_small
+skips its tests. ``NTK_BENCH_PEERS_REAL_MODELS=1`` adds torchvision's resnet18 and mobilenet_v3_small
 (about a minute each on 2 cores).
 """
 
@@ -14,11 +14,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import os
 
 import pytest
 import torch
 from torch import nn
+
+from ntk_bench.envvars import env
 
 from ntk_bench import implementations
 from ntk_bench.bench.zoo import architectures
@@ -70,7 +71,7 @@ ZOO = [
     _case("mlp_tied-module", "mlp_tied", out=3, how="module"),
     _case("mlp_tied-weight", "mlp_tied", out=3, how="weight"),
 ]
-if os.environ.get("NTKBENCH_PEERS_REAL_MODELS") == "1":
+if env("PEERS_REAL_MODELS") == "1":
     ZOO += [_case("resnet18", "resnet18", image=16, out=2), _case("mobilenet_v3_small", "mobilenet_v3_small", out=2)]
 BY_ID = {c.id: c for c in ZOO}
 

@@ -14,7 +14,7 @@ of its output (the next replay overwrites it). The graph's memory pool holds the
 long as the graph is cached (at most ``MAX_GRAPHS_PER_MODEL`` per model and ``MAX_CACHED_BYTES_PER_MODEL`` of
 pools, least recently used dropped); ``last_replay_bytes`` says how much, for the runner's peak memory. A
 capture that fails (a model whose forward syncs with the host, say) is remembered, warned about once, and those
-calls run eagerly. ``NTKBENCH_CUDA_GRAPHS=0`` turns replay off.
+calls run eagerly. ``NTK_BENCH_CUDA_GRAPHS=0`` turns replay off.
 
 Costs: the first call is about three eager calls plus the capture; each later call one input copy, one
 launch and one output copy (N·M·O² numbers in full mode).
@@ -23,12 +23,13 @@ launch and one output copy (N·M·O² numbers in full mode).
 from __future__ import annotations
 
 import collections
-import os
 import warnings
 import weakref
 from typing import Callable
 
 import torch
+
+from ntk_bench.envvars import env
 
 from .modelinfo import submodules
 
@@ -122,7 +123,7 @@ class GraphCache:
 
     def applies(self, plugin, x1) -> bool:
         return (getattr(plugin, "capturable", False) and x1.device.type in self.devices
-                and os.environ.get("NTKBENCH_CUDA_GRAPHS", "1") != "0")
+                and env("CUDA_GRAPHS", "1") != "0")
 
     @staticmethod
     def small_enough(plugin, model, x1, x2, mode) -> bool:

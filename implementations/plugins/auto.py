@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import warnings
 import weakref
 from pathlib import Path
 from typing import Literal
 
 import torch
+
+from ntk_bench.envvars import env
 
 from ..core.base import NTKPlugin, UnsupportedModelError
 from ..core.costs import model_stats
@@ -100,7 +101,7 @@ def load_calibration(path: Path | None = None) -> dict:
     A file that is missing or fails the schema (``validate_calibration``) is not used: a warning says why in one
     line, and the packaged constants stand."""
     table = json.loads(CALIBRATION_FILE.read_text()) if CALIBRATION_FILE.exists() else {}
-    override = path or os.environ.get(CALIBRATION_ENV)
+    override = path or env(CALIBRATION_ENV)
     if override:
         source = f"{override} (from {CALIBRATION_ENV})" if not path else str(override)
         try:

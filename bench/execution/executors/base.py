@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import os
 import socket
 import time
 import traceback
 from pathlib import Path
+
+from ntk_bench.envvars import env
 
 from ...sweeps import Case, Problem
 
@@ -157,7 +158,7 @@ def run_job(wire: dict, run_dir: str | Path) -> dict:
             from ..kernel_matrix import run_band
 
             return run_band(job.payload)
-        gpu = os.environ.get("NTK_BENCH_GPU")
+        gpu = env("GPU")
         if job.kind == "paired":
             from ...measurement import paired
 
