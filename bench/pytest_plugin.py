@@ -75,7 +75,9 @@ def _run(request, plugin: str, prob, mode: str, dtype: str, device: str, budget_
 
     import torch
 
-    from .measurement import gate, measure
+    from ntk_bench.implementations.core.tolerances import tolerance
+
+    from .measurement import gate
     from .sweeps import Case, Problem
 
     if not isinstance(prob, Problem):
@@ -92,7 +94,7 @@ def _run(request, plugin: str, prob, mode: str, dtype: str, device: str, budget_
             pytest.fail(f"ntk_case: {plugin} on {prob.id}: {got['status']}: {got.get('error', '')}", pytrace=False)
         if got.row["status"] != "ok":
             pytest.fail(f"ntk_case: {plugin} on {prob.id}: kernel off by rel err {got.row['rel_err']:.3e} "
-                        f"(tolerance {measure.TOLERANCE[dtype]:g})", pytrace=False)
+                        f"(tolerance {tolerance(dtype):g})", pytrace=False)
         got.kernel = None
         try:
             benchmark = request.getfixturevalue("benchmark")

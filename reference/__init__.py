@@ -28,6 +28,7 @@ import os
 import numpy as np
 import torch
 
+from ntk_bench.implementations.core.tolerances import tolerance
 from ntk_bench.modes import MODES
 
 from .translate import UnsupportedOpError
@@ -118,7 +119,7 @@ def _torch_forward64(model: torch.nn.Module, example: torch.Tensor) -> tuple[np.
             try:
                 twin = copy.deepcopy(model).to(torch.float64)
             except Exception:  # a model that cannot be deep-copied: compare with its own precision
-                return model(example).detach().cpu().double().numpy(), 1e-4
+                return model(example).detach().cpu().double().numpy(), tolerance(torch.float32)
         out, lowest = _lowest_float_computed(twin, x)
         tol = max(FLOAT64_TOLERANCE, REDUCED_PRECISION_ULPS * torch.finfo(lowest).eps)
         return out.detach().cpu().numpy(), tol
@@ -193,7 +194,7 @@ def _check(model: torch.nn.Module, example: torch.Tensor, prog) -> str:
     return ""
 
 
-FLOAT64_TOLERANCE = 1e-10
+FLOAT64_TOLERANCE = tolerance(torch.float64)  # a float64 kernel is checked to this; the reference must be as good
 REDUCED_PRECISION_ULPS = 100  # a model casting to a lower precision: its forward and kernel are good to 100 eps
 
 

@@ -12,7 +12,8 @@ import torch
 from ntk_bench import implementations
 from conftest import DEVICES, reference_full, supported_model
 from ntk_bench.implementations.core.kernels import reduce_full
-from problems import ALL_PROBLEMS, FULL_MODE_ONLY, TOLERANCE, rel_err
+from ntk_bench.implementations.core.tolerances import tolerance
+from problems import ALL_PROBLEMS, FULL_MODE_ONLY, rel_err
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -46,7 +47,7 @@ def check_against_reference(plugin, problem, mode, dtype, device):
     assert k.shape == ref.shape
     assert k.dtype == dtype and k.device.type == torch.device(device).type
     err = rel_err(k, ref)
-    assert err <= TOLERANCE[dtype], f"{plugin.name} on {problem.id} ({mode}, {dtype}): rel err {err:.3e}"
+    assert err <= tolerance(dtype), f"{plugin.name} on {problem.id} ({mode}, {dtype}): rel err {err:.3e}"
     # The model is left as it was found.
     assert not model.training
     assert next(model.parameters()).grad is sentinel

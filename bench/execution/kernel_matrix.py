@@ -36,10 +36,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ntk_bench.implementations.core.tolerances import tolerance
+
 from ..store.kernel_store import KernelArray, KernelFileError, create, kernel_shape, open_kernel
 
 MAX_TILE = 1024  # a tile is a checkpoint: a kill loses at most the tiles in flight
-VERIFY_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _ATTRS_CHECKED = ("n", "m", "o", "mode", "dtype", "symmetric", "plugin", "model_fingerprint", "inputs_fingerprint",
                   "inputs2_fingerprint", "code_version", "tile")
@@ -605,7 +606,7 @@ def _verify(kernel: KernelArray, model, x1: Inputs, x2, mode, device, verify: in
     rng = random.Random(kernel.attrs["inputs_fingerprint"])
     chosen = [(0, 0)] + rng.sample([t for t in tiles if t != (0, 0)], min(verify, len(tiles) - 1))
     model64 = copy.deepcopy(model).to(device="cpu", dtype=torch.float64)
-    tol = VERIFY_TOLERANCE[DTYPES[kernel.attrs["dtype"]]]
+    tol = tolerance(kernel.attrs["dtype"])
     results, worst = [], 0.0
     for i, j in chosen:
         si, sj = kernel.tile_slices(i, j)

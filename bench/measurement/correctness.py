@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ntk_bench.implementations.core.kernels import reduce_full
+from ntk_bench.implementations.core.tolerances import tolerance
 
 from ..zoo import architectures
 from . import bruteforce
@@ -247,7 +248,7 @@ def check_kernel(plugin, problem: Problem, mode: str, dtype: str, device: str, r
         failures += [f"left the model or inputs changed: {c}" for c in as_found.changes()]
         if isinstance(kernel, torch.Tensor) and tuple(kernel.shape) == tuple(ref.shape):
             err = rel_err(kernel, ref)
-            tol = zoo.TOLERANCE[torch_dtype]
+            tol = tolerance(torch_dtype)
             if not err <= tol:
                 failures.insert(0, f"rel err {err:.2e} > {tol:g} against {result.reference}")
             result.message = f"rel err {err:.2e}" + (f" (reference: {note})" if note else "")
@@ -328,8 +329,8 @@ def check_untouched(plugin, how: str) -> CaseResult:
         failures += _kernel_problems(kernel, expected.shape, torch.float64, "cpu")
         if not failures:
             err = rel_err(kernel, expected)
-            if not err <= zoo.TOLERANCE[torch.float64]:
-                failures.append(f"rel err {err:.2e} > {zoo.TOLERANCE[torch.float64]:g} against the brute-force kernel")
+            if not err <= tolerance(torch.float64):
+                failures.append(f"rel err {err:.2e} > {tolerance(torch.float64):g} against the brute-force kernel")
         if failures:
             result.status, result.message = "failed", "; ".join(failures)
     except Exception as exc:

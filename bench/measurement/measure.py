@@ -27,13 +27,14 @@ from pathlib import Path
 
 import torch
 
+from ntk_bench.implementations.core import tolerances
+
 from ..zoo import architectures
 from ..store import safefs
 from . import sysinfo
 from ..store.rundir import write_atomic
 from ..sweeps import Case, Problem, build_architecture, kind_of
 
-TOLERANCE = {"float64": 1e-10, "float32": 1e-4}
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 REF_MAX_BLOCK = 64  # the reference covers the leading block of at most 64 x 64 samples ...
 REF_MAX_ENTRIES = 4_000_000  # ... and at most this many kernel entries (O = 100: 20 x 20 samples)
@@ -636,7 +637,7 @@ def _run_case(case: Case, run_dir: Path) -> dict:
         return row
     a, b = record["block"]
     rel, maxrel = agreement(kernel[:a, :b], kernels.reduce_full(ref, case.mode))
-    tolerance = max(TOLERANCE[case.dtype], record.get("tolerance") or 0.0)
+    tolerance = max(tolerances.tolerance(case.dtype), record.get("tolerance") or 0.0)
     row.update(reference=record["source"], ref_block=f"{a}x{b}", rel_err=rel, max_abs_err_rel_mean=maxrel,
                status="ok" if rel <= tolerance else "mismatch")
     if record.get("tolerance"):  # a reference only as precise as the model's own casts (float32 inside float64)

@@ -24,6 +24,7 @@ from torch.func import jacrev
 from ..core.base import NTKPlugin
 from ..core.declines import transform_declines
 from ..core.kernels import contract_jacobians
+from ..core.tolerances import tolerance
 from ..core.modelinfo import (
     _VMAP_FAILS,
     composite_attention,
@@ -44,7 +45,7 @@ def vmap_agrees(jac: dict, one_sample, x: torch.Tensor) -> bool:
     """Whether the vmapped Jacobians ``jac`` of the first and the last sample of ``x`` match ``one_sample(xi)``
     computed alone, to about the square root of the dtype's precision (a batching rule that mixes levels is off
     by far more; batched and looped kernels differ only in the order of their sums)."""
-    tol = torch.finfo(next(iter(jac.values())).dtype).eps ** 0.5
+    tol = tolerance(next(iter(jac.values())).dtype, "jacobian_batching")
     for i in sorted({0, x.shape[0] - 1}):
         alone = one_sample(x[i])
         diff = sum(float(torch.linalg.vector_norm(jac[k][i] - alone[k]) ** 2) for k in alone) ** 0.5
