@@ -272,7 +272,10 @@ def _model_spec(args) -> dict:
             inputs["range"] = args.input_range
         entry["inputs"] = inputs
     name = args.name or architectures.split_factory_ref(args.model)[1]
-    return {"name": name, "impls": sweeps.MODEL_IMPLS, "modes": [args.mode], "dtypes": [args.dtype], "devices": [args.device],
+    from ntk_bench import implementations
+
+    # the plugins and peers whose calls stay under a second on small models (the registry's tag "fast")
+    return {"name": name, "impls": implementations.names(None, tag="fast"), "modes": [args.mode], "dtypes": [args.dtype], "devices": [args.device],
             "time_budget_s": 0.3, "timeout_s": 300, "arch": [entry]}
 
 

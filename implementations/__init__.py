@@ -12,6 +12,10 @@ them, so listing and using the rest works where they are missing. Plugins from
 outside come through the ``ntk_bench.plugins`` entry point group (each entry
 point names a plugin object, or a module exposing ``plugin``) or
 ``load_module("package.module")``.
+
+Tags (``NTKPlugin.tags``) select plugins by role instead of by a list of names: ``names(tag="auto")`` are
+``auto``'s candidates, ``names(None, tag="neural_tangents")`` neural-tangents' implementations,
+``names(None, tag="fast")`` what ``ntk-bench run --model`` runs by default.
 """
 
 from __future__ import annotations
@@ -21,25 +25,28 @@ import importlib
 from .core import engine as _engine  # noqa: F401 - installs itself in core.base: plugin.compute runs through it
 from .core.base import MODES, NTKPlugin, UnsupportedModelError
 
-# name -> module that defines ``plugin``; the order is the order of the tables.
-_BUILTIN = {
-    "jacobian_contraction": "plugins.jacobian_contraction",
-    "ntk_vector_products": "plugins.ntk_vector_products",
-    "autograd_loop": "plugins.autograd_loop",
-    "explicit_mlp": "plugins.explicit_mlp",
-    "backpack_batchgrad": "plugins.backpack_batchgrad",
-    "backpack_sqrtggn": "plugins.backpack_sqrtggn",
-    "structured": "structured",
-    "auto": "plugins.auto",
+# name -> (module that defines ``plugin``, its tags: ``NTKPlugin.tags``); the order is the order of the tables.
+# Every list of plugin names elsewhere (auto's candidates, the neural-tangents peers, what ``run --model`` runs by
+# default) is read from here, by kind or by tag.
+_BUILTIN: dict[str, tuple[str, frozenset[str]]] = {
+    "jacobian_contraction": ("plugins.jacobian_contraction", frozenset({"auto", "fast"})),
+    "ntk_vector_products": ("plugins.ntk_vector_products", frozenset({"auto", "fast"})),
+    "autograd_loop": ("plugins.autograd_loop", frozenset({"auto"})),
+    "explicit_mlp": ("plugins.explicit_mlp", frozenset({"auto", "fast"})),
+    "backpack_batchgrad": ("plugins.backpack_batchgrad", frozenset({"auto", "fast"})),
+    "backpack_sqrtggn": ("plugins.backpack_sqrtggn", frozenset({"auto", "fast"})),
+    "structured": ("structured", frozenset({"auto", "fast"})),
+    "auto": ("plugins.auto", frozenset({"fast"})),
 }
-# Peers: other libraries' NTK routines (kind "peer").
-_BUILTIN_PEERS: dict[str, str] = {
-    **{n: "peers.neural_tangents" for n in
+# Peers: other libraries' NTK routines (kind "peer"). Of the PyTorch libraries only laplace-torch stays under
+# seconds a call on small CNNs (asdl, nngeometry and curvlinops took seconds on the tutorial CNN at N=8).
+_BUILTIN_PEERS: dict[str, tuple[str, frozenset[str]]] = {
+    **{n: ("peers.neural_tangents", frozenset({"neural_tangents", "fast"})) for n in
        ("nt_jacobian_contraction", "nt_ntk_vector_products", "nt_structured_derivatives")},
-    "asdl": "peers.asdl",
-    "nngeometry": "peers.nngeometry",
-    "curvlinops": "peers.curvlinops",
-    "laplace": "peers.laplace",
+    "asdl": ("peers.asdl", frozenset()),
+    "nngeometry": ("peers.nngeometry", frozenset()),
+    "curvlinops": ("peers.curvlinops", frozenset()),
+    "laplace": ("peers.laplace", frozenset({"fast"})),
 }
 _registered: dict[str, NTKPlugin] = {}
 _entry_points_loaded = False
@@ -92,14 +99,23 @@ def load_module(module: str) -> list[str]:
     return _register_object(mod, f"module {module!r}")
 
 
-def names(kind: str | None = "ours") -> list[str]:
-    """Registered plugin names, built-ins first: ``kind="ours"`` (the default), ``"peer"``, or None for all."""
+def names(kind: str | None = "ours", tag: str | None = None) -> list[str]:
+    """Registered plugin names, built-ins first: ``kind="ours"`` (the default), ``"peer"``, or None for all;
+    with ``tag``, only the plugins carrying it (``NTKPlugin.tags``)."""
     if kind is not None and kind not in KINDS:
         raise ValueError(f"unknown plugin kind {kind!r}; valid: {', '.join(KINDS)}")
     _load_entry_points()
     every = list(_BUILTIN) + list(_BUILTIN_PEERS) + [n for n in _registered if n not in _BUILTIN
                                                    and n not in _BUILTIN_PEERS]
-    return [n for n in every if kind is None or kind_of(n) == kind]
+    return [n for n in every if (kind is None or kind_of(n) == kind) and (tag is None or tag in tags_of(n))]
+
+
+def tags_of(name: str) -> frozenset[str]:
+    """The tags of the plugin called ``name`` (a built-in's without importing it)."""
+    builtin = _BUILTIN.get(name) or _BUILTIN_PEERS.get(name)
+    if builtin is not None:
+        return builtin[1]
+    return frozenset(getattr(get(name), "tags", ()))
 
 
 def kind_of(name: str) -> str:
@@ -112,14 +128,16 @@ def get(name: str) -> NTKPlugin:
     """The plugin called ``name``; an unknown name raises a KeyError listing the valid ones."""
     if name in _registered:
         return _registered[name]
-    module = _BUILTIN.get(name) or _BUILTIN_PEERS.get(name)
-    if module is None:
+    builtin = _BUILTIN.get(name) or _BUILTIN_PEERS.get(name)
+    if builtin is None:
         _load_entry_points()
         if name in _registered:
             return _registered[name]
         raise KeyError(f"unknown NTK plugin {name!r}; valid names: {', '.join(names(None))}")
+    module, tags = builtin
     mod = importlib.import_module(f".{module}", __name__)
     plugin = getattr(mod, name, None) or mod.plugin  # (a module defining several plugins names each)
+    plugin.tags = tags  # a built-in's tags are the table's
     _registered[name] = plugin
     return plugin
 
@@ -145,4 +163,4 @@ def unregister(name: str) -> None:
 
 
 __all__ = ["KINDS", "MODES", "NTKPlugin", "UnsupportedModelError", "get", "kind_of", "load_module", "names",
-           "register", "unregister"]
+           "register", "tags_of", "unregister"]

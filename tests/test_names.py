@@ -146,3 +146,42 @@ def test_the_inline_tolerance_check_finds_each_form(tmp_path):
     flagged = {f.split(": ", 1)[1] for f in _inline_tolerances(tmp_path)}
     forms = [f.splitlines()[0] for f in forms]
     assert flagged == set(forms)
+
+
+# -- the registry as the only list of plugin names --------------------------------------------------------------
+
+def test_registry_tags_select_auto_candidates_nt_peers_and_the_fast_set():
+    from ntk_bench import implementations
+
+    assert set(implementations.names(tag="auto")) == set(implementations.names()) - {"auto"}
+    nt = implementations.names(None, tag="neural_tangents")
+    assert nt == ["nt_jacobian_contraction", "nt_ntk_vector_products", "nt_structured_derivatives"]
+    assert all(implementations.kind_of(n) == "peer" for n in nt)
+    fast = implementations.names(None, tag="fast")
+    assert {"structured", "auto", "laplace", *nt} <= set(fast)
+    assert not set(fast) & {"autograd_loop", "asdl", "nngeometry", "curvlinops"}
+    assert implementations.get("structured").tags == implementations.tags_of("structured")
+
+
+def test_a_plugin_tagged_auto_joins_autos_candidates_after_the_built_ins():
+    from torch import nn
+
+    from ntk_bench import implementations
+    from ntk_bench.implementations.plugins import auto
+
+    class Mine(implementations.NTKPlugin):
+        name, tags = "mine_for_auto", frozenset({"auto"})
+
+        def _kernel(self, model, x1, x2, mode):
+            raise AssertionError("not called")
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    before = [p.name for p in auto.Auto._candidates(model)]
+    # the built-ins most specialised first (explicit_mlp takes this MLP)
+    assert before[:3] == ["explicit_mlp", "structured", "jacobian_contraction"]
+    implementations.register(Mine())
+    try:
+        assert [p.name for p in auto.Auto._candidates(model)] == [*before, "mine_for_auto"]
+        assert "mine_for_auto" not in implementations.names(tag="fast")
+    finally:
+        implementations.unregister("mine_for_auto")

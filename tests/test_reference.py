@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from conftest import reference_full
+
+from ntk_bench import implementations
 from problems import BY_ID, rel_err
 
 pytestmark = pytest.mark.usefixtures("nt_available")
@@ -278,7 +280,7 @@ def test_importing_the_reference_is_quiet_and_lazy():
 
 # -- neural-tangents as peers -------------------------------------------------------------------------------------
 
-PEERS = ["nt_jacobian_contraction", "nt_ntk_vector_products", "nt_structured_derivatives"]
+PEERS = implementations.names(None, tag="neural_tangents")
 
 
 @pytest.mark.parametrize("name,mode", list(zip(PEERS, ["full", "trace", "diagonal"])))

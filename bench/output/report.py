@@ -295,9 +295,7 @@ def _impl_order(df: pd.DataFrame) -> list[str]:
             order = implementations.names() + implementations.names("peer")
         except Exception:  # a broken third-party entry point must not stop a report
             order = list(figs._OURS)
-    from ..sweeps import NT_PEERS
-
-    order += [p for p in NT_PEERS if p not in order]
+    order += [p for p in figs.NEURAL_TANGENTS if p not in order]
     ours = [i for i in order if i in present and not figs.is_peer(i)]
     others = sorted(present - set(order))
     return ours + [i for i in others if not figs.is_peer(i)] + \

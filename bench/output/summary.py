@@ -19,7 +19,6 @@ import pandas as pd
 from ..measurement import paired
 from . import plots as figs
 from .plots import fmt_bytes, fmt_time
-from ..sweeps import NT_PEERS
 
 CASE_KEYS = ["config", "O", "mode", "dtype", "device", "budget", "size"]
 GROUP_KEYS = CASE_KEYS[:-1]
@@ -95,7 +94,7 @@ def verdict(rec: dict, df_case: pd.DataFrame | None = None) -> dict | None:
     use = min(ours, key=med.get)
     others = [i for i in med if i not in (use, "auto")]
     nxt = min(others, key=med.get) if others else None
-    nts = [i for i in med if i in NT_PEERS]
+    nts = [i for i in med if figs.is_neural_tangents(i)]
     nt = min(nts, key=med.get) if nts else None
     out = {"use": use, "next": nxt, "next_band": paired.ratio(rec, nxt, use) if nxt else None,
            "nt": nt, "nt_band": paired.ratio(rec, nt, use) if nt else None,

@@ -53,11 +53,9 @@ from typing import Any
 # neural-tangents' three implementations as peers (implementations/peers/neural_tangents.py).
 NT_PEERS = ("nt_jacobian_contraction", "nt_ntk_vector_products", "nt_structured_derivatives")
 # Our plugins but the autograd loop (one backward pass per sample and output: seconds a call from small models
-# on), neural-tangents' three, and the one PyTorch NTK library whose calls stay under seconds on small CNNs
-# (asdl, nngeometry and curvlinops took 2-8 s a call on the tutorial CNN at N=8): what --model runs by default.
+# on).
 FAST_OURS = ("jacobian_contraction", "ntk_vector_products", "explicit_mlp", "backpack_batchgrad", "backpack_sqrtggn",
              "structured", "auto")
-MODEL_IMPLS = [*FAST_OURS, *NT_PEERS, "laplace"]
 DTYPES = ("float32", "float64")
 
 

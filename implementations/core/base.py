@@ -42,6 +42,11 @@ class NTKPlugin:
     # "ours" (an algorithm of this project, one auto may pick) or "peer" (another library's routine, run as its
     # authors run it, for comparison)
     kind: str = "ours"
+    # Roles the registry selects plugins by (``implementations.names(tag=...)``), so that no list of names is written
+    # by hand: ``"auto"`` (``auto`` may pick it), ``"fast"`` (a call stays well under a second on small models: what
+    # ``ntk-bench run --model`` runs by default), ``"neural_tangents"`` (one of neural-tangents' implementations).
+    # A built-in plugin's tags are the registry table's; a plugin from outside sets its own.
+    tags: frozenset[str] = frozenset()
     # True where ``_kernel`` can be captured in a CUDA graph: no host syncs, no data-dependent shapes (cuda_graphs).
     capturable: bool = False
 

@@ -47,8 +47,11 @@ CALIBRATION_ENV = "NTK_BENCH_CALIBRATION"
 # Used for a plugin/device without fitted constants: 1 ms per call, 10 GFLOP/s (CPU) or 5 TFLOP/s (CUDA).
 DEFAULT_CONSTANTS = {"cpu": {"overhead_s": 1e-3, "s_per_flop": 1e-10}, "cuda": {"overhead_s": 1e-3, "s_per_flop": 2e-13}}
 TRIAL_WITHIN, TRIAL_UNDER_S = 3.0, 0.5
-CANDIDATES = ("explicit_mlp", "structured", "jacobian_contraction", "backpack_sqrtggn", "backpack_batchgrad",
-              "ntk_vector_products", "autograd_loop")
+# Auto's candidates are the registry's plugins tagged "auto". When the cost model cannot rank them (its measuring
+# forward failed) they are tried in this order, the more specialised first (they decline a model they cannot
+# handle at once and are the fastest where they apply); a candidate not named here comes after, in the registry's.
+TRY_FIRST = ("explicit_mlp", "structured", "jacobian_contraction", "backpack_sqrtggn", "backpack_batchgrad",
+             "ntk_vector_products", "autograd_loop")
 
 
 class CalibrationError(ValueError):
@@ -163,7 +166,9 @@ class Auto(NTKPlugin):
     def _candidates(model):
         from ntk_bench import implementations
 
-        return [implementations.get(n) for n in CANDIDATES if implementations.get(n).supports(model) is None]
+        names = implementations.names(tag="auto")
+        names.sort(key=lambda n: TRY_FIRST.index(n) if n in TRY_FIRST else len(TRY_FIRST))  # (stable: registry order)
+        return [implementations.get(n) for n in names if implementations.get(n).supports(model) is None]
 
     def predict(self, plugin, stats, n, m, mode, symmetric, device_type, budget) -> tuple[float, int]:
         """(predicted seconds, tile edge) for ``plugin`` on an N x M kernel under ``budget`` bytes."""
