@@ -1,6 +1,6 @@
 """The NTK plugin registry: ``names()`` lists the plugins, ``get(name)`` returns one.
 
-Two kinds share the registry: ``"ours"`` (this project's algorithms, the ones
+Two origins share the registry: ``"ours"`` (this project's algorithms, the ones
 ``auto`` chooses from) and ``"peer"`` (other libraries' NTK routines run the way
 their authors run them: neural-tangents, ASDL, nngeometry, curvlinops,
 laplace-torch), so that every row of a sweep, peers included, goes through the
@@ -21,13 +21,14 @@ Tags (``NTKPlugin.tags``) select plugins by role instead of by a list of names: 
 from __future__ import annotations
 
 import importlib
+import warnings
 
 from .core import engine as _engine  # noqa: F401 - installs itself in core.base: plugin.compute runs through it
 from .core.base import MODES, NTKPlugin, UnsupportedModelError
 
 # name -> (module that defines ``plugin``, its tags: ``NTKPlugin.tags``); the order is the order of the tables.
 # Every list of plugin names elsewhere (auto's candidates, the neural-tangents peers, what ``run --model`` runs by
-# default) is read from here, by kind or by tag.
+# default) is read from here, by origin or by tag.
 _BUILTIN: dict[str, tuple[str, frozenset[str]]] = {
     "jacobian_contraction": ("plugins.jacobian_contraction", frozenset({"auto", "fast"})),
     "ntk_vector_products": ("plugins.ntk_vector_products", frozenset({"auto", "fast"})),
@@ -38,7 +39,7 @@ _BUILTIN: dict[str, tuple[str, frozenset[str]]] = {
     "structured": ("structured", frozenset({"auto", "fast"})),
     "auto": ("plugins.auto", frozenset({"fast"})),
 }
-# Peers: other libraries' NTK routines (kind "peer"). Of the PyTorch libraries only laplace-torch stays under
+# Peers: other libraries' NTK routines (origin "peer"). Of the PyTorch libraries only laplace-torch stays under
 # seconds a call on small CNNs (asdl, nngeometry and curvlinops took seconds on the tutorial CNN at N=8).
 _BUILTIN_PEERS: dict[str, tuple[str, frozenset[str]]] = {
     **{n: ("peers.neural_tangents", frozenset({"neural_tangents", "fast"})) for n in
@@ -50,10 +51,12 @@ _BUILTIN_PEERS: dict[str, tuple[str, frozenset[str]]] = {
 }
 _registered: dict[str, NTKPlugin] = {}
 _entry_points_loaded = False
-KINDS = ("ours", "peer")
+ORIGINS = ("ours", "peer")
+KINDS = ORIGINS  # the name before ``kind`` became ``origin``
+_UNSET = object()
 
 
-def _builtin_kind(name: str) -> str:
+def _builtin_origin(name: str) -> str:
     return "peer" if name in _BUILTIN_PEERS else "ours"
 
 
@@ -99,15 +102,18 @@ def load_module(module: str) -> list[str]:
     return _register_object(mod, f"module {module!r}")
 
 
-def names(kind: str | None = "ours", tag: str | None = None) -> list[str]:
-    """Registered plugin names, built-ins first: ``kind="ours"`` (the default), ``"peer"``, or None for all;
-    with ``tag``, only the plugins carrying it (``NTKPlugin.tags``)."""
-    if kind is not None and kind not in KINDS:
-        raise ValueError(f"unknown plugin kind {kind!r}; valid: {', '.join(KINDS)}")
+def names(origin: str | None = "ours", tag: str | None = None, *, kind=_UNSET) -> list[str]:
+    """Registered plugin names, built-ins first: ``origin="ours"`` (the default), ``"peer"``, or None for all;
+    with ``tag``, only the plugins carrying it (``NTKPlugin.tags``). (``kind=``: the old name of ``origin``.)"""
+    if kind is not _UNSET:
+        warnings.warn("names(kind=...) is deprecated: pass origin=...", DeprecationWarning, stacklevel=2)
+        origin = kind
+    if origin is not None and origin not in ORIGINS:
+        raise ValueError(f"unknown plugin origin {origin!r}; valid: {', '.join(ORIGINS)}")
     _load_entry_points()
     every = list(_BUILTIN) + list(_BUILTIN_PEERS) + [n for n in _registered if n not in _BUILTIN
                                                    and n not in _BUILTIN_PEERS]
-    return [n for n in every if (kind is None or kind_of(n) == kind) and (tag is None or tag in tags_of(n))]
+    return [n for n in every if (origin is None or origin_of(n) == origin) and (tag is None or tag in tags_of(n))]
 
 
 def tags_of(name: str) -> frozenset[str]:
@@ -118,10 +124,17 @@ def tags_of(name: str) -> frozenset[str]:
     return frozenset(getattr(get(name), "tags", ()))
 
 
-def kind_of(name: str) -> str:
+def origin_of(name: str) -> str:
+    """``"ours"`` or ``"peer"``: where the plugin called ``name`` comes from (a built-in's without importing it)."""
     if name in _BUILTIN or name in _BUILTIN_PEERS:
-        return _builtin_kind(name)
-    return getattr(get(name), "kind", "ours")
+        return _builtin_origin(name)
+    return getattr(get(name), "origin", "ours")
+
+
+def kind_of(name: str) -> str:
+    """Deprecated name of :func:`origin_of`."""
+    warnings.warn("implementations.kind_of is deprecated: use origin_of", DeprecationWarning, stacklevel=2)
+    return origin_of(name)
 
 
 def get(name: str) -> NTKPlugin:
@@ -148,8 +161,8 @@ def register(plugin: NTKPlugin) -> NTKPlugin:
         raise TypeError(f"a plugin must be an NTKPlugin, got {type(plugin).__name__}")
     if not plugin.name:
         raise ValueError("a plugin needs a non-empty name")
-    if getattr(plugin, "kind", "ours") not in KINDS:
-        raise ValueError(f"plugin {plugin.name!r} has kind {plugin.kind!r}; valid: {', '.join(KINDS)}")
+    if getattr(plugin, "origin", "ours") not in ORIGINS:
+        raise ValueError(f"plugin {plugin.name!r} has origin {plugin.origin!r}; valid: {', '.join(ORIGINS)}")
     if plugin.name in _BUILTIN or plugin.name in _BUILTIN_PEERS or plugin.name in _registered:
         raise ValueError(f"a plugin named {plugin.name!r} is already registered")
     _registered[plugin.name] = plugin
@@ -162,5 +175,5 @@ def unregister(name: str) -> None:
     _registered.pop(name, None)
 
 
-__all__ = ["KINDS", "MODES", "NTKPlugin", "UnsupportedModelError", "get", "kind_of", "load_module", "names",
-           "register", "tags_of", "unregister"]
+__all__ = ["KINDS", "MODES", "ORIGINS", "NTKPlugin", "UnsupportedModelError", "get", "kind_of", "load_module",
+           "names", "origin_of", "register", "tags_of", "unregister"]

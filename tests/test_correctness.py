@@ -1,7 +1,7 @@
 """Every registered plugin (ours and the peers) against neural-tangents, on every zoo problem it supports, the real
 models included, in every mode.
 
-Registering a plugin adds it here: the parametrisation reads ``implementations.names(kind=None)``.
+Registering a plugin adds it here: the parametrisation reads ``implementations.names(origin=None)``.
 """
 
 from __future__ import annotations
@@ -66,8 +66,8 @@ def _cases():
     trace and diagonal (reductions of its full kernel, or its own axes) on the harness's small problems."""
     from problems import PROBLEMS
 
-    for plugin_name in implementations.names(kind=None):
-        peer = implementations.kind_of(plugin_name) == "peer"
+    for plugin_name in implementations.names(origin=None):
+        peer = implementations.origin_of(plugin_name) == "peer"
         nt = plugin_name.startswith("nt_")
         for problem in ALL_PROBLEMS:
             if nt and problem not in PROBLEMS:

@@ -156,7 +156,7 @@ def test_registry_tags_select_auto_candidates_nt_peers_and_the_fast_set():
     assert set(implementations.names(tag="auto")) == set(implementations.names()) - {"auto"}
     nt = implementations.names(None, tag="neural_tangents")
     assert nt == ["nt_jacobian_contraction", "nt_ntk_vector_products", "nt_structured_derivatives"]
-    assert all(implementations.kind_of(n) == "peer" for n in nt)
+    assert all(implementations.origin_of(n) == "peer" for n in nt)
     fast = implementations.names(None, tag="fast")
     assert {"structured", "auto", "laplace", *nt} <= set(fast)
     assert not set(fast) & {"autograd_loop", "asdl", "nngeometry", "curvlinops"}
@@ -185,3 +185,21 @@ def test_a_plugin_tagged_auto_joins_autos_candidates_after_the_built_ins():
         assert "mine_for_auto" not in implementations.names(tag="fast")
     finally:
         implementations.unregister("mine_for_auto")
+
+
+def test_a_plugins_origin_and_its_deprecated_name_kind():
+    from ntk_bench import implementations
+
+    assert implementations.get("asdl").origin == "peer" and implementations.get("structured").origin == "ours"
+    assert implementations.origin_of("nt_jacobian_contraction") == "peer"
+    with pytest.warns(DeprecationWarning, match="origin"):
+        assert implementations.get("asdl").kind == "peer"
+    with pytest.warns(DeprecationWarning, match="origin_of"):
+        assert implementations.kind_of("asdl") == "peer"
+    with pytest.warns(DeprecationWarning, match="origin"):
+        assert implementations.names(kind="peer") == implementations.names("peer")
+
+    with pytest.warns(DeprecationWarning, match=r"Old\.kind is deprecated: set origin = 'peer'"):
+        class Old(implementations.NTKPlugin):  # a plugin written before kind became origin
+            name, kind = "old_style_peer", "peer"
+    assert Old().origin == "peer"

@@ -154,7 +154,7 @@ def _assert_same_state(before, after):
 def test_the_peers_are_registered_as_peers():
     assert set(PEERS) <= set(implementations.names("peer"))
     assert not set(PEERS) & set(implementations.names("ours"))
-    assert all(implementations.kind_of(n) == "peer" and implementations.get(n).kind == "peer" for n in PEERS)
+    assert all(implementations.origin_of(n) == "peer" and implementations.get(n).origin == "peer" for n in PEERS)
 
 
 @pytest.mark.parametrize("case_id", list(BY_ID))

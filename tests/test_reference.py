@@ -289,7 +289,7 @@ def test_peers_compute_the_reference(name, mode):
     from ntk_bench.implementations.core.kernels import reduce_full
 
     plugin = implementations.get(name)
-    assert plugin.kind == "peer" and implementations.kind_of(name) == "peer"
+    assert plugin.origin == "peer" and implementations.origin_of(name) == "peer"
     p = BY_ID["cnn-O4-N2M3"]
     x1, x2 = p.inputs()
     k = plugin.compute(p.model(), x1, x2, mode=mode)

@@ -23,7 +23,7 @@ from zoo_extra import EXTRA_MODELS, plain
 
 from ntk_bench import implementations
 
-PLUGINS = [n for n in implementations.names(kind=None) if not n.startswith("nt_")]
+PLUGINS = [n for n in implementations.names(origin=None) if not n.startswith("nt_")]
 # Models whose float64 forward computes a part in float32 (T5LayerNorm's variance): every method's kernel is then
 # defined only to about float32's precision, each rounding differently.
 FLOAT32_INSIDE = {"hf-t5-encoder"}

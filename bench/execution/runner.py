@@ -198,13 +198,13 @@ def _call_seconds(case: Case, info, auto) -> float:
     guesses = []
     for name in names:
         try:
-            plugin = implementations.get(name if sweeps.kind_of(name) == "ours" else "jacobian_contraction")
+            plugin = implementations.get(name if sweeps.origin_of(name) == "ours" else "jacobian_contraction")
             guesses.append(auto.predict(plugin, info.stats, p.n, p.M, case.mode, p.m is None, device, budget)[0])
         except Exception:  # a plugin the cost model cannot cost on this model: leave it out
             continue
     if not guesses:
         return case.time_budget_s
-    return min(guesses) * (PEER_CALL_FACTOR.get(case.impl, 3) if sweeps.kind_of(case.impl) == "peer" else 1)
+    return min(guesses) * (PEER_CALL_FACTOR.get(case.impl, 3) if sweeps.origin_of(case.impl) == "peer" else 1)
 
 
 def _auto():
@@ -493,7 +493,7 @@ def _schedule(cases, todo, latest, out_dir, executor, results, summary, reporter
     group_times: dict[tuple, dict[str, float]] = {}  # our plugins' ok times so far, per group
 
     def note_time(case: Case, row: dict) -> None:
-        if case.impl != "auto" and sweeps.kind_of(case.impl) == "ours" and row.get("status") == "ok" \
+        if case.impl != "auto" and sweeps.origin_of(case.impl) == "ours" and row.get("status") == "ok" \
                 and not row.get("blocked_after_oom") and row.get("time_median_s") is not None:
             group_times.setdefault(_group(case), {})[case.impl] = row["time_median_s"]
 
@@ -512,7 +512,7 @@ def _schedule(cases, todo, latest, out_dir, executor, results, summary, reporter
         ref_timeout[c.problem.id] = max(ref_timeout.get(c.problem.id, 0.0), c.timeout_s)
     todo_ids = {c.id for c in todo}
     waits_for = {c.id: {o.id for o in todo if o.id != c.id and _group(o) == _group(c) and o.impl != "auto"
-                        and sweeps.kind_of(o.impl) == "ours"} if c.impl == "auto" else set() for c in todo}
+                        and sweeps.origin_of(o.impl) == "ours"} if c.impl == "auto" else set() for c in todo}
     finished: set[str] = set()
     queue = list(todo)
     ref_queue = [p for p in refs_needed.values() if p is not None]
@@ -589,7 +589,7 @@ def _schedule(cases, todo, latest, out_dir, executor, results, summary, reporter
             return
         case: Case = obj
         if row.get("oom_killed") and not case.retry_blocked and case.memory_budget_bytes is None \
-                and sweeps.kind_of(case.impl) != "peer" and not state.stop_requested:
+                and sweeps.origin_of(case.impl) != "peer" and not state.stop_requested:
             reporter.note(f"{case.id}: {row.get('error')}; running it again blocked under a budget that "
                           "fits this worker's memory limit", logging.INFO)
             retry = dataclasses.replace(case, retry_blocked=True)

@@ -33,7 +33,7 @@ from ..zoo import architectures
 from ..store import safefs
 from . import sysinfo
 from ..store.rundir import write_atomic
-from ..sweeps import Case, Problem, build_architecture, kind_of
+from ..sweeps import Case, Problem, build_architecture, origin_of
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 REF_MAX_BLOCK = 64  # the reference covers the leading block of at most 64 x 64 samples ...
@@ -456,7 +456,7 @@ def case_fields(case: Case) -> dict:
     """The columns of a result row that the case alone determines."""
     problem = case.problem
     fields = {
-        "case_id": case.id, "impl": case.impl, "kind": kind_of(case.impl), "arch": problem.arch,
+        "case_id": case.id, "impl": case.impl, "kind": origin_of(case.impl), "arch": problem.arch,
         "arch_params": json.dumps(dict(problem.arch_params), sort_keys=True),
         "N": problem.n, "M": problem.M, "x2": "x1" if problem.m is None else "separate",
         "mode": case.mode, "dtype": case.dtype, "device": case.device,
@@ -571,7 +571,7 @@ def _run_case(case: Case, run_dir: Path) -> dict:
         predicted_vp_flops=n * m * o * fp,
         kernel_bytes=math.prod(kernels.kernel_shape(n, m, o, case.mode)) * x1.element_size(),
     )
-    peer = kind_of(case.impl) == "peer"
+    peer = origin_of(case.impl) == "peer"
     budget = case.memory_budget_bytes
     if case.retry_blocked and budget is None and not peer:
         row["blocked_after_oom"] = True

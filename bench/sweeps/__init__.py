@@ -503,16 +503,16 @@ def all_impls() -> list[str]:
     return implementations.names("ours") + implementations.names("peer")
 
 
-def kind_of(impl: str) -> str:
-    """"ours" or "peer" (the registry's kind)."""
+def origin_of(impl: str) -> str:
+    """"ours" or "peer" (the registry's origin)."""
     from ntk_bench import implementations
 
-    return implementations.kind_of(impl)
+    return implementations.origin_of(impl)
 
 
 def _order(impl: str) -> int:
     """Ours first, then auto (timed against the fastest of them), then the peers."""
-    return 2 if kind_of(impl) == "peer" else 1 if impl == "auto" else 0
+    return 2 if origin_of(impl) == "peer" else 1 if impl == "auto" else 0
 
 
 def expand(spec: dict, impls_override: list[str] | None = None, base_dir: str | Path | None = None) -> list[Case]:

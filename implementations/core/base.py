@@ -9,6 +9,7 @@ mode on, a model whose output is (N, O), and returns a kernel in the mode's shap
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -39,9 +40,9 @@ class NTKPlugin:
     """One algorithm for the empirical NTK Θ(x1, x2) = J(x1) J(x2)ᵀ."""
 
     name: str = ""
-    # "ours" (an algorithm of this project, one auto may pick) or "peer" (another library's routine, run as its
-    # authors run it, for comparison)
-    kind: str = "ours"
+    # Where the algorithm comes from: "ours" (this project's) or "peer" (another library's routine, run as its
+    # authors run it, for comparison). (Once called ``kind``, which still reads and sets it, with a warning.)
+    origin: str = "ours"
     # Roles the registry selects plugins by (``implementations.names(tag=...)``), so that no list of names is written
     # by hand: ``"auto"`` (``auto`` may pick it), ``"fast"`` (a call stays well under a second on small models: what
     # ``ntk-bench run --model`` runs by default), ``"neural_tangents"`` (one of neural-tangents' implementations).
@@ -49,6 +50,26 @@ class NTKPlugin:
     tags: frozenset[str] = frozenset()
     # True where ``_kernel`` can be captured in a CUDA graph: no host syncs, no data-dependent shapes (cuda_graphs).
     capturable: bool = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        legacy = cls.__dict__.get("kind")
+        if isinstance(legacy, str):  # a plugin written before ``kind`` became ``origin``
+            warnings.warn(f"{cls.__name__}.kind is deprecated: set origin = {legacy!r} instead", DeprecationWarning,
+                          stacklevel=2)
+            cls.origin = legacy
+            del cls.kind  # the alias below reads origin
+
+    @property
+    def kind(self) -> str:
+        """Deprecated alias of :attr:`origin` (stored rows keep their ``kind`` field)."""
+        warnings.warn("NTKPlugin.kind is deprecated: read origin instead", DeprecationWarning, stacklevel=2)
+        return self.origin
+
+    @kind.setter
+    def kind(self, value: str) -> None:
+        warnings.warn("NTKPlugin.kind is deprecated: set origin instead", DeprecationWarning, stacklevel=2)
+        self.origin = value
 
     def supports(self, model: nn.Module) -> str | None:
         """None when this plugin can handle ``model``, otherwise the reason it cannot."""
