@@ -239,7 +239,7 @@ class _InterruptAfter(InlineExecutor):
         self.k, self.cases = k, 0
 
     def submit(self, job):
-        if job.kind == "case":
+        if job.task == "case":
             if self.cases == self.k:
                 raise KeyboardInterrupt
             self.cases += 1
