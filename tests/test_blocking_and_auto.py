@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ntk_bench import implementations
-from ntk_bench.implementations.core.blocking import tile_size
+from ntk_bench.implementations.core.tiling import tile_size
 from ntk_bench.implementations.core.costs import model_stats
 from conftest import supported_model
 from problems import BY_ID, rel_err

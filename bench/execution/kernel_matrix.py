@@ -3,7 +3,7 @@
     K = kernel_matrix(model, X1, mode="trace", out="K.zarr")     # X1: tensor, array or Dataset
     K[:10, :10]                                                    # numpy reads; open_kernel("K.zarr") later
 
-The kernel is cut into square tiles sized from the memory budget and the plugin's cost model (``blocking``'s
+The kernel is cut into square tiles sized from the memory budget and the plugin's cost model (``tiling``'s
 tile rule); x2 = None stores the upper triangle only (``kernel_store`` mirrors it on read). A task is one row
 band: the tiles (I, J) of row block I that are missing. Tasks run in this process (``executor=None``) or on the
 runner's executors (local workers pinned to cores, one per GPU, Ray, SLURM via submitit), which need the model
@@ -188,7 +188,7 @@ def _tile_kernel(plugin, model, xa, xb, mode, device, dtype, depth: int = 0) -> 
         top = torch.cat([_tile_kernel(plugin, model, a, None, mode, device, dtype, depth + 1),
                          _tile_kernel(plugin, model, a, b, mode, device, dtype, depth + 1)], dim=1)
         br = _tile_kernel(plugin, model, b, None, mode, device, dtype, depth + 1)
-        from ntk_bench.implementations.core.blocking import _mirror
+        from ntk_bench.implementations.core.tiling import _mirror
 
         bottom = torch.cat([_mirror(top[:, h:], mode), br], dim=1)
         return torch.cat([top, bottom], dim=0)
@@ -341,7 +341,7 @@ def _pick(impl, model, x1: Inputs, x2: Inputs | None, mode, device, dtype, budge
 
 
 def _tile_edge(plugin, model, x1: Inputs, x2: Inputs | None, mode, device, dtype, budget) -> int:
-    from ntk_bench.implementations.core.blocking import tile_size
+    from ntk_bench.implementations.core.tiling import tile_size
     from ntk_bench.implementations.core.costs import model_stats
 
     x = x1.rows(slice(0, 1)).to(device)

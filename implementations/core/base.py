@@ -2,7 +2,7 @@
 
 A plugin subclasses :class:`NTKPlugin`, sets ``name``, and implements ``_kernel(model, x1, x2, mode)``
 (optionally ``supports``, ``estimate``). ``compute`` runs the whole call through ``engine``: validation, the
-refusal of ill-defined models, planning (memory budget and tiles, CUDA-graph replay), the kernel, and the
+refusal of ill-defined models, dispatch (memory budget and tiles, CUDA-graph replay), the kernel, and the
 checks of its result, leaving the caller's model as it was found. So ``_kernel`` sees detached inputs, grad
 mode on, a model whose output is (N, O), and returns a kernel in the mode's shape.
 """
@@ -95,9 +95,9 @@ class NTKPlugin:
 
     def dispatch(self, model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None, mode: str,
                  memory_budget_bytes: int | None) -> torch.Tensor:
-        """The planning step of a validated call: tiles under a budget, a replayed CUDA graph, or ``_kernel``
+        """The dispatch step of a validated call: tiles under a budget, a replayed CUDA graph, or ``_kernel``
         (``auto`` overrides it to pick a plugin)."""
-        return _the_engine().plan_and_run(self, model, x1, x2, mode, memory_budget_bytes)
+        return _the_engine().dispatch(self, model, x1, x2, mode, memory_budget_bytes)
 
     def with_budget(self, memory_budget_bytes: int) -> "NTKPlugin":
         """This plugin, for a call under a memory budget (plugins that tile internally override it)."""

@@ -11,7 +11,7 @@ embedding width), "norm" (eval BatchNorm, LayerNorm, GroupNorm, RMSNorm: S posit
 nearest called module above them: P of its parameters, ``flops`` of one forward of that module), "tap" (such
 parameters when each is read only by single operations with one output: S = their outputs' numbers), and
 "linear" again for those read only as ``F.linear``'s weight and bias (MultiheadAttention's projections).
-Plugins turn these into an :class:`Estimate` (FLOPs and peak bytes) for a block of N x M samples; blocking
+Plugins turn these into an :class:`Estimate` (FLOPs and peak bytes) for a block of N x M samples; tiling
 and ``auto`` decide from those estimates.
 """
 

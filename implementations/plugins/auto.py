@@ -172,7 +172,7 @@ class Auto(NTKPlugin):
 
     def predict(self, plugin, stats, n, m, mode, symmetric, device_type, budget) -> tuple[float, int]:
         """(predicted seconds, tile edge) for ``plugin`` on an N x M kernel under ``budget`` bytes."""
-        from ..core.blocking import tile_size
+        from ..core.tiling import tile_size
 
         c = self.calibration.get(device_type, {}).get(plugin.name, DEFAULT_CONSTANTS[device_type])
         b = tile_size(plugin.with_budget(budget), stats, n, m, mode, budget, symmetric)

@@ -1,4 +1,4 @@
-"""Blocking: any plugin computes a kernel larger than memory allows, tile by tile.
+"""Tiling: any plugin computes a kernel larger than memory allows, tile by tile.
 
 x1 × x2 is cut into square tiles, as large as the plugin's memory estimate
 allows under the budget, with a ragged last tile (no divisibility rules). For
@@ -39,7 +39,7 @@ def tile_size(plugin, stats, n: int, m: int, mode: str, budget: int, symmetric: 
                       f"even a 1 x 1 tile needs about {need:.3g}")
 
 
-def blocked_kernel(plugin, model, x1, x2, mode: str, budget: int) -> torch.Tensor:
+def tiled_kernel(plugin, model, x1, x2, mode: str, budget: int) -> torch.Tensor:
     stats = model_stats(model, x1[:1])
     symmetric = x2 is None
     xb = x1 if symmetric else x2
