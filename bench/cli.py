@@ -372,7 +372,7 @@ def _cmd_run(args) -> int:
         log.error("cannot start the %s executor: %s: %s", args.executor, type(exc).__name__,
                   str(exc).strip().splitlines()[0] if str(exc).strip() else "")
         return EXIT_USAGE
-    from .execution.plan import announce
+    from .execution.forecast import announce
 
     announce(cases, models, executor.slots, out, args.resume)
     try:
