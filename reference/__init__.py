@@ -332,7 +332,7 @@ def ntk(model: torch.nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None
     conv nets: 2-3x faster to compile, 3-4x slower to run). Raises UnsupportedOpError (with the reason) for a
     model the translation cannot reproduce.
     """
-    from ntk_bench.implementations.core.kernels import reduce_full
+    from ntk_bench.implementations.core.contractions import reduce_full
 
     if mode not in _MODES:
         raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")

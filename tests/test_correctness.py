@@ -11,7 +11,7 @@ import torch
 
 from ntk_bench import implementations
 from conftest import DEVICES, reference_full, supported_model
-from ntk_bench.implementations.core.kernels import reduce_full
+from ntk_bench.implementations.core.contractions import reduce_full
 from ntk_bench.implementations.core.tolerances import tolerance
 from problems import ALL_PROBLEMS, FULL_MODE_ONLY, rel_err
 

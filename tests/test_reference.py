@@ -77,7 +77,7 @@ def test_neural_tangents_implementations_agree(problem, implementation):
 def test_native_modes_match_the_reduced_full_kernel(mode):
     """neural-tangents' own trace_axes/diagonal_axes (used when timing it as a peer) mean what ours mean."""
     from ntk_bench import reference
-    from ntk_bench.implementations.core.kernels import reduce_full
+    from ntk_bench.implementations.core.contractions import reduce_full
 
     p = BY_ID["mlp-relu-O3-N4M3"]
     x1, x2 = p.inputs()
@@ -286,7 +286,7 @@ PEERS = implementations.names(None, tag="neural_tangents")
 @pytest.mark.parametrize("name,mode", list(zip(PEERS, ["full", "trace", "diagonal"])))
 def test_peers_compute_the_reference(name, mode):
     from ntk_bench import implementations
-    from ntk_bench.implementations.core.kernels import reduce_full
+    from ntk_bench.implementations.core.contractions import reduce_full
 
     plugin = implementations.get(name)
     assert plugin.origin == "peer" and implementations.origin_of(name) == "peer"

@@ -38,7 +38,7 @@ def test_structured_declines_at_run_time_a_module_mixing_samples():
 @pytest.mark.parametrize("plugin_name", ["structured", "explicit_mlp"])
 def test_symmetric_kernels_from_three_blocks_equal_the_plain_sum(plugin_name, problem_id, monkeypatch):
     """x2 = None: the upper blocks computed and the lower-left mirrored give the same kernel, odd N included."""
-    from ntk_bench.implementations.core import kernels as base
+    from ntk_bench.implementations.core import contractions as base
     from problems import BY_ID
 
     from conftest import supported_model
@@ -75,7 +75,7 @@ def test_output_layer_shortcut_matches_jacobian_contraction(plugin_name, layers,
 @pytest.mark.parametrize("mode", implementations.MODES)
 def test_identity_gram_as_first_or_later_term(mode):
     """KernelSum.add_identity_gram adds xx[n, m]·δ_op whether or not a term came before it."""
-    from ntk_bench.implementations.core.kernels import KernelSum, reduce_full
+    from ntk_bench.implementations.core.contractions import KernelSum, reduce_full
 
     g = torch.Generator().manual_seed(0)
     n, m, o, c = 3, 4, 2, 5
@@ -95,7 +95,7 @@ def test_identity_gram_as_first_or_later_term(mode):
 def test_jacobian_blocks_in_either_row_order_and_symmetric_halves(rows):
     """KernelSum.add_jacobians gives J1 J2ᵀ for (N, O, P) blocks stored as (N, O, P) or as views of (O, N, P)
     (linear_jacobian's layout), mixed, and for a symmetric kernel (J2 is J1) from its upper blocks."""
-    from ntk_bench.implementations.core.kernels import KernelSum
+    from ntk_bench.implementations.core.contractions import KernelSum
 
     n, o, p = rows
     g = torch.Generator().manual_seed(0)

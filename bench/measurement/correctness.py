@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ntk_bench.implementations.core.kernels import reduce_full
+from ntk_bench.implementations.core.contractions import reduce_full
 from ntk_bench.implementations.core.tolerances import tolerance
 
 from ..zoo import architectures

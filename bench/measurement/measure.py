@@ -548,7 +548,7 @@ def _run_case(case: Case, run_dir: Path) -> dict:
     runner retries after the kernel's OOM killer ended it (``case.retry_blocked``), computes blocked under a
     budget that respects this process's memory limits (``blocked_after_oom``).
     """
-    from ntk_bench.implementations.core import kernels
+    from ntk_bench.implementations.core import contractions
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -569,7 +569,7 @@ def _run_case(case: Case, run_dir: Path) -> dict:
         O=o, P=p, fp_flops=fp,
         predicted_jc_flops=(n + (0 if problem.m is None else m)) * o * fp + n * m * o * o * p,
         predicted_vp_flops=n * m * o * fp,
-        kernel_bytes=math.prod(kernels.kernel_shape(n, m, o, case.mode)) * x1.element_size(),
+        kernel_bytes=math.prod(contractions.kernel_shape(n, m, o, case.mode)) * x1.element_size(),
     )
     peer = origin_of(case.impl) == "peer"
     budget = case.memory_budget_bytes
@@ -636,7 +636,7 @@ def _run_case(case: Case, run_dir: Path) -> dict:
         row.update(status="unchecked", reference="none", error=f"not checked: {why}"[:500])
         return row
     a, b = record["block"]
-    rel, maxrel = agreement(kernel[:a, :b], kernels.reduce_full(ref, case.mode))
+    rel, maxrel = agreement(kernel[:a, :b], contractions.reduce_full(ref, case.mode))
     tolerance = max(tolerances.tolerance(case.dtype), record.get("tolerance") or 0.0)
     row.update(reference=record["source"], ref_block=f"{a}x{b}", rel_err=rel, max_abs_err_rel_mean=maxrel,
                status="ok" if rel <= tolerance else "mismatch")

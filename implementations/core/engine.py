@@ -27,7 +27,7 @@ from torch import nn
 from . import base as _base
 from .base import NTKPlugin, UnsupportedModelError
 from .input_errors import named_input_errors
-from .kernels import kernel_shape
+from .contractions import kernel_shape
 from .locking import model_claimed
 from .state import dense_gradients, preserved
 from .validation import (budget_bytes, output_spec, probe_forward, refuse_ill_defined_modules,

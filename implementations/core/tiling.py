@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import kernel_shape
+from .contractions import kernel_shape
 from .costs import kernel_numel, model_stats
 
 

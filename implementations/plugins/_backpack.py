@@ -10,7 +10,7 @@ import warnings
 import torch
 
 from ..core.base import NTKPlugin, UnsupportedModelError
-from ..core.kernels import contract_jacobians
+from ..core.contractions import contract_jacobians
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..core.base import NTKPlugin
-from ..core.kernels import contract_jacobians
+from ..core.contractions import contract_jacobians
 from ..core.modelinfo import trainable_parameters
 
 

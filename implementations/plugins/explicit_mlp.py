@@ -22,7 +22,7 @@ from torch import nn
 
 from ..core import onednn
 from ..core.base import NTKPlugin
-from ..core.kernels import KernelSum, input_gram
+from ..core.contractions import KernelSum, input_gram
 from ..core.modelinfo import structure_problem, submodules
 
 # Per model and input shapes: whether oneDNN's GEMMs ran the kernel faster than MKL's (CPU, float32).

@@ -23,7 +23,7 @@ from torch.func import jacrev
 
 from ..core.base import NTKPlugin
 from ..core.declines import transform_declines
-from ..core.kernels import contract_jacobians
+from ..core.contractions import contract_jacobians
 from ..core.tolerances import tolerance
 from ..core.modelinfo import (
     _VMAP_FAILS,

@@ -1,0 +1,220 @@
+"""Kernel arithmetic the plugins share: shapes per mode, Jacobian contraction, and :class:`KernelSum`,
+which accumulates per-layer Gram and Jacobian terms in place (structured, explicit_mlp)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def kernel_shape(n: int, m: int, o: int, mode: str) -> tuple[int, ...]:
+    return {"full": (n, m, o, o), "trace": (n, m), "diagonal": (n, m, o)}[mode]
+
+
+def reduce_full(kernel: torch.Tensor, mode: str) -> torch.Tensor:
+    """Reduce a full (N, M, O, O) kernel to the requested mode."""
+    if mode == "full":
+        return kernel
+    if mode == "trace":
+        return torch.einsum("nmaa->nm", kernel)
+    return torch.einsum("nmaa->nma", kernel).contiguous()
+
+
+_CONTRACTIONS = {"full": "naf,mbf->nmab", "trace": "naf,maf->nm", "diagonal": "naf,maf->nma"}
+
+
+def contract_jacobians(jac1: list[torch.Tensor], jac2: list[torch.Tensor], mode: str) -> torch.Tensor:
+    """Sum over parameter blocks of J1 J2ᵀ in the requested mode.
+
+    Each block is (N, O, P_i); trace and diagonal contract directly (N·M·O·P_i
+    instead of N·M·O²·P_i).
+    """
+    expr = _CONTRACTIONS[mode]
+    out = None
+    for j1, j2 in zip(jac1, jac2):
+        term = torch.einsum(expr, j1, j2)
+        out = term if out is None else out.add_(term)
+    return out
+
+
+def gradient_gram(g1: torch.Tensor, g2: torch.Tensor, mode: str) -> torch.Tensor:
+    """Σ_c G1[o, n, c] G2[o, m, c] for G of shape (O, N, C): trace → (N, M), diagonal → (N, M, O).
+
+    (Full mode accumulates its Gram terms in :class:`KernelSum`.)
+    """
+    o, n, c = g1.shape
+    m = g2.shape[1]
+    if mode == "trace":
+        return g1.transpose(0, 1).reshape(n, o * c) @ g2.transpose(0, 1).reshape(m, o * c).T
+    return torch.bmm(g1, g2.transpose(1, 2)).permute(1, 2, 0)
+
+
+# From this many rows (N·O), a symmetric full-mode Gram (x2 = None) is built from 3 of its 4 blocks. On an H100
+# at N·O = 5120 (MLP 784-512-512-10, N=512) the split cut GPU time from 2.0 to 1.8 ms a call but raised the
+# wall time (2.6 to 2.8 ms: more launches, and the call is bound by the CPU's launch overhead); it pays only
+# where the GEMMs dominate.
+SYMMETRIC_SPLIT_MIN_ROWS = 8192
+# Inside a CUDA graph capture (cuda_graphs) the extra launches cost nothing at replay, so the split pays off from
+# fewer rows (measured in results/2026-11-23-gpu).
+SYMMETRIC_SPLIT_MIN_ROWS_CAPTURED = 2048
+
+
+def symmetric_split_min_rows(device: torch.device) -> int:
+    """N·O from which a symmetric Gram term is built from 3 of its 4 blocks (lower while a CUDA graph is captured)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return SYMMETRIC_SPLIT_MIN_ROWS_CAPTURED
+    return SYMMETRIC_SPLIT_MIN_ROWS
+
+
+SYMMETRIC_JACOBIAN_MIN_ROWS = 64
+
+
+def _gram_rows(a: torch.Tensor, b: torch.Tensor, same: bool) -> torch.Tensor:
+    """a bᵀ; where b is a (a symmetric kernel's Jacobian) and has SYMMETRIC_JACOBIAN_MIN_ROWS rows or more, from
+    the products of its upper blocks only (3/4 of the FLOPs), the lower-left block mirrored."""
+    r = a.shape[0]
+    if not same or r < SYMMETRIC_JACOBIAN_MIN_ROWS:
+        return a @ b.T
+    h = r // 2
+    top, bottom = a[:h], a[h:]
+    out = torch.empty(r, r, dtype=a.dtype, device=a.device)
+    out[:h, :h] = top @ top.T
+    upper = top @ bottom.T
+    out[:h, h:] = upper
+    out[h:, :h] = upper.T
+    out[h:, h:] = bottom @ bottom.T
+    return out
+
+
+def _outputs_first(j: torch.Tensor) -> bool:
+    """Whether an (N, O, P) Jacobian is a view of a contiguous (O, N, P) tensor."""
+    return j.shape[0] > 1 and j.shape[1] > 1 and j.transpose(0, 1).is_contiguous()
+
+
+class KernelSum:
+    """A sum of per-layer kernel terms in a mode's shape, accumulated in place.
+
+    Full-mode Gram terms xx[n, m]·Σ_c G1[o, n, c] G2[p, m, c] are kept in the
+    (N, O, M, O) order the GEMM writes, so a layer costs one GEMM and one fused
+    multiply-add pass (no permuted reads); ``result()`` copies once to (N, M, O, O).
+    A large symmetric kernel (x2 = None) computes only the upper blocks of the
+    split [first half, second half] and mirrors the lower-left one in that copy:
+    3/4 of the GEMM and multiply-add work.
+    """
+
+    def __init__(self, mode: str):
+        self.mode, self.acc = mode, None
+        self.half = None  # set when only the upper blocks are summed: the first half's size
+        self.identity = None  # (Σ xx, O) of the identity-Gram terms, added to the diagonal by result()
+
+    def add_gram(self, xx: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor, symmetric: bool = False) -> None:
+        """Add xx ⊙ (G1 G2ᵀ) for G of shape (O, N, C); ``symmetric``: g2 is g1 and xx is symmetric (x2 = None)."""
+        if self.mode != "full":
+            term = gradient_gram(g1, g2, self.mode)
+            self.add(term * xx.view(xx.shape + (1,) * (term.dim() - 2)))
+            return
+        o, n, c = g1.shape
+        m = g2.shape[1]
+        a1 = g1.transpose(0, 1).reshape(n * o, c)
+        if symmetric and n >= 2 and n * o >= symmetric_split_min_rows(a1.device):
+            self._add_upper_blocks(xx, a1, n, o)
+            return
+        a2 = a1 if symmetric else g2.transpose(0, 1).reshape(m * o, c)
+        self._add_block(slice(None), slice(None), a1 @ a2.T, xx)
+
+    def _add_block(self, rows: slice, cols: slice, prod: torch.Tensor, xx: torch.Tensor,
+                   overwrite: bool = False) -> None:
+        """acc[rows, :, cols, :] += prod ⊙ xx[rows, cols] (= with ``overwrite``, or for the first term)."""
+        weight = xx[rows, cols][:, None, :, None]
+        o = prod.shape[0] // weight.shape[0]
+        prod = prod.view(weight.shape[0], o, weight.shape[2], o)
+        if self.acc is None:  # the first term, covering the whole kernel: its buffer becomes the sum
+            self.acc = prod.mul_(weight)
+        elif overwrite:
+            torch.mul(prod, weight, out=self.acc[rows, :, cols, :])
+        else:
+            self.acc[rows, :, cols, :].addcmul_(prod, weight)
+
+    def _add_upper_blocks(self, xx: torch.Tensor, a: torch.Tensor, n: int, o: int) -> None:
+        h = n // 2
+        top, bottom = a[: h * o], a[h * o:]
+        first = self.acc is None
+        if first:
+            self.acc = torch.empty(n, o, n, o, dtype=a.dtype, device=a.device)
+        for rows, cols, lhs, rhs in ((slice(0, h), slice(0, h), top, top), (slice(0, h), slice(h, n), top, bottom),
+                                     (slice(h, n), slice(h, n), bottom, bottom)):
+            self._add_block(rows, cols, lhs @ rhs.T, xx, overwrite=first)
+        self.half = h
+
+    def add_identity_gram(self, xx: torch.Tensor, o: int) -> None:
+        """Add xx[n, m]·δ_op: the Gram term of the output layer itself, whose G[o, n, c] = δ_oc.
+
+        No GEMM: the terms are summed as (N, M) and ``result()`` adds them to the N·M·O diagonal entries only,
+        instead of all N·M·O².
+        """
+        self.identity = (xx if self.identity is None else self.identity[0] + xx, o)
+
+    def add_jacobians(self, j1: torch.Tensor, j2: torch.Tensor) -> None:
+        """Add J1 J2ᵀ for Jacobians of shape (N, O, P) and (M, O, P); full mode as one GEMM written in place."""
+        if self.mode != "full":
+            self.add(contract_jacobians([j1], [j2], self.mode))
+            return
+        n, o, p = j1.shape
+        m = j2.shape[0]
+        if _outputs_first(j1) and _outputs_first(j2):  # (N, O, P) views of (O, N, P) tensors: rows (o, n)
+            prod = _gram_rows(j1.transpose(0, 1).reshape(o * n, p), j2.transpose(0, 1).reshape(o * m, p), j1 is j2)
+            prod = prod.view(o, n, o, m).permute(1, 0, 3, 2)
+        else:
+            prod = _gram_rows(j1.reshape(n * o, p), j2.reshape(-1, p), j1 is j2).view(n, o, m, o)
+        if self.acc is None:
+            self.acc = prod
+        else:
+            self.acc.add_(prod)
+
+    def add(self, term: torch.Tensor) -> None:
+        """Add a fresh term in the mode's shape ((N, M, O, O) for full); the term may be overwritten."""
+        if self.mode == "full":
+            term = term.permute(0, 2, 1, 3)
+        if self.acc is None:
+            self.acc = term
+        else:
+            self.acc.add_(term)
+
+    def result(self) -> torch.Tensor:
+        out = self._gram_sum()
+        if self.identity is not None:
+            xx, o = self.identity
+            if self.mode == "trace":
+                out.add_(xx * o)
+            else:
+                (out if self.mode == "diagonal" else torch.diagonal(out, dim1=2, dim2=3)).add_(xx.unsqueeze(-1))
+        return out
+
+    def _gram_sum(self) -> torch.Tensor:
+        if self.acc is None:  # only identity terms
+            xx, o = self.identity
+            return xx.new_zeros(kernel_shape(*xx.shape, o, self.mode))
+        if self.mode != "full":
+            return self.acc
+        full = self.acc.permute(0, 2, 1, 3)
+        if self.half is None:
+            return full.contiguous()
+        # Θ[n, m, o, p] = Θ[m, n, p, o]: the lower-left block from the upper-right one.
+        h = self.half
+        out = torch.empty(full.shape, dtype=full.dtype, device=full.device)
+        out[:h].copy_(full[:h])
+        out[h:, h:].copy_(full[h:, h:])
+        out[h:, :h].copy_(self.acc[:h, :, h:, :].permute(2, 0, 3, 1))
+        return out
+
+
+def input_gram(x1: torch.Tensor, x2: torch.Tensor, bias: bool) -> torch.Tensor:
+    """X1 X2ᵀ of a Linear layer's inputs, plus 1 for its bias (whose Jacobian is the layer's G itself)."""
+    xx = x1 @ x2.T
+    return xx + 1 if bias else xx
+
+
+def chunks(n: int, size: int) -> list[slice]:
+    """Ragged slices of ``range(n)`` of at most ``size`` each."""
+    size = max(1, int(size))
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
