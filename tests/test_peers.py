@@ -26,7 +26,7 @@ from ntk_bench.bench.zoo import architectures
 from ntk_bench.implementations.peers._peer import PeerPlugin, import_error
 from ntk_bench.implementations.core.base import UnsupportedModelError
 from ntk_bench.implementations.core.contractions import reduce_full
-from ntk_bench.implementations.core.modelinfo import trainable_parameters
+from ntk_bench.implementations.core.module_walks import trainable_parameters
 from problems import rel_err
 
 PEERS = ("asdl", "nngeometry", "curvlinops", "laplace")

@@ -46,7 +46,7 @@ def test_jacobian_contraction_never_returns_a_vmapped_jacobian_its_loop_disagree
 
 def test_jacobian_contraction_keeps_vmap_where_it_agrees():
     model, x = _mlp(), torch.randn(3, 4, dtype=torch.float64)
-    from ntk_bench.implementations.core.modelinfo import _VMAP_FAILS
+    from ntk_bench.implementations.core.module_walks import _VMAP_FAILS
 
     k = implementations.get("jacobian_contraction").compute(model, x)
     assert rel_err(k, bruteforce.ntk(model, x)) <= tolerance(torch.float64)

@@ -82,7 +82,7 @@ _STATS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 def model_stats(model: nn.Module, x_single: torch.Tensor) -> ModelStats:
     """The model's stats for inputs shaped like ``x_single`` (one sample), cached per model and input shape."""
-    from .modelinfo import shape_keyed_cache
+    from .module_walks import shape_keyed_cache
 
     key = (tuple(x_single.shape), x_single.dtype, x_single.device)
     return shape_keyed_cache(_STATS, model, key, lambda: _measure_stats(model, x_single))

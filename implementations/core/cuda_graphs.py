@@ -31,7 +31,7 @@ import torch
 
 from ntk_bench.envvars import env
 
-from .modelinfo import submodules
+from .module_walks import submodules
 
 MAX_GRAPH_BYTES = 2 << 30  # a kernel whose estimated peak is larger runs eagerly
 MAX_GRAPHS_PER_MODEL = 4

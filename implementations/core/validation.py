@@ -22,7 +22,7 @@ from torch.nn.modules.module import register_module_forward_pre_hook
 from .base import UnsupportedModelError
 from .base import MODES
 from .tolerances import tolerance
-from .modelinfo import describe, has_trainable_parameters, module_names, shape_keyed_cache, submodules
+from .module_walks import describe, has_trainable_parameters, module_names, shape_keyed_cache, submodules
 
 
 class IllDefinedKernelError(ValueError):

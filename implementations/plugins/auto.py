@@ -40,7 +40,7 @@ from ntk_bench.envvars import env
 
 from ..core.base import NTKPlugin, UnsupportedModelError
 from ..core.costs import model_stats
-from ..core.modelinfo import shape_keyed_cache
+from ..core.module_walks import shape_keyed_cache
 
 CALIBRATION_FILE = Path(__file__).with_name("auto_calibration.json")
 CALIBRATION_ENV = "NTK_BENCH_CALIBRATION"
@@ -200,7 +200,7 @@ class Auto(NTKPlugin):
 
     @staticmethod
     def _trial_key(model, x1, x2, mode, memory_budget_bytes):
-        from ..core.modelinfo import _parameter_signature
+        from ..core.module_walks import _parameter_signature
 
         return (_parameter_signature(model), *Auto._rank_key(x1, x2, mode, memory_budget_bytes))
 

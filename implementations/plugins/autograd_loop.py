@@ -12,7 +12,7 @@ import torch
 
 from ..core.base import NTKPlugin
 from ..core.contractions import contract_jacobians
-from ..core.modelinfo import trainable_parameters
+from ..core.module_walks import trainable_parameters
 
 
 def jacobians_by_autograd(model, x):

@@ -25,7 +25,7 @@ from ..core.base import NTKPlugin
 from ..core.declines import transform_declines
 from ..core.contractions import contract_jacobians
 from ..core.tolerances import tolerance
-from ..core.modelinfo import (
+from ..core.module_walks import (
     _VMAP_FAILS,
     composite_attention,
     functional_single,
@@ -38,7 +38,7 @@ _VMAP_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _vmap_key(x):
-    return (tuple(x.shape[1:]), x.dtype, x.device)  # modelinfo.per_sample's key for a model that is looped
+    return (tuple(x.shape[1:]), x.dtype, x.device)  # module_walks.per_sample's key for a model that is looped
 
 
 def vmap_agrees(jac: dict, one_sample, x: torch.Tensor) -> bool:
