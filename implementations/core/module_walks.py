@@ -1,6 +1,6 @@
-"""Module walks: what the plugins read off a model: its modules and trainable parameters, what is shared, hooked, parametrised
-or in place, and caches keyed by its architecture. Walks go through ``_modules`` / ``_parameters`` directly:
-these run on every call, where ``named_modules()``'s generators cost tens of µs."""
+"""Module walks: what the plugins read off a model's module tree (its modules and trainable parameters, what is
+shared, hooked, parametrised or in place) and caches keyed by its architecture. Walks go through ``_modules`` /
+``_parameters`` directly: these run on every call, where ``named_modules()``'s generators cost tens of µs."""
 
 from __future__ import annotations
 
