@@ -58,7 +58,7 @@ def test_auto_goes_on_at_unknown_cost_when_its_measuring_forward_fails(monkeypat
         raise RuntimeError("A leaf node was passed to _will_engine_execute_node but we are currently running "
                            "autograd.grad()")
 
-    monkeypatch.setattr(auto_module, "model_stats", failing)
+    monkeypatch.setattr(auto_module, "cost_stats", failing)
     plugin = auto_module.Auto()
     model, x = _mlp(), torch.randn(3, 4, dtype=torch.float64)
     k = plugin.compute(model, x)

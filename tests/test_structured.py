@@ -173,14 +173,14 @@ def test_layers_contracted_together_match_jacobian_contraction(layers, shape, mo
     ("resnet18", dict(image=16)), ("mobilenet_v3_small", dict(image=16)), ("vit_tiny", {}), ("text_transformer", {}),
     ("lstm", {}), ("mlp_tied", {}), ("conv_variants", dict(groups=4)), ("cnn_groupnorm", {})])
 def test_cost_model_knows_every_rule(name, params):
-    """model_stats gives one layer per rule the plan uses, covering every trainable parameter, and structured's
+    """cost_stats gives one layer per rule the plan uses, covering every trainable parameter, and structured's
     estimate grows with N and counts at least the kernel's bytes."""
     from ntk_bench.bench.zoo import architectures
-    from ntk_bench.implementations.core.costs import kernel_numel, model_stats
+    from ntk_bench.implementations.core.costs import kernel_numel, cost_stats
 
     arch = architectures.build(name, **params)
     x = architectures.inputs(arch, 2)
-    stats = model_stats(arch.model, x[:1])
+    stats = cost_stats(arch.model, x[:1])
     plugin = implementations.get("structured")
     plan = plugin.plan(arch.model, x)
     assert {layer.kind for layer in stats.layers} == {"linear" if e.kind == "linear_op" else e.kind

@@ -342,11 +342,11 @@ def _pick(impl, model, x1: Inputs, x2: Inputs | None, mode, device, dtype, budge
 
 def _tile_edge(plugin, model, x1: Inputs, x2: Inputs | None, mode, device, dtype, budget) -> int:
     from ntk_bench.implementations.core.tiling import tile_size
-    from ntk_bench.implementations.core.costs import model_stats
+    from ntk_bench.implementations.core.costs import cost_stats
 
     x = x1.rows(slice(0, 1)).to(device)
     x = x.to(dtype) if x.is_floating_point() else x
-    stats = model_stats(model, x)
+    stats = cost_stats(model, x)
     n, m = x1.n, (x2 or x1).n
     b = tile_size(plugin.with_budget(budget), stats, n, m, mode, budget, False)
     return max(1, min(b, MAX_TILE, max(n, m)))
@@ -379,11 +379,11 @@ def _predicted_s(plugin, model, x1: Inputs, x2, mode, device, dtype, budget) -> 
     """The cost model's seconds for the whole kernel (auto's constants for this plugin), kept beside the measured
     time; None where it cannot say."""
     from ntk_bench import implementations
-    from ntk_bench.implementations.core.costs import model_stats
+    from ntk_bench.implementations.core.costs import cost_stats
 
     try:
         x = _cast(x1.rows(slice(0, 1)), device, dtype)
-        stats = model_stats(model, x)
+        stats = cost_stats(model, x)
         auto = implementations.get("auto")
         seconds, _ = auto.predict(plugin, stats, x1.n, (x2 or x1).n, mode, x2 is None,
                                   "cuda" if torch.device(device).type == "cuda" else "cpu", budget)

@@ -106,7 +106,7 @@ def _warm_up() -> None:
         except Exception:  # said by the cases that use it
             pass
     model, x = torch.nn.Linear(2, 2), torch.zeros(1, 2)
-    costs.model_stats(model, x)
+    costs.cost_stats(model, x)
     fn = lambda: implementations.get("jacobian_contraction").compute(model, x)  # noqa: E731
     time_blocks(fn, 1e-3)
 

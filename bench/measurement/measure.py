@@ -557,9 +557,9 @@ def _run_case(case: Case, run_dir: Path) -> dict:
     dtype = DTYPES[case.dtype]
     try:
         arch, model, x1, x2 = build_problem(problem, dtype, case.device)
-        from ntk_bench.implementations.core.costs import model_stats
+        from ntk_bench.implementations.core.costs import cost_stats
 
-        stats = model_stats(model, x1[:1])
+        stats = cost_stats(model, x1[:1])
     except Exception as exc:  # the model or its inputs could not be set up here (memory, the device, the factory)
         row.update(status=status_of(exc), error=f"setting up the problem failed: {_error_text(exc)}"[:500])
         return row

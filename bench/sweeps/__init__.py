@@ -628,13 +628,13 @@ def expand(spec: dict, impls_override: list[str] | None = None, base_dir: str | 
 # -- checks before any work ---------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class ModelInfo:
+class CheckedModel:
     """A problem's model as built once before the sweep: its size and the cost model's stats."""
 
     o: int
     p: int
     fp_flops: int | None
-    stats: Any = None  # implementations.core.costs.ModelStats, for predictions
+    stats: Any = None  # implementations.core.costs.CostStats, for predictions
     declined: frozenset = frozenset()  # the sweep's plugins whose supports() declines this model
 
 
@@ -655,7 +655,7 @@ def build_architecture(problem: Problem, dtype=None, device: str = "cpu", seed: 
     return dataclasses.replace(arch, name=problem.arch)
 
 
-def check_models(cases: list[Case]) -> dict[tuple, ModelInfo]:
+def check_models(cases: list[Case]) -> dict[tuple, CheckedModel]:
     """Build each problem's model once on the CPU (float32) and read its size; SweepError naming every failure.
 
     This catches what a schema cannot: ``activation = "swish"``, a factory that raises, a model whose output is
@@ -680,12 +680,12 @@ def check_models(cases: list[Case]) -> dict[tuple, ModelInfo]:
             x = architectures.inputs(arch, 1, dtype=torch.float32)
             stats = None
             try:
-                from ntk_bench.implementations.core.costs import model_stats
+                from ntk_bench.implementations.core.costs import cost_stats
 
-                stats = model_stats(arch.model, x)
+                stats = cost_stats(arch.model, x)
             except Exception:  # the cost model cannot read every model; only predictions need it
                 pass
-            infos[key] = ModelInfo(arch.num_outputs, arch.num_parameters, getattr(stats, "fp_flops", None), stats,
+            infos[key] = CheckedModel(arch.num_outputs, arch.num_parameters, getattr(stats, "fp_flops", None), stats,
                                    _declined(arch.model, impls[key]))
         except (architectures.InputsError, architectures.TrainModeError) as exc:  # the inputs or the model's mode
             problems.append((key, f"{label}: {exc}"[:600]))

@@ -1,6 +1,6 @@
 """The cost model: what a model's layers look like, and what each algorithm costs on them.
 
-``model_stats(model, x_single)`` reads, from one forward pass on one sample (with gradients enabled, so that
+``cost_stats(model, x_single)`` reads, from one forward pass on one sample (with gradients enabled, so that
 modules take the path the plugins' own forwards take), the parameter count P, the output width O, the FLOPs
 of a forward pass [FP] (torch's FlopCounterMode), the activation size, and one :class:`Layer` per call of a
 module with trainable parameters, classified as ``structured``'s rules see it: "linear" (over any leading
@@ -43,7 +43,10 @@ class Layer:
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelStats:
+class CostStats:
+    """What the cost model knows of a model for inputs of one shape (``cost_stats``): its sizes and its layers as
+    ``structured``'s rules see them, the numbers every plugin's ``estimate`` reads."""
+
     p: int  # trainable parameters
     o: int  # outputs per sample
     fp_flops: int  # one forward pass on one sample
@@ -80,7 +83,7 @@ class _Traffic(TorchDispatchMode):
 _STATS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def model_stats(model: nn.Module, x_single: torch.Tensor) -> ModelStats:
+def cost_stats(model: nn.Module, x_single: torch.Tensor) -> CostStats:
     """The model's stats for inputs shaped like ``x_single`` (one sample), cached per model and input shape."""
     from .module_walks import shape_keyed_cache
 
@@ -111,7 +114,7 @@ def _layer_record(module, kind, inputs, output, own):
     return Layer("norm", output[0].numel() // c, 1, c, bias, p=p)
 
 
-def _measure_stats(model: nn.Module, x_single: torch.Tensor) -> ModelStats:
+def _measure_stats(model: nn.Module, x_single: torch.Tensor) -> CostStats:
     from torch.utils.flop_counter import FlopCounterMode
 
     from ..structured_rules import rule_kind
@@ -201,7 +204,7 @@ def _measure_stats(model: nn.Module, x_single: torch.Tensor) -> ModelStats:
             layers.append(Layer("generic", 1, p, 1, False, p=p, flops=max(module_flops(m), 2 * p)))
     p = sum(q.numel() for q in model.parameters() if q.requires_grad)
     o = 1 if y.dim() == 1 else y.shape[-1]
-    return ModelStats(p, o, total, activations[0], tuple(layers), y.element_size(), traffic.elements, traffic.ops)  # the kernel's numbers (x_single may hold integer ids)
+    return CostStats(p, o, total, activations[0], tuple(layers), y.element_size(), traffic.elements, traffic.ops)  # the kernel's numbers (x_single may hold integer ids)
 
 
 def _rnn_flops(module: nn.RNNBase, x: torch.Tensor) -> int:

@@ -127,10 +127,10 @@ class GraphCache:
 
     @staticmethod
     def small_enough(plugin, model, x1, x2, mode) -> bool:
-        from .costs import model_stats
+        from .costs import cost_stats
 
         n, m = x1.shape[0], (x1 if x2 is None else x2).shape[0]
-        return plugin.estimate(model_stats(model, x1[:1]), n, m, mode, x2 is None).bytes <= MAX_GRAPH_BYTES
+        return plugin.estimate(cost_stats(model, x1[:1]), n, m, mode, x2 is None).bytes <= MAX_GRAPH_BYTES
 
     def kernel(self, plugin, model, x1, x2, mode) -> torch.Tensor | None:
         """The kernel from a replayed graph, capturing it first if new; None where it is to run eagerly."""

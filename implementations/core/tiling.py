@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .contractions import kernel_shape
-from .costs import kernel_numel, model_stats
+from .costs import kernel_numel, cost_stats
 
 
 _SWAP = {"full": (1, 0, 3, 2), "trace": (1, 0), "diagonal": (1, 0, 2)}
@@ -40,7 +40,7 @@ def tile_size(plugin, stats, n: int, m: int, mode: str, budget: int, symmetric: 
 
 
 def tiled_kernel(plugin, model, x1, x2, mode: str, budget: int) -> torch.Tensor:
-    stats = model_stats(model, x1[:1])
+    stats = cost_stats(model, x1[:1])
     symmetric = x2 is None
     xb = x1 if symmetric else x2
     n, m = x1.shape[0], xb.shape[0]

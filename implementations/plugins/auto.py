@@ -39,7 +39,7 @@ import torch
 from ntk_bench.envvars import env
 
 from ..core.base import NTKPlugin, UnsupportedModelError
-from ..core.costs import model_stats
+from ..core.costs import cost_stats
 from ..core.module_walks import shape_keyed_cache
 
 CALIBRATION_FILE = Path(__file__).with_name("auto_calibration.json")
@@ -278,7 +278,7 @@ class Auto(NTKPlugin):
 
     def _rank(self, model, x1, x2, mode, memory_budget_bytes):
         try:
-            stats = model_stats(model, x1[:1])
+            stats = cost_stats(model, x1[:1])
         except (RuntimeError, NotImplementedError) as exc:
             return self._unknown_cost(model, memory_budget_bytes, exc)
         n, m = x1.shape[0], (x1 if x2 is None else x2).shape[0]

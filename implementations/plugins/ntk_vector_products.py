@@ -61,11 +61,11 @@ class NTKVectorProducts(NTKPlugin):
             return self._products(model, x1, x2, mode)
 
     def _products(self, model, x1, x2, mode):
-        from ..core.costs import model_stats
+        from ..core.costs import cost_stats
 
         xb = x1 if x2 is None else x2
         params, f = functional_single(model)
-        stats = model_stats(model, x1[:1])
+        stats = cost_stats(model, x1[:1])
         o, m = stats.o, xb.shape[0]
         dtype = next(iter(params.values())).dtype
         basis = torch.eye(o, dtype=dtype, device=x1.device)
