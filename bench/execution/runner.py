@@ -233,6 +233,23 @@ def predict_seconds(cases: list[Case], models: dict) -> dict[str, float]:
     return out
 
 
+def measured_paired_seconds(rows: list[dict], budget_s: float) -> float:
+    """A group's paired job's predicted wall time from its cases' rows: each plugin's set-up and first call (its
+    ``first_call_s``: a jit compile, a plan) and its rounds at its calls' wall time. A CPU-clock median is turned
+    into wall time by the row's ``cpu_over_wall``: on a busy machine the rounds wait for a core as the case's
+    timed calls did."""
+    from ..measurement import paired
+
+    calls = []
+    for row in rows:
+        t = row["time_median_s"]
+        share = row.get("cpu_over_wall")
+        if row.get("clock") == "cpu" and share:
+            t /= max(0.05, min(1.0, share))
+        calls.append(t)
+    return paired.predict_seconds(calls, budget_s) + sum(row.get("first_call_s") or 0.0 for row in rows)
+
+
 def paired_budget(case: Case) -> float:
     """Seconds of side-by-side rounds for a group (at least ``paired.MIN_ROUNDS`` rounds whatever it is)."""
     return max(1.0, 10 * case.time_budget_s)
@@ -550,7 +567,7 @@ def _schedule(cases, todo, latest, out_dir, executor, results, summary, reporter
         firsts = sum(rows_now[c.id].get("first_call_s") or 0.0 for c in ok)
         budget = paired_budget(ok[0])
         group = paired.PairedGroup(tuple(ok), budget)
-        eta.add(gid, paired.predict_seconds(calls, budget), "paired", measured=True)
+        eta.add(gid, measured_paired_seconds([rows_now[c.id] for c in ok], budget), "paired", measured=True)
         pending_paired.add(gid)
         timeout = max(c.timeout_s for c in ok) + firsts + 3 * paired.predict_seconds(calls, budget)
         fut = executor.submit(Job("paired", group, timeout, plugins))

@@ -20,8 +20,8 @@ lower precisions a float32 model may cast to inside) to the float32 value. The p
 ``"jacobian_batching"``
     Jacobian contraction's check of its vmapped per-sample Jacobians against one sample computed alone, as the
     relative Frobenius error over all parameters: the square root of the dtype's epsilon (1.5e-8 in float64,
-    3.5e-4 in float32, 0.03 in float16). Batched and looped Jacobians differ only in the order of their sums; a batching rule
-    that mixes vmap levels is off by O(1). A mismatch only makes the plugin loop (slower, never wrong), so the
+    3.5e-4 in float32, 0.03 in float16). Batched and looped Jacobians differ only in the order of their sums; a
+    batching rule that mixes vmap levels is off by O(1). A mismatch only makes the plugin loop (slower, never wrong), so the
     bound leans towards accepting the vmapped result.
 ``"gradient_sum"``
     ``structured``'s check of its plan: Σ R[n,o]·J[n,o] over the rules' per-sample Jacobians with random weights
