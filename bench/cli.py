@@ -272,10 +272,7 @@ def _model_spec(args) -> dict:
             inputs["range"] = args.input_range
         entry["inputs"] = inputs
     name = args.name or architectures.split_factory_ref(args.model)[1]
-    from ntk_bench import implementations
-
-    # the plugins and peers whose calls stay under a second on small models (the registry's tag "fast")
-    return {"name": name, "impls": implementations.names(None, tag="fast"), "modes": [args.mode], "dtypes": [args.dtype], "devices": [args.device],
+    return {"name": name, "impls": sweeps.MODEL_IMPLS, "modes": [args.mode], "dtypes": [args.dtype], "devices": [args.device],
             "time_budget_s": 0.3, "timeout_s": 300, "arch": [entry]}
 
 
@@ -584,7 +581,9 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     what = run.add_argument_group("what to run")
     what.add_argument("--sweep", default="default",
                       help="a built-in sweep name, 'default' (gpu with CUDA, else quick), or a .toml/.json file")
-    what.add_argument("--impls", help="comma-separated plugins and peers to run instead of the sweep's")
+    what.add_argument("--impls", help="comma-separated plugins and peers to run instead of the sweep's: names, all, "
+                                      "ours, peers, tag:NAME, patterns (nt_*), a leading - removing "
+                                      "(--impls=ours,-tag:loop)")
     what.add_argument("--plugin", action="append", metavar="MODULE",
                       help="import MODULE (package.module) and register its plugins, here and in every worker "
                            "(repeatable)")

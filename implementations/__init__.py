@@ -26,7 +26,8 @@ import warnings
 from .core import engine as _engine  # noqa: F401 - installs itself in core.base: plugin.compute runs through it
 from .core.base import MODES, NTKPlugin, UnsupportedModelError
 
-# name -> (module that defines ``plugin``, its tags: ``NTKPlugin.tags``); the order is the order of the tables.
+# name -> (module that defines ``plugin``, the roles the project gives it: tags added to the plugin's own
+# ``NTKPlugin.tags``); the order is the order of the tables.
 # Every list of plugin names elsewhere (auto's candidates, the neural-tangents peers, what ``run --model`` runs by
 # default) is read from here, by origin or by tag.
 _BUILTIN: dict[str, tuple[str, frozenset[str]]] = {
@@ -42,7 +43,7 @@ _BUILTIN: dict[str, tuple[str, frozenset[str]]] = {
 # Peers: other libraries' NTK routines (origin "peer"). Of the PyTorch libraries only laplace-torch stays under
 # seconds a call on small CNNs (asdl, nngeometry and curvlinops took seconds on the tutorial CNN at N=8).
 _BUILTIN_PEERS: dict[str, tuple[str, frozenset[str]]] = {
-    **{n: ("peers.neural_tangents", frozenset({"neural_tangents", "fast"})) for n in
+    **{n: ("peers.neural_tangents", frozenset({"fast"})) for n in
        ("nt_jacobian_contraction", "nt_ntk_vector_products", "nt_structured_derivatives")},
     "asdl": ("peers.asdl", frozenset()),
     "nngeometry": ("peers.nngeometry", frozenset()),
@@ -117,11 +118,14 @@ def names(origin: str | None = "ours", tag: str | None = None, *, kind=_UNSET) -
 
 
 def tags_of(name: str) -> frozenset[str]:
-    """The tags of the plugin called ``name`` (a built-in's without importing it)."""
-    builtin = _BUILTIN.get(name) or _BUILTIN_PEERS.get(name)
-    if builtin is not None:
-        return builtin[1]
+    """The plugin's tags (``NTKPlugin.tags``): what family of algorithm it is (its own), and for a built-in the roles
+    the registry's table gives it."""
     return frozenset(getattr(get(name), "tags", ()))
+
+
+def all_tags() -> list[str]:
+    """Every tag some registered plugin carries, sorted."""
+    return sorted({t for n in names(None) for t in tags_of(n)})
 
 
 def origin_of(name: str) -> str:
@@ -150,7 +154,7 @@ def get(name: str) -> NTKPlugin:
     module, tags = builtin
     mod = importlib.import_module(f".{module}", __name__)
     plugin = getattr(mod, name, None) or mod.plugin  # (a module defining several plugins names each)
-    plugin.tags = tags  # a built-in's tags are the table's
+    plugin.tags = frozenset(plugin.tags) | tags  # its own (what it is) and the table's (its roles)
     _registered[name] = plugin
     return plugin
 
@@ -175,5 +179,5 @@ def unregister(name: str) -> None:
     _registered.pop(name, None)
 
 
-__all__ = ["KINDS", "MODES", "ORIGINS", "NTKPlugin", "UnsupportedModelError", "get", "kind_of", "load_module",
-           "names", "origin_of", "register", "tags_of", "unregister"]
+__all__ = ["KINDS", "MODES", "ORIGINS", "NTKPlugin", "UnsupportedModelError", "all_tags", "get", "kind_of",
+           "load_module", "names", "origin_of", "register", "tags_of", "unregister"]

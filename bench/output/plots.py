@@ -55,7 +55,6 @@ _PEER_FAMILIES = {
     "curvlinops": ("#008080", "#66b2b2", "#004c4c"),
     "laplace": ("#b8860b", "#e0c060", "#7a5a00"),
 }
-# neural-tangents' implementations: their fixed styles, and their order in tables where the registry is not loaded
 _PEERS = {
     "nt_jacobian_contraction": ("#9467bd", "s"),
     "nt_ntk_vector_products": ("#c5b0d5", "p"),
@@ -87,22 +86,6 @@ def is_peer(name: str) -> bool:
         return implementations.origin_of(name) == "peer"
     except Exception:  # not registered here (a plugin of the machine that ran the sweep): by its name alone
         return False
-
-
-NEURAL_TANGENTS = tuple(_PEERS)
-
-
-def is_neural_tangents(name: str) -> bool:
-    """Whether ``name`` is one of neural-tangents' implementations: the registry's tag ``"neural_tangents"`` where
-    the registry is loaded, else the name the registry gives them (``nt_…``; a report imports no torch for this)."""
-    if "ntk_bench.implementations" in sys.modules:
-        try:
-            from ntk_bench import implementations
-
-            return "neural_tangents" in implementations.tags_of(name)
-        except Exception:  # not registered here (a plugin of the machine that ran the sweep): by its name alone
-            pass
-    return name.startswith("nt_")
 
 
 def style(name: str) -> Style:

@@ -43,10 +43,12 @@ class NTKPlugin:
     # Where the algorithm comes from: "ours" (this project's) or "peer" (another library's routine, run as its
     # authors run it, for comparison). (Once called ``kind``, which still reads and sets it, with a warning.)
     origin: str = "ours"
-    # Roles the registry selects plugins by (``implementations.names(tag=...)``), so that no list of names is written
-    # by hand: ``"auto"`` (``auto`` may pick it), ``"fast"`` (a call stays well under a second on small models: what
-    # ``ntk-bench run --model`` runs by default), ``"neural_tangents"`` (one of neural-tangents' implementations).
-    # A built-in plugin's tags are the registry table's; a plugin from outside sets its own.
+    # Labels the registry selects plugins by (``implementations.names(tag=...)``, a sweep's ``impls = ["ours",
+    # "-tag:loop"]``), so that no list of names is written by hand. What the algorithm is, set by the plugin:
+    # ``loop`` (one backward pass per sample and output), ``vector_products`` (NTK-vector products: N·M·O passes, no
+    # Jacobian), ``backpack`` (needs BackPACK), ``neural_tangents`` (neural-tangents' own implementations, in JAX).
+    # The roles the project gives a built-in, set by the registry's table: ``auto`` (``auto`` may pick it), ``fast``
+    # (a call stays well under a second on small models: what ``ntk-bench run --model`` runs by default).
     tags: frozenset[str] = frozenset()
     # True where ``_kernel`` can be captured in a CUDA graph: no host syncs, no data-dependent shapes (cuda_graphs).
     capturable: bool = False
