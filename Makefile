@@ -57,8 +57,8 @@ lint: $(DEPS) lint-imports
 test: lint
 
 test: $(DEPS) lint-imports
-	NTKBENCH_REQUIRE_REFERENCE=1 $(PYTHON) -m pytest -p no:cacheprovider --timeout=900 -q -n auto -m "not serial" tests
-	NTKBENCH_REQUIRE_REFERENCE=1 $(PYTHON) -m pytest -p no:cacheprovider --timeout=900 -q -m serial tests
+	NTK_BENCH_REQUIRE_REFERENCE=1 $(PYTHON) -m pytest -p no:cacheprovider --timeout=900 -q -n auto -m "not serial" tests
+	NTK_BENCH_REQUIRE_REFERENCE=1 $(PYTHON) -m pytest -p no:cacheprovider --timeout=900 -q -m serial tests
 
 # CLOCK: auto (default) times on the process's CPU time with one torch thread where there is no CUDA device (a
 # shared CPU runner: on the wall clock two threads on cores others hold measure their waiting), the wall clock where

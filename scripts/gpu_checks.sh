@@ -40,7 +40,7 @@ fi
 
 if [ "${TESTS:-1}" = 1 ]; then
     # One thread per xdist worker: 8 workers with a thread per core each oversubscribe the CPU.
-    OMP_NUM_THREADS=1 NTKBENCH_REFERENCE=harness timeout "${TEST_TIMEOUT_S:-240}" $PYTHON -m pytest -p no:cacheprovider \
+    OMP_NUM_THREADS=1 NTK_BENCH_REFERENCE=harness timeout "${TEST_TIMEOUT_S:-240}" $PYTHON -m pytest -p no:cacheprovider \
         -q -n 8 --timeout=200 -rfE ${TEST_SELECT:-tests} >"$OUTDIR/tests.log" 2>&1
     echo "tests: exit $?" | tee -a "$OUTDIR/tests.log"
     tail -3 "$OUTDIR/tests.log"

@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ntk_bench import implementations  # noqa: E402
-from ntk_bench.implementations.core import kernels as base  # noqa: E402
+from ntk_bench.implementations.core import contractions as base  # noqa: E402
 from ntk_bench.bench.zoo import architectures  # noqa: E402
 from ntk_bench.bench.measurement.timers import time_call  # noqa: E402
 from ntk_bench.implementations.core import cuda_graphs  # noqa: E402
@@ -44,11 +44,11 @@ def main() -> None:
     default_split = base.SYMMETRIC_SPLIT_MIN_ROWS, base.SYMMETRIC_SPLIT_MIN_ROWS_CAPTURED
     for name in ("structured", "explicit_mlp", "auto"):
         plugin = implementations.get(name)
-        os.environ["NTKBENCH_CUDA_GRAPHS"] = "0"
+        os.environ["NTK_BENCH_CUDA_GRAPHS"] = "0"
         eager = plugin.compute(model, x)
         for graphs in ("0", "1"):
             for split in default_split:
-                os.environ["NTKBENCH_CUDA_GRAPHS"] = graphs
+                os.environ["NTK_BENCH_CUDA_GRAPHS"] = graphs
                 base.SYMMETRIC_SPLIT_MIN_ROWS = base.SYMMETRIC_SPLIT_MIN_ROWS_CAPTURED = split
                 cuda_graphs.CACHE = cuda_graphs.GraphCache()  # a fresh capture for this threshold
                 out = plugin.compute(model, x)

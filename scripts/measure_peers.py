@@ -45,7 +45,7 @@ def _fn(name, model, x):
     reason = plugin.supports(model)
     if reason is not None:
         raise UnsupportedModelError(reason)
-    if plugin.kind == "peer":
+    if plugin.origin == "peer":
         run, to_torch = plugin.prepare(model, x, None, "full")
         return run, to_torch
     return (lambda: plugin.compute(model, x, None, "full")), (lambda out: out)

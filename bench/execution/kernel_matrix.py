@@ -3,7 +3,7 @@
     K = kernel_matrix(model, X1, mode="trace", out="K.zarr")     # X1: tensor, array or Dataset
     K[:10, :10]                                                    # numpy reads; open_kernel("K.zarr") later
 
-The kernel is cut into square tiles sized from the memory budget and the plugin's cost model (``blocking``'s
+The kernel is cut into square tiles sized from the memory budget and the plugin's cost model (``tiling``'s
 tile rule); x2 = None stores the upper triangle only (``kernel_store`` mirrors it on read). A task is one row
 band: the tiles (I, J) of row block I that are missing. Tasks run in this process (``executor=None``) or on the
 runner's executors (local workers pinned to cores, one per GPU, Ray, SLURM via submitit), which need the model
@@ -34,10 +34,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ntk_bench.implementations.core.tolerances import tolerance
+
 from ..store.kernel_store import KernelArray, KernelFileError, create, kernel_shape, open_kernel
 
 MAX_TILE = 1024  # a tile is a checkpoint: a kill loses at most the tiles in flight
-VERIFY_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _ATTRS_CHECKED = ("n", "m", "o", "mode", "dtype", "symmetric", "plugin", "model_fingerprint", "inputs_fingerprint",
                   "inputs2_fingerprint", "code_version", "tile")
@@ -185,7 +186,7 @@ def _tile_kernel(plugin, model, xa, xb, mode, device, dtype, depth: int = 0) -> 
         top = torch.cat([_tile_kernel(plugin, model, a, None, mode, device, dtype, depth + 1),
                          _tile_kernel(plugin, model, a, b, mode, device, dtype, depth + 1)], dim=1)
         br = _tile_kernel(plugin, model, b, None, mode, device, dtype, depth + 1)
-        from ntk_bench.implementations.core.blocking import _mirror
+        from ntk_bench.implementations.core.tiling import _mirror
 
         bottom = torch.cat([_mirror(top[:, h:], mode), br], dim=1)
         return torch.cat([top, bottom], dim=0)
@@ -338,12 +339,12 @@ def _pick(impl, model, x1: Inputs, x2: Inputs | None, mode, device, dtype, budge
 
 
 def _tile_edge(plugin, model, x1: Inputs, x2: Inputs | None, mode, device, dtype, budget) -> int:
-    from ntk_bench.implementations.core.blocking import tile_size
-    from ntk_bench.implementations.core.costs import model_stats
+    from ntk_bench.implementations.core.tiling import tile_size
+    from ntk_bench.implementations.core.costs import cost_stats
 
     x = x1.rows(slice(0, 1)).to(device)
     x = x.to(dtype) if x.is_floating_point() else x
-    stats = model_stats(model, x)
+    stats = cost_stats(model, x)
     n, m = x1.n, (x2 or x1).n
     b = tile_size(plugin.with_budget(budget), stats, n, m, mode, budget, False)
     return max(1, min(b, MAX_TILE, max(n, m)))
@@ -376,11 +377,11 @@ def _predicted_s(plugin, model, x1: Inputs, x2, mode, device, dtype, budget) -> 
     """The cost model's seconds for the whole kernel (auto's constants for this plugin), kept beside the measured
     time; None where it cannot say."""
     from ntk_bench import implementations
-    from ntk_bench.implementations.core.costs import model_stats
+    from ntk_bench.implementations.core.costs import cost_stats
 
     try:
         x = _cast(x1.rows(slice(0, 1)), device, dtype)
-        stats = model_stats(model, x)
+        stats = cost_stats(model, x)
         auto = implementations.get("auto")
         seconds, _ = auto.predict(plugin, stats, x1.n, (x2 or x1).n, mode, x2 is None,
                                   "cuda" if torch.device(device).type == "cuda" else "cpu", budget)
@@ -603,7 +604,7 @@ def _verify(kernel: KernelArray, model, x1: Inputs, x2, mode, device, verify: in
     rng = random.Random(kernel.attrs["inputs_fingerprint"])
     chosen = [(0, 0)] + rng.sample([t for t in tiles if t != (0, 0)], min(verify, len(tiles) - 1))
     model64 = copy.deepcopy(model).to(device="cpu", dtype=torch.float64)
-    tol = VERIFY_TOLERANCE[DTYPES[kernel.attrs["dtype"]]]
+    tol = tolerance(kernel.attrs["dtype"])
     results, worst = [], 0.0
     for i, j in chosen:
         si, sj = kernel.tile_slices(i, j)

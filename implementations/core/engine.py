@@ -1,10 +1,10 @@
-"""One NTK call, start to end, in one place: validation → planning → kernel → checks.
+"""One NTK call, start to end, in one place: validation → dispatch → kernel → checks.
 
     compute(plugin, model, x1, x2, mode, memory_budget_bytes)
       1. validation   inputs (types, shapes, devices, dtypes, NaN/inf); the model's output form (N, O) or (N,);
                       refusal of ill-defined kernels (train-mode BatchNorm, Dropout, random or stateful forwards)
                       before any work; the plugin's ``supports``
-      2. planning     ``plugin.dispatch``: under a memory budget, tiles (``blocking``); on a GPU, a captured
+      2. dispatch     ``plugin.dispatch``: under a memory budget, tiles (``tiling``); on a GPU, a captured
                       CUDA graph replayed (``cuda_graphs``); else the kernel itself (``auto`` picks a plugin here)
       3. kernel       ``plugin._kernel`` on detached inputs, with grad mode on (calls under ``torch.no_grad()``
                       and ``torch.inference_mode()`` work)
@@ -27,7 +27,7 @@ from torch import nn
 from . import base as _base
 from .base import NTKPlugin, UnsupportedModelError
 from .input_errors import named_input_errors
-from .kernels import kernel_shape
+from .contractions import kernel_shape
 from .locking import model_claimed
 from .state import dense_gradients, preserved
 from .validation import (budget_bytes, output_spec, probe_forward, refuse_ill_defined_modules,
@@ -151,13 +151,13 @@ def validated(plugin: NTKPlugin, model: nn.Module, x1: torch.Tensor, x2: torch.T
     return Call(model, net, x1, x2, spec.o, _result_dtype(model, x1))
 
 
-def plan_and_run(plugin: NTKPlugin, model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None, mode: str,
-                 memory_budget_bytes: int | None) -> torch.Tensor:
-    """The planning step: tiles under a budget, else a replayed CUDA graph where one applies, else the kernel."""
+def dispatch(plugin: NTKPlugin, model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None, mode: str,
+             memory_budget_bytes: int | None) -> torch.Tensor:
+    """The dispatch step: tiles under a budget, else a replayed CUDA graph where one applies, else the kernel."""
     if memory_budget_bytes is not None:
-        from .blocking import blocked_kernel
+        from .tiling import tiled_kernel
 
-        return blocked_kernel(plugin.with_budget(memory_budget_bytes), model, x1, x2, mode, memory_budget_bytes)
+        return tiled_kernel(plugin.with_budget(memory_budget_bytes), model, x1, x2, mode, memory_budget_bytes)
     from . import cuda_graphs
 
     out = cuda_graphs.CACHE.kernel(plugin, model, x1, x2, mode)

@@ -1,4 +1,4 @@
-"""The arithmetic of a cost estimate: what an algorithm costs, given a model's sizes (``costs.ModelStats``).
+"""The arithmetic of a cost estimate: what an algorithm costs, given a model's sizes (``costs.CostStats``).
 
 It imports nothing of the package, so that the interface (``base``), whose default ``estimate`` uses it, stays
 at the bottom of the layers; ``costs`` re-exports all of it.
@@ -11,7 +11,7 @@ from typing import Protocol
 
 
 class Sizes(Protocol):
-    """The sizes of a model these formulas read (``costs.ModelStats`` has them)."""
+    """The sizes of a model these formulas read (``costs.CostStats`` has them)."""
 
     p: int  # trainable parameters
     o: int  # outputs per sample

@@ -18,7 +18,7 @@ from collections.abc import Collection
 
 from torch import nn
 
-from .modelinfo import submodules
+from .module_walks import submodules
 
 _LOCK = threading.Lock()  # guards _OWNERS; taken directly on the fast path (a Condition's methods are Python)
 _CONDITION = threading.Condition(_LOCK)

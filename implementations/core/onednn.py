@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .modelinfo import shape_keyed_cache
+from .module_walks import shape_keyed_cache
 
 
 @contextlib.contextmanager

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from ._peer import PeerPlugin, reraise_as_unsupported
-from ..core.kernels import reduce_full
+from ..core.contractions import reduce_full
 
 # Library errors that mean "this model is outside what the routine can do" (message fragment -> why).
 _UNSUPPORTED = {

@@ -25,7 +25,7 @@ import torch
 
 from ._peer import PeerPlugin, reraise_as_unsupported, shared_submodule
 from ..core.declines import transform_declines
-from ..core.kernels import reduce_full
+from ..core.contractions import reduce_full
 
 _UNSUPPORTED = {
     "forward AD": "the kernel operator applies J with forward-mode AD, which an operator of this model lacks",

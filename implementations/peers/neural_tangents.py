@@ -31,7 +31,7 @@ from ..core.base import MODES, NTKPlugin, UnsupportedModelError
 class NeuralTangentsPeer(NTKPlugin):
     """neural-tangents' ``implementation`` through the reference's JAX translation."""
 
-    kind = "peer"
+    origin = "peer"
 
     def __init__(self, implementation: str):
         self.implementation = implementation

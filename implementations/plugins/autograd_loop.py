@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from ..core.base import NTKPlugin
-from ..core.kernels import contract_jacobians
-from ..core.modelinfo import trainable_parameters
+from ..core.contractions import contract_jacobians
+from ..core.module_walks import trainable_parameters
 
 
 def jacobians_by_autograd(model, x):

@@ -22,8 +22,8 @@ from torch import nn
 
 from ..core import onednn
 from ..core.base import NTKPlugin
-from ..core.kernels import KernelSum, input_gram
-from ..core.modelinfo import structure_problem, submodules
+from ..core.contractions import KernelSum, input_gram
+from ..core.module_walks import structure_problem, submodules
 
 # Per model and input shapes: whether oneDNN's GEMMs ran the kernel faster than MKL's (CPU, float32).
 _GEMM_BACKEND: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

@@ -25,8 +25,8 @@ from torch.func import functional_call, jvp, vjp, vmap
 
 from ..core.base import NTKPlugin, UnsupportedModelError
 from ..core.declines import transform_declines
-from ..core.kernels import chunks, reduce_full
-from ..core.modelinfo import composite_attention, functional_single, per_sample
+from ..core.contractions import chunks, reduce_full
+from ..core.module_walks import composite_attention, functional_single, per_sample
 
 
 class NTKVectorProducts(NTKPlugin):
@@ -67,11 +67,11 @@ class NTKVectorProducts(NTKPlugin):
             return self._products(model, x1, x2, mode)
 
     def _products(self, model, x1, x2, mode):
-        from ..core.costs import model_stats
+        from ..core.costs import cost_stats
 
         xb = x1 if x2 is None else x2
         params, f = functional_single(model)
-        stats = model_stats(model, x1[:1])
+        stats = cost_stats(model, x1[:1])
         o, m = stats.o, xb.shape[0]
         dtype = next(iter(params.values())).dtype
         basis = torch.eye(o, dtype=dtype, device=x1.device)

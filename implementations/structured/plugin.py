@@ -28,8 +28,9 @@ from torch import nn
 
 from ..core import onednn
 from ..core.base import NTKPlugin, UnsupportedModelError
-from ..core.kernels import KernelSum, input_gram, kernel_shape
-from ..core.modelinfo import submodules
+from ..core.contractions import KernelSum, input_gram, kernel_shape
+from ..core.module_walks import submodules
+from ..core.tolerances import tolerance
 from . import rewrites, table
 from .plan import Plan, _Replan, discover, layer_costs, record, structure_key
 from .rules.base import Options
@@ -225,7 +226,7 @@ class Structured(NTKPlugin):
 
     @staticmethod
     def cost_view(stats) -> "CostView":
-        """How structured sees the model ``stats`` were measured on, read once per stats (``ModelStats.view``):
+        """How structured sees the model ``stats`` were measured on, read once per stats (``CostStats.view``):
         its layers, from the plan discovered on their one sample (``plan.layer_costs``), and the stats of the
         forward with the attention rewrites the plan needs (the stats themselves where it needs none). Where the
         plan cannot be made (the model declines, or the stats outlived their model): the whole model as one generic
@@ -296,7 +297,7 @@ class Structured(NTKPlugin):
                 if item is not None:
                     for k, v in u.entry.rule.checked_summed(item, u.entry.slots, o).items():
                         _add_to(sums, id(u.entry.slots[k]), v.reshape(o, -1).sum(0))
-        tol = 1e-9 if params[0].dtype == torch.float64 else 1e-3
+        tol = tolerance(params[0].dtype, "gradient_sum")
         # (a parameter whose true derivative is 0, a conv bias before an InstanceNorm, is rounding noise on both
         # sides: compared against a thousandth of the whole gradient)
         floor = 1e-3 * float(torch.stack([(g.to_dense() if g.is_sparse else g).norm() for g in grads]).norm())

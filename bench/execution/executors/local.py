@@ -36,7 +36,7 @@ class Slot:
     gpu: int | None = None  # the GPU index this slot's cases run on (logical, as torch numbers them here)
 
     def accepts(self, job: Job) -> bool:
-        if job.kind == "reference" or self.takes == "any":
+        if job.task == "reference" or self.takes == "any":
             return True
         if self.takes == "cpu":
             return job.device == "cpu"

@@ -1,7 +1,7 @@
-"""What the plugins read off a model: its modules and trainable parameters, what is shared, hooked, parametrised
-or in place, and caches keyed by its architecture. Walks go through ``_modules`` / ``_parameters`` directly:
-these run on every call, and ``named_modules()``'s generators (a name string and a memo set per module) would
-cost more than the work they feed."""
+"""Module walks: what the plugins read off a model's module tree (its modules and trainable parameters, what is
+shared, hooked, parametrised or in place) and caches keyed by its architecture. Walks go through ``_modules`` /
+``_parameters`` directly: these run on every call, and ``named_modules()``'s generators (a name string and a memo
+set per module) would cost more than the work they feed."""
 
 from __future__ import annotations
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import torch
 
-MODES = ("full", "trace", "diagonal")
-
 
 def kernel_shape(n: int, m: int, o: int, mode: str) -> tuple[int, ...]:
     """The kernel's shape for N×M samples and O outputs in ``mode``: (N, M, O, O) full, (N, M) trace, (N, M, O)
