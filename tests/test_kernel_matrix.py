@@ -198,6 +198,24 @@ def test_bad_arguments_are_one_clear_error(tmp_path, factories):
         ntk_bench.kernel_matrix(model, 3.0, out=tmp_path / "K")
 
 
+def test_each_tile_record_carries_its_seconds_and_cpu_seconds(tmp_path, factories):
+    """The records say what each finished tile cost (the work a kill loses is read from them); an older,
+    empty record still counts as finished."""
+    model, x = _load(factories, "slow_model"), _load(factories, "small_data")
+    k = ntk_bench.kernel_matrix(model, x, mode="trace", out=tmp_path / "K.zarr", tile=8, progress=False, verify=-1)
+    infos = {t: k.tile_info(*t) for t in k.tiles()}
+    assert len(infos) == 6
+    for (i, j), info in infos.items():
+        # the slow forward sleeps 20 ms a call: every tile (its row's factors in the band's first) takes longer
+        assert info["seconds"] >= 0.02 and info["cpu_s"] >= 0 and info["pid"] == os.getpid(), ((i, j), info)
+        assert info["process_cpu_s"] >= info["cpu_s"]
+    assert k.tile_info(0, 0)["at"] <= k.tile_info(0, 2)["at"]
+    (tmp_path / "K.zarr" / "tiles" / "1-2").write_text("")
+    assert k.tile_info(1, 2) == {} and k.done(1, 2)
+    (tmp_path / "K.zarr" / "tiles" / "1-2").unlink()
+    assert k.tile_info(1, 2) is None and k.missing() == [(1, 2)]
+
+
 def _tiles(path):
     return {p.name: p.stat().st_mtime_ns for p in (path / "tiles").iterdir()}
 
