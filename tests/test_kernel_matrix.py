@@ -186,6 +186,41 @@ def test_structured_factors_reused_and_out_of_memory_falls_back_to_whole_tiles(t
     assert runs["factors_s"] > 0 and runs["contract_s"] > 0 and runs["whole_tiles_s"] > 0  # the injected fallback
 
 
+def test_kept_factors_are_counted_kept_within_half_the_budget_and_let_go_after_the_call(tmp_path, monkeypatch):
+    """A conv net's factors keep their tensors in the rules' slots: they must be counted (else every column block
+    is kept, whatever the budget), the blocks kept must fit the cache's share of the budget, and nothing is kept
+    once the call returns."""
+    from ntk_bench import implementations
+    from ntk_bench.bench.zoo import architectures
+    from ntk_bench.implementations.core import engine
+
+    torch.manual_seed(0)
+    model, shape = architectures.cnn(channels=4, image=8)
+    x = torch.randn(48, *shape, generator=torch.Generator().manual_seed(2))
+    plugin = implementations.get("structured")
+    call = engine.validated(plugin, model, x[:8], None, "trace")
+    with engine.running(model):
+        f = plugin.factors(call.net, call.x1)
+    held = sum(t.numel() * t.element_size() for item in f.items if item is not None
+               for name in getattr(type(item), "__slots__", ()) if isinstance(t := getattr(item, name, None),
+                                                                            torch.Tensor))
+    assert held > 0 and f.nbytes() >= held
+    kept, real_put = [], km._FactorCache.put
+
+    def put(self, j, factors, budget):
+        real_put(self, j, factors, budget)
+        kept.append((len(self.blocks), self.bytes, budget))
+
+    monkeypatch.setattr(km._FactorCache, "put", put)
+    budget = 3 * f.nbytes()  # the cache's half holds one block of 8, not the five later ones
+    k = ntk_bench.kernel_matrix(model, x, mode="trace", out=tmp_path / "K.zarr", tile=8, progress=False,
+                                verify=-1, impl="structured", memory_budget_bytes=budget)
+    assert kept and max(n for n, _, _ in kept) == 1 and all(b <= cap for _, b, cap in kept)
+    assert not km._CACHE.blocks and km._CACHE.bytes == 0
+    ref = ntk_bench.ntk(model, x, mode="trace", impl="structured").numpy()
+    np.testing.assert_allclose(np.asarray(k), ref, rtol=1e-5, atol=1e-6)
+
+
 def test_bad_arguments_are_one_clear_error(tmp_path, factories):
     model, x = _load(factories, "model"), _load(factories, "data")
     with pytest.raises(ValueError, match="out"):

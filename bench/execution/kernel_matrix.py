@@ -206,6 +206,9 @@ class _FactorCache:
             self.key, self.blocks, self.bytes = key, {}, 0
         return self.blocks.get(j)
 
+    def clear(self) -> None:
+        self.key, self.blocks, self.bytes = None, {}, 0
+
     def put(self, j, factors, budget: int) -> None:
         size = factors.nbytes()
         while self.blocks and self.bytes + size > budget:
@@ -526,10 +529,13 @@ def kernel_matrix(model, X1, X2=None, mode: str = "trace", out=None, impl: str =
             if progress:
                 _print_progress(total - len(kernel.missing()), total, started, first_done)
 
-        for i in range(rows):
-            band = [j for j in range(i if kernel.symmetric else 0, cols) if not kernel.done(i, j)]
-            if band:
-                _add_phases(phases, compute_band(kernel, plugin, model_obj, x1, x2, i, band, spec, on_tile))
+        try:
+            for i in range(rows):
+                band = [j for j in range(i if kernel.symmetric else 0, cols) if not kernel.done(i, j)]
+                if band:
+                    _add_phases(phases, compute_band(kernel, plugin, model_obj, x1, x2, i, band, spec, on_tile))
+        finally:
+            _CACHE.clear()  # the caller's process: the kept factors go with the call, not after it
     else:
         phases = _run_on_executor(executor, spec, kernel, workers, devices, timeout_s, retries, progress, started,
                                   first_done, total)
