@@ -6,7 +6,7 @@ the whole run's.
 
 Each run is the command line (``python -m ntk_bench kernel --executor local``), a child of this script. Its process
 tree (driver and workers) is sampled every 0.1 s for CPU seconds (user + system, per process, the last sample kept;
-the tree is sampled once more just before the SIGKILL, so the killed run's CPU is exact to that moment). The kill
+the killed driver's workers are reaped by this script, their CPU exact to their end: they die with the driver). The kill
 comes half a mean interval between tile records after the threshold is reached, so that tiles are in flight. The tile
 records (``KernelArray.tile_info``) give each finished tile's seconds and CPU seconds, and the cumulative CPU of
 the worker that wrote it: a worker's CPU at the kill minus its CPU at its last record is the work in flight, lost.
@@ -108,12 +108,26 @@ def _run(cmd, env, out: Path, kill_at: int | None) -> dict:
             # not right after a record (nothing would be in flight): half the mean interval between records later
             kill_time = now + 0.5 * (now - first) / max(1, done - 1)
         if kill_time is not None and now >= kill_time:
-            tree.sample()  # the CPU up to the kill
-            at_kill = dict(tree.cpu)
+            tree.sample()
+            workers = [pid for pid, who in tree.names.items() if who == "worker"]
             proc.send_signal(signal.SIGKILL)
             killed = time.perf_counter() - t0
             proc.wait()
-            tree.cpu = at_kill
+            # The workers die with the driver (their parent-death signal) once the driver has exited, which under
+            # load is a while after the signal: their CPU is read when they are reaped (this script is their
+            # subreaper), exact to their end, not from the last sample.
+            deadline = time.time() + 60
+            while workers and time.time() < deadline:
+                try:
+                    pid, _, usage = os.wait4(-1, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if pid == 0:
+                    time.sleep(0.01)
+                    continue
+                if pid in workers:
+                    tree.cpu[pid] = usage.ru_utime + usage.ru_stime
+                    workers.remove(pid)
             break
         time.sleep(0.1)
     log = proc.stdout.read() if proc.stdout else ""
@@ -132,8 +146,17 @@ def _tile_sums(tiles: dict, pids=None) -> dict:
             "tile_cpu_s": sum(t["cpu_s"] for t in chosen)}
 
 
+def _subreaper() -> None:
+    """Orphaned descendants (the killed driver's workers) become this process's children, reaped with their CPU."""
+    import ctypes
+
+    PR_SET_CHILD_SUBREAPER = 36
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
 def main() -> int:
     args = _args()
+    _subreaper()
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
     facts = root / f"cnn_{args.N}.py"
