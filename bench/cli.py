@@ -579,7 +579,9 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     what = run.add_argument_group("what to run")
     what.add_argument("--sweep", default="default",
                       help="a built-in sweep name, 'default' (gpu with CUDA, else quick), or a .toml/.json file")
-    what.add_argument("--impls", help="comma-separated plugins and peers to run instead of the sweep's")
+    what.add_argument("--impls", help="comma-separated plugins and peers to run instead of the sweep's: names, all, "
+                                      "ours, peers, tag:NAME, patterns (nt_*), a leading - removing "
+                                      "(--impls=ours,-tag:loop)")
     what.add_argument("--plugin", action="append", metavar="MODULE",
                       help="import MODULE (package.module) and register its plugins, here and in every worker "
                            "(repeatable)")
