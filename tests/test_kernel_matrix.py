@@ -221,35 +221,6 @@ def test_kept_factors_are_counted_kept_within_half_the_budget_and_let_go_after_t
     np.testing.assert_allclose(np.asarray(k), ref, rtol=1e-5, atol=1e-6)
 
 
-def test_tiles_and_kept_factors_share_the_budget(tmp_path, monkeypatch):
-    """The factors kept for later bands are held while a tile is computed: the tile is sized from what they leave."""
-    from ntk_bench.bench.zoo import architectures
-
-    torch.manual_seed(0)
-    model, shape = architectures.cnn(channels=4, image=8)
-    x = torch.randn(32, *shape, generator=torch.Generator().manual_seed(2))
-    asked, caps, real_edge, real_put = [], [], km._tile_edge, km._FactorCache.put
-
-    def edge(plugin, model, x1, x2, mode, device, dtype, budget):
-        asked.append(budget)
-        return 8
-
-    def put(self, j, factors, budget):
-        caps.append(budget)
-        real_put(self, j, factors, budget)
-
-    monkeypatch.setattr(km, "_tile_edge", edge)
-    monkeypatch.setattr(km._FactorCache, "put", put)
-    budget = 1 << 30
-    ntk_bench.kernel_matrix(model, x, mode="trace", out=tmp_path / "K.zarr", progress=False, verify=-1,
-                            impl="structured", memory_budget_bytes=budget)
-    assert asked and caps and asked[0] + max(caps) <= budget and min(caps) > 0
-    asked.clear()
-    ntk_bench.kernel_matrix(model, x, mode="trace", out=tmp_path / "J.zarr", progress=False, verify=-1,
-                            impl="jacobian_contraction", memory_budget_bytes=budget)
-    assert asked == [budget]  # a plugin that keeps nothing has the whole budget for its tiles
-
-
 def test_bad_arguments_are_one_clear_error(tmp_path, factories):
     model, x = _load(factories, "model"), _load(factories, "data")
     with pytest.raises(ValueError, match="out"):

@@ -231,7 +231,7 @@ def compute_band(kernel: KernelArray, plugin, model, x1: Inputs, x2, i: int, col
     """The tiles (I, J) for J in ``cols`` not done yet, written as each finishes.
 
     A plugin with ``factors``/``contract`` (``structured``) records row block I once and each column block once per
-    process (kept while they fit half the memory budget, the tiles being sized from the other half), so the per-sample work grows linearly in N and only the
+    process (kept while they fit half the memory budget), so the per-sample work grows linearly in N and only the
     contraction quadratically; other plugins compute each tile whole. Returns seconds per phase."""
     from ntk_bench.implementations.core import engine, onednn
     from ntk_bench.implementations.core.base import UnsupportedModelError
@@ -347,12 +347,6 @@ def _pick(impl, model, x1: Inputs, x2: Inputs | None, mode, device, dtype, budge
         xb = x2.rows(slice(0, min(x2.n, 256))).to(device)
         xb = xb.to(dtype) if xb.is_floating_point() else xb
     return [p for p, *_ in auto.rank(model, xa, xb, mode, budget)]
-
-
-def _tile_share(plugin, budget: int, reuse: bool) -> int:
-    """The part of the budget a tile's computation may use: half of it for a plugin that keeps column blocks'
-    factors for later bands (the kept factors, the other half, are held while a tile is computed), else all."""
-    return budget // 2 if reuse and hasattr(plugin, "factors") else budget
 
 
 def _tile_edge(plugin, model, x1: Inputs, x2: Inputs | None, mode, device, dtype, budget) -> int:
@@ -505,8 +499,7 @@ def kernel_matrix(model, X1, X2=None, mode: str = "trace", out=None, impl: str =
             if why is not None:
                 reasons[candidate.name] = why
                 continue
-            b = int(tile) if tile else _tile_edge(candidate, model_obj, x1, x2, mode, device, tdtype,
-                                                  _tile_share(candidate, budget, reuse))
+            b = int(tile) if tile else _tile_edge(candidate, model_obj, x1, x2, mode, device, tdtype, budget)
             try:
                 onednn_flag = _choose_onednn(candidate, model_obj, x1, x2, mode, device, tdtype, b)
             except UnsupportedModelError as exc:
@@ -525,7 +518,7 @@ def kernel_matrix(model, X1, X2=None, mode: str = "trace", out=None, impl: str =
 
     spec = {"out": str(out.resolve()), "model": model, "data": X1, "data2": X2, "dtype": dtype_name,
             "device": device, "mode": mode, "plugin": plugin.name, "onednn": onednn_flag,
-            "model_fingerprint": attrs["model_fingerprint"], "cache_bytes": budget - _tile_share(plugin, budget, reuse), "reuse": reuse}
+            "model_fingerprint": attrs["model_fingerprint"], "cache_bytes": budget // 2, "reuse": reuse}
     rows, cols = kernel.grid
     total = len(kernel.tiles())
     started, first_done = time.perf_counter(), total - len(kernel.missing())
