@@ -137,8 +137,8 @@ def test_a_wrong_tile_fails_verification(tmp_path, factories, monkeypatch):
     model, x = _load(factories, "model"), _load(factories, "data")
     real = KernelArray.write_tile
 
-    def wrong(self, i, j, block):
-        real(self, i, j, block * 1.01 if i == j else block)  # every diagonal tile 1% off
+    def wrong(self, i, j, block, **kw):
+        real(self, i, j, block * 1.01 if i == j else block, **kw)  # every diagonal tile 1% off
 
     monkeypatch.setattr(KernelArray, "write_tile", wrong)
     with pytest.raises(km.KernelVerificationError, match=r"tile \[0, 0\]"):
@@ -241,9 +241,10 @@ def test_each_tile_record_carries_its_seconds_and_cpu_seconds(tmp_path, factorie
     infos = {t: k.tile_info(*t) for t in k.tiles()}
     assert len(infos) == 6
     for (i, j), info in infos.items():
-        # the slow forward sleeps 20 ms a call: every tile (its row's factors in the band's first) takes longer
-        assert info["seconds"] >= 0.02 and info["cpu_s"] >= 0 and info["pid"] == os.getpid(), ((i, j), info)
+        assert info["seconds"] > 0 and info["cpu_s"] >= 0 and info["pid"] == os.getpid(), ((i, j), info)
         assert info["process_cpu_s"] >= info["cpu_s"]
+        if i == j:  # a band's first tile counts its row's factors: the slow forward sleeps 20 ms a call
+            assert info["seconds"] >= 0.02, ((i, j), info)
     assert k.tile_info(0, 0)["at"] <= k.tile_info(0, 2)["at"]
     (tmp_path / "K.zarr" / "tiles" / "1-2").write_text("")
     assert k.tile_info(1, 2) == {} and k.done(1, 2)
