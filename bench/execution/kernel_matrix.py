@@ -205,6 +205,9 @@ class _FactorCache:
             self.key, self.blocks, self.bytes = key, {}, 0
         return self.blocks.get(j)
 
+    def clear(self) -> None:
+        self.key, self.blocks, self.bytes = None, {}, 0
+
     def put(self, j, factors, budget: int) -> None:
         size = factors.nbytes()
         while self.blocks and self.bytes + size > budget:
@@ -233,6 +236,9 @@ def compute_band(kernel: KernelArray, plugin, model, x1: Inputs, x2, i: int, col
     from ntk_bench.implementations.core.base import UnsupportedModelError
 
     dtype, device, mode = DTYPES[spec["dtype"]], spec["device"], spec["mode"]
+    # Each tile's record carries the seconds (and this process's CPU seconds) since the band's previous tile was
+    # written, the row's factors counted with the band's first tile: the work a kill loses is then readable.
+    since, since_cpu = time.perf_counter(), time.process_time()
     si = kernel.tile_slices(i, 0)[0]
     xa = _cast(x1.rows(si), device, dtype)
     phases = {"factors_s": 0.0, "contract_s": 0.0, "whole_tiles_s": 0.0, "tiles": 0}
@@ -267,7 +273,11 @@ def compute_band(kernel: KernelArray, plugin, model, x1: Inputs, x2, i: int, col
                 t0 = time.perf_counter()
                 block = _tile_kernel(plugin, model, xa, xb, mode, device, dtype)
                 phases["whole_tiles_s"] += time.perf_counter() - t0
-            kernel.write_tile(i, j, block.detach().cpu().numpy())
+            now, cpu = time.perf_counter(), time.process_time()
+            kernel.write_tile(i, j, block.detach().cpu().numpy(),
+                              info={"seconds": round(now - since, 4), "cpu_s": round(cpu - since_cpu, 4),
+                                    "process_cpu_s": round(cpu, 4), "pid": os.getpid(), "at": time.time()})
+            since, since_cpu = now, cpu
             phases["tiles"] += 1
             if on_tile is not None:
                 on_tile()
@@ -518,10 +528,13 @@ def kernel_matrix(model, X1, X2=None, mode: str = "trace", out=None, impl: str =
             if progress:
                 _print_progress(total - len(kernel.missing()), total, started, first_done)
 
-        for i in range(rows):
-            band = [j for j in range(i if kernel.symmetric else 0, cols) if not kernel.done(i, j)]
-            if band:
-                _add_phases(phases, compute_band(kernel, plugin, model_obj, x1, x2, i, band, spec, on_tile))
+        try:
+            for i in range(rows):
+                band = [j for j in range(i if kernel.symmetric else 0, cols) if not kernel.done(i, j)]
+                if band:
+                    _add_phases(phases, compute_band(kernel, plugin, model_obj, x1, x2, i, band, spec, on_tile))
+        finally:
+            _CACHE.clear()  # the caller's process: the kept factors go with the call, not after it
     else:
         phases = _run_on_executor(executor, spec, kernel, workers, devices, timeout_s, retries, progress, started,
                                   first_done, total)

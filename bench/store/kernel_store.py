@@ -10,8 +10,9 @@ Layout of ``PATH`` (a directory):
 - ``zarr.json`` and ``c/``: the zarr array, shape ``kernel_shape(N, M, O, mode)``, chunks ``(tile, tile, ...)``;
   its attributes hold the format, the model's and the inputs' fingerprints, the mode, dtype, plugin, code version,
   the tile edge, whether only the upper triangle is stored (``symmetric``), timings and the verification.
-- ``tiles/I-J``: an empty file per finished tile, made after the tile's chunk is written (atomically: a temporary
-  name renamed), so a tile killed mid-write has no record and is computed again on resume.
+- ``tiles/I-J``: a file per finished tile, made after the tile's chunk is written (atomically: a temporary
+  name renamed), so a tile killed mid-write has no record and is computed again on resume. Its content (JSON, or
+  empty) is what the writer recorded with it: seconds and CPU seconds since the band's previous tile, the process.
 """
 
 from __future__ import annotations
@@ -106,8 +107,11 @@ class KernelArray:
         """Whether every tile is written."""
         return not self.missing()
 
-    def write_tile(self, i: int, j: int, block) -> None:
-        """Write tile (I, J) and then its record; a tile killed before the record is computed again."""
+    def write_tile(self, i: int, j: int, block, info: dict | None = None) -> None:
+        """Write tile (I, J) and then its record; a tile killed before the record is computed again.
+
+        ``info`` (the tile's seconds, CPU seconds, the writing process) is kept as the record's JSON content, so the
+        cost of the work done, and of work lost to a kill, can be read back (:meth:`tile_info`)."""
         si, sj = self.tile_slices(i, j)
         block = np.asarray(block, dtype=self.dtype)
         expected = (si.stop - si.start, sj.stop - sj.start) + self.shape[2:]
@@ -117,8 +121,18 @@ class KernelArray:
         record = self._record(i, j)
         record.parent.mkdir(exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=record.parent, prefix=f".{record.name}.")
-        os.close(fd)
+        with os.fdopen(fd, "w") as f:
+            if info:
+                f.write(json.dumps(_jsonable(info)))
         os.replace(tmp, record)
+
+    def tile_info(self, i: int, j: int) -> dict | None:
+        """What was recorded with finished tile (I, J) (``{}`` for a record without it), None if not finished."""
+        try:
+            text = self._record(i, j).read_text()
+        except FileNotFoundError:
+            return None
+        return json.loads(text) if text.strip() else {}
 
     def read_tile(self, i: int, j: int) -> np.ndarray:
         """Tile (I, J) as stored (a tile not written reads as NaN)."""

@@ -447,20 +447,30 @@ class Factors:
     def nbytes(self) -> int:
         """The bytes of the tensors the factors hold (what keeping them for later tiles costs); modules and
         parameters they refer to are the model's, not counted."""
-        seen, total, stack = set(), 0, [(item, 0) for item in self.items]
+        seen, storages, total, stack = set(), set(), 0, [(item, 0) for item in self.items]
         while stack:
             obj, depth = stack.pop()
             if obj is None or id(obj) in seen or depth > 4 or isinstance(obj, (nn.Module, nn.Parameter)):
                 continue
             seen.add(id(obj))
             if isinstance(obj, torch.Tensor):
-                total += obj.numel() * obj.element_size()
+                # the storage a tensor keeps alive (a view of a larger buffer holds all of it), each once
+                try:
+                    storage = obj.untyped_storage()
+                    if storage.data_ptr() not in storages:
+                        storages.add(storage.data_ptr())
+                        total += storage.nbytes()
+                except (RuntimeError, NotImplementedError):
+                    total += obj.numel() * obj.element_size()
             elif isinstance(obj, (list, tuple)):
                 stack.extend((v, depth + 1) for v in obj)
             elif isinstance(obj, dict):
                 stack.extend((v, depth + 1) for v in obj.values())
             elif hasattr(obj, "__dict__"):
                 stack.extend((v, depth + 1) for v in vars(obj).values())
+            # the rules' sides (PatchSide, _Shortcut, ...) keep their tensors in slots, not in a __dict__
+            for name in getattr(type(obj), "__slots__", ()):
+                stack.append((getattr(obj, name, None), depth + 1))
         return total
 
 
