@@ -500,10 +500,10 @@ def load(name_or_path: str) -> dict:
 
 
 def all_impls() -> list[str]:
-    """Every plugin a sweep can name: ours, then the peers."""
+    """Every plugin a sweep can name: ours (the compiled variants included), then the peers."""
     from ntk_bench import implementations
 
-    return implementations.names("ours") + implementations.names("peer")
+    return implementations.names("ours", compiled=True) + implementations.names("peer")
 
 
 def kind_of(impl: str) -> str:
@@ -540,8 +540,8 @@ def expand(spec: dict, impls_override: list[str] | None = None, base_dir: str | 
     valid_impls = all_impls()
 
     def impl_list(values, where) -> list[str]:
-        if values == ["all"]:
-            return list(valid_impls)
+        if values == ["all"]:  # (the compiled variants only where named: each first call compiles for seconds)
+            return [i for i in valid_impls if not i.endswith("_compiled")]
         for impl in values:
             if impl not in valid_impls:
                 problems.append(f"{where}: unknown plugin {impl!r}; valid: {', '.join(valid_impls)}")

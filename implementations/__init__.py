@@ -40,6 +40,10 @@ _BUILTIN_PEERS: dict[str, str] = {
     "curvlinops": "peer_curvlinops",
     "laplace": "peer_laplace",
 }
+# Compiled variants of ours (``compiled``): not in ``names()`` unless asked for (their first call compiles for
+# seconds; the suite checks them in their own test), never among auto's candidates.
+_BUILTIN_COMPILED = {n: "compiled" for n in
+                     ("explicit_mlp_compiled", "jacobian_contraction_compiled", "structured_compiled")}
 _registered: dict[str, NTKPlugin] = {}
 _entry_points_loaded = False
 KINDS = ("ours", "peer")
@@ -91,18 +95,19 @@ def load_module(module: str) -> list[str]:
     return _register_object(mod, f"module {module!r}")
 
 
-def names(kind: str | None = "ours") -> list[str]:
-    """Registered plugin names, built-ins first: ``kind="ours"`` (the default), ``"peer"``, or None for all."""
+def names(kind: str | None = "ours", compiled: bool = False) -> list[str]:
+    """Registered plugin names, built-ins first: ``kind="ours"`` (the default), ``"peer"``, or None for all; with
+    ``compiled=True`` the compiled variants of ours too (``explicit_mlp_compiled``, ...)."""
     if kind is not None and kind not in KINDS:
         raise ValueError(f"unknown plugin kind {kind!r}; valid: {', '.join(KINDS)}")
     _load_entry_points()
-    every = list(_BUILTIN) + list(_BUILTIN_PEERS) + [n for n in _registered if n not in _BUILTIN
-                                                   and n not in _BUILTIN_PEERS]
+    every = list(_BUILTIN) + (list(_BUILTIN_COMPILED) if compiled else []) + list(_BUILTIN_PEERS) + \
+        [n for n in _registered if n not in _BUILTIN and n not in _BUILTIN_PEERS and n not in _BUILTIN_COMPILED]
     return [n for n in every if kind is None or kind_of(n) == kind]
 
 
 def kind_of(name: str) -> str:
-    if name in _BUILTIN or name in _BUILTIN_PEERS:
+    if name in _BUILTIN or name in _BUILTIN_PEERS or name in _BUILTIN_COMPILED:
         return _builtin_kind(name)
     return getattr(get(name), "kind", "ours")
 
@@ -111,7 +116,7 @@ def get(name: str) -> NTKPlugin:
     """The plugin called ``name``; an unknown name raises a KeyError listing the valid ones."""
     if name in _registered:
         return _registered[name]
-    module = _BUILTIN.get(name) or _BUILTIN_PEERS.get(name)
+    module = _BUILTIN.get(name) or _BUILTIN_PEERS.get(name) or _BUILTIN_COMPILED.get(name)
     if module is None:
         _load_entry_points()
         if name in _registered:
@@ -131,14 +136,15 @@ def register(plugin: NTKPlugin) -> NTKPlugin:
         raise ValueError("a plugin needs a non-empty name")
     if getattr(plugin, "kind", "ours") not in KINDS:
         raise ValueError(f"plugin {plugin.name!r} has kind {plugin.kind!r}; valid: {', '.join(KINDS)}")
-    if plugin.name in _BUILTIN or plugin.name in _BUILTIN_PEERS or plugin.name in _registered:
+    if plugin.name in _BUILTIN or plugin.name in _BUILTIN_PEERS or plugin.name in _BUILTIN_COMPILED \
+            or plugin.name in _registered:
         raise ValueError(f"a plugin named {plugin.name!r} is already registered")
     _registered[plugin.name] = plugin
     return plugin
 
 
 def unregister(name: str) -> None:
-    if name in _BUILTIN or name in _BUILTIN_PEERS:
+    if name in _BUILTIN or name in _BUILTIN_PEERS or name in _BUILTIN_COMPILED:
         raise ValueError(f"{name!r} is a built-in plugin and cannot be unregistered")
     _registered.pop(name, None)
 

@@ -1,0 +1,205 @@
+"""Compiled kernels: a plugin's kernel run through ``torch.compile`` (Inductor), with eager as the fallback.
+
+When it wins: small calls made many times. A small model's kernel in eager mode is hundreds of torch operators,
+each paying Python and dispatcher overhead larger than its arithmetic; Inductor fuses the elementwise work into
+a few generated C++ (or Triton) kernels around the GEMMs, and one compiled call costs one guard check and one
+wrapper call. When the arithmetic dominates (wide layers, large batches), compiling gains little: the GEMMs are
+the same library calls either way.
+
+What it costs: seconds of compilation on the first call for a model, its input shapes, dtype and mode (more for
+transformers: tens of seconds), one more eager kernel on that first call (the compiled kernel is checked against
+it), and memory for the generated code. Each compiled kernel is kept per model object (weakly: it goes with the
+model) and key; torch's guards recompile it when a parameter is replaced or a module's flags change, and the
+cache key below gives such a model a fresh entry, checked again on its first call.
+
+A plugin takes part by offering ``pure_kernel(model, mode)``: a function ``(x1, x2) -> kernel`` that
+``torch.compile(fullgraph=True)`` can trace (no Python-side caches or side effects, no host syncs; parameters read
+from the model, so in-place updates are seen), and optionally ``compile_context()``: switches set around the
+compiled call (they are read while tracing and must hold when it runs). Without ``pure_kernel`` the plugin's ``_kernel`` itself is tried. Whatever fails
+(a graph break, a compile error, a compiled kernel that differs from the eager one by more than the dtype's
+tolerance) falls back to the eager kernel for that key, and the reason is kept (``info``).
+
+:class:`CompiledPlugin` wraps a plugin as ``<name>_compiled``: the same supports, estimate and validation,
+with the kernel step compiled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import threading
+import time
+import types
+import weakref
+
+import torch
+from torch import nn
+
+from .base import NTKPlugin
+from .modelinfo import submodules
+
+# Relative Frobenius error the compiled kernel may differ from the eager one by on its first call (Inductor
+# reorders sums and fuses elementwise work: rounding-level differences only).
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+@dataclasses.dataclass
+class Entry:
+    """One compiled kernel: its callable, whether its first call was checked, its compile time, why it failed."""
+
+    fn: object
+    checked: bool = False
+    compile_s: float | None = None
+    failed: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Info:
+    """How a call went: ``compiled`` (the compiled kernel ran), the compile time of this key (None when this
+    call did not compile) and the reason of a fallback to eager."""
+
+    compiled: bool
+    compile_s: float | None = None
+    fallback: str | None = None
+
+
+_CODES = itertools.count()
+
+
+def _fresh_function(pure):
+    """``pure`` behind a function with its own code object: dynamo keeps compiled graphs per code object, so each
+    entry gets its own cache (no guard scans across models, no recompile limit shared between them)."""
+    def kernel(x1, x2):
+        return pure(x1, x2)
+
+    code = kernel.__code__.replace(co_name=f"ntk_compiled_kernel_{next(_CODES)}")
+    return types.FunctionType(code, kernel.__globals__, code.co_name, None, kernel.__closure__)
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-300))
+
+
+def _context(plugin):
+    """The plugin's ``compile_context()`` (global switches its pure kernel needs, set outside the compiled code)."""
+    context = getattr(plugin, "compile_context", None)
+    return context() if context is not None else contextlib.nullcontext()
+
+
+class Cache:
+    """Compiled kernels per model (weakly) and key; thread-safe lookups, one compile per key."""
+
+    def __init__(self):
+        self._entries: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    @staticmethod
+    def key(plugin: NTKPlugin, model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None, mode: str) -> tuple:
+        """What the compiled kernel was built for: the plugin, the mode, the inputs' shapes, dtype and device, and the
+        model's modules, flags and parameter objects (an unchanged model keeps its entry; a replaced parameter or a
+        changed flag gets a new, re-checked one)."""
+        modules = list(dict.fromkeys(submodules(model)))
+        return (plugin.name, mode, tuple(x1.shape), x1.dtype, x1.device, None if x2 is None else tuple(x2.shape),
+                tuple((id(m), m.training, tuple((k, id(p), p is not None and p.requires_grad)
+                                                for k, p in m._parameters.items())) for m in modules))
+
+    def entries(self, model: nn.Module) -> dict:
+        with self._lock:
+            return self._entries.setdefault(model, {})
+
+    @property
+    def last(self) -> Info | None:
+        """This thread's last call's :class:`Info`."""
+        return getattr(self._local, "info", None)
+
+    def kernel(self, plugin: NTKPlugin, model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None,
+               mode: str) -> torch.Tensor:
+        """The kernel by the compiled path where it works, else by ``plugin._kernel``; ``last`` says which."""
+        entries = self.entries(model)
+        key = self.key(plugin, model, x1, x2, mode)
+        entry = entries.get(key)
+        if entry is None:
+            pure = getattr(plugin, "pure_kernel", None)
+            pure = pure(model, mode) if pure is not None else (lambda a, b: plugin._kernel(model, a, b, mode))
+            entry = entries.setdefault(key, Entry(torch.compile(_fresh_function(pure), fullgraph=True,
+                                                                dynamic=False)))
+        if entry.failed is not None:
+            self._local.info = Info(False, None, entry.failed)
+            return plugin._kernel(model, x1, x2, mode)
+        with _context(plugin):
+            if entry.checked:
+                self._local.info = Info(True)
+                return entry.fn(x1, x2)
+            return self._first_call(plugin, entry, model, x1, x2, mode)
+
+    def _first_call(self, plugin, entry: Entry, model, x1, x2, mode) -> torch.Tensor:
+        """Compile, run, and compare with the eager kernel; any failure is kept as the entry's reason."""
+        t0 = time.perf_counter()
+        try:
+            out = entry.fn(x1, x2)
+        except Exception as exc:  # a graph break (fullgraph), an unsupported op, an Inductor error: eager instead
+            entry.failed = f"torch.compile failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}" \
+                if str(exc).strip() else f"torch.compile failed: {type(exc).__name__}"
+            self._local.info = Info(False, time.perf_counter() - t0, entry.failed)
+            return plugin._kernel(model, x1, x2, mode)
+        entry.compile_s = time.perf_counter() - t0
+        eager = plugin._kernel(model, x1, x2, mode)
+        if not isinstance(out, torch.Tensor) or out.shape != eager.shape:
+            entry.failed = f"the compiled kernel has shape {getattr(out, 'shape', type(out).__name__)}, " \
+                           f"the eager one {tuple(eager.shape)}"
+        else:
+            err = _relative_error(out, eager)
+            tol = TOLERANCE.get(eager.dtype, 1e-4)
+            if not err <= tol:
+                entry.failed = f"the compiled kernel differs from the eager one by {err:.2e} (relative, > {tol:g})"
+        if entry.failed is not None:
+            self._local.info = Info(False, entry.compile_s, entry.failed)
+            return eager
+        entry.checked = True
+        self._local.info = Info(True, entry.compile_s)
+        return out
+
+
+CACHE = Cache()
+
+
+class CompiledPlugin(NTKPlugin):
+    """``base`` with its kernel compiled (``CACHE``): same answers, same declines; ``info()`` says how the last
+    call of this thread went."""
+
+    capturable = False  # (a CUDA graph of a compiled kernel is Inductor's business: mode="reduce-overhead")
+
+    def __init__(self, base: NTKPlugin):
+        self.base = base
+        self.name = f"{base.name}_compiled"
+        self.kind = base.kind
+
+    def supports(self, model):
+        return self.base.supports(model)
+
+    def estimate(self, stats, n, m, mode, symmetric):
+        return self.base.estimate(stats, n, m, mode, symmetric)
+
+    def _kernel(self, model, x1, x2, mode):
+        return CACHE.kernel(self.base, model, x1, x2, mode)
+
+    @staticmethod
+    def info() -> Info | None:
+        """How this thread's last compiled call went (compiled or fallen back, compile time, reason)."""
+        return CACHE.last
+
+
+def _plugins() -> list[CompiledPlugin]:
+    from . import get
+
+    return [CompiledPlugin(get(name)) for name in ("explicit_mlp", "jacobian_contraction", "structured")]
+
+
+plugins = _plugins()
+explicit_mlp_compiled, jacobian_contraction_compiled, structured_compiled = plugins
+
+__all__ = ["CACHE", "Cache", "CompiledPlugin", "Entry", "Info", "TOLERANCE", "explicit_mlp_compiled",
+           "jacobian_contraction_compiled", "plugins", "structured_compiled"]
