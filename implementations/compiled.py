@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .base import NTKPlugin
-from .modelinfo import submodules
+from . import unchanged
 
 # Relative Frobenius error the compiled kernel may differ from the eager one by on its first call (Inductor
 # reorders sums and fuses elementwise work: rounding-level differences only).
@@ -99,12 +99,15 @@ class Cache:
     @staticmethod
     def key(plugin: NTKPlugin, model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None, mode: str) -> tuple:
         """What the compiled kernel was built for: the plugin, the mode, the inputs' shapes, dtype and device, and the
-        model's modules, flags and parameter objects (an unchanged model keeps its entry; a replaced parameter or a
-        changed flag gets a new, re-checked one)."""
-        modules = list(dict.fromkeys(submodules(model)))
+        generation of the model's state (``engine.model_generation``: a rebound attribute, a replaced parameter, a
+        changed flag or hook gets a new entry, compiled and checked afresh; torch's own guards recompile too)."""
+        from .engine import model_generation
+
+        generation = model_generation(model)
+        if generation is None:  # (a kernel called outside ``compute``: no validated state to go by)
+            generation = tuple(map(id, unchanged.state(model)))
         return (plugin.name, mode, tuple(x1.shape), x1.dtype, x1.device, None if x2 is None else tuple(x2.shape),
-                tuple((id(m), m.training, tuple((k, id(p), p is not None and p.requires_grad)
-                                                for k, p in m._parameters.items())) for m in modules))
+                generation)
 
     def entries(self, model: nn.Module) -> dict:
         with self._lock:
@@ -178,7 +181,10 @@ class CompiledPlugin(NTKPlugin):
         self.kind = base.kind
 
     def supports(self, model):
-        return self.base.supports(model)
+        reason = self.base.supports(model)
+        if reason is not None and reason.startswith(f"{self.base.name}:"):
+            return self.name + reason[len(self.base.name):]
+        return reason
 
     def estimate(self, stats, n, m, mode, symmetric):
         return self.base.estimate(stats, n, m, mode, symmetric)
