@@ -12,12 +12,19 @@ it), and memory for the generated code. Each compiled kernel is kept per model o
 model) and key; torch's guards recompile it when a parameter is replaced or a module's flags change, and the
 cache key below gives such a model a fresh entry, checked again on its first call.
 
-A plugin takes part by offering ``pure_kernel(model, mode)``: a function ``(x1, x2) -> kernel`` that
+A plugin takes part by offering ``pure_kernel(model, x1, x2, mode)`` (the inputs of the first call, for whatever
+plan the plugin makes per shapes; the function must not keep them): a function ``(x1, x2) -> kernel`` that
 ``torch.compile(fullgraph=True)`` can trace (no Python-side caches or side effects, no host syncs; parameters read
 from the model, so in-place updates are seen), and optionally ``compile_context()``: switches set around the
-compiled call (they are read while tracing and must hold when it runs). Without ``pure_kernel`` the plugin's ``_kernel`` itself is tried. Whatever fails
-(a graph break, a compile error, a compiled kernel that differs from the eager one by more than the dtype's
-tolerance) falls back to the eager kernel for that key, and the reason is kept (``info``).
+compiled call (they are read while tracing and must hold when it runs). Without ``pure_kernel`` the plugin's
+``_kernel`` itself is tried. Whatever fails (a graph break, a compile error, a compiled kernel that differs from
+the eager one by more than the dtype's tolerance) falls back to the eager kernel for that key, and the reason is
+kept (``info``).
+
+Which to use: compilation is opt-in (the ``*_compiled`` variants, ``ntk(..., compile=True)``), not the default,
+because its first call costs seconds to a minute while the eager first call costs milliseconds; it pays off
+from about (compile time) / (time saved per call) calls on one model and shapes, and only where dispatch
+overhead is a large part of the call (results/2026-12-07-small-vs-nt has the measurements).
 
 :class:`CompiledPlugin` wraps a plugin as ``<name>_compiled``: the same supports, estimate and validation,
 with the kernel step compiled.
@@ -126,7 +133,7 @@ class Cache:
         entry = entries.get(key)
         if entry is None:
             pure = getattr(plugin, "pure_kernel", None)
-            pure = pure(model, mode) if pure is not None else (lambda a, b: plugin._kernel(model, a, b, mode))
+            pure = pure(model, x1, x2, mode) if pure is not None else (lambda a, b: plugin._kernel(model, a, b, mode))
             entry = entries.setdefault(key, Entry(torch.compile(_fresh_function(pure), fullgraph=True,
                                                                 dynamic=False)))
         if entry.failed is not None:

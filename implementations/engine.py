@@ -141,9 +141,9 @@ def validated(plugin: NTKPlugin, model: nn.Module, x1: torch.Tensor, x2: torch.T
     verdict, now = _VERDICTS.get(model, key)
     with torch.inference_mode(False):
         x1, x2 = _plain(x1), _plain(x2)
-    if verdict is None:
+    if verdict is None:  # (a model that changed gets a new generation here)
         verdict = _model_checks(plugin, model, x1)
-    _VERDICTS.put(model, now, key, verdict)  # (also a new generation for a model that changed)
+        _VERDICTS.put(model, now, key, verdict)
     spec, reason = verdict
     net = _as_matrix_output(model) if spec.vector else model
     if reason is not None:

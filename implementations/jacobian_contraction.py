@@ -85,7 +85,7 @@ class JacobianContraction(NTKPlugin):
         return contract_jacobians(j1, j2, mode)
 
 
-    def pure_kernel(self, model, mode):
+    def pure_kernel(self, model, x1, x2, mode):
         """Vmapped per-sample Jacobians and their contraction as a function of the inputs alone, for ``compiled``
         (no cached loop fallback: a model vmap cannot take fails to compile and runs the eager kernel)."""
         def kernel(x1, x2):

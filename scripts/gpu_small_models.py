@@ -6,7 +6,7 @@
 Cases: the three small models of ``scripts/small_vs_nt.py`` (MLP 10-64-64-3 tanh N=8, the tiny text transformer
 N=4, the 8-channel CNN N=8), the MLP 784-512-512-10 at N=512, ResNet-18 at 224x224 with O=8 N=8, O=128 N=1 and
 O=1000 N=1, and neural-tangents' notebook MLP (3 x Dense(2048) on 3072 inputs) O=8 N=16. For each, every plugin
-that takes the model (``--impls``): the first call (on a GPU: plan, CUDA-graph capture, or compilation) and the
+that takes the model (``--impls``, or per case ``CASE_IMPLS``: what fits the device time): the first call (on a GPU: plan, CUDA-graph capture, or compilation) and the
 warm median over ``--reps`` synchronised calls with the 25th-75th percentile band, float32, TF32 off.
 neural-tangents runs on the CPU JAX backend only: its published A100 times are in the table's target column.
 
@@ -48,6 +48,15 @@ TINY = {"mlp512_N512": ({"in_features": 16, "width": 16, "depth": 2, "out": 10},
         "dense2048x3_O8_N16": ({"in_features": 16, "width": 16, "depth": 3, "out": 8}, 4)}
 IMPLS = ["explicit_mlp", "explicit_mlp_compiled", "structured", "structured_compiled", "jacobian_contraction",
          "jacobian_contraction_compiled", "auto"]
+# Per case, the plugins worth the device time: no compiled Jacobian contraction on ResNet-18 (its compilation
+# takes minutes), no Jacobian contraction at all on the wide MLPs (N·O·P floats), explicit_mlp where it applies.
+CASE_IMPLS = {
+    "mlp512_N512": ["explicit_mlp", "explicit_mlp_compiled", "structured", "auto"],
+    "resnet18_224_O8_N8": ["structured", "jacobian_contraction", "auto"],
+    "resnet18_224_O128_N1": ["structured", "jacobian_contraction", "auto"],
+    "resnet18_224_O1000_N1": ["structured", "auto"],
+    "dense2048x3_O8_N16": ["explicit_mlp", "explicit_mlp_compiled", "structured", "structured_compiled", "auto"],
+}
 
 
 def _sync(device: str) -> None:
@@ -112,7 +121,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="shrunk models, to check the script (e.g. on a CPU)")
     ap.add_argument("--cases", nargs="*", help="case ids (default: all)")
-    ap.add_argument("--impls", nargs="*", default=IMPLS)
+    ap.add_argument("--impls", nargs="*", help="plugins (default: per case, CASE_IMPLS or IMPLS)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--deadline-s", type=float, default=480.0, help="start nothing after this many seconds")
     ap.add_argument("--max-first-s", type=float, default=120.0)
@@ -136,7 +145,7 @@ def main() -> None:
                 params, n = TINY[cid]
             arch = architectures.build(arch_name, seed=0, device=args.device, **params)
             x = architectures.inputs(arch, n, seed=1, device=args.device)
-            for name in args.impls:
+            for name in args.impls or CASE_IMPLS.get(cid, IMPLS):
                 row = {"case": cid, "arch": arch_name, "params": params, "N": n, "impl": name,
                        "target_ms": target_ms, "nt_a100_ms": nt_ms}
                 if time.perf_counter() - start > args.deadline_s:

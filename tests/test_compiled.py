@@ -77,8 +77,8 @@ class _Faulty(NTKPlugin):
     def _kernel(self, model, x1, x2, mode):
         return self.inner._kernel(model, x1, x2, mode)
 
-    def pure_kernel(self, model, mode):
-        right = self.inner.pure_kernel(model, mode)
+    def pure_kernel(self, model, x1, x2, mode):
+        right = self.inner.pure_kernel(model, x1, x2, mode)
         return lambda x1, x2: self.fault(right(x1, x2))
 
 
