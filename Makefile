@@ -17,7 +17,7 @@ endif
 SWEEP ?= default
 RUN ?= results/$(shell date +%Y%m%d)-$(SWEEP)
 
-.PHONY: test bench report benchmark-save benchmark-compare clean-venv
+.PHONY: test lint-imports bench report benchmark-save benchmark-compare clean-venv
 
 EXTRAS ?= zoo,backpack,reference,peers,ray,slurm,testzoo,dev
 PIP := $(VENV)/bin/python -m pip --quiet --disable-pip-version-check
@@ -29,7 +29,19 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -c constraints.txt --no-deps 'asdfghjkl==0.1a5'
 	touch $@
 
-test: $(DEPS)
+# The layers import one way: the contracts in pyproject.toml's [tool.importlinter]. import-linter finds the modules
+# on disk under the root package's folder, so it reads a folder where ntk_bench holds the top-level folders (as
+# links, the way an installed wheel holds them).
+PYTHON_ABS = $(if $(findstring /,$(PYTHON)),$(abspath $(PYTHON)),$(PYTHON))
+lint-imports: $(DEPS)
+	@d=$$(mktemp -d) && mkdir $$d/ntk_bench && \
+	ln -s $(CURDIR)/ntk_bench/*.py $(CURDIR)/ntk_bench/py.typed $(CURDIR)/implementations $(CURDIR)/bench \
+	      $(CURDIR)/reference $$d/ntk_bench/ && \
+	(cd $$d && $(PYTHON_ABS) -c 'import sys; from importlinter.cli import lint_imports_command; \
+	    sys.argv[0] = "lint-imports"; sys.exit(lint_imports_command())' --no-cache $(CURDIR)/pyproject.toml); \
+	rc=$$?; rm -rf $$d; exit $$rc
+
+test: $(DEPS) lint-imports
 	NTKBENCH_REQUIRE_REFERENCE=1 $(PYTHON) -m pytest -p no:cacheprovider --timeout=900 -q -n auto -m "not serial" tests
 	NTKBENCH_REQUIRE_REFERENCE=1 $(PYTHON) -m pytest -p no:cacheprovider --timeout=900 -q -m serial tests
 
@@ -45,7 +57,7 @@ report: $(DEPS)
 clean-venv:
 	rm -rf $(VENV)
 
-# Regression gate (not part of make test): benchmarks/regression.py (the package's timer, ntk_bench.bench.gate)
+# Regression gate (not part of make test): benchmarks/regression.py (the package's timer, ntk_bench.bench.measurement.gate)
 # times the small fixed sweep benchmarks/regression.toml (process CPU time, one thread, blocks pooled from 3 fresh
 # processes), then `compare --strict` fails when a case is slower by more than BENCHMARK_FAIL_ABOVE beyond its
 # noise band, when a case that was ok is not, or when a case could not be judged. On a GPU machine:
@@ -61,4 +73,4 @@ benchmark-compare: $(DEPS)
 	@test -f $(BENCHMARK_DIR)/baseline/results.jsonl || { echo "no baseline in $(BENCHMARK_DIR)/baseline: run make benchmark-save on the baseline code first"; exit 2; }
 	rm -rf $(BENCHMARK_DIR)/current
 	$(PYTHON) benchmarks/regression.py --out $(BENCHMARK_DIR)/current $(BENCHMARK_ARGS)
-	$(PYTHON) -m ntk_bench.bench.compare $(BENCHMARK_DIR)/baseline $(BENCHMARK_DIR)/current --fail-above $(BENCHMARK_FAIL_ABOVE) --strict --out $(BENCHMARK_DIR)/compare --quiet
+	$(PYTHON) -m ntk_bench.bench.output.compare $(BENCHMARK_DIR)/baseline $(BENCHMARK_DIR)/current --fail-above $(BENCHMARK_FAIL_ABOVE) --strict --out $(BENCHMARK_DIR)/compare --quiet

@@ -153,7 +153,7 @@ def row_line(row: dict, done: int, total: int, eta_s: float | None) -> str:
 
 
 def tally(counts: dict) -> str:
-    from .runner import STATUSES
+    from .execution.runner import STATUSES
 
     order = [s for s in STATUSES if s in counts] + sorted(s for s in counts if s not in STATUSES)
     return ", ".join(f"{counts[s]} {s}" for s in order) or "no rows"
@@ -217,7 +217,8 @@ class BarReporter(LineReporter):
 def _cmd_list(args) -> int:
     from ntk_bench import implementations
 
-    from . import architectures, sweeps
+    from .zoo import architectures
+    from . import sweeps
 
     print("plugins (ours):", ", ".join(implementations.names("ours")))
     print("peers:", ", ".join(implementations.names("peer")))
@@ -232,7 +233,7 @@ def _cmd_list(args) -> int:
 def _load_plugins(modules) -> None:
     from ntk_bench import implementations
 
-    from .executors import process
+    from .execution.executors import process
 
     if modules and os.getcwd() not in sys.path:  # a plugin module in the working directory imports, here and in workers
         sys.path.insert(0, os.getcwd())
@@ -249,7 +250,8 @@ def _load_plugins(modules) -> None:
 def _model_spec(args) -> dict:
     """A one-entry sweep for ``--model`` (a one-off run of your own model): our plugins, neural-tangents' three
     and the peers that take seconds at most (``--impls all`` for every one)."""
-    from . import architectures, sweeps
+    from .zoo import architectures
+    from . import sweeps
 
     entry = {"factory": args.model, "N": args.N or [4]}
     if args.name:
@@ -273,7 +275,7 @@ def _model_spec(args) -> dict:
 
 
 def _executor(args, out: Path, cases):
-    from .executors import make_executor
+    from .execution.executors import make_executor
 
     kind = args.executor
     if kind == "local":
@@ -318,7 +320,8 @@ def _resume_command(argv: list[str]) -> str:
 def _cmd_run(args) -> int:
     import dataclasses
 
-    from . import runner, sweeps
+    from .execution import runner
+    from . import sweeps
 
     try:
         _load_plugins(args.plugin or [])
@@ -345,7 +348,7 @@ def _cmd_run(args) -> int:
             raise runner.RunDirError(f"--out {out}: is a symbolic link to {os.readlink(out)}, which does not exist")
         if args.executor == "local":
             sweeps.check_devices(cases)
-        from . import envcheck
+        from .measurement import envcheck
 
         envcheck.startup_seconds(), envcheck.worker_env()  # a bad value: one line, before any model is built
         log.info("checking the sweep: %d cases; building each model once", len(cases))
@@ -364,7 +367,7 @@ def _cmd_run(args) -> int:
         log.error("cannot start the %s executor: %s: %s", args.executor, type(exc).__name__,
                   str(exc).strip().splitlines()[0] if str(exc).strip() else "")
         return EXIT_USAGE
-    from .plan import announce
+    from .execution.plan import announce
 
     announce(cases, models, executor.slots, out, args.resume)
     try:
@@ -413,8 +416,8 @@ def _verdict(summary, args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from . import report
-    from .rundir import RunDirError
+    from .output import report
+    from .store.rundir import RunDirError
 
     if not Path(args.run).is_dir():
         log.error("report: no run directory %s (RUN is the --out folder of `ntk-bench run`)", args.run)
@@ -429,7 +432,7 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_calibrate(args) -> int:
-    from . import calibrate
+    from .measurement import calibrate
 
     out = Path(args.out)
     if out.is_dir():
@@ -439,9 +442,9 @@ def _cmd_calibrate(args) -> int:
     if missing:
         log.error("no results.jsonl in %s", ", ".join(missing))
         return EXIT_USAGE
-    from ntk_bench.implementations.auto import CalibrationError
+    from ntk_bench.implementations.plugins.auto import CalibrationError
 
-    from .rundir import RunDirError
+    from .store.rundir import RunDirError
 
     try:
         fitted = calibrate.calibrate([Path(r) for r in args.runs], out)
@@ -468,9 +471,9 @@ def _cmd_calibrate(args) -> int:
 
 
 def _add_compare(sub, wanted: bool) -> None:
-    """``compare`` comes from ``ntk_bench.bench.compare``, imported only when it is the command run."""
+    """``compare`` comes from ``ntk_bench.bench.output.compare``, imported only when it is the command run."""
     if wanted:
-        from . import compare
+        from .output import compare
 
         p = sub.add_parser("compare", help="compare two runs case by case, with the measured noise")
         compare.add_arguments(p)
@@ -512,8 +515,8 @@ def _add_kernel(sub, common, executors) -> None:
 
 
 def _cmd_kernel(args) -> int:
-    from .kernel_matrix import kernel_matrix
-    from .kernel_store import KernelFileError
+    from .execution.kernel_matrix import kernel_matrix
+    from .store.kernel_store import KernelFileError
 
     out = Path(args.out)
     if out.exists() and not args.resume and any(out.iterdir() if out.is_dir() else [out]):
@@ -537,7 +540,7 @@ def _cmd_kernel(args) -> int:
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     from ntk_bench import __version__
 
-    from .executors import EXECUTORS
+    from .execution.executors import EXECUTORS
 
     parser = _Parser(prog="ntk-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -639,7 +642,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
                      help="the calibration file to write (merged into when it exists); auto reads it when "
                           "NTK_BENCH_CALIBRATION names it")
     cal.set_defaults(func=_cmd_calibrate)
-    from . import check  # (argparse only: no torch until the command runs)
+    from .measurement import check  # (argparse only: no torch until the command runs)
 
     chk = sub.add_parser("check", help="the correctness suite for a plugin (yours): exit 1 on any failure",
                          parents=[common], description=check.__doc__,
@@ -669,7 +672,7 @@ def main(argv=None) -> int:
     _drop_current_directory()
     if next((a for a in argv if not a.startswith("-")), None) == "compare":
         try:
-            from . import compare  # noqa: F401
+            from .output import compare  # noqa: F401
         except ImportError as exc:
             print(f"ntk-bench: error: compare is unavailable: {exc}", file=sys.stderr)
             return EXIT_USAGE
@@ -686,7 +689,7 @@ def main(argv=None) -> int:
 
 def _main(args, argv, parser) -> int:
     if args.command == "run":
-        from .runner import STATUSES
+        from .execution.runner import STATUSES
 
         args.argv = argv
         args.sweep_given = any(a == "--sweep" or a.startswith("--sweep=") for a in argv)

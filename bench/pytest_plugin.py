@@ -7,7 +7,7 @@
         ntk_case(plugin, problem("mlp", N=16, width=64))
 
 ``ntk_case(plugin, problem, mode="full", dtype="float32", device="cpu")`` does what the regression gate does for
-one case (``ntk_bench.bench.gate``): builds the problem, runs the plugin once and checks its kernel against
+one case (``ntk_bench.bench.measurement.gate``): builds the problem, runs the plugin once and checks its kernel against
 ``jacobian_contraction`` in float64 (a mismatch fails the test, a model the plugin declines skips it), then times
 blocks of calls with the gate's clock (process CPU time on one torch thread on the CPU; wall time, synchronised,
 on a GPU) through pytest-benchmark's ``benchmark`` fixture, so that ``--benchmark-autosave``,
@@ -75,7 +75,7 @@ def _run(request, plugin: str, prob, mode: str, dtype: str, device: str, budget_
 
     import torch
 
-    from . import gate, measure
+    from .measurement import gate, measure
     from .sweeps import Case, Problem
 
     if not isinstance(prob, Problem):

@@ -1,6 +1,6 @@
 """The regression gate's timing: ``python benchmarks/regression.py --out DIR`` (``make benchmark-save``/``-compare``).
 
-A thin caller of the package's timer, ``python -m ntk_bench.bench.gate`` (process CPU time, one thread, blocks
+A thin caller of the package's timer, ``python -m ntk_bench.bench.measurement.gate`` (process CPU time, one thread, blocks
 pooled from fresh processes; its docstring says why), with this folder's small sweep ``regression.toml`` as the
 default ``--sweep``. Every other option is the gate's.
 """
@@ -16,7 +16,7 @@ if str(HERE.parent) not in sys.path:  # run as a script from a checkout: time th
 
 
 def main(argv=None) -> int:
-    from ntk_bench.bench import gate
+    from ntk_bench.bench.measurement import gate
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not any(a == "--sweep" or a.startswith("--sweep=") for a in argv):

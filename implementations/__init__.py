@@ -18,27 +18,28 @@ from __future__ import annotations
 
 import importlib
 
-from .base import MODES, NTKPlugin, UnsupportedModelError
+from .core import engine as _engine  # noqa: F401 - installs itself in core.base: plugin.compute runs through it
+from .core.base import MODES, NTKPlugin, UnsupportedModelError
 
 # name -> module that defines ``plugin``; the order is the order of the tables.
 _BUILTIN = {
-    "jacobian_contraction": "jacobian_contraction",
-    "ntk_vector_products": "ntk_vector_products",
-    "autograd_loop": "autograd_loop",
-    "explicit_mlp": "explicit_mlp",
-    "backpack_batchgrad": "backpack_batchgrad",
-    "backpack_sqrtggn": "backpack_sqrtggn",
+    "jacobian_contraction": "plugins.jacobian_contraction",
+    "ntk_vector_products": "plugins.ntk_vector_products",
+    "autograd_loop": "plugins.autograd_loop",
+    "explicit_mlp": "plugins.explicit_mlp",
+    "backpack_batchgrad": "plugins.backpack_batchgrad",
+    "backpack_sqrtggn": "plugins.backpack_sqrtggn",
     "structured": "structured",
-    "auto": "auto",
+    "auto": "plugins.auto",
 }
 # Peers: other libraries' NTK routines (kind "peer").
 _BUILTIN_PEERS: dict[str, str] = {
-    **{n: "neural_tangents_peers" for n in
+    **{n: "peers.neural_tangents" for n in
        ("nt_jacobian_contraction", "nt_ntk_vector_products", "nt_structured_derivatives")},
-    "asdl": "peer_asdl",
-    "nngeometry": "peer_nngeometry",
-    "curvlinops": "peer_curvlinops",
-    "laplace": "peer_laplace",
+    "asdl": "peers.asdl",
+    "nngeometry": "peers.nngeometry",
+    "curvlinops": "peers.curvlinops",
+    "laplace": "peers.laplace",
 }
 # Compiled variants of ours (``compiled``): not in ``names()`` unless asked for (their first call compiles for
 # seconds; the suite checks them in their own test), never among auto's candidates.

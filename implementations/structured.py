@@ -47,10 +47,10 @@ import weakref
 import torch
 from torch import nn
 
-from . import onednn
-from .base import NTKPlugin, UnsupportedModelError
-from .kernels import KernelSum, input_gram, kernel_shape
-from .modelinfo import submodules
+from .core import onednn
+from .core.base import NTKPlugin, UnsupportedModelError
+from .core.kernels import KernelSum, input_gram, kernel_shape
+from .core.modelinfo import submodules
 from .structured_plan import Plan, _Replan, discover, record, structure_key
 from .structured_rules import direct_calls, math_attention, rule_kind
 
@@ -219,7 +219,7 @@ class Structured(NTKPlugin):
         the module per sample) and its contraction; besides the FLOPs, the numbers the forward's operators write,
         (1 + 2·O) times per sample, and the operators' count (``Estimate.traffic``, ``Estimate.ops``). Peak: G and the inputs of every layer, the largest Gram
         intermediate, the Jacobian blocks, the kernel."""
-        from .costs import Estimate, kernel_numel
+        from .core.costs import Estimate, kernel_numel
         from .structured_rules import order_costs
 
         o = stats.o

@@ -48,7 +48,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from . import structured_rules
-from .base import UnsupportedModelError
+from .core.base import UnsupportedModelError
 from .structured_rules import make_rule, math_attention, rule_kind
 
 
@@ -299,7 +299,7 @@ def _first_mixing(obs_a, obs_b, n, names) -> str:
 
 def structure_key(model: nn.Module) -> tuple:
     """What a plan depends on besides the input: modules, their parameters (identity, trainable), modes, hooks."""
-    from .modelinfo import submodules
+    from .core.modelinfo import submodules
 
     return tuple((id(m), type(m), m.training, len(m._forward_pre_hooks), len(m._forward_hooks),
                   tuple((k, id(p), p.requires_grad) for k, p in m._parameters.items() if p is not None))

@@ -217,7 +217,7 @@ class LinearRule:
 
     def add_gram(self, total, s1, s2, symmetric, bias):
         """The weight's (and the bias's) Gram term: one Linear position through KernelSum's (X1X2ᵀ+1) ⊙ G1G2ᵀ."""
-        from .kernels import input_gram
+        from .core.kernels import input_gram
 
         if s1.s == 1 and s2.s == 1 and self.groups == 1:
             x1, x2 = s1.x[:, 0, :, 0], s2.x[:, 0, :, 0]

@@ -52,16 +52,16 @@ def kernel_matrix(model, X1, X2=None, mode: str = "trace", out=None, **kwargs):
     ``X1``/``X2``: tensors, numpy arrays or ``torch.utils.data.Dataset`` s (or ``"file.py:function"`` factories).
     Returns the kernel, read with numpy indexing; ``open_kernel(out)`` opens it later. Keyword arguments:
     ``impl``, ``tile``, ``executor``, ``workers``, ``memory_budget_bytes``, ``dtype``, ``device``, ``verify``
-    (``ntk_bench.bench.kernel_matrix``).
+    (``ntk_bench.bench.execution.kernel_matrix``).
     """
-    from .bench.kernel_matrix import kernel_matrix as _kernel_matrix
+    from .bench.execution.kernel_matrix import kernel_matrix as _kernel_matrix
 
     return _kernel_matrix(model, X1, X2, mode=mode, out=out, **kwargs)
 
 
 def open_kernel(path):
     """A kernel written by :func:`kernel_matrix`, read with numpy indexing (``K[:10, :10]``, ``np.asarray(K)``)."""
-    from .bench.kernel_store import open_kernel as _open
+    from .bench.store.kernel_store import open_kernel as _open
 
     return _open(path)
 

@@ -11,7 +11,7 @@ mixes the samples of a batch is refused, not silently mis-kernelled). Weights a 
 - ``supports(model, example)``: None, or why the model cannot be translated (every missing op named);
 - ``to_jax(model, example)``: ``(apply_fn, params)``, float64; ``forward(model, x)``: its output, per sample;
 - ``kernel_fn(model, example, implementation, mode, dtype)``: neural-tangents' jitted kernel, for timing it as
-  a peer (``implementations/neural_tangents_peers.py``);
+  a peer (``implementations/peers/neural_tangents.py``);
 - ``ntk(model, x1, x2, mode, implementation)``: the float64 reference kernel, a torch tensor in the plugin shapes;
 - ``tolerance(model, example)``: what the reference is good to (1e-10; 100 eps of float32 for a float64 model that
   casts to float32 inside, as T5's layer norm does: those casts are translated, not lifted to float64).
@@ -76,7 +76,7 @@ def to_numpy(x: torch.Tensor) -> np.ndarray:
     return x.double().numpy() if x.is_floating_point() else x.numpy()
 
 
-to_numpy64 = to_numpy  # the name bench/measure.py uses
+to_numpy64 = to_numpy  # the name bench/measurement/measure.py uses
 
 
 def _lowest_float_computed(fn, *args):
@@ -328,7 +328,7 @@ def ntk(model: torch.nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None
     conv nets: 2-3x faster to compile, 3-4x slower to run). Raises UnsupportedOpError (with the reason) for a
     model the translation cannot reproduce.
     """
-    from ntk_bench.implementations.kernels import reduce_full
+    from ntk_bench.implementations.core.kernels import reduce_full
 
     if mode not in _MODES:
         raise ValueError(f"unknown mode {mode!r}; valid modes: full, trace, diagonal")

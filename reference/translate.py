@@ -436,7 +436,7 @@ _PROGRAMS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDiction
 def program(model: nn.Module, example: torch.Tensor) -> Program:
     """The model's translated graph, built once per model, parameter shapes and per-sample input shape/dtype
     (exporting takes seconds); a failure is cached too, and raised again."""
-    from ntk_bench.implementations.modelinfo import shape_keyed_cache
+    from ntk_bench.implementations.core.modelinfo import shape_keyed_cache
 
     def make():
         try:

@@ -64,7 +64,7 @@ class PeakRSS:
 def _model(name):
     import torch
 
-    from ntk_bench.bench import architectures
+    from ntk_bench.bench.zoo import architectures
 
     torch.manual_seed(0)
     if name == "cnn":

@@ -24,9 +24,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from ntk_bench.bench import architectures
+    from ntk_bench.bench.zoo import architectures
     from ntk_bench.implementations import get
-    from ntk_bench.implementations.costs import model_stats
+    from ntk_bench.implementations.core.costs import model_stats
 
     arch = architectures.build(args.arch, **json.loads(args.params))
     stats = model_stats(arch.model, architectures.inputs(arch, 1))

@@ -33,7 +33,7 @@ def main() -> int:
     import torch
 
     import ntk_bench
-    from ntk_bench.bench import architectures
+    from ntk_bench.bench.zoo import architectures
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False

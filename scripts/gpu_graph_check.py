@@ -18,10 +18,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ntk_bench import implementations  # noqa: E402
-from ntk_bench.implementations import kernels as base  # noqa: E402
-from ntk_bench.bench import architectures  # noqa: E402
-from ntk_bench.bench.measure import time_call  # noqa: E402
-from ntk_bench.implementations import cuda_graphs  # noqa: E402
+from ntk_bench.implementations.core import kernels as base  # noqa: E402
+from ntk_bench.bench.zoo import architectures  # noqa: E402
+from ntk_bench.bench.measurement.measure import time_call  # noqa: E402
+from ntk_bench.implementations.core import cuda_graphs  # noqa: E402
 
 
 def main() -> None:

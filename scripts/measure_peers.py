@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from ntk_bench import implementations
-from ntk_bench.bench import architectures
-from ntk_bench.implementations.base import UnsupportedModelError
+from ntk_bench.bench.zoo import architectures
+from ntk_bench.implementations.core.base import UnsupportedModelError
 
 OURS = ("structured", "jacobian_contraction", "auto")
 PEERS = ("asdl", "nngeometry", "curvlinops", "laplace")

@@ -3,7 +3,7 @@ check (tests/test_costs_real.py reads the file this writes; it does not time any
 
     python scripts/measure_structured_costs.py --out results/DATE-structured-costs/times.json
 
-Networks: every factory of the real zoo (bench/real_models.py) at the real sweep's sizes where it has them, and
+Networks: every factory of the real zoo (bench/zoo/real_models.py) at the real sweep's sizes where it has them, and
 timm's efficientnet_b0, convnext_atto, regnetx_002 and deit_tiny_patch16_224 (``pretrained=False,
 num_classes=10``) on 32x32 images. Each is timed with process CPU time on one torch thread (what another process
 holding a core does not inflate), as the median of several steady calls after a first call; the first calls of
@@ -48,7 +48,7 @@ def build(source: str, name: str, params: dict, n: int = N):
         model = timm.create_model(name, pretrained=False, num_classes=10, **params).eval()
         return model, torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     from ntk_bench.bench import sweeps
-    from ntk_bench.bench.measure import build_problem
+    from ntk_bench.bench.measurement.measure import build_problem
 
     problem = sweeps.Problem(name, tuple(sorted(params.items())), n, None)
     _, model, x, _ = build_problem(problem, torch.float32, "cpu")

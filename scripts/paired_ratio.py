@@ -26,11 +26,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    from ntk_bench.bench.worker import _keep_freed_memory
+    from ntk_bench.bench.execution.worker import _keep_freed_memory
 
     _keep_freed_memory()
     torch.set_num_threads(args.threads)
-    from ntk_bench.bench import architectures
+    from ntk_bench.bench.zoo import architectures
     from ntk_bench.implementations import get
 
     arch = architectures.build(args.arch, **json.loads(args.params))

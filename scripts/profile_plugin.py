@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ntk_bench import implementations  # noqa: E402
-from ntk_bench.bench import architectures  # noqa: E402
+from ntk_bench.bench.zoo import architectures  # noqa: E402
 
 
 def main() -> None:
@@ -52,7 +52,7 @@ def main() -> None:
     model = arch.model.to(args.device)
     x1 = architectures.inputs(arch, args.N, seed=1, dtype=dtype, device=args.device)
     x2 = None if args.M is None else architectures.inputs(arch, args.M, seed=2, dtype=dtype, device=args.device)
-    from ntk_bench.implementations.state import preserved as model_state_preserved
+    from ntk_bench.implementations.core.state import preserved as model_state_preserved
 
     clock = time.process_time if args.cpu_time else time.perf_counter
 

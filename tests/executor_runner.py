@@ -11,8 +11,9 @@ import json
 import sys
 from pathlib import Path
 
-from ntk_bench.bench import runner, sweeps
-from ntk_bench.bench.executors import make_executor
+from ntk_bench.bench.execution import runner
+from ntk_bench.bench import sweeps
+from ntk_bench.bench.execution.executors import make_executor
 
 from ntk_bench import implementations
 

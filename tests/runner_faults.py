@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 import torch
-from ntk_bench.implementations.base import NTKPlugin
+from ntk_bench.implementations.core.base import NTKPlugin
 
 
 def _right(model, x1, x2, mode):
@@ -154,7 +154,7 @@ class SetsidChild(_Fault):
 
 
 if os.environ.get("NTKB_TEST_FREEZE_REFERENCE"):
-    from ntk_bench.bench import measure
+    from ntk_bench.bench.measurement import measure
 
     measure.reference_block = lambda problem, o: time.sleep(3600)
 

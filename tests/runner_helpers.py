@@ -23,7 +23,7 @@ def smoke(impls=None):
 @pytest.fixture(scope="session")
 def smoke_reference(tmp_path_factory):
     """A run directory holding the smoke problem's reference (copy it into a test's run with ``seed_reference``)."""
-    from ntk_bench.bench import measure
+    from ntk_bench.bench.measurement import measure
 
     d = tmp_path_factory.mktemp("smoke-reference")
     record = measure.ensure_reference(smoke(["structured"])[0].problem, d)
@@ -96,7 +96,7 @@ def cmdline(pid: int) -> str:
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
     """The smoke sweep (every plugin and peer on a tiny MLP) run once by the local executor, one worker."""
-    from ntk_bench.bench import runner
+    from ntk_bench.bench.execution import runner
 
     out = tmp_path_factory.mktemp("smoke-run")
     runner.run_sweep(smoke(), out, "smoke", progress=False)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from ntk_bench import implementations
-from ntk_bench.implementations.blocking import tile_size
-from ntk_bench.implementations.costs import model_stats
+from ntk_bench.implementations.core.blocking import tile_size
+from ntk_bench.implementations.core.costs import model_stats
 from conftest import supported_model
 from problems import BY_ID, rel_err
 
@@ -111,7 +111,7 @@ def _timed_trial_setup(monkeypatch, close: bool):
     model, the predicted-cheaper one slowed by 30 ms a call; every dispatch counted."""
     import time
 
-    from ntk_bench.implementations.auto import Auto
+    from ntk_bench.implementations.plugins.auto import Auto
 
     problem = BY_ID["mlp-relu-O3-N4M3"]
     model, (x1, x2) = problem.model(), problem.inputs()

@@ -21,8 +21,8 @@ BAD_PLUGINS = '''
 import torch
 
 from ntk_bench.bench import bruteforce
-from ntk_bench.implementations.base import NTKPlugin
-from ntk_bench.implementations.jacobian_contraction import JacobianContraction
+from ntk_bench.implementations.core.base import NTKPlugin
+from ntk_bench.implementations.plugins.jacobian_contraction import JacobianContraction
 
 
 class WrongDiagonal(JacobianContraction):
@@ -174,7 +174,7 @@ def test_a_plugin_that_computes_an_ill_defined_kernel_instead_of_refusing_fails(
 def test_a_plugin_module_and_an_entry_point_are_found(tmp_path, monkeypatch, registry, capsys):
     """--plugin package.module; with no name, the plugins of the ntk_bench.plugins entry points are checked."""
     (tmp_path / "my_ntk.py").write_text(textwrap.dedent('''
-        from ntk_bench.implementations.autograd_loop import AutogradLoop
+        from ntk_bench.implementations.plugins.autograd_loop import AutogradLoop
 
         class Mine(AutogradLoop):
             name = "my_loop"

@@ -12,7 +12,7 @@ import pytest
 
 from ntk_bench import __version__
 from ntk_bench.bench import cli as cli_module
-from ntk_bench.bench import runner
+from ntk_bench.bench.execution import runner
 from runner_helpers import cli, cli_env, seed_reference, start_cli
 
 SMOKE_ARCH = {"name": "mlp", "params": {"in_features": 4, "width": 8, "depth": 1}, "N": [3], "O": [2]}
@@ -135,7 +135,7 @@ def test_a_one_off_run_of_your_own_model(tmp_path, monkeypatch, capsys):
 
 
 def test_calibrate_writes_only_where_told(tmp_path, monkeypatch):
-    from ntk_bench.bench import calibrate as calibrate_module
+    from ntk_bench.bench.measurement import calibrate as calibrate_module
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -157,7 +157,7 @@ def test_compare_is_a_subcommand_imported_only_when_used():
     import importlib.util
 
     out = cli("compare", "--help")
-    if importlib.util.find_spec("ntk_bench.bench.compare") is None:
+    if importlib.util.find_spec("ntk_bench.bench.output.compare") is None:
         assert out.returncode == 2 and "compare is unavailable" in out.stderr
     else:
         assert out.returncode == 0 and "usage: ntk-bench compare" in out.stdout

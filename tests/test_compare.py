@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ntk_bench.bench import compare, sweeps
+from ntk_bench.bench.output import compare
+from ntk_bench.bench import sweeps
 
 PARAMS = json.dumps({"depth": 1, "in_features": 4, "out": 2, "width": 8})
 IMPLS = ("structured", "explicit_mlp", "jacobian_contraction", "autograd_loop", "ntk_vector_products", "auto")
@@ -55,7 +56,7 @@ def run_compare(a, b, *extra, out=None):
 
 
 def verdicts(a, b, **kw):
-    from ntk_bench.bench import report
+    from ntk_bench.bench.output import report
 
     res, shift = compare.compare_frames(report.load_run(a).df, report.load_run(b).df, **kw)
     return res.set_index("case_id"), shift
@@ -194,7 +195,7 @@ def test_the_regression_gate_writes_a_run_compare_reads(tmp_path):
 
 def test_the_regression_gate_marks_a_wrong_kernel_and_a_model_that_fails_to_build(monkeypatch):
     from ntk_bench import implementations
-    from ntk_bench.bench import gate
+    from ntk_bench.bench.measurement import gate
 
     class TwiceTheKernel(implementations.NTKPlugin):
         name = "twice_the_kernel"

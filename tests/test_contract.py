@@ -13,11 +13,11 @@ from torch import nn
 
 import bruteforce
 from ntk_bench import implementations
-from ntk_bench.bench import architectures
-from ntk_bench.bench.problems import ILL_DEFINED, ill_defined_inputs
+from ntk_bench.bench.zoo import architectures
+from ntk_bench.bench.measurement.problems import ILL_DEFINED, ill_defined_inputs
 from ntk_bench.implementations import UnsupportedModelError
-from ntk_bench.implementations.engine import NonFiniteKernelError
-from ntk_bench.implementations.validation import IllDefinedKernelError
+from ntk_bench.implementations.core.engine import NonFiniteKernelError
+from ntk_bench.implementations.core.validation import IllDefinedKernelError
 from problems import rel_err
 
 EVERY = implementations.names(kind=None)

@@ -11,7 +11,7 @@ import torch
 
 from ntk_bench import implementations
 from conftest import DEVICES, reference_full, supported_model
-from ntk_bench.implementations.kernels import reduce_full
+from ntk_bench.implementations.core.kernels import reduce_full
 from problems import ALL_PROBLEMS, FULL_MODE_ONLY, TOLERANCE, rel_err
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}

@@ -42,7 +42,7 @@ def test_structured_prediction_within_3x_of_the_measured_time(row):
     finally:
         sys.path.remove(str(ROOT / "scripts"))
     from ntk_bench import implementations
-    from ntk_bench.implementations.costs import model_stats
+    from ntk_bench.implementations.core.costs import model_stats
 
     model, x = build(row["source"], row["network"], row["params"], row["N"])
     stats = model_stats(model, x[:1])

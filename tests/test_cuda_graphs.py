@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from ntk_bench import implementations
-from ntk_bench.implementations import cuda_graphs
-from ntk_bench.implementations.cuda_graphs import CapturedKernel, CaptureFailed, GraphCache
+from ntk_bench.implementations.core import cuda_graphs
+from ntk_bench.implementations.core.cuda_graphs import CapturedKernel, CaptureFailed, GraphCache
 from problems import rel_err
 
 

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-from ntk_bench.bench import measure, runner, sweeps
-from ntk_bench.bench.executors import process, proctree
+from ntk_bench.bench.measurement import measure
+from ntk_bench.bench.execution import runner
+from ntk_bench.bench import sweeps
+from ntk_bench.bench.execution.executors import process, proctree
 from runner_helpers import ROOT, TESTS, cli_env, seed_reference, start_cli
 
 SMOKE_ARCH = {"name": "mlp", "params": {"in_features": 4, "width": 8, "depth": 1}, "N": [3], "O": [2]}
@@ -210,7 +212,7 @@ def test_losing_rays_head_stops_the_run_keeping_its_rows(tmp_path, smoke_referen
     of its driver: no tally, no resume line). Now the driver is a process of its own: the runner stops as after
     SIGTERM, with the finished case's row kept, none for the lost one, and nothing of the cluster left."""
     pytest.importorskip("ray")
-    from ntk_bench.bench.executors.ray_executor import RayExecutor
+    from ntk_bench.bench.execution.executors.ray_executor import RayExecutor
 
     run_dir = tmp_path / "run"
     seed_reference(smoke_reference, run_dir)
@@ -243,7 +245,7 @@ def test_losing_rays_head_stops_the_run_keeping_its_rows(tmp_path, smoke_referen
     assert list(rows) == ["explicit_mlp"] and rows["explicit_mlp"]["status"] == "ok"
     assert not _gone([driver, *killed[0]], timeout=60)
     # another caller of the executor (kernel_matrix waits on its futures) gets an answer, not a wait for ever
-    from ntk_bench.bench.executors import Job
+    from ntk_bench.bench.execution.executors import Job
 
     assert ex.submit(Job("case", cases[0], 60.0)).result(timeout=10)["executor_lost"]
 
@@ -258,7 +260,7 @@ def test_ray_start_and_address_connect_with_the_clusters_token(tmp_path, monkeyp
     import socket
     import tempfile
 
-    from ntk_bench.bench.executors.ray_executor import RayExecutor
+    from ntk_bench.bench.execution.executors.ray_executor import RayExecutor
 
     ray_bin = Path(sys.executable).with_name("ray")
     home = tmp_path / "home"

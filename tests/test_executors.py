@@ -11,9 +11,10 @@ import time
 
 import pytest
 
-from ntk_bench.bench import runner, sweeps
-from ntk_bench.bench.executors import Job, LocalExecutor, Slot, plan_slots
-from ntk_bench.bench.executors.local import split_cores
+from ntk_bench.bench.execution import runner
+from ntk_bench.bench import sweeps
+from ntk_bench.bench.execution.executors import Job, LocalExecutor, Slot, plan_slots
+from ntk_bench.bench.execution.executors.local import split_cores
 from runner_helpers import children_of, cmdline, seed_reference, smoke
 
 
@@ -76,7 +77,7 @@ def test_parallel_workers_pinned_to_disjoint_cores_record_what_ran_beside_them(t
     assert any(r["concurrent"] for r in rows.values())  # something ran beside something
     ours = {i for i in impls if i != "auto"}
     assert not ours & {c.split("/")[0] for c in rows["auto"]["concurrent"]}  # auto ran after its group
-    from ntk_bench.bench import paired
+    from ntk_bench.bench.measurement import paired
 
     (rec,) = paired.read_records(tmp_path).values()  # then the group side by side, in one worker
     assert set(rec["impls"]) == set(impls) and rec["cpu_affinity"] in [r["cpu_affinity"] for r in rows.values()]
@@ -91,7 +92,7 @@ def _kill_a_ray_worker_under_a_task(stop: threading.Event, killed: list) -> None
     me = os.getpid()
     while not stop.is_set() and not killed:
         for pid in _descendants(me):
-            if "ntk_bench.bench.worker" in cmdline(pid):
+            if "ntk_bench.bench.execution.worker" in cmdline(pid):
                 parent = _parent(pid)
                 if parent and cmdline(parent).startswith("ray::"):
                     os.kill(parent, signal.SIGKILL)
@@ -121,7 +122,7 @@ def test_ray_gives_the_local_rows_even_with_a_worker_killed_mid_sweep(tmp_path, 
     """A real Ray cluster on this machine (two CPUs, 100 MB object store, no dashboard); a Ray worker is SIGKILLed
     while it runs a task: Ray retries the task, no row is lost, and the rows equal the local executor's."""
     pytest.importorskip("ray")
-    from ntk_bench.bench.executors.ray_executor import RayExecutor
+    from ntk_bench.bench.execution.executors.ray_executor import RayExecutor
 
     ex = RayExecutor(tmp_path, init_kwargs={"address": "local", "num_cpus": 2, "object_store_memory": 100 * 2**20,
                                             "include_dashboard": False, "_node_ip_address": "127.0.0.1"})
@@ -151,7 +152,7 @@ def test_submitit_local_gives_the_local_rows(tmp_path, smoke_run, smoke_referenc
     already: the Ray test computes one on its cluster.)"""
     pytest.importorskip("submitit")
     seed_reference(smoke_reference, tmp_path)
-    from ntk_bench.bench.executors.submitit_executor import SubmititExecutor
+    from ntk_bench.bench.execution.executors.submitit_executor import SubmititExecutor
 
     ex = SubmititExecutor(tmp_path, cluster="local", max_parallel=2, jobs_per_task=6, partition="ignored-locally",
                           slurm_params={"account": "ignored-locally"})
@@ -169,7 +170,7 @@ def test_slurm_job_arrays_ask_for_the_partition_gpus_time_and_parallelism(tmp_pa
     asks for the partition, a GPU per task, a time limit covering the chunk, the array's parallelism, the account."""
     pytest.importorskip("submitit")
     test_core = pytest.importorskip("submitit.core.test_core")
-    from ntk_bench.bench.executors.submitit_executor import SubmititExecutor
+    from ntk_bench.bench.execution.executors.submitit_executor import SubmititExecutor
 
     cases = sweeps.expand({"name": "s", "impls": ["structured", "explicit_mlp", "jacobian_contraction"],
                            "devices": ["cuda"], "timeout_s": 600, "arch": [{"name": "mlp", "N": [2]}]})

@@ -13,7 +13,7 @@ ROOT = TESTS.parent
 
 WRONG_PLUGIN = '''
 from ntk_bench import implementations
-from ntk_bench.implementations.jacobian_contraction import JacobianContraction
+from ntk_bench.implementations.plugins.jacobian_contraction import JacobianContraction
 
 
 class OffByOnePercent(JacobianContraction):

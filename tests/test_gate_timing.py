@@ -3,7 +3,7 @@ runner): the same code timed twice passes; a plugin made 1.5x and 3x slower (a r
 work) fails on every one of its cases and on no other; a uniform slowdown of every case passes with --relative.
 
 It times code: marked ``serial`` (make test runs it alone after the parallel tests). Each timing is a fresh
-``python -m ntk_bench.bench.gate`` run (process CPU time, one thread), all five side by side so that whatever else
+``python -m ntk_bench.bench.measurement.gate`` run (process CPU time, one thread), all five side by side so that whatever else
 runs on the machine runs beside all of them."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ntk_bench.bench import compare, report
+from ntk_bench.bench.output import compare, report
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.serial
@@ -104,7 +104,7 @@ def gate_runs(tmp_path, runs: dict, budget: float) -> None:
     for name, (subject, others) in runs.items():
         (tmp_path / f"subject_{name}.py").write_text(SUBJECT.format(subject=subject, others=others))
         procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "ntk_bench.bench.gate", "--out", str(tmp_path / name), "--sweep", str(sweep),
+            [sys.executable, "-m", "ntk_bench.bench.measurement.gate", "--out", str(tmp_path / name), "--sweep", str(sweep),
              "--plugin", f"subject_{name}", "--processes", "1", "--rounds", "2", "--blocks", "5"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
     for name, p in procs.items():

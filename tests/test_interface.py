@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ntk_bench import implementations
-from ntk_bench.bench import architectures
+from ntk_bench.bench.zoo import architectures
 from ntk_bench.implementations import UnsupportedModelError
 from problems import EXPECTED_UNSUPPORTED
 
@@ -95,7 +95,7 @@ def test_bad_input_gets_a_clear_error(plugin_name, case):
 
 def test_finite_inputs_whose_sum_overflows_are_accepted():
     """The NaN/inf check sums first; a sum that overflows on finite inputs is rechecked element by element."""
-    from ntk_bench.implementations.validation import validate_inputs
+    from ntk_bench.implementations.core.validation import validate_inputs
 
     x = torch.full((2, 4), 3e38)
     assert torch.isinf(x.sum())

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import ntk_bench
-from ntk_bench.bench import kernel_matrix as km
-from ntk_bench.bench.kernel_store import KernelFileError
+from ntk_bench.bench.execution import kernel_matrix as km
+from ntk_bench.bench.store.kernel_store import KernelFileError
 
 FACTORIES = '''
 import time
@@ -68,7 +68,7 @@ def factories(tmp_path_factory):
 
 
 def _load(factories, fn):
-    from ntk_bench.bench.architectures import load_callable
+    from ntk_bench.bench.zoo.architectures import load_callable
 
     return load_callable(f"{factories}:{fn}")()
 
@@ -132,7 +132,7 @@ def test_refuses_another_models_file_listing_what_differs(tmp_path, factories):
 
 
 def test_a_wrong_tile_fails_verification(tmp_path, factories, monkeypatch):
-    from ntk_bench.bench.kernel_store import KernelArray
+    from ntk_bench.bench.store.kernel_store import KernelArray
 
     model, x = _load(factories, "model"), _load(factories, "data")
     real = KernelArray.write_tile
@@ -253,7 +253,7 @@ def test_ray_with_a_worker_killed_mid_kernel_equals_the_local_kernel(tmp_path, f
     pytest.importorskip("ray")
     import threading
 
-    from ntk_bench.bench.executors.ray_executor import RayExecutor
+    from ntk_bench.bench.execution.executors.ray_executor import RayExecutor
     from test_executors import _kill_a_ray_worker_under_a_task
 
     ex = RayExecutor(tmp_path / "ray", init_kwargs={"address": "local", "num_cpus": 2,

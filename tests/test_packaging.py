@@ -58,9 +58,9 @@ def test_the_wheel_holds_one_namespace_with_its_data(installed):
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"ntk_bench"}, top
-    for needed in ("ntk_bench/implementations/auto_calibration.json", "ntk_bench/py.typed",
-                   "ntk_bench/bench/real_models.py", "ntk_bench/reference/__init__.py",
-                   "ntk_bench/bench/correctness.py", "ntk_bench/bench/problems.py", "ntk_bench/bench/bruteforce.py"):
+    for needed in ("ntk_bench/implementations/plugins/auto_calibration.json", "ntk_bench/py.typed",
+                   "ntk_bench/bench/zoo/real_models.py", "ntk_bench/reference/__init__.py",
+                   "ntk_bench/bench/measurement/correctness.py", "ntk_bench/bench/measurement/problems.py", "ntk_bench/bench/measurement/bruteforce.py"):
         assert needed in names
 
 
@@ -96,7 +96,7 @@ def test_the_correctness_check_runs_a_user_plugin_file_from_the_wheel(installed,
     """``ntk-bench check`` needs nothing of the repository's tests/: the suite ships in the wheel."""
     python, _ = installed
     (user_project / "my_plugin.py").write_text(
-        "from ntk_bench.implementations.jacobian_contraction import JacobianContraction\n\n"
+        "from ntk_bench.implementations.plugins.jacobian_contraction import JacobianContraction\n\n"
         "class Mine(JacobianContraction):\n    name = 'mine'\n\nplugin = Mine()\n")
     out = _run(python, user_project, "-m", "ntk_bench", "check", "--plugin", "my_plugin.py", "--problems",
                "mlp-relu-O3-x2None", "--dtype", "float64", "--reference", "harness", "--junit", "check.xml")

@@ -12,8 +12,11 @@ import time
 import pytest
 
 from ntk_bench.bench import cli as cli_module
-from ntk_bench.bench import machine, paired, plan, report, runner, sweeps
-from ntk_bench.bench.executors import InlineExecutor
+from ntk_bench.bench.measurement import machine, paired
+from ntk_bench.bench.execution import plan, runner
+from ntk_bench.bench.output import report
+from ntk_bench.bench import sweeps
+from ntk_bench.bench.execution.executors import InlineExecutor
 
 SMALL = {"name": "s", "impls": ["explicit_mlp", "jacobian_contraction"], "time_budget_s": 0.01, "timeout_s": 120,
          "arch": [{"name": "mlp", "params": {"in_features": 4, "width": 8, "depth": 1}, "N": [3], "O": [2]}]}
@@ -137,7 +140,7 @@ def test_worker_threads_default_to_the_cores_it_owns():
 
 
 def test_clock_cpu_times_process_cpu_time_with_one_thread():
-    from ntk_bench.bench import timing
+    from ntk_bench.bench.measurement import timing
 
     assert timing.clock_for("cpu") is time.process_time and timing.clock_for("cpu", "cuda:0") is time.perf_counter
     with timing.threads_for("cpu") as threads:

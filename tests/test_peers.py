@@ -21,11 +21,11 @@ import torch
 from torch import nn
 
 from ntk_bench import implementations
-from ntk_bench.bench import architectures
-from ntk_bench.implementations._peer import PeerPlugin, import_error
-from ntk_bench.implementations.base import UnsupportedModelError
-from ntk_bench.implementations.kernels import reduce_full
-from ntk_bench.implementations.modelinfo import trainable_parameters
+from ntk_bench.bench.zoo import architectures
+from ntk_bench.implementations.peers._peer import PeerPlugin, import_error
+from ntk_bench.implementations.core.base import UnsupportedModelError
+from ntk_bench.implementations.core.kernels import reduce_full
+from ntk_bench.implementations.core.modelinfo import trainable_parameters
 from problems import rel_err
 
 PEERS = ("asdl", "nngeometry", "curvlinops", "laplace")

@@ -7,8 +7,8 @@ from __future__ import annotations
 import bruteforce
 import pytest
 import torch
-from ntk_bench.implementations import auto as auto_module
-from ntk_bench.implementations import declines, wrappers
+from ntk_bench.implementations.plugins import auto as auto_module
+from ntk_bench.implementations.core import declines, wrappers
 from problems import TOLERANCE, rel_err
 from torch import nn
 from zoo_extra import OldStyleFunctionNet
@@ -45,7 +45,7 @@ def test_jacobian_contraction_never_returns_a_vmapped_jacobian_its_loop_disagree
 
 def test_jacobian_contraction_keeps_vmap_where_it_agrees():
     model, x = _mlp(), torch.randn(3, 4, dtype=torch.float64)
-    from ntk_bench.implementations.modelinfo import _VMAP_FAILS
+    from ntk_bench.implementations.core.modelinfo import _VMAP_FAILS
 
     k = implementations.get("jacobian_contraction").compute(model, x)
     assert rel_err(k, bruteforce.ntk(model, x)) <= TOLERANCE[torch.float64]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ntk_bench.bench import compare
+from ntk_bench.bench.output import compare
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,7 +28,7 @@ def test_speed(ntk_case, plugin):
 
 OFF_PLUGIN = '''
 from ntk_bench import implementations
-from ntk_bench.implementations.jacobian_contraction import JacobianContraction
+from ntk_bench.implementations.plugins.jacobian_contraction import JacobianContraction
 
 
 class OffByOnePercent(JacobianContraction):

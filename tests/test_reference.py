@@ -75,7 +75,7 @@ def test_neural_tangents_implementations_agree(problem, implementation):
 def test_native_modes_match_the_reduced_full_kernel(mode):
     """neural-tangents' own trace_axes/diagonal_axes (used when timing it as a peer) mean what ours mean."""
     from ntk_bench import reference
-    from ntk_bench.implementations.kernels import reduce_full
+    from ntk_bench.implementations.core.kernels import reduce_full
 
     p = BY_ID["mlp-relu-O3-N4M3"]
     x1, x2 = p.inputs()
@@ -116,7 +116,7 @@ def test_float32_model_is_translated_with_float64_weights():
 def test_linear_weights_are_stored_in_out_and_shared_weights_are_one_parameter():
     """x @ W with W (in, out), the form neural-tangents' structured derivatives recognise; a tied weight once."""
     from ntk_bench import reference
-    from ntk_bench.bench import architectures
+    from ntk_bench.bench.zoo import architectures
 
     arch = architectures.build("mlp_tied", dtype=torch.float64, how="weight")
     x = architectures.inputs(arch, 2, dtype=torch.float64)
@@ -284,7 +284,7 @@ PEERS = ["nt_jacobian_contraction", "nt_ntk_vector_products", "nt_structured_der
 @pytest.mark.parametrize("name,mode", list(zip(PEERS, ["full", "trace", "diagonal"])))
 def test_peers_compute_the_reference(name, mode):
     from ntk_bench import implementations
-    from ntk_bench.implementations.kernels import reduce_full
+    from ntk_bench.implementations.core.kernels import reduce_full
 
     plugin = implementations.get(name)
     assert plugin.kind == "peer" and implementations.kind_of(name) == "peer"
@@ -301,7 +301,7 @@ def test_peers_compute_the_reference(name, mode):
 
 def test_peers_take_token_ids_and_refuse_budgets_and_untranslatable_models():
     from ntk_bench import implementations
-    from ntk_bench.bench import architectures
+    from ntk_bench.bench.zoo import architectures
     from ntk_bench.implementations import UnsupportedModelError
 
     plugin = implementations.get("nt_structured_derivatives")

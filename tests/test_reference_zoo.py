@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from ntk_bench.bench import architectures
+from ntk_bench.bench.zoo import architectures
 from problems import rel_err
 from test_reference import brute_force_ntk
 

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from ntk_bench import implementations
-from ntk_bench.bench import plots, report
+from ntk_bench.bench.output import plots, report
 
 matplotlib.use("Agg")
 
@@ -120,7 +120,7 @@ def test_iqr_beside_each_median_and_a_noisy_row_flagged():
 
 
 def test_slopes_only_from_three_sizes_with_their_band_and_no_nan_anywhere(tmp_path):
-    from ntk_bench.bench import summary as answers
+    from ntk_bench.bench.output import summary as answers
 
     def blocks(n):
         return [1e-3 * n * f for f in (0.8, 1.0, 1.25)]

@@ -21,18 +21,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from ntk_bench.bench import (
-    cli,
-    envcheck,
-    measure,
-    plots,
-    report,
-    rundir,
-    runner,
-    safefs,
-    sweeps,
-)
-from ntk_bench.bench.executors import process
+from ntk_bench.bench import cli, sweeps
+from ntk_bench.bench.measurement import envcheck, measure
+from ntk_bench.bench.output import plots, report
+from ntk_bench.bench.store import rundir, safefs
+from ntk_bench.bench.execution import runner
+from ntk_bench.bench.execution.executors import process
 from runner_helpers import ROOT, cli_env
 from test_runner_faults import FakeExecutor, cases_of
 
@@ -147,7 +141,7 @@ def test_the_format_version_is_written_and_a_later_one_refused_everywhere(tmp_pa
     assert (future / rundir.RESULTS).read_text() == before  # never extended
     assert cli.main(["report", str(future), "--out", str(tmp_path / "rep")]) == cli.EXIT_USAGE
     assert cli.main(["calibrate", str(future), "--out", str(tmp_path / "cal.json")]) == cli.EXIT_USAGE
-    from ntk_bench.bench import compare
+    from ntk_bench.bench.output import compare
 
     assert compare.main([str(run), str(future)]) == 2
     err = capsys.readouterr().err
@@ -175,7 +169,7 @@ def _factory_case(path: Path, impl="jacobian_contraction"):
 def test_a_changed_model_never_meets_its_old_reference(tmp_path, monkeypatch):
     """Tanh -> ReLU in the factory's file, same problem, same run directory: the old reference is not used (the
     case is checked against a new one) instead of every case being a false mismatch."""
-    from ntk_bench.bench import architectures
+    from ntk_bench.bench.zoo import architectures
 
     # the harness's float64 reference (neural-tangents' would do as well, in more time)
     monkeypatch.setattr(measure, "_nt_reason", lambda model, example: "test: the harness's reference")
@@ -202,7 +196,7 @@ def test_a_changed_weight_changes_the_reference_key(tmp_path, monkeypatch):
     problem = _factory_case(factory).problem
     first = measure.model_digest(problem)
     factory.write_text(FACTORY.format(act="Tanh").replace("manual_seed(0)", "manual_seed(1)"))
-    from ntk_bench.bench import architectures
+    from ntk_bench.bench.zoo import architectures
 
     monkeypatch.setattr(architectures, "_FILE_MODULES", {})
     monkeypatch.setattr(measure, "_DIGESTS", {})
@@ -292,7 +286,7 @@ def test_plugin_puts_the_current_directory_on_the_path_and_says_so(tmp_path, mon
     from ntk_bench import implementations
 
     (tmp_path / "my_cwd_plugin.py").write_text(
-        "from ntk_bench.implementations.jacobian_contraction import JacobianContraction\n\n\n"
+        "from ntk_bench.implementations.plugins.jacobian_contraction import JacobianContraction\n\n\n"
         "class Mine(JacobianContraction):\n    name = 'my_cwd_plugin'\n\n\nplugin = Mine()\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
@@ -362,7 +356,7 @@ def test_a_bad_startup_limit_is_a_usage_error_of_the_cli(tmp_path, monkeypatch, 
     ('{"cpu": {"structured": 3}}', "structured"),
 ])
 def test_a_bad_calibration_file_falls_back_with_one_warning(tmp_path, monkeypatch, text, words):
-    from ntk_bench.implementations import auto
+    from ntk_bench.implementations.plugins import auto
 
     bad = tmp_path / "cal.json"
     bad.write_text(text)
@@ -392,7 +386,7 @@ def test_calibrate_refuses_a_non_json_out_and_says_when_nothing_was_fitted(tmp_p
     rows = [row("structured", n=n, est_flops=1e6 * n, time_median_s=1e-3 + 1e-9 * n) for n in (2, 4, 8)]
     write_run(tmp_path / "run2", [header_line().strip(), *rows])
     assert cli.main(["calibrate", str(tmp_path / "run2"), "--out", str(tmp_path / "new.json")]) == cli.EXIT_OK
-    from ntk_bench.implementations import auto
+    from ntk_bench.implementations.plugins import auto
 
     assert auto.read_calibration(tmp_path / "new.json")["cpu"]["structured"]["cases"] == 3
 
@@ -439,7 +433,7 @@ def test_hostile_text_stays_text_in_summary_md(tmp_path):
 
 
 def test_report_and_compare_out_errors_are_one_line_with_the_usage_code(tmp_path, capsys, monkeypatch):
-    from ntk_bench.bench import compare
+    from ntk_bench.bench.output import compare
     from test_report import row, write_run
 
     run = write_run(tmp_path / "run", [header_line().strip(), row("structured"), row("explicit_mlp")])

@@ -11,9 +11,11 @@ import pandas as pd
 import pytest
 import torch
 
-from ntk_bench.bench import report, runner, sweeps
-from ntk_bench.bench.executors import InlineExecutor, Job
-from ntk_bench.bench.executors.process import WorkerProcess
+from ntk_bench.bench.output import report
+from ntk_bench.bench.execution import runner
+from ntk_bench.bench import sweeps
+from ntk_bench.bench.execution.executors import InlineExecutor, Job
+from ntk_bench.bench.execution.executors.process import WorkerProcess
 
 ROOT = Path(__file__).parent.parent
 
@@ -177,7 +179,7 @@ def test_a_run_records_every_case_with_checked_numbers(smoke_run):
     auto = next(r for r in rows if r["impl"] == "auto")
     assert auto["auto_pick"] in sweeps.all_impls()
     # then every plugin and peer of the case side by side in one worker, auto and its pick among them
-    from ntk_bench.bench import paired
+    from ntk_bench.bench.measurement import paired
 
     (rec,) = paired.read_records(smoke_run).values()
     assert set(rec["impls"]) == set(sweeps.all_impls()) and rec["worker"] == "worker"
@@ -205,7 +207,7 @@ def test_auto_is_compared_with_the_plugins_near_the_fastest():
 def test_paired_timing_sees_a_two_fold_difference():
     import time as time_module
 
-    from ntk_bench.bench.measure import time_paired
+    from ntk_bench.bench.measurement.measure import time_paired
 
     a, b, ratio = time_paired(lambda: time_module.sleep(0.004), lambda: time_module.sleep(0.002), 0.1)
     assert a > b and 1.5 < ratio < 2.5
@@ -286,7 +288,7 @@ def test_a_worker_answers_only_after_its_ready_signal_and_is_replaced_after_a_ti
 
 def test_without_neural_tangents_the_reference_is_the_harness_in_float64(tmp_path, monkeypatch):
     from ntk_bench import reference
-    from ntk_bench.bench import measure
+    from ntk_bench.bench.measurement import measure
 
     monkeypatch.setattr(reference, "available", lambda: "neural-tangents unavailable: test")
     case = _smoke(["jacobian_contraction"])[0]
@@ -301,7 +303,7 @@ def test_when_neural_tangents_runs_out_of_memory_the_reference_is_its_next_imple
     """XLA's RESOURCE_EXHAUSTED from structured derivatives (the text transformer's Embedding at N=16 asked for 34 GB)
     is not a failed reference: neural-tangents' Jacobian contraction computes it, the note says why."""
     from ntk_bench import reference
-    from ntk_bench.bench import measure
+    from ntk_bench.bench.measurement import measure
 
     if reference.available() is not None:
         pytest.skip(reference.available())
@@ -323,7 +325,7 @@ def test_when_neural_tangents_runs_out_of_memory_the_reference_is_its_next_imple
 def test_a_plugin_declining_while_it_computes_is_unsupported_not_an_error(tmp_path, monkeypatch):
     """NTK-VP on a float32 LSTM learns only when it runs that mkldnn's RNN has no forward-mode derivative."""
     from ntk_bench import implementations
-    from ntk_bench.bench import measure
+    from ntk_bench.bench.measurement import measure
 
     plugin = implementations.get("ntk_vector_products")
 
@@ -339,7 +341,7 @@ def test_a_plugin_declining_while_it_computes_is_unsupported_not_an_error(tmp_pa
 
 def test_a_case_out_of_memory_finishes_blocked(tmp_path, monkeypatch):
     from ntk_bench import implementations
-    from ntk_bench.bench import measure
+    from ntk_bench.bench.measurement import measure
 
     plugin = implementations.get("explicit_mlp")
     original = type(plugin).compute
@@ -358,7 +360,7 @@ def test_a_case_out_of_memory_finishes_blocked(tmp_path, monkeypatch):
 
 
 def test_resumed_run_still_times_auto_against_the_rows_already_there(tmp_path):
-    from ntk_bench.bench import paired
+    from ntk_bench.bench.measurement import paired
 
     runner.run_sweep(_smoke(["jacobian_contraction"]), tmp_path, "smoke", executor=InlineExecutor(tmp_path))
     assert paired.read_records(tmp_path) == {}  # one plugin: nothing to pair
@@ -374,8 +376,8 @@ def test_resumed_run_still_times_auto_against_the_rows_already_there(tmp_path):
 
 def test_a_replayed_graphs_pool_counts_in_the_peak_memory(tmp_path, monkeypatch):
     """Rows of calls replayed from a CUDA graph say so, and their peak memory includes the graph's pool."""
-    from ntk_bench.bench import measure
-    from ntk_bench.implementations import cuda_graphs
+    from ntk_bench.bench.measurement import measure
+    from ntk_bench.implementations.core import cuda_graphs
     from test_cuda_graphs import rerun_capture
 
     case = _smoke(["structured"])[0]

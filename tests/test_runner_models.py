@@ -10,8 +10,10 @@ import textwrap
 import pytest
 import torch
 
-from ntk_bench.bench import architectures, runner, sweeps
-from ntk_bench.bench.executors import InlineExecutor, Job
+from ntk_bench.bench.zoo import architectures
+from ntk_bench.bench.execution import runner
+from ntk_bench.bench import sweeps
+from ntk_bench.bench.execution.executors import InlineExecutor, Job
 
 MODELS = textwrap.dedent('''
     import torch
@@ -63,7 +65,7 @@ def test_a_sweep_file_runs_your_models_from_a_file_relative_to_it(tmp_path, mode
     infos = sweeps.check_models(cases)
     assert {i.o for i in infos.values()} == {1, 2, 3}
     tok = next(c for c in cases if c.problem.arch == "tok" and c.problem.m is not None)
-    from ntk_bench.bench import measure
+    from ntk_bench.bench.measurement import measure
 
     _, _, x1, x2 = measure.build_problem(tok.problem, measure.DTYPES["float32"], "cpu")
     assert x1.dtype == x2.dtype == torch.int64 and x1.shape == (2, 7) and x2.shape == (3, 7)

@@ -24,7 +24,7 @@ def test_structured_declines_at_run_time_a_module_mixing_samples():
             h = self.lin(x)
             return h - h.mean(0)
 
-    from ntk_bench.implementations.validation import IllDefinedKernelError
+    from ntk_bench.implementations.core.validation import IllDefinedKernelError
 
     model, x = nn.Sequential(BatchCentred(), nn.Linear(3, 2)), torch.randn(4, 3)
     with pytest.raises(IllDefinedKernelError, match="depends on the other samples"):  # the engine's probe, first
@@ -38,7 +38,7 @@ def test_structured_declines_at_run_time_a_module_mixing_samples():
 @pytest.mark.parametrize("plugin_name", ["structured", "explicit_mlp"])
 def test_symmetric_kernels_from_three_blocks_equal_the_plain_sum(plugin_name, problem_id, monkeypatch):
     """x2 = None: the upper blocks computed and the lower-left mirrored give the same kernel, odd N included."""
-    from ntk_bench.implementations import kernels as base
+    from ntk_bench.implementations.core import kernels as base
     from problems import BY_ID
 
     from conftest import supported_model
@@ -75,7 +75,7 @@ def test_output_layer_shortcut_matches_jacobian_contraction(plugin_name, layers,
 @pytest.mark.parametrize("mode", implementations.MODES)
 def test_identity_gram_as_first_or_later_term(mode):
     """KernelSum.add_identity_gram adds xx[n, m]·δ_op whether or not a term came before it."""
-    from ntk_bench.implementations.kernels import KernelSum, reduce_full
+    from ntk_bench.implementations.core.kernels import KernelSum, reduce_full
 
     g = torch.Generator().manual_seed(0)
     n, m, o, c = 3, 4, 2, 5
@@ -95,7 +95,7 @@ def test_identity_gram_as_first_or_later_term(mode):
 def test_jacobian_blocks_in_either_row_order_and_symmetric_halves(rows):
     """KernelSum.add_jacobians gives J1 J2ᵀ for (N, O, P) blocks stored as (N, O, P) or as views of (O, N, P)
     (linear_jacobian's layout), mixed, and for a symmetric kernel (J2 is J1) from its upper blocks."""
-    from ntk_bench.implementations.kernels import KernelSum
+    from ntk_bench.implementations.core.kernels import KernelSum
 
     n, o, p = rows
     g = torch.Generator().manual_seed(0)
@@ -114,7 +114,7 @@ def test_cpu_convolution_backend_is_the_measured_faster_one():
     """oneDNN is kept unless PyTorch's own convolutions run the kernel >10% faster; slow calls skip the trial."""
     import time
 
-    from ntk_bench.implementations.onednn import is_faster as _onednn_is_faster
+    from ntk_bench.implementations.core.onednn import is_faster as _onednn_is_faster
 
     onednn = torch._C._get_mkldnn_enabled
     calls = []
@@ -130,7 +130,8 @@ def test_cpu_convolution_backend_is_the_measured_faster_one():
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this build")
 def test_structured_leaves_the_onednn_flag_as_it_was_and_agrees_on_both_backends():
-    from ntk_bench.implementations import onednn, structured
+    from ntk_bench.implementations.core import onednn
+    from ntk_bench.implementations import structured
     from problems import BY_ID
 
     problem = BY_ID["cnn-O4-N2M3"]  # in float32: oneDNN has no float64 convolutions, and is not tried there
@@ -174,8 +175,8 @@ def test_layers_contracted_together_match_jacobian_contraction(layers, shape, mo
 def test_cost_model_knows_every_rule(name, params):
     """model_stats gives one layer per rule the plan uses, covering every trainable parameter, and structured's
     estimate grows with N and counts at least the kernel's bytes."""
-    from ntk_bench.bench import architectures
-    from ntk_bench.implementations.costs import kernel_numel, model_stats
+    from ntk_bench.bench.zoo import architectures
+    from ntk_bench.implementations.core.costs import kernel_numel, model_stats
 
     arch = architectures.build(name, **params)
     x = architectures.inputs(arch, 2)
@@ -194,7 +195,8 @@ def test_cost_model_knows_every_rule(name, params):
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this build")
 def test_explicit_mlp_gemms_agree_on_both_cpu_backends_and_leave_the_flag():
     """explicit_mlp's float32 GEMMs by oneDNN's linear or by MKL: the same kernel as float64, the flag restored."""
-    from ntk_bench.implementations import explicit_mlp, onednn
+    from ntk_bench.implementations.plugins import explicit_mlp
+    from ntk_bench.implementations.core import onednn
     from problems import BY_ID
 
     problem = BY_ID["mlp-relu-O3-N4M3"]
@@ -210,7 +212,7 @@ def test_explicit_mlp_gemms_agree_on_both_cpu_backends_and_leave_the_flag():
 
 
 def test_onednn_linear_is_f_linear():
-    from ntk_bench.implementations import onednn
+    from ntk_bench.implementations.core import onednn
 
     torch.manual_seed(0)
     x, w, b = torch.randn(3, 5, 7), torch.randn(6, 7), torch.randn(6)

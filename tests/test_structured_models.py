@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ntk_bench import implementations
-from ntk_bench.bench import architectures
+from ntk_bench.bench.zoo import architectures
 
 from problems import rel_err
 from test_structured_rules import brute_force_kernel

@@ -1,6 +1,6 @@
 """Several threads computing the NTK of one model object: each call gets the kernel a single thread gets, and the
 model is left as found (a call swaps parameters, wraps ``forward``, registers hooks while it runs: calls on one
-model take turns, ``implementations.locking``). Every registered plugin, ours and the installed peers."""
+model take turns, ``implementations.core.locking``). Every registered plugin, ours and the installed peers."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from torch import nn
 
 import ntk_bench
 from ntk_bench import implementations
-from ntk_bench.implementations.locking import model_claimed
-from ntk_bench.implementations.state import _HOOK_DICTS
+from ntk_bench.implementations.core.locking import model_claimed
+from ntk_bench.implementations.core.state import _HOOK_DICTS
 
 EVERY = implementations.names(kind=None)
 THREADS, CALLS = 3, 20

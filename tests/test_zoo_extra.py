@@ -16,7 +16,7 @@ import importlib.util
 import bruteforce
 import pytest
 import torch
-from ntk_bench.implementations.validation import IllDefinedKernelError
+from ntk_bench.implementations.core.validation import IllDefinedKernelError
 from problems import TOLERANCE, rel_err
 from zoo_extra import EXTRA_MODELS, plain
 

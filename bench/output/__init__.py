@@ -1,0 +1,1 @@
+"""Reading runs back: the report, its plots and summary, and run comparison."""

@@ -1,0 +1,1 @@
+"""The architecture zoo: the models sweeps run on (small built-ins and real models)."""

@@ -1,0 +1,1 @@
+"""This project's NTK plugins (the algorithms ``auto`` chooses from), built on ``core``."""
