@@ -43,7 +43,7 @@ _BUILTIN_PEERS: dict[str, str] = {
 }
 # Compiled variants of ours (``compiled``): not in ``names()`` unless asked for (their first call compiles for
 # seconds; the suite checks them in their own test), never among auto's candidates.
-_BUILTIN_COMPILED = {n: "compiled" for n in
+_BUILTIN_COMPILED = {n: "plugins.compiled" for n in
                      ("explicit_mlp_compiled", "jacobian_contraction_compiled", "structured_compiled")}
 _registered: dict[str, NTKPlugin] = {}
 _entry_points_loaded = False

@@ -30,7 +30,7 @@ def ntk(model, x1, x2=None, mode: str = "full", impl: str = "auto", compile: boo
 
     ``x2=None`` means x2 = x1. ``impl`` names a plugin (``ntk_bench.implementations.names()``); ``auto`` picks
     one from the cost model. ``compile=True`` runs the plugin's compiled variant (``explicit_mlp``,
-    ``jacobian_contraction``, ``structured``: ``implementations.compiled``): its first call per model and shapes
+    ``jacobian_contraction``, ``structured``: ``implementations.core.compiled``): its first call per model and shapes
     compiles (seconds), later calls of a small model are several times faster. Other keyword arguments
     (``memory_budget_bytes``) go to the plugin's ``compute``.
     """

@@ -1,9 +1,9 @@
-"""The compiled variants (``implementations.compiled``): against neural-tangents (the suite's check, model left as
+"""The compiled variants (``implementations.core.compiled``): against neural-tangents (the suite's check, model left as
 found), the eager plugin and the brute force, on the zoo problems they support; and the faults the machinery
 guards against, each injected: a compiled kernel that is wrong, one that cannot compile, a model changed between
 calls (in place, a replaced parameter).
 
-Each case compiles once (seconds); the file takes about a minute.
+Each case compiles once (seconds to a minute each on a loaded machine): marked ``compile``.
 """
 
 from __future__ import annotations
@@ -14,10 +14,13 @@ from torch import nn
 
 import bruteforce
 from ntk_bench import implementations
-from ntk_bench.implementations import compiled
-from ntk_bench.implementations.base import NTKPlugin
+from ntk_bench.implementations.core import compiled
+from ntk_bench.implementations.core.base import NTKPlugin
+from ntk_bench.implementations.plugins import compiled as variants
 from problems import BY_ID, TOLERANCE, rel_err
 from test_correctness import check_against_reference
+
+pytestmark = pytest.mark.compile
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 # (variant, problem, mode, dtype, whether it must compile): both kinds of output (O = 1, O > 1), x2 = None and
@@ -32,11 +35,10 @@ CASES = [
 
 
 def test_variants_are_registered_but_not_in_the_default_lists():
-    variants = [p.name for p in compiled.plugins]
-    assert not set(variants) & set(implementations.names())
-    assert set(variants) <= set(implementations.names("ours", compiled=True))
-    assert all(implementations.get(v).kind == "ours" for v in variants)
-    assert "auto" not in variants
+    names = [p.name for p in variants.plugins]
+    assert not set(names) & set(names_default := implementations.names()) and "auto" in names_default
+    assert set(names) <= set(implementations.names("ours", compiled=True))
+    assert all(implementations.get(v).kind == "ours" for v in names)
 
 
 @pytest.mark.usefixtures("kernel_reference")

@@ -27,7 +27,7 @@ from about (compile time) / (time saved per call) calls on one model and shapes,
 overhead is a large part of the call (results/2026-12-07-small-vs-nt has the measurements).
 
 :class:`CompiledPlugin` wraps a plugin as ``<name>_compiled``: the same supports, estimate and validation,
-with the kernel step compiled.
+with the kernel step compiled (the built-in variants: ``plugins/compiled.py``).
 """
 
 from __future__ import annotations
@@ -205,14 +205,4 @@ class CompiledPlugin(NTKPlugin):
         return CACHE.last
 
 
-def _plugins() -> list[CompiledPlugin]:
-    from . import get
-
-    return [CompiledPlugin(get(name)) for name in ("explicit_mlp", "jacobian_contraction", "structured")]
-
-
-plugins = _plugins()
-explicit_mlp_compiled, jacobian_contraction_compiled, structured_compiled = plugins
-
-__all__ = ["CACHE", "Cache", "CompiledPlugin", "Entry", "Info", "TOLERANCE", "explicit_mlp_compiled",
-           "jacobian_contraction_compiled", "plugins", "structured_compiled"]
+__all__ = ["CACHE", "Cache", "CompiledPlugin", "Entry", "Info", "TOLERANCE"]
