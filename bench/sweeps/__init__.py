@@ -479,6 +479,9 @@ def load(name_or_path: str) -> dict:
     if name_or_path in SWEEPS:
         return SWEEPS[name_or_path]
     path = Path(name_or_path)
+    packaged = Path(__file__).parent / f"{name_or_path}.toml"  # the sweep files shipped here (small.toml)
+    if path.name == name_or_path and not path.suffix and packaged.is_file():
+        path = packaged
     if path.is_dir():
         raise SweepError(f"{name_or_path}: is a directory, not a sweep file (.toml or .json)")
     if not path.exists():
