@@ -18,7 +18,8 @@ so that no plugin's first call profits from another's caches:
 
 A plugin whose first call takes more than ``--max-first-s``, or whose Jacobian would take more than
 ``--max-jacobian-gb`` (Jacobian contraction, ours or neural-tangents'), is left out of the rounds and says why.
-Writes ``results.jsonl`` (one row per case and plugin) and ``table.md`` to ``--out``; prints the table.
+Appends to ``--out``/``results.jsonl`` (a header line, then one row per case and plugin as each case finishes) and
+writes ``table.md``; prints the table. ``--tables FILE...`` prints the tables of rows from several runs.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ OURS = ["explicit_mlp", "explicit_mlp_compiled", "structured", "structured_compi
         "jacobian_contraction_compiled", "auto"]
 NT = ["nt_jacobian_contraction", "nt_ntk_vector_products", "nt_structured_derivatives"]
 JACOBIAN_PLUGINS = ("jacobian_contraction", "jacobian_contraction_compiled", "nt_jacobian_contraction")
+# Compilations that take minutes on a loaded 2-core machine (over a minute idle): left out unless --all-compiles.
+SLOW_COMPILES = {("text_tiny", "jacobian_contraction_compiled"): "its compilation takes over a minute"}
 
 
 def _quantiles(values: list[float]) -> tuple[float, float, float]:
@@ -74,7 +77,8 @@ def _prepare(name: str, model, x):
     return run, first_s, prepare_s, (None if info is None else info.compiled), (None if info is None else info.fallback)
 
 
-def run_case(case, ours, rounds: int, block_s: float, max_first_s: float, max_jacobian_gb: float) -> list[dict]:
+def run_case(case, ours, rounds: int, block_s: float, max_first_s: float, max_jacobian_gb: float,
+             all_compiles: bool = False) -> list[dict]:
     from ntk_bench import implementations
     from ntk_bench.bench import architectures
 
@@ -90,6 +94,9 @@ def run_case(case, ours, rounds: int, block_s: float, max_first_s: float, max_ja
         reason = implementations.get(name).supports(arch.model)
         if reason is not None:
             row["skipped"] = reason
+            continue
+        if (cid, name) in SLOW_COMPILES and not all_compiles:
+            row["skipped"] = f"{SLOW_COMPILES[cid, name]} (--all-compiles runs it)"
             continue
         if name in JACOBIAN_PLUGINS and jac_gb > max_jacobian_gb:
             row["skipped"] = f"its Jacobian would take {jac_gb:.1f} GB (> {max_jacobian_gb:g})"
@@ -182,6 +189,7 @@ def main() -> None:
     ap.add_argument("--max-first-s", type=float, default=120.0)
     ap.add_argument("--max-jacobian-gb", type=float, default=1.0)
     ap.add_argument("--out", type=Path, help="folder for results.jsonl and table.md")
+    ap.add_argument("--all-compiles", action="store_true", help="also the compilations in SLOW_COMPILES")
     ap.add_argument("--list", action="store_true")
     args = ap.parse_args()
     if args.list:
@@ -203,21 +211,41 @@ def main() -> None:
             "load_before": os.getloadavg(), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
             "command": " ".join(sys.argv)}
     rows = []
+    if args.out:  # rows are appended as each case finishes: a run cut short keeps them
+        args.out.mkdir(parents=True, exist_ok=True)
+        with open(args.out / "results.jsonl", "a") as f:
+            f.write(json.dumps({"meta": meta}) + "\n")
     for case in cases:
-        rows.extend(run_case(case, args.impls, args.rounds, args.block_s, args.max_first_s, args.max_jacobian_gb))
+        done = run_case(case, args.impls, args.rounds, args.block_s, args.max_first_s, args.max_jacobian_gb,
+                        args.all_compiles)
+        rows.extend(done)
+        if args.out:
+            with open(args.out / "results.jsonl", "a") as f:
+                for r in done:
+                    f.write(json.dumps(r) + "\n")
         print(f"{case[0]} done (load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
     meta["load_after"] = os.getloadavg()
     text = f"{json.dumps(meta)}\n\n## Per case: our fastest against neural-tangents' fastest\n\n{summary(rows)}\n\n" \
            f"## Every plugin\n\n{table(rows)}\n"
     print(text)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        with open(args.out / "results.jsonl", "w") as f:
-            f.write(json.dumps({"meta": meta}) + "\n")
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
         (args.out / "table.md").write_text(text)
 
 
+def from_files(paths: list[Path]) -> str:
+    """The tables of the rows in ``paths`` (results.jsonl files of runs of this script, e.g. cases run apart)."""
+    rows, metas = [], []
+    for path in paths:
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            (metas.append(r["meta"]) if "meta" in r else rows.append(r))
+    return "\n".join(json.dumps(m) for m in metas) + \
+        f"\n\n## Per case: our fastest against neural-tangents' fastest\n\n{summary(rows)}\n\n" \
+        f"## Every plugin\n\n{table(rows)}\n"
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--tables"]:  # python scripts/small_vs_nt.py --tables A/results.jsonl B/results.jsonl
+        print(from_files([Path(p) for p in sys.argv[2:]]))
+    else:
+        main()
