@@ -81,7 +81,7 @@ class _Faulty(NTKPlugin):
 
     def pure_kernel(self, model, x1, x2, mode):
         right = self.inner.pure_kernel(model, x1, x2, mode)
-        return lambda x1, x2: self.fault(right(x1, x2))
+        return lambda m, x1, x2: self.fault(right(m, x1, x2))
 
 
 def _mlp():
@@ -127,6 +127,20 @@ def test_the_compiled_kernel_follows_the_model():
     k = plugin.compute(model, x)
     assert rel_err(k, eager.compute(model, x)) <= 1e-10
     assert rel_err(k, bruteforce.ntk(model, x, None, "full")) <= 1e-10
+
+
+def test_the_cache_keeps_no_model_alive():
+    import gc
+    import weakref
+
+    model, x = _mlp()
+    plugin = implementations.get("explicit_mlp_compiled")
+    plugin.compute(model, x)
+    assert plugin.info().compiled
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
 
 
 def test_a_declined_model_is_declined_under_the_variants_name():

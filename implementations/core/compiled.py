@@ -13,7 +13,8 @@ model) and key; torch's guards recompile it when a parameter is replaced or a mo
 cache key below gives such a model a fresh entry, checked again on its first call.
 
 A plugin takes part by offering ``pure_kernel(model, x1, x2, mode)`` (the inputs of the first call, for whatever
-plan the plugin makes per shapes; the function must not keep them): a function ``(x1, x2) -> kernel`` that
+plan the plugin makes per shapes; the function must not keep them): a function ``(model, x1, x2) -> kernel``
+(the model an argument, not kept in a closure: the cache is weak in the model) that
 ``torch.compile(fullgraph=True)`` can trace (no Python-side caches or side effects, no host syncs; parameters read
 from the model, so in-place updates are seen), and optionally ``compile_context()``: switches set around the
 compiled call (they are read while tracing and must hold when it runs). Without ``pure_kernel`` the plugin's
@@ -77,8 +78,8 @@ _CODES = itertools.count()
 def _fresh_function(pure):
     """``pure`` behind a function with its own code object: dynamo keeps compiled graphs per code object, so each
     entry gets its own cache (no guard scans across models, no recompile limit shared between them)."""
-    def kernel(x1, x2):
-        return pure(x1, x2)
+    def kernel(model, x1, x2):
+        return pure(model, x1, x2)
 
     code = kernel.__code__.replace(co_name=f"ntk_compiled_kernel_{next(_CODES)}")
     return types.FunctionType(code, kernel.__globals__, code.co_name, None, kernel.__closure__)
@@ -133,7 +134,8 @@ class Cache:
         entry = entries.get(key)
         if entry is None:
             pure = getattr(plugin, "pure_kernel", None)
-            pure = pure(model, x1, x2, mode) if pure is not None else (lambda a, b: plugin._kernel(model, a, b, mode))
+            pure = pure(model, x1, x2, mode) if pure is not None else \
+                (lambda m, a, b: plugin._kernel(m, a, b, mode))
             entry = entries.setdefault(key, Entry(torch.compile(_fresh_function(pure), fullgraph=True,
                                                                 dynamic=False)))
         if entry.failed is not None:
@@ -142,14 +144,14 @@ class Cache:
         with _context(plugin):
             if entry.checked:
                 self._local.info = Info(True)
-                return entry.fn(x1, x2)
+                return entry.fn(model, x1, x2)
             return self._first_call(plugin, entry, model, x1, x2, mode)
 
     def _first_call(self, plugin, entry: Entry, model, x1, x2, mode) -> torch.Tensor:
         """Compile, run, and compare with the eager kernel; any failure is kept as the entry's reason."""
         t0 = time.perf_counter()
         try:
-            out = entry.fn(x1, x2)
+            out = entry.fn(model, x1, x2)
         except Exception as exc:  # a graph break (fullgraph), an unsupported op, an Inductor error: eager instead
             entry.failed = f"torch.compile failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}" \
                 if str(exc).strip() else f"torch.compile failed: {type(exc).__name__}"

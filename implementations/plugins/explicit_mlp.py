@@ -146,7 +146,7 @@ class ExplicitMLP(NTKPlugin):
     def pure_kernel(self, model, x1, x2, mode):
         """The recursion as a function of the inputs alone, for ``compiled`` (no backend trial: Inductor picks
         the GEMMs)."""
-        def kernel(x1, x2):
+        def kernel(model, x1, x2):
             with torch.no_grad():
                 return self._recursion(model, x1, x2, mode)
 

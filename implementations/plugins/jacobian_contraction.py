@@ -88,7 +88,7 @@ class JacobianContraction(NTKPlugin):
     def pure_kernel(self, model, x1, x2, mode):
         """Vmapped per-sample Jacobians and their contraction as a function of the inputs alone, for ``compiled``
         (no cached loop fallback: a model vmap cannot take fails to compile and runs the eager kernel)."""
-        def kernel(x1, x2):
+        def kernel(model, x1, x2):
             params, f = functional_single(model)
             jac = torch.func.vmap(jacrev(f), in_dims=(None, 0))
             j1 = [j.flatten(2) for j in jac(params, x1).values()]
