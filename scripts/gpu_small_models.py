@@ -128,7 +128,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    from ntk_bench.bench import architectures
+    from ntk_bench.bench.zoo import architectures
 
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)

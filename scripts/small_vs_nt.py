@@ -80,7 +80,7 @@ def _prepare(name: str, model, x):
 def run_case(case, ours, rounds: int, block_s: float, max_first_s: float, max_jacobian_gb: float,
              all_compiles: bool = False) -> list[dict]:
     from ntk_bench import implementations
-    from ntk_bench.bench import architectures
+    from ntk_bench.bench.zoo import architectures
 
     cid, arch_name, params, n = case
     rows, runs = [], {}
@@ -196,7 +196,7 @@ def main() -> None:
         for cid, arch, params, n in CASES:
             print(cid, arch, json.dumps(params), f"N={n}")
         return
-    from ntk_bench.bench.worker import _keep_freed_memory
+    from ntk_bench.bench.execution.worker import _keep_freed_memory
 
     _keep_freed_memory()
     torch.set_num_threads(args.threads)
