@@ -1,5 +1,6 @@
 # make test  — create .venv when missing, install the project with its extras, run the correctness suite
-# make bench — the default sweep for this machine (gpu where CUDA is present, quick otherwise), then the report
+# make bench — the default sweep for this machine (gpu where CUDA is present, quick otherwise; on the CPU clock
+#              without CUDA: CLOCK below), then the report
 #
 # On a machine whose own Python already has torch (the GPU machines, no package index):
 #   make bench PYTHON=python3        uses that interpreter and skips the venv.
@@ -45,10 +46,13 @@ test: $(DEPS) lint-imports
 	NTKBENCH_REQUIRE_REFERENCE=1 $(PYTHON) -m pytest -p no:cacheprovider --timeout=900 -q -n auto -m "not serial" tests
 	NTKBENCH_REQUIRE_REFERENCE=1 $(PYTHON) -m pytest -p no:cacheprovider --timeout=900 -q -m serial tests
 
-# BENCH_ARGS: more options of `ntk-bench run`, e.g. BENCH_ARGS="--clock cpu" on a busy shared machine
+# CLOCK: auto (default) times on the process's CPU time with one torch thread where there is no CUDA device (a
+# shared CPU runner: on the wall clock two threads on cores others hold measure their waiting), the wall clock where
+# CUDA is present; CLOCK=wall or CLOCK=cpu to choose. BENCH_ARGS: more options of `ntk-bench run`.
+CLOCK ?= auto
 BENCH_ARGS ?=
 bench: $(DEPS)
-	$(PYTHON) -m ntk_bench run --sweep $(SWEEP) --out $(RUN) --resume $(BENCH_ARGS)
+	$(PYTHON) -m ntk_bench run --sweep $(SWEEP) --out $(RUN) --resume --clock $(CLOCK) $(BENCH_ARGS)
 	$(PYTHON) -m ntk_bench report $(RUN)
 
 report: $(DEPS)

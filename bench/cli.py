@@ -317,6 +317,23 @@ def _resume_command(argv: list[str]) -> str:
     return " ".join(shlex.quote(w) for w in words)
 
 
+def resolve_clock(clock: str, cuda_available: bool | None = None) -> str:
+    """The clock a run times with: ``auto`` is ``cpu`` on a machine without CUDA (most likely a shared CPU runner,
+    where two torch threads on cores others hold wait for each other and the wall clock measures the waiting) and
+    ``wall`` where CUDA is present (its cases keep the wall clock anyway); ``wall`` and ``cpu`` as given."""
+    if clock != "auto":
+        return clock
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    chosen = "wall" if cuda_available else "cpu"
+    log.info("clock: %s (--clock auto: %s)", chosen,
+             "CUDA present" if cuda_available else "no CUDA device, process CPU time with one torch thread; "
+                                                   "--clock wall for the wall clock")
+    return chosen
+
+
 def _cmd_run(args) -> int:
     import dataclasses
 
@@ -337,8 +354,9 @@ def _cmd_run(args) -> int:
             changes["timeout_s"] = args.timeout
         if args.memory_budget is not None:
             changes["memory_budget_bytes"] = int(args.memory_budget * 2**30)
-        if args.clock != "wall":
-            changes["clock"] = args.clock
+        clock = resolve_clock(args.clock)
+        if clock != "wall":
+            changes["clock"] = clock
         if changes:
             cases = [dataclasses.replace(c, **changes) for c in cases]
         out = Path(args.out or f"results/{spec['name']}")
@@ -561,7 +579,9 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     what = run.add_argument_group("what to run")
     what.add_argument("--sweep", default="default",
                       help="a built-in sweep name, 'default' (gpu with CUDA, else quick), or a .toml/.json file")
-    what.add_argument("--impls", help="comma-separated plugins and peers to run instead of the sweep's")
+    what.add_argument("--impls", help="comma-separated plugins and peers to run instead of the sweep's: names, all, "
+                                      "ours, peers, tag:NAME, patterns (nt_*), a leading - removing "
+                                      "(--impls=ours,-tag:loop)")
     what.add_argument("--plugin", action="append", metavar="MODULE",
                       help="import MODULE (package.module) and register its plugins, here and in every worker "
                            "(repeatable)")
@@ -625,10 +645,10 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
                       help="exit 1 when a computed row was not checked against neural-tangents")
     run.add_argument("--no-progress", action="store_true", help="a line per finished case instead of a bar "
                                                                 "(the default where the terminal cannot show one)")
-    run.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+    run.add_argument("--clock", choices=("wall", "cpu", "auto"), default="wall",
                      help="time on the wall clock (default), or on the process's CPU time with one thread (steadier "
                           "on a shared machine: time spent waiting for a core is not counted; CUDA cases keep the "
-                          "wall clock)")
+                          "wall clock); auto: cpu on a machine without CUDA, wall with it (make bench's default)")
     run.set_defaults(func=_cmd_run)
 
     rep = sub.add_parser("report", help="write results.csv, summary.md and plots for a run", parents=[common])

@@ -75,7 +75,7 @@ def _run(request, plugin: str, prob, mode: str, dtype: str, device: str, budget_
 
     import torch
 
-    from .measurement import gate, measure
+    from .measurement import gate, one_case
     from .sweeps import Case, Problem
 
     if not isinstance(prob, Problem):
@@ -92,7 +92,7 @@ def _run(request, plugin: str, prob, mode: str, dtype: str, device: str, budget_
             pytest.fail(f"ntk_case: {plugin} on {prob.id}: {got['status']}: {got.get('error', '')}", pytrace=False)
         if got.row["status"] != "ok":
             pytest.fail(f"ntk_case: {plugin} on {prob.id}: kernel off by rel err {got.row['rel_err']:.3e} "
-                        f"(tolerance {measure.TOLERANCE[dtype]:g})", pytrace=False)
+                        f"(tolerance {one_case.TOLERANCE[dtype]:g})", pytrace=False)
         got.kernel = None
         try:
             benchmark = request.getfixturevalue("benchmark")

@@ -96,15 +96,26 @@ def load_module(module: str) -> list[str]:
     return _register_object(mod, f"module {module!r}")
 
 
-def names(kind: str | None = "ours", compiled: bool = False) -> list[str]:
+def names(kind: str | None = "ours", tag: str | None = None, compiled: bool = False) -> list[str]:
     """Registered plugin names, built-ins first: ``kind="ours"`` (the default), ``"peer"``, or None for all; with
-    ``compiled=True`` the compiled variants of ours too (``explicit_mlp_compiled``, ...)."""
+    ``tag``, only the plugins carrying that tag (``NTKPlugin.tags``); with ``compiled=True`` the compiled variants
+    of ours too (``explicit_mlp_compiled``, ...)."""
     if kind is not None and kind not in KINDS:
         raise ValueError(f"unknown plugin kind {kind!r}; valid: {', '.join(KINDS)}")
     _load_entry_points()
     every = list(_BUILTIN) + (list(_BUILTIN_COMPILED) if compiled else []) + list(_BUILTIN_PEERS) + \
         [n for n in _registered if n not in _BUILTIN and n not in _BUILTIN_PEERS and n not in _BUILTIN_COMPILED]
-    return [n for n in every if kind is None or kind_of(n) == kind]
+    return [n for n in every if (kind is None or kind_of(n) == kind) and (tag is None or tag in tags_of(n))]
+
+
+def tags_of(name: str) -> frozenset[str]:
+    """The plugin's tags (``NTKPlugin.tags``): what family of algorithm it is."""
+    return frozenset(getattr(get(name), "tags", ()))
+
+
+def all_tags() -> list[str]:
+    """Every tag some registered plugin carries, sorted."""
+    return sorted({t for n in names(None) for t in tags_of(n)})
 
 
 def kind_of(name: str) -> str:
@@ -150,5 +161,5 @@ def unregister(name: str) -> None:
     _registered.pop(name, None)
 
 
-__all__ = ["KINDS", "MODES", "NTKPlugin", "UnsupportedModelError", "get", "kind_of", "load_module", "names",
-           "register", "unregister"]
+__all__ = ["KINDS", "MODES", "NTKPlugin", "UnsupportedModelError", "all_tags", "get", "kind_of", "load_module",
+           "names", "register", "tags_of", "unregister"]

@@ -48,7 +48,7 @@ def build(source: str, name: str, params: dict, n: int = N):
         model = timm.create_model(name, pretrained=False, num_classes=10, **params).eval()
         return model, torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     from ntk_bench.bench import sweeps
-    from ntk_bench.bench.measurement.measure import build_problem
+    from ntk_bench.bench.measurement.problem_build import build_problem
 
     problem = sweeps.Problem(name, tuple(sorted(params.items())), n, None)
     _, model, x, _ = build_problem(problem, torch.float32, "cpu")

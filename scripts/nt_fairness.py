@@ -2,7 +2,7 @@
 
 Times neural-tangents' implementations on two networks, each through ``reference.kernel_fn`` (the torch model
 exported and translated, as the ``nt_*`` peers run it) and hand-written in plain ``jax.numpy`` with the same
-weights, in alternating blocks in one process (``bench.measurement.measure.time_paired``: a b, b a, ...), jitted, compile
+weights, in alternating blocks in one process (``bench.measurement.timers.time_paired``: a b, b a, ...), jitted, compile
 excluded, ``block_until_ready``, CPU, float32:
 
 - neural-tangents' notebook FCN: 3 x Dense(2048) + ReLU, then Dense(8); input 3072, N = M = 16;
@@ -108,7 +108,7 @@ def compare(label, implementation, model, x1, x2, hand_written: dict, budget_s: 
 
     if only is not None and implementation != only:
         return
-    from ntk_bench.bench.measurement.measure import time_paired
+    from ntk_bench.bench.measurement.timers import time_paired
 
     translated = reference.kernel_fn(model, x1, implementation, "full", "float32")
     a, b = translated.convert(x1), translated.convert(x2)

@@ -154,9 +154,9 @@ class SetsidChild(_Fault):
 
 
 if os.environ.get("NTKB_TEST_FREEZE_REFERENCE"):
-    from ntk_bench.bench.measurement import measure
+    from ntk_bench.bench.measurement import references
 
-    measure.reference_block = lambda problem, o: time.sleep(3600)
+    references.reference_block = lambda problem, o: time.sleep(3600)
 
 
 plugins = [Sleep(), SelfKill(), Abort(), Wrong(), NaN(), Error(), Flaky(), OomKill(), Started(), ClosedPipe(),

@@ -23,10 +23,10 @@ def smoke(impls=None):
 @pytest.fixture(scope="session")
 def smoke_reference(tmp_path_factory):
     """A run directory holding the smoke problem's reference (copy it into a test's run with ``seed_reference``)."""
-    from ntk_bench.bench.measurement import measure
+    from ntk_bench.bench.measurement import references
 
     d = tmp_path_factory.mktemp("smoke-reference")
-    record = measure.ensure_reference(smoke(["structured"])[0].problem, d)
+    record = references.ensure_reference(smoke(["structured"])[0].problem, d)
     assert record["status"] == "ok", record
     return d
 

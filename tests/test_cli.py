@@ -139,8 +139,9 @@ def test_calibrate_writes_only_where_told(tmp_path, monkeypatch):
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    rows = [{"case_id": f"c{i}", "impl": "structured", "device": "cpu", "status": "ok", "est_flops": 1e6 * i,
-             "time_median_s": 1e-3 + 1e-9 * 1e6 * i} for i in range(1, 5)]
+    rows = [{"case_id": f"c{i}", "impl": "structured", "arch": "mlp", "arch_params": "{}", "N": i, "M": i,
+             "x2": "x1", "mode": "full", "dtype": "float32", "device": "cpu", "status": "ok", "est_flops": 1e6 * i,
+             "time_median_s": 1e-3 + 1e-9 * 1e6 * i} for i in range(1, 5)]  # rows as the row schema has them
     (run_dir / "results.jsonl").write_text("\n".join(json.dumps(o) for o in [{"header": {}}] + rows) + "\n")
     with pytest.raises(SystemExit) as exit_info:  # --out is required: never into the package
         cli_module.main(["calibrate", str(run_dir)])

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from ntk_bench.bench.measurement import measure
+from ntk_bench.bench.measurement import references
 from ntk_bench.bench.execution import runner
 from ntk_bench.bench import sweeps
 from ntk_bench.bench.execution.executors import process, proctree
@@ -81,7 +81,7 @@ def test_closed_answer_pipe_frozen_reference_and_setsid_grandchild_all_end_withi
     took = time.monotonic() - t0
     rows = {r["impl"]: r for r in summary.rows.values()}
     assert set(rows) == {"fault_closed_pipe", "fault_setsid_child", "explicit_mlp"}
-    record = measure.read_reference_record(cases[0].problem, tmp_path / "run")
+    record = references.read_reference_record(cases[0].problem, tmp_path / "run")
     assert record["status"] == "timeout" and "within 4 s" in record["error"], record
     assert rows["explicit_mlp"]["status"] == "unchecked"  # computed, the reference having failed
     closed = rows["fault_closed_pipe"]

@@ -60,7 +60,8 @@ def test_the_wheel_holds_one_namespace_with_its_data(installed):
     assert top == {"ntk_bench"}, top
     for needed in ("ntk_bench/implementations/plugins/auto_calibration.json", "ntk_bench/py.typed",
                    "ntk_bench/bench/zoo/real_models.py", "ntk_bench/reference/__init__.py",
-                   "ntk_bench/bench/measurement/correctness.py", "ntk_bench/bench/measurement/problems.py", "ntk_bench/bench/measurement/bruteforce.py"):
+                   "ntk_bench/bench/measurement/correctness.py", "ntk_bench/bench/measurement/problems.py", "ntk_bench/bench/measurement/bruteforce.py",
+                   "ntk_bench/bench/sweeps/quick.toml", "ntk_bench/bench/sweeps/smoke.toml"):
         assert needed in names
 
 

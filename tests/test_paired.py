@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from ntk_bench import implementations
 from ntk_bench.bench import cli as cli_module
 from ntk_bench.bench.measurement import machine, paired
 from ntk_bench.bench.execution import plan, runner
@@ -235,7 +236,7 @@ def test_model_runs_the_fast_plugins_by_default_and_everything_with_impls_all(tm
     args = cli_module.build_parser(argv).parse_args(argv)
     spec = cli_module._model_spec(args)
     impls = {c.impl for c in sweeps.expand(spec)}
-    assert {"structured", "auto", "jacobian_contraction", *sweeps.NT_PEERS} <= impls
+    assert {"structured", "auto", "jacobian_contraction", *implementations.names(None, tag="neural_tangents")} <= impls
     assert not impls & {"asdl", "nngeometry", "curvlinops", "autograd_loop"}  # seconds a call on small CNNs
     assert {c.impl for c in sweeps.expand(spec, ["all"])} == set(sweeps.all_impls())
 

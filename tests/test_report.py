@@ -99,6 +99,8 @@ def test_unknown_statuses_missing_columns_and_bad_lines_are_reported(tmp_path):
     text = report.write_report(run, tmp_path / "out").read_text()
     assert "1 exploded" in text and "`structured` exploded" in text
     assert "3 lines are not JSON objects" in text and "1 rows lack impl, arch or N" in text
+    # the bare row and the row without impl do not match the row schema: shown (or left out) as they are, and said
+    assert len(rep.off_schema) == 2 and "2 rows do not match the row schema" in text
 
 
 def test_a_segmented_results_file_reads_every_segment(tmp_path):

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from ntk_bench.bench import cli, sweeps
-from ntk_bench.bench.measurement import envcheck, measure
+from ntk_bench.bench.measurement import envcheck, one_case, references
 from ntk_bench.bench.output import plots, report
 from ntk_bench.bench.store import rundir, safefs
 from ntk_bench.bench.execution import runner
@@ -122,7 +122,7 @@ def test_a_results_file_that_is_not_ntk_benchs_is_refused_without_force(tmp_path
     assert (run / rundir.RESULTS).read_text() == foreign
     runner.run(cases_of(["structured"]), run, "s", executor=FakeExecutor(run), resume=True, force=True)
     text = (run / rundir.RESULTS).read_text()
-    assert text.startswith(foreign) and '"format_version": 1' in text
+    assert text.startswith(foreign) and f'"format_version": {rundir.FORMAT_VERSION}' in text
 
 
 def test_the_format_version_is_written_and_a_later_one_refused_everywhere(tmp_path, capsys):
@@ -135,7 +135,7 @@ def test_the_format_version_is_written_and_a_later_one_refused_everywhere(tmp_pa
     (future / rundir.RESULTS).write_text(header_line(format_version=rundir.FORMAT_VERSION + 1)
                                          + json.dumps(rows[0]) + "\n")
     before = (future / rundir.RESULTS).read_text()
-    with pytest.raises(rundir.RunDirError, match="format 2 .*newer ntk-bench"):
+    with pytest.raises(rundir.RunDirError, match=f"format {rundir.FORMAT_VERSION + 1} .*newer ntk-bench"):
         runner.run(cases_of(["structured", "explicit_mlp"]), future, "s", executor=FakeExecutor(future),
                    resume=True, force=True)
     assert (future / rundir.RESULTS).read_text() == before  # never extended
@@ -172,20 +172,20 @@ def test_a_changed_model_never_meets_its_old_reference(tmp_path, monkeypatch):
     from ntk_bench.bench.zoo import architectures
 
     # the harness's float64 reference (neural-tangents' would do as well, in more time)
-    monkeypatch.setattr(measure, "_nt_reason", lambda model, example: "test: the harness's reference")
+    monkeypatch.setattr(references, "_nt_reason", lambda model, example: "test: the harness's reference")
     factory = tmp_path / "factory.py"
     factory.write_text(FACTORY.format(act="Tanh"))
     case = _factory_case(factory)
     run = tmp_path / "run"
-    assert measure.ensure_reference(case.problem, run)["status"] == "ok"
-    assert measure.run_case(case, run)["status"] == "ok"
+    assert references.ensure_reference(case.problem, run)["status"] == "ok"
+    assert one_case.run_case(case, run)["status"] == "ok"
     factory.write_text(FACTORY.format(act="ReLU"))
     monkeypatch.setattr(architectures, "_FILE_MODULES", {})  # a new process would import the file afresh
-    monkeypatch.setattr(measure, "_DIGESTS", {})
-    assert not measure.reference_ok(case.problem, run)
-    assert measure.run_case(case, run)["status"] == "unchecked"  # not a mismatch against the Tanh kernel
-    assert measure.ensure_reference(case.problem, run)["status"] == "ok"
-    row = measure.run_case(case, run)
+    monkeypatch.setattr(references, "_DIGESTS", {})
+    assert not references.reference_ok(case.problem, run)
+    assert one_case.run_case(case, run)["status"] == "unchecked"  # not a mismatch against the Tanh kernel
+    assert references.ensure_reference(case.problem, run)["status"] == "ok"
+    row = one_case.run_case(case, run)
     assert row["status"] == "ok" and row["rel_err"] < 1e-10
     assert len(list((run / "references").glob("*.pt"))) == 2  # one per model, side by side
 
@@ -194,13 +194,13 @@ def test_a_changed_weight_changes_the_reference_key(tmp_path, monkeypatch):
     factory = tmp_path / "factory.py"
     factory.write_text(FACTORY.format(act="Tanh"))
     problem = _factory_case(factory).problem
-    first = measure.model_digest(problem)
+    first = references.model_digest(problem)
     factory.write_text(FACTORY.format(act="Tanh").replace("manual_seed(0)", "manual_seed(1)"))
     from ntk_bench.bench.zoo import architectures
 
     monkeypatch.setattr(architectures, "_FILE_MODULES", {})
-    monkeypatch.setattr(measure, "_DIGESTS", {})
-    assert measure.model_digest(problem) != first
+    monkeypatch.setattr(references, "_DIGESTS", {})
+    assert references.model_digest(problem) != first
 
 
 class _Payload:
@@ -222,12 +222,12 @@ def test_a_tampered_reference_never_runs_its_pickle(tmp_path, monkeypatch):
     buf = io.BytesIO()
     torch.save({"kernel": _Payload(str(marker))}, buf)
     data = buf.getvalue()
-    path = measure._reference_path(problem, run)
+    path = references._reference_path(problem, run)
     path.parent.mkdir(parents=True)
     path.with_suffix(".pt").write_bytes(data)
-    measure.write_reference_record(problem, run, {"status": "ok", "sha1": hashlib.sha1(data).hexdigest(),
+    references.write_reference_record(problem, run, {"status": "ok", "sha1": hashlib.sha1(data).hexdigest(),
                                                   "block": [3, 3], "source": "harness:x"})
-    record, kernel = measure.load_reference(problem, run)
+    record, kernel = references.load_reference(problem, run)
     assert kernel is None and record["status"] == "error" and "unreadable" in record["error"]
     assert not marker.exists()
 
@@ -241,7 +241,7 @@ def test_a_linked_references_folder_is_refused(tmp_path):
     (tmp_path / "theirs").mkdir()
     (run / "references").symlink_to(tmp_path / "theirs")
     with pytest.raises(safefs.UnsafeFileError, match="not a directory"):
-        measure.ensure_reference(problem, run)
+        references.ensure_reference(problem, run)
     assert not list((tmp_path / "theirs").iterdir())
 
 

@@ -207,7 +207,7 @@ def test_auto_is_compared_with_the_plugins_near_the_fastest():
 def test_paired_timing_sees_a_two_fold_difference():
     import time as time_module
 
-    from ntk_bench.bench.measurement.measure import time_paired
+    from ntk_bench.bench.measurement.timers import time_paired
 
     a, b, ratio = time_paired(lambda: time_module.sleep(0.004), lambda: time_module.sleep(0.002), 0.1)
     assert a > b and 1.5 < ratio < 2.5
@@ -288,13 +288,13 @@ def test_a_worker_answers_only_after_its_ready_signal_and_is_replaced_after_a_ti
 
 def test_without_neural_tangents_the_reference_is_the_harness_in_float64(tmp_path, monkeypatch):
     from ntk_bench import reference
-    from ntk_bench.bench.measurement import measure
+    from ntk_bench.bench.measurement import one_case, references
 
     monkeypatch.setattr(reference, "available", lambda: "neural-tangents unavailable: test")
     case = _smoke(["jacobian_contraction"])[0]
-    record = measure.ensure_reference(case.problem, tmp_path)
+    record = references.ensure_reference(case.problem, tmp_path)
     assert record["status"] == "ok" and record["source"] == "harness:jacobian_contraction:float64:cpu"
-    row = measure.run_case(case, tmp_path)
+    row = one_case.run_case(case, tmp_path)
     assert row["status"] == "ok" and row["reference"] == "harness:jacobian_contraction:float64:cpu"
     assert row["rel_err"] <= 1e-4 and "test" in row["reference_note"]
 
@@ -303,7 +303,7 @@ def test_when_neural_tangents_runs_out_of_memory_the_reference_is_its_next_imple
     """XLA's RESOURCE_EXHAUSTED from structured derivatives (the text transformer's Embedding at N=16 asked for 34 GB)
     is not a failed reference: neural-tangents' Jacobian contraction computes it, the note says why."""
     from ntk_bench import reference
-    from ntk_bench.bench.measurement import measure
+    from ntk_bench.bench.measurement import one_case, references
 
     if reference.available() is not None:
         pytest.skip(reference.available())
@@ -316,16 +316,16 @@ def test_when_neural_tangents_runs_out_of_memory_the_reference_is_its_next_imple
 
     monkeypatch.setattr(reference, "ntk", ntk)
     case = _smoke(["jacobian_contraction"])[0]
-    record = measure.ensure_reference(case.problem, tmp_path)
+    record = references.ensure_reference(case.problem, tmp_path)
     assert record["status"] == "ok" and record["source"] == "neural_tangents:jacobian_contraction"
     assert "structured_derivatives ran out of memory" in record["note"]
-    assert measure.run_case(case, tmp_path)["rel_err"] <= 1e-4
+    assert one_case.run_case(case, tmp_path)["rel_err"] <= 1e-4
 
 
 def test_a_plugin_declining_while_it_computes_is_unsupported_not_an_error(tmp_path, monkeypatch):
     """NTK-VP on a float32 LSTM learns only when it runs that mkldnn's RNN has no forward-mode derivative."""
     from ntk_bench import implementations
-    from ntk_bench.bench.measurement import measure
+    from ntk_bench.bench.measurement import one_case, references
 
     plugin = implementations.get("ntk_vector_products")
 
@@ -334,14 +334,14 @@ def test_a_plugin_declining_while_it_computes_is_unsupported_not_an_error(tmp_pa
 
     monkeypatch.setattr(plugin, "_kernel", declines)
     case = _smoke(["ntk_vector_products"])[0]
-    measure.ensure_reference(case.problem, tmp_path)
-    row = measure.run_case(case, tmp_path)
+    references.ensure_reference(case.problem, tmp_path)
+    row = one_case.run_case(case, tmp_path)
     assert row["status"] == "unsupported" and "injected" in row["error"], row
 
 
 def test_a_case_out_of_memory_finishes_blocked(tmp_path, monkeypatch):
     from ntk_bench import implementations
-    from ntk_bench.bench.measurement import measure
+    from ntk_bench.bench.measurement import one_case, references
 
     plugin = implementations.get("explicit_mlp")
     original = type(plugin).compute
@@ -353,8 +353,8 @@ def test_a_case_out_of_memory_finishes_blocked(tmp_path, monkeypatch):
 
     monkeypatch.setattr(type(plugin), "compute", compute)
     case = _smoke(["explicit_mlp"])[0]
-    measure.ensure_reference(case.problem, tmp_path)
-    row = measure.run_case(case, tmp_path)
+    references.ensure_reference(case.problem, tmp_path)
+    row = one_case.run_case(case, tmp_path)
     assert row["status"] == "ok" and row["blocked_after_oom"] and row["memory_budget_bytes"] > 0
     assert row["rel_err"] <= 1e-4
 
@@ -376,14 +376,14 @@ def test_resumed_run_still_times_auto_against_the_rows_already_there(tmp_path):
 
 def test_a_replayed_graphs_pool_counts_in_the_peak_memory(tmp_path, monkeypatch):
     """Rows of calls replayed from a CUDA graph say so, and their peak memory includes the graph's pool."""
-    from ntk_bench.bench.measurement import measure
+    from ntk_bench.bench.measurement import one_case, references
     from ntk_bench.implementations.core import cuda_graphs
     from test_cuda_graphs import rerun_capture
 
     case = _smoke(["structured"])[0]
-    measure.ensure_reference(case.problem, tmp_path)
-    eager = measure.run_case(case, tmp_path)
+    references.ensure_reference(case.problem, tmp_path)
+    eager = one_case.run_case(case, tmp_path)
     monkeypatch.setattr(cuda_graphs, "CACHE", cuda_graphs.GraphCache(capture=rerun_capture, devices=("cpu",)))
-    replayed = measure.run_case(case, tmp_path)
+    replayed = one_case.run_case(case, tmp_path)
     assert "cuda_graph_bytes" not in eager and replayed["status"] == "ok" and replayed["rel_err"] <= 1e-4
     assert replayed["cuda_graph_bytes"] >= 1000 and replayed["peak_mem_bytes"] >= replayed["cuda_graph_bytes"]

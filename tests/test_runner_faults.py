@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ntk_bench.bench.measurement import measure, sysinfo
+from ntk_bench.bench.measurement import environment, memory, one_case, references, sysinfo
 from ntk_bench.bench.store import rundir
 from ntk_bench.bench.execution import runner
 from ntk_bench.bench import sweeps
@@ -54,7 +54,9 @@ class FakeExecutor(InlineExecutor):
         else:
             status = self.statuses.get(job.payload.impl, "ok")
             row = {"status": status, "time_median_s": 1e-3, "reference": "neural_tangents:structured_derivatives",
-                   "rel_err": float("nan") if status == "mismatch" else 1e-9, "filler": "x" * self.filler}
+                   "rel_err": float("nan") if status == "mismatch" else 1e-9}
+            if self.filler:  # a long row (a declared text field of the row schema)
+                row["reference_note"] = "x" * self.filler
         fut.finish(row, "fake")
         return fut
 
@@ -125,7 +127,7 @@ def test_the_blocked_retry_budget_respects_the_cgroup_and_address_space_limits(m
     monkeypatch.setattr(sysinfo, "address_space_headroom", lambda: None)
     assert sysinfo.cpu_memory_budget() == 1 << 30
     monkeypatch.setattr(sysinfo, "address_space_headroom", lambda: 1 << 30)
-    assert measure.safe_memory_budget("cpu") == 1 << 29
+    assert memory.safe_memory_budget("cpu") == 1 << 29
 
 
 def test_the_oom_counter_is_read_where_the_kernel_keeps_it():
@@ -217,9 +219,9 @@ def test_resume_refuses_another_sweep_code_or_environment_and_says_what_differs(
                    resume=True)
     assert "the sweep's cases" in str(info.value) and "1 of the file's cases are not in this sweep" in str(info.value)
     assert "--force" in str(info.value)
-    monkeypatch.setattr(measure, "code_sha1", lambda: "0123456789ab")
-    real_env = measure.environment
-    monkeypatch.setattr(measure, "environment", lambda: {**real_env(), "torch": "9.9", "host": "elsewhere"})
+    monkeypatch.setattr(environment, "code_sha1", lambda: "0123456789ab")
+    real_env = environment.environment
+    monkeypatch.setattr(environment, "environment", lambda: {**real_env(), "torch": "9.9", "host": "elsewhere"})
     with pytest.raises(runner.RunDirError) as info:
         runner.run(cases_of(["structured", "explicit_mlp"]), tmp_path, "s", executor=FakeExecutor(tmp_path),
                    resume=True, retry_failed=True)
@@ -270,12 +272,12 @@ def test_retry_failed_reruns_timeout_oom_killed_error_and_unchecked_rows_and_the
 
 def test_a_failed_reference_is_not_cached_and_its_rows_are_unchecked_until_it_works(tmp_path, monkeypatch):
     cases = cases_of(["explicit_mlp"])
-    real = measure.reference_block
-    monkeypatch.setattr(measure, "reference_block", lambda *a: (_ for _ in ()).throw(RuntimeError("injected")))
+    real = references.reference_block
+    monkeypatch.setattr(references, "reference_block", lambda *a: (_ for _ in ()).throw(RuntimeError("injected")))
     runner.run(cases, tmp_path, "s", executor=InlineExecutor(tmp_path))
     (row,) = runner.read_results(tmp_path / "results.jsonl")[1]
     assert row["status"] == "unchecked" and "RuntimeError: injected" in row["error"] and row["reference"] == "none"
-    monkeypatch.setattr(measure, "reference_block", real)
+    monkeypatch.setattr(references, "reference_block", real)
     runner.run(cases, tmp_path, "s", executor=InlineExecutor(tmp_path), resume=True, retry_failed=True)
     assert list(statuses(tmp_path / "results.jsonl").values()) == ["ok"]
 
@@ -283,7 +285,7 @@ def test_a_failed_reference_is_not_cached_and_its_rows_are_unchecked_until_it_wo
 def test_a_reference_job_that_dies_is_recorded_and_tried_again(tmp_path):
     cases = cases_of(["explicit_mlp"])
     runner.run(cases, tmp_path, "s", executor=FakeExecutor(tmp_path, {"explicit_mlp": "unchecked"}, reference="killed"))
-    record = measure.read_reference_record(cases[0].problem, tmp_path)
+    record = references.read_reference_record(cases[0].problem, tmp_path)
     assert record["status"] == "killed"
     ex = FakeExecutor(tmp_path)
     runner.run(cases, tmp_path, "s", executor=ex, resume=True, retry_failed=True)
@@ -293,13 +295,13 @@ def test_a_reference_job_that_dies_is_recorded_and_tried_again(tmp_path):
 def test_a_damaged_reference_file_is_recomputed(tmp_path, smoke_reference):
     seed_reference(smoke_reference, tmp_path)
     problem = cases_of(["structured"])[0].problem
-    assert measure.reference_ok(problem, tmp_path)
+    assert references.reference_ok(problem, tmp_path)
     pt = next((tmp_path / "references").glob("*.pt"))
     pt.write_bytes(pt.read_bytes()[: pt.stat().st_size // 2])  # truncated
-    assert not measure.reference_ok(problem, tmp_path)
-    record, kernel = measure.load_reference(problem, tmp_path)
+    assert not references.reference_ok(problem, tmp_path)
+    record, kernel = references.load_reference(problem, tmp_path)
     assert kernel is None and "damaged" in record["error"]
-    assert measure.ensure_reference(problem, tmp_path)["status"] == "ok" and measure.reference_ok(problem, tmp_path)
+    assert references.ensure_reference(problem, tmp_path)["status"] == "ok" and references.reference_ok(problem, tmp_path)
 
 
 def test_unreadable_lines_are_skipped_with_a_warning_on_resume(tmp_path, caplog):
@@ -446,9 +448,22 @@ def test_a_case_that_cannot_even_be_set_up_is_a_row_naming_why(tmp_path, monkeyp
     def build(*args):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 320000000000 bytes")
 
-    monkeypatch.setattr(measure, "build_problem", build)
-    row = measure.run_case(case, tmp_path)
+    monkeypatch.setattr(one_case, "build_problem", build)
+    row = one_case.run_case(case, tmp_path)
     assert row["status"] == "oom" and row["error"].startswith("setting up the problem failed: RuntimeError")
-    monkeypatch.setattr(measure, "build_problem", lambda *a: (_ for _ in ()).throw(KeyError("no such layer")))
-    row = measure.run_case(case, tmp_path)
+    monkeypatch.setattr(one_case, "build_problem", lambda *a: (_ for _ in ()).throw(KeyError("no such layer")))
+    row = one_case.run_case(case, tmp_path)
     assert row["status"] == "error" and "KeyError" in row["error"]
+
+
+def test_a_row_with_an_undeclared_key_is_written_as_an_error_naming_it(tmp_path):
+    class Undeclared(FakeExecutor):
+        def submit(self, job):
+            fut = super().submit(job)
+            if job.kind == "case":
+                fut.result()["worker_hostname"] = "h"  # a key the row schema does not declare
+            return fut
+
+    runner.run(cases_of(["structured"]), tmp_path, "s", executor=Undeclared(tmp_path))
+    (row,) = runner.read_results(tmp_path / "results.jsonl")[1]
+    assert row["status"] == "error" and "worker_hostname" in row["error"] and "row schema" in row["error"]

@@ -65,9 +65,9 @@ def test_a_sweep_file_runs_your_models_from_a_file_relative_to_it(tmp_path, mode
     infos = sweeps.check_models(cases)
     assert {i.o for i in infos.values()} == {1, 2, 3}
     tok = next(c for c in cases if c.problem.arch == "tok" and c.problem.m is not None)
-    from ntk_bench.bench.measurement import measure
+    from ntk_bench.bench.measurement import problem_build
 
-    _, _, x1, x2 = measure.build_problem(tok.problem, measure.DTYPES["float32"], "cpu")
+    _, _, x1, x2 = problem_build.build_problem(tok.problem, problem_build.DTYPES["float32"], "cpu")
     assert x1.dtype == x2.dtype == torch.int64 and x1.shape == (2, 7) and x2.shape == (3, 7)
     assert 0 <= int(x1.min()) and int(x2.max()) < 20
     # the float models, run and checked (token-id models go as far as the engine takes integer inputs)

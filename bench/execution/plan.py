@@ -33,21 +33,38 @@ def _pending(cases, out: Path, resume: bool):
     return [c for c in cases if c.id not in done]
 
 
+def slowdown(cases) -> tuple[float, float | None, int, str]:
+    """(how much slower than on an idle machine the sweep's CPU work should run now, the load average, the cores,
+    a few words saying why): a sweep on the CPU clock times one torch thread, whose slowdown is measured now
+    (``machine.one_thread_share``); a wall-clock sweep's workers run their default threads, which the load
+    average's fair share predicts."""
+    from ..measurement import machine
+
+    one_thread = bool(cases) and all(getattr(c, "clock", "wall") == "cpu" for c in cases)
+    if one_thread:
+        share = machine.one_thread_share()
+        factor, load, cores = machine.load_factor(1, one_thread_share=share)
+        if share is not None:
+            return factor, load, cores, f"one thread measured to get {share:.0%} of a core now"
+    else:
+        factor, load, cores = machine.load_factor()
+    how = f"at the current load average, {load:.1f} on {cores} core(s)" if load is not None else "load unknown"
+    return factor, load, cores, how
+
+
 def describe(cases, models: dict, slots: int = 1) -> tuple[float, str, list[str]]:
     """(the predicted seconds, the estimate's line, the warning's lines: none when the run is predicted to take a
     few minutes at most)."""
     from . import runner
     from ..cli import fmt_duration
 
-    from ..measurement.machine import load_factor
-
     total, per_case = runner.estimate(cases, models, slots)
-    factor, load, cores = load_factor()
+    factor, _, _, how = slowdown(cases)
     total *= factor
     per_case = [(cid, s * factor) for cid, s in per_case]
     line = f"predicted duration: about {fmt_duration(total)} for {len(cases)} case(s) on {slots} worker(s)"
     if factor > 1.05:
-        line += f" (at the current load average, {load:.1f} on {cores} core(s): {factor:.1f}x an idle machine's)"
+        line += f" ({how}: {factor:.1f}x an idle machine's)"
     if total <= WARN_ABOVE_S:
         return total, line, []
     slow = [(cid, s) for cid, s in per_case if s >= SLOW_CASE_S]

@@ -43,6 +43,7 @@ from ..measurement import envcheck
 from ..store import safefs
 from .. import sweeps
 from .executors import Executor, Job, JobFuture, LocalExecutor
+from ..store.row import RowError, check_header, check_paired, check_row
 from ..store.rundir import (FORMAT_VERSION, RESULTS, ResultsFile, RunDirError, RunLock, latest_rows, read_results,
                      read_segments, unwritable)
 from ..sweeps import Case, Problem
@@ -233,6 +234,23 @@ def predict_seconds(cases: list[Case], models: dict) -> dict[str, float]:
     return out
 
 
+def measured_paired_seconds(rows: list[dict], budget_s: float) -> float:
+    """A group's paired job's predicted wall time from its cases' rows: each plugin's set-up and first call (its
+    ``first_call_s``: a jit compile, a plan) and its rounds at its calls' wall time. A CPU-clock median is turned
+    into wall time by the row's ``cpu_over_wall``: on a busy machine the rounds wait for a core as the case's
+    timed calls did."""
+    from ..measurement import paired
+
+    calls = []
+    for row in rows:
+        t = row["time_median_s"]
+        share = row.get("cpu_over_wall")
+        if row.get("clock") == "cpu" and share:
+            t /= max(0.05, min(1.0, share))
+        calls.append(t)
+    return paired.predict_seconds(calls, budget_s) + sum(row.get("first_call_s") or 0.0 for row in rows)
+
+
 def paired_budget(case: Case) -> float:
     """Seconds of side-by-side rounds for a group (at least ``paired.MIN_ROUNDS`` rounds whatever it is)."""
     return max(1.0, 10 * case.time_budget_s)
@@ -289,9 +307,9 @@ def plugin_files(plugins) -> list[Path]:
 
 
 def make_header(cases: list[Case], sweep_name: str, plugins=()) -> dict:
-    from ..measurement import measure
+    from ..measurement import environment
 
-    header = {"format_version": FORMAT_VERSION, **measure.environment(), "sweep": sweep_name,
+    header = {"format_version": FORMAT_VERSION, **environment.environment(), "sweep": sweep_name,
               "sweep_sha1": sweeps.fingerprint(cases), "clock": cases[0].clock if cases else "wall",
               "cases": len(cases), "plugins": list(plugins),
               "user_code_sha1": _files_sha1(sweeps.user_files(cases) + plugin_files(plugins))}
@@ -464,7 +482,7 @@ def run(cases: list[Case], out_dir: Path, sweep_name: str, executor: Executor | 
         if own_executor:
             executor = LocalExecutor(out_dir, cuda_cases=any(c.device != "cpu" for c in cases))
         if new_segment:
-            results.append({"header": {**header, **executor.describe(), "segment": len(segments)}})
+            results.append({"header": check_header({**header, **executor.describe(), "segment": len(segments)})})
         _schedule(cases, todo, latest, out_dir, executor, results, summary, reporter, models, plugins, deadline_s)
     except BaseException:
         if executor is not None:
@@ -486,7 +504,7 @@ def run(cases: list[Case], out_dir: Path, sweep_name: str, executor: Executor | 
 
 def _schedule(cases, todo, latest, out_dir, executor, results, summary, reporter, models, plugins, deadline_s):
     """Submit jobs as their dependencies finish; write rows as they arrive."""
-    from ..measurement import measure, paired
+    from ..measurement import one_case, paired, references
 
     start = time.monotonic()
     plugins = tuple(plugins)
@@ -504,7 +522,7 @@ def _schedule(cases, todo, latest, out_dir, executor, results, summary, reporter
     refs_needed = {}
     for c in todo:
         if c.problem.id not in refs_needed:
-            refs_needed[c.problem.id] = None if measure.reference_ok(c.problem, out_dir) else c.problem
+            refs_needed[c.problem.id] = None if references.reference_ok(c.problem, out_dir) else c.problem
     ref_done = {pid for pid, problem in refs_needed.items() if problem is None}
     # a reference may take as long as the longest of its cases: the sweep's timeout (or --timeout), nothing fixed
     ref_timeout: dict[str, float] = {}
@@ -550,7 +568,7 @@ def _schedule(cases, todo, latest, out_dir, executor, results, summary, reporter
         firsts = sum(rows_now[c.id].get("first_call_s") or 0.0 for c in ok)
         budget = paired_budget(ok[0])
         group = paired.PairedGroup(tuple(ok), budget)
-        eta.add(gid, paired.predict_seconds(calls, budget), "paired", measured=True)
+        eta.add(gid, measured_paired_seconds([rows_now[c.id] for c in ok], budget), "paired", measured=True)
         pending_paired.add(gid)
         timeout = max(c.timeout_s for c in ok) + firsts + 3 * paired.predict_seconds(calls, budget)
         fut = executor.submit(Job("paired", group, timeout, plugins))
@@ -562,6 +580,10 @@ def _schedule(cases, todo, latest, out_dir, executor, results, summary, reporter
         if fut.started_at is not None and fut.finished_at is not None:
             record["job_wall_s"] = fut.finished_at - fut.started_at - (record.get("worker_startup_s") or 0.0)
         record.setdefault("status", "error")
+        try:
+            record = check_paired(record)
+        except RowError as exc:  # written as it is (its rounds are worth keeping), and said
+            reporter.note(f"{group.id}: the paired record does not match its schema: {exc}")
         if not paired_file:
             paired_file.append(ResultsFile(out_dir / paired.PAIRED).open())
         paired_file[0].append(record)
@@ -602,6 +624,12 @@ def _schedule(cases, todo, latest, out_dir, executor, results, summary, reporter
         first = getattr(fut, "first_try", None)
         if first is not None:
             full.update(blocked_after_oom=True, first_try_error=str(first.get("error"))[:300])
+        try:
+            full = check_row(full)
+        except RowError as exc:  # a row our own code made wrong: kept as an error row that says so, the run goes on
+            reporter.note(f"{case.id}: {exc}")
+            full = check_row({**one_case.case_fields(case), "status": "error",
+                              "error": f"the row did not match the row schema: {exc}"[:1000]})
         results.append(full)
         summary.ran += 1
         done_count += 1
@@ -669,12 +697,12 @@ def _schedule(cases, todo, latest, out_dir, executor, results, summary, reporter
 
 def _reference_failed(problem: Problem, row: dict, out_dir: Path, reporter: Reporter) -> None:
     """Record why a problem's reference failed (its cases are then ``unchecked``; the next run tries again)."""
-    from ..measurement import measure
+    from ..measurement import references
 
-    record = measure.read_reference_record(problem, out_dir)
+    record = references.read_reference_record(problem, out_dir)
     if record is None or record.get("status") == "ok":  # the job died before it could say why
         try:
-            measure.write_reference_record(problem, out_dir, {"status": row.get("status", "error"),
+            references.write_reference_record(problem, out_dir, {"status": row.get("status", "error"),
                                                               "error": row.get("error", "no record")})
         except OSError as exc:
             reporter.note(f"cannot record the failed reference of {problem.id}: {exc}")
@@ -684,11 +712,11 @@ def _reference_failed(problem: Problem, row: dict, out_dir: Path, reporter: Repo
 
 def _assemble(case: Case, row: dict, fut: JobFuture, history: list[JobFuture], models: dict, executor) -> dict:
     """The row as written: the worker's answer, the case's identity, what ran beside it, sizes for a crash."""
-    from ..measurement import measure
+    from ..measurement import one_case
 
     info = models.get(case.problem.model_key)
     size = {} if info is None else {"O": info.o, "P": info.p, "fp_flops": info.fp_flops}
-    full = {**size, **row, **measure.case_fields(case)}
+    full = {**size, **row, **one_case.case_fields(case)}
     if fut.started_at is not None and fut.finished_at is not None:
         # the whole case (set-up, checks and timing), not its worker's start-up
         full["case_wall_s"] = fut.finished_at - fut.started_at - (row.get("worker_startup_s") or 0.0)

@@ -96,7 +96,7 @@ def _warm_up() -> None:
     from ntk_bench import implementations
     from ntk_bench.implementations.core import costs
 
-    from ..measurement.measure import time_blocks
+    from ..measurement.timers import time_blocks
 
     for name in implementations.names(None):
         try:
@@ -123,7 +123,7 @@ def main() -> None:
 
     from ..measurement import sysinfo
     from .executors.base import run_job
-    from ..measurement.measure import code_sha1
+    from ..measurement.environment import code_sha1
     from ..store.rundir import dumps
 
     if pinned["threads"]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..store import safefs
-from ..store.rundir import latest_rows, read_results
+from ..store.rundir import latest_rows, read_rows
 
 
 def _fit(flops: np.ndarray, t: np.ndarray) -> tuple[float, float]:
@@ -32,13 +32,13 @@ def calibrate(run_dirs: list[Path], out: Path) -> dict:
     out = Path(out)
     existing = read_calibration(out) if out.exists() else {}  # checked before the fit: one line, no traceback
     # each run's last row of a case (a case run again by --retry-failed counts once)
-    rows = [r for d in run_dirs for r in latest_rows(read_results(Path(d) / "results.jsonl")[1]).values()]
+    rows = [r for d in run_dirs for r in latest_rows(read_rows(Path(d) / "results.jsonl")).values()]
     fitted: dict[str, dict] = {}
     groups: dict[tuple[str, str], list] = {}
     for r in rows:
-        if r.get("status") == "ok" and r.get("est_flops") is not None and r.get("time_median_s"):
-            device = "cuda" if str(r["device"]).startswith("cuda") else "cpu"
-            groups.setdefault((device, r["impl"]), []).append((r["est_flops"], r["time_median_s"]))
+        if r.status == "ok" and r.est_flops is not None and r.time_median_s:
+            device = "cuda" if r.device.startswith("cuda") else "cpu"
+            groups.setdefault((device, r.impl), []).append((r.est_flops, r.time_median_s))
     for (device, impl), pts in sorted(groups.items()):
         if len(pts) < 3:
             continue

@@ -43,6 +43,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..store.row import FORMAT_VERSION, check_header, check_row
+
 CLOCKS = ("cpu", "wall")
 _WORSE = {"ok": 0, "unsupported": 1, "mismatch": 2, "oom": 3, "error": 4}
 
@@ -84,12 +86,12 @@ def prepare(case, budget_s: float, n_blocks: int, check: bool = True):
 
     from ntk_bench import implementations
 
-    from . import measure
+    from . import failures, one_case, problem_build
 
-    row = {**measure.case_fields(case), "cpu_threads": torch.get_num_threads(),
+    row = {**one_case.case_fields(case), "cpu_threads": torch.get_num_threads(),
            "memory_budget_bytes": case.memory_budget_bytes}
     try:
-        arch, model, x1, x2 = measure.build_problem(case.problem, measure.DTYPES[case.dtype], case.device)
+        arch, model, x1, x2 = problem_build.build_problem(case.problem, problem_build.DTYPES[case.dtype], case.device)
         row.update(O=arch.num_outputs, P=arch.num_parameters)
         plugin = implementations.get(case.impl)
         reason = plugin.supports(model)
@@ -110,11 +112,11 @@ def prepare(case, budget_s: float, n_blocks: int, check: bool = True):
         if case.impl == "auto":
             row["auto_pick"] = implementations.get("auto").last_choice[0]
         if check:
-            _, ref_model, r1, r2 = measure.build_problem(case.problem, torch.float64, "cpu")
+            _, ref_model, r1, r2 = problem_build.build_problem(case.problem, torch.float64, "cpu")
             ref = implementations.get("jacobian_contraction").compute(ref_model, r1, r2, mode=case.mode)
-            row["rel_err"] = measure.agreement(kernel, ref)[0]
+            row["rel_err"] = one_case.agreement(kernel, ref)[0]
             row["reference"] = "harness:jacobian_contraction:float64:cpu"
-            row["status"] = "ok" if row["rel_err"] <= measure.TOLERANCE[case.dtype] else "mismatch"
+            row["status"] = "ok" if row["rel_err"] <= one_case.TOLERANCE[case.dtype] else "mismatch"
         else:
             row["status"] = "ok"
         t0 = time.perf_counter()
@@ -124,7 +126,7 @@ def prepare(case, budget_s: float, n_blocks: int, check: bool = True):
         if case.impl == "auto":
             row["auto_pick"] = implementations.get("auto").last_choice[0]
     except Exception as exc:  # the case failed: a row with the reason, the gate sees ok → error
-        return {**row, "status": measure._status_of(exc), "error": f"{type(exc).__name__}: {exc}"[:500]}
+        return {**row, "status": failures.status_of(exc), "error": f"{type(exc).__name__}: {exc}"[:500]}
     number = max(1, round(budget_s / n_blocks / max(one, 1e-6)))
     return Prepared(case, row, call, number, kernel)
 
@@ -244,7 +246,7 @@ def main(argv=None) -> int:
 
     from ntk_bench import implementations
 
-    from . import measure
+    from . import environment
     from .. import sweeps
 
     torch.set_num_threads(args.threads)
@@ -293,14 +295,15 @@ def main(argv=None) -> int:
         parts.append(json.loads(part.read_text()))
         part.unlink()
     rows = merge(parts, cases, timer_name)
-    header = {**measure.environment(), "sweep": spec.get("name", "regression"), "cases": len(cases),
+    header = {"format_version": FORMAT_VERSION, **environment.environment(), "sweep": spec.get("name", "regression"),
+              "cases": len(cases),
               "timer": timer_name, "processes": args.processes, "rounds": rounds,
               "blocks_per_round": args.blocks, "torch_threads": args.threads, "plugins": args.plugin,
               "load_average": [load_before, _load()]}
     with open(path, "w") as f:
-        f.write(json.dumps({"header": header}) + "\n")
+        f.write(json.dumps({"header": check_header(header)}) + "\n")
         for case in cases:
-            f.write(json.dumps({k: _finite(v) for k, v in rows[case.id].items()}, allow_nan=False) + "\n")
+            f.write(json.dumps({k: _finite(v) for k, v in check_row(rows[case.id]).items()}, allow_nan=False) + "\n")
     statuses: dict[str, int] = {}
     for r in rows.values():
         statuses[r["status"]] = statuses.get(r["status"], 0) + 1

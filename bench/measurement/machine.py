@@ -48,18 +48,42 @@ def load_average() -> float | None:
         return None
 
 
-def load_factor(threads: int | None = None) -> tuple[float, float | None, int]:
+def load_factor(threads: int | None = None, load: float | None = None, n_cores: int | None = None,
+                one_thread_share: float | None = None) -> tuple[float, float | None, int]:
     """(how much slower than on an idle machine CPU-bound work of ``threads`` threads should run now, the load
-    average, the cores this process may use): with the cores shared fairly among the load and our threads, a
-    thread gets cores / (load + threads) of one, and no more than one."""
+    average, the cores this process may use); ``load`` and ``n_cores`` default to the machine's now.
+
+    One thread (``--clock cpu``) runs ``1 / one_thread_share`` slower, the share of a core a busy thread was
+    measured to get (:func:`one_thread_share`): the load average overstates what one thread loses where the
+    scheduler shares the cores between sessions rather than between threads (Linux's autogroups), so the share
+    is measured, not derived. Several threads wait for each other when any of them is off its core: for them,
+    with the cores shared fairly among the load and our threads, a thread gets cores / (load + threads) of one,
+    and no more than one. Without a load average or a measured share: 1."""
     owned = cores()
-    n = len(owned) if owned else (os.cpu_count() or 1)
+    n = n_cores or (len(owned) if owned else (os.cpu_count() or 1))
     threads = threads or default_threads()
-    load = load_average()
+    load = load_average() if load is None else load
+    if threads == 1 and one_thread_share is not None and one_thread_share > 0:
+        return max(1.0, 1.0 / min(1.0, one_thread_share)), load, n
     if load is None:
         return 1.0, None, n
     share = min(1.0, n / (load + threads))
     return max(1.0, min(threads, n) / (threads * share)), load, n
+
+
+def one_thread_share(probe_s: float = 0.5) -> float | None:
+    """The share of a core one busy thread of this process gets now: its CPU time over the wall time of a
+    ``probe_s``-second busy loop (1.0 on an idle machine; None where the system has no process CPU clock)."""
+    try:
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+    except OSError:
+        return None
+    x = 0
+    while time.perf_counter() - wall0 < probe_s:
+        for i in range(2000):  # pure-Python busy work: it holds the GIL, so one thread of this process runs
+            x += i
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    return min(1.0, cpu / wall) if wall > 0 and cpu > 0 else None
 
 
 class Usage:

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import statistics
 import time
 from pathlib import Path
 
+from ..store.row import RowError, check_paired
 from ..sweeps import Case
 
 PAIRED = "paired.jsonl"
@@ -121,9 +123,11 @@ def fmt_ratio(band: tuple[float, float, float] | None) -> str:
 
 def read_records(run_dir: Path) -> dict[str, dict]:
     """paired id -> its last record in ``run_dir/paired.jsonl`` ({} when there is none; unreadable lines
-    skipped)."""
+    skipped). A record that does not match :class:`~ntk_bench.bench.store.row.PairedRecord` is kept (the
+    summary reads what it can of it) with one warning for the file."""
     path = Path(run_dir) / PAIRED
     out: dict[str, dict] = {}
+    off_schema = []
     try:
         data = path.read_bytes()
     except OSError:
@@ -136,7 +140,14 @@ def read_records(run_dir: Path) -> dict[str, dict]:
         except (UnicodeDecodeError, ValueError):
             continue
         if isinstance(obj, dict) and isinstance(obj.get("paired_id"), str):
+            try:
+                check_paired(obj)
+            except RowError as exc:
+                off_schema.append(str(exc))
             out[obj["paired_id"]] = obj
+    if off_schema:
+        logging.getLogger("ntk_bench").warning("%s: %d record(s) do not match the paired record's schema: %s", path,
+                                               len(off_schema), "; ".join(off_schema[:2]))
     return out
 
 
@@ -183,7 +194,7 @@ def run_paired(group: PairedGroup, run_dir: Path) -> dict:
     plugin's failure: it is left out, with its error)."""
     import torch
 
-    from . import machine, measure, timing
+    from . import failures, machine, one_case, problem_build, timing
 
     first = group.first
     p = first.problem
@@ -194,19 +205,19 @@ def run_paired(group: PairedGroup, run_dir: Path) -> dict:
               "case_ids": {c.impl: c.id for c in group.cases}, "budget_s": group.budget_s}
     t_start = time.perf_counter()
     try:
-        _, model, x1, x2 = measure.build_problem(p, measure.DTYPES[first.dtype], first.device)
+        _, model, x1, x2 = problem_build.build_problem(p, problem_build.DTYPES[first.dtype], first.device)
     except Exception as exc:  # the problem cannot be set up here: a record that says so
-        return {**record, "status": measure.status_of(exc), "error": measure._error_text(exc)}
+        return {**record, "status": failures.status_of(exc), "error": failures.error_text(exc)}
     calls, errors = {}, {}
     sync = torch.cuda.synchronize if first.device.startswith("cuda") else None
     with timing.threads_for(first.clock) as threads:
         for case in group.cases:
             try:
-                fn, _ = measure._kernel_fn(case, model, x1, x2, case.memory_budget_bytes)
+                fn, _ = one_case.kernel_fn(case, model, x1, x2, case.memory_budget_bytes)
                 fn()  # set-up and compilation are the isolated run's first call, not the rounds'
                 calls[case.impl] = fn
             except Exception as exc:  # it ran in its own case; here it is left out: say why, go on
-                errors[case.impl] = measure._error_text(exc)[:300]
+                errors[case.impl] = failures.error_text(exc)[:300]
         if len(calls) < 2:
             return {**record, "status": "error", "errors": errors,
                     "error": "fewer than two plugins could be called side by side"}
@@ -215,10 +226,10 @@ def run_paired(group: PairedGroup, run_dir: Path) -> dict:
                 times, number = time_rounds(calls, group.budget_s, timing.clock_for(first.clock, first.device),
                                             sync=sync)
         except Exception as exc:  # one of them failed mid-rounds (memory beside the others): the record says so
-            return {**record, "status": measure.status_of(exc), "errors": errors,
-                    "error": measure._error_text(exc)}
+            return {**record, "status": failures.status_of(exc), "errors": errors,
+                    "error": failures.error_text(exc)}
     record.update(status="ok", impls=list(times), rounds=len(next(iter(times.values()))), number=number,
                   times_s=times, median_s={k: statistics.median(v) for k, v in times.items()}, errors=errors,
                   wall_s=time.perf_counter() - t_start)
     record.update(machine.fields(usage, threads, first.device))
-    return record
+    return check_paired(record)

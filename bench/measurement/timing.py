@@ -38,7 +38,7 @@ def threads_for(name: str):
 
 
 def time_blocks(fn, budget_s: float, timer=time.process_time, sync=None):
-    """(median, IQR, calls, per-block times) of ``fn`` in seconds per call on ``timer``, as ``measure.time_blocks``:
+    """(median, IQR, calls, per-block times) of ``fn`` in seconds per call on ``timer``, as ``timers.time_blocks``:
     blocks sized so that at least 5 fit the budget, run until it is spent; a call longer than it timed 5 times."""
     def block(number):
         t0 = timer()
@@ -49,7 +49,7 @@ def time_blocks(fn, budget_s: float, timer=time.process_time, sync=None):
         return (timer() - t0) / number
 
     one = block(1)
-    min_repeats = 5  # as measure.time_blocks: compare's rank test needs 5 blocks a side
+    min_repeats = 5  # as timers.time_blocks: compare's rank test needs 5 blocks a side
     number = max(1, int(budget_s / min_repeats / max(one, 1e-9)))
     times = [one] if number == 1 else []
     deadline = time.perf_counter() + budget_s

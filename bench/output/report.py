@@ -27,7 +27,8 @@ from ..measurement.machine import disturbed_line
 from ..store import safefs
 from .plots import fmt_bytes as _fmt_bytes
 from .plots import fmt_time as _fmt_time
-from ..store.rundir import check_format, unwritable
+from ..store.rundir import entries, unwritable
+from ..store.row import row_problems
 
 COLUMNS = ["impl", "arch", "N", "M", "O", "P", "mode", "dtype", "device", "status", "time_median_s", "time_iqr_s",
            "peak_mem_bytes", "fp_flops", "predicted_jc_flops", "predicted_vp_flops", "rel_err", "reference", "error"]
@@ -53,45 +54,29 @@ class Run:
     unreadable: int = 0  # lines that are not a JSON object (a torn last line, a stray line)
     incomplete: int = 0  # rows without impl, arch or N: left out
     paired: dict = dataclasses.field(default_factory=dict)  # paired id -> its record (paired.jsonl)
+    off_schema: list[str] = dataclasses.field(default_factory=list)  # rows that do not match the row schema: why
 
     @property
     def header(self) -> dict:
         return self.headers[0] if self.headers else {}
 
 
-def _entries(path: Path):
-    """The lines of a results.jsonl as ("header", dict), ("row", dict) or ("unreadable", None), one at a time;
-    a header claiming a newer format is refused (``check_format``)."""
-    with open(path, "rb") as f:
-        for raw in f:
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError):
-                yield "unreadable", None
-                continue
-            if not isinstance(obj, dict):
-                yield "unreadable", None
-            elif "header" in obj:
-                header = obj["header"] if isinstance(obj["header"], dict) else {}
-                check_format(header, path)
-                yield "header", header
-            else:
-                yield "row", obj
-
-
-def _read(path: Path, add) -> tuple[list[dict], int]:
+def _read(path: Path, add, problems: list[str] | None = None) -> tuple[list[dict], int]:
     """(headers, unreadable lines) of a results.jsonl; ``add(row)`` for each row, with ``segment`` (the index of
-    its header)."""
+    its header). Rows come migrated to the current format; with ``problems``, each row that does not match the row
+    schema adds a line there (it is still added: a report shows every row it can)."""
     headers: list[dict] = []
     unreadable = 0
-    for what, obj in _entries(path):
+    for what, obj in entries(path):
         if what == "unreadable":
             unreadable += 1
         elif what == "header":
             headers.append(obj)
         else:
+            if problems is not None:
+                problem = row_problems(obj)
+                if problem is not None:
+                    problems.append(problem)
             add({**obj, "segment": max(len(headers) - 1, 0)})
     return headers, unreadable
 
@@ -138,11 +123,11 @@ class _Columns:
         return df
 
 
-def read_columns(path: Path) -> tuple[list[dict], pd.DataFrame, int]:
+def read_columns(path: Path, problems: list[str] | None = None) -> tuple[list[dict], pd.DataFrame, int]:
     """(headers, rows as a DataFrame of Python objects, unreadable lines) of a results.jsonl, read line by line
     (``read_run`` as one frame: a large run never holds its rows as dicts)."""
     cols = _Columns()
-    headers, unreadable = _read(_results_path(path), cols.add)
+    headers, unreadable = _read(_results_path(path), cols.add, problems)
     return headers, cols.frame(), unreadable
 
 
@@ -267,11 +252,12 @@ def frame(rows: list[dict] | pd.DataFrame) -> tuple[pd.DataFrame, int, int]:
 
 
 def load_run(run_dir: Path) -> Run:
-    headers, rows, unreadable = read_columns(run_dir)
+    off_schema: list[str] = []
+    headers, rows, unreadable = read_columns(run_dir, off_schema)
     df, duplicates, incomplete = frame(rows)
     run_dir = Path(run_dir)
     records = paired_rounds.read_records(run_dir if run_dir.is_dir() else run_dir.parent)
-    return Run(headers, df, duplicates, unreadable, incomplete, records)
+    return Run(headers, df, duplicates, unreadable, incomplete, records, off_schema)
 
 
 def load(run_dir: Path) -> tuple[dict, pd.DataFrame]:
@@ -293,9 +279,6 @@ def _impl_order(df: pd.DataFrame) -> list[str]:
             order = implementations.names() + implementations.names("peer")
         except Exception:  # a broken third-party entry point must not stop a report
             order = list(figs._OURS)
-    from ..sweeps import NT_PEERS
-
-    order += [p for p in NT_PEERS if p not in order]
     ours = [i for i in order if i in present and not figs.is_peer(i)]
     others = sorted(present - set(order))
     return ours + [i for i in others if not figs.is_peer(i)] + \
@@ -655,6 +638,9 @@ def summary(header: dict | Run, df: pd.DataFrame | None = None, plot_names=None)
                      "skipped.")
     if run.incomplete:
         notes.append(f"{run.incomplete} rows lack impl, arch or N and were left out.")
+    if run.off_schema:
+        notes.append(f"{len(run.off_schema)} rows do not match the row schema and are shown as they are (first: "
+                     f"{md_text(run.off_schema[0][:200])}).")
     lines += [f"- {n}" for n in notes] + ([""] if notes else [])
     if df.empty:
         lines += ["No result rows yet.", ""]

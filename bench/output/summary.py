@@ -11,6 +11,7 @@ timing blocks; and the cost model's fit, written to its own file (``cost_model.m
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -19,7 +20,14 @@ import pandas as pd
 from ..measurement import paired
 from . import plots as figs
 from .plots import fmt_bytes, fmt_time
-from ..sweeps import NT_PEERS
+
+@functools.lru_cache(maxsize=1)
+def _nt_peers() -> frozenset[str]:
+    """neural-tangents' own implementations: the registry's plugins tagged ``neural_tangents``."""
+    from ntk_bench import implementations
+
+    return frozenset(implementations.names(None, tag="neural_tangents"))
+
 
 CASE_KEYS = ["config", "O", "mode", "dtype", "device", "budget", "size"]
 GROUP_KEYS = CASE_KEYS[:-1]
@@ -95,7 +103,7 @@ def verdict(rec: dict, df_case: pd.DataFrame | None = None) -> dict | None:
     use = min(ours, key=med.get)
     others = [i for i in med if i not in (use, "auto")]
     nxt = min(others, key=med.get) if others else None
-    nts = [i for i in med if i in NT_PEERS]
+    nts = [i for i in med if i in _nt_peers()]
     nt = min(nts, key=med.get) if nts else None
     out = {"use": use, "next": nxt, "next_band": paired.ratio(rec, nxt, use) if nxt else None,
            "nt": nt, "nt_band": paired.ratio(rec, nt, use) if nt else None,

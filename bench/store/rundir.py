@@ -38,14 +38,15 @@ from pathlib import Path
 
 from . import safefs
 from .safefs import UnsafeFileError, write_atomic  # noqa: F401 - write_atomic: its old home
+from .row import FORMAT_VERSION, Row, migrate, row_problems, split_unknown
 
 log = logging.getLogger("ntk_bench.runner")
 
 RESULTS = "results.jsonl"
 LOCK = ".ntk-bench.lock"
-# The layout of results.jsonl, written in every header (``format_version``); a header without one is format 1.
-# A file of a later format is refused, never extended or reported as if it were this one.
-FORMAT_VERSION = 1
+# The layout of results.jsonl (``FORMAT_VERSION``, from the row schema) is written in every header
+# (``format_version``); a header without one is format 1. A file of a later format is refused, never extended or
+# reported as if it were this one; rows of an earlier one are migrated as they are read (``row.migrate``).
 
 
 class RunDirError(RuntimeError):
@@ -84,48 +85,84 @@ def check_format(header: dict, path: str | Path) -> None:
                           f"one reads formats up to {FORMAT_VERSION}: upgrade ntk-bench, or use another --out")
 
 
+def entries(path: str | Path):
+    """The lines of a results file, one at a time: ``("header", header)``, ``("row", row)`` or
+    ``("unreadable", why)``. Rows come migrated from their segment's format to the current one (a header of a later
+    format is refused: ``check_format``); they are not validated here (``read_rows`` does, the report counts)."""
+    version = 1
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f):
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield "unreadable", f"line {i + 1}: not UTF-8"
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError:
+                yield "unreadable", f"line {i + 1}: " + ("torn (the runner was killed while writing it)"
+                                                         if not raw.endswith(b"\n") else "not JSON")
+                continue
+            if not isinstance(obj, dict):
+                yield "unreadable", f"line {i + 1}: a JSON {type(obj).__name__}, not an object"
+            elif "header" in obj:
+                if not isinstance(obj["header"], dict):
+                    yield "unreadable", f"line {i + 1}: a header that is not an object"
+                    continue
+                check_format(obj["header"], path)
+                version = obj["header"].get("format_version", 1)
+                yield "header", obj["header"]
+            else:
+                yield "row", migrate(obj, version)
+
+
 def read_segments(path: str | Path, warn: bool = True) -> list[tuple[dict, list[dict]]]:
-    """[(header, rows), ...] of a results file, one per segment; unreadable lines skipped (with a warning).
+    """[(header, rows), ...] of a results file, one per segment, rows migrated to the current format; unreadable
+    lines skipped (with a warning), and keys the row schema does not declare kept (with a warning naming them).
 
     RunDirError for a path that is not a file (a directory, a FIFO) or a header of a later format."""
     if not Path(path).is_file():
         raise RunDirError(f"{path} is not a regular file" if Path(path).exists() else f"{path} does not exist")
-    data = Path(path).read_bytes()
-    lines = data.split(b"\n")
-    torn = lines[-1] != b""  # the last line has no newline: the runner died mid-write
     segments: list[tuple[dict, list[dict]]] = []
     skipped = []
-    for i, raw in enumerate(lines):
-        if not raw.strip():
-            continue
-        last = i == len(lines) - 1
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            skipped.append(f"line {i + 1}: not UTF-8")
-            continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError:
-            skipped.append(f"line {i + 1}: " + ("torn (the runner was killed while writing it)" if last and torn
-                                                else "not JSON"))
-            continue
-        if not isinstance(obj, dict):
-            skipped.append(f"line {i + 1}: a JSON {type(obj).__name__}, not an object")
-            continue
-        if "header" in obj and isinstance(obj["header"], dict):
-            check_format(obj["header"], path)
-            segments.append((obj["header"], []))
-        elif "case_id" in obj:
+    unknown: set[str] = set()
+    for what, obj in entries(path):
+        if what == "header":
+            segments.append((obj, []))
+        elif what == "row" and "case_id" in obj:
             if not segments:
                 segments.append(({}, []))
             segments[-1][1].append(obj)
+            unknown.update(split_unknown(obj)[1])
         else:
-            skipped.append(f"line {i + 1}: neither a header nor a row")
+            skipped.append(obj if what == "unreadable" else "a line that is neither a header nor a row")
     if skipped and warn:
         log.warning("%s: skipped %d unreadable line(s): %s", path, len(skipped), "; ".join(skipped[:5])
                     + ("; ..." if len(skipped) > 5 else ""))
+    if unknown and warn:
+        log.warning("%s: rows carry keys this version of the row schema does not declare (kept): %s", path,
+                    ", ".join(sorted(unknown)))
     return segments
+
+
+def read_rows(path: str | Path, warn: bool = True) -> list[Row]:
+    """Every row of a results file (every segment, file order; the last row of a case wins: ``latest_rows``),
+    migrated from its segment's format and validated against :class:`Row`. A row that does not match the schema
+    is left out with a warning naming the first problems (the report, which must show every row, counts them)."""
+    rows, bad = [], []
+    for _, segment in read_segments(path, warn):
+        for r in segment:
+            problem = row_problems(r)
+            if problem is None:
+                rows.append(Row.model_validate(split_unknown(r)[0]))
+            else:
+                bad.append(problem)
+    if bad and warn:
+        log.warning("%s: left out %d row(s) that do not match the row schema: %s", path, len(bad),
+                    "; ".join(bad[:3]) + ("; ..." if len(bad) > 3 else ""))
+    return rows
 
 
 def read_results(path: str | Path, warn: bool = True) -> tuple[dict, list[dict]]:
@@ -140,11 +177,11 @@ def read_results(path: str | Path, warn: bool = True) -> tuple[dict, list[dict]]
     return header, [r for _, rows in segments for r in rows]
 
 
-def latest_rows(rows: list[dict]) -> dict[str, dict]:
-    """case id -> its last row."""
-    out: dict[str, dict] = {}
+def latest_rows(rows):
+    """case id -> its last row (dicts or :class:`Row`)."""
+    out = {}
     for r in rows:
-        out[r["case_id"]] = r
+        out[r.case_id if isinstance(r, Row) else r["case_id"]] = r
     return out
 
 

@@ -42,6 +42,11 @@ class NTKPlugin:
     # "ours" (an algorithm of this project, one auto may pick) or "peer" (another library's routine, run as its
     # authors run it, for comparison)
     kind: str = "ours"
+    # What the algorithm is, for choosing plugins by family rather than by name (a sweep's
+    # ``impls = ["ours", "-tag:loop"]``): ``loop`` (one backward pass per sample and output), ``vector_products``
+    # (NTK-vector products: N·M·O passes, no Jacobian), ``backpack`` (needs BackPACK), ``neural_tangents``
+    # (neural-tangents' own implementations, in JAX). The registry's ``names(tag=...)`` reads them.
+    tags: frozenset[str] = frozenset()
     # True where ``_kernel`` can be captured in a CUDA graph: no host syncs, no data-dependent shapes (cuda_graphs).
     capturable: bool = False
 

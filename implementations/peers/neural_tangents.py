@@ -36,6 +36,8 @@ class NeuralTangentsPeer(NTKPlugin):
     def __init__(self, implementation: str):
         self.implementation = implementation
         self.name = f"nt_{implementation}"
+        self.tags = frozenset({"neural_tangents"} | ({"vector_products"} if implementation == "ntk_vector_products"
+                                                     else set()))
 
     def supports(self, model: nn.Module) -> str | None:
         from ntk_bench import reference

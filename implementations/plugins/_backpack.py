@@ -71,6 +71,8 @@ _HOOK_WITHOUT_FORWARD_ERROR = "object has no attribute 'output'"
 class BackpackPlugin(NTKPlugin):
     """Per-sample Jacobians of the stacked batch [x1; x2] from a BackPACK extension, then J1 J2ᵀ."""
 
+    tags = frozenset({"backpack"})
+
     def _jacobians(self, net, x, params) -> list[torch.Tensor]:
         """One (N+M, O, P_i) block per parameter of the extended copy ``net``."""
         raise NotImplementedError

@@ -18,7 +18,8 @@ cudnn.benchmark spread over calls: the first call costs what the pick costs.
 When the pick declines the model at compute time (a structure only running
 reveals), the next-cheapest candidate runs, and ``last_choice`` says so; a
 declined pick is remembered for that model and input shapes.
-Cost: one forward pass on one sample to read the model, then the pick's own.
+Cost: one forward pass on one sample to read the model (reused for a model of the same structure and input
+shape: ``stats_by_structure``), then the pick's own.
 
 The constants are package data (``auto_calibration.json``); a file named by the
 environment variable ``NTK_BENCH_CALIBRATION`` (written by ``ntk-bench calibrate
@@ -27,11 +28,14 @@ RUN --out PATH``) overrides them, plugin by plugin.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import types
 import warnings
 import weakref
+from collections import OrderedDict
 from pathlib import Path
 from typing import Literal
 
@@ -136,6 +140,96 @@ def default_memory_budget(device: torch.device) -> int:
         return 8 << 30
 
 
+# model structure and input shape -> ModelStats, most recent last: a fresh instance of an architecture already
+# measured (a new model object per call, a copy, the same network rebuilt) skips the cost model's measuring forward.
+_STATS_BY_STRUCTURE: OrderedDict[tuple, object] = OrderedDict()
+STATS_BY_STRUCTURE_SIZE = 64
+_PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.Size)
+
+
+def _plain(value):
+    """``value`` as a hashable key part when it is plain data (numbers, strings; tuples, lists and string-keyed
+    dicts of them; a class, a module-level function or a partial of one); ``_UNKNOWN`` otherwise."""
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, (tuple, list)):
+        parts = tuple(_plain(v) for v in value)
+        return _UNKNOWN if any(v is _UNKNOWN for v in parts) else (type(value), parts)
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):  # a config (timm's default_cfg)
+        parts = tuple((k, _plain(v)) for k, v in sorted(value.items()))
+        return _UNKNOWN if any(v is _UNKNOWN for _, v in parts) else (dict, parts)
+    if isinstance(value, type):  # a class (a layer type to build from): the same class, the same code
+        return value
+    if isinstance(value, functools.partial):
+        parts = (_plain(value.func), _plain(value.args), _plain(value.keywords))
+        return _UNKNOWN if any(v is _UNKNOWN for v in parts) else (functools.partial, parts)
+    if isinstance(value, (types.FunctionType, types.BuiltinFunctionType)):
+        name = getattr(value, "__qualname__", "")
+        # a closure or lambda may capture anything: only a named module-level function is the same code everywhere
+        return (value.__module__, name) if name and "<" not in name else _UNKNOWN
+    return _UNKNOWN
+
+
+_UNKNOWN = object()
+
+
+def structure_key(model: torch.nn.Module) -> tuple | None:
+    """What the cost model's measuring forward depends on besides the input: every module's class, name, train/eval
+    flag and plain settings (stride, eps, a flag: its public attributes of plain data), and its parameters' and
+    buffers' shapes, dtypes and ``requires_grad``; None where that does not pin it down (a hook, an attribute
+    holding an object or a closure the key cannot compare), so that the model is measured itself."""
+    from torch.nn.modules import module as module_mod
+
+    if module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks:
+        return None
+    parts = []
+    stack = [("", model)]
+    while stack:
+        name, m = stack.pop()
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or getattr(m, "_backward_pre_hooks", None):
+            return None
+        attrs = []
+        for k, v in m.__dict__.items():
+            if k.startswith("_"):
+                continue
+            if isinstance(v, torch.Tensor):  # a plain tensor attribute: its shape matters, not its numbers
+                v = ("tensor", tuple(v.shape), v.dtype, v.device)
+            else:
+                v = _plain(v)
+                if v is _UNKNOWN:
+                    return None
+            attrs.append((k, v))
+        tensors = tuple((kind, k, tuple(t.shape), t.dtype, t.device, t.requires_grad)
+                        for kind, d in (("p", m._parameters), ("b", m._buffers)) for k, t in d.items() if t is not None)
+        parts.append((name, type(m), tuple(attrs), tensors, tuple(m._modules)))
+        stack.extend((f"{name}.{k}", c) for k, c in reversed(m._modules.items()) if c is not None)
+    return tuple(parts)
+
+
+def stats_by_structure(model: torch.nn.Module, x_single: torch.Tensor):
+    """``model_stats(model, x_single)``, reused for a model of the same structure (``structure_key``) and input
+    shape measured before: the stats are numbers read off the architecture, not the weights. A stale entry can
+    only mis-rank the candidates (each still checks the model it runs on), never change a kernel."""
+    try:
+        skey = structure_key(model)
+    except (AttributeError, TypeError, RuntimeError):  # a module the walk cannot read: measure it
+        skey = None
+    if skey is None:
+        return model_stats(model, x_single)
+    key = (skey, tuple(x_single.shape), x_single.dtype, x_single.device)
+    try:
+        stats = _STATS_BY_STRUCTURE[key]
+    except KeyError:
+        stats = _STATS_BY_STRUCTURE[key] = model_stats(model, x_single)
+        while len(_STATS_BY_STRUCTURE) > STATS_BY_STRUCTURE_SIZE:
+            _STATS_BY_STRUCTURE.popitem(last=False)
+    except TypeError:  # an unhashable part after all
+        return model_stats(model, x_single)
+    else:
+        _STATS_BY_STRUCTURE.move_to_end(key)
+    return stats
+
+
 class Auto(NTKPlugin):
     name = "auto"
 
@@ -154,7 +248,10 @@ class Auto(NTKPlugin):
         return self._calibration
 
     def supports(self, model):
-        if self._candidates(model):
+        from ntk_bench import implementations
+
+        # one supporting candidate is enough here (the ranking checks them all): stop at the first
+        if any(implementations.get(n).supports(model) is None for n in CANDIDATES):
             return None
         return "auto: no plugin supports this model"
 
@@ -272,7 +369,7 @@ class Auto(NTKPlugin):
 
     def _rank(self, model, x1, x2, mode, memory_budget_bytes):
         try:
-            stats = model_stats(model, x1[:1])
+            stats = stats_by_structure(model, x1[:1])
         except (RuntimeError, NotImplementedError) as exc:
             return self._unknown_cost(model, memory_budget_bytes, exc)
         n, m = x1.shape[0], (x1 if x2 is None else x2).shape[0]

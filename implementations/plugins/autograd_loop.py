@@ -30,6 +30,7 @@ def jacobians_by_autograd(model, x):
 
 class AutogradLoop(NTKPlugin):
     name = "autograd_loop"
+    tags = frozenset({"loop"})
 
     def estimate(self, stats, n, m, mode, symmetric):
         """Each of the N·O backward passes runs through the whole batch's graph."""

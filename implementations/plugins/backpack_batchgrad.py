@@ -10,10 +10,14 @@ works on a deep copy.
 
 from __future__ import annotations
 
+import functools
+
 from ._backpack import BackpackPlugin, backpack_problem
 from ..core.base import UnsupportedModelError
 
 
+@functools.cache  # the module types BackPACK has rules for do not change; building
+# the extension to read them costs more than the rest of ``supports``
 def _first_order_modules():
     from backpack.extensions import BatchGrad
 

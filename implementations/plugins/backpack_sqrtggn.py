@@ -11,6 +11,7 @@ is never extended: BackPACK works on a deep copy.
 
 from __future__ import annotations
 
+import functools
 import math
 
 from torch import nn
@@ -18,6 +19,8 @@ from torch import nn
 from ._backpack import BackpackPlugin, backpack_problem
 
 
+@functools.cache  # the module types BackPACK has rules for do not change; building
+# the extension to read them costs more than the rest of ``supports``
 def _second_order_modules():
     from backpack.extensions import SqrtGGNExact
 

@@ -31,6 +31,7 @@ from ..core.modelinfo import composite_attention, functional_single, per_sample
 
 class NTKVectorProducts(NTKPlugin):
     name = "ntk_vector_products"
+    tags = frozenset({"vector_products"})
 
     def __init__(self, memory_budget_bytes: int = 1 << 30):
         self.memory_budget_bytes = memory_budget_bytes

@@ -17,7 +17,8 @@ executor:
 Every job runs in a worker subprocess (``process.WorkerProcess``) that starts,
 signals ready, and is killed and replaced when a job crashes it or passes its
 timeout; what it runs is ``base.run_job``, the plain functions of
-``bench.measurement.measure``, so no executor touches the plugins, the cases or the report.
+``bench.measurement`` (``one_case.run_case``, ``references.ensure_reference``), so no executor touches the plugins,
+the cases or the report.
 """
 
 from __future__ import annotations

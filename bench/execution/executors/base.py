@@ -149,10 +149,10 @@ def run_job(wire: dict, run_dir: str | Path) -> dict:
     try:
         job = Job.from_wire(wire)
         _load_plugins(job.plugins)
-        from ...measurement import measure
+        from ...measurement import failures, one_case, references
 
         if job.kind == "reference":
-            return measure.ensure_reference(job.payload, Path(run_dir))
+            return references.ensure_reference(job.payload, Path(run_dir))
         if job.kind == "tile":
             from ..kernel_matrix import run_band
 
@@ -169,15 +169,15 @@ def run_job(wire: dict, run_dir: str | Path) -> dict:
         case = job.payload
         if gpu is not None and case.device.startswith("cuda"):
             case = dataclasses.replace(case, device="cuda:0")
-        row = measure.run_case(case, Path(run_dir))
+        row = one_case.run_case(case, Path(run_dir))
         if gpu is not None and case.device.startswith("cuda"):
             row["gpu"] = int(gpu)
         return row
     except Exception as exc:  # a job that could not even run (a plugin module that fails, a bad payload)
         last = traceback.format_exc().strip().splitlines()[-1]
-        from ...measurement import measure
+        from ...measurement import failures, one_case, references
 
-        return error_row(measure.status_of(exc), f"{type(exc).__name__}: {exc}"[:500], traceback_tail=last[:300])
+        return error_row(failures.status_of(exc), f"{type(exc).__name__}: {exc}"[:500], traceback_tail=last[:300])
 
 
 def host() -> str:

@@ -40,6 +40,9 @@ STARTUP_TIMEOUT_S = envcheck.startup_seconds_or_default()  # a bad value is refu
 # How long a worker that ended its answers (closed the pipe) may take to exit before it is killed: an exit after
 # the end of the output is immediate unless the process is stuck.
 EXIT_GRACE_S = 10.0
+# The row fields (``store.row.Row``) that come from the worker's ready message, and the message's keys they take.
+WORKER_FIELDS = {"cpu_affinity": "cpu_affinity", "worker_host": "host", "worker_threads": "threads",
+                 "worker_malloc": "malloc"}
 CRASH_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT}
 
 
@@ -186,9 +189,9 @@ class WorkerProcess:
             return error_row("error", f"the worker's answer was not JSON: {line[:200]!r}")
         if isinstance(self.ready, dict):
             row.setdefault("worker", self.label)
-            for key in ("cpu_affinity", "host", "threads", "malloc"):
+            for field, key in WORKER_FIELDS.items():
                 if key in self.ready:
-                    row.setdefault(f"worker_{key}" if key != "cpu_affinity" else key, self.ready[key])
+                    row.setdefault(field, self.ready[key])
         return row
 
     def _write(self, data: bytes, deadline: float) -> None:
