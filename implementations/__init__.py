@@ -115,7 +115,7 @@ def tags_of(name: str) -> frozenset[str]:
 
 def all_tags() -> list[str]:
     """Every tag some registered plugin carries, sorted."""
-    return sorted({t for n in names(None) for t in tags_of(n)})
+    return sorted({t for n in names(None, compiled=True) for t in tags_of(n)})
 
 
 def kind_of(name: str) -> str:

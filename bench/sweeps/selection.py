@@ -29,7 +29,7 @@ def select_plugins(selectors: list[str]) -> tuple[list[str], list[str]]:
             matched = kinds[key]
         elif key.startswith("tag:"):
             tag = key[4:]
-            matched = implementations.names(None, tag=tag)
+            matched = implementations.names(None, tag=tag, compiled=True)
             if not matched:
                 wrong.append(f"no plugin carries the tag {tag!r} ({selector!r}); tags: "
                              f"{', '.join(implementations.all_tags()) or 'none'}")

@@ -188,6 +188,7 @@ class CompiledPlugin(NTKPlugin):
         self.base = base
         self.name = f"{base.name}_compiled"
         self.kind = base.kind
+        self.tags = frozenset(getattr(base, "tags", ())) | {"compiled"}
 
     def supports(self, model):
         reason = self.base.supports(model)
