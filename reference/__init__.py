@@ -33,7 +33,7 @@ from .translate import UnsupportedOpError
 
 IMPLEMENTATIONS = ("jacobian_contraction", "ntk_vector_products", "structured_derivatives", "auto")
 # The forward check (and ntk(quick_compile=True)) compiles with XLA's backend optimisation off, where compiling
-# dominates (compiles 2-3x faster, runs 3-4x slower on the zoo's conv nets; README, "The reference").
+# dominates: it compiles several times faster and runs several times slower on the zoo's conv nets.
 # Timed peers compile with XLA's defaults.
 QUICK_COMPILE = {"xla_backend_optimization_level": 0}
 _MODES = {"full": ((), ()), "trace": ((-1,), ()), "diagonal": ((), (-1,))}
@@ -331,8 +331,8 @@ def ntk(model: torch.nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None
     ((N, M, O, O) / (N, M) / (N, M, O); a model returning (N,) has O = 1).
 
     Computed with ``trace_axes=(), diagonal_axes=()`` (the full kernel), then reduced to ``mode`` in torch.
-    ``quick_compile``: XLA's backend optimisation off, for small problems where compiling dominates (big
-    conv nets: 2-3x faster to compile, 3-4x slower to run). Raises UnsupportedOpError (with the reason) for a
+    ``quick_compile``: XLA's backend optimisation off, for small problems where compiling dominates (on big
+    conv nets it compiles several times faster and runs several times slower). Raises UnsupportedOpError (with the reason) for a
     model the translation cannot reproduce.
     """
     from ntk_bench.implementations.core.kernels import reduce_full

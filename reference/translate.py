@@ -367,6 +367,8 @@ class JaxFunction:
         self.layouts = {name: "(in, out)" for name in program.transposed}
 
     def __call__(self, params, x):
+        """The model's output (N, O) at ``params`` for the batch ``x``: a program exported for one sample
+        (``program.per_sample``, where the batched export failed) is vmapped over the batch."""
         if self.program.per_sample and x.shape[0] != 1:
             import jax
 

@@ -1,5 +1,8 @@
 """On a GPU: the symmetric 3-block kernel of the MLP at N=512 against the float64 CPU kernel built without the split."""
-import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import torch
 from ntk_bench import implementations
 from ntk_bench.implementations.core import kernels as base

@@ -21,6 +21,7 @@ PEERS = ["nt_jacobian_contraction", "nt_ntk_vector_products", "nt_structured_der
 
 
 def main() -> None:
+    """The command line: see the module docstring."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out")
     ap.add_argument("--rows", type=int, default=100_000)

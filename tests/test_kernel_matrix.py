@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,6 +84,9 @@ def test_equals_ntk_in_every_mode(tmp_path, factories, mode):
     before = [p.detach().clone() for p in model.parameters()]
     k = ntk_bench.kernel_matrix(model, x, mode=mode, out=tmp_path / "K.zarr", tile=9, progress=False,
                                 dtype="float64")
+    # the caller's model is left as found (weights and dtype), whatever the kernel's dtype
+    after = list(model.parameters())
+    assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(before, after, strict=True))
     ref = ntk_bench.ntk(model.double(), x.double(), mode=mode).numpy()
     got = np.asarray(k)
     assert got.shape == ref.shape

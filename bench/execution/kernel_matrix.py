@@ -26,8 +26,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import math
-import os
 import random
 import sys
 import time

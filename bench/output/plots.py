@@ -21,12 +21,15 @@ import pandas as pd
 
 @dataclasses.dataclass(frozen=True)
 class Style:
+    """How one plugin is drawn in every figure: its color and marker; a peer's lines are dashed and its markers open."""
+
     color: str
     marker: str
     peer: bool
 
     @property
     def linestyle(self) -> str:
+        """Dashed for a peer, solid for ours."""
         return "--" if self.peer else "-"
 
     def kwargs(self, hollow: bool = False) -> dict:
@@ -101,6 +104,8 @@ def style(name: str) -> Style:
 
 
 def fmt_time(s: float) -> str:
+    """Seconds in the unit that reads best (s, ms, µs, three significant digits); empty for None or a non-finite
+    value."""
     if s is None or not np.isfinite(s):
         return ""
     if s >= 1:
@@ -111,6 +116,7 @@ def fmt_time(s: float) -> str:
 
 
 def fmt_bytes(b: float) -> str:
+    """Bytes in the binary unit that reads best (GiB, MiB, KiB, B); empty for None or a non-finite value."""
     if b is None or not np.isfinite(b):
         return ""
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
@@ -163,6 +169,8 @@ def _slope(x: np.ndarray, y: np.ndarray) -> float | None:
 
 
 def slope(x, y) -> float | None:
+    """The log-log slope of y against x (how time or memory grows with N), from the finite positive points; None with
+    fewer than two distinct x."""
     return _slope(np.asarray(x, dtype=float), np.asarray(y, dtype=float))
 
 

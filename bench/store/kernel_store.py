@@ -34,6 +34,7 @@ class KernelFileError(ValueError):
 
 
 def kernel_shape(n: int, m: int, o: int, mode: str) -> tuple[int, ...]:
+    """The stored kernel's shape for N rows, M columns and O outputs in ``mode``: (N, M, O, O), (N, M) or (N, M, O)."""
     return {"full": (n, m, o, o), "trace": (n, m), "diagonal": (n, m, o)}[mode]
 
 
@@ -76,6 +77,7 @@ class KernelArray:
 
     @property
     def grid(self) -> tuple[int, int]:
+        """The number of tile rows and tile columns."""
         return math.ceil(self.shape[0] / self.tile), math.ceil(self.shape[1] / self.tile)
 
     def tiles(self) -> list[tuple[int, int]]:
@@ -84,6 +86,7 @@ class KernelArray:
         return [(i, j) for i in range(rows) for j in range(cols) if not self.symmetric or j >= i]
 
     def tile_slices(self, i: int, j: int) -> tuple[slice, slice]:
+        """The row and column ranges of tile (I, J) (the last tiles are ragged)."""
         b = self.tile
         return slice(i * b, min((i + 1) * b, self.shape[0])), slice(j * b, min((j + 1) * b, self.shape[1]))
 
@@ -91,13 +94,16 @@ class KernelArray:
         return self.path / "tiles" / f"{i}-{j}"
 
     def done(self, i: int, j: int) -> bool:
+        """Whether tile (I, J) was written completely (its record exists)."""
         return self._record(i, j).is_file()
 
     def missing(self) -> list[tuple[int, int]]:
+        """The tiles still to compute."""
         return [t for t in self.tiles() if not self.done(*t)]
 
     @property
     def complete(self) -> bool:
+        """Whether every tile is written."""
         return not self.missing()
 
     def write_tile(self, i: int, j: int, block) -> None:
@@ -115,10 +121,12 @@ class KernelArray:
         os.replace(tmp, record)
 
     def read_tile(self, i: int, j: int) -> np.ndarray:
+        """Tile (I, J) as stored (a tile not written reads as NaN)."""
         si, sj = self.tile_slices(i, j)
         return self._z[si, sj]
 
     def update_attrs(self, **values) -> None:
+        """Merge ``values`` (made JSON-able) into the kernel's attributes, on disk and in ``attrs``."""
         self._z.attrs.update(_jsonable(values))
         self.attrs = self._z.attrs.asdict()
 

@@ -1,9 +1,8 @@
 """A plugin's kernel replayed from a captured CUDA graph, where the call is bound by kernel launches.
 
-On a GPU a small kernel is bound by the host: on the 670k-parameter MLP at N=512 an H100 was busy 1.8-2.0 ms
-of a 2.8-3.3 ms call; the rest was the host issuing 40-50 operators (and autograd's backward) one by one.
-A CUDA graph records them once and replays them with one launch: 2.0 ms a call there (H100,
-``results/2026-11-23-gpu/graph_check.txt``).
+On a GPU a small kernel is bound by the host: the device idles while the host issues the call's tens of
+operators (and autograd's backward) one by one. A CUDA graph records them once and replays them with one launch
+(eager against replayed calls: ``results/2026-11-23-gpu/graph_check.txt``).
 
 ``NTKPlugin.compute`` routes a call here when the plugin sets ``capturable = True`` (its ``_kernel`` has no
 host syncs and no data-dependent shapes), the inputs are on a GPU, no memory budget is given and the plugin's
@@ -55,6 +54,8 @@ class CapturedKernel:
 
     @torch.no_grad()
     def __call__(self, *inputs) -> torch.Tensor:
+        """Copy ``inputs`` into the static buffers, replay the graph and return a copy of its output (the next replay
+        overwrites the graph's own)."""
         for static, x in zip(self.inputs, inputs):
             if static is not None:
                 static.copy_(x)
@@ -121,6 +122,8 @@ class GraphCache:
         self.captures = 0
 
     def applies(self, plugin, x1) -> bool:
+        """Whether a call may replay a graph at all: a capturable plugin, inputs on one of ``devices``, and
+        ``NTKBENCH_CUDA_GRAPHS`` not 0."""
         return (getattr(plugin, "capturable", False) and x1.device.type in self.devices
                 and os.environ.get("NTKBENCH_CUDA_GRAPHS", "1") != "0")
 

@@ -14,6 +14,7 @@ by ``id`` only while a call holds them (and so keeps them alive).
 from __future__ import annotations
 
 import threading
+from collections.abc import Collection
 
 from torch import nn
 
@@ -34,7 +35,7 @@ class model_claimed:  # (a class, not a generator: it runs on every call)
 
     def __init__(self, model: nn.Module):
         self.keys = {id(m) for m in submodules(model)}
-        self.taken: set[int] | list[int] = ()
+        self.taken: Collection[int] = ()
 
     def __enter__(self) -> None:
         keys, owners = self.keys, _OWNERS

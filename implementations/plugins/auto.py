@@ -129,7 +129,8 @@ def default_memory_budget(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         # Blocks PyTorch's caching allocator holds but no tensor uses are free to this process too: counting
-        # them out made auto block a 21 GB kernel after a 21 GB case on an 80 GB card (9.5 s instead of 0.13 s).
+        # them out made auto split a kernel that fits into blocks, many times slower, whenever the case before it had
+        # left that much memory cached.
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return int(0.8 * (free + cached))
     try:
@@ -231,6 +232,9 @@ def stats_by_structure(model: torch.nn.Module, x_single: torch.Tensor):
 
 
 class Auto(NTKPlugin):
+    """The plugin that picks another: the cheapest supporting plugin by the cost model's predicted time, with a timed
+    trial of the first calls where the prediction is close (see the module docstring)."""
+
     name = "auto"
 
     def __init__(self, calibration: dict | None = None):
@@ -243,11 +247,14 @@ class Auto(NTKPlugin):
 
     @property
     def calibration(self) -> dict:
+        """The cost model's constants per device type and plugin: the packaged ones, unless given to the constructor,
+        loaded on first use (``load_calibration``)."""
         if self._calibration is None:
             self._calibration = load_calibration()
         return self._calibration
 
     def supports(self, model):
+        """None when at least one other plugin supports ``model``, otherwise why auto cannot pick one."""
         from ntk_bench import implementations
 
         # one supporting candidate is enough here (the ranking checks them all): stop at the first

@@ -30,6 +30,9 @@ from ..core.modelinfo import composite_attention, functional_single, per_sample
 
 
 class NTKVectorProducts(NTKPlugin):
+    """Θ's rows by a vjp of one sample of x1 and a jvp of the whole x2, vmapped over lanes in chunks that fit
+    ``memory_budget_bytes`` (see the module docstring)."""
+
     name = "ntk_vector_products"
     tags = frozenset({"vector_products"})
 
@@ -42,6 +45,8 @@ class NTKVectorProducts(NTKPlugin):
         return 2 * (p + m * (activations + o)) * itemsize
 
     def with_budget(self, memory_budget_bytes):
+        """A copy whose lane chunks fit the smaller of its own budget and ``memory_budget_bytes`` (the engine's
+        budget for a call)."""
         return NTKVectorProducts(min(self.memory_budget_bytes, memory_budget_bytes))
 
     def estimate(self, stats, n, m, mode, symmetric):
