@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
+from ntk_bench import implementations
 from ntk_bench.bench.output import report
 from ntk_bench.bench.execution import runner
 from ntk_bench.bench import sweeps
@@ -26,7 +27,10 @@ def _smoke(impls):
 
 def test_full_sweep_covers_every_plugin_and_architecture_with_four_n_and_two_o():
     cases = sweeps.expand(sweeps.SWEEPS["full"])
-    assert {c.impl for c in cases} == set(sweeps.all_impls())
+    # every plugin "all" selects: the compiled variants only where a sweep names them (their first calls compile)
+    assert {c.impl for c in cases} == set(sweeps.select_plugins(["all"])[0])
+    assert set(sweeps.all_impls()) - set(sweeps.select_plugins(["all"])[0]) == {
+        n for n in implementations.names("ours", compiled=True) if n.endswith("_compiled")}
     assert {c.problem.arch for c in cases} == {"mlp", "tutorial_cnn", "cnn", "resnet_tiny"}
     for arch in ("mlp", "cnn", "resnet_tiny"):
         probs = {c.problem for c in cases if c.problem.arch == arch}
@@ -164,12 +168,12 @@ def test_a_run_records_every_case_with_checked_numbers(smoke_run):
     header, rows = runner.read_results(smoke_run / "results.jsonl")
     assert header["sweep"] == "smoke" and header["torch"] and "git_commit" in header
     assert len(header["code_sha1"]) == 12
-    assert len(rows) == len(sweeps.all_impls())
+    assert len(rows) == len(sweeps.select_plugins(["all"])[0])
     for r in rows:
         assert r["status"] == "ok", r
         assert r["time_median_s"] > 0 and r["peak_mem_bytes"] is not None
         assert len(r["time_blocks_s"]) >= 3 and min(r["time_blocks_s"]) <= r["time_median_s"] <= max(r["time_blocks_s"])
-        assert r["kind"] == sweeps.origin_of(r["impl"]) and r["kind"] in ("ours", "peer")
+        assert r["origin"] == sweeps.origin_of(r["impl"]) and r["origin"] in ("ours", "peer")
         assert r["concurrent"] == [] and r["executor"] == "local" and r["case_wall_s"] > 0
         assert r["rel_err"] <= 1e-4 and r["reference"].startswith(("neural_tangents", "harness"))
         assert r["predicted_jc_flops"] == 3 * r["O"] * r["fp_flops"] + 9 * r["O"] ** 2 * r["P"]
@@ -182,7 +186,7 @@ def test_a_run_records_every_case_with_checked_numbers(smoke_run):
     from ntk_bench.bench.measurement import paired
 
     (rec,) = paired.read_records(smoke_run).values()
-    assert set(rec["impls"]) == set(sweeps.all_impls()) and rec["worker"] == "worker"
+    assert set(rec["impls"]) == set(sweeps.select_plugins(["all"])[0]) and rec["worker"] == "worker"
     assert rec["rounds"] >= paired.MIN_ROUNDS and paired.ratio(rec, "auto", auto["auto_pick"]) is not None
 
 

@@ -53,7 +53,7 @@ def case_fields(case: Case) -> dict:
     """The columns of a result row that the case alone determines."""
     problem = case.problem
     fields = {
-        "case_id": case.id, "impl": case.impl, "kind": origin_of(case.impl), "arch": problem.arch,
+        "case_id": case.id, "impl": case.impl, "origin": origin_of(case.impl), "arch": problem.arch,
         "arch_params": json.dumps(dict(problem.arch_params), sort_keys=True),
         "N": problem.n, "M": problem.M, "x2": "x1" if problem.m is None else "separate",
         "mode": case.mode, "dtype": case.dtype, "device": case.device,

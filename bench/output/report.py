@@ -271,8 +271,8 @@ def load(run_dir: Path) -> tuple[dict, pd.DataFrame]:
 def _impl_order(df: pd.DataFrame) -> list[str]:
     """Ours in the registry's order, then peers, then anything else by name."""
     present = set(df["impl"])
-    if "kind" in df:  # the rows say which are peers (a row's kind is its plugin's origin)
-        figs.IS_PEER.update({i: k == "peer" for i, k in zip(df["impl"], df["kind"]) if k in ("peer", "ours")})
+    if "origin" in df:  # the rows say which are peers
+        figs.IS_PEER.update({i: k == "peer" for i, k in zip(df["impl"], df["origin"]) if k in ("peer", "ours")})
     order = list(figs._OURS)
     if "ntk_bench.implementations" in sys.modules:  # the registry's order, where it is loaded (never imported for
         try:                                        # a report: torch and the plugins take hundreds of MB)
