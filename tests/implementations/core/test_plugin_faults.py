@@ -74,7 +74,7 @@ def test_an_old_style_autograd_function_is_declined_by_name(plugin_name):
     torch.manual_seed(0)
     model = OldStyleFunctionNet().double().eval()
     with pytest.raises(implementations.UnsupportedModelError,
-                       match=rf"{plugin_name}: autograd.Function zoo_extra.OldStyleSquare has no setup_context"):
+                       match=rf"{plugin_name}: autograd.Function tests.helpers.zoo_extra.OldStyleSquare has no setup_context"):
         plugin.compute(model, torch.randn(3, 5, dtype=torch.float64))
 
 
