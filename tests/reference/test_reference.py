@@ -15,29 +15,11 @@ from torch import nn
 
 from tests.conftest import reference_full
 from ntk_bench.bench.measurement.problems import BY_ID, rel_err
+from ntk_bench.bench.measurement.bruteforce import ntk as brute_force_ntk
 
 pytestmark = pytest.mark.usefixtures("nt_available")
 
 ROOT = Path(__file__).resolve().parents[2]
-
-def brute_force_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None) -> torch.Tensor:
-    """Θ[n, m, a, b] from one ``torch.autograd.grad`` per (sample, output): no shared code with the reference."""
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def jacobian(x):
-        y = model(x)
-        y = y[:, None] if y.dim() == 1 else y
-        rows = []
-        for n in range(y.shape[0]):
-            for o in range(y.shape[1]):
-                grads = torch.autograd.grad(y[n, o], params, retain_graph=True, allow_unused=True)
-                rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
-                                       for g, p in zip(grads, params)]))
-        return torch.stack(rows).reshape(y.shape[0], y.shape[1], -1)
-
-    j1 = jacobian(x1)
-    j2 = j1 if x2 is None else jacobian(x2)
-    return torch.einsum("naf,mbf->nmab", j1, j2).detach()
 
 
 def test_translation_as_a_jax_function():

@@ -25,8 +25,8 @@ from ntk_bench.bench.zoo import architectures
 from ntk_bench.implementations.peers._peer import PeerPlugin, import_error
 from ntk_bench.implementations.core.base import UnsupportedModelError
 from ntk_bench.implementations.core.kernels import reduce_full
-from ntk_bench.implementations.core.modelinfo import trainable_parameters
 from ntk_bench.bench.measurement.problems import rel_err
+from ntk_bench.bench.measurement.bruteforce import ntk as brute_force
 
 PEERS = ("asdl", "nngeometry", "curvlinops", "laplace")
 TOL = 1e-10
@@ -93,24 +93,6 @@ EXPECTED_DECLINES = {
     ("curvlinops", "mlp_tied-module"): "registered under two names",
     ("laplace", "mlp_tied-module"): "registered under two names",
 }
-
-
-def brute_force(model, x1, x2):
-    """Θ in float64 from one autograd.grad per (sample, output): the slowest, plainest NTK."""
-    params = list(trainable_parameters(model).values())
-
-    def jacobian(x):
-        rows = []
-        for i in range(x.shape[0]):
-            y = model(x[i:i + 1])[0]
-            rows.append(torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(y[o], params,
-                                                                                          retain_graph=True)])
-                                     for o in range(y.shape[0])]))
-        return torch.stack(rows)
-
-    j1 = jacobian(x1)
-    j2 = j1 if x2 is None else jacobian(x2)
-    return torch.einsum("nap,mbp->nmab", j1, j2)
 
 
 @functools.lru_cache(maxsize=None)

@@ -17,31 +17,9 @@ from ntk_bench import implementations
 from ntk_bench.implementations import structured
 
 from ntk_bench.bench.measurement.problems import rel_err
+from ntk_bench.bench.measurement.bruteforce import ntk as brute_force_kernel
 
 D = torch.float64
-
-
-def brute_force_kernel(model, x1, x2=None, mode="full"):
-    """Θ from per-sample Jacobians, one ``torch.autograd.grad`` per (sample, output), each sample alone."""
-    params = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
-
-    def jacobian(x):
-        rows = []
-        for i in range(x.shape[0]):
-            with torch.enable_grad():
-                y = model(x[i:i + 1]).reshape(-1)
-                row = []
-                for o in range(y.shape[0]):
-                    got = torch.autograd.grad(y[o], params, retain_graph=True, allow_unused=True)
-                    row.append(torch.cat([(torch.zeros_like(p) if g is None else g.to_dense() if g.is_sparse else g)
-                                          .reshape(-1) for g, p in zip(got, params)]))
-            rows.append(torch.stack(row))
-        return torch.stack(rows)
-
-    j1 = jacobian(x1)
-    j2 = j1 if x2 is None else jacobian(x2)
-    full = torch.einsum("nap,mbp->nmab", j1, j2)
-    return {"full": full, "trace": torch.einsum("nmaa->nm", full), "diagonal": torch.einsum("nmaa->nma", full)}[mode]
 
 
 class Head(nn.Module):
