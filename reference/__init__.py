@@ -14,7 +14,8 @@ mixes the samples of a batch is refused, not silently mis-kernelled). Weights a 
   a peer (``implementations/peers/neural_tangents.py``);
 - ``ntk(model, x1, x2, mode, implementation)``: the float64 reference kernel, a torch tensor in the plugin shapes;
 - ``tolerance(model, example)``: what the reference is good to (1e-10; 100 eps of float32 for a float64 model that
-  casts to float32 inside, as T5's layer norm does: those casts are translated, not lifted to float64).
+  casts to float32 inside, as T5's layer norm does: those casts are translated, not lifted to float64);
+  ``forward_tolerance(model, example)``: the same read from torch's forward alone, for a kernel computed in torch.
 
 ``example`` is a batch like x1 (its per-sample shape and dtype; integer token ids work). JAX and
 neural-tangents are imported on first use, with TensorFlow's and XLA's start-up logging silenced.
@@ -213,6 +214,12 @@ def tolerance(model: torch.nn.Module, example: torch.Tensor) -> float:
     return prog.tolerance if prog.tolerance is not None else _precision(prog)
 
 
+def forward_tolerance(model: torch.nn.Module, example: torch.Tensor) -> float:
+    """What a float64 kernel of ``model`` computed in torch (a brute force, say) is good to, read from the dtypes
+    its float64 forward computes in (no JAX needed): 1e-10, or 100 eps of the lowest precision it casts to."""
+    return _torch_forward64(model, example)[1]
+
+
 def reduced_precision(model: torch.nn.Module, example: torch.Tensor) -> list[str]:
     """The float dtypes below float64 the model casts to (and its translation computes in); [] for none."""
     return sorted(_checked_program(model, example).reduced)
@@ -340,5 +347,5 @@ def ntk(model: torch.nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None
     return reduce_full(torch.from_numpy(np.array(out)), mode)
 
 
-__all__ = ["IMPLEMENTATIONS", "UnsupportedOpError", "available", "forward", "kernel_fn", "ntk", "reduced_precision",
-           "supports", "to_jax", "to_numpy", "tolerance"]
+__all__ = ["IMPLEMENTATIONS", "UnsupportedOpError", "available", "forward", "forward_tolerance", "kernel_fn", "ntk",
+           "reduced_precision", "supports", "to_jax", "to_numpy", "tolerance"]

@@ -51,8 +51,11 @@ def check_models(cases: list[Case]) -> dict[tuple, ModelInfo]:
                 stats = model_stats(arch.model, x)
             except Exception:  # the cost model cannot read every model; only predictions need it
                 pass
+            declined = _declined(arch.model, impls[key])
+            if stats is not None:
+                _read_while_alive(stats, impls[key] - declined)
             infos[key] = ModelInfo(arch.num_outputs, arch.num_parameters, getattr(stats, "fp_flops", None), stats,
-                                   _declined(arch.model, impls[key]))
+                                   declined)
         except (architectures.InputsError, architectures.TrainModeError) as exc:  # the inputs or the model's mode
             problems.append((key, f"{label}: {exc}"[:600]))
         except Exception as exc:  # anything the user's factory or the zoo raises: name it, go on checking
@@ -61,6 +64,20 @@ def check_models(cases: list[Case]) -> dict[tuple, ModelInfo]:
     if problems:
         raise SweepError([line for _, line in problems])
     return infos
+
+
+def _read_while_alive(stats, impls) -> None:
+    """Let the plugins that predictions may ask (``impls``, and auto's usual picks) read the model into ``stats``
+    now (``ModelStats.view``): the stats outlive the model, which they hold weakly."""
+    from ntk_bench import implementations
+
+    names = set(impls) | ({"structured", "explicit_mlp"} if "auto" in impls else set())
+    for name in sorted(names):
+        try:
+            if name in implementations.names(None) and implementations.kind_of(name) == "ours":
+                implementations.get(name).estimate(stats, 1, 1, "full", True)
+        except Exception:  # a plugin the cost model cannot cost on this model: its predictions say so later
+            continue
 
 
 def _declined(model, impls) -> frozenset:

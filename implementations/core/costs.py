@@ -1,25 +1,22 @@
-"""The cost model: what a model's layers look like, and what each algorithm costs on them.
+"""The cost model: what a model looks like to the plugins' estimates, and what each algorithm costs on it.
 
 ``model_stats(model, x_single)`` reads, from one forward pass on one sample (with gradients enabled, so that
 modules take the path the plugins' own forwards take), the parameter count P, the output width O, the FLOPs
-of a forward pass [FP] (torch's FlopCounterMode), the activation size, and one :class:`Layer` per call of a
-module with trainable parameters, classified as ``structured``'s rules see it: "linear" (over any leading
-dimensions: S positions, K inputs, C outputs), "conv" (ConvNd: S output positions, K = C_in/groups · kernel
-inputs per position and group, C outputs, ``groups``), "embedding" (S ids, K = the vocabulary, C = the
-embedding width), "norm" (eval BatchNorm, LayerNorm, GroupNorm, RMSNorm: S positions, C scaled channels) and
-"generic" (any other module with parameters, and parameters of modules that are not called, counted at the
-nearest called module above them: P of its parameters, ``flops`` of one forward of that module), "tap" (such
-parameters when each is read only by single operations with one output: S = their outputs' numbers), and
-"linear" again for those read only as ``F.linear``'s weight and bias (MultiheadAttention's projections).
-Plugins turn these into an :class:`Estimate` (FLOPs and peak bytes) for a block of N x M samples; blocking
-and ``auto`` decide from those estimates.
+of a forward pass [FP] (torch's FlopCounterMode; fused RNN ops counted from their shapes) in all and per module,
+the activation size, and the numbers and operators of the forward's memory-bound work. Plugins turn these into
+an :class:`Estimate` (FLOPs and peak bytes) for a block of N x M samples; blocking and ``auto`` decide from
+those estimates. A plugin that needs more of the model than these numbers (``structured``'s layers and their
+rules, ``explicit_mlp``'s Linear layers) reads it itself through :meth:`ModelStats.view`, once per stats: the cost
+model does not classify layers for any plugin.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import math
 import weakref
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,35 +28,62 @@ from .estimate import Estimate, contraction_flops, jacobian_bytes, kernel_numel 
 
 @dataclasses.dataclass(frozen=True)
 class Layer:
-    kind: str  # "linear" | "conv" | "embedding" | "norm" | "generic" | "tap"
-    s: int  # output positions per sample
-    k: int  # inputs per position and group (patch size; the vocabulary for an embedding)
-    c: int  # outputs per position, all groups (channels)
+    """One layer's geometry as a plugin's estimate reads it (per sample; what each number means for a given
+    ``kind`` is the describing plugin's, e.g. ``structured``'s rules).
+
+    ``kind``: the layer's kind in that plugin's terms; ``s``: output positions; ``k``: inputs per position and
+    group (the patch size; the vocabulary for an embedding); ``c``: outputs per position, all groups; ``bias``:
+    it has a trainable bias; ``is_output``: its output is the model's own; ``groups``; ``p``: the trainable
+    parameters it covers; ``flops``: one forward of the layer's module on one sample, where the estimate reruns
+    the module.
+    """
+
+    kind: str
+    s: int
+    k: int
+    c: int
     bias: bool
-    is_output: bool = False  # a Linear whose output is the model's: its G is the identity
+    is_output: bool = False
     groups: int = 1
-    p: int = 0  # trainable parameters of this layer (for "generic": those the module's vjp covers)
-    flops: int = 0  # "generic": one forward of the module on one sample
+    p: int = 0
+    flops: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelStats:
-    p: int  # trainable parameters
-    o: int  # outputs per sample
-    fp_flops: int  # one forward pass on one sample
-    activations: int  # numbers held by module outputs in one sample's forward pass
-    layers: tuple[Layer, ...]
+    """What the cost model read off a model on one sample.
+
+    ``p``: trainable parameters; ``o``: outputs per sample; ``fp_flops``: one forward pass on one sample;
+    ``activations``: numbers held by module outputs in that forward; ``itemsize``: bytes per number of the
+    kernel; ``traffic``: numbers written by the forward's operators (the memory-bound work FLOPs miss:
+    elementwise ops, norms, pooling, depthwise convs); ``ops``: those operators' count (each costs a dispatch,
+    forward and backward, whatever its size); ``module_flops``: per module name (``named_modules``' names, "" for
+    the model), FLOPs of one forward of that module on one sample, where the counter saw any. The model (weakly)
+    and the sample are kept for :meth:`view`.
+    """
+
+    p: int
+    o: int
+    fp_flops: int
+    activations: int
     itemsize: int
-    # Memory-bound work FLOPs miss: numbers written by the forward's operators (elementwise ops, norms, pooling,
-    # depthwise convs move far more numbers than they do FLOPs; FlopCounterMode counts none for most of them), and
-    # the number of those operators (each costs a dispatch, forward and backward, whatever its size).
     traffic: int = 0
     ops: int = 0
+    module_flops: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    sample: Any = dataclasses.field(default=None, compare=False, repr=False)
+    _model: Any = dataclasses.field(default=None, compare=False, repr=False)
+    _views: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
-    @property
-    def widths(self) -> int:
-        """Σ_l S_l·C_l: numbers per (sample, output) in the output gradients of all layers."""
-        return sum(layer.s * layer.c for layer in self.layers if layer.kind not in ("generic", "tap"))
+    def view(self, name: str, build: Callable[[Any, Any], Any]) -> Any:
+        """A plugin's own reading of the model, ``build(model, x_single)``, computed once per stats under
+        ``name`` (the model is None where it no longer exists, or the stats were unpickled)."""
+        if name not in self._views:
+            model = self._model() if self._model is not None else None
+            self._views[name] = build(model, self.sample)
+        return self._views[name]
+
+    def __getstate__(self):
+        return {**self.__dict__, "_model": None}  # (a weak reference does not pickle)
 
 
 class _Traffic(TorchDispatchMode):
@@ -88,120 +112,46 @@ def model_stats(model: nn.Module, x_single: torch.Tensor) -> ModelStats:
     return shape_keyed_cache(_STATS, model, key, lambda: _measure_stats(model, x_single))
 
 
-def _layer_record(module, kind, inputs, output, own):
-    """The Layer of one call of a module with a rule (None where the call is not in the layer's own layout)."""
-    bias = any(k == "bias" for k, _ in own)
-    p = sum(q.numel() for _, q in own)
-    if not isinstance(output, torch.Tensor) or not inputs or not isinstance(inputs[0], torch.Tensor):
-        return None
-    if kind == "conv":
-        d = len(module.kernel_size)
-        s = math.prod(output.shape[-d:])
-        k = module.in_channels // module.groups * math.prod(module.kernel_size)
-        return Layer("conv", s, k, module.out_channels, bias, groups=module.groups, p=p)
-    if kind == "linear":
-        return Layer("linear", output[0].numel() // module.out_features, module.in_features, module.out_features,
-                     bias, p=p)
-    if kind == "embedding":
-        return Layer("embedding", inputs[0][0].numel(), module.num_embeddings, module.embedding_dim, False, p=p)
-    if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
-        c = output.shape[1]
-    else:
-        c = math.prod(module.normalized_shape)
-    return Layer("norm", output[0].numel() // c, 1, c, bias, p=p)
+def measure(model: nn.Module, x_single: torch.Tensor, within: Callable = contextlib.nullcontext) -> ModelStats:
+    """The model's stats with its forward run inside ``within()`` (a plugin's own rewrites of the forward, whose
+    FLOPs and operators are what it will run); not cached (the plugin keeps them in its ``ModelStats.view``)."""
+    return _measure_stats(model, x_single, within)
 
 
-def _measure_stats(model: nn.Module, x_single: torch.Tensor) -> ModelStats:
+def _measure_stats(model: nn.Module, x_single: torch.Tensor, within: Callable = contextlib.nullcontext) -> ModelStats:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ..structured_rules import rule_kind
-
     named = list(model.named_modules(remove_duplicate=True))
-    names = {m: k for k, m in named}
-    parent = {}
-    for _, m in named:
-        for child in m._modules.values():
-            if child is not None and child not in parent:
-                parent[child] = m
-    records, outputs, activations, called, rnn_flops = [], [], [0], set(), {}
+    activations, rnn_flops = [0], {}
 
     def hook(module, inputs, output):
-        called.add(module)
         if isinstance(module, nn.RNNBase) and inputs and isinstance(inputs[0], torch.Tensor):
             rnn_flops[module] = _rnn_flops(module, inputs[0])
         if isinstance(output, torch.Tensor):
             activations[0] += output[0].numel()
-        own = [(k, q) for k, q in module._parameters.items() if q is not None and q.requires_grad]
-        if not own:
-            return
-        kind, _ = rule_kind(module)
-        layer = _layer_record(module, kind, inputs, output, own) if kind else None
-        records.append((module, layer))
-        outputs.append(output)
 
-    from ..structured_plan import _is_in_place, _ParamOps, linear_ops
-    from ..structured_rules import _functional_names
-
-    ops = _ParamOps({id(q) for q in model.parameters() if q.requires_grad})
     traffic = _Traffic()
     handles = [m.register_forward_hook(hook) for _, m in named]
-    try:  # (MultiheadAttention as structured records it: its projections as F.linear calls)
-        with torch.enable_grad(), _functional_names(), FlopCounterMode(display=False) as counter, ops, traffic:
+    try:
+        with torch.enable_grad(), FlopCounterMode(display=False) as counter, traffic, within():
             y = model(x_single)
     finally:
         for h in handles:
             h.remove()
     per_module = counter.get_flop_counts()
 
-    def counted(m):
-        return int(sum(per_module.get(type(model).__name__ + ("." + names[m] if names.get(m) else ""), {}).values()))
+    def counted(name):
+        return int(sum(per_module.get(type(model).__name__ + ("." + name if name else ""), {}).values()))
 
     # (FlopCounterMode has no formula for the fused RNN ops: their FLOPs from the shapes)
-    missed = sum(f for m, f in rnn_flops.items() if not counted(m))
-    total = int(counter.get_total_flops()) + missed
-
-    def module_flops(m):
-        return counted(m) or rnn_flops.get(m, 0) or total
-
-    layers, generic = [], {}
-    for (module, layer), z in zip(records, outputs):
-        if layer is not None:
-            layers.append(dataclasses.replace(layer, is_output=True) if z is y and layer.kind == "linear" else layer)
-        else:
-            generic.setdefault(module, 0)
-    ruled = {m for m, layer in records if layer is not None}
-    for m in names:  # parameters of modules without a rule, or not called: the nearest called module above
-        own = sum(q.numel() for q in m._parameters.values() if q is not None and q.requires_grad)
-        if own and m not in ruled:
-            host = m
-            while host not in called and host in parent:
-                host = parent[host]
-            generic[host] = generic.get(host, 0) + own
-    by_id = {id(q): q for q in model.parameters()}
-    for m, p in generic.items():
-        if not p:
-            continue
-        pids = {id(q) for k in names if _hosted(k, m, parent, called) for q in k._parameters.values()
-                if q is not None and q.requires_grad}
-        for w, (b, idx) in linear_ops(ops.ops, pids).items():  # structured's linear ops
-            weight = by_id[w]
-            own = weight.numel() + (by_id[b].numel() if b is not None else 0)
-            for i in idx:
-                layers.append(Layer("linear", math.prod(ops.ops[i][2][0][0]) // weight.shape[0], weight.shape[1],
-                                    weight.shape[0], b is not None, p=own))
-            pids -= {w, b}
-            p -= own
-        if not p:
-            continue
-        mine = [op for op in ops.ops if set(op[1]) & pids]
-        if mine and all(set(op[1]) <= pids and not _is_in_place(op[0]) and len(op[2]) == 1 and op[2][0] is not None
-                        and op[2][0][1] for op in mine):  # read only by single ops: structured's taps
-            layers.append(Layer("tap", sum(math.prod(op[2][0][0]) for op in mine), p, 1, False, p=p))
-        else:
-            layers.append(Layer("generic", 1, p, 1, False, p=p, flops=max(module_flops(m), 2 * p)))
+    names = {m: k for k, m in named}
+    missed = sum(f for m, f in rnn_flops.items() if not counted(names[m]))
+    module_flops = {k: counted(k) or rnn_flops.get(m, 0) for k, m in named}
     p = sum(q.numel() for q in model.parameters() if q.requires_grad)
     o = 1 if y.dim() == 1 else y.shape[-1]
-    return ModelStats(p, o, total, activations[0], tuple(layers), y.element_size(), traffic.elements, traffic.ops)  # the kernel's numbers (x_single may hold integer ids)
+    return ModelStats(p, o, int(counter.get_total_flops()) + missed, activations[0], y.element_size(),
+                      traffic.elements, traffic.ops, {k: f for k, f in module_flops.items() if f},
+                      x_single.detach().clone(), weakref.ref(model))  # (itemsize: the kernel's; x may hold ids)
 
 
 def _rnn_flops(module: nn.RNNBase, x: torch.Tensor) -> int:
@@ -218,9 +168,3 @@ def _rnn_flops(module: nn.RNNBase, x: torch.Tensor) -> int:
     return flops
 
 
-def _hosted(module, host, parent, called) -> bool:
-    """Whether ``module``'s own parameters are counted at ``host`` (itself if called, else the nearest called
-    module above it)."""
-    while module not in called and module in parent:
-        module = parent[module]
-    return module is host

@@ -68,6 +68,15 @@ def _layers(model):
     return out
 
 
+def _linear_shapes(model, x_single):
+    """(K, C, whether its output is the model's) of each Linear of an explicit_mlp model, in order; None where
+    the model is gone (the cost model's stats outlived it)."""
+    if model is None:
+        return None
+    layers = _layers(model)
+    return [(m.in_features, m.out_features, m is layers[-1]) for m in layers if isinstance(m, nn.Linear)]
+
+
 class ExplicitMLP(NTKPlugin):
     name = "explicit_mlp"
     capturable = True  # on a GPU, replayed from a CUDA graph (cuda_graphs)
@@ -94,10 +103,11 @@ class ExplicitMLP(NTKPlugin):
 
         side = n if symmetric else n + m
         oo = stats.o * stats.o if mode == "full" else stats.o
-        flops = sum(2 * n * m * layer.k + (n * m * stats.o if layer.is_output else
-                                           2 * n * m * oo * layer.c + 2 * side * stats.o * layer.c * layer.k)
-                    for layer in stats.layers)
-        peak = side * (stats.o * stats.widths + stats.activations) * stats.itemsize
+        layers = stats.view("explicit_mlp", _linear_shapes) or [(max(1, stats.p // max(1, stats.o)), stats.o, True)]
+        flops = sum(2 * n * m * k + (n * m * stats.o if is_output else
+                                     2 * n * m * oo * c + 2 * side * stats.o * c * k)
+                    for k, c, is_output in layers)
+        peak = side * (stats.o * sum(c for _, c, _ in layers) + stats.activations) * stats.itemsize
         return Estimate(flops + side * stats.fp_flops, peak + 2 * kernel_numel(n, m, stats.o, mode) * stats.itemsize)
 
     @staticmethod

@@ -4,14 +4,18 @@ plugins named by a file, a module, an entry point or a registered name."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import textwrap
 import xml.etree.ElementTree as ET
 
 import pytest
+import torch
 
 from ntk_bench import implementations
 from ntk_bench.bench import cli
+from ntk_bench.bench.measurement import correctness, problems
+from ntk_bench.implementations.plugins.jacobian_contraction import JacobianContraction
 
 # N != M and x2 = None, O > 1; the contract's cases run with every check
 PROBLEMS = "mlp-relu-O3-N4M3,mlp-relu-O3-x2None"
@@ -20,7 +24,7 @@ CONTRACT_CASES = 9 + 2  # problems.ILL_DEFINED, and the model left as found (wit
 BAD_PLUGINS = '''
 import torch
 
-from ntk_bench.bench import bruteforce
+from ntk_bench.bench.measurement import bruteforce
 from ntk_bench.implementations.core.base import NTKPlugin
 from ntk_bench.implementations.plugins.jacobian_contraction import JacobianContraction
 
@@ -221,5 +225,83 @@ def test_the_reference_is_neural_tangents_where_installed_and_recorded(tmp_path,
     assert code == 0, out
     assert "reference neural_tangents:structured_derivatives: 1 problem(s)" in out
     refs = [p.get("value") for case in ET.parse(junit).getroot().iter("testcase")
-            if "mlp-relu" in case.get("name") for p in case.iter("property")]
+            if "mlp-relu" in case.get("name") for p in case.iter("property") if p.get("name") == "reference"]
     assert refs == ["neural_tangents:structured_derivatives"] * 3
+
+
+class Float32Inside(torch.nn.Module):
+    """A float64 model whose middle computes in float32 on purpose (T5's RMS norm: its variance in float32)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = torch.nn.Linear(4, 6)
+        self.scale = torch.nn.Parameter(torch.ones(6))
+        self.head = torch.nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = self.inp(x)
+        variance = h.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        return self.head(self.scale * (h * torch.rsqrt(variance + 1e-6)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Float32InsideProblem(problems.Problem):
+    def model(self, dtype=torch.float64, device="cpu"):
+        torch.manual_seed(0)
+        return Float32Inside().to(dtype=dtype, device=device)
+
+    def inputs(self, dtype=torch.float64, device="cpu"):
+        g = torch.Generator().manual_seed(1)
+        return (torch.randn(3, 4, generator=g).to(dtype=dtype, device=device),
+                torch.randn(2, 4, generator=g).to(dtype=dtype, device=device))
+
+
+class OffBy(JacobianContraction):
+    """The right kernel times (1 + off)."""
+
+    def __init__(self, off):
+        super().__init__()
+        self.off = off
+        self.name = f"jc_off_by_{off:g}"
+
+    def _kernel(self, model, x1, x2, mode):
+        return (1 + self.off) * super()._kernel(model, x1, x2, mode)
+
+
+@pytest.mark.parametrize("use_nt", [True, False], ids=["neural-tangents", "harness"])
+def test_a_model_computing_in_float32_inside_is_checked_at_the_tolerance_its_cast_allows(use_nt, tmp_path):
+    """Methods round differently where the model casts to float32, so its float64 kernel is defined only to about
+    float32's precision: an exact plugin passes at the reference's stated tolerance (against neural-tangents it
+    would fail 1e-10),
+    one off by 4x that tolerance fails, and the tolerance used is in the messages, the summary and the JUnit."""
+    from ntk_bench import reference
+
+    if use_nt and reference.available():
+        pytest.skip(reference.available())
+    problem = Float32InsideProblem("float32-inside-O2-N3M2", "mlp", (), 3, 2)
+    references = correctness.References(use_neural_tangents=use_nt)
+    model, (x1, _) = problem.model(), problem.inputs()
+    allowed = reference.tolerance(model, x1) if use_nt else reference.forward_tolerance(model, x1)
+    assert allowed == pytest.approx(100 * torch.finfo(torch.float32).eps)
+
+    def run(plugin):
+        return [correctness.check_kernel(plugin, problem, mode, "float64", "cpu", references)
+                for mode in ("full", "trace", "diagonal")]
+
+    exact = run(JacobianContraction())
+    assert [r.status for r in exact] == ["passed"] * 3, [r.message for r in exact]
+    assert all(r.tolerance == allowed and f"tolerance {allowed:g}" in r.message for r in exact)
+    if use_nt:  # neural-tangents rounds in float32 where torch does, but not the same way
+        errors = [float(r.message.split()[2]) for r in exact]
+        assert max(errors) > problems.TOLERANCE[torch.float64]  # the fixed float64 tolerance would have failed it
+    summary = "\n".join(correctness.summary(exact, "jacobian_contraction"))
+    assert f"checked at tolerance {allowed:g} (the model computes in a lower precision inside" in summary
+    assert "float32-inside-O2-N3M2" in summary
+    junit = tmp_path / "check.xml"
+    correctness.write_junit(exact, junit)
+    tolerances = {p.get("value") for p in ET.parse(junit).getroot().iter("property") if p.get("name") == "tolerance"}
+    assert tolerances == {f"{allowed:g}"}
+
+    wrong = run(OffBy(4 * allowed))
+    assert [r.status for r in wrong] == ["failed"] * 3
+    assert all(f"> {allowed:g} (the model computes in a lower precision inside)" in r.message for r in wrong)

@@ -130,9 +130,12 @@ def test_cpu_convolution_backend_is_the_measured_faster_one():
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this build")
 def test_structured_leaves_the_onednn_flag_as_it_was_and_agrees_on_both_backends():
+    import importlib
+
     from ntk_bench.implementations.core import onednn
-    from ntk_bench.implementations import structured
     from ntk_bench.bench.measurement.problems import BY_ID
+
+    structured = importlib.import_module("ntk_bench.implementations.structured.plugin")  # (the module, not `plugin`)
 
     problem = BY_ID["cnn-O4-N2M3"]  # in float32: oneDNN has no float64 convolutions, and is not tried there
     model, (x1, x2) = problem.model(torch.float32), problem.inputs(torch.float32)
@@ -173,8 +176,8 @@ def test_layers_contracted_together_match_jacobian_contraction(layers, shape, mo
     ("resnet18", dict(image=16)), ("mobilenet_v3_small", dict(image=16)), ("vit_tiny", {}), ("text_transformer", {}),
     ("lstm", {}), ("mlp_tied", {}), ("conv_variants", dict(groups=4)), ("cnn_groupnorm", {})])
 def test_cost_model_knows_every_rule(name, params):
-    """model_stats gives one layer per rule the plan uses, covering every trainable parameter, and structured's
-    estimate grows with N and counts at least the kernel's bytes."""
+    """structured's cost view (its layers, from the plan on one sample) has one layer per rule the plan uses,
+    covering every trainable parameter, and its estimate grows with N and counts at least the kernel's bytes."""
     from ntk_bench.bench.zoo import architectures
     from ntk_bench.implementations.core.costs import kernel_numel, model_stats
 
@@ -183,9 +186,9 @@ def test_cost_model_knows_every_rule(name, params):
     stats = model_stats(arch.model, x[:1])
     plugin = implementations.get("structured")
     plan = plugin.plan(arch.model, x)
-    assert {layer.kind for layer in stats.layers} == {"linear" if e.kind == "linear_op" else e.kind
-                                                      for e in plan.entries}  # (linear ops cost as Linears)
-    covered = sum(layer.p for layer in stats.layers)
+    layers = plugin.layers(stats)
+    assert {layer.kind for _, layer in layers} == {e.kind for e in plan.entries}
+    covered = sum(layer.p for _, layer in layers)
     assert covered >= stats.p == sum(p.numel() for p in arch.model.parameters())
     small, large = plugin.estimate(stats, 2, 2, "full", False), plugin.estimate(stats, 8, 8, "full", False)
     assert 0 < small.flops < large.flops and small.bytes < large.bytes
@@ -224,3 +227,78 @@ def test_onednn_linear_is_f_linear():
     with torch.enable_grad():  # autograd: PyTorch's own linear
         xr = x.clone().requires_grad_()
         assert onednn.linear(xr, w, b).grad_fn is not None
+
+
+class _Tied(nn.Module):
+    """An embedding tied to the output head, on int64 ids."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(7, 4), nn.Linear(4, 7)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.embed(ids)).mean(1))
+
+
+class _Tagger(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.head = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+# name -> (model factory, per-sample input shape, int64 ids, the rules its plan takes)
+_AGREEMENT = {
+    "mlp": (lambda: nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3)), (5,), False, {"linear"}),
+    "cnn-batchnorm": (lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
+                                            nn.Linear(3 * 4 * 4, 2)).eval(), (2, 6, 6), False,
+                      {"conv", "norm", "linear"}),
+    "transformer-layer": (lambda: nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), nn.Flatten(),
+                                                nn.Linear(3 * 8, 2)).eval(), (3, 8), False,
+                          {"linear_op", "linear", "norm"}),
+    "rnn": (_Tagger, (5, 3), False, {"generic", "linear"}),
+    "tied": (_Tied, (4,), True, {"embedding", "linear"}),
+}
+
+
+@pytest.mark.parametrize("name", list(_AGREEMENT))
+def test_the_cost_model_and_the_plan_agree(name):
+    """The cost model's view of the layers (from one sample) is the plan's (from a batch): the same rules on the
+    same parameters, layer for layer, with the same geometry."""
+    from ntk_bench.implementations.core.costs import model_stats
+
+    make, shape, ids, kinds = _AGREEMENT[name]
+    torch.manual_seed(0)
+    model = make()
+    x = torch.randint(0, 7, (3, *shape)) if ids else torch.randn(3, *shape)
+    plugin = implementations.get("structured")
+    plan = plugin.plan(model, x)
+    view = plugin.layers(model_stats(model, x[:1]))
+
+    def geometry(rule, layer):
+        return rule.__name__, layer.kind, layer.s, layer.k, layer.c, layer.groups, layer.p, layer.is_output
+
+    from_plan = [geometry(type(e.rule), layer) for e in plan.entries for layer in e.rule.layers(e, lambda m: 0)]
+    assert [geometry(*v) for v in view] == from_plan
+    assert {kind for _, kind, *_ in from_plan} == kinds
+
+
+def test_the_cost_view_is_kept_with_the_stats_and_falls_back_once_the_model_is_gone():
+    """structured reads its layers into the stats once (the stats hold their model weakly): read while the model
+    lives, they stay; stats whose model is gone cost the whole model as one generic layer."""
+    import gc
+
+    from ntk_bench.implementations.core.costs import model_stats
+
+    plugin, x = implementations.get("structured"), torch.randn(1, 5)
+    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3))
+    stats = model_stats(model, x)
+    read = plugin.layers(stats)
+    other = model_stats(nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3)), x)
+    del model
+    gc.collect()
+    assert plugin.layers(stats) == read and [layer.kind for _, layer in read] == ["linear", "linear"]
+    assert [(layer.kind, layer.p) for _, layer in plugin.layers(other)] == [("generic", other.p)]

@@ -7,26 +7,29 @@ twice, on the batch and on the batch plus one sample, with every module's ``forw
   dimension whose size follows the batch: N, then N + 1);
 - which recorded tensors are changed in place later (``ReLU(inplace=True)``, ``out += identity``): those inputs
   are copied and those outputs cloned when recorded, so downstream in-place ops hit the copy;
-- where each trainable parameter is used. A parameter whose owners are all layers with a rule (Linear, ConvNd,
-  Embedding, eval BatchNorm, LayerNorm, GroupNorm, RMSNorm) called on batched inputs is covered by those
-  layers, once per call. Any other parameter (a module without a rule, a raw ``nn.Parameter`` used in a parent's
-  forward such as ViT's class token, a module never called through its forward such as MultiheadAttention's
-  ``out_proj``, a parametrization's originals) goes to the generic rule of the nearest module above all its
-  owners that is called on batched inputs: that module's per-sample vjp covers every use inside it.
+- where each trainable parameter is used. A parameter whose owners are all modules the rule table
+  (``table.rule_for``) gives a rule, each called on batched inputs in the layout its rule computes
+  (``Rule.batched``), is covered by those layers, once per call. Any other parameter (a module without a rule,
+  a raw ``nn.Parameter`` used in a parent's forward such as ViT's class token, a module never called through
+  its forward such as MultiheadAttention's ``out_proj``, a parametrization's originals) goes to the generic
+  rule of the nearest module above all its owners that is called on batched inputs: that module's per-sample
+  vjp covers every use inside it.
 
 Parameters of a generic module that it reads only as ``F.linear(x, weight, bias)`` on an input with a batch
-dimension (MultiheadAttention's projections: ``math_attention`` computes self-attention by
-``structured_rules._projected_mha``, whose two projections are such calls; the plan then compares the model's
-output with its own forward) become "linear ops": the Linear rule on each call's recorded input and output.
+dimension (MultiheadAttention's projections: ``rewrites.batchable`` computes self-attention by
+``rewrites.projected_mha``, whose two projections are such calls; the plan then compares the model's output with
+its own forward) become "linear ops": the Linear rule on each call's recorded input and output. The rest of a
+generic module's parameters, when each is read only by single torch functions with one batched output, become
+"taps".
 
 A parameter covered more than once (a module called twice, one tensor in two modules) is "shared": its
 per-use Jacobian blocks are summed before contracting, so the cross terms between uses are kept.
 
-The plan is then checked against autograd on the discovery batch: for every parameter, the per-sample
-Jacobians the rules give, summed over samples, must equal autograd's gradient of Σ_n f[n, o] (all O outputs at
-once). A parameter that fails (used in a way no hook sees: a parameter read in a parent's forward besides its
-module's call, a module called through ``forward`` of another) is moved to the generic rule of the whole model
-and checked again; a parameter that still fails makes the model unsupported, naming it.
+The plan is then checked against autograd on the discovery batch (``Structured._check``): for every parameter,
+Σ_{n,o} R[n,o]·J[n,o] with the rules' per-sample Jacobians J and random weights R must equal autograd's gradient
+of Σ_{n,o} R[n,o]·f[n,o]. A parameter that fails (used in a way no hook sees: a parameter read in a parent's
+forward besides its module's call, a module called through ``forward`` of another) is moved to the generic rule
+of the whole model and checked again; a parameter that still fails makes the model unsupported, naming it.
 
 Recording (every call) touches only the planned modules, and removes what it adds. A layer with a rule has its
 ``forward`` wrapped (an instance attribute): the wrapper sees the input after forward pre-hooks and the layer's
@@ -34,12 +37,16 @@ own output before any forward hook, so hooks that change the output are autograd
 A generic module is recorded around its whole call (a forward pre-hook run first, a forward hook run last), and
 its vjp runs the call again, hooks included: pre-hooks that compute a weight (old-style ``weight_norm``) count.
 Version counters of everything kept are checked after the forward; a change not planned for re-records.
+
+The plan is the only classifier of parameters: the cost model's view of the layers (``layer_costs``) is the plan
+discovered on one sample, each entry's rule turning its calls into cost records.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -47,44 +54,81 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from . import structured_rules
-from .core.base import UnsupportedModelError
-from .structured_rules import make_rule, math_attention, rule_kind
-
+from ..core.base import UnsupportedModelError
+from ..core.modelinfo import submodules
+from . import rewrites, table
+from .rules.base import CallShape, Rule, per_sample
+from .rules.generic import GenericRule
+from .rules.linear import LinearOpRule
+from .rules.taps import TapRule
 
 
 @dataclasses.dataclass
 class Entry:
-    """One planned module: its rule, the parameters it covers (slot -> parameter), and per call the batch
-    dimensions of its inputs and outputs."""
+    """One planned module (or, for linear ops and taps, the torch function calls reading some of its parameters)
+    and the rule that covers its parameters.
+
+    ``module``: the module; ``name``: its name in the model, for messages; ``rule``: the rule instance
+    (``Rule(module, slots)``); ``slots``: slot name -> the parameter it covers (names relative to the module; a
+    linear op's are "weight" and "bias"); ``calls``: how many uses one forward makes. Per call: ``in_dims`` and
+    ``out_dims``, per input and output leaf its batch dimension or None (a "forward"-level rule: one input and one
+    output; a linear op or a tap: no input dims, its op's one output); ``shapes``: the call's input and output
+    shapes per sample (``CallShape``), what the cost view reads. ``copy_in`` / ``clone_out``: a recorded input is
+    copied, an output cloned, because the forward changes them in place later. ``ops``: linear ops and taps, per
+    call, (the torch function, the slots it reads).
+    """
 
     module: nn.Module
     name: str
-    kind: str
-    rule: object
+    rule: Rule
     slots: dict
     calls: int
-    in_dims: list  # per call: per input leaf, its batch dimension or None
-    out_dims: list  # per call: per output leaf, its batch dimension or None
+    in_dims: list
+    out_dims: list
     copy_in: bool = False
     clone_out: bool = False
-    ops: list = dataclasses.field(default_factory=list)  # "tap": per call, (torch function, parameter slots read)
+    ops: list = dataclasses.field(default_factory=list)
+    shapes: list = dataclasses.field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        """The rule's name ("linear", "conv", "embedding", "norm", "linear_op", "tap", "generic", ...)."""
+        return self.rule.name
 
 
 @dataclasses.dataclass
 class Plan:
+    """Which rule covers which trainable parameter of a model, for inputs of one per-sample shape.
+
+    ``entries``: in module order, each entry's calls in call order (what ``record`` returns uses in);
+    ``shared``: ids of parameters covered by more than one use (their Jacobian blocks are summed before
+    contracting); ``names``: id(parameter) -> its name in the model; ``validated``: the check against autograd
+    passed; ``uncalled``: modules with parameters the discovery saw no call of (a call later means the forward
+    took another path: plan again); ``direct_softmax``: the model calls softmax / scaled_dot_product_attention
+    itself, ``attention``: it calls MultiheadAttention's function (which rewrites ``rewrites.batchable`` needs).
+    """
+
     entries: list
-    shared: set  # ids of parameters covered more than once
-    names: dict  # id(parameter) -> its name in the model
+    shared: set
+    names: dict
     validated: bool = False
-    uncalled: list = dataclasses.field(default_factory=list)  # modules with parameters the discovery saw no call of
-    direct_softmax: bool = True  # the model calls softmax / scaled_dot_product_attention itself (math_attention)
+    uncalled: list = dataclasses.field(default_factory=list)
+    direct_softmax: bool = True
+    attention: bool = True
 
 
 @dataclasses.dataclass
 class Use:
-    """One call of a planned module on one side: its inputs (leaves, treespec), output leaves, and the tensor it
-    returned to the model (a clone where the output is changed in place later)."""
+    """One call of a planned entry on one side (what a rule's ``side`` reads).
+
+    ``entry``, ``index``: the entry and which of its calls; ``leaves``, ``spec``: its inputs as pytree leaves
+    (detached; copies where ``copy_in``) and treespec ("forward" level: ``leaves[0]`` the layer's input; "op"
+    level: the op's argument leaves, parameters included); ``outs``: its output leaves (attached to the graph
+    until the side is made); ``returned``: what it gave back to the model (a clone where ``clone_out``);
+    ``func``, ``params``: "op" level, the torch function and which argument leaves are the parameters (slot ->
+    leaf index); ``version``: ``returned``'s version counter when it was returned (a later in-place change
+    means its G is not the identity).
+    """
 
     entry: Entry
     index: int
@@ -92,9 +136,9 @@ class Use:
     spec: object
     outs: list
     returned: object
-    func: object = None  # "tap": the torch function called, and which argument leaves are parameters (slot -> index)
+    func: object = None
     params: dict = dataclasses.field(default_factory=dict)
-    version: int = 0  # of ``returned`` when it was returned (a rule layer's)
+    version: int = 0
 
 
 def _leaf_info(leaves):
@@ -163,6 +207,7 @@ class _Observer:
         self.watch = []  # (module, level, "in"/"out", tensor, version)
         self.undo = []
         self.order = []  # (module, its output leaves), in the order the forward calls finish
+        self.returned = {m: [] for m in modules}  # per forward-level call: a weak reference to its first output
 
     def __enter__(self):
         for m in self.modules:
@@ -186,6 +231,7 @@ class _Observer:
             out = original(*args, **kwargs)
             outs = pytree.tree_leaves(out)
             self.fwd[module].append((_leaf_info(leaves), _leaf_info(outs)))
+            self.returned[module].append(weakref.ref(outs[0]) if outs and isinstance(outs[0], torch.Tensor) else None)
             self.order.append((module, [v.detach() if isinstance(v, torch.Tensor) else None for v in outs]))
             self._see(module, "fwd", "out", outs)
             return out
@@ -255,13 +301,18 @@ class _ParamOps(TorchFunctionMode):
 
 
 def _observe(model, x, modules):
+    """One forward of ``model`` on ``x`` observed: (the observer, the output, the in-place changes seen). The
+    rewrites' mode is entered last, so that the parameter ops' mode sees the ``F.linear`` calls of the
+    attention it rewrites; it counts what the model called (``direct_softmax``, ``attention``, ``projected``)."""
     param_ids = {id(p) for m in modules for p in m._parameters.values() if p is not None and p.requires_grad}
     ops = _ParamOps(param_ids)
-    with _Observer(modules) as obs, torch.enable_grad(), math_attention(direct=True) as batchable, ops:
+    with _Observer(modules) as obs, torch.enable_grad(), ops, rewrites.batchable(direct=True, attention=True) as mode:
         y = model(x)
     changed = obs.changed() | {("op", i) for i, v, version in ops.watch if v._version != version}
     obs.watch, obs.ops = [], ops.ops
-    obs.direct_softmax = batchable.hits > 0
+    obs.direct_softmax, obs.attention, obs.projected = mode.direct_hits > 0, mode.attention_calls > 0, mode.projected
+    obs.is_output = {m: [r is not None and r() is y for r in refs] for m, refs in obs.returned.items()}
+    obs.returned = None
     return obs, y, changed
 
 
@@ -299,34 +350,22 @@ def _first_mixing(obs_a, obs_b, n, names) -> str:
 
 def structure_key(model: nn.Module) -> tuple:
     """What a plan depends on besides the input: modules, their parameters (identity, trainable), modes, hooks."""
-    from .core.modelinfo import submodules
-
     return tuple((id(m), type(m), m.training, len(m._forward_pre_hooks), len(m._forward_hooks),
                   tuple((k, id(p), p.requires_grad) for k, p in m._parameters.items() if p is not None))
                  for m in submodules(model))
 
 
-def _rule_batched(kind, module, fwd_a, fwd_b, n):
-    """The batch dimensions (input, output) of every forward-level call of a rule layer, or None where a call is
-    not on a batch in the layer's own layout."""
+def _rule_batched(rule, module, fwd_a, fwd_b, n):
+    """The batch dimensions (input, output) of every forward-level call of a layer with a rule, or None where a call
+    is not on a batch in the layout the rule computes (``Rule.batched``)."""
     dims = []
     for (ina, outa), (inb, outb) in zip(fwd_a, fwd_b):
         din, dout = _dims(ina[:1], inb[:1], n), _dims(outa, outb, n)
         if not din or len(dout) != 1 or not isinstance(din[0], int) or not isinstance(dout[0], int):
             return None
-        dx, dz = din[0], dout[0]
-        rank = len(ina[0][0])
-        if kind == "conv" or isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
-            ok = dx == 0 and dz == 0 and rank >= 2
-        elif kind == "embedding":
-            ok = dx == dz
-        elif kind == "linear":
-            ok = dx == dz and dx < rank - 1
-        else:  # LayerNorm, RMSNorm: a leading dimension
-            ok = dx == dz and dx < rank - len(module.normalized_shape)
-        if not ok:
+        if not rule.batched(module, din[0], dout[0], len(ina[0][0])):
             return None
-        dims.append((dx, dz))
+        dims.append((din[0], dout[0]))
     return dims
 
 
@@ -365,9 +404,7 @@ def discover(model: nn.Module, x: torch.Tensor, force_root: frozenset = frozense
         bad = next(names[m] for m in modules if isinstance(m, torch.jit.ScriptModule))
         raise UnsupportedModelError(f"structured: {bad} is a TorchScript module; its calls cannot be recorded")
     n = x.shape[0]
-    projected = structured_rules.projected_mha_calls
     obs_a, y_a, changed = _observe(model, x, modules)
-    projected = structured_rules.projected_mha_calls != projected
     obs_b, y_b, _ = _observe(model, torch.cat([x, x[:1]]), modules)
     if isinstance(y_a, torch.Tensor) and isinstance(y_b, torch.Tensor) and y_b.shape[1:] == y_a.shape[1:] and \
             not _same(y_a.detach(), y_b[:n].detach()):
@@ -375,7 +412,7 @@ def discover(model: nn.Module, x: torch.Tensor, force_root: frozenset = frozense
         raise UnsupportedModelError(f"structured: the output of {where} for a sample depends on the other samples "
                                     "of the batch or on randomness (one more sample changed it): the per-sample "
                                     "kernel is not defined (train-mode BatchNorm or Dropout? call model.eval())")
-    if projected and isinstance(y_a, torch.Tensor):  # (MultiheadAttention through _projected_mha: as PyTorch's?)
+    if obs_a.projected and isinstance(y_a, torch.Tensor):  # (MultiheadAttention through projected_mha: as PyTorch's?)
         with torch.enable_grad():
             own = model(x)
         if not isinstance(own, torch.Tensor) or not _same(own.detach(), y_a.detach()):
@@ -396,17 +433,18 @@ def discover(model: nn.Module, x: torch.Tensor, force_root: frozenset = frozense
     for k, p in model.named_parameters(remove_duplicate=False):
         pnames.setdefault(id(p), k)
 
-    kinds, rule_dims = {}, {}
+    kinds, rule_dims = {}, {}  # module -> its rule class, its calls' batch dimensions
     for m in modules:
         if not any(p is not None and p.requires_grad for p in m._parameters.values()):
             continue
-        kind, problem = rule_kind(m)
+        rule = table.rule_for(m)
+        problem = rule.problem(m) if rule is not None else None
         if problem and obs_a.fwd[m]:
             raise UnsupportedModelError(f"structured: {names[m]}: {problem}")
-        if kind and obs_a.fwd[m]:
-            dims = _rule_batched(kind, m, obs_a.fwd[m], obs_b.fwd[m], n)
+        if rule is not None and obs_a.fwd[m]:
+            dims = _rule_batched(rule, m, obs_a.fwd[m], obs_b.fwd[m], n)
             if dims is not None:
-                kinds[m], rule_dims[m] = kind, dims
+                kinds[m], rule_dims[m] = rule, dims
 
     call_dims = {}
 
@@ -451,16 +489,19 @@ def discover(model: nn.Module, x: torch.Tensor, force_root: frozenset = frozense
                      if p is not None and p.requires_grad and id(p) not in covered}
             if slots:
                 dims = rule_dims[m]
-                entries.append(Entry(m, names[m], kinds[m], make_rule(kinds[m], m), slots, len(dims),
+                shapes = [CallShape(per_sample(ina[0][0], dx), per_sample(outa[0][0], dz), is_out)
+                          for (ina, outa), (dx, dz), is_out in zip(obs_a.fwd[m], dims, obs_a.is_output[m])]
+                entries.append(Entry(m, names[m], kinds[m](m, slots), slots, len(dims),
                                      [[d[0]] for d in dims], [[d[1]] for d in dims],
-                                     copy_in=(m, "fwd", "in") in changed, clone_out=(m, "fwd", "out") in changed))
+                                     copy_in=(m, "fwd", "in") in changed, clone_out=(m, "fwd", "out") in changed,
+                                     shapes=shapes))
         if m in hosts:
             local = {}
             for k, p in m.named_parameters(remove_duplicate=False):
                 if id(p) in hosts[m] and id(p) not in {id(q) for q in local.values()}:
                     local[k] = p
             dims = call_dims[m]
-            entries.append(Entry(m, names[m], "generic", make_rule("generic", m, list(local)), local, len(dims),
+            entries.append(Entry(m, names[m], GenericRule(m, local), local, len(dims),
                                  [d[0] for d in dims], [d[1] for d in dims],
                                  copy_in=(m, "call", "in") in changed, clone_out=(m, "call", "out") in changed))
     entries = _taps(entries, obs_a, obs_b, n, changed, force_root)
@@ -471,7 +512,8 @@ def discover(model: nn.Module, x: torch.Tensor, force_root: frozenset = frozense
     uncalled = [m for m in modules if not obs_a.call[m] and not obs_a.fwd[m]
                 and any(p is not None and p.requires_grad for p in m._parameters.values())]
     return Plan(entries, {pid for pid, c in counts.items() if c > 1}, pnames, uncalled=uncalled,
-                direct_softmax=obs_a.direct_softmax or obs_b.direct_softmax)
+                direct_softmax=obs_a.direct_softmax or obs_b.direct_softmax,
+                attention=obs_a.attention or obs_b.attention)
 
 
 def _is_in_place(func) -> bool:
@@ -508,8 +550,6 @@ def _taps(entries, obs_a, obs_b, n, changed, force_root=frozenset()):
     single ops giving one batched tensor (a class token's ``expand``, a positional embedding's ``+``, a scale's
     ``*``), become a "tap" entry: the rule takes those ops' outputs' gradients and each op's own per-sample vjp.
     Parameters in ``force_root`` (their plan failed the check once) stay with the generic rule."""
-    from .structured_rules import LinearRule, TapRule
-
     if len(obs_a.ops) != len(obs_b.ops):
         return entries
 
@@ -523,9 +563,12 @@ def _taps(entries, obs_a, obs_b, n, changed, force_root=frozenset()):
             return None
         return d[0]
 
+    def shape(i, d):
+        return CallShape((), per_sample(obs_a.ops[i][2][0][0], d))
+
     out = []
     for e in entries:
-        if e.kind != "generic":
+        if not isinstance(e.rule, GenericRule):
             out.append(e)
             continue
         by_id = {id(p): k for k, p in e.slots.items()}
@@ -536,15 +579,16 @@ def _taps(entries, obs_a, obs_b, n, changed, force_root=frozenset()):
             slots = {"weight": e.slots[by_id.pop(w)]}
             if b is not None:
                 slots["bias"] = e.slots[by_id.pop(b)]
-            out.append(Entry(e.module, f"{e.name} (F.linear on {names_of(e, slots)})", "linear_op", LinearRule(e.module),
+            out.append(Entry(e.module, f"{e.name} (F.linear on {names_of(e, slots)})", LinearOpRule(e.module, slots),
                              slots, len(idx), [[d] for d in dims], [[d] for d in dims],
                              clone_out=any(("op", i) in changed for i in idx),
-                             ops=[(F.linear, ("weight", "bias") if b is not None else ("weight",)) for _ in idx]))
+                             ops=[(F.linear, ("weight", "bias") if b is not None else ("weight",)) for _ in idx],
+                             shapes=[shape(i, d) for i, d in zip(idx, dims)]))
         if not by_id:
             continue
         if len(by_id) < len(e.slots):
             rest = {k: e.slots[k] for k in by_id.values()}
-            e = dataclasses.replace(e, slots=rest, rule=make_rule("generic", e.module, list(rest)))
+            e = dataclasses.replace(e, slots=rest, rule=GenericRule(e.module, rest))
         pids = set(by_id)
         ops = [(i, op) for i, op in enumerate(obs_a.ops) if set(op[1]) & pids]
         dims = [batched(i) if set(op[1]) <= pids else None for i, op in ops]
@@ -552,9 +596,10 @@ def _taps(entries, obs_a, obs_b, n, changed, force_root=frozenset()):
             out.append(e)
             continue
         clone = any(("op", i) in changed for i, _ in ops)
-        out.append(Entry(e.module, e.name, "tap", TapRule(e.slots), e.slots, len(ops), [[] for _ in ops],
+        out.append(Entry(e.module, e.name, TapRule(e.module, e.slots), e.slots, len(ops), [[] for _ in ops],
                          [[d] for d in dims], clone_out=clone,
-                         ops=[(op[0], tuple(by_id[pid] for pid in op[1])) for _, op in ops]))
+                         ops=[(op[0], tuple(by_id[pid] for pid in op[1])) for _, op in ops],
+                         shapes=[shape(i, d) for (i, _), d in zip(ops, dims)]))
     return out
 
 
@@ -621,7 +666,7 @@ def record(plan: Plan, model: nn.Module, x: torch.Tensor):
 
     taps = {}
     for e in plan.entries:
-        if e.kind in ("tap", "linear_op"):
+        if e.rule.level == "op":
             for k, p in e.slots.items():
                 taps[id(p)] = e
 
@@ -652,14 +697,14 @@ def record(plan: Plan, model: nn.Module, x: torch.Tensor):
         for m in plan.uncalled:
             undo.append(m.register_forward_pre_hook(_tripwire(m, type(m).__name__)))
         for e in plan.entries:
-            if e.kind in ("tap", "linear_op"):
+            if e.rule.level == "op":
                 continue
-            if e.kind == "generic":
+            if e.rule.level == "call":
                 undo.append(e.module.register_forward_pre_hook(generic_pre(e), prepend=True, with_kwargs=True))
                 undo.append(e.module.register_forward_hook(generic_post(e), with_kwargs=True))
             else:
                 undo.append(_Wrapped(e.module, rule_forward(e, e.module.forward)))
-        with torch.enable_grad(), math_attention(), mode:
+        with torch.enable_grad(), mode, rewrites.batchable():  # (the rewrites last: taps see their F.linear calls)
             y = model(x)
     finally:
         state["on"] = False
@@ -682,10 +727,17 @@ def record(plan: Plan, model: nn.Module, x: torch.Tensor):
             for v, d in zip(u.leaves, dims):
                 if isinstance(d, int) and (not isinstance(v, torch.Tensor) or v.dim() <= d or v.shape[d] != n):
                     raise _Replan(f"{e.name}: an input's batch dimension does not have the batch's size")
-            if e.kind == "generic" and len(u.outs) != len(e.out_dims[u.index]):
+            if e.rule.level == "call" and len(u.outs) != len(e.out_dims[u.index]):
                 raise _Replan(f"{e.name}: its outputs changed")
-            if e.kind in ("tap", "linear_op") and (u.func is not e.ops[u.index][0] or
+            if e.rule.level == "op" and (u.func is not e.ops[u.index][0] or
                                     u.outs[0].shape[e.out_dims[u.index][0]] != n):
                 raise _Replan(f"{e.name}: its parameters are read by other operations")
         out.extend(got)
     return y, out
+
+
+def layer_costs(plan: Plan, flops_of) -> list:
+    """The cost view of a plan (discovered on one sample): [(rule class, ``Layer``)], each entry's rule turning its
+    calls into cost records (``Rule.layers``). ``flops_of(module)``: FLOPs of one forward of a module on one
+    sample."""
+    return [(type(e.rule), layer) for e in plan.entries for layer in e.rule.layers(e, flops_of)]

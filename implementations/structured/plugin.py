@@ -1,41 +1,20 @@
 """Structured: the NTK layer by layer from each layer's structure, never the whole model's Jacobian.
 
-One forward pass records every parameterised layer's input X and output Z; one backward pass vmapped over the
-O output basis vectors (torch.func.vmap over autograd.grad) gives G = ∂f_o/∂Z for all of them. Each layer then
-adds its term by a rule (``structured_rules``), and the plan (``structured_plan``, made once per model and
-input shape, and checked against autograd) says which rule covers which parameter:
+One forward pass records every planned layer's input X and output Z; one backward pass vmapped over the O output
+basis vectors (torch.func.vmap over autograd.grad) gives G = ∂f_o/∂Z for all of them. Each layer then adds its
+term by its rule (the catalogue: ``table.py``; the contract: ``rules/base.py``), and the plan (``plan.py``, made
+once per model and input shape, and checked against autograd) says which rule covers which parameter.
 
-- Linear over any leading dimensions, ConvNd (groups, dilation, stride, every padding mode), Embedding:
-  Θ_W[n, m, o, p] = Σ_{s,t} (X1[n,s]·X2[m,t]) (G1[o,n,s]·G2[p,m,t]) over output positions s, t (tokens for a
-  Linear, pixels for a conv, whose X are the padded input's patches; for an Embedding X1·X2 is index
-  equality). Per layer the cheaper by FLOPs of the Gram order, 2·N·M·S·T·(K + O·C) + 2·N·M·S·O²·C, and the
-  layer's own Jacobian order, 2·(N·S + M·T)·O·C·K + 2·N·M·O²·C·K (full mode; O for O² in trace/diagonal).
-- Eval BatchNorm, LayerNorm, GroupNorm, RMSNorm: a scale on the normalised input x̂ and a shift; J_weight =
-  Σ_positions x̂ ⊙ G, J_bias = Σ G per channel, Jacobian order (O·C numbers per sample).
-- Parameters a module reads only as ``F.linear``'s weight and bias on batched tokens (self-attention's packed
-  in-projection and its out-projection, computed by ``structured_rules._projected_mha`` so that both are such
-  calls; a user's ``F.linear(x, self.weight, self.bias)``): "linear ops", the Linear rule on each call.
-- Parameters read only by single operations with one batched output (ViT's class token ``expand``-ed over the
-  batch, a positional embedding added, a transposed conv's weight): taps, each op's own per-sample vjp.
-- Every other module with parameters (cross-attention, LSTM/GRU through a per-step forward vmap can batch,
-  a custom module, a parametrized weight, a submodule used without being called): the generic rule, that
-  module's own per-sample vjp (torch.func) from its recorded inputs and G, in the Jacobian order.
-- A parameter used more than once (a module called twice, a weight tied between modules): its per-use
-  Jacobians are summed before contracting (Jacobian order), so the cross terms between uses count.
+Per use, the rule makes one side's data (``Rule.side``); two sides give the kernel: Gram-capable rules add their
+term in the cheaper order (``Rule.costs``, ``Rule.add_gram``), the rest give Jacobian blocks, which are
+contracted together, small ones concatenated into one GEMM; a parameter used more than once has its per-use
+blocks summed first. The output Linear's G is the identity: no backward for it, its term (X1 X2ᵀ + 1) ⊗ I.
 
-The blocks taken in the Jacobian order are contracted together, small ones concatenated into one GEMM.
-The output Linear's G is the identity: no backward for it, and its term is (X1 X2ᵀ + 1) ⊗ I. Biases of
-Gram-order layers contract their (N, O, C) Jacobians. Parameter-free glue (activations, pooling, residual
-sums, in-place ops) is autograd's business: recorded outputs later changed in place are cloned. A model whose
-output for a sample depends on the other samples is declined, naming the first module where it shows.
-
-Wins: every MLP by orders of magnitude over Jacobian contraction (O²·width per pair instead of O²·P), conv
-nets whose last layers have few positions (resnet18 at 32x32: layers 2-4 in the Gram order), transformers.
 Costs: one forward and one O-wide backward per input batch (the first call for a model and input shape: two
-forwards on N and N + 1 samples to plan, and a checked call), G and X per layer in memory, (N+M)·O·Σ S·C,
-and the Jacobian-order blocks. On the CPU, the first call for a conv net's shapes taking under 50 ms also runs it
-five times each with oneDNN's convolutions and PyTorch's own, and keeps the faster. On a GPU, calls replay a
-captured CUDA graph (cuda_graphs).
+forwards on N and N + 1 samples to plan, and a checked call), G and X per layer in memory, and the Jacobian-order
+blocks. On the CPU, the first call for a conv net's shapes taking under 50 ms also runs it five times each with
+oneDNN's convolutions and PyTorch's own, and keeps the faster. On a GPU, calls replay a captured CUDA graph
+(cuda_graphs).
 """
 
 from __future__ import annotations
@@ -47,21 +26,18 @@ import weakref
 import torch
 from torch import nn
 
-from .core import onednn
-from .core.base import NTKPlugin, UnsupportedModelError
-from .core.kernels import KernelSum, input_gram, kernel_shape
-from .core.modelinfo import submodules
-from .structured_plan import Plan, _Replan, discover, record, structure_key
-from .structured_rules import direct_calls, math_attention, rule_kind
+from ..core import onednn
+from ..core.base import NTKPlugin, UnsupportedModelError
+from ..core.kernels import KernelSum, input_gram, kernel_shape
+from ..core.modelinfo import submodules
+from . import rewrites, table
+from .plan import Plan, _Replan, discover, layer_costs, record, structure_key
+from .rules.base import Options
+from .rules.generic import GenericRule
 
 # CPU convolutions: oneDNN's or PyTorch's own kernels, whichever ran the kernel faster, per model and shapes
 # (``onednn.is_faster``).
 _CONV_BACKEND: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-# None: each patch-form weight in the order its FLOPs favour; "gram" or "jacobian": that order wherever it applies
-# (tests check both orders against a brute-force kernel).
-ORDER: str | None = None
 
 # Jacobian-order blocks under this many numbers are concatenated (fewer, larger GEMMs); larger ones are contracted
 # one at a time (no copy, and only one layer's concatenation alive).
@@ -104,14 +80,14 @@ def _output_grads(y2, targets, retain_graph=False):
         return [g.unsqueeze(0) for g in got]
     basis = torch.eye(o, dtype=y2.dtype, device=y2.device).unsqueeze(1).expand(o, n, o)
     # Where one output's largest gradient has BACKWARD_CHUNK_FROM numbers or more, the outputs go in chunks of
-    # at most BACKWARD_CHUNK_NUMEL numbers: large convolution gradients ran faster in smaller batches (CPU time,
-    # alternating pairs: the tutorial CNN at N=16, 460k numbers per output, 0.92x with chunks of 2; resnet18 at
-    # 224x224, N=M=4, 1.13x faster in chunks of 1), while resnet18 at 32x32, N=M=8 (131k) lost 1.15x to two chunks.
+    # at most BACKWARD_CHUNK_NUMEL numbers: large convolution gradients ran faster in smaller batches, while
+    # gradients of about 10^5 numbers per output lost to chunking (paired CPU-time measurements on the tutorial
+    # CNN and resnet18).
     per_output = max(t.numel() for t in targets)
     fits = BACKWARD_CHUNK_NUMEL // max(per_output, 1) if per_output >= BACKWARD_CHUNK_FROM else o
     chunks = -(-o // max(1, min(o, fits)))
     chunk = -(-o // chunks)
-    with math_attention(), warnings.catch_warnings():  # (ops without a batching rule run O times: slower, exact)
+    with rewrites.batchable(), warnings.catch_warnings():  # (ops without a batching rule run O times: slower, exact)
         warnings.filterwarnings("ignore", message="There is a performance drop")
         return list(torch.func.vmap(lambda v: torch.autograd.grad(y2, targets, grad_outputs=v, allow_unused=True,
                                                                   materialize_grads=True,
@@ -123,7 +99,7 @@ def _batch_dims(uses, wanted):
     """The batch dimension of every gradient target, in the order of the targets."""
     for u, idx in zip(uses, wanted):
         for j in idx or ():
-            yield u.entry.out_dims[u.index][j] if u.entry.kind == "generic" else u.entry.out_dims[u.index][0]
+            yield u.entry.out_dims[u.index][j]
 
 
 def _weighted(g, weights, dim):
@@ -136,7 +112,7 @@ def _output_shortcut(plan: Plan, uses, y):
     """The use whose output is the model's own, a Linear on (N, K) with its weight (and bias) covered once."""
     for u in uses:
         e = u.entry
-        if e.kind != "linear" or e.rule.conv or u.returned is not y or y.dim() != 2 or e.in_dims[u.index][0] != 0 \
+        if not e.rule.output_shortcut or u.returned is not y or y.dim() != 2 or e.in_dims[u.index][0] != 0 \
                 or y._version != u.version:  # (changed in place after the layer: G is not the identity)
             continue
         bias = e.module.bias
@@ -185,10 +161,14 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 class Structured(NTKPlugin):
+    """The structured plugin. ``order`` and ``embedding_sparse_below``: the switches of ``rules.base.Options``
+    (tests and ablations make their own instance; the registry's has the defaults)."""
+
     name = "structured"
     capturable = True  # on a GPU, replayed from a CUDA graph (cuda_graphs)
 
-    def __init__(self):
+    def __init__(self, order: str | None = None, embedding_sparse_below: float = Options.embedding_sparse_below):
+        self.options = Options(order, embedding_sparse_below)
         self._plans: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
     def supports(self, model):
@@ -198,9 +178,8 @@ class Structured(NTKPlugin):
             problem = None
             if isinstance(m, torch.jit.ScriptModule):
                 problem = "is a TorchScript module; its calls cannot be recorded"
-            elif isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.Embedding)) and \
-                    any(p is not None and p.requires_grad for p in m._parameters.values()):
-                problem = rule_kind(m)[1]
+            elif m._parameters and any(p is not None and p.requires_grad for p in m._parameters.values()):
+                problem = table.problem(m)
             if problem:
                 name = next(name for name, mod in model.named_modules(remove_duplicate=False) if mod is m)
                 return f"structured: {name or 'the model itself'}: {problem}"
@@ -214,51 +193,65 @@ class Structured(NTKPlugin):
         return None
 
     def estimate(self, stats, n, m, mode, symmetric):
-        """Forward + O-wide backward per side, then per layer its rule's cost: the cheaper order for Linear, ConvNd
-        and Embedding, the Jacobian order for norms, the generic rule's per-sample vjp (about (1 + 2·O) forwards of
-        the module per sample) and its contraction; besides the FLOPs, the numbers the forward's operators write,
-        (1 + 2·O) times per sample, and the operators' count (``Estimate.traffic``, ``Estimate.ops``). Peak: G and the inputs of every layer, the largest Gram
-        intermediate, the Jacobian blocks, the kernel."""
-        from .core.costs import Estimate, kernel_numel
-        from .structured_rules import order_costs
+        """Forward + O-wide backward per side, then per layer its rule's cost (``Rule.estimate``, on the layers of
+        ``cost_view(stats)``); besides the FLOPs, the numbers the forward's operators write, (1 + 2·O) times per
+        sample, and the operators' count (``Estimate.traffic``, ``Estimate.ops``). Peak: G and the inputs of every
+        layer, the largest Gram intermediate, the Jacobian blocks, the kernel."""
+        from ..core.costs import Estimate, kernel_numel
 
+        view = self.cost_view(stats)
+        own = view.stats  # (the forward as structured runs it: attention rewritten where the model has any)
         o = stats.o
-        oo = o * o if mode == "full" else o
         side = n if symmetric else n + m
-        flops = side * (stats.fp_flops + 2 * o * stats.fp_flops)
-        gram_held, jac_held, patches = 0, 0, 0
-        for layer in stats.layers:
-            if layer.kind in ("linear", "conv", "embedding"):
-                if layer.is_output:  # (X1 X2ᵀ + 1) ⊗ I: one N x M GEMM, no G Gram
-                    flops += 2 * n * m * layer.k + n * m * o
-                    continue
-                k = 0 if layer.kind == "embedding" else layer.k
-                gram, jac = order_costs(n, m, o, layer.s, layer.s, k, layer.c, layer.groups, mode, symmetric)
-                if layer.kind == "embedding":
-                    gram += n * m * layer.s * layer.s
-                    jac = 2 * side * layer.s * o * layer.c + 2 * n * m * oo * layer.c * layer.k
-                else:
-                    patches = max(patches, layer.s * layer.k * layer.groups)
-                flops += min(gram, jac)
-                if gram <= jac:
-                    gram_held = max(gram_held, n * m * layer.s * (layer.s * layer.groups + o * layer.c))
-                else:
-                    jac_held += side * o * (layer.p or layer.c * layer.k)
-            elif layer.kind == "norm":
-                flops += 2 * side * o * layer.s * layer.c + 2 * n * m * oo * layer.p
-                jac_held += side * o * layer.p
-            elif layer.kind == "tap":  # N·O lanes of each op's backward over the whole batch
-                flops += 2 * (n * n + (0 if symmetric else m * m)) * o * layer.s + 2 * n * m * oo * layer.p
-                jac_held += side * o * layer.p
-            else:
-                flops += side * (1 + 2 * o) * layer.flops + 2 * n * m * oo * layer.p
-                jac_held += side * o * layer.p
+        flops = side * (own.fp_flops + 2 * o * own.fp_flops)
+        gram_held, jac_held, patches, widths = 0, 0, 0, 0
+        for rule, layer in view.layers:
+            cost = rule.estimate(layer, n, m, o, mode, symmetric)
+            flops += cost.flops
+            gram_held = max(gram_held, cost.gram_held)
+            jac_held += cost.jac_held
+            patches = max(patches, cost.patches)
+            widths += cost.g_numbers
         inter = max(gram_held, 2 * jac_held)  # (the layers' J and their concatenation)
-        peak = side * (o * stats.widths + stats.activations + patches) * stats.itemsize
+        peak = side * (o * widths + own.activations + patches) * stats.itemsize
         # The forward's memory-bound operators (norms, activations, depthwise convs, pooling) run again in the
         # O-wide backward of every sample, and each operator costs its dispatches whatever its size.
-        traffic = side * (1 + 2 * o) * stats.traffic
-        return Estimate(flops, peak + (inter + 2 * kernel_numel(n, m, o, mode)) * stats.itemsize, traffic, stats.ops)
+        traffic = side * (1 + 2 * o) * own.traffic
+        return Estimate(flops, peak + (inter + 2 * kernel_numel(n, m, o, mode)) * stats.itemsize, traffic, own.ops)
+
+    def layers(self, stats) -> list:
+        """[(rule class, ``costs.Layer``)]: ``cost_view(stats).layers``."""
+        return self.cost_view(stats).layers
+
+    @staticmethod
+    def cost_view(stats) -> "CostView":
+        """How structured sees the model ``stats`` were measured on, read once per stats (``ModelStats.view``):
+        its layers, from the plan discovered on their one sample (``plan.layer_costs``), and the stats of the
+        forward with the attention rewrites the plan needs (the stats themselves where it needs none). Where the
+        plan cannot be made (the model declines, or the stats outlived their model): the whole model as one generic
+        layer, the cost of its per-sample vjp."""
+        from ..core.costs import Layer, measure
+
+        def read(model, x_single):
+            if model is not None:
+                names = {mod: k for k, mod in model.named_modules()}
+                try:
+                    plan = discover(model, x_single)
+                    own = stats
+                    if plan.direct_softmax or plan.attention:
+                        with rewrites.needed(plan.direct_softmax, plan.attention):
+                            own = measure(model, x_single, rewrites.batchable)
+
+                    def flops_of(module):
+                        return own.module_flops.get(names.get(module), 0) or own.fp_flops
+
+                    return CostView(layer_costs(plan, flops_of), own)
+                except (UnsupportedModelError, RuntimeError, ValueError, TypeError):
+                    pass
+            return CostView([(GenericRule, Layer("generic", 1, stats.p, 1, False, p=stats.p, flops=stats.fp_flops))],
+                            stats)
+
+        return stats.view("structured", read)
 
     # -- the plan ----------------------------------------------------------------------------------------------
 
@@ -281,7 +274,7 @@ class Structured(NTKPlugin):
         force = frozenset()
         for attempt in range(2):
             plan = discover(model, x, force)
-            with direct_calls(plan.direct_softmax):
+            with rewrites.needed(plan.direct_softmax, plan.attention):
                 bad = self._check(plan, model, x)
             if not bad:
                 plan.validated = True
@@ -301,7 +294,7 @@ class Structured(NTKPlugin):
         with torch.no_grad():
             for u, item in zip(uses, items):
                 if item is not None:
-                    for k, v in u.entry.rule.summed(item, u.entry.slots).items():
+                    for k, v in u.entry.rule.checked_summed(item, u.entry.slots, o).items():
                         _add_to(sums, id(u.entry.slots[k]), v.reshape(o, -1).sum(0))
         tol = 1e-9 if params[0].dtype == torch.float64 else 1e-3
         # (a parameter whose true derivative is 0, a conv bias before an InstanceNorm, is rounding noise on both
@@ -335,22 +328,8 @@ class Structured(NTKPlugin):
         y2 = y.unsqueeze(1) if y.dim() == 1 else y
         o = y2.shape[1]
         shortcut = None if params is not None else _output_shortcut(plan, uses, y)
-        targets, wanted = [], []
-        for u in uses:
-            if u is shortcut:
-                wanted.append(None)
-                continue
-            if u.entry.kind == "tap":
-                wanted.append([0] if u.outs[0].requires_grad else [])
-                targets.extend([u.outs[0]] if u.outs[0].requires_grad else [])
-            elif u.entry.kind == "generic":
-                idx = [j for j, d in enumerate(u.entry.out_dims[u.index]) if d is not None]
-                wanted.append(idx)
-                targets.extend(u.outs[j] for j in idx)
-            else:
-                z = u.outs[0]
-                wanted.append([0] if z.requires_grad else [])
-                targets.extend([z] if z.requires_grad else [])
+        wanted = [None if u is shortcut else u.entry.rule.targets(u) for u in uses]
+        targets = [u.outs[j] for u, idx in zip(uses, wanted) for j in idx or ()]
         grads = _output_grads(y2, targets, retain_graph=params is not None)
         pgrads = []
         if params is not None:  # the plan's check: random weights per (sample, output) on both sides
@@ -359,50 +338,19 @@ class Structured(NTKPlugin):
             pgrads = torch.autograd.grad(y2, params, grad_outputs=weights, allow_unused=True, materialize_grads=True)
             grads = [_weighted(g, weights, d) for g, d in zip(grads, _batch_dims(uses, wanted))]
         it = iter(grads)
-        items = []
+        items, n = [], y2.shape[0]
         for u, idx in zip(uses, wanted):
-            e = u.entry
             if idx is None:
-                bias = "bias" in e.slots
-                items.append(_Shortcut(u.leaves[0], bias, o))
+                items.append(_Shortcut(u.leaves[0], "bias" in u.entry.slots, o))
                 continue
             gs = [next(it) for _ in idx]
             if not gs or all(g is None for g in gs):
                 items.append(None)
                 continue
-            if e.kind == "tap":
-                items.append(e.rule.side(u, gs[0], e.out_dims[u.index][0]))
-            elif e.kind == "generic":
-                outs = [u.outs[j] for j in idx]
-                gs = [torch.zeros((o,) + z.shape, dtype=z.dtype, device=z.device) if g is None else g
-                      for g, z in zip(gs, outs)]
-                call = (u.leaves, u.spec, e.in_dims[u.index], [e.out_dims[u.index][j] for j in idx], idx)
-                items.append(self._generic_side(e, call, gs, outs, check=params is not None))
-            else:
-                dx, dz = e.in_dims[u.index][0], e.out_dims[u.index][0]
-                items.append(e.rule.side(u.leaves[0].movedim(dx, 0), gs[0].movedim(1 + dz, 1), None))
+            items.append(u.entry.rule.checked_side(u, gs, n, o, checking=params is not None))
         for u in uses:  # (the recorded outputs hold the forward's graph: let it go)
             u.outs = u.returned = None
         return items, uses, o, pgrads
-
-    @staticmethod
-    def _generic_side(e, call, gs, outs, check):
-        """The generic rule's data; while the plan is checked, vmap is tried first and must reproduce the module's
-        outputs, else one sample at a time, which must too."""
-        rule = e.rule
-        if not check:
-            return rule.side(call, gs)
-        for mode in ("vmap", "loop"):
-            rule.mode = mode
-            try:
-                if not rule.reproduces(call, outs):
-                    continue
-                return rule.side(call, gs)
-            except (RuntimeError, ValueError, TypeError, NotImplementedError):
-                if mode == "loop":
-                    raise
-        raise UnsupportedModelError(f"structured: {e.name} ({type(e.module).__name__}): its output for one sample "
-                                    "depends on the other samples of the batch (or on randomness)")
 
     # -- one block's factors, reused across the tiles of a dataset's kernel ----------------------------------------
 
@@ -413,7 +361,7 @@ class Structured(NTKPlugin):
         both sides of every tile (the forward and O-wide backward are linear in N, only the contraction is
         quadratic). Raises ``StaleFactors`` when this block's forward takes another path than the plan's."""
         plan = self.plan(model, x)
-        with direct_calls(plan.direct_softmax):
+        with rewrites.needed(plan.direct_softmax, plan.attention):
             try:
                 items, uses, o, _ = self._side(plan, model, x)
             except _StalePlan as exc:
@@ -425,7 +373,8 @@ class Structured(NTKPlugin):
         """Θ of two blocks from their factors (``f2=None``: the block against itself, its symmetric path)."""
         if f2 is not None and f2.plan is not f1.plan:
             raise StaleFactors("the two blocks were recorded with different plans")
-        total = _assemble(f1.plan, f1.uses, f1.items, f1.items if f2 is None else f2.items, mode, f2 is None)
+        total = _assemble(f1.plan, f1.uses, f1.items, f1.items if f2 is None else f2.items, mode, f2 is None,
+                          self.options, f1.o)
         m = f1.n if f2 is None else f2.n
         if total.acc is None and total.identity is None:
             return torch.zeros(kernel_shape(f1.n, m, f1.o, mode), dtype=f1.dtype, device=f1.device)
@@ -445,7 +394,7 @@ class Structured(NTKPlugin):
         if x2 is not None and x2.shape[1:] != x1.shape[1:]:
             raise ValueError("x1 and x2 have different per-sample shapes")
         plan = self.plan(model, x1)
-        with direct_calls(plan.direct_softmax):
+        with rewrites.needed(plan.direct_softmax, plan.attention):
             return self._planned_sum(plan, model, x1, x2, mode)
 
     def _planned_sum(self, plan, model, x1, x2, mode):
@@ -460,12 +409,21 @@ class Structured(NTKPlugin):
             except _StalePlan as exc:
                 raise UnsupportedModelError(f"structured: the model's forward takes different paths for different "
                                             f"batches ({exc}); no one plan covers both") from None
-        total = _assemble(plan, uses, items1, items2, mode, x2 is None)
+        total = _assemble(plan, uses, items1, items2, mode, x2 is None, self.options, o)
         if total.acc is None and total.identity is None:  # no parameter reaches the output
             m = x1.shape[0] if x2 is None else x2.shape[0]
             dtype = next(p for p in model.parameters() if p.requires_grad).dtype
             return torch.zeros(kernel_shape(x1.shape[0], m, o, mode), dtype=dtype, device=x1.device)
         return total.result().detach()
+
+
+@dataclasses.dataclass(frozen=True)
+class CostView:
+    """What ``Structured.estimate`` reads of a model: ``layers``, [(rule class, ``costs.Layer``)] per planned call
+    (or entry), and ``stats``, the model's stats with its forward as structured runs it."""
+
+    layers: list
+    stats: object
 
 
 class StaleFactors(Exception):
@@ -505,8 +463,9 @@ class Factors:
         return total
 
 
-def _assemble(plan: Plan, uses, items1, items2, mode: str, symmetric: bool) -> torch.Tensor:
-    """Σ over uses of each rule's term: Gram order or Jacobian blocks; shared parameters' blocks summed first."""
+def _assemble(plan: Plan, uses, items1, items2, mode: str, symmetric: bool, options: Options, o: int) -> KernelSum:
+    """Σ over uses of each rule's term (O outputs): Gram order or Jacobian blocks; shared parameters' blocks summed
+    first."""
     total = KernelSum(mode)
     blocks, shared1, shared2 = [], {}, {}
     for u, a, b in zip(uses, items1, items2):
@@ -521,23 +480,24 @@ def _assemble(plan: Plan, uses, items1, items2, mode: str, symmetric: bool) -> t
             else:
                 total.add_identity_gram(input_gram(a.x, b.x, a.bias), a.o)
             continue
+        rule = e.rule
         own = {k: p for k, p in e.slots.items() if id(p) not in plan.shared}
         shared = {k: p for k, p in e.slots.items() if id(p) in plan.shared}
         if shared:
-            for k, j in e.rule.jacobians(a, shared).items():
+            for k, j in rule.checked_jacobians(a, shared, a.n, o).items():
                 _add_to(shared1, id(shared[k]), j)
             if not symmetric:
-                for k, j in e.rule.jacobians(b, shared).items():
+                for k, j in rule.checked_jacobians(b, shared, b.n, o).items():
                     _add_to(shared2, id(shared[k]), j)
         if not own:
             continue
-        if e.rule.gram_capable and "weight" in own:
-            gram, jac = e.rule.costs(a, b, mode, symmetric)
-            if ORDER == "gram" or (ORDER is None and gram <= jac):
-                blocks.extend(e.rule.add_gram(total, a, b, symmetric, "bias" in own))
+        if rule.gram_capable and "weight" in own and options.order != "jacobian":
+            gram, jac = rule.costs(a, b, mode, symmetric)
+            if options.order == "gram" or gram <= jac:
+                blocks.extend(rule.add_gram(total, a, b, symmetric, "bias" in own, options))
                 continue
-        ja = e.rule.jacobians(a, own)
-        jb = ja if symmetric else e.rule.jacobians(b, own)
+        ja = rule.checked_jacobians(a, own, a.n, o)
+        jb = ja if symmetric else rule.checked_jacobians(b, own, b.n, o)
         blocks.extend((ja[k], jb[k]) for k in ja)
     blocks.extend((shared1[k], None if symmetric else shared2[k]) for k in shared1)
     _contract(total, blocks, symmetric)

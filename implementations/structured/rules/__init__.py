@@ -1,0 +1,1 @@
+"""structured's layer rules: the contract (``base.py``) and one module per layer family."""
