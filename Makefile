@@ -18,7 +18,7 @@ endif
 SWEEP ?= default
 RUN ?= results/$(shell date +%Y%m%d)-$(SWEEP)
 
-.PHONY: test lint-imports bench report benchmark-save benchmark-compare clean-venv
+.PHONY: test lint lint-imports bench report benchmark-save benchmark-compare clean-venv
 
 EXTRAS ?= zoo,backpack,reference,peers,ray,slurm,testzoo,dev
 PIP := $(VENV)/bin/python -m pip --quiet --disable-pip-version-check
@@ -42,9 +42,23 @@ lint-imports: $(DEPS)
 	    sys.argv[0] = "lint-imports"; sys.exit(lint_imports_command())' --no-cache $(CURDIR)/pyproject.toml); \
 	rc=$$?; rm -rf $$d; exit $$rc
 
+# Style, in seconds (pyproject.toml's [tool.ruff] and [tool.mypy]; tests/integration/test_style.py runs the same checks):
+# pyflakes and the import order everywhere (`ruff check --fix .` sorts imports), docstrings on the public names of
+# the files listed in fully_documented.txt, the layers' imports, the types of implementations/core (mypy, through
+# scripts/typecheck.py: the package as installed). mypy keeps its cache in .mypy_cache: its first run reads torch's
+# annotations (a quarter of a minute of CPU), later runs take a second or two.
+lint: $(DEPS) lint-imports
+	$(PYTHON) -m ruff check --quiet --output-format concise .
+	@for f in $$(cat fully_documented.txt); do test -f "$$f" || { echo "fully_documented.txt: no file $$f"; exit 1; }; done
+	$(PYTHON) -m ruff check --quiet --output-format concise --config 'lint.per-file-ignores = {}' --extend-ignore F,I $$(cat fully_documented.txt)
+	$(PYTHON) scripts/typecheck.py
+
+# make test runs the style checks first (lint runs lint-imports too)
+test: lint
+
 test: $(DEPS) lint-imports
-	NTKBENCH_REQUIRE_REFERENCE=1 $(PYTHON) -m pytest -p no:cacheprovider --timeout=900 -q -n auto -m "not serial" tests
-	NTKBENCH_REQUIRE_REFERENCE=1 $(PYTHON) -m pytest -p no:cacheprovider --timeout=900 -q -m serial tests
+	NTK_BENCH_REQUIRE_REFERENCE=1 $(PYTHON) -m pytest -p no:cacheprovider --timeout=900 -q -n auto -m "not serial" tests
+	NTK_BENCH_REQUIRE_REFERENCE=1 $(PYTHON) -m pytest -p no:cacheprovider --timeout=900 -q -m serial tests
 
 # CLOCK: auto (default) times on the process's CPU time with one torch thread where there is no CUDA device (a
 # shared CPU runner: on the wall clock two threads on cores others hold measure their waiting), the wall clock where

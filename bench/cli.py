@@ -17,6 +17,8 @@ import os
 import sys
 from pathlib import Path
 
+from ntk_bench.modes import MODES
+
 log = logging.getLogger("ntk_bench")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
@@ -385,7 +387,7 @@ def _cmd_run(args) -> int:
         log.error("cannot start the %s executor: %s: %s", args.executor, type(exc).__name__,
                   str(exc).strip().splitlines()[0] if str(exc).strip() else "")
         return EXIT_USAGE
-    from .execution.plan import announce
+    from .execution.forecast import announce
 
     announce(cases, models, executor.slots, out, args.resume)
     try:
@@ -511,7 +513,7 @@ def _add_kernel(sub, common, executors) -> None:
     k.add_argument("--data", required=True, metavar="SPEC",
                    help="a factory returning X1: a tensor, a numpy array or a Dataset (of inputs or (input, target))")
     k.add_argument("--data2", metavar="SPEC", help="a factory returning X2 (default: X2 = X1, upper triangle only)")
-    k.add_argument("--mode", choices=("full", "trace", "diagonal"), default="trace")
+    k.add_argument("--mode", choices=MODES, default="trace")
     k.add_argument("--out", required=True, help="the kernel's directory, e.g. K.zarr")
     k.add_argument("--impl", default="auto", help="the plugin (default auto: the cost model's pick, recorded)")
     k.add_argument("--tile", type=positive_int, help="tile edge in samples (default: from the memory budget)")
@@ -600,7 +602,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     own.add_argument("--name", help="the model's name in the rows (default: the function's)")
     own.add_argument("--N", type=int_list, metavar="4,16", help="batch sizes (x2 = x1; default 4)")
     own.add_argument("--O", type=int_list, metavar="10", help="output widths, when the factory takes `out`")
-    own.add_argument("--mode", choices=("full", "trace", "diagonal"), default="full")
+    own.add_argument("--mode", choices=MODES, default="full")
     own.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     own.add_argument("--device", default="cpu", help="cpu, cuda or cuda:K")
     where = run.add_argument_group("where the rows go")

@@ -16,8 +16,8 @@ agreement, per-block times) goes into the benchmark's ``extra_info``, which ``nt
 pytest-benchmark's saved JSON. Without pytest-benchmark the blocks are timed all the same and kept in the test's
 ``user_properties``.
 
-``@pytest.mark.ntk_registry(kind="ours", exclude=(), argname="plugin")`` parametrises a test over the registry's
-plugin names (``kind="peer"`` for the peers, ``None`` for all).
+``@pytest.mark.ntk_registry(origin="ours", tag=None, exclude=(), argname="plugin")`` parametrises a test over the
+registry's plugin names (``origin="peer"`` for the peers, ``None`` for all; ``tag="fast"`` only those tagged so).
 
 The module imports neither torch nor the registry until a test uses them: pytest loads it in every session of an
 environment where ntk-bench is installed.
@@ -39,7 +39,7 @@ def problem(arch: str, N: int, M: int | None = None, **params):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", f"{MARKER}(kind='ours', exclude=(), argname='plugin'): run the test once per "
+    config.addinivalue_line("markers", f"{MARKER}(origin='ours', tag=None, exclude=(), argname='plugin'): run the test once per "
                                        "plugin of ntk-bench's registry (the name in the argument ``argname``)")
 
 
@@ -47,7 +47,8 @@ def pytest_generate_tests(metafunc):
     marker = metafunc.definition.get_closest_marker(MARKER)
     if marker is None:
         return
-    kind = marker.kwargs.get("kind", "ours")
+    origin = marker.kwargs.get("origin", marker.kwargs.get("kind", "ours"))  # (kind: the old name of origin)
+    tag = marker.kwargs.get("tag")
     exclude = set(marker.kwargs.get("exclude", ()))
     argname = marker.kwargs.get("argname", "plugin")
     if argname not in metafunc.fixturenames:
@@ -55,7 +56,7 @@ def pytest_generate_tests(metafunc):
                                 "to put the plugin's name in")
     from ntk_bench import implementations
 
-    names = [n for n in implementations.names(kind) if n not in exclude]
+    names = [n for n in implementations.names(origin, tag=tag) if n not in exclude]
     metafunc.parametrize(argname, names, ids=names)
 
 
@@ -75,7 +76,9 @@ def _run(request, plugin: str, prob, mode: str, dtype: str, device: str, budget_
 
     import torch
 
-    from .measurement import gate, one_case
+    from ntk_bench.implementations.core.tolerances import tolerance
+
+    from .measurement import gate
     from .sweeps import Case, Problem
 
     if not isinstance(prob, Problem):
@@ -92,7 +95,7 @@ def _run(request, plugin: str, prob, mode: str, dtype: str, device: str, budget_
             pytest.fail(f"ntk_case: {plugin} on {prob.id}: {got['status']}: {got.get('error', '')}", pytrace=False)
         if got.row["status"] != "ok":
             pytest.fail(f"ntk_case: {plugin} on {prob.id}: kernel off by rel err {got.row['rel_err']:.3e} "
-                        f"(tolerance {one_case.TOLERANCE[dtype]:g})", pytrace=False)
+                        f"(tolerance {tolerance(dtype):g})", pytrace=False)
         got.kernel = None
         try:
             benchmark = request.getfixturevalue("benchmark")

@@ -16,6 +16,8 @@ if str(HERE.parent) not in sys.path:  # run as a script from a checkout: time th
 
 
 def main(argv=None) -> int:
+    """The regression gate's timer (``gate.main``) on ``benchmarks/regression.toml`` unless ``--sweep`` names another
+    sweep."""
     from ntk_bench.bench.measurement import gate
 
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -1,3 +1,5 @@
+"""``python -m ntk_bench``: the ``ntk-bench`` command line."""
+
 import sys
 
 from .bench.cli import main

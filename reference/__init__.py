@@ -29,14 +29,18 @@ import os
 import numpy as np
 import torch
 
+from ntk_bench.implementations.core.tolerances import tolerance
+from ntk_bench.modes import MODES
+
 from .translate import UnsupportedOpError
 
 IMPLEMENTATIONS = ("jacobian_contraction", "ntk_vector_products", "structured_derivatives", "auto")
 # The forward check (and ntk(quick_compile=True)) compiles with XLA's backend optimisation off, where compiling
-# dominates (compiles 2-3x faster, runs 3-4x slower on the zoo's conv nets; README, "The reference").
+# dominates: it compiles several times faster and runs several times slower on the zoo's conv nets.
 # Timed peers compile with XLA's defaults.
 QUICK_COMPILE = {"xla_backend_optimization_level": 0}
-_MODES = {"full": ((), ()), "trace": ((-1,), ()), "diagonal": ((), (-1,))}
+# neural-tangents' (trace_axes, diagonal_axes) for each of the interface's modes.
+_MODES = dict(zip(MODES, (((), ()), ((-1,), ()), ((), (-1,)))))
 
 
 # neural-tangents imports TensorFlow, whose C++ start-up logs errors about CUDA plugins at level 2; the level is
@@ -116,7 +120,7 @@ def _torch_forward64(model: torch.nn.Module, example: torch.Tensor) -> tuple[np.
             try:
                 twin = copy.deepcopy(model).to(torch.float64)
             except Exception:  # a model that cannot be deep-copied: compare with its own precision
-                return model(example).detach().cpu().double().numpy(), 1e-4
+                return model(example).detach().cpu().double().numpy(), tolerance(torch.float32)
         out, lowest = _lowest_float_computed(twin, x)
         tol = max(FLOAT64_TOLERANCE, REDUCED_PRECISION_ULPS * torch.finfo(lowest).eps)
         return out.detach().cpu().numpy(), tol
@@ -191,7 +195,7 @@ def _check(model: torch.nn.Module, example: torch.Tensor, prog) -> str:
     return ""
 
 
-FLOAT64_TOLERANCE = 1e-10
+FLOAT64_TOLERANCE = tolerance(torch.float64)  # a float64 kernel is checked to this; the reference must be as good
 REDUCED_PRECISION_ULPS = 100  # a model casting to a lower precision: its forward and kernel are good to 100 eps
 
 
@@ -278,7 +282,7 @@ def kernel_fn(model: torch.nn.Module, example: torch.Tensor, implementation: str
         raise ValueError(f"unknown neural-tangents implementation {implementation!r}; "
                          f"valid: {', '.join(IMPLEMENTATIONS)}")
     if mode not in _MODES:
-        raise ValueError(f"unknown mode {mode!r}; valid modes: full, trace, diagonal")
+        raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
         raise ValueError(f"dtype must be float32 or float64, got {dtype}")
@@ -331,14 +335,14 @@ def ntk(model: torch.nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None
     ((N, M, O, O) / (N, M) / (N, M, O); a model returning (N,) has O = 1).
 
     Computed with ``trace_axes=(), diagonal_axes=()`` (the full kernel), then reduced to ``mode`` in torch.
-    ``quick_compile``: XLA's backend optimisation off, for small problems where compiling dominates (big
-    conv nets: 2-3x faster to compile, 3-4x slower to run). Raises UnsupportedOpError (with the reason) for a
+    ``quick_compile``: XLA's backend optimisation off, for small problems where compiling dominates (on big
+    conv nets it compiles several times faster and runs several times slower). Raises UnsupportedOpError (with the reason) for a
     model the translation cannot reproduce.
     """
-    from ntk_bench.implementations.core.kernels import reduce_full
+    from ntk_bench.implementations.core.contractions import reduce_full
 
     if mode not in _MODES:
-        raise ValueError(f"unknown mode {mode!r}; valid modes: full, trace, diagonal")
+        raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
     if x2 is not None and tuple(x2.shape[1:]) != tuple(x1.shape[1:]):
         raise ValueError(f"x1 and x2 have different per-sample shapes: {tuple(x1.shape[1:])} vs "
                          f"{tuple(x2.shape[1:])}")

@@ -115,6 +115,9 @@ def to_jax(value):
 
 
 def rule(*names: str):
+    """Register the decorated function as the JAX rule of the named ops (``RULES``); ValueError for an op that
+    already has one. A rule needs no docstring of its own: the ATen schema of the op it names is its contract."""
+
     def register(fn):
         for name in names:
             if name in RULES:

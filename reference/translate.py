@@ -367,6 +367,8 @@ class JaxFunction:
         self.layouts = {name: "(in, out)" for name in program.transposed}
 
     def __call__(self, params, x):
+        """The model's output (N, O) at ``params`` for the batch ``x``: a program exported for one sample
+        (``program.per_sample``, where the batched export failed) is vmapped over the batch."""
         if self.program.per_sample and x.shape[0] != 1:
             import jax
 
@@ -436,7 +438,7 @@ _PROGRAMS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDiction
 def program(model: nn.Module, example: torch.Tensor) -> Program:
     """The model's translated graph, built once per model, parameter shapes and per-sample input shape/dtype
     (exporting takes seconds); a failure is cached too, and raised again."""
-    from ntk_bench.implementations.core.modelinfo import shape_keyed_cache
+    from ntk_bench.implementations.core.module_walks import shape_keyed_cache
 
     def make():
         try:

@@ -46,6 +46,8 @@ def _cpu(fn) -> float:
 
 
 def measure(name: str, params: dict, pairs: int) -> dict:
+    """One model: a warm-up call of auto and of its pick, then ``pairs`` pairs of first calls on fresh instances in
+    alternating order (process CPU time); the row, with the ratios auto / pick."""
     from ntk_bench import implementations
 
     auto = implementations.get("auto")
@@ -74,6 +76,7 @@ def measure(name: str, params: dict, pairs: int) -> dict:
 
 
 def profile(name: str, params: dict) -> None:
+    """Print the 25 most expensive functions (cumulative) of auto's first call on a fresh instance."""
     import cProfile
     import pstats
 
@@ -89,6 +92,7 @@ def profile(name: str, params: dict) -> None:
 
 
 def main(argv=None) -> int:
+    """The command line: see the module docstring."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", type=int, default=6)
     p.add_argument("--out")

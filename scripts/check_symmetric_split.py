@@ -1,8 +1,11 @@
 """On a GPU: the symmetric 3-block kernel of the MLP at N=512 against the float64 CPU kernel built without the split."""
-import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import torch
 from ntk_bench import implementations
-from ntk_bench.implementations.core import kernels as base
+from ntk_bench.implementations.core import contractions as base
 from ntk_bench.bench.zoo import architectures
 torch.backends.cuda.matmul.allow_tf32 = False
 a = architectures.build("mlp", seed=0, in_features=784, width=512, depth=2, out=10)

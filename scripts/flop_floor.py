@@ -17,6 +17,7 @@ import torch
 
 
 def main() -> None:
+    """The command line: see the module docstring."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("arch")
     ap.add_argument("n", type=int)
@@ -26,10 +27,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from ntk_bench.bench.zoo import architectures
     from ntk_bench.implementations import get
-    from ntk_bench.implementations.core.costs import model_stats
+    from ntk_bench.implementations.core.costs import cost_stats
 
     arch = architectures.build(args.arch, **json.loads(args.params))
-    stats = model_stats(arch.model, architectures.inputs(arch, 1))
+    stats = cost_stats(arch.model, architectures.inputs(arch, 1))
     n, o, fp = args.n, stats.o, stats.fp_flops
     estimate = get("structured").estimate(stats, n, n, "full", True).flops
     rules = estimate - n * (fp + 2 * o * fp)  # (the estimate counts the backward as 2·O forwards)

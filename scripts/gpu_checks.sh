@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# All the GPU work of one time-limited session, with the machine's own Python (no venv, no package index):
+# All the GPU checks in one go, for a GPU machine lent for a limited time, with its own Python (no venv, no package
+# index):
 #   0. MLP 784-512-512-10 at N=512: eager against CUDA-graph replay, split thresholds, JC (graph_check.txt);
 #   1. the correctness suite, CUDA cases included, against the harness's float64 CPU reference
 #      (neural-tangents is not installed there; `make test` checks that reference against it);
@@ -15,7 +16,7 @@
 #                                              WHEELS (a folder of carried wheels, installed first without an index:
 #                                              the image has no pydantic, which the sweep schema needs)
 #
-# A RUN_DIR carried over from another session (other code, another machine) is continued in a new segment with
+# A RUN_DIR carried over from an earlier run (other code, another machine) is continued in a new segment with
 # its own header (--force), so each part of the run says which code and machine made it.
 #
 # OUTDIR receives graph_check.txt, tests.log, sweep.log, and run.tar.gz (the run directory without its cached references).
@@ -39,7 +40,7 @@ fi
 
 if [ "${TESTS:-1}" = 1 ]; then
     # One thread per xdist worker: 8 workers with a thread per core each oversubscribe the CPU.
-    OMP_NUM_THREADS=1 NTKBENCH_REFERENCE=harness timeout "${TEST_TIMEOUT_S:-240}" $PYTHON -m pytest -p no:cacheprovider \
+    OMP_NUM_THREADS=1 NTK_BENCH_REFERENCE=harness timeout "${TEST_TIMEOUT_S:-240}" $PYTHON -m pytest -p no:cacheprovider \
         -q -n 8 --timeout=200 -rfE ${TEST_SELECT:-tests} >"$OUTDIR/tests.log" 2>&1
     echo "tests: exit $?" | tee -a "$OUTDIR/tests.log"
     tail -3 "$OUTDIR/tests.log"

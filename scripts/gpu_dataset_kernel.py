@@ -6,8 +6,8 @@ path to go on where it stopped (the kernel resumes).
     python scripts/gpu_dataset_kernel.py --kernel /scratch/K.zarr --out $OUT --seconds 480
 
 Random inputs stand in for CIFAR-10 (a kernel's cost does not depend on the pixel values; no download here).
-The GPU machines' Python needs zarr (``pip install zarr`` or a carried wheelhouse); neural-tangents is not there,
-so the verification uses the harness's float64 Jacobian contraction.
+A Python without the package's dependencies needs zarr (``pip install zarr`` or a carried wheelhouse); without
+neural-tangents the verification uses the harness's float64 Jacobian contraction.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 
 
 def main() -> int:
+    """The command line: see the module docstring."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--N", type=int, default=50_000)
     p.add_argument("--tile", type=int, default=2048)

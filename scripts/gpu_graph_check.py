@@ -18,16 +18,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ntk_bench import implementations  # noqa: E402
-from ntk_bench.implementations.core import kernels as base  # noqa: E402
+from ntk_bench.implementations.core import contractions as base  # noqa: E402
 from ntk_bench.bench.zoo import architectures  # noqa: E402
 from ntk_bench.bench.measurement.timers import time_call  # noqa: E402
 from ntk_bench.implementations.core import cuda_graphs  # noqa: E402
 
 
 def main() -> None:
+    """The command line: see the module docstring."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--N", type=int, default=512)
-    ap.add_argument("--jc", action="store_true", help="also time jacobian_contraction (about 0.8 s a call)")
+    ap.add_argument("--jc", action="store_true",
+                    help="also time jacobian_contraction, the slow baseline of the printed ratios")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -42,11 +44,11 @@ def main() -> None:
     default_split = base.SYMMETRIC_SPLIT_MIN_ROWS, base.SYMMETRIC_SPLIT_MIN_ROWS_CAPTURED
     for name in ("structured", "explicit_mlp", "auto"):
         plugin = implementations.get(name)
-        os.environ["NTKBENCH_CUDA_GRAPHS"] = "0"
+        os.environ["NTK_BENCH_CUDA_GRAPHS"] = "0"
         eager = plugin.compute(model, x)
         for graphs in ("0", "1"):
             for split in default_split:
-                os.environ["NTKBENCH_CUDA_GRAPHS"] = graphs
+                os.environ["NTK_BENCH_CUDA_GRAPHS"] = graphs
                 base.SYMMETRIC_SPLIT_MIN_ROWS = base.SYMMETRIC_SPLIT_MIN_ROWS_CAPTURED = split
                 cuda_graphs.CACHE = cuda_graphs.GraphCache()  # a fresh capture for this threshold
                 out = plugin.compute(model, x)

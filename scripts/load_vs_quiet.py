@@ -142,6 +142,7 @@ def compare(run_a: Path, run_b: Path, baseline: str | None = None) -> tuple[list
 
 
 def main(argv=None) -> int:
+    """The command line: see the module docstring."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_a")
     p.add_argument("run_b")

@@ -45,13 +45,15 @@ def _fn(name, model, x):
     reason = plugin.supports(model)
     if reason is not None:
         raise UnsupportedModelError(reason)
-    if plugin.kind == "peer":
+    if plugin.origin == "peer":
         run, to_torch = plugin.prepare(model, x, None, "full")
         return run, to_torch
     return (lambda: plugin.compute(model, x, None, "full")), (lambda out: out)
 
 
 def measure_case(arch_name, params, n, budget_s, slow_s):
+    """One model at one N: each plugin and peer checked against the float64 autograd-loop kernel, then timed in
+    alternating rounds for about ``budget_s`` seconds (one call only for those slower than ``slow_s``); the rows."""
     arch = architectures.build(arch_name, seed=0, **params)
     model = arch.model
     x = architectures.inputs(arch, n, seed=1)
@@ -102,6 +104,8 @@ def measure_case(arch_name, params, n, budget_s, slow_s):
 
 
 def table(rows):
+    """The rows as the Markdown table of peers_timing.md: median times, and each one over structured's (or
+    jacobian_contraction's where structured declines)."""
     lines = ["| model | N | O | P | " + " | ".join(OURS + PEERS) + " |",
              "|---|---|---|---|" + "---|" * len(OURS + PEERS)]
     for key in dict.fromkeys((r["arch"], r["N"]) for r in rows):
@@ -128,6 +132,7 @@ def table(rows):
 
 
 def main():
+    """The command line: see the module docstring."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--budget", type=float, default=20.0, help="seconds of alternating rounds per case")

@@ -62,6 +62,8 @@ def _cpu(fn):
 
 
 def measure(source, name, params, repeats, pairs=3):
+    """One network's costs in process CPU time: structured's first call and ``repeats`` later calls, then auto's
+    first call against its pick's, each on a fresh copy, in ``pairs`` pairs of alternating order; the row."""
     import torch
 
     from ntk_bench import implementations
@@ -92,6 +94,7 @@ def measure(source, name, params, repeats, pairs=3):
 
 
 def main(argv=None) -> int:
+    """The command line: see the module docstring."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--repeats", type=int, default=5)

@@ -11,9 +11,9 @@ excluded, ``block_until_ready``, CPU, float32:
   with torch's activations and stax's kernels (NCHW, HWIO); each is a baseline.
 
 Structured derivatives and the CNN's Jacobian contraction at N = 16. The FCN's Jacobian contraction and
-NTK-vector products would hold 16·8 rows of its 14.7M-parameter Jacobian (7.5 GB in float32), more than a
-process may use on the shared 24 GiB machine, and take seconds per sample: they are timed on one sample with
-itself (N = 1, x2 = None); the CNN's NTK-vector products (6 s a call at N = 16) at N = M = 4. ``--naive``
+NTK-vector products would hold 16·8 rows of its 14.7M-parameter Jacobian (7.5 GB in float32) and take seconds
+per sample: they are timed on one sample with itself (N = 1, x2 = None); the CNN's NTK-vector products (seconds
+a call at N = 16) at N = M = 4. ``--naive``
 also times the FCN hand-written with torch's (out, in) weights as ``x @ W.T`` (structured derivatives, one
 call each at N = M = 4, where it takes 2.8 GB), the layout the translation avoids.
 
@@ -34,6 +34,7 @@ from torch import nn
 
 
 def fcn_model() -> nn.Module:
+    """The fully connected net of the comparison: 3072 -> 3 x (2048, ReLU) -> 8, seeded, in eval mode."""
     torch.manual_seed(0)
     layers, d = [], 3072
     for _ in range(3):
@@ -94,6 +95,8 @@ def cnn_hand_written(model: nn.Module, activations: str, kernels: str = None):
 
 
 def nt_kernel(apply, implementation: str):
+    """neural-tangents' jitted empirical NTK function of ``apply`` (full kernel, vmapped over samples) for one of its
+    implementations."""
     import jax
     import neural_tangents as nt
 
@@ -134,6 +137,7 @@ def compare(label, implementation, model, x1, x2, hand_written: dict, budget_s: 
 
 
 def main(argv=None) -> int:
+    """The command line: see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="write the table here (markdown)")
     parser.add_argument("--budget", type=float, default=20.0, help="seconds of paired timing per comparison")
@@ -196,6 +200,7 @@ def main(argv=None) -> int:
 
 
 def write_table(path: Path, rows, argv) -> None:
+    """The results as Markdown at ``path``: the command, the versions, and a row per comparison."""
     import jax
     import neural_tangents
 

@@ -17,6 +17,7 @@ import torch
 
 
 def main() -> None:
+    """The command line: see the module docstring."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("arch")
     ap.add_argument("n", type=int)

@@ -29,6 +29,7 @@ from ntk_bench.bench.zoo import architectures  # noqa: E402
 
 
 def main() -> None:
+    """The command line: see the module docstring."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("impls", nargs="+")
     ap.add_argument("--arch", default="mlp")

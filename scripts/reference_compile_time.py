@@ -26,10 +26,13 @@ if str(ROOT) not in sys.path:
 
 
 class Clock:
+    """Wall and process CPU time since the last lap (a loaded machine inflates the first, not the second)."""
+
     def __init__(self):
         self.wall, self.cpu = time.perf_counter(), time.process_time()
 
     def lap(self) -> str:
+        """The time since the last lap (or the start) as ``W s (cpu C s)``; starts the next lap."""
         wall, cpu = time.perf_counter(), time.process_time()
         text = f"{wall - self.wall:.1f} s (cpu {cpu - self.cpu:.1f} s)"
         self.wall, self.cpu = wall, cpu
@@ -37,6 +40,7 @@ class Clock:
 
 
 def main() -> None:
+    """The command line: see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="efficientnet_b0", help="a timm model name (random weights)")
     parser.add_argument("--n", type=int, default=2)

@@ -14,6 +14,8 @@ import json
 import random
 from pathlib import Path
 
+from ntk_bench.modes import MODES
+
 OURS = ["jacobian_contraction", "ntk_vector_products", "autograd_loop", "explicit_mlp", "backpack_batchgrad",
         "backpack_sqrtggn", "structured", "auto"]
 PEERS = ["nt_jacobian_contraction", "nt_ntk_vector_products", "nt_structured_derivatives", "asdl_implicit",
@@ -21,6 +23,7 @@ PEERS = ["nt_jacobian_contraction", "nt_ntk_vector_products", "nt_structured_der
 
 
 def main() -> None:
+    """The command line: see the module docstring."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out")
     ap.add_argument("--rows", type=int, default=100_000)
@@ -43,7 +46,7 @@ def main() -> None:
             params = {"depth": 2, "in_features": 784, "out": 10, "width": 64 * (c + 1)}
             k = 0
             for dtype in ("float32", "float64"):
-                for mode in ("full", "trace", "diagonal"):
+                for mode in MODES:
                     for o in os_:
                         for n in ns:
                             if k >= per_config:

@@ -4,6 +4,8 @@ import os
 import pytest
 import torch
 
+from ntk_bench.envvars import env
+
 # runner_helpers: the runner tests' session fixtures (one smoke run, one reference)
 pytest_plugins = ["pytester", "tests.helpers.runner_helpers"]
 
@@ -18,9 +20,9 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
-# NTKBENCH_REFERENCE=harness, on a machine without neural-tangents (the GPU machines): the plugins are checked
+# NTK_BENCH_REFERENCE=harness, on a machine without neural-tangents (the GPU machines): the plugins are checked
 # against the harness's own float64 CPU Jacobian contraction, which `make test` checks against neural-tangents.
-HARNESS_REFERENCE = os.environ.get("NTKBENCH_REFERENCE") == "harness"
+HARNESS_REFERENCE = env("REFERENCE") == "harness"
 
 
 def _use_harness_reference() -> bool:
@@ -58,7 +60,7 @@ def _require_neural_tangents():
 
     reason = reference.available()
     if reason is not None:
-        if os.environ.get("NTKBENCH_REQUIRE_REFERENCE") == "1":  # make test: a missing reference is a failure
+        if env("REQUIRE_REFERENCE") == "1":  # make test: a missing reference is a failure
             pytest.fail(reason)
         pytest.skip(reason)
 
@@ -70,6 +72,6 @@ def nt_available():
 
 @pytest.fixture(scope="session")
 def kernel_reference():
-    """neural-tangents, or with NTKBENCH_REFERENCE=harness and no neural-tangents, the harness's float64 JC."""
+    """neural-tangents, or with NTK_BENCH_REFERENCE=harness and no neural-tangents, the harness's float64 JC."""
     if not _use_harness_reference():
         _require_neural_tangents()

@@ -1,1 +1,1 @@
-"""Running sweeps: the runner, its workers, the executors, the run plan, dataset kernels in tiles."""
+"""Running sweeps: the runner, its workers, the executors, the pre-run duration forecast, dataset kernels in tiles."""

@@ -3,7 +3,7 @@
     K = kernel_matrix(model, X1, mode="trace", out="K.zarr")     # X1: tensor, array or Dataset
     K[:10, :10]                                                    # numpy reads; open_kernel("K.zarr") later
 
-The kernel is cut into square tiles sized from the memory budget and the plugin's cost model (``blocking``'s
+The kernel is cut into square tiles sized from the memory budget and the plugin's cost model (``tiling``'s
 tile rule); x2 = None stores the upper triangle only (``kernel_store`` mirrors it on read). A task is one row
 band: the tiles (I, J) of row block I that are missing. Tasks run in this process (``executor=None``) or on the
 runner's executors (local workers pinned to cores, one per GPU, Ray, SLURM via submitit), which need the model
@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import math
 import os
 import random
 import sys
@@ -36,10 +35,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ntk_bench.implementations.core.tolerances import tolerance
+
 from ..store.kernel_store import KernelArray, KernelFileError, create, kernel_shape, open_kernel
 
 MAX_TILE = 1024  # a tile is a checkpoint: a kill loses at most the tiles in flight
-VERIFY_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _ATTRS_CHECKED = ("n", "m", "o", "mode", "dtype", "symmetric", "plugin", "model_fingerprint", "inputs_fingerprint",
                   "inputs2_fingerprint", "code_version", "tile")
@@ -187,7 +187,7 @@ def _tile_kernel(plugin, model, xa, xb, mode, device, dtype, depth: int = 0) -> 
         top = torch.cat([_tile_kernel(plugin, model, a, None, mode, device, dtype, depth + 1),
                          _tile_kernel(plugin, model, a, b, mode, device, dtype, depth + 1)], dim=1)
         br = _tile_kernel(plugin, model, b, None, mode, device, dtype, depth + 1)
-        from ntk_bench.implementations.core.blocking import _mirror
+        from ntk_bench.implementations.core.tiling import _mirror
 
         bottom = torch.cat([_mirror(top[:, h:], mode), br], dim=1)
         return torch.cat([top, bottom], dim=0)
@@ -205,6 +205,9 @@ class _FactorCache:
         if key != self.key:
             self.key, self.blocks, self.bytes = key, {}, 0
         return self.blocks.get(j)
+
+    def clear(self) -> None:
+        self.key, self.blocks, self.bytes = None, {}, 0
 
     def put(self, j, factors, budget: int) -> None:
         size = factors.nbytes()
@@ -234,6 +237,9 @@ def compute_band(kernel: KernelArray, plugin, model, x1: Inputs, x2, i: int, col
     from ntk_bench.implementations.core.base import UnsupportedModelError
 
     dtype, device, mode = DTYPES[spec["dtype"]], spec["device"], spec["mode"]
+    # Each tile's record carries the seconds (and this process's CPU seconds) since the band's previous tile was
+    # written, the row's factors counted with the band's first tile: the work a kill loses is then readable.
+    since, since_cpu = time.perf_counter(), time.process_time()
     si = kernel.tile_slices(i, 0)[0]
     xa = _cast(x1.rows(si), device, dtype)
     phases = {"factors_s": 0.0, "contract_s": 0.0, "whole_tiles_s": 0.0, "tiles": 0}
@@ -268,7 +274,11 @@ def compute_band(kernel: KernelArray, plugin, model, x1: Inputs, x2, i: int, col
                 t0 = time.perf_counter()
                 block = _tile_kernel(plugin, model, xa, xb, mode, device, dtype)
                 phases["whole_tiles_s"] += time.perf_counter() - t0
-            kernel.write_tile(i, j, block.detach().cpu().numpy())
+            now, cpu = time.perf_counter(), time.process_time()
+            kernel.write_tile(i, j, block.detach().cpu().numpy(),
+                              info={"seconds": round(now - since, 4), "cpu_s": round(cpu - since_cpu, 4),
+                                    "process_cpu_s": round(cpu, 4), "pid": os.getpid(), "at": time.time()})
+            since, since_cpu = now, cpu
             phases["tiles"] += 1
             if on_tile is not None:
                 on_tile()
@@ -340,12 +350,12 @@ def _pick(impl, model, x1: Inputs, x2: Inputs | None, mode, device, dtype, budge
 
 
 def _tile_edge(plugin, model, x1: Inputs, x2: Inputs | None, mode, device, dtype, budget) -> int:
-    from ntk_bench.implementations.core.blocking import tile_size
-    from ntk_bench.implementations.core.costs import model_stats
+    from ntk_bench.implementations.core.tiling import tile_size
+    from ntk_bench.implementations.core.costs import cost_stats
 
     x = x1.rows(slice(0, 1)).to(device)
     x = x.to(dtype) if x.is_floating_point() else x
-    stats = model_stats(model, x)
+    stats = cost_stats(model, x)
     n, m = x1.n, (x2 or x1).n
     b = tile_size(plugin.with_budget(budget), stats, n, m, mode, budget, False)
     return max(1, min(b, MAX_TILE, max(n, m)))
@@ -378,11 +388,11 @@ def _predicted_s(plugin, model, x1: Inputs, x2, mode, device, dtype, budget) -> 
     """The cost model's seconds for the whole kernel (auto's constants for this plugin), kept beside the measured
     time; None where it cannot say."""
     from ntk_bench import implementations
-    from ntk_bench.implementations.core.costs import model_stats
+    from ntk_bench.implementations.core.costs import cost_stats
 
     try:
         x = _cast(x1.rows(slice(0, 1)), device, dtype)
-        stats = model_stats(model, x)
+        stats = cost_stats(model, x)
         auto = implementations.get("auto")
         seconds, _ = auto.predict(plugin, stats, x1.n, (x2 or x1).n, mode, x2 is None,
                                   "cuda" if torch.device(device).type == "cuda" else "cpu", budget)
@@ -519,10 +529,13 @@ def kernel_matrix(model, X1, X2=None, mode: str = "trace", out=None, impl: str =
             if progress:
                 _print_progress(total - len(kernel.missing()), total, started, first_done)
 
-        for i in range(rows):
-            band = [j for j in range(i if kernel.symmetric else 0, cols) if not kernel.done(i, j)]
-            if band:
-                _add_phases(phases, compute_band(kernel, plugin, model_obj, x1, x2, i, band, spec, on_tile))
+        try:
+            for i in range(rows):
+                band = [j for j in range(i if kernel.symmetric else 0, cols) if not kernel.done(i, j)]
+                if band:
+                    _add_phases(phases, compute_band(kernel, plugin, model_obj, x1, x2, i, band, spec, on_tile))
+        finally:
+            _CACHE.clear()  # the caller's process: the kept factors go with the call, not after it
     else:
         phases = _run_on_executor(executor, spec, kernel, workers, devices, timeout_s, retries, progress, started,
                                   first_done, total)
@@ -605,7 +618,7 @@ def _verify(kernel: KernelArray, model, x1: Inputs, x2, mode, device, verify: in
     rng = random.Random(kernel.attrs["inputs_fingerprint"])
     chosen = [(0, 0)] + rng.sample([t for t in tiles if t != (0, 0)], min(verify, len(tiles) - 1))
     model64 = copy.deepcopy(model).to(device="cpu", dtype=torch.float64)
-    tol = VERIFY_TOLERANCE[DTYPES[kernel.attrs["dtype"]]]
+    tol = tolerance(kernel.attrs["dtype"])
     results, worst = [], 0.0
     for i, j in chosen:
         si, sj = kernel.tile_slices(i, j)

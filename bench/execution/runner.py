@@ -123,28 +123,28 @@ class _Eta:
     references, workers starting again, the gaps between jobs) takes its share of what is left too.
     """
 
-    def __init__(self, predicted: dict[str, float], slots: int, kinds: dict[str, str] | None = None,
+    def __init__(self, predicted: dict[str, float], slots: int, groups: dict[str, str] | None = None,
                  clock=time.monotonic):
         self.predicted, self.slots = dict(predicted), max(1, slots)
-        self.kinds = dict(kinds or {})  # job id -> its plugin (or "paired")
+        self.groups = dict(groups or {})  # job id -> its plugin (or "paired")
         self.actual_s = self.predicted_s = 0.0
-        self.by_kind: dict[str, list[float]] = {}  # plugin -> [actual, predicted]
+        self.by_group: dict[str, list[float]] = {}  # plugin -> [actual, predicted]
         self.clock, self.started = clock, clock()
         self.one_off_s = 0.0  # wall time of what happens once, mostly first: references, worker start-ups
-        self.measured: set[str] = set()  # kinds predicted from measured times, not the cost model
+        self.measured: set[str] = set()  # groups predicted from measured times, not the cost model
 
-    def add(self, job_id: str, seconds: float, kind: str, measured: bool = False) -> None:
+    def add(self, job_id: str, seconds: float, group: str, measured: bool = False) -> None:
         """A job the run learned of after it started (a group's paired timing); ``measured``: its prediction
-        comes from this run's own times (scaled by nothing until jobs of its kind have finished)."""
-        self.predicted[job_id], self.kinds[job_id] = seconds, kind
+        comes from this run's own times (scaled by nothing until jobs of its group have finished)."""
+        self.predicted[job_id], self.groups[job_id] = seconds, group
         if measured:
-            self.measured.add(kind)
+            self.measured.add(group)
 
     def done(self, job_id: str, wall_s: float) -> None:
         p = self.predicted.get(job_id, 0.0)
         self.actual_s += wall_s
         self.predicted_s += p
-        acc = self.by_kind.setdefault(self.kinds.get(job_id, "?"), [0.0, 0.0])
+        acc = self.by_group.setdefault(self.groups.get(job_id, "?"), [0.0, 0.0])
         acc[0] += wall_s
         acc[1] += p
 
@@ -161,20 +161,20 @@ class _Eta:
         elapsed = (self.clock() - self.started) * self.slots - self.one_off_s
         return min(5.0, max(1.0, elapsed / self.actual_s))
 
-    def scale(self, kind: str | None = None) -> float:
+    def scale(self, group: str | None = None) -> float:
         overall = min(10.0, max(0.1, self.actual_s / self.predicted_s)) if self.predicted_s > 0 else 1.0
-        if kind in self.measured:
+        if group in self.measured:
             overall = 1.0  # times measured in this run already carry the machine's state
-        acc = self.by_kind.get(kind)
+        acc = self.by_group.get(group)
         if acc is None or acc[1] <= 0:
             return overall
-        prior = self.predicted_s / max(1, len(self.by_kind)) / 4  # the overall ratio's weight
+        prior = self.predicted_s / max(1, len(self.by_group)) / 4  # the overall ratio's weight
         return min(20.0, max(0.05, (acc[0] + overall * prior) / (acc[1] + prior)))
 
     def left_s(self, job_ids) -> float | None:
         if not self.predicted:
             return None
-        left = sum(self.scale(self.kinds.get(j)) * self.predicted.get(j, 0.0) for j in job_ids)
+        left = sum(self.scale(self.groups.get(j)) * self.predicted.get(j, 0.0) for j in job_ids)
         return left * self.overhead() / self.slots
 
 
@@ -199,13 +199,13 @@ def _call_seconds(case: Case, info, auto) -> float:
     guesses = []
     for name in names:
         try:
-            plugin = implementations.get(name if sweeps.kind_of(name) == "ours" else "jacobian_contraction")
+            plugin = implementations.get(name if sweeps.origin_of(name) == "ours" else "jacobian_contraction")
             guesses.append(auto.predict(plugin, info.stats, p.n, p.M, case.mode, p.m is None, device, budget)[0])
         except Exception:  # a plugin the cost model cannot cost on this model: leave it out
             continue
     if not guesses:
         return case.time_budget_s
-    return min(guesses) * (PEER_CALL_FACTOR.get(case.impl, 3) if sweeps.kind_of(case.impl) == "peer" else 1)
+    return min(guesses) * (PEER_CALL_FACTOR.get(case.impl, 3) if sweeps.origin_of(case.impl) == "peer" else 1)
 
 
 def _auto():
@@ -511,7 +511,7 @@ def _schedule(cases, todo, latest, out_dir, executor, results, summary, reporter
     group_times: dict[tuple, dict[str, float]] = {}  # our plugins' ok times so far, per group
 
     def note_time(case: Case, row: dict) -> None:
-        if case.impl != "auto" and sweeps.kind_of(case.impl) == "ours" and row.get("status") == "ok" \
+        if case.impl != "auto" and sweeps.origin_of(case.impl) == "ours" and row.get("status") == "ok" \
                 and not row.get("blocked_after_oom") and row.get("time_median_s") is not None:
             group_times.setdefault(_group(case), {})[case.impl] = row["time_median_s"]
 
@@ -530,7 +530,7 @@ def _schedule(cases, todo, latest, out_dir, executor, results, summary, reporter
         ref_timeout[c.problem.id] = max(ref_timeout.get(c.problem.id, 0.0), c.timeout_s)
     todo_ids = {c.id for c in todo}
     waits_for = {c.id: {o.id for o in todo if o.id != c.id and _group(o) == _group(c) and o.impl != "auto"
-                        and sweeps.kind_of(o.impl) == "ours"} if c.impl == "auto" else set() for c in todo}
+                        and sweeps.origin_of(o.impl) == "ours"} if c.impl == "auto" else set() for c in todo}
     finished: set[str] = set()
     queue = list(todo)
     ref_queue = [p for p in refs_needed.values() if p is not None]
@@ -546,8 +546,8 @@ def _schedule(cases, todo, latest, out_dir, executor, results, summary, reporter
     paired_done = {gid for gid in paired.read_records(out_dir) if gid not in ran_now}
     paired_file: list = []  # the open paired.jsonl, once there is a record to write
     predicted = predict_seconds(todo, models)
-    kinds = {c.id: c.impl for c in todo}
-    eta = _Eta(predicted, executor.slots, kinds)
+    groups = {c.id: c.impl for c in todo}
+    eta = _Eta(predicted, executor.slots, groups)
     for gid, seconds in predict_paired([c for c in cases if group_of[c.id] not in paired_done], models).items():
         eta.add(gid, seconds, "paired, from the cost model")  # replaced by its measured prediction when submitted
     pending_paired = {gid for gid in eta.predicted if gid.startswith("paired/")}
@@ -592,26 +592,26 @@ def _schedule(cases, todo, latest, out_dir, executor, results, summary, reporter
 
     def process(fut: JobFuture) -> None:
         nonlocal done_count
-        kind, obj = inflight.pop(fut)
+        task, obj = inflight.pop(fut)
         if fut.cancelled():
             return
         row = fut.result()
         if row.get("executor_lost"):  # never ran to its end: no row, resume runs it
             return
         eta.one_off(row.get("worker_startup_s") or 0.0)
-        if kind == "reference":
+        if task == "reference":
             if fut.started_at is not None and fut.finished_at is not None:
                 eta.one_off(fut.finished_at - fut.started_at)
             ref_done.add(obj.id)
             if row.get("status") != "ok":
                 _reference_failed(obj, row, out_dir, reporter)
             return
-        if kind == "paired":
+        if task == "paired":
             write_paired(fut, obj, row)
             return
         case: Case = obj
         if row.get("oom_killed") and not case.retry_blocked and case.memory_budget_bytes is None \
-                and sweeps.kind_of(case.impl) != "peer" and not state.stop_requested:
+                and sweeps.origin_of(case.impl) != "peer" and not state.stop_requested:
             reporter.note(f"{case.id}: {row.get('error')}; running it again blocked under a budget that "
                           "fits this worker's memory limit", logging.INFO)
             retry = dataclasses.replace(case, retry_blocked=True)

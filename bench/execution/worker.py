@@ -21,11 +21,13 @@ import sys
 import threading
 import time
 
+from ntk_bench.envvars import env
+
 PR_SET_PDEATHSIG = 1
 
 
 def _die_with_parent() -> None:
-    parent = int(os.environ.get("NTK_BENCH_PARENT_PID", os.getppid()))
+    parent = int(env("PARENT_PID", os.getppid()))
     if sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL(None, use_errno=True)
@@ -46,7 +48,7 @@ def _die_with_parent() -> None:
 
 def _pin() -> dict:
     """Apply the executor's core and thread settings before torch is imported; return what they are."""
-    cpus = os.environ.get("NTK_BENCH_CPUS")
+    cpus = env("CPUS")
     if cpus:
         try:
             os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
@@ -55,7 +57,7 @@ def _pin() -> dict:
     from ..measurement.machine import default_threads
 
     # the cores this worker owns, never more: more threads than cores wait for each other
-    threads = os.environ.get("NTK_BENCH_THREADS") or str(default_threads())
+    threads = env("THREADS") or str(default_threads())
     if threads:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[var] = threads
@@ -75,7 +77,7 @@ def _keep_freed_memory() -> str | None:
     same with glibc's own settings (mmap threshold 32 MiB, the most it takes, trim threshold 1 GiB, top pad
     256 MiB), for every plugin and peer of the worker alike. ``NTK_BENCH_MALLOC=default`` leaves glibc as it is.
     What was set goes into the rows (``worker_malloc``)."""
-    if os.environ.get("NTK_BENCH_MALLOC", "") == "default" or not sys.platform.startswith("linux"):
+    if env("MALLOC", "") == "default" or not sys.platform.startswith("linux"):
         return None
     try:
         libc = ctypes.CDLL(None)
@@ -104,7 +106,7 @@ def _warm_up() -> None:
         except Exception:  # said by the cases that use it
             pass
     model, x = torch.nn.Linear(2, 2), torch.zeros(1, 2)
-    costs.model_stats(model, x)
+    costs.cost_stats(model, x)
     fn = lambda: implementations.get("jacobian_contraction").compute(model, x)  # noqa: E731
     time_blocks(fn, 1e-3)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ntk_bench.implementations.core.kernels import reduce_full
+from ntk_bench.implementations.core.contractions import reduce_full
 
 
 def jacobian(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

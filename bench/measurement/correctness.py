@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ntk_bench.implementations.core.kernels import reduce_full
+from ntk_bench.implementations.core.contractions import reduce_full
+from ntk_bench.implementations.core.tolerances import tolerance
 
 from ..zoo import architectures
 from . import bruteforce
@@ -43,7 +44,7 @@ from . import problems as zoo
 from .problems import Problem, rel_err
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
-_DEFAULT_TOLERANCES = {name: zoo.TOLERANCE[dtype] for name, dtype in DTYPES.items()}
+_DEFAULT_TOLERANCES = {name: tolerance(dtype) for name, dtype in DTYPES.items()}
 STATUSES = ("passed", "failed", "error", "skipped")
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
@@ -250,8 +251,8 @@ def check_kernel(plugin, problem: Problem, mode: str, dtype: str, device: str, r
         ref = reduce_full(ref, mode)
         # A model that computes in float32 inside a float64 model has a kernel defined only to that precision:
         # every method, the reference included, rounds differently there.
-        result.tolerance = tol = max(zoo.TOLERANCE[torch_dtype], references.tolerance(problem))
-        if tol > zoo.TOLERANCE[torch_dtype]:
+        result.tolerance = tol = max(tolerance(torch_dtype), references.tolerance(problem))
+        if tol > tolerance(torch_dtype):
             result.reduced = "the model computes in a lower precision inside"
         as_found = _AsFound(model, (x1, x2))
         try:
@@ -347,8 +348,8 @@ def check_untouched(plugin, how: str) -> CaseResult:
         failures += _kernel_problems(kernel, expected.shape, torch.float64, "cpu")
         if not failures:
             err = rel_err(kernel, expected)
-            if not err <= zoo.TOLERANCE[torch.float64]:
-                failures.append(f"rel err {err:.2e} > {zoo.TOLERANCE[torch.float64]:g} against the brute-force kernel")
+            if not err <= tolerance(torch.float64):
+                failures.append(f"rel err {err:.2e} > {tolerance(torch.float64):g} against the brute-force kernel")
         if failures:
             result.status, result.message = "failed", "; ".join(failures)
     except Exception as exc:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 import os
 
+from ntk_bench.envvars import env
+
 THREADS, CPUS, STARTUP = "NTK_BENCH_THREADS", "NTK_BENCH_CPUS", "NTK_BENCH_WORKER_STARTUP_S"
 DEFAULT_STARTUP_S = 300.0
 
@@ -20,7 +22,7 @@ DEFAULT_STARTUP_S = 300.0
 def startup_seconds(environ=None) -> float:
     """``NTK_BENCH_WORKER_STARTUP_S`` as a positive finite number of seconds (300 when unset); ValueError naming the
     variable and its value otherwise."""
-    text = (os.environ if environ is None else environ).get(STARTUP)
+    text = env(STARTUP, environ=environ)
     if text is None or not text.strip():
         return DEFAULT_STARTUP_S
     try:
@@ -47,12 +49,12 @@ def worker_env(environ=None) -> dict[str, str]:
     bad one. Empty when neither is set."""
     environ = os.environ if environ is None else environ
     out = {}
-    threads = environ.get(THREADS)
+    threads = env(THREADS, environ=environ)
     if threads is not None and threads.strip():
         if not threads.strip().isdigit() or int(threads) < 1:
             raise ValueError(f"{THREADS}={threads!r}: expected a positive integer (torch threads per worker)")
         out[THREADS] = str(int(threads))
-    cpus = environ.get(CPUS)
+    cpus = env(CPUS, environ=environ)
     if cpus is not None and cpus.strip():
         try:
             ids = [int(c) for c in cpus.split(",")]
@@ -78,7 +80,7 @@ def worker_threads(env: dict[str, str]) -> int | None:
 def calibration_problem(environ=None) -> str | None:
     """Why the calibration file ``NTK_BENCH_CALIBRATION`` names cannot be used (auto then takes its packaged
     constants), in one line; None when it is unset or fine."""
-    path = (os.environ if environ is None else environ).get("NTK_BENCH_CALIBRATION")
+    path = env("CALIBRATION", environ=environ)
     if not path:
         return None
     from ntk_bench.implementations.plugins.auto import CalibrationError, read_calibration

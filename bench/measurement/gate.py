@@ -85,6 +85,7 @@ def prepare(case, budget_s: float, n_blocks: int, check: bool = True):
     import torch
 
     from ntk_bench import implementations
+    from ntk_bench.implementations.core.tolerances import tolerance
 
     from . import failures, one_case, problem_build
 
@@ -116,7 +117,7 @@ def prepare(case, budget_s: float, n_blocks: int, check: bool = True):
             ref = implementations.get("jacobian_contraction").compute(ref_model, r1, r2, mode=case.mode)
             row["rel_err"] = one_case.agreement(kernel, ref)[0]
             row["reference"] = "harness:jacobian_contraction:float64:cpu"
-            row["status"] = "ok" if row["rel_err"] <= one_case.TOLERANCE[case.dtype] else "mismatch"
+            row["status"] = "ok" if row["rel_err"] <= tolerance(case.dtype) else "mismatch"
         else:
             row["status"] = "ok"
         t0 = time.perf_counter()

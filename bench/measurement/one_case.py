@@ -12,20 +12,17 @@ from pathlib import Path
 import torch
 
 from ntk_bench import implementations
-from ntk_bench.implementations.core import cuda_graphs, kernels
-from ntk_bench.implementations.core.costs import model_stats
+from ntk_bench.implementations.core import contractions, cuda_graphs, tolerances
+from ntk_bench.implementations.core.costs import cost_stats
 
 from ..store.row import check_row
-from ..sweeps import Case, kind_of
+from ..sweeps import Case, origin_of
 from . import machine, timing
 from .failures import CaseUnsupported, error_text, status_of
 from .memory import measure_peak_memory, safe_memory_budget
 from .problem_build import DTYPES, build_problem
 from .references import load_reference
 from .timers import time_blocks, time_paired
-
-TOLERANCE = {"float64": 1e-10, "float32": 1e-4}
-
 
 def agreement(k: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     """(‖K − K_ref‖_F / ‖K_ref‖_F, max|ΔK| / mean|K_ref|), in float64."""
@@ -56,7 +53,7 @@ def case_fields(case: Case) -> dict:
     """The columns of a result row that the case alone determines."""
     problem = case.problem
     fields = {
-        "case_id": case.id, "impl": case.impl, "kind": kind_of(case.impl), "arch": problem.arch,
+        "case_id": case.id, "impl": case.impl, "kind": origin_of(case.impl), "arch": problem.arch,
         "arch_params": json.dumps(dict(problem.arch_params), sort_keys=True),
         "N": problem.n, "M": problem.M, "x2": "x1" if problem.m is None else "separate",
         "mode": case.mode, "dtype": case.dtype, "device": case.device,
@@ -73,9 +70,24 @@ def _first_call(fn, to_torch, case, row):
     if case.device.startswith("cuda"):
         torch.cuda.synchronize()
     row["first_call_s"] = time.perf_counter() - t0
+    _compile_fields(case, row)
     if case.impl == "auto":
         row["auto_pick"], row["auto_reason"] = implementations.get("auto").last_choice
     return kernel
+
+
+def _compile_fields(case, row) -> None:
+    """``compiled`` (whether the kernel ran compiled: a ``*_compiled`` variant that did not fall back to eager) and
+    ``compile_s`` (its compilation, part of ``first_call_s``); ``compile_fallback`` says why a variant ran eagerly.
+    Peers (neural-tangents jits; the rest do not compile) get None."""
+    plugin = implementations.get(case.impl)
+    info = plugin.info() if hasattr(plugin, "info") else None
+    if info is not None:
+        row.update(compiled=info.compiled, compile_s=info.compile_s)
+        if info.fallback is not None:
+            row["compile_fallback"] = info.fallback[:300]
+    elif origin_of(case.impl) == "ours":
+        row.update(compiled=False, compile_s=None)
 
 
 def _settle_auto(case, model, x1, x2, fn, row) -> None:
@@ -144,7 +156,7 @@ def _run_case(case: Case, run_dir: Path) -> dict:
     try:
         arch, model, x1, x2 = build_problem(problem, dtype, case.device)
 
-        stats = model_stats(model, x1[:1])
+        stats = cost_stats(model, x1[:1])
     except Exception as exc:  # the model or its inputs could not be set up here (memory, the device, the factory)
         row.update(status=status_of(exc), error=f"setting up the problem failed: {error_text(exc)}"[:500])
         return row
@@ -154,9 +166,9 @@ def _run_case(case: Case, run_dir: Path) -> dict:
         O=o, P=p, fp_flops=fp,
         predicted_jc_flops=(n + (0 if problem.m is None else m)) * o * fp + n * m * o * o * p,
         predicted_vp_flops=n * m * o * fp,
-        kernel_bytes=math.prod(kernels.kernel_shape(n, m, o, case.mode)) * x1.element_size(),
+        kernel_bytes=math.prod(contractions.kernel_shape(n, m, o, case.mode)) * x1.element_size(),
     )
-    peer = kind_of(case.impl) == "peer"
+    peer = origin_of(case.impl) == "peer"
     budget = case.memory_budget_bytes
     if case.retry_blocked and budget is None and not peer:
         row["blocked_after_oom"] = True
@@ -217,8 +229,8 @@ def _run_case(case: Case, run_dir: Path) -> dict:
         row.update(status="unchecked", reference="none", error=f"not checked: {why}"[:500])
         return row
     a, b = record["block"]
-    rel, maxrel = agreement(kernel[:a, :b], kernels.reduce_full(ref, case.mode))
-    tolerance = max(TOLERANCE[case.dtype], record.get("tolerance") or 0.0)
+    rel, maxrel = agreement(kernel[:a, :b], contractions.reduce_full(ref, case.mode))
+    tolerance = max(tolerances.tolerance(case.dtype), record.get("tolerance") or 0.0)
     row.update(reference=record["source"], ref_block=f"{a}x{b}", rel_err=rel, max_abs_err_rel_mean=maxrel,
                status="ok" if rel <= tolerance else "mismatch")
     if record.get("tolerance"):  # a reference only as precise as the model's own casts (float32 inside float64)

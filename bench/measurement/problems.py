@@ -103,9 +103,6 @@ def rel_err(k: torch.Tensor, ref: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(k - ref) / torch.linalg.vector_norm(ref))
 
 
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
-
-
 # -- ill-defined kernels: every plugin must refuse these with IllDefinedKernelError, before any work -------------
 
 class Noisy(nn.Module):

@@ -105,6 +105,8 @@ def address_space_headroom() -> int | None:
 
 
 def available_memory() -> int | None:
+    """The memory the machine has free for a new allocation (``MemAvailable`` of /proc/meminfo), in bytes; None where
+    that is not readable."""
     try:
         with open("/proc/meminfo") as f:
             info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
@@ -121,6 +123,7 @@ def cpu_memory_budget(fraction: float = 0.5) -> int:
 
 
 def cpu_affinity() -> list[int] | None:
+    """The cores this process may run on, sorted; None where the platform does not say."""
     try:
         return sorted(os.sched_getaffinity(0))
     except (AttributeError, OSError):

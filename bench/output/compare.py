@@ -52,9 +52,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import plots, report
 from ..store import safefs
 from ..store.rundir import unwritable
+from . import plots, report
 
 VERDICTS = ("slower", "faster", "same", "n/a")
 DEFAULT_NOISE_FLOOR = 0.10  # run-to-run noise besides a common shift (the README: "Comparing two runs")
@@ -275,6 +275,7 @@ def unjudged(res: pd.DataFrame) -> pd.Series:
 
 
 def counts_line(res: pd.DataFrame) -> str:
+    """One line of the verdict counts (slower, faster, same, n/a), the failing cases and the cases not judged."""
     c = res["verdict"].value_counts()
     line = ", ".join(f"{int(c.get(v, 0))} {v}" for v in VERDICTS) + f"; {int(res['fail'].sum())} failing"
     n = int(unjudged(res).sum())
@@ -413,6 +414,8 @@ def _threads_note(a: pd.DataFrame, b: pd.DataFrame) -> list[str]:
 
 def markdown(res: pd.DataFrame, shift: Shift, run_a: Path, run_b: Path, ha: dict, hb: dict, fail_above: float,
              noise_floor: float, alpha: float, plotted: bool, notes: list[str] = (), strict: bool = False) -> str:
+    """The comparison as Markdown (compare.md): both runs' headers, the verdict with the flags that decided it, the
+    common shift, and the cases by verdict."""
     lines = [f"# ntk-bench compare: {run_a} → {run_b}", "",
              f"A: {report._header_line(ha)}  ", f"B: {report._header_line(hb)}", ""]
     lines += _header_note(ha, hb) + _load_note(ha, hb) + list(notes)
@@ -442,6 +445,8 @@ def markdown(res: pd.DataFrame, shift: Shift, run_a: Path, run_b: Path, ha: dict
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``compare`` command's arguments to ``parser`` (the CLI's subcommand and this module's ``main``);
+    return it."""
     parser.add_argument("run_a", metavar="RUN_A", help="the baseline run directory (or its results.jsonl), or "
                                                         "pytest-benchmark's saved JSON")
     parser.add_argument("run_b", metavar="RUN_B", help="the run to check against it")
@@ -543,6 +548,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
+    """``python -m ntk_bench.bench.output.compare``: the ``compare`` command on its own (its exit status)."""
     parser = add_arguments(argparse.ArgumentParser(prog="ntk-bench compare", description=__doc__,
                                                    formatter_class=argparse.RawDescriptionHelpFormatter))
     return run(parser.parse_args(argv))

@@ -21,12 +21,15 @@ import pandas as pd
 
 @dataclasses.dataclass(frozen=True)
 class Style:
+    """How one plugin is drawn in every figure: its color and marker; a peer's lines are dashed and its markers open."""
+
     color: str
     marker: str
     peer: bool
 
     @property
     def linestyle(self) -> str:
+        """Dashed for a peer, solid for ours."""
         return "--" if self.peer else "-"
 
     def kwargs(self, hollow: bool = False) -> dict:
@@ -65,16 +68,17 @@ _EXTRA_COLORS = ("#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#393b79", "#637939
                  "#7b4173", "#3182bd", "#e6550d", "#31a354", "#756bb1", "#636363", "#dbdb8d", "#9edae5")
 
 
-# name -> peer or not, as the rows of the run being drawn say (their ``kind``): a report needs no registry
-KINDS: dict[str, bool] = {}
+# name -> peer or not, as the rows of the run being drawn say (their ``kind`` field: the plugin's origin): a report
+# needs no registry
+IS_PEER: dict[str, bool] = {}
 
 
 def is_peer(name: str) -> bool:
-    """Whether ``name`` is another library's routine (kind ``peer``), not one of ours: as the run's rows say
-    (``KINDS``), else by its name (a peer library's prefix), else by the registry where it is already loaded (a
+    """Whether ``name`` is another library's routine (origin ``peer``), not one of ours: as the run's rows say
+    (``IS_PEER``), else by its name (a peer library's prefix), else by the registry where it is already loaded (a
     report does not import torch and the plugins for this)."""
-    if name in KINDS:
-        return KINDS[name]
+    if name in IS_PEER:
+        return IS_PEER[name]
     if name.startswith("nt_") or name in _PEERS or name.split("_")[0].lower() in _PEER_FAMILIES:
         return True
     if "ntk_bench.implementations" not in sys.modules:
@@ -82,7 +86,7 @@ def is_peer(name: str) -> bool:
     try:
         from ntk_bench import implementations
 
-        return implementations.kind_of(name) == "peer"
+        return implementations.origin_of(name) == "peer"
     except Exception:  # not registered here (a plugin of the machine that ran the sweep): by its name alone
         return False
 
@@ -101,6 +105,8 @@ def style(name: str) -> Style:
 
 
 def fmt_time(s: float) -> str:
+    """Seconds in the unit that reads best (s, ms, µs, three significant digits); empty for None or a non-finite
+    value."""
     if s is None or not np.isfinite(s):
         return ""
     if s >= 1:
@@ -111,6 +117,7 @@ def fmt_time(s: float) -> str:
 
 
 def fmt_bytes(b: float) -> str:
+    """Bytes in the binary unit that reads best (GiB, MiB, KiB, B); empty for None or a non-finite value."""
     if b is None or not np.isfinite(b):
         return ""
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
@@ -163,6 +170,8 @@ def _slope(x: np.ndarray, y: np.ndarray) -> float | None:
 
 
 def slope(x, y) -> float | None:
+    """The log-log slope of y against x (how time or memory grows with N), from the finite positive points; None with
+    fewer than two distinct x."""
     return _slope(np.asarray(x, dtype=float), np.asarray(y, dtype=float))
 
 

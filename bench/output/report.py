@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ntk_bench.modes import MODES
+
 from ..measurement import paired as paired_rounds
 from . import plots as figs
 from . import summary as answers
@@ -269,8 +271,8 @@ def load(run_dir: Path) -> tuple[dict, pd.DataFrame]:
 def _impl_order(df: pd.DataFrame) -> list[str]:
     """Ours in the registry's order, then peers, then anything else by name."""
     present = set(df["impl"])
-    if "kind" in df:  # the rows say which are peers
-        figs.KINDS.update({i: k == "peer" for i, k in zip(df["impl"], df["kind"]) if k in ("peer", "ours")})
+    if "kind" in df:  # the rows say which are peers (a row's kind is its plugin's origin)
+        figs.IS_PEER.update({i: k == "peer" for i, k in zip(df["impl"], df["kind"]) if k in ("peer", "ours")})
     order = list(figs._OURS)
     if "ntk_bench.implementations" in sys.modules:  # the registry's order, where it is loaded (never imported for
         try:                                        # a report: torch and the plugins take hundreds of MB)
@@ -517,7 +519,7 @@ def plots_for(df: pd.DataFrame, out: Path) -> list[tuple[str, str]]:
     return made
 
 
-_MODE_ORDER = {"full": 0, "trace": 1, "diagonal": 2}
+_MODE_ORDER = {mode: i for i, mode in enumerate(MODES)}
 
 
 def _group_order(key: tuple) -> tuple:

@@ -124,6 +124,8 @@ def _faster_text(band, other: str, what: str) -> str:
 
 
 def verdict_text(v: dict) -> str:
+    """A case's recommendation as one Markdown sentence: the plugin to use, and its paired ratio bands against the
+    next plugin and neural-tangents' fastest (and its memory where measured)."""
     parts = []
     if v["next"] and v["next"] == v["nt"]:  # one plugin both: said once
         parts.append(_faster_text(v["next_band"], f"`{v['next']}`", "the next, neural-tangents' fastest, "))
@@ -248,6 +250,8 @@ def ours_vs_peers(df: pd.DataFrame, recs: dict[tuple, dict]) -> tuple[pd.DataFra
 
 
 def peers_section(df: pd.DataFrame, recs: dict[tuple, dict], md_table) -> list[str]:
+    """The report's section comparing, per case, our fastest plugin with the fastest peer timed in the same rounds
+    (paired ratio bands); no lines when no case has both."""
     table, peers = ours_vs_peers(df, recs)
     if table.empty:
         return []

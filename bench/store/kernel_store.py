@@ -10,8 +10,9 @@ Layout of ``PATH`` (a directory):
 - ``zarr.json`` and ``c/``: the zarr array, shape ``kernel_shape(N, M, O, mode)``, chunks ``(tile, tile, ...)``;
   its attributes hold the format, the model's and the inputs' fingerprints, the mode, dtype, plugin, code version,
   the tile edge, whether only the upper triangle is stored (``symmetric``), timings and the verification.
-- ``tiles/I-J``: an empty file per finished tile, made after the tile's chunk is written (atomically: a temporary
-  name renamed), so a tile killed mid-write has no record and is computed again on resume.
+- ``tiles/I-J``: a file per finished tile, made after the tile's chunk is written (atomically: a temporary
+  name renamed), so a tile killed mid-write has no record and is computed again on resume. Its content (JSON, or
+  empty) is what the writer recorded with it: seconds and CPU seconds since the band's previous tile, the process.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class KernelFileError(ValueError):
 
 
 def kernel_shape(n: int, m: int, o: int, mode: str) -> tuple[int, ...]:
+    """The stored kernel's shape for N rows, M columns and O outputs in ``mode``: (N, M, O, O), (N, M) or (N, M, O)."""
     return {"full": (n, m, o, o), "trace": (n, m), "diagonal": (n, m, o)}[mode]
 
 
@@ -76,6 +78,7 @@ class KernelArray:
 
     @property
     def grid(self) -> tuple[int, int]:
+        """The number of tile rows and tile columns."""
         return math.ceil(self.shape[0] / self.tile), math.ceil(self.shape[1] / self.tile)
 
     def tiles(self) -> list[tuple[int, int]]:
@@ -84,6 +87,7 @@ class KernelArray:
         return [(i, j) for i in range(rows) for j in range(cols) if not self.symmetric or j >= i]
 
     def tile_slices(self, i: int, j: int) -> tuple[slice, slice]:
+        """The row and column ranges of tile (I, J) (the last tiles are ragged)."""
         b = self.tile
         return slice(i * b, min((i + 1) * b, self.shape[0])), slice(j * b, min((j + 1) * b, self.shape[1]))
 
@@ -91,17 +95,23 @@ class KernelArray:
         return self.path / "tiles" / f"{i}-{j}"
 
     def done(self, i: int, j: int) -> bool:
+        """Whether tile (I, J) was written completely (its record exists)."""
         return self._record(i, j).is_file()
 
     def missing(self) -> list[tuple[int, int]]:
+        """The tiles still to compute."""
         return [t for t in self.tiles() if not self.done(*t)]
 
     @property
     def complete(self) -> bool:
+        """Whether every tile is written."""
         return not self.missing()
 
-    def write_tile(self, i: int, j: int, block) -> None:
-        """Write tile (I, J) and then its record; a tile killed before the record is computed again."""
+    def write_tile(self, i: int, j: int, block, info: dict | None = None) -> None:
+        """Write tile (I, J) and then its record; a tile killed before the record is computed again.
+
+        ``info`` (the tile's seconds, CPU seconds, the writing process) is kept as the record's JSON content, so the
+        cost of the work done, and of work lost to a kill, can be read back (:meth:`tile_info`)."""
         si, sj = self.tile_slices(i, j)
         block = np.asarray(block, dtype=self.dtype)
         expected = (si.stop - si.start, sj.stop - sj.start) + self.shape[2:]
@@ -111,14 +121,26 @@ class KernelArray:
         record = self._record(i, j)
         record.parent.mkdir(exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=record.parent, prefix=f".{record.name}.")
-        os.close(fd)
+        with os.fdopen(fd, "w") as f:
+            if info:
+                f.write(json.dumps(_jsonable(info)))
         os.replace(tmp, record)
 
+    def tile_info(self, i: int, j: int) -> dict | None:
+        """What was recorded with finished tile (I, J) (``{}`` for a record without it), None if not finished."""
+        try:
+            text = self._record(i, j).read_text()
+        except FileNotFoundError:
+            return None
+        return json.loads(text) if text.strip() else {}
+
     def read_tile(self, i: int, j: int) -> np.ndarray:
+        """Tile (I, J) as stored (a tile not written reads as NaN)."""
         si, sj = self.tile_slices(i, j)
         return self._z[si, sj]
 
     def update_attrs(self, **values) -> None:
+        """Merge ``values`` (made JSON-able) into the kernel's attributes, on disk and in ``attrs``."""
         self._z.attrs.update(_jsonable(values))
         self.attrs = self._z.attrs.asdict()
 

@@ -205,6 +205,8 @@ class RunLock:
             return "holder unknown"
 
     def acquire(self) -> "RunLock":
+        """Take the lock and write this runner's host, pid and start time into the lock file; RunDirError naming the
+        holder when another runner (in this process or another) has it."""
         if self.path in _HELD:
             raise RunDirError(f"{self.path.parent} is in use by another runner in this process: wait for it to "
                               "finish, or use another --out")
@@ -239,6 +241,7 @@ class RunLock:
         return self
 
     def release(self) -> None:
+        """Give the lock back (closing the descriptor releases the POSIX lock); nothing when not held."""
         if self.fd is not None:
             _HELD.pop(self.path, None)
             os.close(self.fd)  # closing the descriptor releases the POSIX lock
@@ -270,6 +273,8 @@ class ResultsFile:
         self.written = 0
 
     def open(self) -> "ResultsFile":
+        """Open results.jsonl for appending (created when missing) and cut a torn last line; RunDirError when the
+        file is unsafe or the directory unwritable."""
         try:
             self.fd = safefs.open_fd(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
         except UnsafeFileError as exc:
@@ -320,6 +325,7 @@ class ResultsFile:
             self.written += 1
 
     def close(self) -> None:
+        """Close the file; nothing when not open."""
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None

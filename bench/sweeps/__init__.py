@@ -50,17 +50,18 @@ models or read the registry: loading and checking a sweep file's schema, and ``n
 
 from __future__ import annotations
 
+from ntk_bench.modes import MODES
+
 from .cases import Case, ModelSource, Problem
-from .checks import ModelInfo, check_devices, check_models
+from .checks import CheckedModel, check_devices, check_models
 from .expansion import expand, fingerprint, user_files
 from .files import MODEL_IMPLS, SWEEPS, builtin_sweeps, default_sweep_name, load
 from .models import build_architecture
 from .schema import SweepError
-from .selection import all_impls, kind_of, select_plugins
+from .selection import all_impls, origin_of, select_plugins
 
 DTYPES = ("float32", "float64")
-MODES = ("full", "trace", "diagonal")
 
-__all__ = ["DTYPES", "MODES", "MODEL_IMPLS", "SWEEPS", "Case", "ModelInfo", "ModelSource", "Problem", "SweepError",
+__all__ = ["DTYPES", "MODES", "MODEL_IMPLS", "SWEEPS", "Case", "CheckedModel", "ModelSource", "Problem", "SweepError",
            "all_impls", "build_architecture", "builtin_sweeps", "check_devices", "check_models", "default_sweep_name",
-           "expand", "fingerprint", "kind_of", "load", "select_plugins", "user_files"]
+           "expand", "fingerprint", "load", "origin_of", "select_plugins", "user_files"]

@@ -11,17 +11,17 @@ from .schema import SweepError
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelInfo:
+class CheckedModel:
     """A problem's model as built once before the sweep: its size and the cost model's stats."""
 
     o: int
     p: int
     fp_flops: int | None
-    stats: Any = None  # implementations.core.costs.ModelStats, for predictions
+    stats: Any = None  # implementations.core.costs.CostStats, for predictions
     declined: frozenset = frozenset()  # the sweep's plugins whose supports() declines this model
 
 
-def check_models(cases: list[Case]) -> dict[tuple, ModelInfo]:
+def check_models(cases: list[Case]) -> dict[tuple, CheckedModel]:
     """Build each problem's model once on the CPU (float32) and read its size; SweepError naming every failure.
 
     This catches what a schema cannot: ``activation = "swish"``, a factory that raises, a model whose output is
@@ -46,15 +46,15 @@ def check_models(cases: list[Case]) -> dict[tuple, ModelInfo]:
             x = architectures.inputs(arch, 1, dtype=torch.float32)
             stats = None
             try:
-                from ntk_bench.implementations.core.costs import model_stats
+                from ntk_bench.implementations.core.costs import cost_stats
 
-                stats = model_stats(arch.model, x)
+                stats = cost_stats(arch.model, x)
             except Exception:  # the cost model cannot read every model; only predictions need it
                 pass
             declined = _declined(arch.model, impls[key])
             if stats is not None:
                 _read_while_alive(stats, impls[key] - declined)
-            infos[key] = ModelInfo(arch.num_outputs, arch.num_parameters, getattr(stats, "fp_flops", None), stats,
+            infos[key] = CheckedModel(arch.num_outputs, arch.num_parameters, getattr(stats, "fp_flops", None), stats,
                                    declined)
         except (architectures.InputsError, architectures.TrainModeError) as exc:  # the inputs or the model's mode
             problems.append((key, f"{label}: {exc}"[:600]))
@@ -68,13 +68,13 @@ def check_models(cases: list[Case]) -> dict[tuple, ModelInfo]:
 
 def _read_while_alive(stats, impls) -> None:
     """Let the plugins that predictions may ask (``impls``, and auto's usual picks) read the model into ``stats``
-    now (``ModelStats.view``): the stats outlive the model, which they hold weakly."""
+    now (``CostStats.view``): the stats outlive the model, which they hold weakly."""
     from ntk_bench import implementations
 
     names = set(impls) | ({"structured", "explicit_mlp"} if "auto" in impls else set())
     for name in sorted(names):
         try:
-            if name in implementations.names(None) and implementations.kind_of(name) == "ours":
+            if name in implementations.names(None) and implementations.origin_of(name) == "ours":
                 implementations.get(name).estimate(stats, 1, 1, "full", True)
         except Exception:  # a plugin the cost model cannot cost on this model: its predictions say so later
             continue

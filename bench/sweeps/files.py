@@ -25,10 +25,9 @@ def builtin_sweeps() -> dict[str, dict]:
 SWEEPS = builtin_sweeps()
 
 
-# What ``--model`` runs by default: our plugins but the autograd loop (one backward pass per sample and output:
-# seconds a call from small models on), neural-tangents' three, and the one PyTorch NTK library whose calls stay
-# under seconds on small CNNs (asdl, nngeometry and curvlinops took 2-8 s a call on the tutorial CNN at N=8).
-MODEL_IMPLS = ["ours", "-tag:loop", "tag:neural_tangents", "laplace"]
+# What ``--model`` runs by default: the plugins and peers whose calls stay under a second on small models, the
+# registry's tag ``fast`` (our plugins but the autograd loop, neural-tangents' three, laplace-torch).
+MODEL_IMPLS = ["tag:fast"]
 
 
 def default_sweep_name() -> str:

@@ -43,11 +43,15 @@ class InputSpec:
 
     @property
     def is_integer(self) -> bool:
+        """Whether the inputs are integer ids (int64 in ``integer_range``) rather than floats."""
         return self.integer_range is not None
 
 
 @dataclasses.dataclass(frozen=True)
 class Architecture:
+    """A built zoo model and how to draw its inputs: what ``build`` returns (``params`` holds every constructor
+    argument, defaults included, so that a run's rows name the model exactly)."""
+
     name: str
     model: nn.Module
     input_spec: InputSpec
@@ -58,14 +62,18 @@ class Architecture:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
+        """One sample's input shape (no batch dimension)."""
         return self.input_spec.shape
 
     @property
     def num_parameters(self) -> int:
+        """The number of trainable parameters, P."""
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
 
 def activation_module(name: str, inplace: bool = False) -> nn.Module:
+    """A fresh activation module by name (``ACTIVATIONS``); ``inplace`` where the module takes it. ValueError names
+    the valid ones."""
     if name not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; valid: {', '.join(ACTIVATIONS)}")
     cls = ACTIVATIONS[name]
@@ -96,6 +104,7 @@ class TutorialCNN(nn.Module):
         self.fc = nn.Linear(21632, 10)
 
     def forward(self, x):
+        """The tutorial's forward, as written there (method calls, not modules, for the activations)."""
         x = self.conv1(x)
         x = x.relu()
         x = self.conv2(x)
@@ -107,6 +116,7 @@ class TutorialCNN(nn.Module):
 
 
 def tutorial_cnn() -> tuple[nn.Module, tuple[int, ...]]:
+    """The PyTorch NTK tutorial's CNN and its per-sample input shape (3, 32, 32)."""
     return TutorialCNN(), (3, 32, 32)
 
 
@@ -135,12 +145,14 @@ class ResidualBlockNet(nn.Module):
         self.head = nn.Linear(channels * (image // 2) ** 2, out)
 
     def forward(self, x):
+        """stem, residual block, 2x2 average pooling, flatten, head."""
         x = torch.relu(self.stem(x))
         x = torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
         return self.head(torch.flatten(self.pool(x), 1))
 
 
 def resnet_tiny(channels: int = 4, image: int = 8, out: int = 10, in_channels: int = 3) -> tuple[nn.Module, tuple[int, ...]]:
+    """A conv net with one residual block (:class:`ResidualBlockNet`) and its per-sample input shape."""
     return ResidualBlockNet(channels, image, out, in_channels), (in_channels, image, image)
 
 
@@ -157,6 +169,8 @@ def register(name: str, factory) -> None:
 
 
 def names() -> list[str]:
+    """The names of every registered architecture, the real models' included (importing ``real_models`` registers
+    them)."""
     _load_real_models()
     return list(ZOO)
 
@@ -183,6 +197,7 @@ def split_factory_ref(ref: str) -> tuple[str, str]:
 
 
 def is_file_ref(ref: str) -> bool:
+    """True when a factory reference names a Python file (``path/to/file.py:function``) rather than a module."""
     where, _, _ = ref.rpartition(":")
     return where.endswith(".py") or "/" in where or "\\" in where
 

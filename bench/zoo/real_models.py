@@ -75,11 +75,14 @@ class TextTransformer(nn.Module):
         self.head = nn.Linear(d_model, out)
 
     def forward(self, ids):
+        """Logits (N, out) of a batch of token ids (N, T)."""
         return self.head(self.encoder(self.embed(ids)).mean(1))
 
 
 def text_transformer(vocab: int = 50, seq: int = 8, d_model: int = 16, heads: int = 2, ff: int = 32, layers: int = 1,
                      out: int = 10):
+    """A small text transformer (:class:`TextTransformer`, dropout 0.1: eval mode makes it deterministic) on
+    ``seq`` token ids in [0, vocab)."""
     return _randomise_norms(TextTransformer(vocab, d_model, heads, ff, layers, out)), InputSpec((seq,), (0, vocab))
 
 
@@ -92,15 +95,18 @@ class RecurrentClassifier(nn.Module):
         self.head = nn.Linear(hidden, out)
 
     def forward(self, x):
+        """Logits (N, out) of a batch of sequences (N, T, F)."""
         y, _ = self.rnn(x)
         return self.head(y[:, -1])
 
 
 def lstm(features: int = 4, seq: int = 6, hidden: int = 8, layers: int = 1, out: int = 10):
+    """An LSTM classifier (:class:`RecurrentClassifier`) on (seq, features) sequences."""
     return RecurrentClassifier("lstm", features, hidden, layers, out), (seq, features)
 
 
 def gru(features: int = 4, seq: int = 6, hidden: int = 8, layers: int = 1, out: int = 10):
+    """A GRU classifier (:class:`RecurrentClassifier`) on (seq, features) sequences."""
     return RecurrentClassifier("gru", features, hidden, layers, out), (seq, features)
 
 
@@ -123,10 +129,13 @@ def _norm_cnn(norm, channels: int, image: int, out: int, in_channels: int):
 
 
 def cnn_groupnorm(channels: int = 4, image: int = 8, groups: int = 2, out: int = 10, in_channels: int = 3):
+    """Two convolutions, each followed by GroupNorm with ``groups`` groups and a ReLU, then pooling and a Linear."""
     return _norm_cnn(lambda c: nn.GroupNorm(groups, c), channels, image, out, in_channels)
 
 
 def cnn_batchnorm(channels: int = 4, image: int = 8, out: int = 10, in_channels: int = 3):
+    """Two convolutions, each followed by BatchNorm2d and a ReLU, then pooling and a Linear (built in eval mode: the
+    running statistics, randomised, are used)."""
     return _norm_cnn(nn.BatchNorm2d, channels, image, out, in_channels)
 
 
@@ -170,10 +179,13 @@ class TiedMLP(nn.Module):
         self.head = nn.Linear(width, out)
 
     def forward(self, x):
+        """inp, a, b (which is a, or shares a's weight), head, with tanh between them."""
         return self.head(torch.tanh(self.b(torch.tanh(self.a(torch.tanh(self.inp(x)))))))
 
 
 def mlp_tied(in_features: int = 6, width: int = 8, out: int = 10, how: str = "module"):
+    """An MLP with shared weights (:class:`TiedMLP`): one Linear used twice (``how='module'``) or two Linears sharing
+    a weight (``'weight'``)."""
     return TiedMLP(in_features, width, out, how), (in_features,)
 
 

@@ -2,21 +2,22 @@
 
 A plugin subclasses :class:`NTKPlugin`, sets ``name``, and implements ``_kernel(model, x1, x2, mode)``
 (optionally ``supports``, ``estimate``). ``compute`` runs the whole call through ``engine``: validation, the
-refusal of ill-defined models, planning (memory budget and tiles, CUDA-graph replay), the kernel, and the
+refusal of ill-defined models, dispatch (memory budget and tiles, CUDA-graph replay), the kernel, and the
 checks of its result, leaving the caller's model as it was found. So ``_kernel`` sees detached inputs, grad
 mode on, a model whose output is (N, O), and returns a kernel in the mode's shape.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
 from torch import nn
 
+from ...modes import MODES  # noqa: F401 - re-exported: the interface's modes
 from .estimate import Estimate, contraction_flops, jacobian_bytes, kernel_numel
 
-MODES = ("full", "trace", "diagonal")
 
 
 # The call machinery: ``core.engine`` sets this to itself when imported (the registry imports it), so the engine
@@ -39,16 +40,38 @@ class NTKPlugin:
     """One algorithm for the empirical NTK Θ(x1, x2) = J(x1) J(x2)ᵀ."""
 
     name: str = ""
-    # "ours" (an algorithm of this project, one auto may pick) or "peer" (another library's routine, run as its
-    # authors run it, for comparison)
-    kind: str = "ours"
-    # What the algorithm is, for choosing plugins by family rather than by name (a sweep's
-    # ``impls = ["ours", "-tag:loop"]``): ``loop`` (one backward pass per sample and output), ``vector_products``
-    # (NTK-vector products: N·M·O passes, no Jacobian), ``backpack`` (needs BackPACK), ``neural_tangents``
-    # (neural-tangents' own implementations, in JAX). The registry's ``names(tag=...)`` reads them.
+    # Where the algorithm comes from: "ours" (this project's) or "peer" (another library's routine, run as its
+    # authors run it, for comparison). (Once called ``kind``, which still reads and sets it, with a warning.)
+    origin: str = "ours"
+    # Labels the registry selects plugins by (``implementations.names(tag=...)``, a sweep's ``impls = ["ours",
+    # "-tag:loop"]``), so that no list of names is written by hand. What the algorithm is, set by the plugin:
+    # ``loop`` (one backward pass per sample and output), ``vector_products`` (NTK-vector products: N·M·O passes, no
+    # Jacobian), ``backpack`` (needs BackPACK), ``neural_tangents`` (neural-tangents' own implementations, in JAX).
+    # The roles the project gives a built-in, set by the registry's table: ``auto`` (``auto`` may pick it), ``fast``
+    # (a call stays well under a second on small models: what ``ntk-bench run --model`` runs by default).
     tags: frozenset[str] = frozenset()
     # True where ``_kernel`` can be captured in a CUDA graph: no host syncs, no data-dependent shapes (cuda_graphs).
     capturable: bool = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        legacy = cls.__dict__.get("kind")
+        if isinstance(legacy, str):  # a plugin written before ``kind`` became ``origin``
+            warnings.warn(f"{cls.__name__}.kind is deprecated: set origin = {legacy!r} instead", DeprecationWarning,
+                          stacklevel=2)
+            cls.origin = legacy
+            del cls.kind  # the alias below reads origin
+
+    @property
+    def kind(self) -> str:
+        """Deprecated alias of :attr:`origin` (stored rows keep their ``kind`` field)."""
+        warnings.warn("NTKPlugin.kind is deprecated: read origin instead", DeprecationWarning, stacklevel=2)
+        return self.origin
+
+    @kind.setter
+    def kind(self, value: str) -> None:
+        warnings.warn("NTKPlugin.kind is deprecated: set origin instead", DeprecationWarning, stacklevel=2)
+        self.origin = value
 
     def supports(self, model: nn.Module) -> str | None:
         """None when this plugin can handle ``model``, otherwise the reason it cannot."""
@@ -74,9 +97,9 @@ class NTKPlugin:
 
     def dispatch(self, model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None, mode: str,
                  memory_budget_bytes: int | None) -> torch.Tensor:
-        """The planning step of a validated call: tiles under a budget, a replayed CUDA graph, or ``_kernel``
+        """The dispatch step of a validated call: tiles under a budget, a replayed CUDA graph, or ``_kernel``
         (``auto`` overrides it to pick a plugin)."""
-        return _the_engine().plan_and_run(self, model, x1, x2, mode, memory_budget_bytes)
+        return _the_engine().dispatch(self, model, x1, x2, mode, memory_budget_bytes)
 
     def with_budget(self, memory_budget_bytes: int) -> "NTKPlugin":
         """This plugin, for a call under a memory budget (plugins that tile internally override it)."""

@@ -1,12 +1,12 @@
 """The cost model: what a model looks like to the plugins' estimates, and what each algorithm costs on it.
 
-``model_stats(model, x_single)`` reads, from one forward pass on one sample (with gradients enabled, so that
+``cost_stats(model, x_single)`` reads, from one forward pass on one sample (with gradients enabled, so that
 modules take the path the plugins' own forwards take), the parameter count P, the output width O, the FLOPs
 of a forward pass [FP] (torch's FlopCounterMode; fused RNN ops counted from their shapes) in all and per module,
 the activation size, and the numbers and operators of the forward's memory-bound work. Plugins turn these into
 an :class:`Estimate` (FLOPs and peak bytes) for a block of N x M samples; blocking and ``auto`` decide from
 those estimates. A plugin that needs more of the model than these numbers (``structured``'s layers and their
-rules, ``explicit_mlp``'s Linear layers) reads it itself through :meth:`ModelStats.view`, once per stats: the cost
+rules, ``explicit_mlp``'s Linear layers) reads it itself through :meth:`CostStats.view`, once per stats: the cost
 model does not classify layers for any plugin.
 """
 
@@ -50,7 +50,7 @@ class Layer:
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelStats:
+class CostStats:
     """What the cost model read off a model on one sample.
 
     ``p``: trainable parameters; ``o``: outputs per sample; ``fp_flops``: one forward pass on one sample;
@@ -104,21 +104,21 @@ class _Traffic(TorchDispatchMode):
 _STATS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def model_stats(model: nn.Module, x_single: torch.Tensor) -> ModelStats:
+def cost_stats(model: nn.Module, x_single: torch.Tensor) -> CostStats:
     """The model's stats for inputs shaped like ``x_single`` (one sample), cached per model and input shape."""
-    from .modelinfo import shape_keyed_cache
+    from .module_walks import shape_keyed_cache
 
     key = (tuple(x_single.shape), x_single.dtype, x_single.device)
     return shape_keyed_cache(_STATS, model, key, lambda: _measure_stats(model, x_single))
 
 
-def measure(model: nn.Module, x_single: torch.Tensor, within: Callable = contextlib.nullcontext) -> ModelStats:
+def measure(model: nn.Module, x_single: torch.Tensor, within: Callable = contextlib.nullcontext) -> CostStats:
     """The model's stats with its forward run inside ``within()`` (a plugin's own rewrites of the forward, whose
-    FLOPs and operators are what it will run); not cached (the plugin keeps them in its ``ModelStats.view``)."""
+    FLOPs and operators are what it will run); not cached (the plugin keeps them in its ``CostStats.view``)."""
     return _measure_stats(model, x_single, within)
 
 
-def _measure_stats(model: nn.Module, x_single: torch.Tensor, within: Callable = contextlib.nullcontext) -> ModelStats:
+def _measure_stats(model: nn.Module, x_single: torch.Tensor, within: Callable = contextlib.nullcontext) -> CostStats:
     from torch.utils.flop_counter import FlopCounterMode
 
     named = list(model.named_modules(remove_duplicate=True))
@@ -149,7 +149,7 @@ def _measure_stats(model: nn.Module, x_single: torch.Tensor, within: Callable = 
     module_flops = {k: counted(k) or rnn_flops.get(m, 0) for k, m in named}
     p = sum(q.numel() for q in model.parameters() if q.requires_grad)
     o = 1 if y.dim() == 1 else y.shape[-1]
-    return ModelStats(p, o, int(counter.get_total_flops()) + missed, activations[0], y.element_size(),
+    return CostStats(p, o, int(counter.get_total_flops()) + missed, activations[0], y.element_size(),
                       traffic.elements, traffic.ops, {k: f for k, f in module_flops.items() if f},
                       x_single.detach().clone(), weakref.ref(model))  # (itemsize: the kernel's; x may hold ids)
 

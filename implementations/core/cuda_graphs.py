@@ -1,9 +1,8 @@
 """A plugin's kernel replayed from a captured CUDA graph, where the call is bound by kernel launches.
 
-On a GPU a small kernel is bound by the host: on the 670k-parameter MLP at N=512 an H100 was busy 1.8-2.0 ms
-of a 2.8-3.3 ms call; the rest was the host issuing 40-50 operators (and autograd's backward) one by one.
-A CUDA graph records them once and replays them with one launch: 2.0 ms a call there (H100,
-``results/2026-11-23-gpu/graph_check.txt``).
+On a GPU a small kernel is bound by the host: the device idles while the host issues the call's tens of
+operators (and autograd's backward) one by one. A CUDA graph records them once and replays them with one launch
+(eager against replayed calls: ``results/2026-11-23-gpu/graph_check.txt``).
 
 ``NTKPlugin.compute`` routes a call here when the plugin sets ``capturable = True`` (its ``_kernel`` has no
 host syncs and no data-dependent shapes), the inputs are on a GPU, no memory budget is given and the plugin's
@@ -14,7 +13,7 @@ of its output (the next replay overwrites it). The graph's memory pool holds the
 long as the graph is cached (at most ``MAX_GRAPHS_PER_MODEL`` per model and ``MAX_CACHED_BYTES_PER_MODEL`` of
 pools, least recently used dropped); ``last_replay_bytes`` says how much, for the runner's peak memory. A
 capture that fails (a model whose forward syncs with the host, say) is remembered, warned about once, and those
-calls run eagerly. ``NTKBENCH_CUDA_GRAPHS=0`` turns replay off.
+calls run eagerly. ``NTK_BENCH_CUDA_GRAPHS=0`` turns replay off.
 
 Costs: the first call is about three eager calls plus the capture; each later call one input copy, one
 launch and one output copy (N·M·O² numbers in full mode).
@@ -23,14 +22,15 @@ launch and one output copy (N·M·O² numbers in full mode).
 from __future__ import annotations
 
 import collections
-import os
 import warnings
 import weakref
 from typing import Callable
 
 import torch
 
-from .modelinfo import submodules
+from ntk_bench.envvars import env
+
+from .module_walks import submodules
 
 MAX_GRAPH_BYTES = 2 << 30  # a kernel whose estimated peak is larger runs eagerly
 MAX_GRAPHS_PER_MODEL = 4
@@ -55,6 +55,8 @@ class CapturedKernel:
 
     @torch.no_grad()
     def __call__(self, *inputs) -> torch.Tensor:
+        """Copy ``inputs`` into the static buffers, replay the graph and return a copy of its output (the next replay
+        overwrites the graph's own)."""
         for static, x in zip(self.inputs, inputs):
             if static is not None:
                 static.copy_(x)
@@ -121,15 +123,17 @@ class GraphCache:
         self.captures = 0
 
     def applies(self, plugin, x1) -> bool:
+        """Whether a call may replay a graph at all: a capturable plugin, inputs on one of ``devices``, and
+        ``NTKBENCH_CUDA_GRAPHS`` not 0."""
         return (getattr(plugin, "capturable", False) and x1.device.type in self.devices
-                and os.environ.get("NTKBENCH_CUDA_GRAPHS", "1") != "0")
+                and env("CUDA_GRAPHS", "1") != "0")
 
     @staticmethod
     def small_enough(plugin, model, x1, x2, mode) -> bool:
-        from .costs import model_stats
+        from .costs import cost_stats
 
         n, m = x1.shape[0], (x1 if x2 is None else x2).shape[0]
-        return plugin.estimate(model_stats(model, x1[:1]), n, m, mode, x2 is None).bytes <= MAX_GRAPH_BYTES
+        return plugin.estimate(cost_stats(model, x1[:1]), n, m, mode, x2 is None).bytes <= MAX_GRAPH_BYTES
 
     def kernel(self, plugin, model, x1, x2, mode) -> torch.Tensor | None:
         """The kernel from a replayed graph, capturing it first if new; None where it is to run eagerly."""

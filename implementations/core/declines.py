@@ -31,7 +31,9 @@ def old_style_functions(model: nn.Module, x: torch.Tensor) -> list[str]:
         y = model(x[:1])
     found: dict[str, None] = {}
     seen: set[int] = set()
-    stack = [y.grad_fn] if isinstance(y, torch.Tensor) and y.grad_fn is not None else []
+    stack: list[torch.autograd.graph.Node | None] = []
+    if isinstance(y, torch.Tensor) and y.grad_fn is not None:
+        stack.append(y.grad_fn)
     while stack:
         node = stack.pop()
         if node is None or id(node) in seen:

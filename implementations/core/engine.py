@@ -1,10 +1,10 @@
-"""One NTK call, start to end, in one place: validation → planning → kernel → checks.
+"""One NTK call, start to end, in one place: validation → dispatch → kernel → checks.
 
     compute(plugin, model, x1, x2, mode, memory_budget_bytes)
       1. validation   inputs (types, shapes, devices, dtypes, NaN/inf); the model's output form (N, O) or (N,);
                       refusal of ill-defined kernels (train-mode BatchNorm, Dropout, random or stateful forwards)
                       before any work; the plugin's ``supports``
-      2. planning     ``plugin.dispatch``: under a memory budget, tiles (``blocking``); on a GPU, a captured
+      2. dispatch     ``plugin.dispatch``: under a memory budget, tiles (``tiling``); on a GPU, a captured
                       CUDA graph replayed (``cuda_graphs``); else the kernel itself (``auto`` picks a plugin here)
       3. kernel       ``plugin._kernel`` on detached inputs, with grad mode on (calls under ``torch.no_grad()``
                       and ``torch.inference_mode()`` work)
@@ -27,9 +27,10 @@ from torch import nn
 from . import base as _base
 from .base import NTKPlugin, UnsupportedModelError
 from .input_errors import named_input_errors
-from .kernels import kernel_shape
+from .contractions import kernel_shape
 from .locking import model_claimed
 from .state import dense_gradients, preserved
+from .unchanged import Verdicts, input_key
 from .validation import (budget_bytes, output_spec, probe_forward, refuse_ill_defined_modules,
                          refuse_scripted, share_probe, validate_inputs)
 from .wrappers import unwrap
@@ -132,32 +133,57 @@ class Call:
 
 def validated(plugin: NTKPlugin, model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None, mode: str,
               memory_budget_bytes: int | None = None) -> Call:
-    """Step 1, validation: raises a clear error for bad inputs, an ill-defined kernel or a declined model."""
+    """Step 1, validation: raises a clear error for bad inputs, an ill-defined kernel or a declined model. The
+    inputs are checked on every call; the model's checks once per plugin, input shapes and model state
+    (``unchanged``): a call on an unchanged model reuses their verdict."""
     model = unwrap(model)  # (peers' prepare comes here directly)
     validate_inputs(model, x1, x2, mode)
     budget_bytes(memory_budget_bytes)
+    key = (plugin, *input_key(x1, x2))
+    verdict, now = _VERDICTS.get(model, key)
+    with torch.inference_mode(False):
+        x1, x2 = _plain(x1), _plain(x2)
+    if verdict is None:  # (a model that changed gets a new generation here)
+        verdict = _model_checks(plugin, model, x1)
+        _VERDICTS.put(model, now, key, verdict)
+    spec, reason = verdict
+    net = _as_matrix_output(model) if spec.vector else model
+    if reason is not None:
+        raise UnsupportedModelError(reason)
+    return Call(model, net, x1, x2, spec.o, _result_dtype(model, x1))
+
+
+# Per model: the verdict of the model's checks (output form, the plugin's decline) while its state is unchanged.
+_VERDICTS = Verdicts()
+
+
+def model_generation(model: nn.Module) -> int | None:
+    """The generation of ``model``'s state at its last validated call (``unchanged.Verdicts.generation``): caches
+    of per-model work (``compiled``) key on it to start afresh when the model changed."""
+    return _VERDICTS.generation(model)
+
+
+def _model_checks(plugin: NTKPlugin, model: nn.Module, x1: torch.Tensor):
+    """(the output's form, the plugin's reason to decline or None); an ill-defined model raises."""
     refuse_scripted(plugin.name, model)
     refuse_ill_defined_modules(model)
     with torch.inference_mode(False):
-        x1, x2 = _plain(x1), _plain(x2)
         with named_input_errors(model, x1, "x1"), _integer_inputs_named(x1):
             probe_forward(model, x1)  # random, batch-dependent or stateful forwards (it puts back what it touched)
             spec = output_spec(model, x1)
     net = _as_matrix_output(model) if spec.vector else model
     with preserved(model):
         reason = plugin.supports(net)
-    if reason is not None:
-        raise UnsupportedModelError(reason)
-    return Call(model, net, x1, x2, spec.o, _result_dtype(model, x1))
+    return spec, reason
 
 
-def plan_and_run(plugin: NTKPlugin, model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None, mode: str,
-                 memory_budget_bytes: int | None) -> torch.Tensor:
-    """The planning step: tiles under a budget, else a replayed CUDA graph where one applies, else the kernel."""
+def dispatch(plugin: NTKPlugin, model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None, mode: str,
+             memory_budget_bytes: int | None) -> torch.Tensor:
+    """The dispatch step: tiles under a budget, else a replayed CUDA graph where one applies, else the kernel."""
     if memory_budget_bytes is not None:
-        from .blocking import blocked_kernel
+        from .tiling import tiled_kernel
 
-        return blocked_kernel(plugin.with_budget(memory_budget_bytes), model, x1, x2, mode, memory_budget_bytes)
+        return tiled_kernel(plugin.with_budget(memory_budget_bytes), model, x1, x2, mode, memory_budget_bytes)
     from . import cuda_graphs
 
     out = cuda_graphs.CACHE.kernel(plugin, model, x1, x2, mode)

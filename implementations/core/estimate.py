@@ -1,4 +1,4 @@
-"""The arithmetic of a cost estimate: what an algorithm costs, given a model's sizes (``costs.ModelStats``).
+"""The arithmetic of a cost estimate: what an algorithm costs, given a model's sizes (``costs.CostStats``).
 
 It imports nothing of the package, so that the interface (``base``), whose default ``estimate`` uses it, stays
 at the bottom of the layers; ``costs`` re-exports all of it.
@@ -11,7 +11,7 @@ from typing import Protocol
 
 
 class Sizes(Protocol):
-    """The sizes of a model these formulas read (``costs.ModelStats`` has them)."""
+    """The sizes of a model these formulas read (``costs.CostStats`` has them)."""
 
     p: int  # trainable parameters
     o: int  # outputs per sample
@@ -20,6 +20,10 @@ class Sizes(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class Estimate:
+    """What one call of an algorithm costs: ``flops`` (floating-point operations), ``bytes`` (its estimated peak
+    memory, which the memory budget and the tiling compare against), and where a plugin counts them, ``traffic`` and
+    ``ops`` (see their comments); auto turns them into seconds with constants fitted per plugin and device."""
+
     flops: float
     bytes: float
     traffic: float = 0.0  # numbers read or written by memory-bound operators (costed per number, not per FLOP)
@@ -32,6 +36,7 @@ def jacobian_bytes(stats: Sizes, n: int, m: int) -> float:
 
 
 def kernel_numel(n: int, m: int, o: int, mode: str) -> int:
+    """The number of kernel entries for N×M samples and O outputs in ``mode``: N·M·O², N·M or N·M·O."""
     return n * m * {"full": o * o, "trace": 1, "diagonal": o}[mode]
 
 

@@ -14,10 +14,11 @@ by ``id`` only while a call holds them (and so keeps them alive).
 from __future__ import annotations
 
 import threading
+from collections.abc import Collection
 
 from torch import nn
 
-from .modelinfo import submodules
+from .module_walks import submodules
 
 _LOCK = threading.Lock()  # guards _OWNERS; taken directly on the fast path (a Condition's methods are Python)
 _CONDITION = threading.Condition(_LOCK)
@@ -34,7 +35,7 @@ class model_claimed:  # (a class, not a generator: it runs on every call)
 
     def __init__(self, model: nn.Module):
         self.keys = {id(m) for m in submodules(model)}
-        self.taken: set[int] | list[int] = ()
+        self.taken: Collection[int] = ()
 
     def __enter__(self) -> None:
         keys, owners = self.keys, _OWNERS

@@ -14,7 +14,7 @@ from typing import Iterator
 
 from torch import nn
 
-from .modelinfo import submodules
+from .module_walks import submodules
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
                "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")

@@ -20,8 +20,9 @@ from torch import nn
 from torch.nn.modules.module import register_module_forward_pre_hook
 
 from .base import UnsupportedModelError
-from .kernels import MODES
-from .modelinfo import describe, has_trainable_parameters, module_names, shape_keyed_cache, submodules
+from .base import MODES
+from .tolerances import tolerance
+from .module_walks import describe, has_trainable_parameters, module_names, shape_keyed_cache, submodules
 
 
 class IllDefinedKernelError(ValueError):
@@ -227,7 +228,7 @@ def _probe(model: nn.Module, x: torch.Tensor) -> str | None:
     if not isinstance(a, torch.Tensor):
         return None  # output_spec reports the output's form
     scale = float(a.detach().abs().max()) if a.numel() else 0.0
-    rtol = 1e-9 if a.dtype == torch.float64 else 1e-4
+    rtol = tolerance(a.dtype, "repeat")
     atol = rtol * max(scale, 1e-30)
     if not torch.allclose(a, b, rtol=rtol, atol=atol):
         return "its forward pass is random: two runs on the same sample differ"

@@ -1,1 +1,1 @@
-"""Peers: other libraries' NTK routines wrapped as plugins of kind ``"peer"``, built on ``core``."""
+"""Peers: other libraries' NTK routines wrapped as plugins of origin ``"peer"``, built on ``core``."""

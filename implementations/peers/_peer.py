@@ -75,13 +75,13 @@ def hooks_restored(model: nn.Module):
 
 
 class PeerPlugin(NTKPlugin):
-    """Another library's NTK routine, run the way its authors run it (kind "peer").
+    """Another library's NTK routine, run the way its authors run it (origin "peer").
 
     Subclasses set ``name``, ``package`` (the distribution, for messages) and ``module`` (what to import), and
     implement ``_setup`` and, where the library cannot take every model, ``_supports``.
     """
 
-    kind = "peer"
+    origin = "peer"
     package = ""
     module = ""
 

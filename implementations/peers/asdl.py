@@ -21,8 +21,9 @@ ASDL's other kernels are not used: ``empirical_direct_ntk`` (per-sample gradient
 Tensors`` because it looks for ``module.operation``, which 0.1a5's ``extend`` no longer sets (the
 operations live in the returned context); ``empirical_class_wise_direct_ntk`` (the diagonal mode) is
 exact only on Linear/Conv2d/BatchNorm/LayerNorm nets and silently leaves out the parameters of the
-modules it does not know (measured in float64: 2e-2 to 0.4 relative error on the zoo's GroupNorm, Conv1d,
-LSTM and GRU models, 2.5e-3 on resnet18; it raises on grouped and dilated convolutions), and its
+modules it does not know (against the float64 brute force: 2e-2 to 0.4 relative error on the zoo's
+GroupNorm, Conv1d, LSTM and GRU models, 2.5e-3 on resnet18; it raises on grouped and dilated
+convolutions), and its
 ``extend`` leaves ``_is_full_backward_hook = False`` on the caller's modules, after which BackPACK
 refuses them.
 """
@@ -32,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from ._peer import PeerPlugin, reraise_as_unsupported
-from ..core.kernels import reduce_full
+from ..core.contractions import reduce_full
 
 # Library errors that mean "this model is outside what the routine can do" (message fragment -> why).
 _UNSUPPORTED = {
@@ -46,6 +47,9 @@ _UNSUPPORTED = {
 
 
 class AsdlImplicitNTK(PeerPlugin):
+    """ASDL's implicit NTK as a peer: the full kernel by double backward (see the module docstring for what it
+    declines)."""
+
     name = "asdl"
     package = "asdfghjkl (ASDL)"
     module = "asdl"

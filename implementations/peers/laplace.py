@@ -31,11 +31,14 @@ from __future__ import annotations
 
 import torch
 
-from ._peer import PeerPlugin, shared_submodule
 from ..core.declines import transform_declines
+from ._peer import PeerPlugin, shared_submodule
 
 
 class LaplaceFunctionalNTK(PeerPlugin):
+    """laplace-torch's FunctionalLaplace kernel as a peer: its backend's Jacobians, contracted by its own einsums
+    (see the module docstring for what it declines)."""
+
     name = "laplace"
     package = "laplace-torch"
     module = "laplace"

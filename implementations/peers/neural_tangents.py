@@ -31,7 +31,7 @@ from ..core.base import MODES, NTKPlugin, UnsupportedModelError
 class NeuralTangentsPeer(NTKPlugin):
     """neural-tangents' ``implementation`` through the reference's JAX translation."""
 
-    kind = "peer"
+    origin = "peer"
 
     def __init__(self, implementation: str):
         self.implementation = implementation
@@ -40,6 +40,8 @@ class NeuralTangentsPeer(NTKPlugin):
                                                      else set()))
 
     def supports(self, model: nn.Module) -> str | None:
+        """None when neural-tangents imports and the model is on the CPU (JAX's CPU backend only), otherwise why
+        not. Whether the model translates needs an input: ``prepare`` raises with that reason."""
         from ntk_bench import reference
 
         reason = reference.available()

@@ -15,7 +15,7 @@ Where it wins: nets of Linear layers (exact, and only the Gram terms). What it c
 plugin declines: x2 ≠ x1; layers other than Linear, Conv1d, Conv2d, BatchNorm1d/2d (eval), LayerNorm and
 GroupNorm (it raises on a leaf module it does not know and *silently leaves out* parameters held by
 other modules, such as a ViT's class token); grouped convolutions and padding modes other than zeros
-(its unfold ignores ``groups`` and ``padding_mode``: 0.10 to 0.15 relative error, measured); a module
+(its unfold ignores ``groups`` and ``padding_mode``: 0.10 to 0.15 relative error against the brute force); a module
 called twice in one forward, or a parameter shared by two modules (it keeps one input per layer: 0.04 to
 0.3 error); frozen parameters in those layers (it includes them); integer inputs (it sets
 ``requires_grad`` on the batch).
@@ -37,7 +37,7 @@ from torch import nn
 
 from ._peer import PeerPlugin, hooks_restored, reraise_as_unsupported, shared_submodule
 from ..core.base import UnsupportedModelError
-from ..core.kernels import reduce_full
+from ..core.contractions import reduce_full
 
 # The layers whose nngeometry rules were checked against a float64 brute-force kernel; the per-sample input
 # rank each rule expects (LayerNorm: the input's per-sample shape must be its normalized_shape).
@@ -72,6 +72,9 @@ def _layer_problem(name: str, m: nn.Module) -> str | None:
 
 
 class NNGeometryGram(PeerPlugin):
+    """nngeometry's GramMatrix as a peer: Θ(x1, x1) from per-layer Gram terms (see the module docstring for what it
+    declines)."""
+
     name = "nngeometry"
     package = "nngeometry"
     module = "nngeometry"
@@ -103,6 +106,8 @@ class NNGeometryGram(PeerPlugin):
         return None
 
     def known_inexact(self, model, dtype):
+        """In float64, the layers whose per-sample gradients nngeometry keeps in float32 buffers (its result then
+        misses the float64 tolerance); None in float32 or when no such layer holds parameters."""
         if dtype != torch.float64:
             return None
         for mname, m in model.named_modules():

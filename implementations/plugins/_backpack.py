@@ -10,7 +10,7 @@ import warnings
 import torch
 
 from ..core.base import NTKPlugin, UnsupportedModelError
-from ..core.kernels import contract_jacobians
+from ..core.contractions import contract_jacobians
 
 
 @contextlib.contextmanager
@@ -38,7 +38,7 @@ def backpack_problem(model, plugin: str) -> str | None:
     cannot be modified in place)."""
     from torch import nn
 
-    from ..core.modelinfo import inplace_modules, structure_problem
+    from ..core.module_walks import inplace_modules, structure_problem
 
     problem = structure_problem(model, plugin, "extends the model's modules with BackPACK")
     if problem:

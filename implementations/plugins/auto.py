@@ -31,7 +31,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import types
 import warnings
 import weakref
@@ -41,17 +40,22 @@ from typing import Literal
 
 import torch
 
+from ntk_bench.envvars import env
+
 from ..core.base import NTKPlugin, UnsupportedModelError
-from ..core.costs import model_stats
-from ..core.modelinfo import shape_keyed_cache
+from ..core.costs import cost_stats
+from ..core.module_walks import shape_keyed_cache
 
 CALIBRATION_FILE = Path(__file__).with_name("auto_calibration.json")
 CALIBRATION_ENV = "NTK_BENCH_CALIBRATION"
 # Used for a plugin/device without fitted constants: 1 ms per call, 10 GFLOP/s (CPU) or 5 TFLOP/s (CUDA).
 DEFAULT_CONSTANTS = {"cpu": {"overhead_s": 1e-3, "s_per_flop": 1e-10}, "cuda": {"overhead_s": 1e-3, "s_per_flop": 2e-13}}
 TRIAL_WITHIN, TRIAL_UNDER_S = 3.0, 0.5
-CANDIDATES = ("explicit_mlp", "structured", "jacobian_contraction", "backpack_sqrtggn", "backpack_batchgrad",
-              "ntk_vector_products", "autograd_loop")
+# Auto's candidates are the registry's plugins tagged "auto". When the cost model cannot rank them (its measuring
+# forward failed) they are tried in this order, the more specialised first (they decline a model they cannot
+# handle at once and are the fastest where they apply); a candidate not named here comes after, in the registry's.
+TRY_FIRST = ("explicit_mlp", "structured", "jacobian_contraction", "backpack_sqrtggn", "backpack_batchgrad",
+             "ntk_vector_products", "autograd_loop")
 
 
 class CalibrationError(ValueError):
@@ -104,7 +108,7 @@ def load_calibration(path: Path | None = None) -> dict:
     A file that is missing or fails the schema (``validate_calibration``) is not used: a warning says why in one
     line, and the packaged constants stand."""
     table = json.loads(CALIBRATION_FILE.read_text()) if CALIBRATION_FILE.exists() else {}
-    override = path or os.environ.get(CALIBRATION_ENV)
+    override = path or env(CALIBRATION_ENV)
     if override:
         source = f"{override} (from {CALIBRATION_ENV})" if not path else str(override)
         try:
@@ -129,7 +133,8 @@ def default_memory_budget(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         # Blocks PyTorch's caching allocator holds but no tensor uses are free to this process too: counting
-        # them out made auto block a 21 GB kernel after a 21 GB case on an 80 GB card (9.5 s instead of 0.13 s).
+        # them out made auto split a kernel that fits into blocks, many times slower, whenever the case before it had
+        # left that much memory cached.
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return int(0.8 * (free + cached))
     try:
@@ -140,7 +145,7 @@ def default_memory_budget(device: torch.device) -> int:
         return 8 << 30
 
 
-# model structure and input shape -> ModelStats, most recent last: a fresh instance of an architecture already
+# model structure and input shape -> CostStats, most recent last: a fresh instance of an architecture already
 # measured (a new model object per call, a copy, the same network rebuilt) skips the cost model's measuring forward.
 _STATS_BY_STRUCTURE: OrderedDict[tuple, object] = OrderedDict()
 STATS_BY_STRUCTURE_SIZE = 64
@@ -207,7 +212,7 @@ def structure_key(model: torch.nn.Module) -> tuple | None:
 
 
 def stats_by_structure(model: torch.nn.Module, x_single: torch.Tensor):
-    """``model_stats(model, x_single)``, reused for a model of the same structure (``structure_key``) and input
+    """``cost_stats(model, x_single)``, reused for a model of the same structure (``structure_key``) and input
     shape measured before: the stats are numbers read off the architecture, not the weights. A stale entry can
     only mis-rank the candidates (each still checks the model it runs on), never change a kernel."""
     try:
@@ -215,22 +220,25 @@ def stats_by_structure(model: torch.nn.Module, x_single: torch.Tensor):
     except (AttributeError, TypeError, RuntimeError):  # a module the walk cannot read: measure it
         skey = None
     if skey is None:
-        return model_stats(model, x_single)
+        return cost_stats(model, x_single)
     key = (skey, tuple(x_single.shape), x_single.dtype, x_single.device)
     try:
         stats = _STATS_BY_STRUCTURE[key]
     except KeyError:
-        stats = _STATS_BY_STRUCTURE[key] = model_stats(model, x_single)
+        stats = _STATS_BY_STRUCTURE[key] = cost_stats(model, x_single)
         while len(_STATS_BY_STRUCTURE) > STATS_BY_STRUCTURE_SIZE:
             _STATS_BY_STRUCTURE.popitem(last=False)
     except TypeError:  # an unhashable part after all
-        return model_stats(model, x_single)
+        return cost_stats(model, x_single)
     else:
         _STATS_BY_STRUCTURE.move_to_end(key)
     return stats
 
 
 class Auto(NTKPlugin):
+    """The plugin that picks another: the cheapest supporting plugin by the cost model's predicted time, with a timed
+    trial of the first calls where the prediction is close (see the module docstring)."""
+
     name = "auto"
 
     def __init__(self, calibration: dict | None = None):
@@ -243,27 +251,40 @@ class Auto(NTKPlugin):
 
     @property
     def calibration(self) -> dict:
+        """The cost model's constants per device type and plugin: the packaged ones, unless given to the constructor,
+        loaded on first use (``load_calibration``)."""
         if self._calibration is None:
             self._calibration = load_calibration()
         return self._calibration
 
     def supports(self, model):
+        """None when at least one other plugin supports ``model``, otherwise why auto cannot pick one."""
         from ntk_bench import implementations
 
         # one supporting candidate is enough here (the ranking checks them all): stop at the first
-        if any(implementations.get(n).supports(model) is None for n in CANDIDATES):
+        if any(implementations.get(n).supports(model) is None for n in Auto._candidate_names()):
             return None
         return "auto: no plugin supports this model"
+
+    @staticmethod
+    def _candidate_names() -> list[str]:
+        """The registry's plugins tagged "auto", in ``TRY_FIRST``'s order, then the registry's."""
+        from ntk_bench import implementations
+
+        names = implementations.names(tag="auto")
+        names.sort(key=lambda n: TRY_FIRST.index(n) if n in TRY_FIRST else len(TRY_FIRST))  # (stable: registry order)
+        return names
 
     @staticmethod
     def _candidates(model):
         from ntk_bench import implementations
 
-        return [implementations.get(n) for n in CANDIDATES if implementations.get(n).supports(model) is None]
+        return [implementations.get(n) for n in Auto._candidate_names()
+                if implementations.get(n).supports(model) is None]
 
     def predict(self, plugin, stats, n, m, mode, symmetric, device_type, budget) -> tuple[float, int]:
         """(predicted seconds, tile edge) for ``plugin`` on an N x M kernel under ``budget`` bytes."""
-        from ..core.blocking import tile_size
+        from ..core.tiling import tile_size
 
         c = self.calibration.get(device_type, {}).get(plugin.name, DEFAULT_CONSTANTS[device_type])
         b = tile_size(plugin.with_budget(budget), stats, n, m, mode, budget, symmetric)
@@ -291,7 +312,7 @@ class Auto(NTKPlugin):
 
     @staticmethod
     def _trial_key(model, x1, x2, mode, memory_budget_bytes):
-        from ..core.modelinfo import _parameter_signature
+        from ..core.module_walks import _parameter_signature
 
         return (_parameter_signature(model), *Auto._rank_key(x1, x2, mode, memory_budget_bytes))
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 import torch
 
 from ..core.base import NTKPlugin
-from ..core.kernels import contract_jacobians
-from ..core.modelinfo import trainable_parameters
+from ..core.contractions import contract_jacobians
+from ..core.module_walks import trainable_parameters
 
 
 def jacobians_by_autograd(model, x):
+    """The Jacobian of ``model`` at ``x`` as one (N, O, P_i) block per trainable parameter, row by row: one
+    ``torch.autograd.grad`` per (sample, output); a parameter the output does not depend on gets zeros."""
     params = list(trainable_parameters(model).values())
     y = model(x)
     n, o = y.shape
@@ -29,6 +31,8 @@ def jacobians_by_autograd(model, x):
 
 
 class AutogradLoop(NTKPlugin):
+    """The baseline: the Jacobians row by row with autograd, then contracted (see the module docstring)."""
+
     name = "autograd_loop"
     tags = frozenset({"loop"})
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import functools
 
-from ._backpack import BackpackPlugin, backpack_problem
 from ..core.base import UnsupportedModelError
+from ._backpack import BackpackPlugin, backpack_problem
 
 
 @functools.cache  # the module types BackPACK has rules for do not change; building
@@ -25,9 +25,14 @@ def _first_order_modules():
 
 
 class BackpackBatchGrad(BackpackPlugin):
+    """Per-sample gradients of each output from BackPACK's BatchGrad on a deep copy of the model, then contracted
+    (see the module docstring)."""
+
     name = "backpack_batchgrad"
 
     def supports(self, model):
+        """None when BackPACK is installed and every module holding trainable parameters is one its first-order
+        extensions know, otherwise why not."""
         try:
             known = _first_order_modules()
         except ImportError:

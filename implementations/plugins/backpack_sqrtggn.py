@@ -28,9 +28,14 @@ def _second_order_modules():
 
 
 class BackpackSqrtGGN(BackpackPlugin):
+    """The whole Jacobian from one backward pass of BackPACK's SqrtGGNExact on a deep copy of the model, then
+    contracted (see the module docstring)."""
+
     name = "backpack_sqrtggn"
 
     def supports(self, model):
+        """None when BackPACK is installed and the model is an ``nn.Sequential`` of layers its second-order
+        extensions know, otherwise why not."""
         try:
             known = _second_order_modules()
         except ImportError:

@@ -22,8 +22,8 @@ from torch import nn
 
 from ..core import onednn
 from ..core.base import NTKPlugin
-from ..core.kernels import KernelSum, input_gram
-from ..core.modelinfo import structure_problem, submodules
+from ..core.contractions import KernelSum, input_gram
+from ..core.module_walks import structure_problem, submodules
 
 # Per model and input shapes: whether oneDNN's GEMMs ran the kernel faster than MKL's (CPU, float32).
 _GEMM_BACKEND: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -152,6 +152,15 @@ class ExplicitMLP(NTKPlugin):
             return self._recursion(model, x1, x2, mode)
         key = (tuple(x1.shape), None if x2 is None else tuple(x2.shape), mode)
         return onednn.on_faster_backend(_GEMM_BACKEND, model, key, lambda: self._recursion(model, x1, x2, mode))
+
+    def pure_kernel(self, model, x1, x2, mode):
+        """The recursion as a function of the inputs alone, for ``compiled`` (no backend trial: Inductor picks
+        the GEMMs)."""
+        def kernel(model, x1, x2):
+            with torch.no_grad():
+                return self._recursion(model, x1, x2, mode)
+
+        return kernel
 
     def _recursion(self, model, x1, x2, mode):
         layers = _layers(model)

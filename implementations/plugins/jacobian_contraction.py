@@ -23,8 +23,9 @@ from torch.func import jacrev
 
 from ..core.base import NTKPlugin
 from ..core.declines import transform_declines
-from ..core.kernels import contract_jacobians
-from ..core.modelinfo import (
+from ..core.contractions import contract_jacobians
+from ..core.tolerances import tolerance
+from ..core.module_walks import (
     _VMAP_FAILS,
     composite_attention,
     functional_single,
@@ -37,14 +38,14 @@ _VMAP_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _vmap_key(x):
-    return (tuple(x.shape[1:]), x.dtype, x.device)  # modelinfo.per_sample's key for a model that is looped
+    return (tuple(x.shape[1:]), x.dtype, x.device)  # module_walks.per_sample's key for a model that is looped
 
 
 def vmap_agrees(jac: dict, one_sample, x: torch.Tensor) -> bool:
     """Whether the vmapped Jacobians ``jac`` of the first and the last sample of ``x`` match ``one_sample(xi)``
     computed alone, to about the square root of the dtype's precision (a batching rule that mixes levels is off
     by far more; batched and looped kernels differ only in the order of their sums)."""
-    tol = torch.finfo(next(iter(jac.values())).dtype).eps ** 0.5
+    tol = tolerance(next(iter(jac.values())).dtype, "jacobian_batching")
     for i in sorted({0, x.shape[0] - 1}):
         alone = one_sample(x[i])
         diff = sum(float(torch.linalg.vector_norm(jac[k][i] - alone[k]) ** 2) for k in alone) ** 0.5
@@ -83,6 +84,23 @@ class JacobianContraction(NTKPlugin):
             j1 = per_sample_jacobians(model, x1)
             j2 = j1 if x2 is None else per_sample_jacobians(model, x2)
         return contract_jacobians(j1, j2, mode)
+
+
+    def pure_kernel(self, model, x1, x2, mode):
+        """Vmapped per-sample Jacobians and their contraction as a function of the inputs alone, for ``compiled``
+        (no cached loop fallback: a model vmap cannot take fails to compile and runs the eager kernel)."""
+        def kernel(model, x1, x2):
+            params, f = functional_single(model)
+            jac = torch.func.vmap(jacrev(f), in_dims=(None, 0))
+            j1 = [j.flatten(2) for j in jac(params, x1).values()]
+            j2 = j1 if x2 is None else [j.flatten(2) for j in jac(params, x2).values()]
+            return contract_jacobians(j1, j2, mode)
+
+        return kernel
+
+    @staticmethod
+    def compile_context():
+        return composite_attention()
 
 
 plugin = JacobianContraction()

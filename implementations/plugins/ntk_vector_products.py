@@ -25,11 +25,14 @@ from torch.func import functional_call, jvp, vjp, vmap
 
 from ..core.base import NTKPlugin, UnsupportedModelError
 from ..core.declines import transform_declines
-from ..core.kernels import chunks, reduce_full
-from ..core.modelinfo import composite_attention, functional_single, per_sample
+from ..core.contractions import chunks, reduce_full
+from ..core.module_walks import composite_attention, functional_single, per_sample
 
 
 class NTKVectorProducts(NTKPlugin):
+    """Θ's rows by a vjp of one sample of x1 and a jvp of the whole x2, vmapped over lanes in chunks that fit
+    ``memory_budget_bytes`` (see the module docstring)."""
+
     name = "ntk_vector_products"
     tags = frozenset({"vector_products"})
 
@@ -42,6 +45,8 @@ class NTKVectorProducts(NTKPlugin):
         return 2 * (p + m * (activations + o)) * itemsize
 
     def with_budget(self, memory_budget_bytes):
+        """A copy whose lane chunks fit the smaller of its own budget and ``memory_budget_bytes`` (the engine's
+        budget for a call)."""
         return NTKVectorProducts(min(self.memory_budget_bytes, memory_budget_bytes))
 
     def estimate(self, stats, n, m, mode, symmetric):
@@ -62,11 +67,11 @@ class NTKVectorProducts(NTKPlugin):
             return self._products(model, x1, x2, mode)
 
     def _products(self, model, x1, x2, mode):
-        from ..core.costs import model_stats
+        from ..core.costs import cost_stats
 
         xb = x1 if x2 is None else x2
         params, f = functional_single(model)
-        stats = model_stats(model, x1[:1])
+        stats = cost_stats(model, x1[:1])
         o, m = stats.o, xb.shape[0]
         dtype = next(iter(params.values())).dtype
         basis = torch.eye(o, dtype=dtype, device=x1.device)

@@ -55,7 +55,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from ..core.base import UnsupportedModelError
-from ..core.modelinfo import submodules
+from ..core.module_walks import submodules
+from ..core.tolerances import tolerance
 from . import rewrites, table
 from .rules.base import CallShape, Rule, per_sample
 from .rules.generic import GenericRule
@@ -330,7 +331,7 @@ def _dims(info_a, info_b, n):
 
 
 def _same(a, b) -> bool:
-    tol = 1e-9 if a.dtype == torch.float64 else 1e-4
+    tol = tolerance(a.dtype, "repeat")
     return a.shape == b.shape and (not a.is_floating_point() or
                                    torch.allclose(a, b, rtol=tol, atol=tol * float(a.abs().max() if a.numel() else 0)))
 

@@ -28,8 +28,9 @@ from torch import nn
 
 from ..core import onednn
 from ..core.base import NTKPlugin, UnsupportedModelError
-from ..core.kernels import KernelSum, input_gram, kernel_shape
-from ..core.modelinfo import submodules
+from ..core.contractions import KernelSum, input_gram, kernel_shape
+from ..core.module_walks import submodules
+from ..core.tolerances import tolerance
 from . import rewrites, table
 from .plan import Plan, _Replan, discover, layer_costs, record, structure_key
 from .rules.base import Options
@@ -225,7 +226,7 @@ class Structured(NTKPlugin):
 
     @staticmethod
     def cost_view(stats) -> "CostView":
-        """How structured sees the model ``stats`` were measured on, read once per stats (``ModelStats.view``):
+        """How structured sees the model ``stats`` were measured on, read once per stats (``CostStats.view``):
         its layers, from the plan discovered on their one sample (``plan.layer_costs``), and the stats of the
         forward with the attention rewrites the plan needs (the stats themselves where it needs none). Where the
         plan cannot be made (the model declines, or the stats outlived their model): the whole model as one generic
@@ -296,7 +297,7 @@ class Structured(NTKPlugin):
                 if item is not None:
                     for k, v in u.entry.rule.checked_summed(item, u.entry.slots, o).items():
                         _add_to(sums, id(u.entry.slots[k]), v.reshape(o, -1).sum(0))
-        tol = 1e-9 if params[0].dtype == torch.float64 else 1e-3
+        tol = tolerance(params[0].dtype, "gradient_sum")
         # (a parameter whose true derivative is 0, a conv bias before an InstanceNorm, is rounding noise on both
         # sides: compared against a thousandth of the whole gradient)
         floor = 1e-3 * float(torch.stack([(g.to_dense() if g.is_sparse else g).norm() for g in grads]).norm())
@@ -446,20 +447,30 @@ class Factors:
     def nbytes(self) -> int:
         """The bytes of the tensors the factors hold (what keeping them for later tiles costs); modules and
         parameters they refer to are the model's, not counted."""
-        seen, total, stack = set(), 0, [(item, 0) for item in self.items]
+        seen, storages, total, stack = set(), set(), 0, [(item, 0) for item in self.items]
         while stack:
             obj, depth = stack.pop()
             if obj is None or id(obj) in seen or depth > 4 or isinstance(obj, (nn.Module, nn.Parameter)):
                 continue
             seen.add(id(obj))
             if isinstance(obj, torch.Tensor):
-                total += obj.numel() * obj.element_size()
+                # the storage a tensor keeps alive (a view of a larger buffer holds all of it), each once
+                try:
+                    storage = obj.untyped_storage()
+                    if storage.data_ptr() not in storages:
+                        storages.add(storage.data_ptr())
+                        total += storage.nbytes()
+                except (RuntimeError, NotImplementedError):
+                    total += obj.numel() * obj.element_size()
             elif isinstance(obj, (list, tuple)):
                 stack.extend((v, depth + 1) for v in obj)
             elif isinstance(obj, dict):
                 stack.extend((v, depth + 1) for v in obj.values())
             elif hasattr(obj, "__dict__"):
                 stack.extend((v, depth + 1) for v in vars(obj).values())
+            # the rules' sides (PatchSide, _Shortcut, ...) keep their tensors in slots, not in a __dict__
+            for name in getattr(type(obj), "__slots__", ()):
+                stack.append((getattr(obj, name, None), depth + 1))
         return total
 
 

@@ -20,7 +20,7 @@ from ntk_bench.implementations.core.engine import NonFiniteKernelError
 from ntk_bench.implementations.core.validation import IllDefinedKernelError
 from ntk_bench.bench.measurement.problems import rel_err
 
-EVERY = implementations.names(kind=None)
+EVERY = implementations.names(origin=None)
 OURS = implementations.names()
 
 
@@ -36,7 +36,7 @@ def _compute_or_decline(plugin, model, x1, x2=None, mode="full"):
     try:
         return plugin.compute(model, x1, x2, mode=mode)
     except UnsupportedModelError as exc:
-        assert str(exc).startswith(plugin.name) or plugin.kind == "peer", exc
+        assert str(exc).startswith(plugin.name) or plugin.origin == "peer", exc
         return None
 
 

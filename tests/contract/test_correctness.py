@@ -1,7 +1,7 @@
 """Every registered plugin (ours and the peers) against neural-tangents, on every zoo problem it supports, the real
 models included, in every mode.
 
-Registering a plugin adds it here: the parametrisation reads ``implementations.names(kind=None)``.
+Registering a plugin adds it here: the parametrisation reads ``implementations.names(origin=None)``.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import torch
 
 from ntk_bench import implementations
 from tests.conftest import DEVICES, reference_full, supported_model
-from ntk_bench.implementations.core.kernels import reduce_full
-from ntk_bench.bench.measurement.problems import ALL_PROBLEMS, FULL_MODE_ONLY, TOLERANCE, rel_err
+from ntk_bench.implementations.core.contractions import reduce_full
+from ntk_bench.implementations.core.tolerances import tolerance
+from ntk_bench.bench.measurement.problems import ALL_PROBLEMS, FULL_MODE_ONLY, rel_err
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -48,7 +49,7 @@ def check_against_reference(plugin, problem, mode, dtype, device):
     assert k.shape == ref.shape
     assert k.dtype == dtype and k.device.type == torch.device(device).type
     err = rel_err(k, ref)
-    assert err <= TOLERANCE[dtype], f"{plugin.name} on {problem.id} ({mode}, {dtype}): rel err {err:.3e}"
+    assert err <= tolerance(dtype), f"{plugin.name} on {problem.id} ({mode}, {dtype}): rel err {err:.3e}"
     # The model is left as it was found.
     assert not model.training
     assert next(model.parameters()).grad is sentinel
@@ -68,8 +69,8 @@ def _cases():
     trace and diagonal (reductions of its full kernel, or its own axes) on the harness's small problems."""
     from ntk_bench.bench.measurement.problems import PROBLEMS
 
-    for plugin_name in implementations.names(kind=None):
-        peer = implementations.kind_of(plugin_name) == "peer"
+    for plugin_name in implementations.names(origin=None):
+        peer = implementations.origin_of(plugin_name) == "peer"
         nt = plugin_name.startswith("nt_")
         for problem in ALL_PROBLEMS:
             if nt and problem not in PROBLEMS:

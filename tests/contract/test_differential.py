@@ -153,7 +153,7 @@ def test_every_plugin_agrees_with_brute_force_and_neural_tangents(seed):
     expected = bruteforce.ntk(model, x1, x2)
     failures, computed = [], []
     # every plugin and peer library; neural-tangents once, through the reference below (its peers are the same code)
-    for name in [n for n in implementations.names(kind=None) if not n.startswith("nt_")]:
+    for name in [n for n in implementations.names(origin=None) if not n.startswith("nt_")]:
         plugin = implementations.get(name)
         if plugin.supports(model) is not None:
             continue

@@ -16,7 +16,7 @@ from ntk_bench import implementations
 from ntk_bench.implementations import UnsupportedModelError
 from ntk_bench.bench.measurement.problems import rel_err
 
-EVERY = implementations.names(kind=None)
+EVERY = implementations.names(origin=None)
 
 
 def _mlp(i=3, o=2, dtype=torch.float64):
@@ -111,7 +111,7 @@ def _kernel_or_decline(plugin, model, x, **kwargs):
     try:
         return plugin.compute(model, x, **kwargs)
     except UnsupportedModelError as exc:
-        assert str(exc).startswith(plugin.name) or plugin.kind == "peer", exc
+        assert str(exc).startswith(plugin.name) or plugin.origin == "peer", exc
         return None
 
 

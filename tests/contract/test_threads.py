@@ -15,7 +15,7 @@ from ntk_bench import implementations
 from ntk_bench.implementations.core.locking import model_claimed
 from ntk_bench.implementations.core.state import _HOOK_DICTS
 
-EVERY = implementations.names(kind=None)
+EVERY = implementations.names(origin=None)
 THREADS, CALLS = 3, 20
 
 
@@ -101,7 +101,7 @@ def test_a_claim_is_reentrant_and_covers_shared_submodules():
         pass
 
 
-PEERS = [n for n in implementations.names(kind="peer")
+PEERS = [n for n in implementations.names(origin="peer")
          if hasattr(implementations.get(n), "_setup")]  # (the peers whose prepared run calls into the model)
 
 

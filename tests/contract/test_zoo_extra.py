@@ -17,12 +17,13 @@ from ntk_bench.bench.measurement import bruteforce
 import pytest
 import torch
 from ntk_bench.implementations.core.validation import IllDefinedKernelError
-from ntk_bench.bench.measurement.problems import TOLERANCE, rel_err
+from ntk_bench.implementations.core.tolerances import tolerance
+from ntk_bench.bench.measurement.problems import rel_err
 from tests.helpers.zoo_extra import EXTRA_MODELS, plain
 
 from ntk_bench import implementations
 
-PLUGINS = [n for n in implementations.names(kind=None) if not n.startswith("nt_")]
+PLUGINS = [n for n in implementations.names(origin=None) if not n.startswith("nt_")]
 # Models whose float64 forward computes a part in float32 (T5LayerNorm's variance): every method's kernel is then
 # defined only to about float32's precision, each rounding differently.
 FLOAT32_INSIDE = {"hf-t5-encoder"}
@@ -88,7 +89,7 @@ def test_plugin_on_extra_model(model_id, plugin_name):
     first.grad = sentinel
     before = _snapshot(model)
     refs = _reference(model_id) if z.well_defined else None
-    tol = FLOAT32_ACCURATE if model_id in FLOAT32_INSIDE else TOLERANCE[torch.float64]
+    tol = FLOAT32_ACCURATE if model_id in FLOAT32_INSIDE else tolerance(torch.float64)
     inexact = getattr(plugin, "known_inexact", lambda *a: None)(plain(model), torch.float64)
     if inexact:  # a peer's documented float32-accurate path (tests/implementations/peers/test_peers.py asserts it)
         tol = max(tol, FLOAT32_ACCURATE)

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from tests.conftest import reference_full
+
+from ntk_bench import implementations
 from ntk_bench.bench.measurement.problems import BY_ID, rel_err
 from ntk_bench.bench.measurement.bruteforce import ntk as brute_force_ntk
 
@@ -57,7 +59,7 @@ def test_neural_tangents_implementations_agree(problem, implementation):
 def test_native_modes_match_the_reduced_full_kernel(mode):
     """neural-tangents' own trace_axes/diagonal_axes (used when timing it as a peer) mean what ours mean."""
     from ntk_bench import reference
-    from ntk_bench.implementations.core.kernels import reduce_full
+    from ntk_bench.implementations.core.contractions import reduce_full
 
     p = BY_ID["mlp-relu-O3-N4M3"]
     x1, x2 = p.inputs()
@@ -260,16 +262,16 @@ def test_importing_the_reference_is_quiet_and_lazy():
 
 # -- neural-tangents as peers -------------------------------------------------------------------------------------
 
-PEERS = ["nt_jacobian_contraction", "nt_ntk_vector_products", "nt_structured_derivatives"]
+PEERS = implementations.names(None, tag="neural_tangents")
 
 
 @pytest.mark.parametrize("name,mode", list(zip(PEERS, ["full", "trace", "diagonal"])))
 def test_peers_compute_the_reference(name, mode):
     from ntk_bench import implementations
-    from ntk_bench.implementations.core.kernels import reduce_full
+    from ntk_bench.implementations.core.contractions import reduce_full
 
     plugin = implementations.get(name)
-    assert plugin.kind == "peer" and implementations.kind_of(name) == "peer"
+    assert plugin.origin == "peer" and implementations.origin_of(name) == "peer"
     p = BY_ID["cnn-O4-N2M3"]
     x1, x2 = p.inputs()
     k = plugin.compute(p.model(), x1, x2, mode=mode)

@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import os
 import socket
 import time
 import traceback
 from pathlib import Path
+
+from ntk_bench.envvars import env
 
 from ...sweeps import Case, Problem
 
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    kind: str  # "case" | "reference" | "tile" (a row band of a dataset's kernel: ``kernel_matrix.run_band``)
+    task: str  # "case" | "reference" | "tile" (a row band of a dataset's kernel: ``kernel_matrix.run_band``)
     #          | "paired" (a group's ok cases timed side by side: bench/measurement/paired.py)
     payload: Case | Problem | dict
     timeout_s: float
@@ -31,34 +32,35 @@ class Job:
 
     @property
     def id(self) -> str:
-        if self.kind == "tile":
+        if self.task == "tile":
             return self.payload["id"]
-        return self.payload.id if self.kind in ("case", "paired") else f"reference/{self.payload.id}"
+        return self.payload.id if self.task in ("case", "paired") else f"reference/{self.payload.id}"
 
     @property
     def device(self) -> str:
         """Where the job computes: a case's, a tile's or a paired group's device; references are float64 on the
         CPU."""
-        if self.kind == "tile":
+        if self.task == "tile":
             return self.payload["device"]
-        return self.payload.device if self.kind in ("case", "paired") else "cpu"
+        return self.payload.device if self.task in ("case", "paired") else "cpu"
 
     def wire(self) -> dict:
-        payload = self.payload if self.kind == "tile" else \
-            self.payload.to_dict() if self.kind == "paired" else dataclasses.asdict(self.payload)
-        return {"kind": self.kind, "payload": payload, "timeout_s": self.timeout_s, "plugins": list(self.plugins)}
+        payload = self.payload if self.task == "tile" else \
+            self.payload.to_dict() if self.task == "paired" else dataclasses.asdict(self.payload)
+        return {"task": self.task, "payload": payload, "timeout_s": self.timeout_s, "plugins": list(self.plugins)}
 
     @classmethod
     def from_wire(cls, d: dict) -> "Job":
-        if d["kind"] == "tile":
+        task = d["task"]
+        if task == "tile":
             return cls("tile", dict(d["payload"]), float(d["timeout_s"]), tuple(d.get("plugins", ())))
-        if d["kind"] == "paired":
+        if task == "paired":
             from ...measurement.paired import PairedGroup
 
             payload = PairedGroup.from_dict(d["payload"])
         else:
-            payload = Case.from_dict(d["payload"]) if d["kind"] == "case" else Problem.from_dict(d["payload"])
-        return cls(d["kind"], payload, float(d["timeout_s"]), tuple(d.get("plugins", ())))
+            payload = Case.from_dict(d["payload"]) if task == "case" else Problem.from_dict(d["payload"])
+        return cls(task, payload, float(d["timeout_s"]), tuple(d.get("plugins", ())))
 
 
 class JobFuture(concurrent.futures.Future):
@@ -151,14 +153,14 @@ def run_job(wire: dict, run_dir: str | Path) -> dict:
         _load_plugins(job.plugins)
         from ...measurement import failures, one_case, references
 
-        if job.kind == "reference":
+        if job.task == "reference":
             return references.ensure_reference(job.payload, Path(run_dir))
-        if job.kind == "tile":
+        if job.task == "tile":
             from ..kernel_matrix import run_band
 
             return run_band(job.payload)
-        gpu = os.environ.get("NTK_BENCH_GPU")
-        if job.kind == "paired":
+        gpu = env("GPU")
+        if job.task == "paired":
             from ...measurement import paired
 
             group = job.payload

@@ -27,19 +27,24 @@ log = logging.getLogger("ntk_bench.runner")
 
 @dataclasses.dataclass
 class Slot:
+    """One worker's place: ``takes`` the jobs it runs (``any``, ``cpu`` or ``cuda``), pinned to ``cpus`` or to GPU
+    ``gpu`` where given; ``label`` names its log and its rows' worker."""
+
     label: str
     takes: str  # "any" | "cpu" | "cuda"
     cpus: tuple[int, ...] | None = None  # cores to pin the worker to
     gpu: int | None = None  # the GPU index this slot's cases run on (logical, as torch numbers them here)
 
     def accepts(self, job: Job) -> bool:
-        if job.kind == "reference" or self.takes == "any":
+        if job.task == "reference" or self.takes == "any":
             return True
         if self.takes == "cpu":
             return job.device == "cpu"
         return job.device != "cpu" and (self.gpu is None or job.device in ("cuda", f"cuda:{self.gpu}"))
 
     def env(self) -> dict:
+        """The environment variables its worker starts with: the cores to pin to, and for a GPU slot that GPU alone
+        (``CUDA_VISIBLE_DEVICES``, the caller's numbering kept) and its index."""
         env = {}
         if self.cpus is not None:
             env["NTK_BENCH_CPUS"] = ",".join(map(str, self.cpus))
@@ -121,6 +126,7 @@ class LocalExecutor(Executor):
                 self._threads.append(t)
 
     def submit(self, job: Job) -> JobFuture:
+        """Queue ``job`` for the first slot that takes it; ValueError when none of the slots runs its device."""
         if not any(s.accepts(job) for s in self.slot_list):
             raise ValueError(f"no worker of this executor runs {job.device} jobs ({job.id}): slots "
                              f"{[s.label for s in self.slot_list]}")
@@ -158,16 +164,19 @@ class LocalExecutor(Executor):
             fut.finish(row, slot.label)
 
     def cancel_pending(self) -> int:
+        """Cancel the queued jobs; return how many."""
         with self._cv:
             pending, self._queue = self._queue, []
         return cancel_all(pending)
 
     def kill_running(self) -> None:
+        """Cancel the queued jobs and stop every worker: the rows of the jobs they were running are lost."""
         self.cancel_pending()
         for worker in self.workers.values():
             worker.stop()
 
     def close(self) -> None:
+        """Let the slots' threads run what is still queued and end (a minute each at most), then close the workers."""
         with self._cv:
             self._closed = True
             self._cv.notify_all()
@@ -177,5 +186,6 @@ class LocalExecutor(Executor):
             worker.close()
 
     def describe(self) -> dict:
+        """The executor's settings for the run header: name, slots and each worker's label, jobs, cores and GPU."""
         return {"executor": self.name, "slots": self.slots,
                 "workers": [{"label": s.label, "takes": s.takes, "cpus": s.cpus, "gpu": s.gpu} for s in self.slot_list]}

@@ -75,7 +75,8 @@ def package_root() -> str:
 
 
 class WorkerStartError(RuntimeError):
-    pass
+    """A worker subprocess that exited or timed out before its ready signal, or whose first line was not that
+    signal; the message names which, with the worker log's last lines where there are some."""
 
 
 class WorkerProcess:
@@ -92,6 +93,7 @@ class WorkerProcess:
     # -- life ----------------------------------------------------------------------
 
     def alive(self) -> bool:
+        """Whether the worker subprocess is running."""
         return self.proc is not None and self.proc.poll() is None
 
     def start(self) -> dict:

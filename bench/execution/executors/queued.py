@@ -22,6 +22,10 @@ BACKSTOP_MARGIN_S = 60.0
 
 
 class QueuedExecutor(Executor):
+    """The base of the cluster executors (see the module docstring): a subclass implements ``_launch``, ``_poll`` and
+    ``_cancel`` (and ``_fits`` for a capacity other than ``slots`` jobs); ``poll_s`` is how often the loop launches
+    and polls."""
+
     poll_s = 0.2
 
     def __init__(self):
@@ -59,6 +63,8 @@ class QueuedExecutor(Executor):
         return error_row("killed", f"{self.name} executor lost: {self._failure}", executor_lost=True)
 
     def submit(self, job: Job) -> JobFuture:
+        """Queue ``job`` for the launching thread (started on the first submit); once the executor is lost, the
+        future is answered at once with a ``killed`` row."""
         fut = JobFuture(job)
         with self._lock:
             if self._failure is not None:  # nothing will run it: answered now
@@ -137,12 +143,14 @@ class QueuedExecutor(Executor):
                                                 "(the job's timeout, the worker's start-up and a margin); cancelled"))
 
     def cancel_pending(self) -> int:
+        """Cancel the queued jobs not launched yet; return how many."""
         with self._lock:
             pending = list(self._queue)
             self._queue.clear()
         return cancel_all(pending)
 
     def kill_running(self) -> None:
+        """Cancel the queued jobs and the launched ones (``_cancel``): the launched jobs' rows are lost."""
         self.cancel_pending()
         with self._lock:
             current = dict(self._inflight)
@@ -155,9 +163,11 @@ class QueuedExecutor(Executor):
             fut.finish(error_row("killed", f"stopped by the runner ({self.name} task cancelled)"))
 
     def failure(self) -> str | None:
+        """Why the executor can run nothing more (its engine lost: ``ExecutorLost`` in the loop), or None."""
         return self._failure
 
     def close(self) -> None:
+        """Stop the launching thread (after the runner has its rows)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)

@@ -62,6 +62,9 @@ CALL_TIMEOUT_S = 120.0  # a driver that takes longer to answer a launch, a poll 
 
 
 class RayExecutor(QueuedExecutor):
+    """A Ray task per job, through a driver subprocess (see the module docstring); as many jobs in flight as the
+    cluster has CPUs (and GPUs, for CUDA jobs) for."""
+
     name = "ray"
 
     def __init__(self, run_dir: Path, address: str | None = None, cpus_per_task: int = 1,
@@ -109,6 +112,7 @@ class RayExecutor(QueuedExecutor):
         self._driver.call("cancel", key=handle)
 
     def close(self) -> None:
+        """Stop launching, then shut the driver down (and the cluster it started, if it started one)."""
         super().close()
         try:
             self._driver.call("shutdown", timeout=60)
@@ -117,6 +121,7 @@ class RayExecutor(QueuedExecutor):
         self._driver.stop()
 
     def describe(self) -> dict:
+        """The executor's settings for the run header: name, slots, CPUs per task and GPU slots."""
         return {"executor": self.name, "slots": self.slots, "cpus_per_task": self.cpus_per_task,
                 "gpu_slots": self.gpu_slots}
 

@@ -29,6 +29,9 @@ from .queued import BACKSTOP_MARGIN_S, QueuedExecutor
 
 
 class SubmititExecutor(QueuedExecutor):
+    """Jobs as submitit job arrays on SLURM (``cluster='slurm'``) or on this machine (``'local'``, for the tests);
+    see the module docstring."""
+
     poll_s = 0.5
 
     def __init__(self, run_dir: Path, cluster: str = "slurm", partition: str | None = None, gpus_per_task: int = 1,
@@ -128,6 +131,7 @@ class SubmititExecutor(QueuedExecutor):
         handle[0].cancel(check=False)
 
     def describe(self) -> dict:
+        """The executor's settings for the run header: name, slots and what each task asks for."""
         return {"executor": self.name, "slots": self.slots, "jobs_per_task": self.jobs_per_task,
                 "gpus_per_task": self.gpus_per_task,
                 "cpus_per_task": self.cpus_per_task, "time_limit_min": self.time_limit_min}

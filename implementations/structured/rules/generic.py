@@ -9,6 +9,7 @@ from torch.utils import _pytree as pytree
 
 from ...core.base import UnsupportedModelError
 from ...core.costs import Layer
+from ...core.tolerances import tolerance
 from .. import rewrites
 from .base import LayerCost, Rule, covered, order_of
 from .taps import JacobianSide, check_jacobian_side
@@ -99,7 +100,7 @@ class GenericRule(Rule):
                     res = pytree.tree_leaves(self.module(*args, **kwargs))
                     per.append([res[j] for j in out_index])
                 got = [torch.cat([p[k] for p in per], d) for k, d in enumerate(out_dims)]
-        tol = 1e-9 if outs[0].dtype == torch.float64 else 1e-4
+        tol = tolerance(outs[0].dtype, "repeat")
         for a, b in zip(got, outs):
             b = b.detach()
             if a.shape != b.shape or not torch.allclose(a, b, rtol=tol, atol=tol * float(b.abs().max())):

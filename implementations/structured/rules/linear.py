@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ...core.costs import Layer
-from ...core.kernels import input_gram
+from ...core.contractions import input_gram
 from .base import LayerCost, Rule, batch_first, covered, numel, order_of
 
 

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,6 +84,9 @@ def test_equals_ntk_in_every_mode(tmp_path, factories, mode):
     before = [p.detach().clone() for p in model.parameters()]
     k = ntk_bench.kernel_matrix(model, x, mode=mode, out=tmp_path / "K.zarr", tile=9, progress=False,
                                 dtype="float64")
+    # the caller's model is left as found (weights and dtype), whatever the kernel's dtype
+    after = list(model.parameters())
+    assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(before, after, strict=True))
     ref = ntk_bench.ntk(model.double(), x.double(), mode=mode).numpy()
     got = np.asarray(k)
     assert got.shape == ref.shape
@@ -137,8 +139,8 @@ def test_a_wrong_tile_fails_verification(tmp_path, factories, monkeypatch):
     model, x = _load(factories, "model"), _load(factories, "data")
     real = KernelArray.write_tile
 
-    def wrong(self, i, j, block):
-        real(self, i, j, block * 1.01 if i == j else block)  # every diagonal tile 1% off
+    def wrong(self, i, j, block, **kw):
+        real(self, i, j, block * 1.01 if i == j else block, **kw)  # every diagonal tile 1% off
 
     monkeypatch.setattr(KernelArray, "write_tile", wrong)
     with pytest.raises(km.KernelVerificationError, match=r"tile \[0, 0\]"):
@@ -186,6 +188,41 @@ def test_structured_factors_reused_and_out_of_memory_falls_back_to_whole_tiles(t
     assert runs["factors_s"] > 0 and runs["contract_s"] > 0 and runs["whole_tiles_s"] > 0  # the injected fallback
 
 
+def test_kept_factors_are_counted_kept_within_half_the_budget_and_let_go_after_the_call(tmp_path, monkeypatch):
+    """A conv net's factors keep their tensors in the rules' slots: they must be counted (else every column block
+    is kept, whatever the budget), the blocks kept must fit the cache's share of the budget, and nothing is kept
+    once the call returns."""
+    from ntk_bench import implementations
+    from ntk_bench.bench.zoo import architectures
+    from ntk_bench.implementations.core import engine
+
+    torch.manual_seed(0)
+    model, shape = architectures.cnn(channels=4, image=8)
+    x = torch.randn(48, *shape, generator=torch.Generator().manual_seed(2))
+    plugin = implementations.get("structured")
+    call = engine.validated(plugin, model, x[:8], None, "trace")
+    with engine.running(model):
+        f = plugin.factors(call.net, call.x1)
+    held = sum(t.numel() * t.element_size() for item in f.items if item is not None
+               for name in getattr(type(item), "__slots__", ()) if isinstance(t := getattr(item, name, None),
+                                                                            torch.Tensor))
+    assert held > 0 and f.nbytes() >= held
+    kept, real_put = [], km._FactorCache.put
+
+    def put(self, j, factors, budget):
+        real_put(self, j, factors, budget)
+        kept.append((len(self.blocks), self.bytes, budget))
+
+    monkeypatch.setattr(km._FactorCache, "put", put)
+    budget = 3 * f.nbytes()  # the cache's half holds one block of 8, not the five later ones
+    k = ntk_bench.kernel_matrix(model, x, mode="trace", out=tmp_path / "K.zarr", tile=8, progress=False,
+                                verify=-1, impl="structured", memory_budget_bytes=budget)
+    assert kept and max(n for n, _, _ in kept) == 1 and all(b <= cap for _, b, cap in kept)
+    assert not km._CACHE.blocks and km._CACHE.bytes == 0
+    ref = ntk_bench.ntk(model, x, mode="trace", impl="structured").numpy()
+    np.testing.assert_allclose(np.asarray(k), ref, rtol=1e-5, atol=1e-6)
+
+
 def test_bad_arguments_are_one_clear_error(tmp_path, factories):
     model, x = _load(factories, "model"), _load(factories, "data")
     with pytest.raises(ValueError, match="out"):
@@ -196,6 +233,25 @@ def test_bad_arguments_are_one_clear_error(tmp_path, factories):
         ntk_bench.kernel_matrix(model, x, out=tmp_path / "K", executor="local")
     with pytest.raises(TypeError, match="Dataset"):
         ntk_bench.kernel_matrix(model, 3.0, out=tmp_path / "K")
+
+
+def test_each_tile_record_carries_its_seconds_and_cpu_seconds(tmp_path, factories):
+    """The records say what each finished tile cost (the work a kill loses is read from them); an older,
+    empty record still counts as finished."""
+    model, x = _load(factories, "slow_model"), _load(factories, "small_data")
+    k = ntk_bench.kernel_matrix(model, x, mode="trace", out=tmp_path / "K.zarr", tile=8, progress=False, verify=-1)
+    infos = {t: k.tile_info(*t) for t in k.tiles()}
+    assert len(infos) == 6
+    for (i, j), info in infos.items():
+        assert info["seconds"] > 0 and info["cpu_s"] >= 0 and info["pid"] == os.getpid(), ((i, j), info)
+        assert info["process_cpu_s"] >= info["cpu_s"]
+        if i == j:  # a band's first tile counts its row's factors: the slow forward sleeps 20 ms a call
+            assert info["seconds"] >= 0.02, ((i, j), info)
+    assert k.tile_info(0, 0)["at"] <= k.tile_info(0, 2)["at"]
+    (tmp_path / "K.zarr" / "tiles" / "1-2").write_text("")
+    assert k.tile_info(1, 2) == {} and k.done(1, 2)
+    (tmp_path / "K.zarr" / "tiles" / "1-2").unlink()
+    assert k.tile_info(1, 2) is None and k.missing() == [(1, 2)]
 
 
 def _tiles(path):

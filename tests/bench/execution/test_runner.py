@@ -169,7 +169,7 @@ def test_a_run_records_every_case_with_checked_numbers(smoke_run):
         assert r["status"] == "ok", r
         assert r["time_median_s"] > 0 and r["peak_mem_bytes"] is not None
         assert len(r["time_blocks_s"]) >= 3 and min(r["time_blocks_s"]) <= r["time_median_s"] <= max(r["time_blocks_s"])
-        assert r["kind"] == sweeps.kind_of(r["impl"]) and r["kind"] in ("ours", "peer")
+        assert r["kind"] == sweeps.origin_of(r["impl"]) and r["kind"] in ("ours", "peer")
         assert r["concurrent"] == [] and r["executor"] == "local" and r["case_wall_s"] > 0
         assert r["rel_err"] <= 1e-4 and r["reference"].startswith(("neural_tangents", "harness"))
         assert r["predicted_jc_flops"] == 3 * r["O"] * r["fp_flops"] + 9 * r["O"] ** 2 * r["P"]
@@ -239,7 +239,7 @@ class _InterruptAfter(InlineExecutor):
         self.k, self.cases = k, 0
 
     def submit(self, job):
-        if job.kind == "case":
+        if job.task == "case":
             if self.cases == self.k:
                 raise KeyboardInterrupt
             self.cases += 1

@@ -47,9 +47,9 @@ class FakeExecutor(InlineExecutor):
         fut = JobFuture(job)
         fut.set_running_or_notify_cancel()
         fut.started_at = time.time()
-        if job.kind == "reference":
+        if job.task == "reference":
             row = {"status": self.reference, "error": None if self.reference == "ok" else "injected"}
-        elif job.kind == "paired":  # a group's side-by-side rounds: a record with no rounds
+        elif job.task == "paired":  # a group's side-by-side rounds: a record with no rounds
             row = {"status": "ok", "times_s": {}, "median_s": {}}
         else:
             status = self.statuses.get(job.payload.impl, "ok")
@@ -460,7 +460,7 @@ def test_a_row_with_an_undeclared_key_is_written_as_an_error_naming_it(tmp_path)
     class Undeclared(FakeExecutor):
         def submit(self, job):
             fut = super().submit(job)
-            if job.kind == "case":
+            if job.task == "case":
                 fut.result()["worker_hostname"] = "h"  # a key the row schema does not declare
             return fut
 

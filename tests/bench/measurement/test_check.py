@@ -15,6 +15,7 @@ import torch
 from ntk_bench import implementations
 from ntk_bench.bench import cli
 from ntk_bench.bench.measurement import correctness, problems
+from ntk_bench.implementations.core.tolerances import tolerance
 from ntk_bench.implementations.plugins.jacobian_contraction import JacobianContraction
 
 # N != M and x2 = None, O > 1; the contract's cases run with every check
@@ -293,7 +294,7 @@ def test_a_model_computing_in_float32_inside_is_checked_at_the_tolerance_its_cas
     assert all(r.tolerance == allowed and f"tolerance {allowed:g}" in r.message for r in exact)
     if use_nt:  # neural-tangents rounds in float32 where torch does, but not the same way
         errors = [float(r.message.split()[2]) for r in exact]
-        assert max(errors) > problems.TOLERANCE[torch.float64]  # the fixed float64 tolerance would have failed it
+        assert max(errors) > tolerance(torch.float64)  # the fixed float64 tolerance would have failed it
     summary = "\n".join(correctness.summary(exact, "jacobian_contraction"))
     assert f"checked at tolerance {allowed:g} (the model computes in a lower precision inside" in summary
     assert "float32-inside-O2-N3M2" in summary

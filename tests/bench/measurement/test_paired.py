@@ -14,7 +14,7 @@ import pytest
 from ntk_bench import implementations
 from ntk_bench.bench import cli as cli_module
 from ntk_bench.bench.measurement import machine, paired
-from ntk_bench.bench.execution import plan, runner
+from ntk_bench.bench.execution import forecast, runner
 from ntk_bench.bench.output import report
 from ntk_bench.bench import sweeps
 from ntk_bench.bench.execution.executors import InlineExecutor
@@ -180,8 +180,8 @@ def test_the_predicted_duration_is_printed_before_a_run_and_slow_cases_named(tmp
     slow = {c.id: (600.0 if c.impl == "asdl" else 1.0) for c in cases}
     monkeypatch.setattr(runner, "predict_seconds", lambda cs, m: {c.id: slow[c.id] for c in cs})
     monkeypatch.setattr(machine, "load_factor", lambda threads=None: (1.0, 0.0, 2))
-    total, line, warning = plan.describe(cases, models, 1)
-    assert total > plan.WARN_ABOVE_S and "predicted duration: about 1" in line
+    total, line, warning = forecast.describe(cases, models, 1)
+    assert total > forecast.WARN_ABOVE_S and "predicted duration: about 1" in line
     assert "1 slow case(s)" in warning[0] and any(c.id in w for w in warning for c in cases if c.impl == "asdl")
     assert "--impls" in warning[-1] and "asdl" in warning[-1]
 

@@ -178,7 +178,7 @@ def test_a_plugin_keeps_its_colour_and_marker_in_runs_with_different_plugin_sets
 
 class _FakePeer(implementations.NTKPlugin):
     name = "asdl_fake_peer"
-    kind = "peer"
+    origin = "peer"
 
     def supports(self, model):
         return None

@@ -464,10 +464,10 @@ def test_report_and_compare_out_errors_are_one_line_with_the_usage_code(tmp_path
 
 
 def test_plots_kinds_come_from_the_rows_without_the_registry():
-    plots.KINDS.pop("someones_routine", None)
+    plots.IS_PEER.pop("someones_routine", None)
     assert not plots.is_peer("someones_routine")
-    plots.KINDS["someones_routine"] = True
+    plots.IS_PEER["someones_routine"] = True
     try:
         assert plots.is_peer("someones_routine")
     finally:
-        plots.KINDS.pop("someones_routine")
+        plots.IS_PEER.pop("someones_routine")

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from ntk_bench import implementations
-from ntk_bench.implementations.core.blocking import tile_size
-from ntk_bench.implementations.core.costs import model_stats
+from ntk_bench.implementations.core.tiling import tile_size
+from ntk_bench.implementations.core.costs import cost_stats
 from tests.conftest import supported_model
 from ntk_bench.bench.measurement.problems import BY_ID, rel_err
 
@@ -17,7 +17,7 @@ BLOCK_PROBLEMS = ["mlp-relu-O3-x2None", "cnn-O4-N2M3", "resnet_tiny-O3-x2None"]
 def _budget_for_tiles(plugin, model, x1, x2, mode, edge=2):
     """A budget that fits an edge x edge tile but not the whole kernel (in the smallest chunks, for a plugin
     that also chunks its work inside)."""
-    stats = model_stats(model, x1[:1])
+    stats = cost_stats(model, x1[:1])
     plugin = plugin.with_budget(1)
     return int(plugin.estimate(stats, edge, edge, mode, False).bytes) + 1
 
@@ -64,7 +64,7 @@ def test_budget_too_small_names_the_plugin():
 def test_tile_size_is_whole_problem_when_it_fits():
     problem = BY_ID["cnn-O4-N2M3"]
     model, (x1, _) = problem.model(), problem.inputs()
-    stats = model_stats(model, x1[:1])
+    stats = cost_stats(model, x1[:1])
     assert tile_size(implementations.get("structured"), stats, 7, 5, "full", 1 << 40, False) == 7
 
 
@@ -95,7 +95,7 @@ def test_auto_blocks_under_a_small_budget():
     assert rel_err(tiled, whole) <= 1e-12
 
 
-def test_model_stats_marks_the_output_linear():
+def test_cost_stats_marks_the_output_linear():
     """The Linear whose output is the model's has G = I (structured adds its term without a GEMM): its cost view
     says so."""
     from torch import nn
@@ -103,9 +103,9 @@ def test_model_stats_marks_the_output_linear():
     structured = implementations.get("structured")
     x = torch.randn(1, 5)
     plain = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))  # (the stats hold their model weakly)
-    assert [layer.is_output for _, layer in structured.layers(model_stats(plain, x))] == [False, True]
+    assert [layer.is_output for _, layer in structured.layers(cost_stats(plain, x))] == [False, True]
     squashed = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3), nn.Tanh())
-    assert not any(layer.is_output for _, layer in structured.layers(model_stats(squashed, x)))
+    assert not any(layer.is_output for _, layer in structured.layers(cost_stats(squashed, x)))
 
 
 def _timed_trial_setup(monkeypatch, close: bool):
@@ -162,7 +162,7 @@ def test_auto_trusts_the_cost_model_when_the_predictions_are_far_apart(monkeypat
     assert auto.last_choice[0] == a.name and calls == {a.name: 1, b.name: 0}
 
 
-def test_model_stats_counts_the_fused_rnn_ops():
+def test_cost_stats_counts_the_fused_rnn_ops():
     """FlopCounterMode has no formula for aten::lstm / gru: the cost model counts their GEMMs from the shapes."""
     from torch import nn
 
@@ -177,7 +177,7 @@ def test_model_stats_counts_the_fused_rnn_ops():
     x = torch.randn(1, 5, 6)
     for cls, gates in ((nn.LSTM, 4), (nn.GRU, 3)):
         model = Tagger(cls)
-        stats = model_stats(model, x)
+        stats = cost_stats(model, x)
         gemms = 5 * 2 * gates * 8 * ((6 + 8) + (8 + 8))  # steps x 2·gates·H·(in + H), two layers
         assert gemms <= stats.fp_flops <= 1.5 * gemms + 2 * 8 * 3
         generic = [layer for _, layer in implementations.get("structured").layers(stats) if layer.kind == "generic"]

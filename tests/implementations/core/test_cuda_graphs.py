@@ -160,9 +160,9 @@ def test_no_capture_when_off_large_or_not_capturable(cpu_cache, monkeypatch):
     model, x = _mlp(), _inputs(_mlp(), 4, 1)
     implementations.get("jacobian_contraction").compute(model, x)
     implementations.get("structured").compute(model, x, memory_budget_bytes=1 << 30)
-    monkeypatch.setenv("NTKBENCH_CUDA_GRAPHS", "0")
+    monkeypatch.setenv("NTK_BENCH_CUDA_GRAPHS", "0")
     implementations.get("structured").compute(model, x)
-    monkeypatch.delenv("NTKBENCH_CUDA_GRAPHS")
+    monkeypatch.delenv("NTK_BENCH_CUDA_GRAPHS")
     monkeypatch.setattr(cuda_graphs, "MAX_GRAPH_BYTES", 0)
     implementations.get("structured").compute(model, x)
     assert cpu_cache.captures == 0 and cuda_graphs.last_replay_bytes is None

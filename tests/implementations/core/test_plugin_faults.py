@@ -9,7 +9,8 @@ import pytest
 import torch
 from ntk_bench.implementations.plugins import auto as auto_module
 from ntk_bench.implementations.core import declines, wrappers
-from ntk_bench.bench.measurement.problems import TOLERANCE, rel_err
+from ntk_bench.implementations.core.tolerances import tolerance
+from ntk_bench.bench.measurement.problems import rel_err
 from torch import nn
 from tests.helpers.zoo_extra import OldStyleFunctionNet
 
@@ -39,16 +40,16 @@ def test_jacobian_contraction_never_returns_a_vmapped_jacobian_its_loop_disagree
     plugin = implementations.get("jacobian_contraction")
     for x1, x2 in [(x, None), (x[:2], x)]:
         k = plugin.compute(model, x1, x2)
-        assert rel_err(k, bruteforce.ntk(model, x1, x2)) <= TOLERANCE[torch.float64]
+        assert rel_err(k, bruteforce.ntk(model, x1, x2)) <= tolerance(torch.float64)
     assert calls == [1]  # vmapped once, found wrong, looped from then on
 
 
 def test_jacobian_contraction_keeps_vmap_where_it_agrees():
     model, x = _mlp(), torch.randn(3, 4, dtype=torch.float64)
-    from ntk_bench.implementations.core.modelinfo import _VMAP_FAILS
+    from ntk_bench.implementations.core.module_walks import _VMAP_FAILS
 
     k = implementations.get("jacobian_contraction").compute(model, x)
-    assert rel_err(k, bruteforce.ntk(model, x)) <= TOLERANCE[torch.float64]
+    assert rel_err(k, bruteforce.ntk(model, x)) <= tolerance(torch.float64)
     assert not _VMAP_FAILS.get(model)
 
 
@@ -57,11 +58,11 @@ def test_auto_goes_on_at_unknown_cost_when_its_measuring_forward_fails(monkeypat
         raise RuntimeError("A leaf node was passed to _will_engine_execute_node but we are currently running "
                            "autograd.grad()")
 
-    monkeypatch.setattr(auto_module, "model_stats", failing)
+    monkeypatch.setattr(auto_module, "cost_stats", failing)
     plugin = auto_module.Auto()
     model, x = _mlp(), torch.randn(3, 4, dtype=torch.float64)
     k = plugin.compute(model, x)
-    assert rel_err(k, bruteforce.ntk(model, x)) <= TOLERANCE[torch.float64]
+    assert rel_err(k, bruteforce.ntk(model, x)) <= tolerance(torch.float64)
     _, why = plugin.last_choice
     assert "cost unknown" in why and "_will_engine_execute_node" in why
 
@@ -83,7 +84,7 @@ def test_data_parallel_is_unwrapped_and_its_stateless_api_error_named():
     assert wrappers.unwrap(outer) is outer.module
     x = torch.randn(2, 4, dtype=torch.float64)
     k = implementations.get("jacobian_contraction").compute(outer, x)
-    assert rel_err(k, bruteforce.ntk(outer.module, x)) <= TOLERANCE[torch.float64]
+    assert rel_err(k, bruteforce.ntk(outer.module, x)) <= tolerance(torch.float64)
     # torch.func's refusal, where it still meets one, names the wrapper
     error = RuntimeError("The stateless API can't be used with nn.DataParallel module")
     assert "'the model itself' is one" in declines.transform_problem(error, outer, x)

@@ -5,7 +5,7 @@ then J1 J2ᵀ. Each peer either declines a model with the reason recorded in ``E
 1e-10 in every mode, with N ≠ M and x2 = None, and leaves the model as it found it; nngeometry's float64
 kernels of non-Linear layers are float32-accurate (``known_inexact``): there the error must be what its
 docstring says, and above the 1e-10 at which the runner calls a mismatch. A library that is not installed
-skips its tests. ``NTKBENCH_PEERS_REAL_MODELS=1`` adds torchvision's resnet18 and mobilenet_v3_small
+skips its tests. ``NTK_BENCH_PEERS_REAL_MODELS=1`` adds torchvision's resnet18 and mobilenet_v3_small
 (about a minute each on 2 cores).
 """
 
@@ -14,17 +14,18 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import os
 
 import pytest
 import torch
 from torch import nn
 
+from ntk_bench.envvars import env
+
 from ntk_bench import implementations
 from ntk_bench.bench.zoo import architectures
 from ntk_bench.implementations.peers._peer import PeerPlugin, import_error
 from ntk_bench.implementations.core.base import UnsupportedModelError
-from ntk_bench.implementations.core.kernels import reduce_full
+from ntk_bench.implementations.core.contractions import reduce_full
 from ntk_bench.bench.measurement.problems import rel_err
 from ntk_bench.bench.measurement.bruteforce import ntk as brute_force
 
@@ -51,7 +52,7 @@ def _case(id, arch, modes=("full",), **params):
     return Case(id, arch, tuple(sorted(params.items())), modes=modes)
 
 
-ALL_MODES = ("full", "trace", "diagonal")
+ALL_MODES = implementations.MODES
 ZOO = [
     _case("mlp", "mlp", ALL_MODES, in_features=6, width=8, depth=2, out=3),
     _case("cnn-inplace", "cnn", ALL_MODES, channels=3, image=8, out=3, inplace=True),
@@ -70,7 +71,7 @@ ZOO = [
     _case("mlp_tied-module", "mlp_tied", out=3, how="module"),
     _case("mlp_tied-weight", "mlp_tied", out=3, how="weight"),
 ]
-if os.environ.get("NTKBENCH_PEERS_REAL_MODELS") == "1":
+if env("PEERS_REAL_MODELS") == "1":
     ZOO += [_case("resnet18", "resnet18", image=16, out=2), _case("mobilenet_v3_small", "mobilenet_v3_small", out=2)]
 BY_ID = {c.id: c for c in ZOO}
 
@@ -135,7 +136,7 @@ def _assert_same_state(before, after):
 def test_the_peers_are_registered_as_peers():
     assert set(PEERS) <= set(implementations.names("peer"))
     assert not set(PEERS) & set(implementations.names("ours"))
-    assert all(implementations.kind_of(n) == "peer" and implementations.get(n).kind == "peer" for n in PEERS)
+    assert all(implementations.origin_of(n) == "peer" and implementations.get(n).origin == "peer" for n in PEERS)
 
 
 @pytest.mark.parametrize("case_id", list(BY_ID))

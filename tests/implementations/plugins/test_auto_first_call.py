@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ntk_bench.implementations.core.modelinfo import _parameter_signature
+from ntk_bench.implementations.core.module_walks import _parameter_signature
 from ntk_bench.implementations.plugins import auto as auto_mod
 from torch import nn
 
@@ -23,13 +23,13 @@ def counted(monkeypatch):
     """A fresh structure cache, and the measuring forwards auto runs counted."""
     monkeypatch.setattr(auto_mod, "_STATS_BY_STRUCTURE", OrderedDict())
     calls = []
-    real = auto_mod.model_stats
+    real = auto_mod.cost_stats
 
-    def model_stats(model, x):
+    def cost_stats(model, x):
         calls.append(model)
         return real(model, x)
 
-    monkeypatch.setattr(auto_mod, "model_stats", model_stats)
+    monkeypatch.setattr(auto_mod, "cost_stats", cost_stats)
     return calls
 
 

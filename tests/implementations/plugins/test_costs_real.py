@@ -42,10 +42,10 @@ def test_structured_prediction_within_3x_of_the_measured_time(row):
     spec.loader.exec_module(script)
     build = script.build
     from ntk_bench import implementations
-    from ntk_bench.implementations.core.costs import model_stats
+    from ntk_bench.implementations.core.costs import cost_stats
 
     model, x = build(row["source"], row["network"], row["params"], row["N"])
-    stats = model_stats(model, x[:1])
+    stats = cost_stats(model, x[:1])
     predicted, _ = implementations.get("auto").predict(implementations.get("structured"), stats, row["N"], row["N"],
                                                         row["mode"], True, "cpu", 1 << 40)
     ratio = predicted / row["structured_s"]

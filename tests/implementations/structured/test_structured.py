@@ -38,7 +38,7 @@ def test_structured_declines_at_run_time_a_module_mixing_samples():
 @pytest.mark.parametrize("plugin_name", ["structured", "explicit_mlp"])
 def test_symmetric_kernels_from_three_blocks_equal_the_plain_sum(plugin_name, problem_id, monkeypatch):
     """x2 = None: the upper blocks computed and the lower-left mirrored give the same kernel, odd N included."""
-    from ntk_bench.implementations.core import kernels as base
+    from ntk_bench.implementations.core import contractions as base
     from ntk_bench.bench.measurement.problems import BY_ID
 
     from tests.conftest import supported_model
@@ -75,7 +75,7 @@ def test_output_layer_shortcut_matches_jacobian_contraction(plugin_name, layers,
 @pytest.mark.parametrize("mode", implementations.MODES)
 def test_identity_gram_as_first_or_later_term(mode):
     """KernelSum.add_identity_gram adds xx[n, m]·δ_op whether or not a term came before it."""
-    from ntk_bench.implementations.core.kernels import KernelSum, reduce_full
+    from ntk_bench.implementations.core.contractions import KernelSum, reduce_full
 
     g = torch.Generator().manual_seed(0)
     n, m, o, c = 3, 4, 2, 5
@@ -95,7 +95,7 @@ def test_identity_gram_as_first_or_later_term(mode):
 def test_jacobian_blocks_in_either_row_order_and_symmetric_halves(rows):
     """KernelSum.add_jacobians gives J1 J2ᵀ for (N, O, P) blocks stored as (N, O, P) or as views of (O, N, P)
     (linear_jacobian's layout), mixed, and for a symmetric kernel (J2 is J1) from its upper blocks."""
-    from ntk_bench.implementations.core.kernels import KernelSum
+    from ntk_bench.implementations.core.contractions import KernelSum
 
     n, o, p = rows
     g = torch.Generator().manual_seed(0)
@@ -179,11 +179,11 @@ def test_cost_model_knows_every_rule(name, params):
     """structured's cost view (its layers, from the plan on one sample) has one layer per rule the plan uses,
     covering every trainable parameter, and its estimate grows with N and counts at least the kernel's bytes."""
     from ntk_bench.bench.zoo import architectures
-    from ntk_bench.implementations.core.costs import kernel_numel, model_stats
+    from ntk_bench.implementations.core.costs import kernel_numel, cost_stats
 
     arch = architectures.build(name, **params)
     x = architectures.inputs(arch, 2)
-    stats = model_stats(arch.model, x[:1])
+    stats = cost_stats(arch.model, x[:1])
     plugin = implementations.get("structured")
     plan = plugin.plan(arch.model, x)
     layers = plugin.layers(stats)
@@ -268,7 +268,7 @@ _AGREEMENT = {
 def test_the_cost_model_and_the_plan_agree(name):
     """The cost model's view of the layers (from one sample) is the plan's (from a batch): the same rules on the
     same parameters, layer for layer, with the same geometry."""
-    from ntk_bench.implementations.core.costs import model_stats
+    from ntk_bench.implementations.core.costs import cost_stats
 
     make, shape, ids, kinds = _AGREEMENT[name]
     torch.manual_seed(0)
@@ -276,7 +276,7 @@ def test_the_cost_model_and_the_plan_agree(name):
     x = torch.randint(0, 7, (3, *shape)) if ids else torch.randn(3, *shape)
     plugin = implementations.get("structured")
     plan = plugin.plan(model, x)
-    view = plugin.layers(model_stats(model, x[:1]))
+    view = plugin.layers(cost_stats(model, x[:1]))
 
     def geometry(rule, layer):
         return rule.__name__, layer.kind, layer.s, layer.k, layer.c, layer.groups, layer.p, layer.is_output
@@ -291,13 +291,13 @@ def test_the_cost_view_is_kept_with_the_stats_and_falls_back_once_the_model_is_g
     lives, they stay; stats whose model is gone cost the whole model as one generic layer."""
     import gc
 
-    from ntk_bench.implementations.core.costs import model_stats
+    from ntk_bench.implementations.core.costs import cost_stats
 
     plugin, x = implementations.get("structured"), torch.randn(1, 5)
     model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3))
-    stats = model_stats(model, x)
+    stats = cost_stats(model, x)
     read = plugin.layers(stats)
-    other = model_stats(nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3)), x)
+    other = cost_stats(nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3)), x)
     del model
     gc.collect()
     assert plugin.layers(stats) == read and [layer.kind for _, layer in read] == ["linear", "linear"]

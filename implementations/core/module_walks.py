@@ -1,6 +1,7 @@
-"""What the plugins read off a model: its modules and trainable parameters, what is shared, hooked, parametrised
-or in place, and caches keyed by its architecture. Walks go through ``_modules`` / ``_parameters`` directly:
-these run on every call, where ``named_modules()``'s generators cost tens of µs."""
+"""Module walks: what the plugins read off a model's module tree (its modules and trainable parameters, what is
+shared, hooked, parametrised or in place) and caches keyed by its architecture. Walks go through ``_modules`` /
+``_parameters`` directly: these run on every call, and ``named_modules()``'s generators (a name string and a memo
+set per module) would cost more than the work they feed."""
 
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ def trainable_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def has_trainable_parameters(model: nn.Module) -> bool:
+    """Whether any parameter of ``model`` or its submodules requires grad."""
     return any(p is not None and p.requires_grad for m in submodules(model) for p in m._parameters.values())
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-MODES = ("full", "trace", "diagonal")
-
 
 def kernel_shape(n: int, m: int, o: int, mode: str) -> tuple[int, ...]:
+    """The kernel's shape for N×M samples and O outputs in ``mode``: (N, M, O, O) full, (N, M) trace, (N, M, O)
+    diagonal."""
     return {"full": (n, m, o, o), "trace": (n, m), "diagonal": (n, m, o)}[mode]
 
 
@@ -31,10 +31,12 @@ def contract_jacobians(jac1: list[torch.Tensor], jac2: list[torch.Tensor], mode:
     instead of N·M·O²·P_i).
     """
     expr = _CONTRACTIONS[mode]
-    out = None
+    out: torch.Tensor | None = None
     for j1, j2 in zip(jac1, jac2):
         term = torch.einsum(expr, j1, j2)
         out = term if out is None else out.add_(term)
+    if out is None:
+        raise ValueError("contract_jacobians: no Jacobian blocks (a model without trainable parameters)")
     return out
 
 
@@ -50,13 +52,13 @@ def gradient_gram(g1: torch.Tensor, g2: torch.Tensor, mode: str) -> torch.Tensor
     return torch.bmm(g1, g2.transpose(1, 2)).permute(1, 2, 0)
 
 
-# From this many rows (N·O), a symmetric full-mode Gram (x2 = None) is built from 3 of its 4 blocks. On an H100
-# at N·O = 5120 (MLP 784-512-512-10, N=512) the split cut GPU time from 2.0 to 1.8 ms a call but raised the
-# wall time (2.6 to 2.8 ms: more launches, and the call is bound by the CPU's launch overhead); it pays only
-# where the GEMMs dominate.
+# From this many rows (N·O), a symmetric full-mode Gram (x2 = None) is built from 3 of its 4 blocks: a quarter less
+# GEMM and multiply-add work for more kernel launches, so eagerly it pays only where the GEMMs bound the call, not
+# the host issuing them. results/2026-11-23-gpu/graph_check.txt times this threshold against the captured one
+# below, eager and replayed, at one size (N·O = 5120).
 SYMMETRIC_SPLIT_MIN_ROWS = 8192
 # Inside a CUDA graph capture (cuda_graphs) the extra launches cost nothing at replay, so the split pays off from
-# fewer rows (measured in results/2026-11-23-gpu).
+# fewer rows (results/2026-11-23-gpu/graph_check.txt).
 SYMMETRIC_SPLIT_MIN_ROWS_CAPTURED = 2048
 
 
@@ -104,9 +106,11 @@ class KernelSum:
     """
 
     def __init__(self, mode: str):
-        self.mode, self.acc = mode, None
-        self.half = None  # set when only the upper blocks are summed: the first half's size
-        self.identity = None  # (Σ xx, O) of the identity-Gram terms, added to the diagonal by result()
+        self.mode = mode
+        self.acc: torch.Tensor | None = None
+        self.half: int | None = None  # set when only the upper blocks are summed: the first half's size
+        # (Σ xx, O) of the identity-Gram terms, added to the diagonal by result()
+        self.identity: tuple[torch.Tensor, int] | None = None
 
     def add_gram(self, xx: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor, symmetric: bool = False) -> None:
         """Add xx ⊙ (G1 G2ᵀ) for G of shape (O, N, C); ``symmetric``: g2 is g1 and xx is symmetric (x2 = None)."""
@@ -182,6 +186,8 @@ class KernelSum:
             self.acc.add_(term)
 
     def result(self) -> torch.Tensor:
+        """The sum in the mode's shape ((N, M, O, O) for full, contiguous), the identity-Gram terms added to the
+        diagonal entries; ValueError when nothing was added."""
         out = self._gram_sum()
         if self.identity is not None:
             xx, o = self.identity
@@ -193,8 +199,10 @@ class KernelSum:
 
     def _gram_sum(self) -> torch.Tensor:
         if self.acc is None:  # only identity terms
+            if self.identity is None:
+                raise ValueError("KernelSum.result(): no term was added")
             xx, o = self.identity
-            return xx.new_zeros(kernel_shape(*xx.shape, o, self.mode))
+            return xx.new_zeros(kernel_shape(xx.shape[0], xx.shape[1], o, self.mode))
         if self.mode != "full":
             return self.acc
         full = self.acc.permute(0, 2, 1, 3)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from ntk_bench.bench import sweeps
-from ntk_bench.bench.execution import plan, runner
+from ntk_bench.bench.execution import forecast, runner
 from ntk_bench.bench.measurement import machine
 
 RESULTS = Path(__file__).resolve().parents[3] / "results"
@@ -46,17 +46,17 @@ def test_one_cpu_clock_thread_is_scaled_by_its_measured_share_not_by_the_load_av
     assert machine.load_factor(2, load=18.9, n_cores=2, one_thread_share=0.4)[0] > 10  # threads wait for each other
 
 
-def test_the_plan_uses_the_measured_share_for_a_cpu_clock_sweep(monkeypatch):
+def test_the_forecast_uses_the_measured_share_for_a_cpu_clock_sweep(monkeypatch):
     cases = sweeps.expand(sweeps.SWEEPS["smoke"])[:4]
     monkeypatch.setattr(runner, "estimate", lambda cs, m, slots=1: (200.0, [(c.id, 50.0) for c in cs]))
     monkeypatch.setattr(machine, "load_average", lambda: 18.9)
     monkeypatch.setattr(machine, "cores", lambda: [0, 1])
     monkeypatch.setattr(machine, "one_thread_share", lambda probe_s=0.5: 0.4)
     cpu = [dataclasses.replace(c, clock="cpu") for c in cases]
-    total, line, _ = plan.describe(cpu, {}, 1)
+    total, line, _ = forecast.describe(cpu, {}, 1)
     assert total == pytest.approx(500.0) and "40% of a core" in line
     wall = [dataclasses.replace(c, clock="wall") for c in cases]
-    total, line, _ = plan.describe(wall, {}, 1)
+    total, line, _ = forecast.describe(wall, {}, 1)
     assert total == pytest.approx(200.0 * 2 / (2 * 2 / 20.9)) and "load average, 18.9 on 2 core(s)" in line
 
 

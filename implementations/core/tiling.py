@@ -1,4 +1,4 @@
-"""Blocking: any plugin computes a kernel larger than memory allows, tile by tile.
+"""Tiling: any plugin computes a kernel larger than memory allows, tile by tile.
 
 x1 × x2 is cut into square tiles, as large as the plugin's memory estimate
 allows under the budget, with a ragged last tile (no divisibility rules). For
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import kernel_shape
-from .costs import kernel_numel, model_stats
+from .contractions import kernel_shape
+from .costs import kernel_numel, cost_stats
 
 
 _SWAP = {"full": (1, 0, 3, 2), "trace": (1, 0), "diagonal": (1, 0, 2)}
@@ -39,8 +39,8 @@ def tile_size(plugin, stats, n: int, m: int, mode: str, budget: int, symmetric: 
                       f"even a 1 x 1 tile needs about {need:.3g}")
 
 
-def blocked_kernel(plugin, model, x1, x2, mode: str, budget: int) -> torch.Tensor:
-    stats = model_stats(model, x1[:1])
+def tiled_kernel(plugin, model, x1, x2, mode: str, budget: int) -> torch.Tensor:
+    stats = cost_stats(model, x1[:1])
     symmetric = x2 is None
     xb = x1 if symmetric else x2
     n, m = x1.shape[0], xb.shape[0]
