@@ -1,4 +1,4 @@
-"""ntk-bench run | report | compare | check | list | calibrate   (also: python -m ntk_bench ...)
+"""ntk-bench run | report | compare | check | kernel | list | calibrate   (also: python -m ntk_bench ...)
 
 Exit codes of ``run``: 0 when every case's last row passes; 1 when a row has a
 status named by ``--fail-on`` (default ``mismatch,error``) or, with

@@ -16,8 +16,9 @@ from ntk_bench.bench.measurement import bruteforce
 from ntk_bench import implementations
 from ntk_bench.implementations.core import compiled
 from ntk_bench.implementations.core.base import NTKPlugin
+from ntk_bench.implementations.core.tolerances import tolerance
 from ntk_bench.implementations.plugins import compiled as variants
-from ntk_bench.bench.measurement.problems import BY_ID, TOLERANCE, rel_err
+from ntk_bench.bench.measurement.problems import BY_ID, rel_err
 from tests.contract.test_correctness import check_against_reference
 
 pytestmark = pytest.mark.compile
@@ -58,7 +59,7 @@ def test_compiled_matches_reference_eager_and_brute_force(name, problem_id, mode
     x1, x2 = problem.inputs(dtype=DTYPES[dtype])
     k = plugin.compute(model, x1, x2, mode=mode)
     eager = plugin.base.compute(model, x1, x2, mode=mode)
-    tol = TOLERANCE[DTYPES[dtype]]
+    tol = tolerance(DTYPES[dtype])
     assert rel_err(k, eager) <= tol
     assert rel_err(k, bruteforce.ntk(model.double(), x1.double() if x1.is_floating_point() else x1,
                                      None if x2 is None else (x2.double() if x2.is_floating_point() else x2),

@@ -201,3 +201,16 @@ def test_a_plugins_origin_and_its_deprecated_name_kind():
         class Old(implementations.NTKPlugin):  # a plugin written before kind became origin
             name, kind = "old_style_peer", "peer"
     assert Old().origin == "peer"
+
+
+def test_a_compiled_variant_not_yet_imported_loads_from_the_table_and_tag_selectors_reach_it(monkeypatch):
+    # The first lookup of a variant (a tag selector such as ``-tag:loop`` looks at every plugin's tags) goes through
+    # the built-in table; it once held a bare module name there and every tag selector crashed.
+    from ntk_bench import implementations
+
+    variants = ("explicit_mlp_compiled", "jacobian_contraction_compiled", "structured_compiled")
+    fresh = {n: p for n, p in implementations._registered.items() if n not in variants}
+    monkeypatch.setattr(implementations, "_registered", fresh)
+    assert set(implementations.names("ours", tag="compiled", compiled=True)) == set(variants)
+    assert "autograd_loop" in implementations.names(tag="loop", compiled=True)
+    assert implementations.get("structured_compiled").name == "structured_compiled"
