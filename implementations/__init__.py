@@ -50,6 +50,10 @@ _BUILTIN_PEERS: dict[str, tuple[str, frozenset[str]]] = {
     "curvlinops": ("peers.curvlinops", frozenset()),
     "laplace": ("peers.laplace", frozenset({"fast"})),
 }
+# Compiled variants of ours (``compiled``): not in ``names()`` unless asked for (their first call compiles for
+# seconds; the suite checks them in their own test), never among auto's candidates.
+_BUILTIN_COMPILED = {n: "plugins.compiled" for n in
+                     ("explicit_mlp_compiled", "jacobian_contraction_compiled", "structured_compiled")}
 _registered: dict[str, NTKPlugin] = {}
 _entry_points_loaded = False
 ORIGINS = ("ours", "peer")
@@ -103,17 +107,18 @@ def load_module(module: str) -> list[str]:
     return _register_object(mod, f"module {module!r}")
 
 
-def names(origin: str | None = "ours", tag: str | None = None, *, kind=_UNSET) -> list[str]:
+def names(origin: str | None = "ours", tag: str | None = None, *, compiled: bool = False, kind=_UNSET) -> list[str]:
     """Registered plugin names, built-ins first: ``origin="ours"`` (the default), ``"peer"``, or None for all;
-    with ``tag``, only the plugins carrying it (``NTKPlugin.tags``). (``kind=``: the old name of ``origin``.)"""
+    with ``tag``, only the plugins carrying it (``NTKPlugin.tags``); with ``compiled=True`` the compiled variants
+    of ours too (``explicit_mlp_compiled``, ...). (``kind=``: the old name of ``origin``.)"""
     if kind is not _UNSET:
         warnings.warn("names(kind=...) is deprecated: pass origin=...", DeprecationWarning, stacklevel=2)
         origin = kind
     if origin is not None and origin not in ORIGINS:
         raise ValueError(f"unknown plugin origin {origin!r}; valid: {', '.join(ORIGINS)}")
     _load_entry_points()
-    every = list(_BUILTIN) + list(_BUILTIN_PEERS) + [n for n in _registered if n not in _BUILTIN
-                                                   and n not in _BUILTIN_PEERS]
+    every = list(_BUILTIN) + (list(_BUILTIN_COMPILED) if compiled else []) + list(_BUILTIN_PEERS) + \
+        [n for n in _registered if n not in _BUILTIN and n not in _BUILTIN_PEERS and n not in _BUILTIN_COMPILED]
     return [n for n in every if (origin is None or origin_of(n) == origin) and (tag is None or tag in tags_of(n))]
 
 
@@ -125,12 +130,12 @@ def tags_of(name: str) -> frozenset[str]:
 
 def all_tags() -> list[str]:
     """Every tag some registered plugin carries, sorted."""
-    return sorted({t for n in names(None) for t in tags_of(n)})
+    return sorted({t for n in names(None, compiled=True) for t in tags_of(n)})
 
 
 def origin_of(name: str) -> str:
     """``"ours"`` or ``"peer"``: where the plugin called ``name`` comes from (a built-in's without importing it)."""
-    if name in _BUILTIN or name in _BUILTIN_PEERS:
+    if name in _BUILTIN or name in _BUILTIN_PEERS or name in _BUILTIN_COMPILED:
         return _builtin_origin(name)
     return getattr(get(name), "origin", "ours")
 
@@ -145,7 +150,7 @@ def get(name: str) -> NTKPlugin:
     """The plugin called ``name``; an unknown name raises a KeyError listing the valid ones."""
     if name in _registered:
         return _registered[name]
-    builtin = _BUILTIN.get(name) or _BUILTIN_PEERS.get(name)
+    builtin = _BUILTIN.get(name) or _BUILTIN_PEERS.get(name) or _BUILTIN_COMPILED.get(name)
     if builtin is None:
         _load_entry_points()
         if name in _registered:
@@ -167,14 +172,15 @@ def register(plugin: NTKPlugin) -> NTKPlugin:
         raise ValueError("a plugin needs a non-empty name")
     if getattr(plugin, "origin", "ours") not in ORIGINS:
         raise ValueError(f"plugin {plugin.name!r} has origin {plugin.origin!r}; valid: {', '.join(ORIGINS)}")
-    if plugin.name in _BUILTIN or plugin.name in _BUILTIN_PEERS or plugin.name in _registered:
+    if plugin.name in _BUILTIN or plugin.name in _BUILTIN_PEERS or plugin.name in _BUILTIN_COMPILED \
+            or plugin.name in _registered:
         raise ValueError(f"a plugin named {plugin.name!r} is already registered")
     _registered[plugin.name] = plugin
     return plugin
 
 
 def unregister(name: str) -> None:
-    if name in _BUILTIN or name in _BUILTIN_PEERS:
+    if name in _BUILTIN or name in _BUILTIN_PEERS or name in _BUILTIN_COMPILED:
         raise ValueError(f"{name!r} is a built-in plugin and cannot be unregistered")
     _registered.pop(name, None)
 

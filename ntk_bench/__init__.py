@@ -25,14 +25,24 @@ if (_root / "pyproject.toml").is_file() and (_root / "implementations" / "__init
     __path__.append(str(_root))  # noqa: F821 - the package's own __path__
 
 
-def ntk(model, x1, x2=None, mode: str = "full", impl: str = "auto", **kwargs):
+def ntk(model, x1, x2=None, mode: str = "full", impl: str = "auto", compile: bool = False, **kwargs):
     """Θ(x1, x2) of ``model``: (N, M, O, O) for ``mode="full"``, (N, M) for ``"trace"``, (N, M, O) for ``"diagonal"``.
 
     ``x2=None`` means x2 = x1. ``impl`` names a plugin (``ntk_bench.implementations.names()``); ``auto`` picks
-    one from the cost model. Other keyword arguments (``memory_budget_bytes``) go to the plugin's ``compute``.
+    one from the cost model. ``compile=True`` runs the plugin's compiled variant (``explicit_mlp``,
+    ``jacobian_contraction``, ``structured``: ``implementations.core.compiled``): its first call per model and shapes
+    compiles (seconds), later calls of a small model are several times faster. Other keyword arguments
+    (``memory_budget_bytes``) go to the plugin's ``compute``.
     """
     from . import implementations
 
+    if compile:
+        variants = [n.removesuffix("_compiled") for n in implementations.names("ours", compiled=True)
+                    if n.endswith("_compiled")]
+        if impl not in variants:
+            raise ValueError(f"compile=True needs impl= one of {', '.join(variants)} (a plugin with a compiled "
+                             f"variant), got {impl!r}")
+        impl = f"{impl}_compiled"
     return implementations.get(impl).compute(model, x1, x2, mode=mode, **kwargs)
 
 

@@ -16,7 +16,9 @@ def select_plugins(selectors: list[str]) -> tuple[list[str], list[str]]:
     from ntk_bench import implementations
 
     every = all_impls()
-    origins = {"all": every, "ours": implementations.names("ours"), "peers": implementations.names("peer")}
+    # ("all" and "ours" leave the compiled variants out: each first call compiles for seconds; name them)
+    origins = {"all": implementations.names("ours") + implementations.names("peer"),
+               "ours": implementations.names("ours"), "peers": implementations.names("peer")}
     chosen: dict[str, None] = {}  # ordered: the order the selectors add them (an origin, a tag: the registry's)
     wrong: list[str] = []
     named: list[str] = []
@@ -27,7 +29,7 @@ def select_plugins(selectors: list[str]) -> tuple[list[str], list[str]]:
             matched = origins[key]
         elif key.startswith("tag:"):
             tag = key[4:]
-            matched = implementations.names(None, tag=tag)
+            matched = implementations.names(None, tag=tag, compiled=True)
             if not matched:
                 wrong.append(f"no plugin carries the tag {tag!r} ({selector!r}); tags: "
                              f"{', '.join(implementations.all_tags()) or 'none'}")
@@ -56,10 +58,10 @@ def select_plugins(selectors: list[str]) -> tuple[list[str], list[str]]:
 
 
 def all_impls() -> list[str]:
-    """Every plugin a sweep can name: ours, then the peers."""
+    """Every plugin a sweep can name: ours (the compiled variants included), then the peers."""
     from ntk_bench import implementations
 
-    return implementations.names("ours") + implementations.names("peer")
+    return implementations.names("ours", compiled=True) + implementations.names("peer")
 
 
 def origin_of(impl: str) -> str:

@@ -30,6 +30,7 @@ from .input_errors import named_input_errors
 from .contractions import kernel_shape
 from .locking import model_claimed
 from .state import dense_gradients, preserved
+from .unchanged import Verdicts, input_key
 from .validation import (budget_bytes, output_spec, probe_forward, refuse_ill_defined_modules,
                          refuse_scripted, share_probe, validate_inputs)
 from .wrappers import unwrap
@@ -132,23 +133,48 @@ class Call:
 
 def validated(plugin: NTKPlugin, model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None, mode: str,
               memory_budget_bytes: int | None = None) -> Call:
-    """Step 1, validation: raises a clear error for bad inputs, an ill-defined kernel or a declined model."""
+    """Step 1, validation: raises a clear error for bad inputs, an ill-defined kernel or a declined model. The
+    inputs are checked on every call; the model's checks once per plugin, input shapes and model state
+    (``unchanged``): a call on an unchanged model reuses their verdict."""
     model = unwrap(model)  # (peers' prepare comes here directly)
     validate_inputs(model, x1, x2, mode)
     budget_bytes(memory_budget_bytes)
+    key = (plugin, *input_key(x1, x2))
+    verdict, now = _VERDICTS.get(model, key)
+    with torch.inference_mode(False):
+        x1, x2 = _plain(x1), _plain(x2)
+    if verdict is None:  # (a model that changed gets a new generation here)
+        verdict = _model_checks(plugin, model, x1)
+        _VERDICTS.put(model, now, key, verdict)
+    spec, reason = verdict
+    net = _as_matrix_output(model) if spec.vector else model
+    if reason is not None:
+        raise UnsupportedModelError(reason)
+    return Call(model, net, x1, x2, spec.o, _result_dtype(model, x1))
+
+
+# Per model: the verdict of the model's checks (output form, the plugin's decline) while its state is unchanged.
+_VERDICTS = Verdicts()
+
+
+def model_generation(model: nn.Module) -> int | None:
+    """The generation of ``model``'s state at its last validated call (``unchanged.Verdicts.generation``): caches
+    of per-model work (``compiled``) key on it to start afresh when the model changed."""
+    return _VERDICTS.generation(model)
+
+
+def _model_checks(plugin: NTKPlugin, model: nn.Module, x1: torch.Tensor):
+    """(the output's form, the plugin's reason to decline or None); an ill-defined model raises."""
     refuse_scripted(plugin.name, model)
     refuse_ill_defined_modules(model)
     with torch.inference_mode(False):
-        x1, x2 = _plain(x1), _plain(x2)
         with named_input_errors(model, x1, "x1"), _integer_inputs_named(x1):
             probe_forward(model, x1)  # random, batch-dependent or stateful forwards (it puts back what it touched)
             spec = output_spec(model, x1)
     net = _as_matrix_output(model) if spec.vector else model
     with preserved(model):
         reason = plugin.supports(net)
-    if reason is not None:
-        raise UnsupportedModelError(reason)
-    return Call(model, net, x1, x2, spec.o, _result_dtype(model, x1))
+    return spec, reason
 
 
 def dispatch(plugin: NTKPlugin, model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None, mode: str,

@@ -41,7 +41,10 @@ _LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias), by oneDNN's linear when it is switched on for float32 CPU tensors (``weight``
-    may be a transposed view: ``linear(g, w.t())`` is ``g @ w``); no autograd through the oneDNN path."""
+    may be a transposed view: ``linear(g, w.t())`` is ``g @ w``); no autograd through the oneDNN path. Under
+    ``torch.compile`` it is ``F.linear``: Inductor picks its own GEMM."""
+    if torch.compiler.is_compiling():
+        return F.linear(x, weight, bias)
     if _LINEAR is not None and usable(x) and weight.dtype == x.dtype and not torch.is_grad_enabled():
         return _LINEAR(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)

@@ -153,6 +153,15 @@ class ExplicitMLP(NTKPlugin):
         key = (tuple(x1.shape), None if x2 is None else tuple(x2.shape), mode)
         return onednn.on_faster_backend(_GEMM_BACKEND, model, key, lambda: self._recursion(model, x1, x2, mode))
 
+    def pure_kernel(self, model, x1, x2, mode):
+        """The recursion as a function of the inputs alone, for ``compiled`` (no backend trial: Inductor picks
+        the GEMMs)."""
+        def kernel(model, x1, x2):
+            with torch.no_grad():
+                return self._recursion(model, x1, x2, mode)
+
+        return kernel
+
     def _recursion(self, model, x1, x2, mode):
         layers = _layers(model)
         in1, linears, der1 = self._forward(layers, x1)

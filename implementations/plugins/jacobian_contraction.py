@@ -86,4 +86,21 @@ class JacobianContraction(NTKPlugin):
         return contract_jacobians(j1, j2, mode)
 
 
+    def pure_kernel(self, model, x1, x2, mode):
+        """Vmapped per-sample Jacobians and their contraction as a function of the inputs alone, for ``compiled``
+        (no cached loop fallback: a model vmap cannot take fails to compile and runs the eager kernel)."""
+        def kernel(model, x1, x2):
+            params, f = functional_single(model)
+            jac = torch.func.vmap(jacrev(f), in_dims=(None, 0))
+            j1 = [j.flatten(2) for j in jac(params, x1).values()]
+            j2 = j1 if x2 is None else [j.flatten(2) for j in jac(params, x2).values()]
+            return contract_jacobians(j1, j2, mode)
+
+        return kernel
+
+    @staticmethod
+    def compile_context():
+        return composite_attention()
+
+
 plugin = JacobianContraction()
