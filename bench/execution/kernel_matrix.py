@@ -246,8 +246,9 @@ def compute_band(kernel: KernelArray, plugin, model, x1: Inputs, x2, i: int, col
     """The tiles (I, J) for J in ``cols`` not done yet, written as each finishes.
 
     A plugin with ``factors``/``contract`` (``structured``) records row block I once and each column block once per
-    process (kept within what the memory budget leaves beside a tile's peak, ``_cache_cap``), so the per-sample work grows linearly in N and only the
-    contraction quadratically; other plugins compute each tile whole. Returns seconds per phase."""
+    process (kept within what the memory budget leaves beside a tile's peak, ``_cache_cap``), so the per-sample
+    work grows linearly in N and only the contraction quadratically; other plugins compute each tile whole.
+    Returns seconds per phase."""
     from ntk_bench.implementations.core import engine, onednn
     from ntk_bench.implementations.core.base import UnsupportedModelError
 
