@@ -52,8 +52,9 @@ _BUILTIN_PEERS: dict[str, tuple[str, frozenset[str]]] = {
 }
 # Compiled variants of ours (``compiled``): not in ``names()`` unless asked for (their first call compiles for
 # seconds; the suite checks them in their own test), never among auto's candidates.
-_BUILTIN_COMPILED = {n: "plugins.compiled" for n in
-                     ("explicit_mlp_compiled", "jacobian_contraction_compiled", "structured_compiled")}
+_BUILTIN_COMPILED: dict[str, tuple[str, frozenset[str]]] = {
+    n: ("plugins.compiled", frozenset()) for n in
+    ("explicit_mlp_compiled", "jacobian_contraction_compiled", "structured_compiled")}
 _registered: dict[str, NTKPlugin] = {}
 _entry_points_loaded = False
 ORIGINS = ("ours", "peer")

@@ -70,9 +70,24 @@ def _first_call(fn, to_torch, case, row):
     if case.device.startswith("cuda"):
         torch.cuda.synchronize()
     row["first_call_s"] = time.perf_counter() - t0
+    _compile_fields(case, row)
     if case.impl == "auto":
         row["auto_pick"], row["auto_reason"] = implementations.get("auto").last_choice
     return kernel
+
+
+def _compile_fields(case, row) -> None:
+    """``compiled`` (whether the kernel ran compiled: a ``*_compiled`` variant that did not fall back to eager) and
+    ``compile_s`` (its compilation, part of ``first_call_s``); ``compile_fallback`` says why a variant ran eagerly.
+    Peers (neural-tangents jits; the rest do not compile) get None."""
+    plugin = implementations.get(case.impl)
+    info = plugin.info() if hasattr(plugin, "info") else None
+    if info is not None:
+        row.update(compiled=info.compiled, compile_s=info.compile_s)
+        if info.fallback is not None:
+            row["compile_fallback"] = info.fallback[:300]
+    elif origin_of(case.impl) == "ours":
+        row.update(compiled=False, compile_s=None)
 
 
 def _settle_auto(case, model, x1, x2, fn, row) -> None:
