@@ -188,13 +188,18 @@ def test_structured_factors_reused_and_out_of_memory_falls_back_to_whole_tiles(t
     assert runs["factors_s"] > 0 and runs["contract_s"] > 0 and runs["whole_tiles_s"] > 0  # the injected fallback
 
 
-def test_kept_factors_are_counted_kept_within_half_the_budget_and_let_go_after_the_call(tmp_path, monkeypatch):
+@pytest.mark.parametrize("estimate_counts_factors", [True, False])
+def test_kept_factors_plus_the_tiles_peak_stay_within_the_budget_and_are_let_go_after_the_call(
+        tmp_path, monkeypatch, estimate_counts_factors):
     """A conv net's factors keep their tensors in the rules' slots: they must be counted (else every column block
-    is kept, whatever the budget), the blocks kept must fit the cache's share of the budget, and nothing is kept
-    once the call returns."""
+    is kept, whatever the budget). The column blocks kept, and the one being recorded, fit what the budget leaves
+    beside a tile's peak: the plugin's estimate of a tile, or, where the estimate counts less (injected: no
+    estimate at all), both blocks' factors as recorded. Nothing is kept once the call returns."""
     from ntk_bench import implementations
     from ntk_bench.bench.zoo import architectures
     from ntk_bench.implementations.core import engine
+    from ntk_bench.implementations.core.costs import cost_stats
+    from ntk_bench.implementations.structured.plugin import Structured
 
     torch.manual_seed(0)
     model, shape = architectures.cnn(channels=4, image=8)
@@ -207,17 +212,50 @@ def test_kept_factors_are_counted_kept_within_half_the_budget_and_let_go_after_t
                for name in getattr(type(item), "__slots__", ()) if isinstance(t := getattr(item, name, None),
                                                                             torch.Tensor))
     assert held > 0 and f.nbytes() >= held
-    kept, real_put = [], km._FactorCache.put
+    block = f.nbytes()
+    estimate = plugin.estimate(cost_stats(model, x[:1]), 8, 8, "trace", False).bytes
+    if estimate_counts_factors:
+        assert estimate >= 2 * block  # (else this case would not test the estimate's share)
+        tile_peak = estimate
+    else:
+        monkeypatch.setattr(km, "_tile_peak", lambda *a, **k: 0)  # an estimate that counts nothing
+        tile_peak = 2 * block
+    budget = tile_peak + 5 * block // 2  # room for two column blocks of 8 beside a tile, not the five later ones
+    caps, kept, recording, column = [], [], [], [False]
+    real_cap, real_put, real_factors, real_contracted = (km._cache_cap, km._FactorCache.put, Structured.factors,
+                                                         km._contracted)
 
-    def put(self, j, factors, budget):
-        real_put(self, j, factors, budget)
-        kept.append((len(self.blocks), self.bytes, budget))
+    def cache_cap(spec, fa):
+        caps.append(real_cap(spec, fa))
+        return caps[-1]
 
+    def put(self, j, factors, cap):
+        real_put(self, j, factors, cap)
+        kept.append((len(self.blocks), self.bytes, cap))
+
+    def factors(self, model, x):
+        before = km._CACHE.bytes
+        out = real_factors(self, model, x)
+        if column[0]:
+            recording.append(before + out.nbytes())  # kept while this column block was being recorded
+        return out
+
+    def contracted(*args):
+        column[0] = True
+        try:
+            return real_contracted(*args)
+        finally:
+            column[0] = False
+
+    monkeypatch.setattr(km, "_cache_cap", cache_cap)
     monkeypatch.setattr(km._FactorCache, "put", put)
-    budget = 3 * f.nbytes()  # the cache's half holds one block of 8, not the five later ones
+    monkeypatch.setattr(Structured, "factors", factors)
+    monkeypatch.setattr(km, "_contracted", contracted)
     k = ntk_bench.kernel_matrix(model, x, mode="trace", out=tmp_path / "K.zarr", tile=8, progress=False,
                                 verify=-1, impl="structured", memory_budget_bytes=budget)
-    assert kept and max(n for n, _, _ in kept) == 1 and all(b <= cap for _, b, cap in kept)
+    assert caps and set(caps) == {budget - tile_peak}
+    assert kept and max(n for n, _, _ in kept) == 2 and all(b <= cap for _, b, cap in kept)
+    assert recording and all(r <= budget - tile_peak for r in recording)
     assert not km._CACHE.blocks and km._CACHE.bytes == 0
     ref = ntk_bench.ntk(model, x, mode="trace", impl="structured").numpy()
     np.testing.assert_allclose(np.asarray(k), ref, rtol=1e-5, atol=1e-6)
