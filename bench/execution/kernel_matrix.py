@@ -385,8 +385,8 @@ def _tile_peak(plugin, model, x1: Inputs, x2: Inputs | None, mode, device, dtype
 
 
 def _tile_edge(plugin, model, x1: Inputs, x2: Inputs | None, mode, device, dtype, budget) -> int:
-    from ntk_bench.implementations.core.tiling import tile_size
     from ntk_bench.implementations.core.costs import cost_stats
+    from ntk_bench.implementations.core.tiling import tile_size
 
     x = x1.rows(slice(0, 1)).to(device)
     x = x.to(dtype) if x.is_floating_point() else x
@@ -470,8 +470,8 @@ def kernel_matrix(model, X1, X2=None, mode: str = "trace", out=None, impl: str =
     indexing).
     """
     from ntk_bench import implementations
-    from ntk_bench.implementations.plugins.auto import default_memory_budget
     from ntk_bench.implementations.core.base import MODES, UnsupportedModelError
+    from ntk_bench.implementations.plugins.auto import default_memory_budget
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")

@@ -24,6 +24,7 @@ from .problem_build import DTYPES, build_problem
 from .references import load_reference
 from .timers import time_blocks, time_paired
 
+
 def agreement(k: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     """(‖K − K_ref‖_F / ‖K_ref‖_F, max|ΔK| / mean|K_ref|), in float64."""
     k, ref = k.detach().cpu().double(), ref.double()

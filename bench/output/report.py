@@ -23,14 +23,14 @@ import pandas as pd
 from ntk_bench.modes import MODES
 
 from ..measurement import paired as paired_rounds
-from . import plots as figs
-from . import summary as answers
 from ..measurement.machine import disturbed_line
 from ..store import safefs
+from ..store.row import row_problems
+from ..store.rundir import entries, unwritable
+from . import plots as figs
+from . import summary as answers
 from .plots import fmt_bytes as _fmt_bytes
 from .plots import fmt_time as _fmt_time
-from ..store.rundir import entries, unwritable
-from ..store.row import row_problems
 
 COLUMNS = ["impl", "arch", "N", "M", "O", "P", "mode", "dtype", "device", "status", "time_median_s", "time_iqr_s",
            "peak_mem_bytes", "fp_flops", "predicted_jc_flops", "predicted_vp_flops", "rel_err", "reference", "error"]

@@ -11,14 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from ntk_bench.bench.measurement import bruteforce
 from ntk_bench import implementations
+from ntk_bench.bench.measurement import bruteforce
+from ntk_bench.bench.measurement.problems import ILL_DEFINED, ill_defined_inputs, rel_err
 from ntk_bench.bench.zoo import architectures
-from ntk_bench.bench.measurement.problems import ILL_DEFINED, ill_defined_inputs
 from ntk_bench.implementations import UnsupportedModelError
 from ntk_bench.implementations.core.engine import NonFiniteKernelError
 from ntk_bench.implementations.core.validation import IllDefinedKernelError
-from ntk_bench.bench.measurement.problems import rel_err
 
 EVERY = implementations.names(origin=None)
 OURS = implementations.names()

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from ntk_bench import implementations
-from tests.conftest import DEVICES, reference_full, supported_model
+from ntk_bench.bench.measurement.problems import ALL_PROBLEMS, FULL_MODE_ONLY, rel_err
 from ntk_bench.implementations.core.contractions import reduce_full
 from ntk_bench.implementations.core.tolerances import tolerance
-from ntk_bench.bench.measurement.problems import ALL_PROBLEMS, FULL_MODE_ONLY, rel_err
+from tests.conftest import DEVICES, reference_full, supported_model
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 

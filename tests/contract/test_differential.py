@@ -15,10 +15,10 @@ import pytest
 import torch
 from torch import nn
 
-from ntk_bench.bench.measurement import bruteforce
 from ntk_bench import implementations
-from ntk_bench.implementations import UnsupportedModelError
+from ntk_bench.bench.measurement import bruteforce
 from ntk_bench.bench.measurement.problems import rel_err
+from ntk_bench.implementations import UnsupportedModelError
 
 SEEDS = range(40)
 ACTS = [lambda: nn.ReLU(), lambda: nn.ReLU(inplace=True), lambda: nn.Tanh(), lambda: nn.GELU(), lambda: nn.SiLU(),

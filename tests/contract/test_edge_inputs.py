@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from ntk_bench.bench.measurement import bruteforce
 from ntk_bench import implementations
-from ntk_bench.implementations import UnsupportedModelError
+from ntk_bench.bench.measurement import bruteforce
 from ntk_bench.bench.measurement.problems import rel_err
+from ntk_bench.implementations import UnsupportedModelError
 
 EVERY = implementations.names(origin=None)
 

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from ntk_bench import implementations
+from ntk_bench.bench.measurement.problems import EXPECTED_UNSUPPORTED
 from ntk_bench.bench.zoo import architectures
 from ntk_bench.implementations import UnsupportedModelError
-from ntk_bench.bench.measurement.problems import EXPECTED_UNSUPPORTED
 
 BUILTIN = ["jacobian_contraction", "ntk_vector_products", "autograd_loop",
            "explicit_mlp", "backpack_batchgrad", "backpack_sqrtggn", "structured", "auto"]

@@ -13,15 +13,15 @@ from __future__ import annotations
 import functools
 import importlib.util
 
-from ntk_bench.bench.measurement import bruteforce
 import pytest
 import torch
-from ntk_bench.implementations.core.validation import IllDefinedKernelError
-from ntk_bench.implementations.core.tolerances import tolerance
-from ntk_bench.bench.measurement.problems import rel_err
-from tests.helpers.zoo_extra import EXTRA_MODELS, plain
 
 from ntk_bench import implementations
+from ntk_bench.bench.measurement import bruteforce
+from ntk_bench.bench.measurement.problems import rel_err
+from ntk_bench.implementations.core.tolerances import tolerance
+from ntk_bench.implementations.core.validation import IllDefinedKernelError
+from tests.helpers.zoo_extra import EXTRA_MODELS, plain
 
 PLUGINS = [n for n in implementations.names(origin=None) if not n.startswith("nt_")]
 # Models whose float64 forward computes a part in float32 (T5LayerNorm's variance): every method's kernel is then

@@ -11,11 +11,10 @@ import json
 import sys
 from pathlib import Path
 
-from ntk_bench.bench.execution import runner
-from ntk_bench.bench import sweeps
-from ntk_bench.bench.execution.executors import make_executor
-
 from ntk_bench import implementations
+from ntk_bench.bench import sweeps
+from ntk_bench.bench.execution import runner
+from ntk_bench.bench.execution.executors import make_executor
 
 OPTIONS = {
     "local": {},

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from ntk_bench.implementations.core.base import NTKPlugin
 
 

@@ -8,12 +8,12 @@ import textwrap
 
 import pytest
 import torch
-from ntk_bench.bench.zoo import architectures
-from ntk_bench.bench import cli as cli_module
-from ntk_bench.implementations.core.input_errors import InputMismatchError
 from torch import nn
 
 import ntk_bench
+from ntk_bench.bench import cli as cli_module
+from ntk_bench.bench.zoo import architectures
+from ntk_bench.implementations.core.input_errors import InputMismatchError
 
 FACTORIES = '''
 import torch

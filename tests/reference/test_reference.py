@@ -13,11 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import reference_full
-
 from ntk_bench import implementations
-from ntk_bench.bench.measurement.problems import BY_ID, rel_err
 from ntk_bench.bench.measurement.bruteforce import ntk as brute_force_ntk
+from ntk_bench.bench.measurement.problems import BY_ID, rel_err
+from tests.conftest import reference_full
 
 pytestmark = pytest.mark.usefixtures("nt_available")
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from ntk_bench.bench.zoo import architectures
 from ntk_bench.bench.measurement.problems import rel_err
+from ntk_bench.bench.zoo import architectures
 from tests.reference.test_reference import brute_force_ntk
 
 pytestmark = pytest.mark.usefixtures("nt_available")

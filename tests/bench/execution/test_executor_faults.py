@@ -17,10 +17,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-from ntk_bench.bench.measurement import references
-from ntk_bench.bench.execution import runner
+
 from ntk_bench.bench import sweeps
+from ntk_bench.bench.execution import runner
 from ntk_bench.bench.execution.executors import process, proctree
+from ntk_bench.bench.measurement import references
 from tests.helpers.runner_helpers import HELPERS, ROOT, cli_env, seed_reference, start_cli
 
 SMOKE_ARCH = {"name": "mlp", "params": {"in_features": 4, "width": 8, "depth": 1}, "N": [3], "O": [2]}

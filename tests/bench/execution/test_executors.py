@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from ntk_bench.bench.execution import runner
 from ntk_bench.bench import sweeps
+from ntk_bench.bench.execution import runner
 from ntk_bench.bench.execution.executors import Job, LocalExecutor, Slot, plan_slots
 from ntk_bench.bench.execution.executors.local import split_cores
 from tests.helpers.runner_helpers import children_of, cmdline, seed_reference, smoke

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from ntk_bench.bench import sweeps
 from ntk_bench.bench.execution import forecast, runner
 from ntk_bench.bench.measurement import machine

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from ntk_bench import implementations
-from ntk_bench.bench.output import report
-from ntk_bench.bench.execution import runner
 from ntk_bench.bench import sweeps
+from ntk_bench.bench.execution import runner
 from ntk_bench.bench.execution.executors import InlineExecutor, Job
 from ntk_bench.bench.execution.executors.process import WorkerProcess
+from ntk_bench.bench.output import report
 
 ROOT = Path(__file__).parents[3]
 

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
+from ntk_bench.bench import sweeps
+from ntk_bench.bench.execution import runner
+from ntk_bench.bench.execution.executors import InlineExecutor, JobFuture, LocalExecutor
 from ntk_bench.bench.measurement import environment, memory, one_case, references, sysinfo
 from ntk_bench.bench.store import rundir
-from ntk_bench.bench.execution import runner
-from ntk_bench.bench import sweeps
-from ntk_bench.bench.execution.executors import InlineExecutor, JobFuture, LocalExecutor
 from tests.helpers.runner_helpers import cli, cli_env, pid_alive, seed_reference, start_cli
 
 SMOKE_ARCH = {"name": "mlp", "params": {"in_features": 4, "width": 8, "depth": 1}, "N": [3], "O": [2]}

@@ -10,10 +10,10 @@ import textwrap
 import pytest
 import torch
 
-from ntk_bench.bench.zoo import architectures
-from ntk_bench.bench.execution import runner
 from ntk_bench.bench import sweeps
+from ntk_bench.bench.execution import runner
 from ntk_bench.bench.execution.executors import InlineExecutor, Job
+from ntk_bench.bench.zoo import architectures
 
 MODELS = textwrap.dedent('''
     import torch

@@ -13,11 +13,11 @@ import pytest
 
 from ntk_bench import implementations
 from ntk_bench.bench import cli as cli_module
-from ntk_bench.bench.measurement import machine, paired
-from ntk_bench.bench.execution import forecast, runner
-from ntk_bench.bench.output import report
 from ntk_bench.bench import sweeps
+from ntk_bench.bench.execution import forecast, runner
 from ntk_bench.bench.execution.executors import InlineExecutor
+from ntk_bench.bench.measurement import machine, paired
+from ntk_bench.bench.output import report
 
 SMALL = {"name": "s", "impls": ["explicit_mlp", "jacobian_contraction"], "time_budget_s": 0.01, "timeout_s": 120,
          "arch": [{"name": "mlp", "params": {"in_features": 4, "width": 8, "depth": 1}, "N": [3], "O": [2]}]}

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ntk_bench.bench.output import compare
 from ntk_bench.bench import sweeps
+from ntk_bench.bench.output import compare
 
 PARAMS = json.dumps({"depth": 1, "in_features": 4, "out": 2, "width": 8})
 IMPLS = ("structured", "explicit_mlp", "jacobian_contraction", "autograd_loop", "ntk_vector_products", "auto")

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from ntk_bench.bench.output import compare
-from ntk_bench.bench.store import rundir
 from ntk_bench.bench.store import row as rowschema
+from ntk_bench.bench.store import rundir
 
 ROOT = Path(__file__).resolve().parents[3]
 RUNS = sorted(p.parent.name for p in (ROOT / "results").glob("*/results.jsonl"))

@@ -21,14 +21,15 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from ntk_bench.bench import cli, sweeps
+from ntk_bench.bench.execution import runner
+from ntk_bench.bench.execution.executors import process
 from ntk_bench.bench.measurement import envcheck, one_case, references
 from ntk_bench.bench.output import plots, report
 from ntk_bench.bench.store import rundir, safefs
-from ntk_bench.bench.execution import runner
-from ntk_bench.bench.execution.executors import process
-from tests.helpers.runner_helpers import ROOT, cli_env
 from tests.bench.execution.test_runner_faults import FakeExecutor, cases_of
+from tests.helpers.runner_helpers import ROOT, cli_env
 
 VICTIM_TEXT = "the user's own file\nlast line without a newline"
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from ntk_bench import implementations
-from ntk_bench.implementations.core.tiling import tile_size
-from ntk_bench.implementations.core.costs import cost_stats
-from tests.conftest import supported_model
 from ntk_bench.bench.measurement.problems import BY_ID, rel_err
+from ntk_bench.implementations.core.costs import cost_stats
+from ntk_bench.implementations.core.tiling import tile_size
+from tests.conftest import supported_model
 
 BLOCK_PROBLEMS = ["mlp-relu-O3-x2None", "cnn-O4-N2M3", "resnet_tiny-O3-x2None"]
 

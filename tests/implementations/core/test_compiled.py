@@ -12,13 +12,13 @@ import pytest
 import torch
 from torch import nn
 
-from ntk_bench.bench.measurement import bruteforce
 from ntk_bench import implementations
+from ntk_bench.bench.measurement import bruteforce
+from ntk_bench.bench.measurement.problems import BY_ID, rel_err
 from ntk_bench.implementations.core import compiled
 from ntk_bench.implementations.core.base import NTKPlugin
 from ntk_bench.implementations.core.tolerances import tolerance
 from ntk_bench.implementations.plugins import compiled as variants
-from ntk_bench.bench.measurement.problems import BY_ID, rel_err
 from tests.contract.test_correctness import check_against_reference
 
 pytestmark = pytest.mark.compile

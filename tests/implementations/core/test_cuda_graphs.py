@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from ntk_bench import implementations
+from ntk_bench.bench.measurement.problems import rel_err
 from ntk_bench.implementations.core import cuda_graphs
 from ntk_bench.implementations.core.cuda_graphs import CapturedKernel, CaptureFailed, GraphCache
-from ntk_bench.bench.measurement.problems import rel_err
 
 
 class _Rerun:

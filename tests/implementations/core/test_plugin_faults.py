@@ -4,17 +4,17 @@ right kernel or declines naming the cause."""
 
 from __future__ import annotations
 
-from ntk_bench.bench.measurement import bruteforce
 import pytest
 import torch
-from ntk_bench.implementations.plugins import auto as auto_module
-from ntk_bench.implementations.core import declines, wrappers
-from ntk_bench.implementations.core.tolerances import tolerance
-from ntk_bench.bench.measurement.problems import rel_err
 from torch import nn
-from tests.helpers.zoo_extra import OldStyleFunctionNet
 
 from ntk_bench import implementations
+from ntk_bench.bench.measurement import bruteforce
+from ntk_bench.bench.measurement.problems import rel_err
+from ntk_bench.implementations.core import declines, wrappers
+from ntk_bench.implementations.core.tolerances import tolerance
+from ntk_bench.implementations.plugins import auto as auto_module
+from tests.helpers.zoo_extra import OldStyleFunctionNet
 
 
 def _mlp():

@@ -19,15 +19,14 @@ import pytest
 import torch
 from torch import nn
 
-from ntk_bench.envvars import env
-
 from ntk_bench import implementations
+from ntk_bench.bench.measurement.bruteforce import ntk as brute_force
+from ntk_bench.bench.measurement.problems import rel_err
 from ntk_bench.bench.zoo import architectures
-from ntk_bench.implementations.peers._peer import PeerPlugin, import_error
+from ntk_bench.envvars import env
 from ntk_bench.implementations.core.base import UnsupportedModelError
 from ntk_bench.implementations.core.contractions import reduce_full
-from ntk_bench.bench.measurement.problems import rel_err
-from ntk_bench.bench.measurement.bruteforce import ntk as brute_force
+from ntk_bench.implementations.peers._peer import PeerPlugin, import_error
 
 PEERS = ("asdl", "nngeometry", "curvlinops", "laplace")
 TOL = 1e-10

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from ntk_bench.implementations.core.module_walks import _parameter_signature
-from ntk_bench.implementations.plugins import auto as auto_mod
 from torch import nn
 
 from ntk_bench import implementations
+from ntk_bench.implementations.core.module_walks import _parameter_signature
+from ntk_bench.implementations.plugins import auto as auto_mod
 
 RUN = Path(__file__).resolve().parents[3] / "results" / "2026-12-07-auto-first-call" / "times.json"
 

@@ -38,9 +38,8 @@ def test_structured_declines_at_run_time_a_module_mixing_samples():
 @pytest.mark.parametrize("plugin_name", ["structured", "explicit_mlp"])
 def test_symmetric_kernels_from_three_blocks_equal_the_plain_sum(plugin_name, problem_id, monkeypatch):
     """x2 = None: the upper blocks computed and the lower-left mirrored give the same kernel, odd N included."""
-    from ntk_bench.implementations.core import contractions as base
     from ntk_bench.bench.measurement.problems import BY_ID
-
+    from ntk_bench.implementations.core import contractions as base
     from tests.conftest import supported_model
 
     problem = BY_ID[problem_id]
@@ -132,8 +131,8 @@ def test_cpu_convolution_backend_is_the_measured_faster_one():
 def test_structured_leaves_the_onednn_flag_as_it_was_and_agrees_on_both_backends():
     import importlib
 
-    from ntk_bench.implementations.core import onednn
     from ntk_bench.bench.measurement.problems import BY_ID
+    from ntk_bench.implementations.core import onednn
 
     structured = importlib.import_module("ntk_bench.implementations.structured.plugin")  # (the module, not `plugin`)
 
@@ -179,7 +178,7 @@ def test_cost_model_knows_every_rule(name, params):
     """structured's cost view (its layers, from the plan on one sample) has one layer per rule the plan uses,
     covering every trainable parameter, and its estimate grows with N and counts at least the kernel's bytes."""
     from ntk_bench.bench.zoo import architectures
-    from ntk_bench.implementations.core.costs import kernel_numel, cost_stats
+    from ntk_bench.implementations.core.costs import cost_stats, kernel_numel
 
     arch = architectures.build(name, **params)
     x = architectures.inputs(arch, 2)
@@ -198,9 +197,9 @@ def test_cost_model_knows_every_rule(name, params):
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this build")
 def test_explicit_mlp_gemms_agree_on_both_cpu_backends_and_leave_the_flag():
     """explicit_mlp's float32 GEMMs by oneDNN's linear or by MKL: the same kernel as float64, the flag restored."""
-    from ntk_bench.implementations.plugins import explicit_mlp
-    from ntk_bench.implementations.core import onednn
     from ntk_bench.bench.measurement.problems import BY_ID
+    from ntk_bench.implementations.core import onednn
+    from ntk_bench.implementations.plugins import explicit_mlp
 
     problem = BY_ID["mlp-relu-O3-N4M3"]
     model, (x1, x2) = problem.model(torch.float32), problem.inputs(torch.float32)

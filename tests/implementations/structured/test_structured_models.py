@@ -15,9 +15,8 @@ import torch
 from torch import nn
 
 from ntk_bench import implementations
-from ntk_bench.bench.zoo import architectures
-
 from ntk_bench.bench.measurement.problems import rel_err
+from ntk_bench.bench.zoo import architectures
 from tests.implementations.structured.test_structured_rules import brute_force_kernel
 
 D = torch.float64

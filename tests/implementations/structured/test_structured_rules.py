@@ -16,11 +16,10 @@ import torch
 from torch import nn
 
 from ntk_bench import implementations
+from ntk_bench.bench.measurement.bruteforce import ntk as brute_force_kernel
+from ntk_bench.bench.measurement.problems import rel_err
 from ntk_bench.implementations.structured import Structured, table
 from ntk_bench.implementations.structured.rules import conv, embedding, generic, linear, norms, prelu, taps
-
-from ntk_bench.bench.measurement.problems import rel_err
-from ntk_bench.bench.measurement.bruteforce import ntk as brute_force_kernel
 
 D = torch.float64
 
@@ -308,7 +307,9 @@ def test_attention_called_directly_gives_the_brute_force_kernel(how):
 def test_batchable_softmax_and_attention_equal_torchs_and_torch_is_left_alone():
     import torch.nn.functional as F
 
-    from ntk_bench.implementations.structured.rewrites import attention as _attention, batchable, softmax as _softmax
+    from ntk_bench.implementations.structured.rewrites import attention as _attention
+    from ntk_bench.implementations.structured.rewrites import batchable
+    from ntk_bench.implementations.structured.rewrites import softmax as _softmax
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 5, 4, dtype=D, requires_grad=True) for _ in range(3))
