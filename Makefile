@@ -44,14 +44,15 @@ lint-imports: $(DEPS)
 
 # Style, in seconds (pyproject.toml's [tool.ruff] and [tool.mypy]; tests/integration/test_style.py runs the same checks):
 # pyflakes and the import order everywhere (`ruff check --fix .` sorts imports), docstrings on the public names of
-# the files listed in fully_documented.txt, the layers' imports, the types of implementations/core (mypy, through
-# scripts/typecheck.py: the package as installed). mypy keeps its cache in .mypy_cache: its first run reads torch's
+# the files listed in fully_documented.txt, the layers' imports and no import cycle (scripts/import_cycles.py), the
+# types of implementations/core and structured (mypy, through scripts/typecheck.py: the package as installed). mypy keeps its cache in .mypy_cache: its first run reads torch's
 # annotations (a quarter of a minute of CPU), later runs take a second or two.
 lint: $(DEPS) lint-imports
 	$(PYTHON) -m ruff check --quiet --output-format concise .
 	@for f in $$(cat fully_documented.txt); do test -f "$$f" || { echo "fully_documented.txt: no file $$f"; exit 1; }; done
 	$(PYTHON) -m ruff check --quiet --output-format concise --config 'lint.per-file-ignores = {}' --extend-ignore F,I $$(cat fully_documented.txt)
 	$(PYTHON) scripts/typecheck.py
+	$(PYTHON) scripts/import_cycles.py
 
 # make test runs the style checks first (lint runs lint-imports too)
 test: lint

@@ -17,6 +17,7 @@ import os
 import sys
 from pathlib import Path
 
+from ntk_bench.durations import fmt_duration
 from ntk_bench.modes import MODES
 
 log = logging.getLogger("ntk_bench")
@@ -130,13 +131,6 @@ def fmt_seconds(s: float | None) -> str:
     if s >= 1e-3:
         return f"{s * 1e3:.3g} ms"
     return f"{s * 1e6:.3g} us"
-
-
-def fmt_duration(s: float | None) -> str:
-    if s is None:
-        return "?"
-    s = int(round(s))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def row_line(row: dict, done: int, total: int, eta_s: float | None) -> str:
@@ -558,7 +552,7 @@ def _cmd_kernel(args) -> int:
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    from ntk_bench import __version__
+    from ntk_bench.version import __version__
 
     from .execution.executors import EXECUTORS
 
@@ -681,10 +675,10 @@ def _drop_current_directory() -> None:
     """``python -m ntk_bench`` puts the current directory first on ``sys.path``: started in a downloaded folder, its
     ``numpy.py`` or ``jax.py`` would be imported. It is taken off (``--plugin`` puts it back, saying so), unless
     it is the checkout ntk_bench itself runs from."""
-    import ntk_bench
+    from ntk_bench.version import package_parent
 
     cwd = os.getcwd()
-    root = str(Path(ntk_bench.__file__).resolve().parent.parent)
+    root = str(package_parent())
     if sys.path and sys.path[0] in ("", cwd) and not sys.flags.safe_path and os.path.realpath(cwd) != root:
         del sys.path[0]
 

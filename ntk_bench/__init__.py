@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path as _Path
 
-__version__ = "0.2.0"
+from .version import __version__
 
 # In a source checkout the subpackages are the repository's top-level folders (implementations/, reference/,
 # bench/); an installed wheel has them inside this package. Without an install (the GPU machines run the checkout

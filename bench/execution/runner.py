@@ -59,10 +59,6 @@ from .executors import Executor, Job, JobFuture, LocalExecutor
 
 log = logging.getLogger("ntk_bench.runner")
 
-# auto is timed in alternating blocks against every plugin of its case within this factor of the fastest one's
-# separately measured time: which of them is really fastest, separate timings minutes apart cannot tell.
-COMPARE_WITHIN = 1.25
-MAX_COMPARED = 3
 RETRY_STATUSES = ("timeout", "oom", "killed", "error", "unchecked")
 STATUSES = ("ok", "mismatch", "unchecked", "unsupported", "timeout", "oom", "killed", "error")
 # What must match for a resumed run to extend the file's last segment.
@@ -79,14 +75,6 @@ class RunExistsError(RunDirError, FileExistsError):
 def _group(case: Case) -> tuple:
     """The cases that compute the same kernel the same way (all but the plugin)."""
     return case.problem.id, case.mode, case.dtype, case.device, case.memory_budget_bytes
-
-
-def _near_fastest(times: dict[str, float]) -> tuple[str, ...]:
-    """The plugins whose time is within COMPARE_WITHIN of the fastest, fastest first (at most MAX_COMPARED)."""
-    if not times:
-        return ()
-    best = min(times.values())
-    return tuple(sorted((i for i, t in times.items() if t <= COMPARE_WITHIN * best), key=times.get)[:MAX_COMPARED])
 
 
 # -- reporting -----------------------------------------------------------------------------------

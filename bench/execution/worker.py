@@ -18,32 +18,10 @@ import json
 import os
 import signal
 import sys
-import threading
-import time
 
 from ntk_bench.envvars import env
 
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    parent = int(env("PARENT_PID", os.getppid()))
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() != parent:  # the parent died before the request took effect
-        os._exit(1)
-
-    def watch():
-        while True:
-            if os.getppid() != parent:
-                os._exit(1)
-            time.sleep(0.5)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+from .lifeline import die_with_parent
 
 
 def _pin() -> dict:
@@ -112,7 +90,7 @@ def _warm_up() -> None:
 
 
 def main() -> None:
-    _die_with_parent()
+    die_with_parent()
     pinned = _pin()
     malloc = _keep_freed_memory()
     answers = os.fdopen(os.dup(1), "w", buffering=1)

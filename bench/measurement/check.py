@@ -89,7 +89,7 @@ def run(args) -> int:
         print("\n".join(correctness.summary(results, plugin.name)))
     failed = [p.name for p in plugins if any(r.plugin == p.name and r.status in ("failed", "error") for r in results)]
     if args.junit:
-        from ntk_bench import __version__
+        from ntk_bench.version import __version__
 
         try:
             correctness.write_junit(results, Path(args.junit), {

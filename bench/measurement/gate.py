@@ -19,7 +19,7 @@ run to the next:
   memory layout) differs between processes, and a single process would show one
   draw of it as a difference between runs;
 - every case gets at least the blocks ``compare``'s rank test needs for a
-  verdict (``compare.min_blocks``): the rounds grow where the options give fewer,
+  verdict (``rank_test.min_blocks``): the rounds grow where the options give fewer,
   and a call longer than its share of the budget is a block of one call;
 - each kernel is checked once against ``jacobian_contraction`` in float64 on the
   same inputs (status ``mismatch`` beyond the float32 tolerance): a fast wrong
@@ -44,24 +44,15 @@ import time
 from pathlib import Path
 
 from ..store.row import FORMAT_VERSION, check_header, check_row
+from .rank_test import DEFAULT_ALPHA, min_blocks
+from .timing import clock
 
-CLOCKS = ("cpu", "wall")
+CLOCKS = ("cpu", "wall")  # (the gate's --clock choices, its default first)
 _WORSE = {"ok": 0, "unsupported": 1, "mismatch": 2, "oom": 3, "error": 4}
-
-
-def clock(name: str, device: str = "cpu"):
-    """(timer, its name in the rows) for ``--clock``: process CPU time on the CPU, wall time otherwise."""
-    if name not in CLOCKS:
-        raise ValueError(f"--clock must be one of {', '.join(CLOCKS)}, got {name!r}")
-    if name == "cpu" and not str(device).startswith("cuda"):
-        return time.process_time, "process_time"
-    return time.perf_counter, "perf_counter"
 
 
 def required_blocks() -> int:
     """Blocks per run each case needs for compare's rank test to be able to reach its default level."""
-    from ..output.compare import DEFAULT_ALPHA, min_blocks
-
     return min_blocks(DEFAULT_ALPHA)
 
 
@@ -228,9 +219,9 @@ def _rounds_for_a_verdict(args) -> int:
 
 def _worker_env() -> dict:
     """The environment of a timing process: this ntk_bench importable first (a checkout run without install)."""
-    import ntk_bench
+    from ntk_bench.version import package_parent
 
-    root = str(Path(ntk_bench.__file__).resolve().parent.parent)
+    root = str(package_parent())
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([root, os.getcwd()] + [p for p in [env.get("PYTHONPATH")] if p])
     return env

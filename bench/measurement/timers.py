@@ -55,8 +55,8 @@ def time_paired(fn_a, fn_b, budget_s: float):
     speed drifts by tens of percent); timed in alternating blocks of the same
     number of calls (a b, then b a, ...), each pair sees the same one. At least
     ``MIN_PAIRS`` pairs (as many of each order), more while the budget lasts: on a
-    busy VM single pairs of 30 ms calls ranged over ±15%, and the median of 10
-    pairs of 145 ms calls of the same code was 1.07.
+    busy machine a single pair's ratio swings by more than the differences worth
+    reporting, while the median over many pairs of identical code stays near 1.
     """
     ta, tb = _timer(fn_a), _timer(fn_b)
     one = max(ta.timeit(1).median, tb.timeit(1).median)

@@ -15,11 +15,18 @@ import time
 CLOCKS = ("wall", "cpu")
 
 
-def clock_for(name: str, device: str = "cpu"):
-    """The timer function of clock ``name`` for a case on ``device`` (``time.perf_counter`` or ``process_time``):
-    the regression gate's (``gate.clock``), so that a run and the gate time alike."""
-    from .gate import clock
+def clock(name: str, device: str = "cpu"):
+    """(timer, its name in the rows) for ``--clock``: process CPU time on the CPU, wall time otherwise (a run's and
+    the regression gate's, so that both time alike)."""
+    if name not in CLOCKS:
+        raise ValueError(f"--clock must be one of {', '.join(sorted(CLOCKS))}, got {name!r}")
+    if name == "cpu" and not str(device).startswith("cuda"):
+        return time.process_time, "process_time"
+    return time.perf_counter, "perf_counter"
 
+
+def clock_for(name: str, device: str = "cpu"):
+    """The timer function of clock ``name`` for a case on ``device`` (``time.perf_counter`` or ``process_time``)."""
     return clock(name, device)[0]
 
 

@@ -52,33 +52,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..measurement.rank_test import DEFAULT_ALPHA, min_blocks, rank_test_floor
 from ..store import safefs
 from ..store.rundir import unwritable
 from . import plots, report
 
 VERDICTS = ("slower", "faster", "same", "n/a")
 DEFAULT_NOISE_FLOOR = 0.10  # run-to-run noise besides a common shift (the README: "Comparing two runs")
-DEFAULT_ALPHA = 0.01
 DEFAULT_MAX_SHIFT = 1.5
 MIN_CASES_FOR_SHIFT = 5
 BOOTSTRAP = 2000
 MIN_BLOCKS = 3
 MIN_SHARED = 0.5  # of the cases in either run: fewer in both is two different sweeps, not a comparison
 OK = "ok"
-
-
-def rank_test_floor(na: int, nb: int) -> float:
-    """The smallest two-sided p a Mann–Whitney test of ``na`` against ``nb`` blocks can give (every block of one
-    side above every block of the other): 2 / C(na + nb, na)."""
-    return min(1.0, 2 / math.comb(na + nb, na))
-
-
-def min_blocks(alpha: float = DEFAULT_ALPHA) -> int:
-    """Blocks a side the rank test needs to be able to reach ``alpha`` (5 at 0.01; 3 blocks never reach 0.1)."""
-    n = 1
-    while rank_test_floor(n, n) >= alpha:
-        n += 1
-    return n
 
 
 def _blocks(v) -> np.ndarray | None:

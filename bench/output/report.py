@@ -409,38 +409,6 @@ def _ours(df: pd.DataFrame) -> pd.Series:
     return ~df["impl"].map(figs.is_peer).astype(bool)
 
 
-def auto_vs_fastest(df: pd.DataFrame) -> pd.DataFrame:
-    """Per case: auto's pick and time against the fastest of the other plugins (peers excluded).
-
-    ``pick in sweep`` is False when auto picked a plugin that was not run for that case: its time against the
-    fastest then cannot be measured from the run.
-    """
-    ok = df[(df["status"] == OK) & df["time_median_s"].notna()]
-    ours = ok[(ok["impl"] != "auto") & _ours(ok)]
-    auto = ok[ok["impl"] == "auto"].set_index(CASE_KEYS)[["auto_pick", "time_median_s", "auto_over_pick_paired",
-                                                         "auto_over_fastest_paired", "paired_fastest"]]
-    j = auto.join(_fastest(ours), rsuffix="_fastest", how="inner").reset_index()
-    if j.empty:
-        return pd.DataFrame()
-    ran = df.groupby(CASE_KEYS, sort=False, dropna=False)["impl"].agg(set)
-    keys = list(j[CASE_KEYS].itertuples(index=False, name=None))
-    in_sweep = [p in ran.get(k, set()) for k, p in zip(keys, j["auto_pick"])]
-    pick_time = ours.set_index(CASE_KEYS + ["impl"])["time_median_s"]
-    pick = [pick_time.get((*k, p), np.nan) for k, p in zip(keys, j["auto_pick"])]
-    return _drop_empty_budget(pd.DataFrame({
-        **{k: j[k] for k in CASE_KEYS},
-        "auto pick": [f"{p}" if s else f"{p} (outside the sweep)" for p, s in zip(j["auto_pick"], in_sweep)],
-        "pick in sweep": in_sweep,
-        "auto": j["time_median_s"].map(_fmt_time),
-        "fastest": j["impl"], "fastest time": j["time_median_s_fastest"].map(_fmt_time),
-        "auto / fastest": j["time_median_s"] / j["time_median_s_fastest"],
-        "pick / fastest": np.asarray(pick, dtype=float) / j["time_median_s_fastest"],
-        "auto / pick, paired": j["auto_over_pick_paired"],
-        "auto / fastest, paired": j["auto_over_fastest_paired"], "paired fastest": j["paired_fastest"],
-        "picked fastest": [p == f for p, f in zip(j["auto_pick"], j["impl"])],
-    }))
-
-
 def ours_vs_peers(df: pd.DataFrame, impls: list[str]) -> tuple[pd.DataFrame, list[str]]:
     """Per case with a peer row: the fastest of ours, and every peer's time with its factor over ours.
 
@@ -713,73 +681,6 @@ def summary(header: dict | Run, df: pd.DataFrame | None = None, plot_names=None)
     lines += answers.auto_section(df, recs, _md_table)
     lines += answers.peers_section(df, recs, _md_table)
     return "\n".join(lines)
-
-
-def _auto_section(df: pd.DataFrame) -> list[str]:
-    autos = auto_vs_fastest(df)
-    if not len(autos):
-        return []
-    k = len(autos)
-    within = int((autos["auto / fastest"] <= 1.10).sum())
-    best = int(autos["picked fastest"].sum())
-    pick_close = int((autos["pick / fastest"] <= 1.10).sum())
-    outside = int((~autos["pick in sweep"]).sum())
-    paired = autos["auto / pick, paired"].dropna()
-    combined = int((autos["auto / pick, paired"] * autos["pick / fastest"] <= 1.10).sum())
-    direct = autos["auto / fastest, paired"].dropna()
-    lines = ["## auto's pick against the measured fastest", "",
-             f"- auto's own time within 10% of the fastest plugin's, each timed separately: {within} of {k} "
-             f"cases ({within / k:.0%}).",
-             f"- auto picked the measured fastest plugin in {best} of {k}; a plugin within 10% of it in "
-             f"{pick_close} of {k}."]
-    if outside:
-        lines.append(f"- **auto picked a plugin outside the sweep in {outside} of {k} cases** (marked `outside the "
-                     "sweep`): that plugin was not run for the case, so whether its pick was the fastest is not "
-                     "measured here.")
-    if len(paired):
-        lines.append(f"- auto against its own pick, timed in alternating blocks (`auto / pick, paired`, free of the "
-                     f"machine's drift between cases): median {paired.median():.3f}, at most {paired.max():.3f}; "
-                     f"(auto / pick, paired) × (pick / fastest) ≤ 1.10 in {combined} of {k} ({combined / k:.0%}).")
-    if len(direct):
-        lines.append(f"- auto against the fastest, timed in alternating blocks against its pick and every plugin "
-                     f"whose separate time was within 25% of the fastest's (`auto / fastest, paired`: the largest "
-                     f"of those ratios): within 10% in {int((direct <= 1.10).sum())} of {len(direct)} cases "
-                     f"({(direct <= 1.10).mean():.0%}); median {direct.median():.3f}, at most {direct.max():.3f}.")
-    table = autos.drop(columns=["pick in sweep", "picked fastest"])
-    return lines + ["", _md_table(table), ""]
-
-
-def _peers_section(df: pd.DataFrame, impls: list[str]) -> list[str]:
-    table, peers = ours_vs_peers(df, impls)
-    if not len(table):
-        return []
-    lines = ["## Ours against the peers", "",
-             "Per case, the fastest of our plugins (auto included) and every peer library's routine with its time "
-             "over ours (`k×`: above 1, ours is faster); a peer that did not run shows its status.", ""]
-    for peer in peers:
-        col = f"_{peer}"
-        if col in table:
-            f = table[col].dropna()
-            if len(f):
-                lines.append(f"- {_code(peer)}: ours faster in {int((f >= 1).sum())} of {len(f)} cases where both ran "
-                             f"(the peer's time over ours: median {f.median():.3g}, from {f.min():.3g} to "
-                             f"{f.max():.3g}).")
-                continue
-        statuses = table[peer][table[peer] != ""].value_counts().to_dict()
-        if ((df["impl"] == peer) & (df["status"] == OK)).any():  # ok, but never where one of ours was
-            lines.append(f"- {_code(peer)}: ok where none of ours was.")
-            continue
-        errors = df.loc[(df["impl"] == peer) & df["error"].map(lambda e: isinstance(e, str) and bool(e)), "error"]
-        why = f": {md_text(errors.value_counts().index[0])}" if len(errors) else ""
-        lines.append(f"- {_code(peer)}: never ok here (" + ", ".join(f"{v} {md_text(k)}" for k, v in statuses.items()) + f"){why}.")
-    vs = table["ours / fastest peer"].dropna()
-    if len(vs):
-        lines.append(f"- The fastest of ours no slower than the fastest peer in {int((vs <= 1.0).sum())} of {len(vs)} "
-                     "cases.")
-    if not any(c.startswith("_") for c in table.columns):  # no peer ran anywhere: the lines say it all
-        return lines + [""]
-    shown = table.drop(columns=[c for c in table.columns if c.startswith("_")])
-    return lines + ["", _md_table(shown), ""]
 
 
 def write_report(run_dir: Path, out_dir: Path | None = None) -> Path:

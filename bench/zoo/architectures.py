@@ -169,14 +169,9 @@ def register(name: str, factory) -> None:
 
 
 def names() -> list[str]:
-    """The names of every registered architecture, the real models' included (importing ``real_models`` registers
-    them)."""
-    _load_real_models()
+    """The names of every registered architecture, the real models' included (the ``zoo`` package imports
+    ``real_models``, which registers them)."""
     return list(ZOO)
-
-
-def _load_real_models() -> None:
-    from . import real_models  # noqa: F401 - registers itself
 
 
 class FactoryError(ValueError):
@@ -274,7 +269,6 @@ def factory(name: str):
     """The factory of a zoo name, or the function behind a factory reference (``"pkg.mod:fn"``, ``"file.py:fn"``)."""
     if is_factory_ref(name):
         return load_callable(name)
-    _load_real_models()
     if name not in ZOO:
         raise KeyError(f"unknown architecture {name!r}; valid names: {', '.join(ZOO)}")
     return ZOO[name]

@@ -1,8 +1,14 @@
-import sys, time
+import sys
+import time
+
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
-import numpy as np, torch, timm
+import numpy as np
+import timm
+import torch
+
 from ntk_bench import reference
 from ntk_bench.reference import translate
+
 torch.manual_seed(0)
 model = timm.create_model("efficientnet_b0", pretrained=False, num_classes=10).double().eval()
 x = torch.randn(2, 3, 32, 32, dtype=torch.float64)

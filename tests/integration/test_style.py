@@ -59,3 +59,9 @@ def test_mypy():
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "typecheck.py")], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, f"mypy (the [tool.mypy] section of pyproject.toml):\n{r.stdout}{r.stderr}"
+
+
+def test_no_import_cycle():
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "import_cycles.py")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr

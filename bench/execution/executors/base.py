@@ -24,7 +24,7 @@ from ...sweeps import Case, Problem
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    task: str  # "case" | "reference" | "tile" (a row band of a dataset's kernel: ``kernel_matrix.run_band``)
+    task: str  # "case" | "reference" | "tile" (a row band of a dataset's kernel: ``tiles.run_band``)
     #          | "paired" (a group's ok cases timed side by side: bench/measurement/paired.py)
     payload: Case | Problem | dict
     timeout_s: float
@@ -156,7 +156,7 @@ def run_job(wire: dict, run_dir: str | Path) -> dict:
         if job.task == "reference":
             return references.ensure_reference(job.payload, Path(run_dir))
         if job.task == "tile":
-            from ..kernel_matrix import run_band
+            from ..tiles import run_band
 
             return run_band(job.payload)
         gpu = env("GPU")

@@ -69,9 +69,9 @@ def worker_command() -> list[str]:
 
 def package_root() -> str:
     """The folder to put on PYTHONPATH so that ``ntk_bench`` imports in a child (a checkout or site-packages)."""
-    import ntk_bench
+    from ntk_bench.version import package_parent
 
-    return str(Path(ntk_bench.__file__).resolve().parent.parent)
+    return str(package_parent())
 
 
 class WorkerStartError(RuntimeError):

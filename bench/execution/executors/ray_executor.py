@@ -249,9 +249,9 @@ def _row_of(ray, ref) -> dict:
 
 def _serve() -> None:
     """The driver's loop: a request per line on stdin, an answer per line on the original stdout."""
-    from ..worker import _die_with_parent
+    from ..lifeline import die_with_parent
 
-    _die_with_parent()
+    die_with_parent()
     answers = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # Ray's and the libraries' prints go to stderr: the answers stay clean
     sys.stdout = sys.stderr

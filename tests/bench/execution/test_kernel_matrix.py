@@ -13,6 +13,7 @@ import torch
 
 import ntk_bench
 from ntk_bench.bench.execution import kernel_matrix as km
+from ntk_bench.bench.execution import tiles
 from ntk_bench.bench.store.kernel_store import KernelFileError
 
 FACTORIES = '''
@@ -149,7 +150,7 @@ def test_a_wrong_tile_fails_verification(tmp_path, factories, monkeypatch):
 
 def test_out_of_memory_tile_is_split(tmp_path, factories, monkeypatch):
     model, x = _load(factories, "model"), _load(factories, "data")
-    real, sizes = km._block, []
+    real, sizes = tiles._block, []
 
     def small_only(plugin, model, xa, xb, mode, device, dtype):
         sizes.append(xa.shape[0])
@@ -157,7 +158,7 @@ def test_out_of_memory_tile_is_split(tmp_path, factories, monkeypatch):
             raise torch.OutOfMemoryError("injected")
         return real(plugin, model, xa, xb, mode, device, dtype)
 
-    monkeypatch.setattr(km, "_block", small_only)
+    monkeypatch.setattr(tiles, "_block", small_only)
     k = ntk_bench.kernel_matrix(model, x, mode="full", out=tmp_path / "K.zarr", tile=20, progress=False,
                                 dtype="float64", verify=1, impl="jacobian_contraction")
     ref = ntk_bench.ntk(model.double(), x.double(), mode="full").numpy()
@@ -222,8 +223,8 @@ def test_kept_factors_plus_the_tiles_peak_stay_within_the_budget_and_are_let_go_
         tile_peak = 2 * block
     budget = tile_peak + 5 * block // 2  # room for two column blocks of 8 beside a tile, not the five later ones
     caps, kept, recording, column = [], [], [], [False]
-    real_cap, real_put, real_factors, real_contracted = (km._cache_cap, km._FactorCache.put, Structured.factors,
-                                                         km._contracted)
+    real_cap, real_put, real_factors, real_contracted = (tiles._cache_cap, tiles._FactorCache.put, Structured.factors,
+                                                         tiles._contracted)
 
     def cache_cap(spec, fa):
         caps.append(real_cap(spec, fa))
@@ -247,10 +248,10 @@ def test_kept_factors_plus_the_tiles_peak_stay_within_the_budget_and_are_let_go_
         finally:
             column[0] = False
 
-    monkeypatch.setattr(km, "_cache_cap", cache_cap)
+    monkeypatch.setattr(tiles, "_cache_cap", cache_cap)
     monkeypatch.setattr(km._FactorCache, "put", put)
     monkeypatch.setattr(Structured, "factors", factors)
-    monkeypatch.setattr(km, "_contracted", contracted)
+    monkeypatch.setattr(tiles, "_contracted", contracted)
     k = ntk_bench.kernel_matrix(model, x, mode="trace", out=tmp_path / "K.zarr", tile=8, progress=False,
                                 verify=-1, impl="structured", memory_budget_bytes=budget)
     assert caps and set(caps) == {budget - tile_peak}
