@@ -42,7 +42,7 @@ lint-imports: $(DEPS)
 	    sys.argv[0] = "lint-imports"; sys.exit(lint_imports_command())' --no-cache $(CURDIR)/pyproject.toml); \
 	rc=$$?; rm -rf $$d; exit $$rc
 
-# Style, in seconds (pyproject.toml's [tool.ruff] and [tool.mypy]; tests/test_style.py runs the same checks):
+# Style, in seconds (pyproject.toml's [tool.ruff] and [tool.mypy]; tests/integration/test_style.py runs the same checks):
 # pyflakes and the import order everywhere (`ruff check --fix .` sorts imports), docstrings on the public names of
 # the files listed in fully_documented.txt, the layers' imports, the types of implementations/core (mypy, through
 # scripts/typecheck.py: the package as installed). mypy keeps its cache in .mypy_cache: its first run reads torch's

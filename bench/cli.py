@@ -1,4 +1,4 @@
-"""ntk-bench run | report | compare | check | list | calibrate   (also: python -m ntk_bench ...)
+"""ntk-bench run | report | compare | check | kernel | list | calibrate   (also: python -m ntk_bench ...)
 
 Exit codes of ``run``: 0 when every case's last row passes; 1 when a row has a
 status named by ``--fail-on`` (default ``mismatch,error``) or, with
@@ -219,8 +219,8 @@ class BarReporter(LineReporter):
 def _cmd_list(args) -> int:
     from ntk_bench import implementations
 
-    from .zoo import architectures
     from . import sweeps
+    from .zoo import architectures
 
     print("plugins (ours):", ", ".join(implementations.names("ours")))
     print("peers:", ", ".join(implementations.names("peer")))
@@ -252,8 +252,8 @@ def _load_plugins(modules) -> None:
 def _model_spec(args) -> dict:
     """A one-entry sweep for ``--model`` (a one-off run of your own model): our plugins, neural-tangents' three
     and the peers that take seconds at most (``--impls all`` for every one)."""
-    from .zoo import architectures
     from . import sweeps
+    from .zoo import architectures
 
     entry = {"factory": args.model, "N": args.N or [4]}
     if args.name:
@@ -339,8 +339,8 @@ def resolve_clock(clock: str, cuda_available: bool | None = None) -> str:
 def _cmd_run(args) -> int:
     import dataclasses
 
-    from .execution import runner
     from . import sweeps
+    from .execution import runner
 
     try:
         _load_plugins(args.plugin or [])

@@ -16,7 +16,7 @@ float dtype in an op's arguments means that dtype.
 An output a rule does not compute (the indices of a max pool, the saved
 statistics of a norm) is :data:`MISSING`; the translator refuses a graph that
 uses one. Each rule is checked against torch in float64, values and gradients
-(``tests/test_reference_rules.py``).
+(``tests/reference/test_reference_rules.py``).
 """
 
 from __future__ import annotations

@@ -4,9 +4,11 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import torch
+
 from ntk_bench import implementations
-from ntk_bench.implementations.core import contractions as base
 from ntk_bench.bench.zoo import architectures
+from ntk_bench.implementations.core import contractions as base
+
 torch.backends.cuda.matmul.allow_tf32 = False
 a = architectures.build("mlp", seed=0, in_features=784, width=512, depth=2, out=10)
 x = architectures.inputs(a, 512, seed=1)

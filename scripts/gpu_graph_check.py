@@ -18,9 +18,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ntk_bench import implementations  # noqa: E402
-from ntk_bench.implementations.core import contractions as base  # noqa: E402
-from ntk_bench.bench.zoo import architectures  # noqa: E402
 from ntk_bench.bench.measurement.timers import time_call  # noqa: E402
+from ntk_bench.bench.zoo import architectures  # noqa: E402
+from ntk_bench.implementations.core import contractions as base  # noqa: E402
 from ntk_bench.implementations.core import cuda_graphs  # noqa: E402
 
 

@@ -1,5 +1,5 @@
 """Measure ``structured``'s time on real networks, and ``auto``'s first call against its pick's, for the cost-model
-check (tests/test_costs_real.py reads the file this writes; it does not time anything itself).
+check (tests/implementations/plugins/test_costs_real.py reads the file this writes; it does not time anything itself).
 
     python scripts/measure_structured_costs.py --out results/DATE-structured-costs/times.json
 

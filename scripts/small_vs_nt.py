@@ -88,7 +88,7 @@ def run_case(case, ours, rounds: int, block_s: float, max_first_s: float, max_ja
         arch = architectures.build(arch_name, seed=0, **params)
         x = architectures.inputs(arch, n, seed=1)
         row = {"case": cid, "arch": arch_name, "params": params, "N": n, "impl": name,
-               "kind": implementations.kind_of(name), "P": arch.num_parameters, "O": arch.num_outputs}
+               "origin": implementations.origin_of(name), "P": arch.num_parameters, "O": arch.num_outputs}
         rows.append(row)
         jac_gb = n * arch.num_outputs * arch.num_parameters * 4 / 1e9
         reason = implementations.get(name).supports(arch.model)
@@ -154,7 +154,7 @@ def table(rows: list[dict]) -> str:
         ratio = f"{r['over_nt_best']:.2f} ({r['over_nt_best_p25']:.2f}–{r['over_nt_best_p75']:.2f})" \
             if "over_nt_best" in r else ""
         first = "" if "first_call_s" not in r else f"{r['first_call_s']:.3g}" + (
-            f" (+{r['prepare_s']:.2g} prepare)" if r["kind"] == "peer" else "")
+            f" (+{r['prepare_s']:.2g} prepare)" if r.get("origin", r.get("kind")) == "peer" else "")
         note = r.get("skipped") or ("" if r.get("compiled") in (None, True) else
                                     f"not compiled: {r.get('fallback') or ''}")
         out.append(f"| {r['case']} N={r['N']} | {r['impl']} | {first} | {warm} | {ratio} | {note[:140]} |")
@@ -166,8 +166,8 @@ def summary(rows: list[dict]) -> str:
     out = ["| case | our fastest (ms) | nt fastest (ms) | ours / nt (p25–p75) | ≤ 0.5× |", "|---|---|---|---|---|"]
     for cid in dict.fromkeys(r["case"] for r in rows):
         timed = [r for r in rows if r["case"] == cid and "time_median_s" in r]
-        ours = [r for r in timed if r["kind"] == "ours"]
-        nt = [r for r in timed if r["kind"] == "peer"]
+        ours = [r for r in timed if r.get("origin", r.get("kind")) == "ours"]
+        nt = [r for r in timed if r.get("origin", r.get("kind")) == "peer"]
         if not ours or not nt:
             continue
         best = min(ours, key=lambda r: r["over_nt_best"])

@@ -61,7 +61,7 @@ def main() -> None:
                                 row = {"O": o, "P": p, "fp_flops": 2 * p,
                                        "case_id": f"{impl}/mlp({','.join(f'{a}={b}' for a, b in sorted(params.items()))})"
                                                   f"/N={n}/M=x1/{mode}/{dtype}/cpu",
-                                       "impl": impl, "kind": "peer" if impl in PEERS else "ours", "arch": "mlp",
+                                       "impl": impl, "origin": "peer" if impl in PEERS else "ours", "arch": "mlp",
                                        "arch_params": json.dumps(params, sort_keys=True), "N": n, "M": n, "x2": "x1",
                                        "mode": mode, "dtype": dtype, "device": "cpu", "cpu_threads": 2,
                                        "predicted_jc_flops": 2 * n * o * p + n * n * o * o * p,

@@ -1,16 +1,13 @@
 import functools
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from ntk_bench.envvars import env
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-pytest_plugins = ["pytester", "runner_helpers"]  # runner_helpers: the runner tests' session fixtures (one smoke run, one reference)
+# runner_helpers: the runner tests' session fixtures (one smoke run, one reference)
+pytest_plugins = ["pytester", "tests.helpers.runner_helpers"]
 
 # float32 checks are against float64 with TF32 off.
 torch.backends.cuda.matmul.allow_tf32 = False
@@ -38,7 +35,7 @@ def _use_harness_reference() -> bool:
 def reference_full(problem_id: str) -> torch.Tensor:
     """The full float64 kernel of a problem (neural-tangents'), computed once per process."""
     from ntk_bench import reference
-    from problems import BY_ID
+    from ntk_bench.bench.measurement.problems import BY_ID
 
     p = BY_ID[problem_id]
     x1, x2 = p.inputs()

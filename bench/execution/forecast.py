@@ -55,8 +55,8 @@ def slowdown(cases) -> tuple[float, float | None, int, str]:
 def describe(cases, models: dict, slots: int = 1) -> tuple[float, str, list[str]]:
     """(the predicted seconds, the estimate's line, the warning's lines: none when the run is predicted to take a
     few minutes at most)."""
-    from . import runner
     from ..cli import fmt_duration
+    from . import runner
 
     total, per_case = runner.estimate(cases, models, slots)
     factor, _, _, how = slowdown(cases)

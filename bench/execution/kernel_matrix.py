@@ -196,7 +196,11 @@ def _tile_kernel(plugin, model, xa, xb, mode, device, dtype, depth: int = 0) -> 
 
 
 class _FactorCache:
-    """Column blocks' factors kept for the next row bands of this process, within a byte budget (oldest out)."""
+    """Column blocks' factors kept for the next row bands of this process, within a byte cap (oldest out).
+
+    The cap is what the budget leaves beside a tile's own peak (``_cache_cap``); the column block in use stays
+    counted among the kept ones, and room for the next block is made before it is recorded (``reserve``), so
+    the kept blocks plus the tile's peak never exceed the budget, not even while a block is being recorded."""
 
     def __init__(self):
         self.key, self.blocks, self.bytes = None, {}, 0
@@ -209,14 +213,25 @@ class _FactorCache:
     def clear(self) -> None:
         self.key, self.blocks, self.bytes = None, {}, 0
 
-    def put(self, j, factors, budget: int) -> None:
-        size = factors.nbytes()
-        while self.blocks and self.bytes + size > budget:
+    def reserve(self, size: int, cap: int) -> None:
+        """Drop the oldest blocks until ``size`` more bytes fit ``cap`` (all of them when they cannot)."""
+        while self.blocks and self.bytes + size > cap:
             old = self.blocks.pop(next(iter(self.blocks)))
             self.bytes -= old.nbytes()
-        if size <= budget:
+
+    def put(self, j, factors, cap: int) -> None:
+        size = factors.nbytes()
+        self.reserve(size, cap)
+        if self.bytes + size <= cap:
             self.blocks[j] = factors
             self.bytes += size
+
+
+def _cache_cap(spec: dict, fa) -> int:
+    """The bytes column blocks may keep: the budget less the tile's peak, the plugin's estimate or, where that
+    counts less, the two blocks' factors as recorded (``fa``: the row block's; a column block is as large)."""
+    tile = max(int(spec.get("tile_peak_bytes") or 0), 2 * fa.nbytes())
+    return max(0, int(spec.get("memory_budget_bytes") or 0) - tile)
 
 
 _CACHE = _FactorCache()
@@ -231,8 +246,9 @@ def compute_band(kernel: KernelArray, plugin, model, x1: Inputs, x2, i: int, col
     """The tiles (I, J) for J in ``cols`` not done yet, written as each finishes.
 
     A plugin with ``factors``/``contract`` (``structured``) records row block I once and each column block once per
-    process (kept while they fit half the memory budget), so the per-sample work grows linearly in N and only the
-    contraction quadratically; other plugins compute each tile whole. Returns seconds per phase."""
+    process (kept within what the memory budget leaves beside a tile's peak, ``_cache_cap``), so the per-sample
+    work grows linearly in N and only the contraction quadratically; other plugins compute each tile whole.
+    Returns seconds per phase."""
     from ntk_bench.implementations.core import engine, onednn
     from ntk_bench.implementations.core.base import UnsupportedModelError
 
@@ -260,6 +276,7 @@ def compute_band(kernel: KernelArray, plugin, model, x1: Inputs, x2, i: int, col
                 phases["factors_s"] += time.perf_counter() - t0
             except (UnsupportedModelError, torch.OutOfMemoryError, MemoryError, _stale()):
                 fa = None
+        cap = 0 if fa is None else _cache_cap(spec, fa)
         for j in todo:
             sj = kernel.tile_slices(i, j)[1]
             same = kernel.symmetric and i == j
@@ -267,7 +284,7 @@ def compute_band(kernel: KernelArray, plugin, model, x1: Inputs, x2, i: int, col
             block = None
             if fa is not None:
                 try:
-                    block = _contracted(plugin, model, call, fa, xb, j, mode, flag, spec, phases)
+                    block = _contracted(plugin, model, call, fa, xb, j, mode, flag, spec, phases, cap)
                 except (UnsupportedModelError, torch.OutOfMemoryError, MemoryError, _stale()):
                     block = None
             if block is None:
@@ -291,7 +308,7 @@ def _stale():
     return StaleFactors
 
 
-def _contracted(plugin, model, call, fa, xb, j, mode, flag, spec, phases):
+def _contracted(plugin, model, call, fa, xb, j, mode, flag, spec, phases, cap: int):
     import dataclasses as dc
 
     from ntk_bench.implementations.core import engine, onednn
@@ -302,12 +319,14 @@ def _contracted(plugin, model, call, fa, xb, j, mode, flag, spec, phases):
         key = (spec["out"], spec.get("model_fingerprint"))
         fb = _CACHE.get(key, j)
         if fb is None:
+            # room for the block about to be recorded (as large per sample as the row block), before it exists
+            _CACHE.reserve(-(-fa.nbytes() * xb.shape[0] // max(1, fa.n)), cap)
             xb_call = engine.validated(plugin, model, xb, None, mode)
             t0 = time.perf_counter()
             with engine.running(model), toggle:
                 fb = plugin.factors(xb_call.net, xb_call.x1)
             phases["factors_s"] += time.perf_counter() - t0
-            _CACHE.put(j, fb, int(spec.get("cache_bytes") or 0))
+            _CACHE.put(j, fb, cap)
     t0 = time.perf_counter()
     with engine.running(model), (onednn.enabled(flag) if flag is not None else contextlib.nullcontext()):
         k = plugin.contract(fa, fb, mode)
@@ -349,9 +368,25 @@ def _pick(impl, model, x1: Inputs, x2: Inputs | None, mode, device, dtype, budge
     return [p for p, *_ in auto.rank(model, xa, xb, mode, budget)]
 
 
-def _tile_edge(plugin, model, x1: Inputs, x2: Inputs | None, mode, device, dtype, budget) -> int:
-    from ntk_bench.implementations.core.tiling import tile_size
+def _tile_peak(plugin, model, x1: Inputs, x2: Inputs | None, mode, device, dtype, b: int, budget) -> int:
+    """The plugin's estimated peak bytes of one off-diagonal b x b tile (both blocks' factors and their
+    contraction); 0 where it has no estimate."""
+    from ntk_bench.implementations.core.base import UnsupportedModelError
     from ntk_bench.implementations.core.costs import cost_stats
+
+    if not hasattr(plugin, "factors"):  # (no factors kept across tiles: nothing to leave room for)
+        return 0
+    x = x1.rows(slice(0, 1)).to(device)
+    x = x.to(dtype) if x.is_floating_point() else x
+    try:
+        return int(plugin.with_budget(budget).estimate(cost_stats(model, x), b, b, mode, False).bytes)
+    except (NotImplementedError, AttributeError, UnsupportedModelError):
+        return 0
+
+
+def _tile_edge(plugin, model, x1: Inputs, x2: Inputs | None, mode, device, dtype, budget) -> int:
+    from ntk_bench.implementations.core.costs import cost_stats
+    from ntk_bench.implementations.core.tiling import tile_size
 
     x = x1.rows(slice(0, 1)).to(device)
     x = x.to(dtype) if x.is_floating_point() else x
@@ -435,8 +470,8 @@ def kernel_matrix(model, X1, X2=None, mode: str = "trace", out=None, impl: str =
     indexing).
     """
     from ntk_bench import implementations
-    from ntk_bench.implementations.plugins.auto import default_memory_budget
     from ntk_bench.implementations.core.base import MODES, UnsupportedModelError
+    from ntk_bench.implementations.plugins.auto import default_memory_budget
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -518,7 +553,8 @@ def kernel_matrix(model, X1, X2=None, mode: str = "trace", out=None, impl: str =
 
     spec = {"out": str(out.resolve()), "model": model, "data": X1, "data2": X2, "dtype": dtype_name,
             "device": device, "mode": mode, "plugin": plugin.name, "onednn": onednn_flag,
-            "model_fingerprint": attrs["model_fingerprint"], "cache_bytes": budget // 2, "reuse": reuse}
+            "model_fingerprint": attrs["model_fingerprint"], "memory_budget_bytes": budget, "reuse": reuse,
+            "tile_peak_bytes": _tile_peak(plugin, model_obj, x1, x2, mode, device, tdtype, kernel.tile, budget)}
     rows, cols = kernel.grid
     total = len(kernel.tiles())
     started, first_done = time.perf_counter(), total - len(kernel.missing())

@@ -39,14 +39,23 @@ import threading
 import time
 from pathlib import Path
 
+from .. import sweeps
 from ..measurement import envcheck
 from ..store import safefs
-from .. import sweeps
-from .executors import Executor, Job, JobFuture, LocalExecutor
 from ..store.row import RowError, check_header, check_paired, check_row
-from ..store.rundir import (FORMAT_VERSION, RESULTS, ResultsFile, RunDirError, RunLock, latest_rows, read_results,
-                     read_segments, unwritable)
+from ..store.rundir import (
+    FORMAT_VERSION,
+    RESULTS,
+    ResultsFile,
+    RunDirError,
+    RunLock,
+    latest_rows,
+    read_results,
+    read_segments,
+    unwritable,
+)
 from ..sweeps import Case, Problem
+from .executors import Executor, Job, JobFuture, LocalExecutor
 
 log = logging.getLogger("ntk_bench.runner")
 

@@ -124,9 +124,9 @@ def main() -> None:
     import torch
 
     from ..measurement import sysinfo
-    from .executors.base import run_job
     from ..measurement.environment import code_sha1
     from ..store.rundir import dumps
+    from .executors.base import run_job
 
     if pinned["threads"]:
         torch.set_num_threads(pinned["threads"])

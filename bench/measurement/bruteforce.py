@@ -19,8 +19,9 @@ def jacobian(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
             y = model(x[i:i + 1]).reshape(-1)
             for o in range(y.shape[0]):
                 grads = torch.autograd.grad(y[o], params, retain_graph=True, allow_unused=True)
-                rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
-                                       for p, g in zip(params, grads)]))
+                # an Embedding(sparse=True)'s gradient is a sparse tensor
+                rows.append(torch.cat([(torch.zeros_like(p) if g is None else g.to_dense() if g.is_sparse else g)
+                                       .reshape(-1) for p, g in zip(params, grads)]))
     return torch.stack(rows).reshape(x.shape[0], -1, rows[0].numel()).detach()
 
 

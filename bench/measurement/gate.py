@@ -247,8 +247,8 @@ def main(argv=None) -> int:
 
     from ntk_bench import implementations
 
-    from . import environment
     from .. import sweeps
+    from . import environment
 
     torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -24,6 +24,7 @@ from .problem_build import DTYPES, build_problem
 from .references import load_reference
 from .timers import time_blocks, time_paired
 
+
 def agreement(k: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     """(‖K − K_ref‖_F / ‖K_ref‖_F, max|ΔK| / mean|K_ref|), in float64."""
     k, ref = k.detach().cpu().double(), ref.double()
@@ -53,7 +54,7 @@ def case_fields(case: Case) -> dict:
     """The columns of a result row that the case alone determines."""
     problem = case.problem
     fields = {
-        "case_id": case.id, "impl": case.impl, "kind": origin_of(case.impl), "arch": problem.arch,
+        "case_id": case.id, "impl": case.impl, "origin": origin_of(case.impl), "arch": problem.arch,
         "arch_params": json.dumps(dict(problem.arch_params), sort_keys=True),
         "N": problem.n, "M": problem.M, "x2": "x1" if problem.m is None else "separate",
         "mode": case.mode, "dtype": case.dtype, "device": case.device,

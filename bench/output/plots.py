@@ -68,7 +68,7 @@ _EXTRA_COLORS = ("#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#393b79", "#637939
                  "#7b4173", "#3182bd", "#e6550d", "#31a354", "#756bb1", "#636363", "#dbdb8d", "#9edae5")
 
 
-# name -> peer or not, as the rows of the run being drawn say (their ``kind`` field: the plugin's origin): a report
+# name -> peer or not, as the rows of the run being drawn say (their ``origin`` field): a report
 # needs no registry
 IS_PEER: dict[str, bool] = {}
 

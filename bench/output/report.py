@@ -23,14 +23,14 @@ import pandas as pd
 from ntk_bench.modes import MODES
 
 from ..measurement import paired as paired_rounds
-from . import plots as figs
-from . import summary as answers
 from ..measurement.machine import disturbed_line
 from ..store import safefs
+from ..store.row import row_problems
+from ..store.rundir import entries, unwritable
+from . import plots as figs
+from . import summary as answers
 from .plots import fmt_bytes as _fmt_bytes
 from .plots import fmt_time as _fmt_time
-from ..store.rundir import entries, unwritable
-from ..store.row import row_problems
 
 COLUMNS = ["impl", "arch", "N", "M", "O", "P", "mode", "dtype", "device", "status", "time_median_s", "time_iqr_s",
            "peak_mem_bytes", "fp_flops", "predicted_jc_flops", "predicted_vp_flops", "rel_err", "reference", "error"]
@@ -271,8 +271,8 @@ def load(run_dir: Path) -> tuple[dict, pd.DataFrame]:
 def _impl_order(df: pd.DataFrame) -> list[str]:
     """Ours in the registry's order, then peers, then anything else by name."""
     present = set(df["impl"])
-    if "kind" in df:  # the rows say which are peers (a row's kind is its plugin's origin)
-        figs.IS_PEER.update({i: k == "peer" for i, k in zip(df["impl"], df["kind"]) if k in ("peer", "ours")})
+    if "origin" in df:  # the rows say which are peers
+        figs.IS_PEER.update({i: k == "peer" for i, k in zip(df["impl"], df["origin"]) if k in ("peer", "ours")})
     order = list(figs._OURS)
     if "ntk_bench.implementations" in sys.modules:  # the registry's order, where it is loaded (never imported for
         try:                                        # a report: torch and the plugins take hundreds of MB)

@@ -21,6 +21,7 @@ from ..measurement import paired
 from . import plots as figs
 from .plots import fmt_bytes, fmt_time
 
+
 @functools.lru_cache(maxsize=1)
 def _nt_peers() -> frozenset[str]:
     """neural-tangents' own implementations: the registry's plugins tagged ``neural_tangents``."""

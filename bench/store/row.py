@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 # The layout of results.jsonl, written in every header (``format_version``). A header without one is format 1;
 # format 2 is the first whose rows are built and read through :class:`Row` (its worker columns declared, the
 # clock of every timed row recorded).
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 # Whole numbers that a JSON writer may hand over either as an int or as a float (an estimate, a product of sizes).
 Count = int | float
@@ -82,9 +82,9 @@ class Row(MachineFields, WorkerFields):
     case_id: str = Field(description="The case's stable key (``Case.id``): impl/problem/mode/dtype/device[/budget]; "
                                      "the last row of a case id wins")
     impl: str = Field(description="The plugin's registry name")
-    kind: Literal["ours", "peer"] | None = Field(
+    origin: Literal["ours", "peer"] | None = Field(
         None, description="The plugin's origin in the registry: this project's (``ours``) or another library's "
-                          "(``peer``); absent in runs written before it was recorded")
+                          "(``peer``); absent in runs written before it was recorded (``kind`` before format 3)")
     arch: str = Field(description="The architecture: a zoo name, or the name of a user's factory entry")
     arch_params: str = Field(description="The architecture's parameters as a JSON object in a string (sorted keys; "
                                          "``out`` included where the architecture takes it)")
@@ -324,7 +324,14 @@ def _v1_to_v2(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-MIGRATIONS = {1: _v1_to_v2}
+def _v2_to_v3(row: dict[str, Any]) -> dict[str, Any]:
+    """Format 2: the plugin's origin was stored as ``kind`` (a word that also named layer classes and job types)."""
+    if "kind" in row:
+        row = {("origin" if k == "kind" else k): v for k, v in row.items()}
+    return row
+
+
+MIGRATIONS = {1: _v1_to_v2, 2: _v2_to_v3}
 
 
 def migrate(row: dict[str, Any], version: int) -> dict[str, Any]:

@@ -37,8 +37,8 @@ import time
 from pathlib import Path
 
 from . import safefs
-from .safefs import UnsafeFileError, write_atomic  # noqa: F401 - write_atomic: its old home
 from .row import FORMAT_VERSION, Row, migrate, row_problems, split_unknown
+from .safefs import UnsafeFileError, write_atomic  # noqa: F401 - write_atomic: its old home
 
 log = logging.getLogger("ntk_bench.runner")
 

@@ -18,8 +18,6 @@ from torch import nn
 from ...modes import MODES  # noqa: F401 - re-exported: the interface's modes
 from .estimate import Estimate, contraction_flops, jacobian_bytes, kernel_numel
 
-
-
 # The call machinery: ``core.engine`` sets this to itself when imported (the registry imports it), so the engine
 # depends on this interface and not the reverse.
 _engine = None

@@ -26,13 +26,20 @@ from torch import nn
 
 from . import base as _base
 from .base import NTKPlugin, UnsupportedModelError
-from .input_errors import named_input_errors
 from .contractions import kernel_shape
+from .input_errors import named_input_errors
 from .locking import model_claimed
 from .state import dense_gradients, preserved
 from .unchanged import Verdicts, input_key
-from .validation import (budget_bytes, output_spec, probe_forward, refuse_ill_defined_modules,
-                         refuse_scripted, share_probe, validate_inputs)
+from .validation import (
+    budget_bytes,
+    output_spec,
+    probe_forward,
+    refuse_ill_defined_modules,
+    refuse_scripted,
+    share_probe,
+    validate_inputs,
+)
 from .wrappers import unwrap
 
 

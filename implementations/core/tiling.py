@@ -14,8 +14,7 @@ from __future__ import annotations
 import torch
 
 from .contractions import kernel_shape
-from .costs import kernel_numel, cost_stats
-
+from .costs import cost_stats, kernel_numel
 
 _SWAP = {"full": (1, 0, 3, 2), "trace": (1, 0), "diagonal": (1, 0, 2)}
 

@@ -19,10 +19,9 @@ import torch
 from torch import nn
 from torch.nn.modules.module import register_module_forward_pre_hook
 
-from .base import UnsupportedModelError
-from .base import MODES
-from .tolerances import tolerance
+from .base import MODES, UnsupportedModelError
 from .module_walks import describe, has_trainable_parameters, module_names, shape_keyed_cache, submodules
+from .tolerances import tolerance
 
 
 class IllDefinedKernelError(ValueError):

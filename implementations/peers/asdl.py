@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import torch
 
-from ._peer import PeerPlugin, reraise_as_unsupported
 from ..core.contractions import reduce_full
+from ._peer import PeerPlugin, reraise_as_unsupported
 
 # Library errors that mean "this model is outside what the routine can do" (message fragment -> why).
 _UNSUPPORTED = {

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from ._peer import PeerPlugin, reraise_as_unsupported, shared_submodule
-from ..core.declines import transform_declines
 from ..core.contractions import reduce_full
+from ..core.declines import transform_declines
+from ._peer import PeerPlugin, reraise_as_unsupported, shared_submodule
 
 _UNSUPPORTED = {
     "forward AD": "the kernel operator applies J with forward-mode AD, which an operator of this model lacks",

@@ -35,9 +35,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._peer import PeerPlugin, hooks_restored, reraise_as_unsupported, shared_submodule
 from ..core.base import UnsupportedModelError
 from ..core.contractions import reduce_full
+from ._peer import PeerPlugin, hooks_restored, reraise_as_unsupported, shared_submodule
 
 # The layers whose nngeometry rules were checked against a float64 brute-force kernel; the per-sample input
 # rank each rule expects (LayerNorm: the input's per-sample shape must be its normalized_shape).

@@ -22,9 +22,8 @@ import torch
 from torch.func import jacrev
 
 from ..core.base import NTKPlugin
-from ..core.declines import transform_declines
 from ..core.contractions import contract_jacobians
-from ..core.tolerances import tolerance
+from ..core.declines import transform_declines
 from ..core.module_walks import (
     _VMAP_FAILS,
     composite_attention,
@@ -32,6 +31,7 @@ from ..core.module_walks import (
     per_sample,
     shape_keyed_cache,
 )
+from ..core.tolerances import tolerance
 
 # model -> {(parameter shapes, input shape, dtype, device): True}: the vmapped Jacobians were checked
 _VMAP_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -24,8 +24,8 @@ import torch
 from torch.func import functional_call, jvp, vjp, vmap
 
 from ..core.base import NTKPlugin, UnsupportedModelError
-from ..core.declines import transform_declines
 from ..core.contractions import chunks, reduce_full
+from ..core.declines import transform_declines
 from ..core.module_walks import composite_attention, functional_single, per_sample
 
 

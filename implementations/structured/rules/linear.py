@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from ...core.costs import Layer
 from ...core.contractions import input_gram
+from ...core.costs import Layer
 from .base import LayerCost, Rule, batch_first, covered, numel, order_of
 
 

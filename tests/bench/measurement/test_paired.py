@@ -1,0 +1,252 @@
+"""Timings on a shared machine: paired rounds in one worker, the machine recorded in every row (a disturbed row
+flagged), the run's predicted duration before it starts, a line per case where no bar can be drawn, what --model
+runs by default."""
+
+from __future__ import annotations
+
+import io
+import json
+import textwrap
+import time
+
+import pytest
+
+from ntk_bench import implementations
+from ntk_bench.bench import cli as cli_module
+from ntk_bench.bench import sweeps
+from ntk_bench.bench.execution import forecast, runner
+from ntk_bench.bench.execution.executors import InlineExecutor
+from ntk_bench.bench.measurement import machine, paired
+from ntk_bench.bench.output import report
+
+SMALL = {"name": "s", "impls": ["explicit_mlp", "jacobian_contraction"], "time_budget_s": 0.01, "timeout_s": 120,
+         "arch": [{"name": "mlp", "params": {"in_features": 4, "width": 8, "depth": 1}, "N": [3], "O": [2]}]}
+
+
+def _spin(seconds: float) -> None:
+    """Busy for ``seconds`` of wall time (CPU-bound, so that both clocks see it)."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+# -- the paired rounds ---------------------------------------------------------------------------------
+
+def test_each_round_rotates_the_order_and_reverses_every_other():
+    orders = [paired._order(["a", "b", "c"], r) for r in range(4)]
+    assert orders == [["a", "b", "c"], ["a", "c", "b"], ["c", "a", "b"], ["c", "b", "a"]]
+
+
+def test_a_two_fold_difference_is_measured_in_rounds_under_a_drifting_machine():
+    # A clock that the calls advance: slow costs twice fast, times the machine's speed, which changes from round
+    # to round (both calls of a round see the same): what a busy machine does to two plugins timed together.
+    drift = [1.0, 3.0, 0.5, 2.0, 1.5, 0.7, 2.5, 1.0, 4.0]
+    clock, calls_made = [0.0], [0]
+
+    def call(cost):
+        def fn():
+            _spin(0.0025)  # real time above a block's minimum: one call a block
+            clock[0] += cost * drift[calls_made[0] // 2]
+            calls_made[0] += 1
+        return fn
+
+    times, number = paired.time_rounds({"fast": call(1.0), "slow": call(2.0)}, 0.0, timer=lambda: clock[0],
+                                       min_rounds=8, max_rounds=8)
+    assert number == {"fast": 1, "slow": 1} and len(times["fast"]) == len(times["slow"]) == 8
+    rec = {"times_s": times, "median_s": {k: sorted(v)[4] for k, v in times.items()}}
+    assert paired.ratio(rec, "slow", "fast") == pytest.approx((2.0, 2.0, 2.0))  # the drift cancels in a round
+    assert max(times["fast"]) / min(times["fast"]) == pytest.approx(8.0)  # while each side alone moved 8-fold
+    assert paired.fastest(rec) == "fast"
+
+
+def test_the_band_of_a_median_is_distribution_free_and_widens_with_few_rounds():
+    assert paired.median_band(range(20)) == (9.5, 5.0, 14.0)  # order statistics 6 and 15 of 20
+    assert paired.median_band([1, 2, 3, 4, 5, 6, 7]) == (4.0, 1.0, 7.0)
+    assert paired.median_band([2.0, 2.0, 2.0]) == (2.0, 2.0, 2.0)
+    with pytest.raises(ValueError):
+        paired.median_band([])
+
+
+def test_a_run_times_the_ok_plugins_of_each_case_side_by_side_in_one_worker(tmp_path):
+    cases = sweeps.expand(SMALL)
+    out = tmp_path / "run"
+    summary = runner.run(cases, out, "s", executor=InlineExecutor(out))
+    assert summary.counts == {"ok": 2}
+    recs = paired.read_records(out)
+    assert len(recs) == 1
+    rec = next(iter(recs.values()))
+    assert rec["status"] == "ok" and set(rec["impls"]) == {"explicit_mlp", "jacobian_contraction"}
+    assert rec["rounds"] >= paired.MIN_ROUNDS
+    assert all(len(t) == rec["rounds"] for t in rec["times_s"].values())
+    assert set(rec["case_ids"].values()) == {c.id for c in cases}
+    for key in machine.FIELDS:  # the machine beside the rounds too
+        assert key in rec
+    text = report.write_report(out, tmp_path / "report").read_text()
+    assert "**use `" in text and "Paired: time over the fastest in the same rounds" in text
+    # resumed with nothing to do: the group's rounds are not timed again
+    runner.run(cases, out, "s", executor=InlineExecutor(out), resume=True)
+    assert (out / paired.PAIRED).read_text().count("\n") == 1
+
+
+def test_a_group_with_one_ok_plugin_gets_no_paired_rounds(tmp_path):
+    cases = sweeps.expand({**SMALL, "impls": ["explicit_mlp"]})
+    out = tmp_path / "run"
+    runner.run(cases, out, "s", executor=InlineExecutor(out))
+    assert paired.read_records(out) == {}
+
+
+# -- the machine in every row -------------------------------------------------------------------------
+
+class _Usage:
+    def __init__(self, cpu_s, wall_s, load):
+        self.cpu_s, self.wall_s, self.load, self.involuntary_switches = cpu_s, wall_s, load, 3
+
+
+def test_a_row_that_waited_for_a_core_is_flagged_disturbed():
+    cores = len(machine.cores() or [0])
+    assert machine.fields(_Usage(0.95, 1.0, 0.0), 1)["disturbed"] is None
+    waited = machine.fields(_Usage(0.3, 1.0, 0.0), 1)
+    assert "CPU time 30% of wall time" in waited["disturbed"]
+    loaded = machine.fields(_Usage(1.0, 1.0, cores + 5.0), 1)
+    assert f"on {cores} core(s)" in loaded["disturbed"]
+    assert machine.fields(_Usage(0.1, 1.0, 0.0), 1, "cuda:0")["disturbed"] is None  # a GPU call waits for the GPU
+    # measured: a timed stretch that sleeps spends its wall time off the CPU
+    with machine.Usage() as usage:
+        time.sleep(0.05)
+    row = machine.fields(usage, 1)
+    assert row["cpu_over_wall"] < machine.MIN_CPU_OVER_WALL and "CPU time" in row["disturbed"]
+    assert row["cpu_affinity"] == machine.cores() and row["involuntary_switches"] >= 0
+
+
+def test_the_summary_first_line_counts_the_disturbed_rows_and_says_what_to_do(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    base = {"impl": "structured", "arch": "mlp", "N": 4, "M": 4, "status": "ok", "time_median_s": 1e-3,
+            "time_iqr_s": 1e-4, "mode": "full", "dtype": "float32", "device": "cpu", "O": 2, "P": 10,
+            "cpu_over_wall": 0.95, "load_avg_1m": 1.0, "disturbed": None}
+    rows = [{**base, "case_id": "a"}, {**base, "case_id": "b", "impl": "explicit_mlp", "cpu_over_wall": 0.2,
+                                       "load_avg_1m": 9.0, "disturbed": "CPU time 20% of wall time"}]
+    (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [{"header": {"sweep": "t"}}, *rows]))
+    first = report.write_report(run).read_text().splitlines()[0]
+    assert "1 of 2 timed rows were disturbed" in first and "load average 1.0 to 9.0" in first
+    assert "--clock cpu" in first and "quieter machine" in first
+    rows = [{**r, "clock": "cpu"} for r in rows]  # already on the CPU clock: the advice says what is left
+    (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [{"header": {"sweep": "t"}}, *rows]))
+    first = report.write_report(run).read_text().splitlines()[0]
+    assert "1 of 2 timed rows ran on a busy machine" in first and "--clock cpu" not in first
+
+
+def test_worker_threads_default_to_the_cores_it_owns():
+    assert machine.default_threads() == len(machine.cores() or range(1))
+
+
+def test_clock_cpu_times_process_cpu_time_with_one_thread():
+    from ntk_bench.bench.measurement import timing
+
+    assert timing.clock_for("cpu") is time.process_time and timing.clock_for("cpu", "cuda:0") is time.perf_counter
+    with timing.threads_for("cpu") as threads:
+        assert threads == 1
+    with pytest.raises(ValueError, match="--clock must be one of cpu, wall, got 'gpu'"):
+        timing.clock_for("gpu")
+    # sleeping costs wall time, not CPU time: the CPU clock does not count a wait
+    med, _, calls, _ = timing.time_blocks(lambda: time.sleep(0.01), 1e-4, timing.clock_for("cpu"))
+    assert calls == 5
+    assert med < 0.005
+
+
+def test_run_clock_cpu_is_recorded_in_the_header_and_rows(tmp_path, capsys):
+    f = tmp_path / "s.json"
+    f.write_text(json.dumps({**SMALL, "impls": ["explicit_mlp"]}))
+    code = cli_module.main(["run", "--sweep", str(f), "--out", str(tmp_path / "run"), "--executor", "inline",
+                            "--clock", "cpu", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    header, rows = runner.read_results(tmp_path / "run" / "results.jsonl")
+    assert header["clock"] == "cpu" and rows[0]["clock"] == "cpu" and rows[0]["cpu_threads"] == 1
+
+
+# -- before and during a run ---------------------------------------------------------------------------
+
+def test_the_predicted_duration_is_printed_before_a_run_and_slow_cases_named(tmp_path, capsys, monkeypatch):
+    f = tmp_path / "s.json"
+    f.write_text(json.dumps({**SMALL, "impls": ["explicit_mlp"]}))
+    code = cli_module.main(["run", "--sweep", str(f), "--out", str(tmp_path / "run"), "--executor", "inline"])
+    err = capsys.readouterr().err
+    assert code == 0 and "predicted duration: about" in err and "1 case(s)" in err
+    assert err.index("predicted duration") < err.index("[1/1] ok")  # before, and a line per case: no tty here
+    assert "warning: this sweep is predicted" not in err
+    # a sweep predicted to take long: a warning naming its slow cases
+    cases = sweeps.expand(sweeps.SWEEPS["smoke"])
+    models = sweeps.check_models(cases)
+    slow = {c.id: (600.0 if c.impl == "asdl" else 1.0) for c in cases}
+    monkeypatch.setattr(runner, "predict_seconds", lambda cs, m: {c.id: slow[c.id] for c in cs})
+    monkeypatch.setattr(machine, "load_factor", lambda threads=None: (1.0, 0.0, 2))
+    total, line, warning = forecast.describe(cases, models, 1)
+    assert total > forecast.WARN_ABOVE_S and "predicted duration: about 1" in line
+    assert "1 slow case(s)" in warning[0] and any(c.id in w for w in warning for c in cases if c.impl == "asdl")
+    assert "--impls" in warning[-1] and "asdl" in warning[-1]
+
+
+def test_a_line_per_case_where_the_terminal_cannot_draw_a_bar(monkeypatch):
+    assert not cli_module.can_show_bar(io.StringIO())
+
+    class ZeroColumns(io.StringIO):
+        def isatty(self):
+            return True
+
+        def fileno(self):
+            return 2
+
+    import os
+
+    monkeypatch.setattr(os, "get_terminal_size", lambda fd=None: os.terminal_size((0, 24)))
+    assert not cli_module.can_show_bar(ZeroColumns())
+    monkeypatch.setattr(os, "get_terminal_size", lambda fd=None: os.terminal_size((80, 24)))
+    assert cli_module.can_show_bar(ZeroColumns())
+
+
+def test_the_eta_is_refitted_per_plugin_as_cases_finish():
+    now = [0.0]
+    eta = runner._Eta({"a1": 1.0, "a2": 1.0, "b1": 1.0, "b2": 1.0}, 1,
+                      {"a1": "slow_peer", "a2": "slow_peer", "b1": "ours", "b2": "ours"}, clock=lambda: now[0])
+    eta.done("a1", 10.0)  # the cost model was 10x off on this plugin ...
+    eta.done("b1", 1.0)  # ... and right on this one
+    now[0] = 11.0  # the jobs' own time is all the run took
+    assert eta.scale("slow_peer") > 3 * eta.scale("ours")
+    assert 1.0 * eta.scale("ours") + 1.0 * eta.scale("slow_peer") == pytest.approx(eta.left_s(["a2", "b2"]))
+    now[0] = 22.0  # half the run went to what no job counts (references, start-ups): what is left takes as long
+    assert eta.left_s(["a2", "b2"]) == pytest.approx(2 * (eta.scale("ours") + eta.scale("slow_peer")))
+    eta.one_off(11.0)  # ... unless it was a reference computed once: it does not recur
+    assert eta.left_s(["a2", "b2"]) == pytest.approx(eta.scale("ours") + eta.scale("slow_peer"))
+    # a job predicted from this run's own measured times is not scaled by the cost model's error
+    eta.add("p1", 3.0, "paired", measured=True)
+    assert eta.scale("paired") == 1.0 and eta.scale("never_seen") == eta.scale(None) > 1
+
+
+# -- --model -----------------------------------------------------------------------------------------
+
+def test_model_runs_the_fast_plugins_by_default_and_everything_with_impls_all(tmp_path, monkeypatch):
+    (tmp_path / "net.py").write_text(textwrap.dedent('''
+        from torch import nn
+
+        def make(width=4):
+            return nn.Sequential(nn.Linear(5, width), nn.Tanh(), nn.Linear(width, 2))
+    '''))
+    monkeypatch.chdir(tmp_path)
+    argv = ["run", "--model", "net.py:make", "--input-shape", "5"]
+    args = cli_module.build_parser(argv).parse_args(argv)
+    spec = cli_module._model_spec(args)
+    impls = {c.impl for c in sweeps.expand(spec)}
+    assert {"structured", "auto", "jacobian_contraction", *implementations.names(None, tag="neural_tangents")} <= impls
+    assert not impls & {"asdl", "nngeometry", "curvlinops", "autograd_loop"}  # seconds a call on small CNNs
+    assert {c.impl for c in sweeps.expand(spec, ["all"])} == set(sweeps.select_plugins(["all"])[0])
+
+
+def test_the_default_cpu_sweep_leaves_the_slow_calls_to_full():
+    quick = sweeps.expand(sweeps.SWEEPS["quick"])
+    full = sweeps.expand(sweeps.SWEEPS["full"])
+    assert not {c.impl for c in quick} & {"autograd_loop", "asdl", "nngeometry", "curvlinops"}
+    assert {c.impl for c in full} == set(sweeps.select_plugins(["all"])[0])
+    for arch in ("mlp", "tutorial_cnn", "cnn", "resnet_tiny"):  # three sizes each: a slope with its band
+        assert len({c.problem.n for c in quick if c.problem.arch == arch and c.mode == "full"}) >= 3
+    assert len(quick) < len(full) / 3
+

@@ -1,0 +1,44 @@
+"""make bench's clock: the process's CPU time with one thread on a machine without CUDA (a shared CPU runner is the
+common case, and there two wall-clock threads measure their waiting), the wall clock where CUDA is present."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from ntk_bench.bench import cli as cli_module
+from ntk_bench.bench.execution import runner
+
+SMALL = {"name": "s", "impls": ["explicit_mlp"], "time_budget_s": 0.01, "timeout_s": 120,
+         "arch": [{"name": "mlp", "params": {"in_features": 4, "width": 8, "depth": 1}, "N": [3], "O": [2]}]}
+
+
+def test_auto_is_cpu_without_cuda_and_wall_with_it():
+    assert cli_module.resolve_clock("auto", cuda_available=False) == "cpu"
+    assert cli_module.resolve_clock("auto", cuda_available=True) == "wall"
+    assert cli_module.resolve_clock("wall", cuda_available=False) == "wall"
+    assert cli_module.resolve_clock("cpu", cuda_available=True) == "cpu"
+
+
+def test_run_clock_auto_on_a_machine_without_cuda_records_the_cpu_clock(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # (the other way is resolve_clock's test above)
+    expected = "cpu"
+    f = tmp_path / "s.json"
+    f.write_text(json.dumps(SMALL))
+    code = cli_module.main(["run", "--sweep", str(f), "--out", str(tmp_path / "run"), "--executor", "inline",
+                            "--clock", "auto", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    header, rows = runner.read_results(tmp_path / "run" / "results.jsonl")
+    assert header["clock"] == expected and rows[0]["clock"] == expected
+    assert f"clock: {expected} (--clock auto" in err
+
+
+def test_make_bench_passes_clock_auto_by_default():
+    makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
+    assert re.search(r"^CLOCK \?= auto$", makefile, re.MULTILINE)
+    bench = makefile[makefile.index("\nbench:"):].split("\n\n")[0]
+    assert "--clock $(CLOCK) $(BENCH_ARGS)" in bench  # BENCH_ARGS after it: a --clock there wins
