@@ -99,6 +99,6 @@ def test_a_missing_use_is_caught():
     # compute routes the weight to the generic rule and gets the kernel right
     plugin = implementations.get("structured")
     got = plugin.compute(model, x)
-    from test_structured_rules import brute_force_kernel
+    from tests.implementations.structured.test_structured_rules import brute_force_kernel
 
     assert torch.allclose(got, brute_force_kernel(model, x), atol=1e-10, rtol=1e-9)
