@@ -24,8 +24,9 @@ lower precisions a float32 model may cast to inside) to the float32 value. The p
     batching rule that mixes vmap levels is off by O(1). A mismatch only makes the plugin loop (slower, never wrong), so the
     bound leans towards accepting the vmapped result.
 ``"gradient_sum"``
-    ``structured``'s check of its plan: Σ R[n,o]·J[n,o] over the rules' per-sample Jacobians with random weights
-    R against autograd's gradient of Σ R[n,o]·f[n,o], per parameter, relative to the larger norm: 1e-9 in
+    ``structured``'s check of its plan: Σ B[n]·A[n,o]·J[n,o] over the rules' per-sample Jacobians with random
+    weights (A on the outputs, in the backward; B on the samples, along each layer's batch dimension) against
+    autograd's gradient of Σ B[n]·A[n,o]·f[n,o], per parameter, relative to the larger norm: 1e-9 in
     float64, 1e-3 in float32. Each side sums N·O terms per parameter in its own order, and in float32 that
     rounding grows with the batch; a missing or doubled use of a parameter, a wrong batch dimension or mixed
     samples change the sum by O(1), far above either value.

@@ -11,7 +11,7 @@ contracted together, small ones concatenated into one GEMM; a parameter used mor
 blocks summed first. The output Linear's G is the identity: no backward for it, its term (X1 X2ᵀ + 1) ⊗ I.
 
 Costs: one forward and one O-wide backward per input batch (the first call for a model and input shape: two
-forwards on N and N + 1 samples to plan, and a checked call), G and X per layer in memory, and the Jacobian-order
+forwards on N and N + 1 samples to plan, and a check: one forward and two plain backward passes), G and X per layer in memory, and the Jacobian-order
 blocks. On the CPU, the first call for a conv net's shapes taking under 50 ms also runs it five times each with
 oneDNN's convolutions and PyTorch's own, and keeps the faster. On a GPU, calls replay a captured CUDA graph
 (cuda_graphs).
@@ -94,6 +94,26 @@ def _output_grads(y2, targets, retain_graph=False):
                                                                   materialize_grads=True,
                                                                   retain_graph=retain_graph or chunks > 1),
                                     chunk_size=chunk if chunks > 1 else None)(basis))
+
+
+def _check_grads(y2, targets, params, dims):
+    """The plan's check in two plain backward passes instead of an O-wide one: random weights A[n, o] on the
+    outputs and B[n] on the samples. G_A = ∂(Σ_{n,o} A[n,o]·f[n,o])/∂Z for every target, each sample's slice of
+    it then times B[n] along the target's own batch dimension ``dims`` (as the plan has it), one "output" wide;
+    and autograd's gradient of Σ_{n,o} B[n]·A[n,o]·f[n,o] for every parameter. Where the plan is right (each
+    use's batch dimension, no sample reaching another's output) the rules' Σ_n of per-sample Jacobians of G_A·B
+    is that gradient; a missing or doubled use changes it, and so do a wrong batch dimension or mixed samples:
+    B weighs a term by the sample of Z where autograd weighs it by the sample of the output."""
+    gen = torch.Generator(device=y2.device).manual_seed(0)
+    a = torch.rand(y2.shape, generator=gen, dtype=y2.dtype, device=y2.device) + 0.5
+    b = torch.rand((y2.shape[0], 1), generator=gen, dtype=y2.dtype, device=y2.device) + 0.5
+    grads = []
+    if targets:
+        got = torch.autograd.grad(y2, targets, grad_outputs=a, allow_unused=True, materialize_grads=True,
+                                  retain_graph=True)
+        grads = [_weighted(g.unsqueeze(0), b, d) for g, d in zip(got, dims)]
+    pgrads = torch.autograd.grad(y2, params, grad_outputs=a * b, allow_unused=True, materialize_grads=True)
+    return grads, pgrads
 
 
 def _batch_dims(uses, wanted):
@@ -286,9 +306,9 @@ class Structured(NTKPlugin):
                                     "gradient (a use of the parameter no module call shows)")
 
     def _check(self, plan, model, x):
-        """Trainable parameters for which Σ_{n,o} R[n,o]·J[n,o], with the rules' per-sample Jacobians J and random
-        weights R, differs from autograd's gradient of Σ_{n,o} R[n,o]·f[n,o] on this batch (one plain backward;
-        a missing or doubled use, a wrong batch dimension or sample mixing changes the weighted sum)."""
+        """Trainable parameters for which Σ_{n,o} B[n]·A[n,o]·J[n,o], with the rules' per-sample Jacobians J and
+        random weights A, B (``_check_grads``), differs from autograd's gradient of Σ_{n,o} B[n]·A[n,o]·f[n,o] on
+        this batch (a missing or doubled use, a wrong batch dimension or sample mixing changes the weighted sum)."""
         params = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
         items, uses, o, grads = self._side(plan, model, x, params=params)
         sums = {}
@@ -331,13 +351,12 @@ class Structured(NTKPlugin):
         shortcut = None if params is not None else _output_shortcut(plan, uses, y)
         wanted = [None if u is shortcut else u.entry.rule.targets(u) for u in uses]
         targets = [u.outs[j] for u, idx in zip(uses, wanted) for j in idx or ()]
-        grads = _output_grads(y2, targets, retain_graph=params is not None)
         pgrads = []
-        if params is not None:  # the plan's check: random weights per (sample, output) on both sides
-            gen = torch.Generator(device=y2.device).manual_seed(0)
-            weights = torch.rand(y2.shape, generator=gen, dtype=y2.dtype, device=y2.device) + 0.5
-            pgrads = torch.autograd.grad(y2, params, grad_outputs=weights, allow_unused=True, materialize_grads=True)
-            grads = [_weighted(g, weights, d) for g, d in zip(grads, _batch_dims(uses, wanted))]
+        if params is None:
+            grads = _output_grads(y2, targets)
+        else:
+            grads, pgrads = _check_grads(y2, targets, params, list(_batch_dims(uses, wanted)))
+            o = 1
         it = iter(grads)
         items, n = [], y2.shape[0]
         for u, idx in zip(uses, wanted):
