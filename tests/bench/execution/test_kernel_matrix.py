@@ -235,7 +235,7 @@ def test_kept_factors_plus_the_tiles_peak_stay_within_the_budget_and_are_let_go_
         kept.append((len(self.blocks), self.bytes, cap))
 
     def factors(self, model, x):
-        before = km._CACHE.bytes
+        before = tiles._CACHE.bytes
         out = real_factors(self, model, x)
         if column[0]:
             recording.append(before + out.nbytes())  # kept while this column block was being recorded
@@ -249,7 +249,7 @@ def test_kept_factors_plus_the_tiles_peak_stay_within_the_budget_and_are_let_go_
             column[0] = False
 
     monkeypatch.setattr(tiles, "_cache_cap", cache_cap)
-    monkeypatch.setattr(km._FactorCache, "put", put)
+    monkeypatch.setattr(tiles._FactorCache, "put", put)
     monkeypatch.setattr(Structured, "factors", factors)
     monkeypatch.setattr(tiles, "_contracted", contracted)
     k = ntk_bench.kernel_matrix(model, x, mode="trace", out=tmp_path / "K.zarr", tile=8, progress=False,
@@ -257,7 +257,7 @@ def test_kept_factors_plus_the_tiles_peak_stay_within_the_budget_and_are_let_go_
     assert caps and set(caps) == {budget - tile_peak}
     assert kept and max(n for n, _, _ in kept) == 2 and all(b <= cap for _, b, cap in kept)
     assert recording and all(r <= budget - tile_peak for r in recording)
-    assert not km._CACHE.blocks and km._CACHE.bytes == 0
+    assert not tiles._CACHE.blocks and tiles._CACHE.bytes == 0
     ref = ntk_bench.ntk(model, x, mode="trace", impl="structured").numpy()
     np.testing.assert_allclose(np.asarray(k), ref, rtol=1e-5, atol=1e-6)
 
