@@ -45,9 +45,8 @@ from pathlib import Path
 
 from ..store.row import FORMAT_VERSION, check_header, check_row
 from .rank_test import DEFAULT_ALPHA, min_blocks
-from .timing import clock
+from .timing import CLOCKS, clock
 
-CLOCKS = ("cpu", "wall")  # (the gate's --clock choices, its default first)
 _WORSE = {"ok": 0, "unsupported": 1, "mismatch": 2, "oom": 3, "error": 4}
 
 
