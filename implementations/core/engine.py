@@ -25,11 +25,12 @@ import torch
 from torch import nn
 
 from . import base as _base
+from . import unchanged
 from .base import NTKPlugin, UnsupportedModelError
 from .contractions import kernel_shape
 from .input_errors import named_input_errors
 from .locking import model_claimed
-from .state import dense_gradients, preserved
+from .state import Snapshot, as_found, dense_gradients, preserved
 from .unchanged import Verdicts, input_key
 from .validation import (
     budget_bytes,
@@ -111,8 +112,12 @@ def compute(plugin: NTKPlugin, model: nn.Module, x1: torch.Tensor, x2: torch.Ten
     memory_budget_bytes = budget_bytes(memory_budget_bytes)
     with model_claimed(model):
         call = validated(plugin, model, x1, x2, mode, memory_budget_bytes)
-        with running(model):
-            out = plugin.dispatch(call.net, call.x1, call.x2, mode, memory_budget_bytes)
+        if call.snapshot is None:
+            with running(model):
+                out = plugin.dispatch(call.net, call.x1, call.x2, mode, memory_budget_bytes)
+        else:  # (the model's state is the one its snapshot was taken in: ``state.as_found`` compares, restores less)
+            with torch.inference_mode(False), torch.enable_grad(), as_found(model, call.snapshot, call.state):
+                out = plugin.dispatch(call.net, call.x1, call.x2, mode, memory_budget_bytes)
         return checked(plugin, out, call, mode, memory_budget_bytes)
 
 
@@ -128,7 +133,9 @@ def running(model: nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class Call:
-    """A validated call: the model as plugins see it (output (N, O)), the detached inputs, O, and the result dtype."""
+    """A validated call: the model as plugins see it (output (N, O)), the detached inputs, O, and the result dtype;
+    ``state``: the model's ``unchanged.state`` as validated, and ``snapshot``: the ``state.Snapshot`` taken in that
+    state (None where the state changed during validation)."""
 
     model: nn.Module
     net: nn.Module
@@ -136,6 +143,8 @@ class Call:
     x2: torch.Tensor | None
     o: int
     dtype: torch.dtype
+    state: list | None = None
+    snapshot: Snapshot | None = None
 
 
 def validated(plugin: NTKPlugin, model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None, mode: str,
@@ -144,20 +153,27 @@ def validated(plugin: NTKPlugin, model: nn.Module, x1: torch.Tensor, x2: torch.T
     inputs are checked on every call; the model's checks once per plugin, input shapes and model state
     (``unchanged``): a call on an unchanged model reuses their verdict."""
     model = unwrap(model)  # (peers' prepare comes here directly)
-    validate_inputs(model, x1, x2, mode)
+    entry, now = _VERDICTS.lookup(model) if isinstance(model, nn.Module) else (None, None)
+    snapshot = None if entry is None else entry.snapshot
+    validate_inputs(model, x1, x2, mode, **({} if snapshot is None else {"trainable": snapshot.first_trainable}))
     budget_bytes(memory_budget_bytes)
     key = (plugin, *input_key(x1, x2))
-    verdict, now = _VERDICTS.get(model, key)
+    verdict = None if entry is None else entry.verdicts.get(key)
     with torch.inference_mode(False):
         x1, x2 = _plain(x1), _plain(x2)
+    as_validated = True  # (whether the model is still in state ``now``)
     if verdict is None:  # (a model that changed gets a new generation here)
         verdict = _model_checks(plugin, model, x1)
-        _VERDICTS.put(model, now, key, verdict)
+        entry = _VERDICTS.put(model, now, key, verdict)
+        as_validated = unchanged.same(now, unchanged.state(model))
+    if as_validated and entry.snapshot is None:
+        entry.snapshot = Snapshot(model)
+    snapshot = entry.snapshot if as_validated else None
     spec, reason = verdict
     net = _as_matrix_output(model) if spec.vector else model
     if reason is not None:
         raise UnsupportedModelError(reason)
-    return Call(model, net, x1, x2, spec.o, _result_dtype(model, x1))
+    return Call(model, net, x1, x2, spec.o, _result_dtype(model, x1), now, snapshot)
 
 
 # Per model: the verdict of the model's checks (output form, the plugin's decline) while its state is unchanged.

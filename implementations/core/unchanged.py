@@ -2,13 +2,17 @@
 structure (a plugin's ``supports``, the refusal of scripted and ill-defined modules, the output's form, the
 probe of the forward pass) run once, not on every call.
 
-A model's *state* here is every value bound in each submodule's ``__dict__`` (flags, hyperparameters, bound
-``forward`` overrides, the ``_parameters`` / ``_buffers`` / ``_modules`` / hook dictionaries' contents) and each
-parameter's ``requires_grad``: values compared by identity, and held, so that an object freed and replaced by a
+A model's *state* here is every name and value bound in each submodule's ``__dict__`` (flags, hyperparameters,
+bound ``forward`` overrides, the ``_parameters`` / ``_buffers`` / ``_modules`` / hook dictionaries' contents) and each
+parameter's ``requires_grad``: names and values compared by identity, and held, so that an object freed and replaced by a
 new one at the same address cannot look the same. Rebinding any attribute (``m.p = 0.5``, ``m.train()``, a new
 parameter, a hook added or removed, a parametrisation, a replaced submodule) is a change. Not seen: a change
 inside a plain container attribute (a list or dict a custom module mutates in place) and changes to a module's
 class; the checks cached here read neither. Parameter values are not part of the state: no check depends on them.
+
+Besides the verdicts, an entry keeps what a call records of the model's structure to put it back afterwards
+(``state.Snapshot``): while the state is the same, so is that record, and a call compares the state after the kernel
+with the one before instead of recording and comparing every flag, slot and hook dictionary itself.
 """
 
 from __future__ import annotations
@@ -34,10 +38,12 @@ def state(model: nn.Module) -> list:
     out: list = []
     for m in submodules(model):
         d = m.__dict__  # (the modules themselves are in their parents' _modules; the root is the store's key)
+        out.extend(d)  # (names too: a value moved to another name is a change)
         out.extend(d.values())
         for name in _CONTAINERS:
             c = d.get(name)
             if c:
+                out.extend(c)
                 out.extend(c.values())
         out.extend([p.requires_grad for p in m._parameters.values() if p is not None])
     return out
@@ -47,40 +53,57 @@ def same(a: list, b: list) -> bool:
     return len(a) == len(b) and all(map(operator.is_, a, b))
 
 
+class Entry:
+    """One state of a model: the state, the verdicts per key, its generation, and the model's ``state.Snapshot``
+    taken in that state (None until a call stores one)."""
+
+    __slots__ = ("state", "verdicts", "generation", "snapshot")
+
+    def __init__(self, now: list, generation: int):
+        self.state, self.verdicts, self.generation, self.snapshot = now, {}, generation, None
+
+
 class Verdicts:
     """Per model (weakly): results of structural checks, valid while the model's :func:`state` is unchanged."""
 
     def __init__(self):
-        self._store: "weakref.WeakKeyDictionary[nn.Module, tuple[list, dict, int]]" = weakref.WeakKeyDictionary()
+        self._store: "weakref.WeakKeyDictionary[nn.Module, Entry]" = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         self._generations = itertools.count()
 
-    def get(self, model: nn.Module, key: tuple):
-        """(the cached verdict or None, the model's current state to pass to ``put``)."""
+    def lookup(self, model: nn.Module) -> tuple[Entry | None, list]:
+        """(the entry of the model's current state or None, that state to pass to ``put``)."""
         now = state(model)
         with self._lock:
             entry = self._store.get(model)
-        if entry is not None and same(entry[0], now):
-            return entry[1].get(key), now
+        if entry is not None and same(entry.state, now):
+            return entry, now
         return None, now
 
-    def put(self, model: nn.Module, now: list, key: tuple, verdict) -> None:
+    def get(self, model: nn.Module, key: tuple):
+        """(the cached verdict or None, the model's current state to pass to ``put``)."""
+        entry, now = self.lookup(model)
+        return (None if entry is None else entry.verdicts.get(key)), now
+
+    def put(self, model: nn.Module, now: list, key: tuple, verdict) -> Entry:
+        """Keep ``verdict`` for ``key`` in the entry of state ``now`` (a new generation when the state changed)."""
         with self._lock:
             entry = self._store.get(model)
-            if entry is None or not same(entry[0], now):
-                entry = (now, {}, next(self._generations))
+            if entry is None or not same(entry.state, now):
+                entry = Entry(now, next(self._generations))
                 self._store[model] = entry
-            entry[1][key] = verdict
+            entry.verdicts[key] = verdict
+            return entry
 
     def generation(self, model: nn.Module) -> int | None:
         """A number that changes whenever the model's state did between two ``put``s (None before the first): a
         cache keyed by it holds entries for one state of the model."""
         entry = self._store.get(model)
-        return None if entry is None else entry[2]
+        return None if entry is None else entry.generation
 
 
 def input_key(x1: torch.Tensor, x2: torch.Tensor | None) -> tuple:
     return (tuple(x1.shape[1:]), x1.dtype, x1.device, x1.shape[0] >= 2, x2 is None)
 
 
-__all__ = ["Verdicts", "input_key", "same", "state"]
+__all__ = ["Entry", "Verdicts", "input_key", "same", "state"]

@@ -28,14 +28,18 @@ class IllDefinedKernelError(ValueError):
     """The model's NTK is not well defined as it is (train-mode BatchNorm, Dropout, ...); the message says why."""
 
 
-def validate_inputs(model: nn.Module, x1, x2, mode: str) -> None:
-    """Raise a clear ValueError/TypeError for inputs no plugin can take."""
+_FIND = object()
+
+
+def validate_inputs(model: nn.Module, x1, x2, mode: str, trainable=_FIND) -> None:
+    """Raise a clear ValueError/TypeError for inputs no plugin can take. ``trainable``: the model's first trainable
+    parameter (None: it has none) where the caller knows it (``state.Snapshot.first_trainable``), else found here."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
-    p0 = next((p for m in submodules(model) for p in m._parameters.values() if p is not None and p.requires_grad),
-              None)
+    p0 = trainable if trainable is not _FIND else next(
+        (p for m in submodules(model) for p in m._parameters.values() if p is not None and p.requires_grad), None)
     if p0 is None:
         raise ValueError("model has no trainable parameters: its NTK is empty")
     if p0.device.type == "meta":
