@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import math
 import sys
 import threading
 import weakref
@@ -101,7 +102,9 @@ def _integer_inputs_named(x1: torch.Tensor):
 
 
 def _all_finite(t: torch.Tensor) -> bool:
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())  # (a sum first: 2 ops, not 4)
+    # (a sum read as a number first: one operator; an inf or NaN sum, an overflow of the sum itself included, is
+    # looked at entry by entry)
+    return math.isfinite(t.sum().item()) or bool(torch.isfinite(t).all())
 
 
 def compute(plugin: NTKPlugin, model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None,

@@ -31,6 +31,7 @@ from .module_walks import submodules
 _CONTAINERS = ("_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
                "_backward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
                "_forward_hooks_always_called")
+_containers = operator.itemgetter(*_CONTAINERS)
 
 
 def state(model: nn.Module) -> list:
@@ -40,12 +41,17 @@ def state(model: nn.Module) -> list:
         d = m.__dict__  # (the modules themselves are in their parents' _modules; the root is the store's key)
         out.extend(d)  # (names too: a value moved to another name is a change)
         out.extend(d.values())
-        for name in _CONTAINERS:
-            c = d.get(name)
+        try:
+            containers = _containers(d)
+        except KeyError:  # (a module unpickled from an older torch lacks some hook dictionaries)
+            containers = [d.get(name) for name in _CONTAINERS]
+        for c in containers:
             if c:
                 out.extend(c)
                 out.extend(c.values())
-        out.extend([p.requires_grad for p in m._parameters.values() if p is not None])
+        params = d.get("_parameters")
+        if params:
+            out.extend([p.requires_grad for p in params.values() if p is not None])
     return out
 
 

@@ -260,11 +260,12 @@ class _Observer:
 
 def _mentions(args, kwargs, ids) -> bool:
     """Whether a parameter in ``ids`` is among the arguments (a quick look first: most ops take none)."""
+    # (by id alone: the parameters in ``ids`` are alive, so no other object has their id; ``isinstance(v,
+    # nn.Parameter)`` runs a Python metaclass check on every argument of every op)
     for v in args:
-        if isinstance(v, nn.Parameter):
-            if id(v) in ids:
-                return True
-        elif isinstance(v, (list, tuple)) and any(isinstance(u, nn.Parameter) and id(u) in ids for u in v):
+        if id(v) in ids:
+            return True
+        if isinstance(v, (list, tuple)) and any(id(u) in ids for u in v):
             return True
     return bool(kwargs) and any(isinstance(v, torch.Tensor) and id(v) in ids for v in pytree.tree_leaves(kwargs))
 
@@ -614,6 +615,39 @@ def _clone_leaves(out):
     return pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) and v.requires_grad else v, out)
 
 
+class _TapMode(TorchFunctionMode):
+    """``record``'s mode for the plan's linear-op and tap entries: each call of a torch function on one of their
+    parameters (``taps``: id(parameter) -> entry) is recorded as a use; ``state``, ``uses`` and ``watch`` are the
+    recording's. Defined once (a class made per call costs more than many of the calls it records)."""
+
+    def __init__(self, taps: dict, state: dict, uses: dict, watch: list):
+        super().__init__()
+        self.taps, self.state, self.uses, self.watch = taps, state, uses, watch
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        taps = self.taps
+        if not self.state["on"] or not _mentions(args, kwargs, taps) or \
+                not any(isinstance(v, torch.Tensor) and v.requires_grad for v in pytree.tree_leaves(out)):
+            return out
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        e = next((taps[id(v)] for v in leaves if isinstance(v, torch.Tensor) and id(v) in taps), None)
+        if e is None:
+            return out
+        params = {k: i for i, v in enumerate(leaves) for k, p in e.slots.items() if v is p}
+        kept = [(v.detach().clone() if e.copy_in and i not in params.values() else v.detach())
+                if isinstance(v, torch.Tensor) else v for i, v in enumerate(leaves)]
+        if not e.copy_in:
+            self.watch.extend((e, "in", v, v._version) for v in _tensor_leaves(kept))
+        returned = out.clone() if e.clone_out else out
+        if not e.clone_out:
+            self.watch.append((e, "out", out, out._version))
+        uses = self.uses[id(e)]
+        uses.append(Use(e, len(uses), kept, spec, [out], returned, func, params))
+        return returned
+
+
 def record(plan: Plan, model: nn.Module, x: torch.Tensor):
     """The model's forward with the planned modules recorded: (y, uses in order of the plan's entries, each
     entry's calls in order). Raises _Replan where the forward does not follow the plan."""
@@ -671,29 +705,7 @@ def record(plan: Plan, model: nn.Module, x: torch.Tensor):
             for k, p in e.slots.items():
                 taps[id(p)] = e
 
-    class TapMode(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            out = func(*args, **kwargs)
-            if not state["on"] or not _mentions(args, kwargs, taps) or \
-                    not any(isinstance(v, torch.Tensor) and v.requires_grad for v in pytree.tree_leaves(out)):
-                return out
-            leaves, spec = pytree.tree_flatten((args, kwargs))
-            e = next((taps[id(v)] for v in leaves if isinstance(v, torch.Tensor) and id(v) in taps), None)
-            if e is None:
-                return out
-            params = {k: i for i, v in enumerate(leaves) for k, p in e.slots.items() if v is p}
-            kept = [(v.detach().clone() if e.copy_in and i not in params.values() else v.detach())
-                    if isinstance(v, torch.Tensor) else v for i, v in enumerate(leaves)]
-            if not e.copy_in:
-                watch.extend((e, "in", v, v._version) for v in _tensor_leaves(kept))
-            returned = out.clone() if e.clone_out else out
-            if not e.clone_out:
-                watch.append((e, "out", out, out._version))
-            uses[id(e)].append(Use(e, len(uses[id(e)]), kept, spec, [out], returned, func, params))
-            return returned
-
-    mode = TapMode() if taps else contextlib.nullcontext()
+    mode = _TapMode(taps, state, uses, watch) if taps else contextlib.nullcontext()
     try:
         for m in plan.uncalled:
             undo.append(m.register_forward_pre_hook(_tripwire(m, type(m).__name__)))
