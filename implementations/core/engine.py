@@ -162,8 +162,11 @@ def validated(plugin: NTKPlugin, model: nn.Module, x1: torch.Tensor, x2: torch.T
     budget_bytes(memory_budget_bytes)
     key = (plugin, *input_key(x1, x2))
     verdict = None if entry is None else entry.verdicts.get(key)
-    with torch.inference_mode(False):
-        x1, x2 = _plain(x1), _plain(x2)
+    if x1.is_inference() or (x2 is not None and x2.is_inference()):
+        with torch.inference_mode(False):
+            x1, x2 = _plain(x1), _plain(x2)
+    else:
+        x1, x2 = x1.detach(), (None if x2 is None else x2.detach())
     as_validated = True  # (whether the model is still in state ``now``)
     if verdict is None:  # (a model that changed gets a new generation here)
         verdict = _model_checks(plugin, model, x1)
@@ -236,6 +239,8 @@ def checked(plugin, out, call: Call, mode: str, memory_budget_bytes: int | None 
             f"or gradients overflow in {out.dtype} for these inputs (try float64, or smaller inputs)")
     if memory_budget_bytes is not None:  # a blocked kernel may be kept in CPU memory
         return out.to(dtype=call.dtype)
+    if out.dtype == call.dtype and out.device == x1.device:  # (the usual case: no conversion to dispatch)
+        return out
     return out.to(device=x1.device, dtype=call.dtype)
 
 

@@ -47,7 +47,7 @@ def state(model: nn.Module) -> list:
             containers = [d.get(name) for name in _CONTAINERS]
         for c in containers:
             if c:
-                out.extend(c)
+                out.extend(c.keys())  # (keys(): a TorchScript module's containers do not iterate)
                 out.extend(c.values())
         params = d.get("_parameters")
         if params:
