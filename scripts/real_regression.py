@@ -1,6 +1,8 @@
 """The `real` sweep's cases against a committed baseline run, robustly to the machine's load: is any case slower?
 
     PYTHONPATH=. python scripts/real_regression.py ratio  [--cases ...] [--root OLD_CHECKOUT] [--out DIR]
+    PYTHONPATH=. python scripts/real_regression.py interleaved --old-root OLD_CHECKOUT [--cases ...] [--rounds 15]
+        [--procs 2] [--out DIR]
     PYTHONPATH=. python scripts/real_regression.py oldnew --old-root OLD_CHECKOUT [--cases ...] [--pairs 7] [--out DIR]
     PYTHONPATH=. python scripts/real_regression.py --list
 
@@ -21,6 +23,12 @@ commit) and on this checkout, in fresh processes that alternate old, new / new, 
 and times ``--calls`` blocks of warm calls. The per-pair ratio new / old has a 95% band over the pairs: a band
 wholly below 1 is faster, wholly above 1 slower, around 1 the same within the band. Both kernels' norms are
 printed (the same model, seed and inputs: they must agree).
+
+``interleaved``: the direct check with finer alternation. Per case and per process pair (``--procs``), one warm
+process on each checkout; the parent asks them in turn for a block of warm calls (``--block-s``; the other process
+waits idle), the order reversed every round, for ``--rounds`` rounds: adjacent blocks seconds apart instead of
+fresh processes a minute apart, so that a load that comes and goes hits both alike. The band is over all rounds
+of all pairs; each pair's own median ratio is printed too.
 
 Rows go to ``DIR/ratio.jsonl`` / ``DIR/oldnew.jsonl`` as each case finishes and a table to stdout.
 """
@@ -149,6 +157,66 @@ def child_time(cid: str, plugin: str, calls: int, block_s: float) -> dict:
             "kernel_sum": float(k.sum()), "peak_rss_gib": _peak_rss_gib(), "load": os.getloadavg()}
 
 
+def child_serve(cid: str, plugin: str, block_s: float) -> None:
+    """One plugin on one case in this fresh process, warmed up, then a block of warm calls per ``run`` line read
+    from stdin (its CPU seconds per call printed as a JSON line), until ``quit`` or the end of stdin."""
+    import torch
+
+    torch.set_num_threads(1)
+    architectures, get, keep = _imports()
+    keep()
+    arch_name, params, n, _, _ = CASES[cid]
+    arch = architectures.build(arch_name, **params)
+    x = architectures.inputs(arch, n)
+    run, to_torch = get(plugin).prepare(arch.model, x, None, "full")
+    c0 = time.process_time()
+    k = to_torch(run()).double()
+    first = time.process_time() - c0
+    c0 = time.process_time()
+    run()
+    number = max(1, math.ceil(block_s / max(time.process_time() - c0, 1e-6)))
+    print(json.dumps({"first_cpu_s": first, "per_block": number, "kernel_norm": float(k.norm())}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        c0 = time.process_time()
+        for _ in range(number):
+            run()
+        print(json.dumps({"cpu_s": (time.process_time() - c0) / number}), flush=True)
+    print(json.dumps({"peak_rss_gib": _peak_rss_gib()}), flush=True)
+
+
+class _Server:
+    """A ``child_serve`` process on one checkout."""
+
+    def __init__(self, root: Path, cid: str, plugin: str, block_s: float):
+        env = dict(os.environ, PYTHONPATH=str(root), **ONE_THREAD)
+        self.proc = subprocess.Popen([sys.executable, __file__, "--child-serve", cid, plugin, "--block-s",
+                                      str(block_s)], env=env, cwd=root, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        self.ready = self._read()
+
+    def _read(self) -> dict:
+        while True:  # (a line some library printed is skipped)
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"child_serve exited ({self.proc.wait()})")
+            if line.startswith("{"):
+                return json.loads(line)
+
+    def block(self) -> float:
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        return self._read()["cpu_s"]
+
+    def close(self) -> dict:
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.flush()
+        out = self._read()
+        self.proc.wait()
+        return out
+
+
 def _rounds(calls: dict, budget_s: float, max_rounds: int, min_rounds: int = 7, block_s: float = 0.05):
     """({name: per-round CPU seconds per call}, {name: calls per block}): rounds of one block each, the order
     reversed every other round, until ``budget_s`` CPU seconds are spent (as ``paired.time_rounds``, on the
@@ -244,6 +312,45 @@ def cmd_ratio(args, base: dict) -> None:
               f"{row['rel_err_ours_vs_peer']:.1e} |", flush=True)
 
 
+def cmd_interleaved(args) -> None:
+    old = Path(args.old_root).resolve()
+    print("| case | plugin | old CPU ms | new CPU ms | new/old paired (95% band) | rounds x process pairs | "
+          "per pair | first call old / new CPU s | kernel norm old / new | verdict |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for cid in args.cases:
+        plugin = CASES[cid][3]
+        procs = 1 if cid in SLOW else args.procs
+        rounds = min(args.rounds, 7) if cid in SLOW else args.rounds
+        times, per_pair, ready, closed = {"old": [], "new": []}, [], {"old": [], "new": []}, []
+        for i in range(procs):
+            servers = {}
+            for side in (("old", "new") if i % 2 == 0 else ("new", "old")):  # warmed up one after the other
+                servers[side] = _Server(old if side == "old" else ROOT, cid, plugin, args.block_s)
+                ready[side].append(servers[side].ready)
+            got = {"old": [], "new": []}
+            for r in range(rounds):
+                for side in (("old", "new") if r % 2 == 0 else ("new", "old")):
+                    got[side].append(servers[side].block())
+            closed.append({side: srv.close() for side, srv in servers.items()})
+            per_pair.append(statistics.median(n / o for o, n in zip(got["old"], got["new"])))
+            for side in got:
+                times[side] += got[side]
+        ratios = [n / o for o, n in zip(times["old"], times["new"])]
+        band = median_band(ratios)
+        med = {s: statistics.median(v) for s, v in times.items()}
+        first = {s: statistics.median(r["first_cpu_s"] for r in v) for s, v in ready.items()}
+        norm = {s: v[0]["kernel_norm"] for s, v in ready.items()}
+        row = {"case": cid, "plugin": plugin, "old_root": str(old), "ratio_new_over_old": band,
+               "verdict": _verdict(band), "median_cpu_s": med, "first_cpu_s": first, "kernel_norm": norm,
+               "times_s": times, "per_pair_ratio": per_pair, "ready": ready, "closed": closed,
+               "load_after": os.getloadavg()}
+        _append(args.out, "interleaved.jsonl", row)
+        print(f"| {cid} | {plugin} | {med['old'] * 1e3:.1f} | {med['new'] * 1e3:.1f} | {_fmt(band)} | "
+              f"{rounds} x {procs} | {', '.join(f'{x:.3f}' for x in per_pair)} | "
+              f"{first['old']:.2f} / {first['new']:.2f} | {norm['old']:.6g} / {norm['new']:.6g} | "
+              f"{row['verdict']} |", flush=True)
+
+
 def cmd_oldnew(args) -> None:
     old = Path(args.old_root).resolve()
     print("| case | plugin | old CPU ms (median of pairs) | new CPU ms | new/old paired (95% band) | pairs | "
@@ -274,7 +381,7 @@ def cmd_oldnew(args) -> None:
 def main() -> None:
     """The command line: see the module docstring."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", nargs="?", choices=("ratio", "oldnew"))
+    ap.add_argument("what", nargs="?", choices=("ratio", "oldnew", "interleaved"))
     ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     ap.add_argument("--baseline", type=Path, default=ROOT / "results" / "2026-11-23-real-cpu-4")
     ap.add_argument("--old-root", help="a checkout of the baseline run's commit (oldnew)")
@@ -285,12 +392,18 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=7, help="oldnew: fresh-process pairs per case")
     ap.add_argument("--calls", type=int, default=5, help="oldnew: timed blocks per process")
     ap.add_argument("--block-s", type=float, default=0.1, help="oldnew: fast calls repeated to about this long")
+    ap.add_argument("--rounds", type=int, default=15, help="interleaved: rounds per process pair")
+    ap.add_argument("--procs", type=int, default=2, help="interleaved: process pairs per case")
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--child-serve", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--child-ratio", help=argparse.SUPPRESS)
     ap.add_argument("--child-time", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child_ratio:
         print(json.dumps(child_ratio(args.child_ratio, args.budget_s, args.max_rounds)))
+        return
+    if args.child_serve:
+        child_serve(args.child_serve[0], args.child_serve[1], args.block_s)
         return
     if args.child_time:
         print(json.dumps(child_time(args.child_time[0], args.child_time[1], args.calls, args.block_s)))
@@ -307,8 +420,8 @@ def main() -> None:
         cmd_ratio(args, base)
     else:
         if not args.old_root:
-            raise SystemExit("oldnew needs --old-root (a checkout of the baseline's commit)")
-        cmd_oldnew(args)
+            raise SystemExit(f"{args.what} needs --old-root (a checkout of the baseline's commit)")
+        (cmd_oldnew if args.what == "oldnew" else cmd_interleaved)(args)
     print(f"load {os.getloadavg()}, {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}", flush=True)
 
 
