@@ -319,7 +319,7 @@ def cmd_interleaved(args) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for cid in args.cases:
         plugin = CASES[cid][3]
-        procs = 1 if cid in SLOW else args.procs
+        procs = args.slow_procs if cid in SLOW else args.procs
         rounds = min(args.rounds, 7) if cid in SLOW else args.rounds
         times, per_pair, ready, closed = {"old": [], "new": []}, [], {"old": [], "new": []}, []
         for i in range(procs):
@@ -394,6 +394,7 @@ def main() -> None:
     ap.add_argument("--block-s", type=float, default=0.1, help="oldnew: fast calls repeated to about this long")
     ap.add_argument("--rounds", type=int, default=15, help="interleaved: rounds per process pair")
     ap.add_argument("--procs", type=int, default=2, help="interleaved: process pairs per case")
+    ap.add_argument("--slow-procs", type=int, default=1, help="interleaved: process pairs of the slow case")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--child-serve", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--child-ratio", help=argparse.SUPPRESS)
