@@ -1,5 +1,10 @@
-import cProfile, io, pstats, time
+import cProfile
+import io
+import pstats
+import time
+
 import torch
+
 torch.set_num_threads(1)
 try:
     from ntk_bench.bench.execution.worker import _keep_freed_memory
@@ -7,6 +12,7 @@ except ImportError:
     from ntk_bench.bench.worker import _keep_freed_memory
 _keep_freed_memory()
 from ntk_bench.implementations import get
+
 try:
     from ntk_bench.bench.zoo import architectures
 except ImportError:
