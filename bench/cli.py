@@ -524,6 +524,11 @@ def _add_kernel(sub, common, executors) -> None:
     k.add_argument("--devices", type=lambda t: [d.strip() for d in t.split(",") if d.strip()], metavar="LIST",
                    help="local: one worker per GPU, e.g. cuda:0,cuda:1 (with --device cuda)")
     k.add_argument("--timeout", type=seconds, help="per row band of tiles, on an executor")
+    k.add_argument("--factors-disk", type=lambda t: _number(t, "a finite number of GiB, 0 or more", allow_zero=True),
+                   metavar="GIB",
+                   help="disk the blocks' factors may take in OUT/factors, read back on resume and by other workers "
+                        "(default: a quarter of the free space; 0: none)")
+    k.add_argument("--keep-factors", action="store_true", help="keep OUT/factors once the kernel is complete")
     k.add_argument("--no-progress", action="store_true", help="no progress lines")
     k.set_defaults(func=_cmd_kernel)
 
@@ -540,7 +545,9 @@ def _cmd_kernel(args) -> int:
                                tile=args.tile, executor=None if args.executor == "none" else args.executor,
                                workers=args.workers, devices=args.devices, dtype=args.dtype, device=args.device, verify=args.verify,
                                memory_budget_bytes=int(args.memory_budget * (1 << 30)) if args.memory_budget else None,
-                               timeout_s=args.timeout, progress=not args.no_progress)
+                               timeout_s=args.timeout, progress=not args.no_progress, keep_factors=args.keep_factors,
+                               factors_disk_bytes=None if args.factors_disk is None else
+                               int(args.factors_disk * (1 << 30)))
     except (KernelFileError, ValueError, TypeError) as exc:
         print(f"ntk-bench kernel: error: {exc}", file=sys.stderr)
         return EXIT_USAGE if not isinstance(exc, KernelFileError) else 1
