@@ -274,7 +274,7 @@ def kernel_matrix(model, X1, X2=None, mode: str = "trace", out=None, impl: str =
             "device": device, "mode": mode, "plugin": plugin.name, "onednn": onednn_flag,
             "model_fingerprint": attrs["model_fingerprint"], "memory_budget_bytes": budget, "reuse": reuse,
             "factors_disk_bytes": default_disk_budget(out) if factors_disk_bytes is None else int(factors_disk_bytes),
-            "rss_baseline": rss_baseline if executor is None else None,
+            "rss_baseline": rss_baseline if executor is None else None, "keep_factors": keep_factors,
             "tile_peak_bytes": _tile_peak(plugin, model_obj, x1, x2, mode, device, tdtype, kernel.tile, budget)}
     rows, cols = kernel.grid
     total = len(kernel.tiles())

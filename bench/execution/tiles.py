@@ -327,7 +327,7 @@ def compute_band(kernel: KernelArray, plugin, model, x1: Inputs, x2, i: int, col
             phases["tiles"] += 1
             if on_tile is not None:
                 on_tile()
-    if store is not None:
+    if store is not None and not spec.get("keep_factors"):
         t0 = time.perf_counter()
         store.prune(kernel)
         phases["disk_s"] = phases.get("disk_s", 0.0) + time.perf_counter() - t0

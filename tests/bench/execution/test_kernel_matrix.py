@@ -472,3 +472,17 @@ def test_factors_on_disk_under_another_key_or_past_the_budget_are_not_used(tmp_p
     assert not FactorStore(tmp_path, "key-a", 0).save("x1", 2, state, 1)
     (tmp_path / "factors" / "x1-0.pt").write_bytes(b"torn")
     assert a.load("x1", 0) is None and not (tmp_path / "factors" / "x1-0.pt").exists()
+
+
+def test_the_command_keeps_the_factors_on_disk_or_writes_none(tmp_path, factories):
+    from ntk_bench.bench.cli import main
+
+    args = ["kernel", "--model", f"{factories}:model", "--data", f"{factories}:small_data", "--impl", "structured",
+            "--tile", "8", "--verify", "-1", "--no-progress", "-q"]
+    assert main([*args, "--out", str(tmp_path / "kept.zarr"), "--keep-factors"]) == 0
+    assert sorted(p.name for p in (tmp_path / "kept.zarr" / "factors").glob("*.pt")) == ["x1-0.pt", "x1-1.pt",
+                                                                                        "x1-2.pt"]
+    assert main([*args, "--out", str(tmp_path / "none.zarr"), "--factors-disk", "0", "--keep-factors"]) == 0
+    assert not (tmp_path / "none.zarr" / "factors").exists()
+    a, b = ntk_bench.open_kernel(tmp_path / "kept.zarr"), ntk_bench.open_kernel(tmp_path / "none.zarr")
+    assert np.array_equal(np.asarray(a), np.asarray(b))
