@@ -294,12 +294,12 @@ def compute_band(kernel: KernelArray, plugin, model, x1: Inputs, x2, i: int, col
                 fa = _CACHE.get(_cache_key(spec), i) if kernel.symmetric else None
                 fa = fa or _read_back(plugin, store, "x1", i, call, phases)
                 if fa is None:
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     with engine.running(model), \
                             (onednn.enabled(flag) if flag is not None else contextlib.nullcontext()):
                         fa = plugin.factors(call.net, call.x1)
                     _release_freed_memory(device)
-                    phases["factors_s"] += time.perf_counter() - t0
+                    _add(phases, "factors_s", t0, c0)
                     phases["blocks_recorded"] += 1
                     _write(plugin, store, "x1", i, fa, phases)
             except (UnsupportedModelError, torch.OutOfMemoryError, MemoryError, _stale()):
@@ -316,9 +316,9 @@ def compute_band(kernel: KernelArray, plugin, model, x1: Inputs, x2, i: int, col
                 except (UnsupportedModelError, torch.OutOfMemoryError, MemoryError, _stale()):
                     block = None
             if block is None:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 block = _tile_kernel(plugin, model, xa, xb, mode, device, dtype)
-                phases["whole_tiles_s"] += time.perf_counter() - t0
+                _add(phases, "whole_tiles_s", t0, c0)
             now, cpu = time.perf_counter(), time.process_time()
             kernel.write_tile(i, j, block.detach().cpu().numpy(),
                               info={"seconds": round(now - since, 4), "cpu_s": round(cpu - since_cpu, 4),
@@ -328,9 +328,9 @@ def compute_band(kernel: KernelArray, plugin, model, x1: Inputs, x2, i: int, col
             if on_tile is not None:
                 on_tile()
     if store is not None and not spec.get("keep_factors"):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         store.prune(kernel)
-        phases["disk_s"] = phases.get("disk_s", 0.0) + time.perf_counter() - t0
+        _add(phases, "disk_s", t0, c0)
     return phases
 
 
@@ -356,13 +356,13 @@ def _read_back(plugin, store, side: str, j: int, call, phases: dict):
     """Block ``j``'s factors read back from the disk, or None (none kept, or kept under another plan)."""
     if store is None:
         return None
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         state = store.load(side, j)
         f = None if state is None else plugin.factors_from_state(call.net, call.x1, state)
     except _stale():
         f = None
-    phases["disk_s"] = phases.get("disk_s", 0.0) + time.perf_counter() - t0
+    _add(phases, "disk_s", t0, c0)
     if f is not None:
         phases["blocks_read"] += 1
     return f
@@ -371,10 +371,18 @@ def _read_back(plugin, store, side: str, j: int, call, phases: dict):
 def _write(plugin, store, side: str, j: int, f, phases: dict) -> None:
     if store is None:
         return
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if store.save(side, j, plugin.factors_state(f), f.nbytes()):
         phases["blocks_written"] = phases.get("blocks_written", 0) + 1
-    phases["disk_s"] = phases.get("disk_s", 0.0) + time.perf_counter() - t0
+    _add(phases, "disk_s", t0, c0)
+
+
+def _add(phases: dict, name: str, t0: float, c0: float) -> None:
+    """Seconds since ``t0`` to phase ``name`` and this process's CPU seconds since ``c0`` to its ``_cpu_s`` twin
+    (on a shared machine the CPU seconds are the comparable ones)."""
+    phases[name] = phases.get(name, 0.0) + time.perf_counter() - t0
+    cpu = name[:-2] + "_cpu_s"
+    phases[cpu] = phases.get(cpu, 0.0) + time.process_time() - c0
 
 
 def _stale():
@@ -399,19 +407,19 @@ def _contracted(plugin, model, call, fa, xb, j, mode, flag, spec, phases, cap: i
             side = None if store is None else store.col_side
             fb = _read_back(plugin, store, side, j, xb_call, phases)
             if fb is None:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 with engine.running(model), toggle:
                     fb = plugin.factors(xb_call.net, xb_call.x1)
                 _release_freed_memory(spec["device"])
-                phases["factors_s"] += time.perf_counter() - t0
+                _add(phases, "factors_s", t0, c0)
                 phases["blocks_recorded"] += 1
                 _write(plugin, store, side, j, fb, phases)
             _CACHE.put(j, fb, cap)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with engine.running(model), (onednn.enabled(flag) if flag is not None else contextlib.nullcontext()):
         k = plugin.contract(fa, fb, mode)
     k = engine.checked(plugin, k, dc.replace(call, x2=None if xb is None else xb.detach()), mode)
-    phases["contract_s"] += time.perf_counter() - t0
+    _add(phases, "contract_s", t0, c0)
     return k
 
 
