@@ -50,7 +50,8 @@ def _args():
     p.add_argument("--tile", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--budget-gib", type=float, default=2.0, help="per worker")
-    p.add_argument("--kill-at", type=float, default=0.5, help="kill once this fraction of the tiles is recorded")
+    p.add_argument("--kill-at", type=float, default=0.5,
+                   help="kill once this fraction of the tiles is recorded (0: whole runs only, no kill)")
     p.add_argument("--repeats", type=int, default=1, help="whole runs (their spread is the noise)")
     p.add_argument("--factors-disk", default="default",
                    help="comma-separated variants of the blocks' factors on disk (ntk-bench kernel --factors-disk): "
@@ -210,7 +211,7 @@ def main() -> int:
     from ntk_bench.bench.store.kernel_store import open_kernel
 
     ok = True
-    for v in variants:
+    for v in variants if args.kill_at > 0 else []:
         out = work / f"killed-{v}.zarr"
         row, tiles_killed = _run(cmd(out, v), env, out, max(1, round(args.kill_at * n_tiles)))
         kept = sorted(p.name for p in (out / "factors").glob("*.pt")) if (out / "factors").is_dir() else []
