@@ -48,6 +48,7 @@ class FactorStore:
     ``budget_bytes`` on disk."""
 
     def __init__(self, kernel_path: str | os.PathLike, key: str, budget_bytes: int, device="cpu"):
+        """The store of the kernel at ``kernel_path``; files are read onto ``device``."""
         self.dir = Path(kernel_path) / "factors"
         self.key, self.budget, self.device = key, int(budget_bytes), device
         self.col_side = "x2"  # the side a band's column blocks come from ("x1" where X2 is X1)

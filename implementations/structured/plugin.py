@@ -402,7 +402,7 @@ class Structured(NTKPlugin):
         plan = self.plan(model, x)
         if state.get("plan") != _plan_signature(plan) or state.get("n") != x.shape[0]:
             raise StaleFactors("the kept factors were recorded with another plan or block")
-        uses = [Use(plan.entries[k], index, [], None, None, None) for k, index in state["uses"]]
+        uses = [Use(plan.entries[k], index, [], None, [], None) for k, index in state["uses"]]
         p = next(p for p in model.parameters() if p.requires_grad)
         if state["dtype"] != p.dtype:
             raise StaleFactors(f"the kept factors are {state['dtype']}, the model {p.dtype}")
