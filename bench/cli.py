@@ -107,6 +107,8 @@ class _Parser(argparse.ArgumentParser):
 class _Formatter(logging.Formatter):
     def format(self, record):
         text = record.getMessage()
+        if record.exc_info:  # (logged at debug level only: -v)
+            text = f"{text}\n{self.formatException(record.exc_info)}"
         if record.levelno >= logging.ERROR:
             return f"error: {text}"
         if record.levelno >= logging.WARNING:
@@ -121,6 +123,15 @@ def setup_logging(verbosity: int = 0, stream=None) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbosity > 0 else logging.WARNING if verbosity < 0 else logging.INFO)
     root.propagate = False
+
+
+def _refuse(exc: BaseException) -> int:
+    """A command's input refused: its message, one log line per line, and with ``-v`` the traceback (a ValueError
+    from a bug inside looks the same as one from bad input; the traceback tells them apart)."""
+    for line in str(exc).splitlines() or [type(exc).__name__]:
+        log.error("%s", line)
+    log.debug("raised here:", exc_info=exc)
+    return EXIT_USAGE
 
 
 def fmt_seconds(s: float | None) -> str:
@@ -368,15 +379,12 @@ def _cmd_run(args) -> int:
         log.info("checking the sweep: %d cases; building each model once", len(cases))
         models = sweeps.check_models(cases)
     except (sweeps.SweepError, ValueError, runner.RunDirError) as exc:
-        for line in str(exc).splitlines():
-            log.error("%s", line)
-        return EXIT_USAGE
+        return _refuse(exc)
     reporter = LineReporter() if args.no_progress or not can_show_bar(sys.stderr) else BarReporter()
     try:
         executor = _executor(args, out, cases)
     except ValueError as exc:
-        log.error("%s", exc)
-        return EXIT_USAGE
+        return _refuse(exc)
     except Exception as exc:  # the engine could not be reached or started (Ray's address, submitit): one line
         log.error("cannot start the %s executor: %s: %s", args.executor, type(exc).__name__,
                   str(exc).strip().splitlines()[0] if str(exc).strip() else "")
@@ -390,9 +398,7 @@ def _cmd_run(args) -> int:
                              plugins=tuple(args.plugin or ()), reporter=reporter, models=models, check_devices=False)
     except (sweeps.SweepError, runner.RunDirError, ValueError, ImportError) as exc:
         executor.close()
-        for line in str(exc).splitlines():
-            log.error("%s", line)
-        return EXIT_USAGE
+        return _refuse(exc)
     done = len(summary.rows)
     if summary.interrupted:
         log.warning("interrupted (%s): %d of %d cases done; resume with: %s", summary.interrupted, done,
@@ -439,8 +445,7 @@ def _cmd_report(args) -> int:
     try:
         path = report.write_report(Path(args.run), args.out and Path(args.out))
     except (FileNotFoundError, ValueError, RunDirError) as exc:
-        log.error("%s", exc)
-        return EXIT_USAGE
+        return _refuse(exc)
     log.info("report: %s", path)
     return EXIT_OK
 
@@ -469,8 +474,7 @@ def _cmd_calibrate(args) -> int:
         log.error("--out %s: %s; name a calibration file written by calibrate, or a new path", out, exc)
         return EXIT_USAGE
     except (RunDirError, ValueError) as exc:  # a results file of a later format, a link where out should be
-        log.error("%s", exc)
-        return EXIT_USAGE
+        return _refuse(exc)
     if not fitted:
         log.error("nothing to fit: no plugin has 3 ok rows with the cost model's estimate (est_flops) on one device "
                   "in %s; %s not written", ", ".join(args.runs), out)
@@ -550,6 +554,7 @@ def _cmd_kernel(args) -> int:
                                int(args.factors_disk * (1 << 30)))
     except (KernelFileError, ValueError, TypeError) as exc:
         print(f"ntk-bench kernel: error: {exc}", file=sys.stderr)
+        log.debug("raised here:", exc_info=exc)
         return EXIT_USAGE if not isinstance(exc, KernelFileError) else 1
     v = kernel.attrs.get("verification") or {}
     print(f"{kernel.path}: {kernel.kernel_mode} kernel {kernel.shape} {kernel.dtype} by {kernel.attrs['plugin']}, "

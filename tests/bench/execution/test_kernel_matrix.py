@@ -2,6 +2,7 @@
 another model's file, verified in float64."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -316,7 +317,8 @@ def test_each_tile_record_carries_its_seconds_and_cpu_seconds(tmp_path, factorie
 
 
 def _tiles(path):
-    return {p.name: p.stat().st_mtime_ns for p in (path / "tiles").iterdir()}
+    """The finished tiles' records (``I-J``), not a killed writer's leftover temporary file (``.I-J.*``)."""
+    return {p.name: p.stat().st_mtime_ns for p in (path / "tiles").iterdir() if re.fullmatch(r"\d+-\d+", p.name)}
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, factories):
@@ -325,7 +327,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, f
     killed = _cli(*args, "--out", tmp_path / "K.zarr")
     deadline = time.time() + 120
     while time.time() < deadline:
-        done = len(list((tmp_path / "K.zarr" / "tiles").glob("*-*"))) if (tmp_path / "K.zarr" / "tiles").is_dir() else 0
+        done = len(_tiles(tmp_path / "K.zarr")) if (tmp_path / "K.zarr" / "tiles").is_dir() else 0
         if done >= 3:
             break
         time.sleep(0.05)
