@@ -58,7 +58,7 @@ lint: $(DEPS) lint-imports
 test: lint
 
 test: $(DEPS) lint-imports
-	NTK_BENCH_REQUIRE_REFERENCE=1 $(PYTHON) -m pytest -p no:cacheprovider --timeout=900 -q -n auto -m "not serial" tests
+	NTK_BENCH_REQUIRE_REFERENCE=1 $(PYTHON) -m pytest -p no:cacheprovider --timeout=900 -q -n auto --dist worksteal --durations=15 -m "not serial" tests
 	NTK_BENCH_REQUIRE_REFERENCE=1 $(PYTHON) -m pytest -p no:cacheprovider --timeout=900 -q -m serial tests
 
 # CLOCK: auto (default) times on the process's CPU time with one torch thread where there is no CUDA device (a

@@ -107,6 +107,8 @@ class _Parser(argparse.ArgumentParser):
 class _Formatter(logging.Formatter):
     def format(self, record):
         text = record.getMessage()
+        if record.exc_info:  # (logged at debug level only: -v)
+            text = f"{text}\n{self.formatException(record.exc_info)}"
         if record.levelno >= logging.ERROR:
             return f"error: {text}"
         if record.levelno >= logging.WARNING:
@@ -121,6 +123,15 @@ def setup_logging(verbosity: int = 0, stream=None) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbosity > 0 else logging.WARNING if verbosity < 0 else logging.INFO)
     root.propagate = False
+
+
+def _refuse(exc: BaseException) -> int:
+    """A command's input refused: its message, one log line per line, and with ``-v`` the traceback (a ValueError
+    from a bug inside looks the same as one from bad input; the traceback tells them apart)."""
+    for line in str(exc).splitlines() or [type(exc).__name__]:
+        log.error("%s", line)
+    log.debug("raised here:", exc_info=exc)
+    return EXIT_USAGE
 
 
 def fmt_seconds(s: float | None) -> str:
@@ -368,15 +379,12 @@ def _cmd_run(args) -> int:
         log.info("checking the sweep: %d cases; building each model once", len(cases))
         models = sweeps.check_models(cases)
     except (sweeps.SweepError, ValueError, runner.RunDirError) as exc:
-        for line in str(exc).splitlines():
-            log.error("%s", line)
-        return EXIT_USAGE
+        return _refuse(exc)
     reporter = LineReporter() if args.no_progress or not can_show_bar(sys.stderr) else BarReporter()
     try:
         executor = _executor(args, out, cases)
     except ValueError as exc:
-        log.error("%s", exc)
-        return EXIT_USAGE
+        return _refuse(exc)
     except Exception as exc:  # the engine could not be reached or started (Ray's address, submitit): one line
         log.error("cannot start the %s executor: %s: %s", args.executor, type(exc).__name__,
                   str(exc).strip().splitlines()[0] if str(exc).strip() else "")
@@ -390,9 +398,7 @@ def _cmd_run(args) -> int:
                              plugins=tuple(args.plugin or ()), reporter=reporter, models=models, check_devices=False)
     except (sweeps.SweepError, runner.RunDirError, ValueError, ImportError) as exc:
         executor.close()
-        for line in str(exc).splitlines():
-            log.error("%s", line)
-        return EXIT_USAGE
+        return _refuse(exc)
     done = len(summary.rows)
     if summary.interrupted:
         log.warning("interrupted (%s): %d of %d cases done; resume with: %s", summary.interrupted, done,
@@ -439,8 +445,7 @@ def _cmd_report(args) -> int:
     try:
         path = report.write_report(Path(args.run), args.out and Path(args.out))
     except (FileNotFoundError, ValueError, RunDirError) as exc:
-        log.error("%s", exc)
-        return EXIT_USAGE
+        return _refuse(exc)
     log.info("report: %s", path)
     return EXIT_OK
 
@@ -469,8 +474,7 @@ def _cmd_calibrate(args) -> int:
         log.error("--out %s: %s; name a calibration file written by calibrate, or a new path", out, exc)
         return EXIT_USAGE
     except (RunDirError, ValueError) as exc:  # a results file of a later format, a link where out should be
-        log.error("%s", exc)
-        return EXIT_USAGE
+        return _refuse(exc)
     if not fitted:
         log.error("nothing to fit: no plugin has 3 ok rows with the cost model's estimate (est_flops) on one device "
                   "in %s; %s not written", ", ".join(args.runs), out)
@@ -524,6 +528,11 @@ def _add_kernel(sub, common, executors) -> None:
     k.add_argument("--devices", type=lambda t: [d.strip() for d in t.split(",") if d.strip()], metavar="LIST",
                    help="local: one worker per GPU, e.g. cuda:0,cuda:1 (with --device cuda)")
     k.add_argument("--timeout", type=seconds, help="per row band of tiles, on an executor")
+    k.add_argument("--factors-disk", type=lambda t: _number(t, "a finite number of GiB, 0 or more", allow_zero=True),
+                   metavar="GIB",
+                   help="disk the blocks' factors may take in OUT/factors, read back on resume and by other workers "
+                        "(default: a quarter of the free space; 0: none)")
+    k.add_argument("--keep-factors", action="store_true", help="keep OUT/factors once the kernel is complete")
     k.add_argument("--no-progress", action="store_true", help="no progress lines")
     k.set_defaults(func=_cmd_kernel)
 
@@ -540,9 +549,12 @@ def _cmd_kernel(args) -> int:
                                tile=args.tile, executor=None if args.executor == "none" else args.executor,
                                workers=args.workers, devices=args.devices, dtype=args.dtype, device=args.device, verify=args.verify,
                                memory_budget_bytes=int(args.memory_budget * (1 << 30)) if args.memory_budget else None,
-                               timeout_s=args.timeout, progress=not args.no_progress)
+                               timeout_s=args.timeout, progress=not args.no_progress, keep_factors=args.keep_factors,
+                               factors_disk_bytes=None if args.factors_disk is None else
+                               int(args.factors_disk * (1 << 30)))
     except (KernelFileError, ValueError, TypeError) as exc:
         print(f"ntk-bench kernel: error: {exc}", file=sys.stderr)
+        log.debug("raised here:", exc_info=exc)
         return EXIT_USAGE if not isinstance(exc, KernelFileError) else 1
     v = kernel.attrs.get("verification") or {}
     print(f"{kernel.path}: {kernel.kernel_mode} kernel {kernel.shape} {kernel.dtype} by {kernel.attrs['plugin']}, "

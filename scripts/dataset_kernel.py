@@ -42,6 +42,9 @@ def _args():
     p.add_argument("--side", choices=("ours", "nt", "both"), default="both",
                    help="which side this process runs: both (alternating, default), or one alone (its memory above "
                         "this process's baseline, without the other side's buffers)")
+    p.add_argument("--factors-disk", type=float, default=None, metavar="GIB",
+                   help="disk our blocks' factors may take beside the kernel (kernel_matrix's factors_disk_bytes; "
+                        "default: its default, 0: none)")
     p.add_argument("--nt-warmup-rows", type=int, default=0,
                    help="compile nt.batch on the first ROWS inputs (the same block shapes) instead of a whole first "
                         "call on N (0: the whole first call, timed as nt_first_call_s)")
@@ -112,7 +115,7 @@ def main() -> int:
     for n in [int(v) for v in args.N.split(",")]:
         x = torch.randn(n, *shape, generator=torch.Generator().manual_seed(n))
         row = {"model": args.model, "N": n, "threads": args.threads, "mode": "trace", "dtype": "float32",
-               "budget_bytes": budget, "side": args.side, "load_before": os.getloadavg(),
+               "budget_bytes": budget, "factors_disk_gib": args.factors_disk, "side": args.side, "load_before": os.getloadavg(),
                "baseline_rss_bytes": _rss()}
         ours, nt_times = [], []
         nt_call = None if args.side == "ours" else _nt_batched(model, x, min(args.nt_batch, n))
@@ -137,12 +140,15 @@ def main() -> int:
                     if side == "ours":
                         k = ntk_bench.kernel_matrix(model, x, mode="trace", out=Path(d) / "K.zarr",
                                                     memory_budget_bytes=budget, progress=False,
+                                                    factors_disk_bytes=None if args.factors_disk is None else
+                                                    int(args.factors_disk * (1 << 30)),
                                                     verify=args.verify if r == 0 else -1)
                         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
                         run = k.attrs["timings"]["runs"][-1]
                         ours.append({"wall_s": wall, "cpu_s": cpu, "peak_rss_bytes": mem.peak,
                                      "start_rss_bytes": mem.start, "round": r, "verified": r == 0 and args.verify >= 0,
-                                     "plugin": k.attrs["plugin"], "tile": k.tile, **run})
+                                     "plugin": k.attrs["plugin"], "tile": k.tile,
+                                     "predicted_s": k.attrs.get("predicted_s"), **run})
                         if r == 0 and args.verify >= 0:
                             row["verification"] = k.attrs["verification"]["worst_rel_error"]
                         if r == 0:

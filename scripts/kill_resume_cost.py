@@ -50,8 +50,13 @@ def _args():
     p.add_argument("--tile", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--budget-gib", type=float, default=2.0, help="per worker")
-    p.add_argument("--kill-at", type=float, default=0.5, help="kill once this fraction of the tiles is recorded")
+    p.add_argument("--kill-at", type=float, default=0.5,
+                   help="kill once this fraction of the tiles is recorded (0: whole runs only, no kill)")
     p.add_argument("--repeats", type=int, default=1, help="whole runs (their spread is the noise)")
+    p.add_argument("--factors-disk", default="default",
+                   help="comma-separated variants of the blocks' factors on disk (ntk-bench kernel --factors-disk): "
+                        "default (the command's default), or GiB (0: none on disk); each variant runs its whole "
+                        "runs (alternating with the other variants) and its own kill and resume")
     p.add_argument("--out", required=True)
     return p.parse_args()
 
@@ -166,66 +171,87 @@ def main() -> int:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
 
-    def cmd(out):
+    def cmd(out, disk):
+        extra = [] if disk == "default" else ["--factors-disk", disk]
         return [sys.executable, "-m", "ntk_bench", "kernel", "--model", f"{facts}:model", "--data", f"{facts}:data",
                 "--mode", "trace", "--out", str(out), "--tile", str(args.tile), "--executor", "local",
                 "--workers", str(args.workers), "--memory-budget", str(args.budget_gib), "--verify", "-1",
-                "--impl", "structured", "--no-progress"]
+                "--impl", "structured", "--no-progress", *extra]
 
     bands = -(-args.N // args.tile)
     n_tiles = bands * (bands + 1) // 2  # the upper triangle
+    variants = [v.strip() for v in args.factors_disk.split(",") if v.strip()]
     rows = []
 
-    def record(kind, row, tiles, **extra):
-        row = {"run": kind, "N": args.N, "tile": args.tile, "workers": args.workers, "tiles_total": n_tiles,
-               "load": os.getloadavg(), **_tile_sums(tiles), **extra, **row}
+    def record(kind, disk, row, tiles, out, **extra):
+        from ntk_bench.bench.store.kernel_store import open_kernel
+
+        run = {}
+        if kind != "killed" and (out / "zarr.json").is_file():  # the phases of a run that completed
+            runs = (open_kernel(out).attrs.get("timings") or {}).get("runs") or []
+            run = runs[-1] if runs else {}
+        row = {"run": kind, "factors_disk": disk, "N": args.N, "tile": args.tile, "workers": args.workers,
+               "tiles_total": n_tiles, "load": os.getloadavg(), **_tile_sums(tiles), **extra,
+               **{k: run[k] for k in ("blocks_recorded", "blocks_read", "blocks_written", "disk_s", "factors_s",
+                                      "contract_s") if k in run}, **row}
         rows.append(row)
         with open(root / "kill_resume.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps({k: v for k, v in row.items() if k not in ("log_tail", "workers")}), flush=True)
         return row
 
-    wholes = []
+    wholes = {v: [] for v in variants}
     for r in range(args.repeats):
-        out = work / f"whole{r}.zarr"
-        row, tiles = _run(cmd(out), env, out, None)
-        wholes.append(record("whole", row, tiles))
-    out = work / "killed.zarr"
-    row, tiles_killed = _run(cmd(out), env, out, max(1, round(args.kill_at * n_tiles)))
-    # The work in flight: each worker's CPU at the kill beyond its CPU at the last tile it recorded (all of it for a
-    # worker that recorded none: its start-up and the row's factors included).
-    lost = {}
-    for pid, cpu in row["workers"].items():
-        mine = [t["process_cpu_s"] for t in tiles_killed.values() if str(t.get("pid")) == pid]
-        lost[pid] = cpu - (max(mine) if mine else 0.0)
-    killed = record("killed", row, tiles_killed, lost_in_flight_cpu_s=sum(lost.values()), lost_per_worker=lost)
-    row, tiles_all = _run(cmd(out), env, out, None)
-    resumed_tiles = {k: v for k, v in tiles_all.items() if k not in tiles_killed}
-    unchanged = all(tiles_all.get(k) == v for k, v in tiles_killed.items())
-    resumed = record("resumed", row, resumed_tiles, killed_tiles_unchanged=unchanged)
-
+        for v in (variants if r % 2 == 0 else variants[::-1]):
+            out = work / f"whole-{v}-{r}.zarr"
+            row, tiles = _run(cmd(out, v), env, out, None)
+            wholes[v].append(record("whole", v, row, tiles, out))
     import numpy as np
 
     from ntk_bench.bench.store.kernel_store import open_kernel
 
-    equal = bool(np.array_equal(np.asarray(open_kernel(out)), np.asarray(open_kernel(work / "whole0.zarr"))))
-    whole_tile_cpu = [w["tile_cpu_s"] for w in wholes]
-    whole_cpu = [w["cpu_s"] for w in wholes]
-    summary = {
-        "run": "summary", "N": args.N, "tile": args.tile, "workers": args.workers, "tiles_total": n_tiles,
-        "killed_after_tiles": killed["tiles"], "resumed_tiles": resumed["tiles"], "bit_equal_to_whole": equal,
-        "killed_tiles_not_recomputed": unchanged,
-        "whole_tile_cpu_s": whole_tile_cpu, "killed_plus_resumed_tile_cpu_s": killed["tile_cpu_s"] +
-        resumed["tile_cpu_s"], "lost_in_flight_cpu_s": killed["lost_in_flight_cpu_s"],
-        "mean_tile_cpu_s": sum(whole_tile_cpu) / len(whole_tile_cpu) / n_tiles,
-        "whole_process_cpu_s": whole_cpu, "killed_plus_resumed_process_cpu_s": killed["cpu_s"] + resumed["cpu_s"],
-        "whole_wall_s": [w["wall_s"] for w in wholes], "killed_plus_resumed_wall_s": killed["wall_s"] +
-        resumed["wall_s"],
-    }
-    with open(root / "kill_resume.jsonl", "a") as f:
-        f.write(json.dumps(summary) + "\n")
-    print(json.dumps(summary, indent=1))
-    return 0 if equal and unchanged else 1
+    ok = True
+    for v in variants if args.kill_at > 0 else []:
+        out = work / f"killed-{v}.zarr"
+        row, tiles_killed = _run(cmd(out, v), env, out, max(1, round(args.kill_at * n_tiles)))
+        kept = sorted(p.name for p in (out / "factors").glob("*.pt")) if (out / "factors").is_dir() else []
+        # The work in flight: each worker's CPU at the kill beyond its CPU at the last tile it recorded (all of it for
+        # a worker that recorded none: its start-up and the row's factors included).
+        lost = {}
+        for pid, cpu in row["workers"].items():
+            mine = [t["process_cpu_s"] for t in tiles_killed.values() if str(t.get("pid")) == pid]
+            lost[pid] = cpu - (max(mine) if mine else 0.0)
+        killed = record("killed", v, row, tiles_killed, out, lost_in_flight_cpu_s=sum(lost.values()),
+                        lost_per_worker=lost, factors_kept_at_kill=kept)
+        row, tiles_all = _run(cmd(out, v), env, out, None)
+        resumed_tiles = {k: t for k, t in tiles_all.items() if k not in tiles_killed}
+        unchanged = all(tiles_all.get(k) == t for k, t in tiles_killed.items())
+        resumed = record("resumed", v, row, resumed_tiles, out, killed_tiles_unchanged=unchanged)
+        # (each new kernel times its own oneDNN choice: compared with a whole run of the same variant and choice)
+        same = [w for w in sorted(work.glob(f"whole-{v}-*.zarr"))
+                if open_kernel(w).attrs.get("onednn") == open_kernel(out).attrs.get("onednn")]
+        equal = bool(np.array_equal(np.asarray(open_kernel(out)), np.asarray(open_kernel(same[0])))) if same else None
+        whole_tile_cpu = [w["tile_cpu_s"] for w in wholes[v]]
+        whole_cpu = [w["cpu_s"] for w in wholes[v]]
+        summary = {
+            "run": "summary", "factors_disk": v, "N": args.N, "tile": args.tile, "workers": args.workers,
+            "tiles_total": n_tiles, "killed_after_tiles": killed["tiles"], "resumed_tiles": resumed["tiles"],
+            "bit_equal_to_whole": equal, "killed_tiles_not_recomputed": unchanged,
+            "factors_kept_at_kill": len(kept), "resumed_blocks_recorded": resumed.get("blocks_recorded"),
+            "resumed_blocks_read": resumed.get("blocks_read"),
+            "whole_blocks_recorded": [w.get("blocks_recorded") for w in wholes[v]],
+            "whole_tile_cpu_s": whole_tile_cpu, "killed_plus_resumed_tile_cpu_s": killed["tile_cpu_s"] +
+            resumed["tile_cpu_s"], "lost_in_flight_cpu_s": killed["lost_in_flight_cpu_s"],
+            "mean_tile_cpu_s": sum(whole_tile_cpu) / len(whole_tile_cpu) / n_tiles,
+            "whole_process_cpu_s": whole_cpu, "killed_plus_resumed_process_cpu_s": killed["cpu_s"] + resumed["cpu_s"],
+            "whole_wall_s": [w["wall_s"] for w in wholes[v]], "killed_plus_resumed_wall_s": killed["wall_s"] +
+            resumed["wall_s"],
+        }
+        with open(root / "kill_resume.jsonl", "a") as f:
+            f.write(json.dumps(summary) + "\n")
+        print(json.dumps(summary, indent=1), flush=True)
+        ok = ok and equal is not False and unchanged
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import torch
 from ntk_bench.implementations.core.tolerances import tolerance
 
 from ..store.kernel_store import KernelArray, KernelFileError, create, kernel_shape, open_kernel
+from .factor_store import FactorStore, default_disk_budget
 from .tiles import (
     _CACHE,
     DTYPES,
@@ -43,6 +44,7 @@ from .tiles import (
     _cast,
     _converted,
     _resolve,
+    _rss,
     code_version,
     compute_band,
     model_fingerprint,
@@ -168,7 +170,8 @@ def kernel_matrix(model, X1, X2=None, mode: str = "trace", out=None, impl: str =
                   device: str = "cpu", verify: int = 3, verify_samples: int = 8, workers: int = 1,
                   devices: list[str] | None = None,
                   timeout_s: float | None = None, retries: int = 2, progress: bool = True,
-                  reuse: bool = True) -> KernelArray:
+                  reuse: bool = True, factors_disk_bytes: int | None = None,
+                  keep_factors: bool = False) -> KernelArray:
     """Θ(X1, X2) of ``model`` over whole datasets, on disk at ``out``; see the module docstring.
 
     ``model``: a module, or a factory ``"file.py:function"`` (needed with an executor). ``X1``/``X2``: tensors,
@@ -176,7 +179,10 @@ def kernel_matrix(model, X1, X2=None, mode: str = "trace", out=None, impl: str =
     ``executor``: None (this process), or ``"local"`` (``workers`` pinned worker processes), ``"ray"``, ``"slurm"``,
     ``"submitit-local"``, ``"inline"``, or an :class:`~ntk_bench.bench.execution.executors.Executor`; ``devices``
     (``["cuda:0", "cuda:1"]``) gives the local executor one worker per GPU (then give ``device="cuda"``). ``reuse=False``
-    computes every tile whole (no factors kept across tiles). Returns the kernel (:class:`KernelArray`, numpy
+    computes every tile whole (no factors kept across tiles). ``factors_disk_bytes``: the disk a plugin's per-block
+    factors may take beside the kernel (``OUT/factors/``, read back by a resumed run, by other workers and by later
+    bands instead of recording them again; default a quarter of the free space, 0: none kept on disk); they are
+    deleted once the kernel is complete unless ``keep_factors``. Returns the kernel (:class:`KernelArray`, numpy
     indexing).
     """
     from ntk_bench import implementations
@@ -197,6 +203,9 @@ def kernel_matrix(model, X1, X2=None, mode: str = "trace", out=None, impl: str =
                          "('file.py:function'), not objects")
     if tile is not None and (int(tile) != tile or tile < 1):
         raise ValueError(f"tile must be a positive integer, got {tile!r}")
+    if factors_disk_bytes is not None and (int(factors_disk_bytes) != factors_disk_bytes or factors_disk_bytes < 0):
+        raise ValueError(f"factors_disk_bytes must be a number of bytes >= 0, got {factors_disk_bytes!r}")
+    rss_baseline = _rss()  # (in this process, the budget counts from here: the plan and the trials included)
     given = _resolve(model, "model")
     if not isinstance(given, torch.nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module (or a factory returning one), got {type(given).__name__}")
@@ -264,6 +273,8 @@ def kernel_matrix(model, X1, X2=None, mode: str = "trace", out=None, impl: str =
     spec = {"out": str(out.resolve()), "model": model, "data": X1, "data2": X2, "dtype": dtype_name,
             "device": device, "mode": mode, "plugin": plugin.name, "onednn": onednn_flag,
             "model_fingerprint": attrs["model_fingerprint"], "memory_budget_bytes": budget, "reuse": reuse,
+            "factors_disk_bytes": default_disk_budget(out) if factors_disk_bytes is None else int(factors_disk_bytes),
+            "rss_baseline": rss_baseline if executor is None else None, "keep_factors": keep_factors,
             "tile_peak_bytes": _tile_peak(plugin, model_obj, x1, x2, mode, device, tdtype, kernel.tile, budget)}
     rows, cols = kernel.grid
     total = len(kernel.tiles())
@@ -295,6 +306,8 @@ def kernel_matrix(model, X1, X2=None, mode: str = "trace", out=None, impl: str =
                                                "workers": workers if executor is not None else 1,
                                                **{k: round(v, 4) for k, v in phases.items()}})
     kernel.update_attrs(timings=timings)
+    if not keep_factors:
+        FactorStore(out, "", 0).remove_all()
     if verify is not None and verify >= 0 and not kernel.attrs.get("verification"):
         _verify(kernel, model_obj, x1, x2, mode, device, verify, verify_samples)
     return open_kernel(out)

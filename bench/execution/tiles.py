@@ -202,9 +202,53 @@ class _FactorCache:
 
 def _cache_cap(spec: dict, fa) -> int:
     """The bytes column blocks may keep: the budget less the tile's peak, the plugin's estimate or, where that
-    counts less, the two blocks' factors as recorded (``fa``: the row block's; a column block is as large)."""
+    counts less, the two blocks' factors as recorded (``fa``: the row block's; a column block is as large), and
+    less what this process holds beyond them since the kernel began (``_overhead``)."""
     tile = max(int(spec.get("tile_peak_bytes") or 0), 2 * fa.nbytes())
-    return max(0, int(spec.get("memory_budget_bytes") or 0) - tile)
+    return max(0, int(spec.get("memory_budget_bytes") or 0) - tile - _overhead(spec, fa))
+
+
+_BASELINE: dict = {}
+
+
+def _rss() -> int | None:
+    """This process's resident bytes (Linux), or None where it cannot be read."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _overhead(spec: dict, fa) -> int:
+    """Resident bytes of this process above its baseline that are neither the kept column blocks nor the row
+    block ``fa``: the plan, the oneDNN choice's trial, the allocator's pools. The baseline is the caller's before
+    the kernel began (``rss_baseline``, in the caller's process) or the worker's before its first band."""
+    now = _rss()
+    if now is None:
+        return 0
+    base = spec.get("rss_baseline") or _BASELINE.setdefault(spec["out"], now)
+    return max(0, now - base - _CACHE.bytes - fa.nbytes())
+
+
+_TRIM: list = []
+
+
+def _release_freed_memory(device) -> None:
+    """Hand the memory the allocator has freed back to the system. glibc keeps freed heap memory for reuse: after
+    a block's factors are recorded, its forward's and backward's freed buffers (about half the block's bytes)
+    stay resident, unseen by the kept blocks' cap; and a freed block's place is not always reused by the next."""
+    if torch.device(device).type != "cpu":
+        return
+    if not _TRIM:
+        try:
+            import ctypes
+
+            _TRIM.append(ctypes.CDLL("libc.so.6").malloc_trim)
+        except (OSError, AttributeError):  # not glibc: nothing to trim
+            _TRIM.append(None)
+    if _TRIM[0] is not None:
+        _TRIM[0](0)
 
 
 _CACHE = _FactorCache()
@@ -226,6 +270,8 @@ def compute_band(kernel: KernelArray, plugin, model, x1: Inputs, x2, i: int, col
     from ntk_bench.implementations.core.base import UnsupportedModelError
 
     dtype, device, mode = DTYPES[spec["dtype"]], spec["device"], spec["mode"]
+    if not spec.get("rss_baseline") and _rss() is not None:  # a worker: its budget counts from its first band
+        _BASELINE.setdefault(spec["out"], _rss())
     # Each tile's record carries the seconds (and this process's CPU seconds) since the band's previous tile was
     # written, the row's factors counted with the band's first tile: the work a kill loses is then readable.
     since, since_cpu = time.perf_counter(), time.process_time()
@@ -237,16 +283,25 @@ def compute_band(kernel: KernelArray, plugin, model, x1: Inputs, x2, i: int, col
         return phases
     flag = spec.get("onednn")
     use_factors = hasattr(plugin, "factors") and spec.get("reuse", True)
+    store = _store(kernel, plugin, spec) if use_factors else None
+    phases.update(blocks_recorded=0, blocks_read=0)
     fa = call = None
     with _onednn_choice(flag):
         if use_factors:
             try:
                 call = engine.validated(plugin, model, xa, None, mode)
-                t0 = time.perf_counter()
-                with engine.running(model), \
-                        (onednn.enabled(flag) if flag is not None else contextlib.nullcontext()):
-                    fa = plugin.factors(call.net, call.x1)
-                phases["factors_s"] += time.perf_counter() - t0
+                # a block kept by this process as a column (x2 = None: X1's blocks are the columns too), or on disk
+                fa = _CACHE.get(_cache_key(spec), i) if kernel.symmetric else None
+                fa = fa or _read_back(plugin, store, "x1", i, call, phases)
+                if fa is None:
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    with engine.running(model), \
+                            (onednn.enabled(flag) if flag is not None else contextlib.nullcontext()):
+                        fa = plugin.factors(call.net, call.x1)
+                    _release_freed_memory(device)
+                    _add(phases, "factors_s", t0, c0)
+                    phases["blocks_recorded"] += 1
+                    _write(plugin, store, "x1", i, fa, phases)
             except (UnsupportedModelError, torch.OutOfMemoryError, MemoryError, _stale()):
                 fa = None
         cap = 0 if fa is None else _cache_cap(spec, fa)
@@ -257,13 +312,13 @@ def compute_band(kernel: KernelArray, plugin, model, x1: Inputs, x2, i: int, col
             block = None
             if fa is not None:
                 try:
-                    block = _contracted(plugin, model, call, fa, xb, j, mode, flag, spec, phases, cap)
+                    block = _contracted(plugin, model, call, fa, xb, j, mode, flag, spec, phases, cap, store)
                 except (UnsupportedModelError, torch.OutOfMemoryError, MemoryError, _stale()):
                     block = None
             if block is None:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 block = _tile_kernel(plugin, model, xa, xb, mode, device, dtype)
-                phases["whole_tiles_s"] += time.perf_counter() - t0
+                _add(phases, "whole_tiles_s", t0, c0)
             now, cpu = time.perf_counter(), time.process_time()
             kernel.write_tile(i, j, block.detach().cpu().numpy(),
                               info={"seconds": round(now - since, 4), "cpu_s": round(cpu - since_cpu, 4),
@@ -272,7 +327,62 @@ def compute_band(kernel: KernelArray, plugin, model, x1: Inputs, x2, i: int, col
             phases["tiles"] += 1
             if on_tile is not None:
                 on_tile()
+    if store is not None and not spec.get("keep_factors"):
+        t0, c0 = time.perf_counter(), time.process_time()
+        store.prune(kernel)
+        _add(phases, "disk_s", t0, c0)
     return phases
+
+
+def _store(kernel: KernelArray, plugin, spec: dict):
+    """The kernel's on-disk factors (``factor_store``), or None where they are off or the plugin cannot keep
+    its factors."""
+    from .factor_store import FactorStore, factors_key
+
+    budget = spec.get("factors_disk_bytes")
+    if not budget or not hasattr(plugin, "factors_state"):
+        return None
+    store = FactorStore(kernel.path, factors_key(kernel.attrs), budget, spec["device"])
+    if kernel.symmetric:
+        store.col_side = "x1"
+    return store
+
+
+def _cache_key(spec: dict):
+    return (spec["out"], spec.get("model_fingerprint"))
+
+
+def _read_back(plugin, store, side: str, j: int, call, phases: dict):
+    """Block ``j``'s factors read back from the disk, or None (none kept, or kept under another plan)."""
+    if store is None:
+        return None
+    t0, c0 = time.perf_counter(), time.process_time()
+    try:
+        state = store.load(side, j)
+        f = None if state is None else plugin.factors_from_state(call.net, call.x1, state)
+    except _stale():
+        f = None
+    _add(phases, "disk_s", t0, c0)
+    if f is not None:
+        phases["blocks_read"] += 1
+    return f
+
+
+def _write(plugin, store, side: str, j: int, f, phases: dict) -> None:
+    if store is None:
+        return
+    t0, c0 = time.perf_counter(), time.process_time()
+    if store.save(side, j, plugin.factors_state(f), f.nbytes()):
+        phases["blocks_written"] = phases.get("blocks_written", 0) + 1
+    _add(phases, "disk_s", t0, c0)
+
+
+def _add(phases: dict, name: str, t0: float, c0: float) -> None:
+    """Seconds since ``t0`` to phase ``name`` and this process's CPU seconds since ``c0`` to its ``_cpu_s`` twin
+    (on a shared machine the CPU seconds are the comparable ones)."""
+    phases[name] = phases.get(name, 0.0) + time.perf_counter() - t0
+    cpu = name[:-2] + "_cpu_s"
+    phases[cpu] = phases.get(cpu, 0.0) + time.process_time() - c0
 
 
 def _stale():
@@ -281,7 +391,7 @@ def _stale():
     return StaleFactors
 
 
-def _contracted(plugin, model, call, fa, xb, j, mode, flag, spec, phases, cap: int):
+def _contracted(plugin, model, call, fa, xb, j, mode, flag, spec, phases, cap: int, store=None):
     import dataclasses as dc
 
     from ntk_bench.implementations.core import engine, onednn
@@ -289,22 +399,27 @@ def _contracted(plugin, model, call, fa, xb, j, mode, flag, spec, phases, cap: i
     toggle = onednn.enabled(flag) if flag is not None else contextlib.nullcontext()
     fb, xb_call = None, None
     if xb is not None:
-        key = (spec["out"], spec.get("model_fingerprint"))
-        fb = _CACHE.get(key, j)
+        fb = _CACHE.get(_cache_key(spec), j)
         if fb is None:
             # room for the block about to be recorded (as large per sample as the row block), before it exists
             _CACHE.reserve(-(-fa.nbytes() * xb.shape[0] // max(1, fa.n)), cap)
             xb_call = engine.validated(plugin, model, xb, None, mode)
-            t0 = time.perf_counter()
-            with engine.running(model), toggle:
-                fb = plugin.factors(xb_call.net, xb_call.x1)
-            phases["factors_s"] += time.perf_counter() - t0
+            side = None if store is None else store.col_side
+            fb = _read_back(plugin, store, side, j, xb_call, phases)
+            if fb is None:
+                t0, c0 = time.perf_counter(), time.process_time()
+                with engine.running(model), toggle:
+                    fb = plugin.factors(xb_call.net, xb_call.x1)
+                _release_freed_memory(spec["device"])
+                _add(phases, "factors_s", t0, c0)
+                phases["blocks_recorded"] += 1
+                _write(plugin, store, side, j, fb, phases)
             _CACHE.put(j, fb, cap)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with engine.running(model), (onednn.enabled(flag) if flag is not None else contextlib.nullcontext()):
         k = plugin.contract(fa, fb, mode)
     k = engine.checked(plugin, k, dc.replace(call, x2=None if xb is None else xb.detach()), mode)
-    phases["contract_s"] += time.perf_counter() - t0
+    _add(phases, "contract_s", t0, c0)
     return k
 
 

@@ -32,7 +32,7 @@ from ..core.contractions import KernelSum, input_gram, kernel_shape
 from ..core.module_walks import submodules
 from ..core.tolerances import tolerance
 from . import rewrites, table
-from .plan import Plan, _Replan, discover, layer_costs, record, structure_key
+from .plan import Plan, Use, _Replan, discover, layer_costs, record, structure_key
 from .rules.base import Options
 from .rules.generic import GenericRule
 
@@ -389,6 +389,25 @@ class Structured(NTKPlugin):
         p = next(p for p in model.parameters() if p.requires_grad)
         return Factors(plan, uses, items, o, x.shape[0], p.dtype, p.device)
 
+    def factors_state(self, f: "Factors") -> dict:
+        """What of ``f`` is kept on disk (``torch.save``): the rules' data and, per use, which entry and call of the
+        plan it is (the plan and its modules are this process's, made again where the state is read back)."""
+        index = {id(e): k for k, e in enumerate(f.plan.entries)}
+        return {"items": f.items, "uses": [(index[id(u.entry)], u.index) for u in f.uses], "o": f.o, "n": f.n,
+                "dtype": f.dtype, "plan": _plan_signature(f.plan)}
+
+    def factors_from_state(self, model, x, state: dict) -> "Factors":
+        """The factors ``factors_state`` kept, of the block ``x``, against this process's plan for ``model``. Raises
+        ``StaleFactors`` when that plan is not the one they were recorded with (then record them again)."""
+        plan = self.plan(model, x)
+        if state.get("plan") != _plan_signature(plan) or state.get("n") != x.shape[0]:
+            raise StaleFactors("the kept factors were recorded with another plan or block")
+        uses = [Use(plan.entries[k], index, [], None, [], None) for k, index in state["uses"]]
+        p = next(p for p in model.parameters() if p.requires_grad)
+        if state["dtype"] != p.dtype:
+            raise StaleFactors(f"the kept factors are {state['dtype']}, the model {p.dtype}")
+        return Factors(plan, uses, state["items"], state["o"], state["n"], p.dtype, p.device)
+
     def contract(self, f1: "Factors", f2: "Factors | None", mode: str) -> torch.Tensor:
         """Θ of two blocks from their factors (``f2=None``: the block against itself, its symmetric path)."""
         if f2 is not None and f2.plan is not f1.plan:
@@ -444,6 +463,11 @@ class CostView:
 
     layers: list
     stats: object
+
+
+def _plan_signature(plan: Plan) -> list:
+    """What identifies a plan across processes: per entry its module's name, its rule, slots and calls."""
+    return [(e.name, e.rule.name, sorted(e.slots), e.calls) for e in plan.entries] + [len(plan.shared)]
 
 
 class StaleFactors(Exception):

@@ -26,7 +26,8 @@ def _hook_counts(model):
 
 
 def check_against_reference(plugin, problem, mode, dtype, device):
-    """Compute with ``plugin`` and assert agreement with neural-tangents and an untouched model."""
+    """Compute with ``plugin`` and assert agreement with neural-tangents and an untouched model; returns the model,
+    the inputs and the kernel, for a caller with more to check on the same model."""
     model = supported_model(plugin, problem, dtype=dtype, device=device)
     x1, x2 = problem.inputs(dtype=dtype, device=device)
     model.eval()
@@ -56,6 +57,7 @@ def check_against_reference(plugin, problem, mode, dtype, device):
     assert all(p.grad is None for p in list(model.parameters())[1:])
     assert all(torch.equal(before[k_], v) for k_, v in model.state_dict().items())
     assert _hook_counts(model) == hooks
+    return model, x1, x2, k
 
 
 # neural-tangents' peers compile an XLA program per case (seconds each): they are checked on the harness's small

@@ -134,6 +134,20 @@ def test_a_one_off_run_of_your_own_model(tmp_path, monkeypatch, capsys):
         assert not (tmp_path / "bad").exists()  # before any work
 
 
+def test_an_internal_value_error_shows_its_traceback_with_v(tmp_path, monkeypatch, capsys):
+    """A ValueError from inside (a bug, not bad input) is one error line as usual, and with -v its traceback too."""
+    def broken(*args, **kwargs):
+        raise ValueError("an internal slip")
+
+    monkeypatch.setattr(runner, "run", broken)
+    sweep = _sweep(tmp_path, ["explicit_mlp"])
+    code, err = main(capsys, "run", "--sweep", sweep, "--out", tmp_path / "run", "--no-progress")
+    assert code == 2 and "error: an internal slip" in err and "Traceback" not in err, err
+    code, err = main(capsys, "-v", "run", "--sweep", sweep, "--out", tmp_path / "run2", "--no-progress")
+    assert code == 2 and "error: an internal slip" in err, err
+    assert "Traceback (most recent call last)" in err and "in broken" in err, err
+
+
 def test_calibrate_writes_only_where_told(tmp_path, monkeypatch):
     from ntk_bench.bench.measurement import calibrate as calibrate_module
 

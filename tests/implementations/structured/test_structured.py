@@ -301,3 +301,33 @@ def test_the_cost_view_is_kept_with_the_stats_and_falls_back_once_the_model_is_g
     gc.collect()
     assert plugin.layers(stats) == read and [layer.kind for _, layer in read] == ["linear", "linear"]
     assert [(layer.kind, layer.p) for _, layer in plugin.layers(other)] == [("generic", other.p)]
+
+
+def test_factors_kept_as_a_state_contract_bit_for_bit_and_refuse_another_plan():
+    """What a dataset kernel writes to disk: the state rebuilds the factors against this process's plan (equal
+    contractions, bit for bit); a state recorded with another plan, or of another block size, is refused."""
+    import copy
+    import io
+
+    from ntk_bench.implementations.core import engine
+    from ntk_bench.implementations.structured import StaleFactors
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(12, 4))
+    xa, xb = torch.randn(5, 2, 4, 4), torch.randn(6, 2, 4, 4)
+    p = implementations.get("structured")
+    ca, cb = engine.validated(p, net, xa, None, "trace"), engine.validated(p, net, xb, None, "trace")
+    with engine.running(net):
+        fa, fb = p.factors(ca.net, ca.x1), p.factors(cb.net, cb.x1)
+        buf = io.BytesIO()
+        torch.save(p.factors_state(fb), buf)
+        buf.seek(0)
+        state = torch.load(buf, weights_only=False)
+        back = p.factors_from_state(cb.net, cb.x1, state)
+        assert torch.equal(p.contract(fa, back, "full"), p.contract(fa, fb, "full"))
+        assert torch.equal(p.contract(back, None, "trace"), p.contract(fb, None, "trace"))
+        other = dict(state, plan=state["plan"][:-1] + [state["plan"][-1] + 1])
+        with pytest.raises(StaleFactors):
+            p.factors_from_state(cb.net, cb.x1, other)
+        with pytest.raises(StaleFactors):
+            p.factors_from_state(ca.net, ca.x1, copy.copy(state))  # 5 samples, the state holds 6

@@ -1,0 +1,64 @@
+"""Per-phase log-log slopes and the cost model's prediction beside the measured time, from the committed rows.
+
+    PYTHONPATH=. python results/2026-12-07-dataset-kernel-3/slopes.py
+
+Reads every ``*/dataset_kernel.jsonl`` under this folder (ours only); the prediction is ``kernel_matrix``'s
+(``auto.predict`` for the plugin at that N and budget, the kernel's ``predicted_s``), computed again here for rows
+written before the script recorded it.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).parent
+
+
+def predicted(model_name, n, budget):
+    from ntk_bench import implementations
+    from ntk_bench.bench.execution import kernel_matrix as km
+    from ntk_bench.bench.execution.tiles import Inputs
+    from ntk_bench.bench.zoo import architectures
+
+    torch.manual_seed(0)
+    if model_name == "cnn":
+        model, shape = architectures.tutorial_cnn()
+        plugin = implementations.get("structured")
+    else:
+        model, shape = architectures.mlp(in_features=3072, width=2048, depth=3, out=8)
+        plugin = implementations.get("explicit_mlp")
+    x = Inputs(torch.randn(n, *shape), "x")
+    return km._predicted_s(plugin, model.eval(), x, None, "trace", "cpu", torch.float32, budget)
+
+
+def main():
+    rows = []
+    for f in sorted(HERE.glob("*/dataset_kernel.jsonl")):
+        for line in f.read_text().splitlines():
+            r = json.loads(line)
+            if "ours" in r:
+                rows.append((f.parent.name, r))
+    by_model = {}
+    for where, r in rows:
+        o = r["ours"]
+        pred = o.get("predicted_s") or predicted(r["model"], r["N"], r["budget_bytes"])
+        print(f"{where:>12} {r['model']} N={r['N']} tile={o['tile']} budget={r['budget_bytes'] / 2**30:g} GiB: "
+              f"CPU {o['cpu_s']:.1f} s, wall {o['wall_s']:.1f} s, predicted {pred:.1f} s; phases CPU s: " +
+              ", ".join(f"{k} {o[k]:.1f}" for k in ("factors_cpu_s", "contract_cpu_s", "whole_tiles_cpu_s",
+                                                    "disk_cpu_s") if o.get(k)) +
+              f"; blocks recorded/read/written {o.get('blocks_recorded')}/{o.get('blocks_read')}/"
+              f"{o.get('blocks_written')}; load {r['load_before'][0]:.1f}-{r['load_after'][0]:.1f}")
+        by_model.setdefault((r["model"], o["tile"]), []).append(o | {"N": r["N"]})
+    for (model, tile), os_ in by_model.items():
+        os_ = sorted(os_, key=lambda o: o["N"])
+        for a, b in zip(os_, os_[1:]):
+            for k in ("factors_cpu_s", "contract_cpu_s", "whole_tiles_cpu_s", "cpu_s"):
+                if a.get(k) and b.get(k):
+                    print(f"{model} tile {tile}: slope of {k} from N={a['N']} to {b['N']}: "
+                          f"{math.log(b[k] / a[k]) / math.log(b['N'] / a['N']):.2f}")
+
+
+if __name__ == "__main__":
+    main()
