@@ -67,8 +67,10 @@ NT_EVERY_MODE = {"mlp-relu-O3-N4M3", "mlp-relu-O3-x2None", "cnn-O4-N2M3"}
 
 
 def _cases():
-    """(plugin, problem, mode, dtype) to check: ours everywhere; a peer library's full kernel on every problem, its
-    trace and diagonal (reductions of its full kernel, or its own axes) on the harness's small problems."""
+    """(plugin, problem, mode, dtype) to check: ours everywhere; a peer library's full kernel on every problem (in
+    float64 only on the zoo's models: a library's float32 path is the same code on every model, and its loops over
+    samples and outputs on the larger models are the suite's slowest cases), its trace and diagonal (reductions of
+    its full kernel, or its own axes) and float32 on the harness's small problems."""
     from ntk_bench.bench.measurement.problems import PROBLEMS
 
     for plugin_name in implementations.names(origin=None):
@@ -82,6 +84,8 @@ def _cases():
                                        or (nt and problem.id not in NT_EVERY_MODE)):
                     continue
                 for dtype in DTYPES:
+                    if peer and not nt and problem not in PROBLEMS and dtype != "float64":
+                        continue
                     yield pytest.param(plugin_name, problem, mode, dtype,
                                        id=f"{plugin_name}-{problem.id}-{mode}-{dtype}")
 
