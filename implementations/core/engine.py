@@ -119,6 +119,7 @@ def compute(plugin: NTKPlugin, model: nn.Module, x1: torch.Tensor, x2: torch.Ten
             with running(model):
                 out = plugin.dispatch(call.net, call.x1, call.x2, mode, memory_budget_bytes)
         else:  # (the model's state is the one its snapshot was taken in: ``state.as_found`` compares, restores less)
+            assert call.state is not None  # (a snapshot is only taken with the state it was taken in)
             with torch.inference_mode(False), torch.enable_grad(), as_found(model, call.snapshot, call.state):
                 out = plugin.dispatch(call.net, call.x1, call.x2, mode, memory_budget_bytes)
         return checked(plugin, out, call, mode, memory_budget_bytes)
@@ -172,6 +173,7 @@ def validated(plugin: NTKPlugin, model: nn.Module, x1: torch.Tensor, x2: torch.T
         verdict = _model_checks(plugin, model, x1)
         entry = _VERDICTS.put(model, now, key, verdict)
         as_validated = unchanged.same(now, unchanged.state(model))
+    assert entry is not None  # (a cached verdict comes from an entry; a new one was just put in one)
     if as_validated and entry.snapshot is None:
         entry.snapshot = Snapshot(model)
     snapshot = entry.snapshot if as_validated else None

@@ -66,7 +66,8 @@ class Entry:
     __slots__ = ("state", "verdicts", "generation", "snapshot")
 
     def __init__(self, now: list, generation: int):
-        self.state, self.verdicts, self.generation, self.snapshot = now, {}, generation, None
+        self.verdicts: dict[tuple, tuple] = {}
+        self.state, self.generation, self.snapshot = now, generation, None
 
 
 class Verdicts:
