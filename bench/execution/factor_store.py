@@ -21,10 +21,11 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from ..store.safefs import replacing
 
 KEY_ATTRS = ("n", "m", "o", "mode", "dtype", "symmetric", "plugin", "model_fingerprint", "inputs_fingerprint",
              "inputs2_fingerprint", "code_version", "tile", "onednn")
@@ -83,17 +84,10 @@ class FactorStore:
         if self.budget <= 0 or self._path(side, block).exists() or self.used() + nbytes > self.budget:
             return False
         self.dir.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{side}-{block}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                # (the legacy format: no per-record checksum, which costs as much CPU as the write itself)
-                torch.save({"key": self.key, "block": [side, block], "state": state}, f,
-                           _use_new_zipfile_serialization=False)
-            os.replace(tmp, self._path(side, block))
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        with replacing(self._path(side, block), "wb", durable=False) as f:
+            # (the legacy format: no per-record checksum, which costs as much CPU as the write itself)
+            torch.save({"key": self.key, "block": [side, block], "state": state}, f,
+                       _use_new_zipfile_serialization=False)
         return True
 
     def prune(self, kernel) -> int:

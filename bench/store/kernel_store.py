@@ -20,10 +20,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from .safefs import replacing
 
 FORMAT = "ntk-bench-kernel"
 FORMAT_VERSION = 1
@@ -120,11 +121,9 @@ class KernelArray:
         self._z[si, sj] = block
         record = self._record(i, j)
         record.parent.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=record.parent, prefix=f".{record.name}.")
-        with os.fdopen(fd, "w") as f:
+        with replacing(record, "w", durable=False) as f:
             if info:
                 f.write(json.dumps(_jsonable(info)))
-        os.replace(tmp, record)
 
     def tile_info(self, i: int, j: int) -> dict | None:
         """What was recorded with finished tile (I, J) (``{}`` for a record without it), None if not finished."""

@@ -158,10 +158,12 @@ class replacing:  # a context manager used like open(): lower case
     """``with replacing(path, "w") as f: ...``: ``f`` writes a temporary file beside ``path`` (created exclusively,
     never through a link), which replaces ``path`` when the block ends without an error and is removed when it
     does not. Anything but a regular file at ``path`` is refused first (UnsafeFileError). For output too large to
-    hold in memory (a large run's results.csv)."""
+    hold in memory (a large run's results.csv). ``durable=False`` skips the fsync: the file survives a killed
+    process (the rename is atomic) but not a crash of the machine, for files that can be made again (a dataset
+    kernel's tile records and kept factors) where an fsync of each would cost more than remaking the few lost."""
 
-    def __init__(self, path: str | Path, mode: str = "wb"):
-        self.path, self.mode = Path(path), mode
+    def __init__(self, path: str | Path, mode: str = "wb", durable: bool = True):
+        self.path, self.mode, self.durable = Path(path), mode, durable
 
     def __enter__(self):
         check_regular(self.path)
@@ -175,7 +177,8 @@ class replacing:  # a context manager used like open(): lower case
         try:
             if exc_type is None:
                 self.file.flush()
-                os.fsync(self.file.fileno())
+                if self.durable:
+                    os.fsync(self.file.fileno())
             self.file.close()
             if exc_type is None:
                 os.replace(self.tmp, self.path)
