@@ -97,16 +97,18 @@ class ExplicitMLP(NTKPlugin):
         return structure_problem(model, "explicit_mlp", "computes the layer recursion from the layers' weights")
 
     def estimate(self, stats, n, m, mode, symmetric):
-        """Per layer: X1 X2ᵀ (N·M·K), G1 G2ᵀ (N·M·O²·C in full mode) and the recursion G W (O·C·K per sample);
-        the output layer only X1 X2ᵀ and its diagonal add (N·M·O)."""
+        """Per layer: X1 X2ᵀ (N·M·K), G1 G2ᵀ (N·M·O²·C in full mode, N·M·C in trace mode below a Linear output)
+        and the recursion G W (O·C·K per sample); the output layer only X1 X2ᵀ and its diagonal add (N·M·O)."""
         from ..core.costs import Estimate, kernel_numel
 
         side = n if symmetric else n + m
         oo = stats.o * stats.o if mode == "full" else stats.o
         layers = stats.view("explicit_mlp", _linear_shapes) or [(max(1, stats.p // max(1, stats.o)), stats.o, True)]
+        # In trace mode the layer below a Linear output layer takes Σ_o w² instead of its O-wide Gram.
+        below_output = len(layers) - 2 if layers[-1][2] and mode == "trace" else None
         flops = sum(2 * n * m * k + (n * m * stats.o if is_output else
-                                     2 * n * m * oo * c + 2 * side * stats.o * c * k)
-                    for k, c, is_output in layers)
+                                     2 * n * m * (1 if i == below_output else oo) * c + 2 * side * stats.o * c * k)
+                    for i, (k, c, is_output) in enumerate(layers))
         peak = side * (stats.o * sum(c for _, c, _ in layers) + stats.activations) * stats.itemsize
         return Estimate(flops + side * stats.fp_flops, peak + 2 * kernel_numel(n, m, stats.o, mode) * stats.itemsize)
 
@@ -172,14 +174,33 @@ class ExplicitMLP(NTKPlugin):
             in2, _, der2 = self._forward(layers, x2)
             g2 = self._output_gradients(linears, der2, x2.shape[0])
         total = KernelSum(mode)
-        output_is_last_linear = not der1[-1]  # then G_L = I: its term is (H H'ᵀ + 1) ⊗ I, with no GEMM
+        # Where the output layer is the last Linear, G_L = I: its term is (H H'ᵀ + 1) ⊗ I, with no GEMM; and the
+        # layer below has G[o, n, c] = W_L[o, c]·φ'(z)[n, c], whose trace-mode Gram is O times cheaper from that
+        # form (the other modes' is not: KernelSum.add_scaled_gram).
+        output_is_last_linear = not der1[-1]
+        last = len(linears) - 1
         for l, (h1, h2, a, b, lin) in enumerate(zip(in1, in2, g1, g2, linears)):
             xx = input_gram(h1, h2, lin.bias is not None)
-            if output_is_last_linear and l == len(linears) - 1:
+            if output_is_last_linear and l == last:
                 total.add_identity_gram(xx, lin.out_features)
+            elif output_is_last_linear and l == last - 1 and mode == "trace":
+                d1 = self._derivative_product(der1[l], h1.shape[0], lin)
+                d2 = d1 if x2 is None else self._derivative_product(der2[l], h2.shape[0], lin)
+                total.add_scaled_gram(xx, linears[last].weight, d1, d2, symmetric=x2 is None)
             else:
                 total.add_gram(xx, a, b, symmetric=x2 is None)
         return total.result()
+
+    @staticmethod
+    def _derivative_product(derivs, n, linear):
+        """Π φ'(·) of the activations after ``linear``, shape (N, d_out): the factor of its G beyond the next
+        layer's weights."""
+        if not derivs:
+            return linear.weight.new_ones(n, linear.out_features)
+        d = derivs[0]
+        for e in derivs[1:]:
+            d = d * e
+        return d
 
 
 plugin = ExplicitMLP()

@@ -90,6 +90,46 @@ def test_identity_gram_as_first_or_later_term(mode):
     assert torch.allclose(after.result(), reduce_full(identity + gram, mode))
 
 
+@pytest.mark.parametrize("mode", implementations.MODES)
+@pytest.mark.parametrize("first", [True, False], ids=["first-term", "after-a-term"])
+def test_scaled_gram_equals_the_gram_of_the_weights_scaled_per_sample(mode, first):
+    """KernelSum.add_scaled_gram (G[o, n, c] = w[o, c]·d[n, c], trace mode from Σ_o w² without G) adds what
+    add_gram adds for that G, x2 given or not, as the first term or after another."""
+    from ntk_bench.implementations.core.contractions import KernelSum
+
+    g = torch.Generator().manual_seed(0)
+    n, m, o, c = 4, 3, 3, 6
+    w = torch.randn(o, c, generator=g, dtype=torch.float64)
+    d1, d2 = torch.rand(n, c, generator=g, dtype=torch.float64), torch.rand(m, c, generator=g, dtype=torch.float64)
+    other = torch.randn(o, n, c, generator=g, dtype=torch.float64), torch.randn(o, m, c, generator=g, dtype=torch.float64)
+    for b, xx in ((d2, torch.randn(n, m, generator=g, dtype=torch.float64)),
+                  (d1, (lambda a: a @ a.T)(torch.randn(n, 2, generator=g, dtype=torch.float64)))):
+        scaled, plain = KernelSum(mode), KernelSum(mode)
+        for total in (scaled, plain):
+            if not first:
+                total.add_gram(torch.ones_like(xx), other[0], other[0] if b is d1 else other[1])
+        scaled.add_scaled_gram(xx, w, d1, b, symmetric=b is d1)
+        plain.add_gram(xx, w.unsqueeze(1) * d1, w.unsqueeze(1) * b, symmetric=b is d1)
+        assert torch.allclose(scaled.result(), plain.result(), atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", implementations.MODES)
+@pytest.mark.parametrize("layers", [
+    lambda: [nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 7), nn.GELU(), nn.Tanh(), nn.Linear(7, 3, bias=False)],
+    lambda: [nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 7), nn.Linear(7, 3)],  # no activation below the output
+    lambda: [nn.Linear(5, 6), nn.Sigmoid(), nn.Linear(6, 1)],  # O = 1
+], ids=["two-activations", "no-activation", "one-output"])
+def test_explicit_mlp_layer_below_the_output_matches_jacobian_contraction(layers, mode):
+    """explicit_mlp takes the layer below a Linear output layer from its scaled-weights form in trace mode
+    (add_scaled_gram): with two activations, none, and a single output."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*layers()).double()
+    x1, x2 = torch.randn(5, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    jc, plugin = implementations.get("jacobian_contraction"), implementations.get("explicit_mlp")
+    for a, b in ((x1, x2), (x1, None)):
+        assert rel_err(plugin.compute(model, a, b, mode=mode), jc.compute(model, a, b, mode=mode)) <= 1e-12
+
+
 @pytest.mark.parametrize("rows", [(3, 2, 5), (40, 3, 7)])  # N·O under and over SYMMETRIC_JACOBIAN_MIN_ROWS
 def test_jacobian_blocks_in_either_row_order_and_symmetric_halves(rows):
     """KernelSum.add_jacobians gives J1 J2ᵀ for (N, O, P) blocks stored as (N, O, P) or as views of (O, N, P)
