@@ -272,14 +272,14 @@ class Structured(NTKPlugin):
             return CostView([(GenericRule, Layer("generic", 1, stats.p, 1, False, p=stats.p, flops=stats.fp_flops))],
                             stats)
 
-        return stats.view("structured", read)
+        return stats.view(f"structured, table {table.version()}", read)
 
     # -- the plan ----------------------------------------------------------------------------------------------
 
     def plan(self, model, x, again: bool = False) -> Plan:
         """The plan for ``model`` on inputs shaped like ``x`` (made and checked on the first call; ``again``: made
         anew on this batch)."""
-        key = (structure_key(model), tuple(x.shape[1:]), x.dtype, x.device)
+        key = (structure_key(model), tuple(x.shape[1:]), x.dtype, x.device, table.version())
         per_model = self._plans.setdefault(model, {})
         if again:
             per_model.pop(key, None)

@@ -84,6 +84,19 @@ TABLE: dict[type, type[Rule]] = {
 PLAN_RULES: tuple[type[Rule], ...] = (LinearOpRule, TapRule, GenericRule)
 
 _RESOLVED: dict[type, tuple[type, type[Rule]] | None] = {}  # module type -> (its table key, rule) or None
+_VERSION = 0  # bumped by every change of TABLE: plans and cost views made under an older table are not reused
+
+
+def version() -> int:
+    """The table's version: it changes with every ``register_rule``, so that a plan made before is made again."""
+    return _VERSION
+
+
+def changed() -> None:
+    """Say that TABLE changed (``register_rule`` does): forget the resolved types, and the plans made before."""
+    global _VERSION
+    _RESOLVED.clear()
+    _VERSION += 1
 
 
 def register_rule(module_type: type, rule: type[Rule]) -> None:
@@ -94,14 +107,14 @@ def register_rule(module_type: type, rule: type[Rule]) -> None:
     takes it for every module of that type whose parameters it ``applies`` to; its per-sample Jacobians are
     checked against autograd's gradient on the first batch like the built-in rules'. Test it as the built-in
     rules are tested (a row in ``tests/test_structured_rules.py``'s table, against the brute-force kernel).
-    Plans already made for a model are kept: register before the first call.
+    Plans made before are made again on their model's next call, with the rule.
     """
     if not isinstance(module_type, type) or not issubclass(module_type, nn.Module):
         raise TypeError(f"register_rule: {module_type!r} is not an nn.Module subclass")
     if not isinstance(rule, type) or not issubclass(rule, Rule):
         raise TypeError(f"register_rule: {rule!r} is not a subclass of structured's Rule")
     TABLE[module_type] = rule
-    _RESOLVED.clear()
+    changed()
 
 
 def _resolve(cls: type) -> tuple[type, type[Rule]] | None:

@@ -434,7 +434,7 @@ def _registered(module_type, rule):
             yield
         finally:
             table.TABLE.pop(module_type)
-            table._RESOLVED.clear()
+            table.changed()
     return scope()
 
 
@@ -450,6 +450,21 @@ def test_a_registered_rule_computes_a_users_module_type():
         assert rel_err(plugin._kernel(model, x1, x2, "full"), brute_force_kernel(model, x1, x2)) <= 1e-10
     with pytest.raises(TypeError, match="not a subclass of structured's Rule"):
         table.register_rule(_ScaledLinear, object)
+
+
+def test_a_rule_registered_after_a_models_first_call_is_used_on_its_next():
+    """The plan made before register_rule is made again: the module takes the new rule, and after the rule is
+    taken out of the table again, its old plan (no rule for the type) comes back."""
+    torch.manual_seed(0)
+    model = Head(_ScaledLinear(5, 4), 4).to(D)
+    x1 = torch.randn(4, 5, dtype=D)
+    plugin = Structured()
+    before = plugin._kernel(model, x1, None, "full")
+    assert [e.kind for e in plugin.plan(model, x1).entries] == ["linear_op"]
+    with _registered(_ScaledLinear, linear.LinearRule):
+        assert [e.kind for e in plugin.plan(model, x1).entries] == ["linear"]
+        assert rel_err(plugin._kernel(model, x1, None, "full"), before) <= 1e-12
+    assert [e.kind for e in plugin.plan(model, x1).entries] == ["linear_op"]
 
 
 def test_a_rule_whose_output_breaks_its_invariants_is_named():
