@@ -386,7 +386,7 @@ def _add(phases: dict, name: str, t0: float, c0: float) -> None:
 
 
 def _stale():
-    from ntk_bench.implementations.structured import StaleFactors
+    from ntk_bench.implementations.core.base import StaleFactors
 
     return StaleFactors
 

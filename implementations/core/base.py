@@ -34,6 +34,12 @@ class UnsupportedModelError(ValueError):
     """The plugin cannot handle this model; the message says why."""
 
 
+class StaleFactors(Exception):
+    """A block's factors (a plugin's ``factors``, or ones kept on disk) that do not fit the model as it is now: a
+    forward that took another path than the plan's, or factors recorded with another plan, block or dtype. The
+    dataset kernel records them again or computes the block's tiles whole."""
+
+
 class NTKPlugin:
     """One algorithm for the empirical NTK Θ(x1, x2) = J(x1) J(x2)ᵀ."""
 

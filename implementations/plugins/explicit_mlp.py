@@ -9,11 +9,14 @@ mode, never N·O·P memory. Wins by orders of magnitude on wide MLPs; handles
 nothing else (``supports`` says what it found). On the CPU in float32 its
 GEMMs (the forward and the recursion G W) go to oneDNN's linear or MKL's,
 whichever ran the model's first call faster (``onednn.is_faster``). On a GPU,
-calls replay a captured CUDA graph (cuda_graphs).
+calls replay a captured CUDA graph (cuda_graphs). In a dataset's kernel
+(``kernel_matrix``) each block's forward and recursion run once (``factors``)
+and a tile costs only its Grams (``contract``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import weakref
 
@@ -21,7 +24,7 @@ import torch
 from torch import nn
 
 from ..core import onednn
-from ..core.base import NTKPlugin
+from ..core.base import NTKPlugin, StaleFactors
 from ..core.contractions import KernelSum, input_gram
 from ..core.module_walks import structure_problem, submodules
 
@@ -166,30 +169,71 @@ class ExplicitMLP(NTKPlugin):
 
     def _recursion(self, model, x1, x2, mode):
         layers = _layers(model)
-        in1, linears, der1 = self._forward(layers, x1)
-        g1 = self._output_gradients(linears, der1, x1.shape[0])
-        if x2 is None:
-            in2, g2 = in1, g1
-        else:
-            in2, _, der2 = self._forward(layers, x2)
-            g2 = self._output_gradients(linears, der2, x2.shape[0])
+        linears, *side1 = self._block(layers, x1)
+        side2 = side1 if x2 is None else self._block(layers, x2)[1:]
+        return self._sum(linears, side1, side2, mode, x2 is None)
+
+    def _block(self, layers, x):
+        """One block's (Linear layers, their inputs H, their G (O, N, C), Π φ' below a Linear output layer or None,
+        whether the output layer is the last Linear): what its kernel with any other block needs."""
+        inputs, linears, derivs = self._forward(layers, x)
+        grads = self._output_gradients(linears, derivs, x.shape[0])
+        identity_output = not derivs[-1]
+        below = self._derivative_product(derivs[-2], x.shape[0], linears[-2]) \
+            if identity_output and len(linears) >= 2 else None
+        return linears, inputs, grads, below, identity_output
+
+    @staticmethod
+    def _sum(linears, side1, side2, mode, symmetric):
+        """Σ over Linear layers of (H1 H2ᵀ + 1) ⊙ (G1 G2ᵀ), from two blocks' ``_block`` data."""
+        (in1, g1, below1, identity_output), (in2, g2, below2, _) = side1, side2
         total = KernelSum(mode)
         # Where the output layer is the last Linear, G_L = I: its term is (H H'ᵀ + 1) ⊗ I, with no GEMM; and the
         # layer below has G[o, n, c] = W_L[o, c]·φ'(z)[n, c], whose trace-mode Gram is O times cheaper from that
         # form (the other modes' is not: KernelSum.add_scaled_gram).
-        output_is_last_linear = not der1[-1]
         last = len(linears) - 1
         for l, (h1, h2, a, b, lin) in enumerate(zip(in1, in2, g1, g2, linears)):
             xx = input_gram(h1, h2, lin.bias is not None)
-            if output_is_last_linear and l == last:
+            if identity_output and l == last:
                 total.add_identity_gram(xx, lin.out_features)
-            elif output_is_last_linear and l == last - 1 and mode == "trace":
-                d1 = self._derivative_product(der1[l], h1.shape[0], lin)
-                d2 = d1 if x2 is None else self._derivative_product(der2[l], h2.shape[0], lin)
-                total.add_scaled_gram(xx, linears[last].weight, d1, d2, symmetric=x2 is None)
+            elif below1 is not None and l == last - 1 and mode == "trace":
+                total.add_scaled_gram(xx, linears[last].weight, below1, below2, symmetric=symmetric)
             else:
-                total.add_gram(xx, a, b, symmetric=x2 is None)
+                total.add_gram(xx, a, b, symmetric=symmetric)
         return total.result()
+
+    # -- one block's factors, reused across the tiles of a dataset's kernel ----------------------------------------
+
+    @torch.no_grad()
+    def factors(self, model, x) -> "MLPFactors":
+        """One block's layer inputs and output gradients, which ``contract`` combines with another block's into
+        their kernel: a dataset's kernel computes each block's forward and recursion once (linear in N) and only
+        the Grams per tile (quadratic), instead of both blocks' recursion for every tile."""
+        linears, inputs, grads, below, identity_output = self._block(_layers(model), x)
+        w = linears[-1].weight
+        return MLPFactors(linears, inputs, grads, below, identity_output, x.shape[0], w.dtype, w.device)
+
+    def factors_state(self, f: "MLPFactors") -> dict:
+        """What of ``f`` is kept on disk (``torch.save``): its tensors and the layer shapes they belong to."""
+        return {"inputs": f.inputs, "grads": f.grads, "below": f.below, "identity_output": f.identity_output,
+                "n": f.n, "dtype": f.dtype, "shapes": _shapes(f.linears)}
+
+    def factors_from_state(self, model, x, state: dict) -> "MLPFactors":
+        """The factors ``factors_state`` kept, of the block ``x``, for ``model``; ``StaleFactors`` where they were
+        recorded for other layer shapes, another block size or dtype (then record them again)."""
+        linears = [m for m in _layers(model) if isinstance(m, nn.Linear)]
+        w = linears[-1].weight
+        if state.get("shapes") != _shapes(linears) or state.get("n") != x.shape[0] or state.get("dtype") != w.dtype:
+            raise StaleFactors("the kept factors were recorded for other layers, another block or dtype")
+        return MLPFactors(linears, state["inputs"], state["grads"], state["below"], state["identity_output"],
+                          state["n"], w.dtype, w.device)
+
+    @torch.no_grad()
+    def contract(self, f1: "MLPFactors", f2: "MLPFactors | None", mode: str) -> torch.Tensor:
+        """Θ of two blocks from their factors (``f2=None``: the block against itself, its symmetric path)."""
+        side1 = (f1.inputs, f1.grads, f1.below, f1.identity_output)
+        side2 = side1 if f2 is None else (f2.inputs, f2.grads, f2.below, f2.identity_output)
+        return self._sum(f1.linears, side1, side2, mode, f2 is None)
 
     @staticmethod
     def _derivative_product(derivs, n, linear):
@@ -201,6 +245,36 @@ class ExplicitMLP(NTKPlugin):
         for e in derivs[1:]:
             d = d * e
         return d
+
+
+def _shapes(linears) -> list:
+    """(in, out, bias) of each Linear: what factors recorded for one model fit another by."""
+    return [(m.in_features, m.out_features, m.bias is not None) for m in linears]
+
+
+@dataclasses.dataclass
+class MLPFactors:
+    """One block's factors (``ExplicitMLP.factors``): the model's Linear layers (not counted, not kept on disk),
+    each one's input H (N, K) and G = ∂f/∂z (O, N, C), Π φ' below a Linear output layer (N, C) or None, whether
+    the output layer is the last Linear, the block's N, dtype and device."""
+
+    linears: list
+    inputs: list
+    grads: list
+    below: torch.Tensor | None
+    identity_output: bool
+    n: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def nbytes(self) -> int:
+        """The bytes of the storages the factors keep alive (each once: G's are views, the first input may be
+        the block itself)."""
+        storages = {}
+        for t in [*self.inputs, *self.grads, self.below]:
+            if t is not None:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return sum(storages.values())
 
 
 plugin = ExplicitMLP()

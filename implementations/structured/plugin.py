@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..core import onednn
-from ..core.base import NTKPlugin, UnsupportedModelError
+from ..core.base import NTKPlugin, StaleFactors, UnsupportedModelError
 from ..core.contractions import KernelSum, input_gram, kernel_shape
 from ..core.module_walks import submodules
 from ..core.tolerances import tolerance
@@ -468,10 +468,6 @@ class CostView:
 def _plan_signature(plan: Plan) -> list:
     """What identifies a plan across processes: per entry its module's name, its rule, slots and calls."""
     return [(e.name, e.rule.name, sorted(e.slots), e.calls) for e in plan.entries] + [len(plan.shared)]
-
-
-class StaleFactors(Exception):
-    """A block whose forward took another path than the plan's: compute its tiles whole instead."""
 
 
 @dataclasses.dataclass

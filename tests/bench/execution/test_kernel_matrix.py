@@ -401,28 +401,32 @@ class _Killed(BaseException):
     """What a SIGKILL leaves: the run stops between two tiles, nothing after it runs."""
 
 
+@pytest.mark.parametrize("impl", ["structured", "explicit_mlp"])
 @pytest.mark.parametrize("on_disk", [True, False])
-def test_a_killed_run_resumes_reading_the_blocks_factors_it_kept_on_disk(tmp_path, monkeypatch, on_disk):
+def test_a_killed_run_resumes_reading_the_blocks_factors_it_kept_on_disk(tmp_path, monkeypatch, on_disk, impl):
     """Each block's factors, once recorded, are written beside the kernel; a resumed run reads them back instead
     of recording them again (counted on the plugin's calls and in the run's record), and its kernel equals an
     uninterrupted run's bit for bit. Off (0 bytes of disk), the resumed run records the blocks again. Once the
-    kernel is complete the factors are deleted."""
+    kernel is complete the factors are deleted. For both plugins that keep factors: structured (a CNN) and
+    explicit_mlp (an MLP, its layer inputs and output gradients)."""
+    from ntk_bench import implementations
     from ntk_bench.bench.store.kernel_store import KernelArray
     from ntk_bench.bench.zoo import architectures
-    from ntk_bench.implementations.structured.plugin import Structured
 
     torch.manual_seed(0)
-    model, shape = architectures.cnn(channels=4, image=8)
+    model, shape = architectures.cnn(channels=4, image=8) if impl == "structured" else \
+        architectures.mlp(in_features=6, width=16, depth=2, out=3)
     x = torch.randn(40, *shape, generator=torch.Generator().manual_seed(3))
     disk = None if on_disk else 0
-    kw = dict(mode="trace", tile=8, progress=False, verify=-1, impl="structured", factors_disk_bytes=disk)
-    recorded, real = [], Structured.factors
+    kw = dict(mode="trace", tile=8, progress=False, verify=-1, impl=impl, factors_disk_bytes=disk)
+    cls = type(implementations.get(impl))
+    recorded, real = [], cls.factors
 
     def counted(self, model, xb):
         recorded.append(xb.shape[0])
         return real(self, model, xb)
 
-    monkeypatch.setattr(Structured, "factors", counted)
+    monkeypatch.setattr(cls, "factors", counted)
     # (oneDNN on or off is timed per new kernel: fixed, so that both kernels run the same convolutions)
     monkeypatch.setattr(km, "_choose_onednn", lambda *a: True)
     whole = ntk_bench.kernel_matrix(model, x, out=tmp_path / "whole.zarr", **kw)

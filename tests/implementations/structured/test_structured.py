@@ -4,6 +4,8 @@ run time. The rules themselves: test_structured_rules.py; whole models: test_str
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -128,6 +130,29 @@ def test_explicit_mlp_layer_below_the_output_matches_jacobian_contraction(layers
     jc, plugin = implementations.get("jacobian_contraction"), implementations.get("explicit_mlp")
     for a, b in ((x1, x2), (x1, None)):
         assert rel_err(plugin.compute(model, a, b, mode=mode), jc.compute(model, a, b, mode=mode)) <= 1e-12
+
+
+def test_explicit_mlp_factors_contract_to_its_kernel_and_refuse_another_model():
+    """explicit_mlp.factors / contract (a dataset kernel's per-block path) give _kernel's result bit for bit in
+    every mode, x2 given or not, also from factors kept as state; state from other layers, another block size or
+    dtype is StaleFactors, not contracted."""
+    from ntk_bench.implementations.core.base import StaleFactors
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, 4)).double()
+    a, b = torch.randn(6, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    plugin = implementations.get("explicit_mlp")
+    fa, fb = plugin.factors(model, a), plugin.factors(model, b)
+    kept = plugin.factors_from_state(model, a, plugin.factors_state(fa))
+    for mode in implementations.MODES:
+        assert torch.equal(plugin.contract(fa, fb, mode), plugin._kernel(model, a, b, mode))
+        assert torch.equal(plugin.contract(fa, None, mode), plugin._kernel(model, a, None, mode))
+        assert torch.equal(plugin.contract(kept, fb, mode), plugin.contract(fa, fb, mode))
+    assert 0 < fa.nbytes() < 10_000
+    other = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 5), nn.ReLU(), nn.Linear(5, 4)).double()
+    for wrong_model, x in ((other, a), (model, b), (copy.deepcopy(model).float(), a.float())):
+        with pytest.raises(StaleFactors):
+            plugin.factors_from_state(wrong_model, x, plugin.factors_state(fa))
 
 
 @pytest.mark.parametrize("rows", [(3, 2, 5), (40, 3, 7)])  # N·O under and over SYMMETRIC_JACOBIAN_MIN_ROWS
