@@ -4,11 +4,16 @@ alternating, 9 rounds, one thread; the two kernels' largest relative difference 
 
     PYTHONPATH=. python results/2026-12-07-mlp-trace-gram/ab_trace.py
 """
-import sys, time, statistics, torch
+import statistics
+import time
+
+import torch
+
 torch.set_num_threads(1)
 from ntk_bench.bench.zoo import architectures
 from ntk_bench.implementations.core import contractions as c
 from ntk_bench.implementations.plugins.explicit_mlp import plugin as E
+
 new = c.KernelSum.add_scaled_gram
 def old(self, xx, w, d1, d2, symmetric=False):
     self.add_gram(xx, w.unsqueeze(1) * d1, w.unsqueeze(1) * d2, symmetric=symmetric)
