@@ -63,6 +63,10 @@ class FactorStore:
             return sum(e.stat().st_size for e in os.scandir(self.dir) if e.is_file())
         return 0
 
+    def no_room_for(self, nbytes: int) -> bool:
+        """Whether a block of ``nbytes`` is kept off the disk by the budget alone (not by the store being off)."""
+        return self.budget > 0 and self.used() + nbytes > self.budget
+
     def load(self, side: str, block: int):
         """The state kept for this block under this key, or None (none kept, another key's, unreadable)."""
         path = self._path(side, block)

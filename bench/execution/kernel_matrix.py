@@ -27,6 +27,7 @@ import copy
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -306,6 +307,11 @@ def kernel_matrix(model, X1, X2=None, mode: str = "trace", out=None, impl: str =
                                                "workers": workers if executor is not None else 1,
                                                **{k: round(v, 4) for k, v in phases.items()}})
     kernel.update_attrs(timings=timings)
+    if phases.get("blocks_not_kept"):
+        warnings.warn(f"{out}: {int(phases['blocks_not_kept'])} blocks' factors did not fit the factors' disk budget "
+                      f"({spec['factors_disk_bytes'] / 1e9:.3g} GB) and were recorded again where a later band "
+                      "needed them; factors_disk_bytes (ntk-bench kernel --factors-disk GIB) raises it",
+                      stacklevel=2)
     if not keep_factors:
         FactorStore(out, "", 0).remove_all()
     if verify is not None and verify >= 0 and not kernel.attrs.get("verification"):

@@ -480,6 +480,27 @@ def test_factors_on_disk_under_another_key_or_past_the_budget_are_not_used(tmp_p
     assert a.load("x1", 0) is None and not (tmp_path / "factors" / "x1-0.pt").exists()
 
 
+def test_a_disk_budget_too_small_for_the_factors_is_said_and_counted(tmp_path):
+    """Blocks the factors' disk budget cannot take are counted (``blocks_not_kept``) and the call warns, naming
+    the option that raises it; a budget that takes them all, or none asked for (0), says nothing."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    x = torch.randn(32, 6, generator=torch.Generator().manual_seed(3))
+    kw = dict(mode="trace", tile=8, progress=False, verify=-1, impl="explicit_mlp")
+    with pytest.warns(UserWarning, match=r"blocks' factors did not fit .* --factors-disk GIB"):
+        small = ntk_bench.kernel_matrix(model, x, out=tmp_path / "small.zarr", factors_disk_bytes=3000, **kw)
+    run = small.attrs["timings"]["runs"][-1]
+    assert run["blocks_not_kept"] >= 1 and run.get("blocks_written", 0) + run["blocks_not_kept"] == 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name, disk in (("roomy.zarr", 1 << 30), ("none.zarr", 0)):
+            k = ntk_bench.kernel_matrix(model, x, out=tmp_path / name, factors_disk_bytes=disk, **kw)
+            assert "blocks_not_kept" not in k.attrs["timings"]["runs"][-1]
+            assert np.array_equal(np.asarray(k), np.asarray(small))
+
+
 def test_the_command_keeps_the_factors_on_disk_or_writes_none(tmp_path, factories):
     from ntk_bench.bench.cli import main
 
