@@ -372,9 +372,10 @@ def _write(plugin, store, side: str, j: int, f, phases: dict) -> None:
     if store is None:
         return
     t0, c0 = time.perf_counter(), time.process_time()
-    if store.save(side, j, plugin.factors_state(f), f.nbytes()):
+    nbytes = f.nbytes()  # (structured's walks the rules' objects: once)
+    if store.save(side, j, plugin.factors_state(f), nbytes):
         phases["blocks_written"] = phases.get("blocks_written", 0) + 1
-    elif store.no_room_for(f.nbytes()):  # (a later band that needs it records it again)
+    elif store.no_room_for(nbytes):  # (a later band that needs it records it again)
         phases["blocks_not_kept"] = phases.get("blocks_not_kept", 0) + 1
     _add(phases, "disk_s", t0, c0)
 
