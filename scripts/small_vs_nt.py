@@ -10,11 +10,17 @@ so that no plugin's first call profits from another's caches:
 - first call: ``compute`` for ours (validation, plan, backend trial, and for ``*_compiled`` the compilation and
   the check against eager); for the neural-tangents peers ``prepare`` (the translation to JAX, timed apart as
   ``prepare_s``) then the first ``run()`` (jit compilation);
-- warm: after two more calls each, ``--rounds`` rounds; in each round every plugin runs a block of calls sized to
-  about ``--block-s`` (its time per call is the block's time over its calls), in an order rotated every round
-  so that drift and the other processes on the machine hit all alike. A plugin's time is the median over rounds
-  with the 25th-75th percentile band; ``ours / nt`` is the median over rounds of each round's ratio of our
-  plugin to neural-tangents' fastest peer in that round, with its band.
+- warm: after two more calls each, ``--rounds`` rounds (``paired.time_rounds``, as the runner's paired timing);
+  in each round every plugin runs a block of calls sized to about ``--block-s`` (its time per call is the block's
+  time over its calls), after untimed calls of its own (``paired.WARMUP_S``: the neighbour before it in the round
+  leaves caches and allocator cold), in an order rotated and reversed from round to round so that drift and the
+  other processes on the machine hit all alike. A plugin's time is the median over rounds
+  with the 25th-75th percentile band; ``/ nt fastest`` is the median over rounds of each round's ratio of our
+  plugin to neural-tangents' fastest peer in that round, with its band;
+- the case's ratio (``ours / nt`` of the first table): our fastest and neural-tangents' fastest of those rounds
+  timed again by themselves, ``--rounds`` more rounds: the slow peers (a Jacobian contraction of gigabytes, a
+  second long) leave the caches and the allocator cold for whatever runs after them, and a fast plugin's blocks
+  still paid for that after their warm-up calls; neither finalist pays for a third party's here.
 
 A plugin whose first call takes more than ``--max-first-s``, or whose Jacobian would take more than
 ``--max-jacobian-gb`` (Jacobian contraction, ours or neural-tangents'), is left out of the rounds and says why.
@@ -80,6 +86,7 @@ def _prepare(name: str, model, x):
 def run_case(case, ours, rounds: int, block_s: float, max_first_s: float, max_jacobian_gb: float,
              all_compiles: bool = False) -> list[dict]:
     from ntk_bench import implementations
+    from ntk_bench.bench.measurement import paired
     from ntk_bench.bench.zoo import architectures
 
     cid, arch_name, params, n = case
@@ -114,29 +121,29 @@ def run_case(case, ours, rounds: int, block_s: float, max_first_s: float, max_ja
             continue
         for _ in range(2):
             run()
-        t0 = time.perf_counter()
-        run()
-        one = max(time.perf_counter() - t0, 1e-7)
-        runs[name] = (run, max(1, min(1000, int(block_s / one))), row)
+        runs[name] = (run, row)
     names = list(runs)
-    times: dict[str, list[float]] = {k: [] for k in names}
-    for r in range(rounds):
-        order = names[r % len(names):] + names[:r % len(names)] if names else []
-        for name in order:
-            run, calls, _ = runs[name]
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                run()
-            times[name].append((time.perf_counter() - t0) / calls)
+    times, number = paired.time_rounds({k: runs[k][0] for k in names}, 0.0, min_rounds=rounds, max_rounds=rounds,
+                                       block_s=block_s) if names else ({}, {})
     nt_names = [k for k in names if k in NT]
     nt_best = [min(times[k][r] for k in nt_names) for r in range(rounds)] if nt_names else None
     for name in names:
-        _, calls, row = runs[name]
+        row = runs[name][1]
         med, lo, hi = _quantiles(times[name])
-        row.update(calls_per_block=calls, rounds=rounds, time_median_s=med, time_p25_s=lo, time_p75_s=hi)
+        row.update(calls_per_block=number[name], rounds=rounds, time_median_s=med, time_p25_s=lo, time_p75_s=hi)
         if nt_best is not None:
             ratio = _quantiles([a / b for a, b in zip(times[name], nt_best)])
             row.update(over_nt_best=ratio[0], over_nt_best_p25=ratio[1], over_nt_best_p75=ratio[2])
+    ours_names = [k for k in names if k not in NT]
+    if nt_names and ours_names:  # the two finalists again, by themselves: the case's ratio
+        ours_best = min(ours_names, key=lambda k: statistics.median(times[k]))
+        nt_fastest = min(nt_names, key=lambda k: statistics.median(times[k]))
+        final, _ = paired.time_rounds({k: runs[k][0] for k in (ours_best, nt_fastest)}, 0.0, min_rounds=rounds,
+                                      max_rounds=rounds, block_s=block_s)
+        ratio = _quantiles([a / b for a, b in zip(final[ours_best], final[nt_fastest])])
+        runs[ours_best][1].update(final_nt=nt_fastest, final_time_s=statistics.median(final[ours_best]),
+                                  final_nt_time_s=statistics.median(final[nt_fastest]), final_over_nt=ratio[0],
+                                  final_over_nt_p25=ratio[1], final_over_nt_p75=ratio[2])
     return rows
 
 
@@ -170,12 +177,19 @@ def summary(rows: list[dict]) -> str:
         nt = [r for r in timed if r.get("origin", r.get("kind")) == "peer"]
         if not ours or not nt:
             continue
-        best = min(ours, key=lambda r: r["over_nt_best"])
-        fastest_nt = min(nt, key=lambda r: r["time_median_s"])
-        n = best["N"]
-        out.append(f"| {cid} N={n} | {best['impl']} {_ms(best['time_median_s'])} | {fastest_nt['impl']} "
-                   f"{_ms(fastest_nt['time_median_s'])} | {best['over_nt_best']:.2f} ({best['over_nt_best_p25']:.2f}–"
-                   f"{best['over_nt_best_p75']:.2f}) | {'yes' if best['over_nt_best'] <= 0.5 else 'no'} |")
+        final = [r for r in ours if "final_over_nt" in r]
+        if final:  # the two finalists timed by themselves
+            best = final[0]
+            figures = (best["final_time_s"], best["final_nt"], best["final_nt_time_s"], best["final_over_nt"],
+                       best["final_over_nt_p25"], best["final_over_nt_p75"])
+        else:  # rows of a run before the finalists' rounds: every plugin's rounds
+            best = min(ours, key=lambda r: r["over_nt_best"])
+            fastest_nt = min(nt, key=lambda r: r["time_median_s"])
+            figures = (best["time_median_s"], fastest_nt["impl"], fastest_nt["time_median_s"], best["over_nt_best"],
+                       best["over_nt_best_p25"], best["over_nt_best_p75"])
+        ms, nt_impl, nt_ms, ratio, lo, hi = figures
+        out.append(f"| {cid} N={best['N']} | {best['impl']} {_ms(ms)} | {nt_impl} {_ms(nt_ms)} | {ratio:.2f} "
+                   f"({lo:.2f}–{hi:.2f}) | {'yes' if ratio <= 0.5 else 'no'} |")
     return "\n".join(out)
 
 

@@ -4,7 +4,10 @@ Each case first runs in isolation (its status, first call, peak memory and agree
 a row). Then, per group of cases that compute the same kernel the same way (problem, mode, dtype, device, memory
 budget), the ones that were ``ok`` are timed again together (:func:`run_paired`, in a worker): each is set up
 and called once, then rounds of one block each, in an order that rotates and reverses from round to round, until
-the budget is spent (at least ``MIN_ROUNDS``). A slower machine, another process starting, a drifting clock hit
+the budget is spent (at least ``MIN_ROUNDS``). Each block is preceded by untimed calls of the same plugin
+(``WARMUP_S``, at least one): the plugin before it in the round leaves the caches, the allocator's free lists
+and the page tables full of its own data, and the first calls after a large neighbour run several times
+slower; timed from a cold start, a fast plugin's block would be charged for whichever neighbour preceded it. A slower machine, another process starting, a drifting clock hit
 every plugin of a round alike, so the ratio of two plugins' times in the same round measures the plugins, not
 the moment; the median of those per-round ratios, with a distribution-free confidence band
 (:func:`median_band`), is what every "X over Y" of the report is. Two medians from separate processes are
@@ -30,6 +33,7 @@ PAIRED = "paired.jsonl"
 MIN_ROUNDS = 7  # the fewest rounds whose median has a 95% band inside the observed ratios (n = 6 is the least)
 MAX_ROUNDS = 60
 MIN_BLOCK_S = 0.002  # a block of fast calls lasts at least this long: the clock's resolution is far below it
+WARMUP_S = 0.02  # untimed calls before each block last at least this long (and are at least one call)
 BAND_LEVEL = 0.95
 
 
@@ -69,8 +73,8 @@ def group_id(case: Case) -> str:
 
 def predict_seconds(call_s: list[float], budget_s: float) -> float:
     """A paired job's wall time: set-up and two warm-up calls each, then the rounds (the budget, or the minimum
-    rounds when those take longer)."""
-    one_round = sum(max(t, MIN_BLOCK_S) for t in call_s)
+    rounds when those take longer), each block with its untimed warm-up."""
+    one_round = sum(max(t, MIN_BLOCK_S) + max(t, WARMUP_S) for t in call_s)
     return 1.0 + 2 * sum(call_s) + max(budget_s, MIN_ROUNDS * one_round)
 
 
@@ -162,23 +166,32 @@ def _order(names: list[str], r: int) -> list[str]:
 
 
 def time_rounds(calls: dict, budget_s: float, timer=time.perf_counter, min_rounds: int = MIN_ROUNDS,
-                max_rounds: int = MAX_ROUNDS, sync=None) -> tuple[dict[str, list[float]], dict[str, int]]:
+                max_rounds: int = MAX_ROUNDS, sync=None, warmup_s: float = WARMUP_S,
+                block_s: float = MIN_BLOCK_S) -> tuple[dict[str, list[float]], dict[str, int]]:
     """({name: per-round seconds per call}, {name: calls per block}) of the zero-argument ``calls``, timed in
-    alternating rounds until ``budget_s`` is spent (at least ``min_rounds``, at most ``max_rounds``)."""
+    alternating rounds until ``budget_s`` is spent (at least ``min_rounds``, at most ``max_rounds``); a block is
+    as many calls as last ``block_s``, and follows untimed calls of the same plugin lasting ``warmup_s`` (at least
+    one; none for 0)."""
     names = list(calls)
-    number = {}
+    number, warmup = {}, {}
     for name in names:  # calls per block: fast calls repeated so that a block outlasts the clock's resolution
         t0 = time.perf_counter()
         calls[name]()
         if sync is not None:
             sync()
-        number[name] = max(1, math.ceil(MIN_BLOCK_S / max(time.perf_counter() - t0, 1e-9)))
+        one = max(time.perf_counter() - t0, 1e-9)
+        number[name] = max(1, math.ceil(block_s / one))
+        warmup[name] = max(1, math.ceil(warmup_s / one)) if warmup_s > 0 else 0
     times: dict[str, list[float]] = {name: [] for name in names}
     deadline = time.perf_counter() + budget_s
     r = 0
     while r < min_rounds or (r < max_rounds and time.perf_counter() < deadline):
         for name in _order(names, r):
             fn, n = calls[name], number[name]
+            for _ in range(warmup[name]):
+                fn()
+            if sync is not None:
+                sync()
             t0 = timer()
             for _ in range(n):
                 fn()
