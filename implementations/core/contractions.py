@@ -52,21 +52,39 @@ def gradient_gram(g1: torch.Tensor, g2: torch.Tensor, mode: str) -> torch.Tensor
     return torch.bmm(g1, g2.transpose(1, 2)).permute(1, 2, 0)
 
 
-# From this many rows (N·O), a symmetric full-mode Gram (x2 = None) is built from 3 of its 4 blocks: a quarter less
-# GEMM and multiply-add work for more kernel launches, so eagerly it pays only where the GEMMs bound the call, not
-# the host issuing them. results/2026-11-23-gpu/graph_check.txt times this threshold against the captured one
-# below, eager and replayed, at one size (N·O = 5120).
+# From this many rows (N·O), a symmetric full-mode Gram (x2 = None) is built from the blocks on and above its
+# diagonal only (the lower ones mirrored in the final copy): less GEMM and multiply-add work for more operator
+# calls. On a GPU it pays only where the GEMMs bound the call, not the host issuing them, and from fewer rows inside
+# a CUDA graph capture, where the extra launches cost nothing at replay (results/2026-11-23-gpu/graph_check.txt);
+# there the split is in halves (3 of 4 blocks). On the CPU the GEMMs bound the call from a few hundred rows, and k
+# row blocks of at least SYMMETRIC_BLOCK_MIN_ROWS (up to SYMMETRIC_MAX_BLOCKS) cost (k + 1) / 2k of the work
+# (results/2026-12-07-symmetric-blocks).
 SYMMETRIC_SPLIT_MIN_ROWS = 8192
-# Inside a CUDA graph capture (cuda_graphs) the extra launches cost nothing at replay, so the split pays off from
-# fewer rows (results/2026-11-23-gpu/graph_check.txt).
 SYMMETRIC_SPLIT_MIN_ROWS_CAPTURED = 2048
+SYMMETRIC_SPLIT_MIN_ROWS_CPU = 512
+SYMMETRIC_BLOCK_MIN_ROWS = 128
+SYMMETRIC_MAX_BLOCKS = 8
 
 
 def symmetric_split_min_rows(device: torch.device) -> int:
-    """N·O from which a symmetric Gram term is built from 3 of its 4 blocks (lower while a CUDA graph is captured)."""
+    """N·O from which a symmetric Gram term is built from its upper blocks (lower while a CUDA graph is captured)."""
+    if device.type == "cpu":
+        return SYMMETRIC_SPLIT_MIN_ROWS_CPU
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return SYMMETRIC_SPLIT_MIN_ROWS_CAPTURED
     return SYMMETRIC_SPLIT_MIN_ROWS
+
+
+def symmetric_blocks(rows: int, device: torch.device) -> int:
+    """Into how many row blocks a symmetric Gram of ``rows`` rows is split once it is split (halves off the CPU)."""
+    if device.type != "cpu":
+        return 2
+    return max(2, min(SYMMETRIC_MAX_BLOCKS, rows // SYMMETRIC_BLOCK_MIN_ROWS))
+
+
+def block_starts(n: int, k: int) -> list[int]:
+    """The first index of each of ``k`` near-equal blocks of ``range(n)`` (fewer where n < k), and n."""
+    return sorted({round(i * n / k) for i in range(min(k, n))} | {n})
 
 
 SYMMETRIC_JACOBIAN_MIN_ROWS = 64
@@ -74,18 +92,16 @@ SYMMETRIC_JACOBIAN_MIN_ROWS = 64
 
 def _gram_rows(a: torch.Tensor, b: torch.Tensor, same: bool) -> torch.Tensor:
     """a bᵀ; where b is a (a symmetric kernel's Jacobian) and has SYMMETRIC_JACOBIAN_MIN_ROWS rows or more, from
-    the products of its upper blocks only (3/4 of the FLOPs), the lower-left block mirrored."""
+    the products of the row blocks on and above the diagonal only, the lower ones mirrored."""
     r = a.shape[0]
     if not same or r < SYMMETRIC_JACOBIAN_MIN_ROWS:
         return a @ b.T
-    h = r // 2
-    top, bottom = a[:h], a[h:]
+    starts = block_starts(r, symmetric_blocks(r, a.device))
     out = torch.empty(r, r, dtype=a.dtype, device=a.device)
-    out[:h, :h] = top @ top.T
-    upper = top @ bottom.T
-    out[:h, h:] = upper
-    out[h:, :h] = upper.T
-    out[h:, h:] = bottom @ bottom.T
+    for i0, i1 in zip(starts, starts[1:]):
+        torch.mm(a[i0:i1], a[i0:].T, out=out[i0:i1, i0:])
+        if i0:
+            out[i0:i1, :i0] = out[:i0, i0:i1].T
     return out
 
 
@@ -100,15 +116,15 @@ class KernelSum:
     Full-mode Gram terms xx[n, m]·Σ_c G1[o, n, c] G2[p, m, c] are kept in the
     (N, O, M, O) order the GEMM writes, so a layer costs one GEMM and one fused
     multiply-add pass (no permuted reads); ``result()`` copies once to (N, M, O, O).
-    A large symmetric kernel (x2 = None) computes only the upper blocks of the
-    split [first half, second half] and mirrors the lower-left one in that copy:
-    3/4 of the GEMM and multiply-add work.
+    A large symmetric kernel (x2 = None) computes only the row blocks of samples
+    on and above the diagonal (``symmetric_blocks``) and mirrors the lower ones in
+    that copy: (k + 1) / 2k of the GEMM and multiply-add work for k blocks.
     """
 
     def __init__(self, mode: str):
         self.mode = mode
         self.acc: torch.Tensor | None = None
-        self.half: int | None = None  # set when only the upper blocks are summed: the first half's size
+        self.starts: list[int] | None = None  # set when only the upper blocks are summed: the blocks' first samples
         # (Σ xx, O) of the identity-Gram terms, added to the diagonal by result()
         self.identity: tuple[torch.Tensor, int] | None = None
 
@@ -122,7 +138,7 @@ class KernelSum:
         m = g2.shape[1]
         a1 = g1.transpose(0, 1).reshape(n * o, c)
         if symmetric and n >= 2 and n * o >= symmetric_split_min_rows(a1.device):
-            self._add_upper_blocks(xx, a1, n, o)
+            self._add_upper_blocks(xx, a1, n, o, block_starts(n, symmetric_blocks(n * o, a1.device)))
             return
         a2 = a1 if symmetric else g2.transpose(0, 1).reshape(m * o, c)
         self._add_block(slice(None), slice(None), a1 @ a2.T, xx)
@@ -156,16 +172,17 @@ class KernelSum:
         else:
             self.acc[rows, :, cols, :].addcmul_(prod, weight)
 
-    def _add_upper_blocks(self, xx: torch.Tensor, a: torch.Tensor, n: int, o: int) -> None:
-        h = n // 2
-        top, bottom = a[: h * o], a[h * o:]
+    def _add_upper_blocks(self, xx: torch.Tensor, a: torch.Tensor, n: int, o: int, starts: list[int]) -> None:
+        """Each block of samples [s, e) against the samples from s on: one GEMM per block (the lower blocks are
+        mirrored by ``result``)."""
+        if self.starts is not None and self.starts != starts:
+            raise ValueError(f"KernelSum: symmetric terms split at {starts}, earlier ones at {self.starts}")
         first = self.acc is None
         if first:
             self.acc = torch.empty(n, o, n, o, dtype=a.dtype, device=a.device)
-        for rows, cols, lhs, rhs in ((slice(0, h), slice(0, h), top, top), (slice(0, h), slice(h, n), top, bottom),
-                                     (slice(h, n), slice(h, n), bottom, bottom)):
-            self._add_block(rows, cols, lhs @ rhs.T, xx, overwrite=first)
-        self.half = h
+        for s, e in zip(starts, starts[1:]):
+            self._add_block(slice(s, e), slice(s, n), a[s * o: e * o] @ a[s * o:].T, xx, overwrite=first)
+        self.starts = starts
 
     def add_identity_gram(self, xx: torch.Tensor, o: int) -> None:
         """Add xx[n, m]·δ_op: the Gram term of the output layer itself, whose G[o, n, c] = δ_oc.
@@ -222,14 +239,14 @@ class KernelSum:
         if self.mode != "full":
             return self.acc
         full = self.acc.permute(0, 2, 1, 3)
-        if self.half is None:
+        if self.starts is None:
             return full.contiguous()
-        # Θ[n, m, o, p] = Θ[m, n, p, o]: the lower-left block from the upper-right one.
-        h = self.half
+        # Θ[n, m, o, p] = Θ[m, n, p, o]: the blocks left of the diagonal from those above it.
         out = torch.empty(full.shape, dtype=full.dtype, device=full.device)
-        out[:h].copy_(full[:h])
-        out[h:, h:].copy_(full[h:, h:])
-        out[h:, :h].copy_(self.acc[:h, :, h:, :].permute(2, 0, 3, 1))
+        for s, e in zip(self.starts, self.starts[1:]):
+            out[s:e, s:].copy_(full[s:e, s:])
+            if s:
+                out[s:e, :s].copy_(self.acc[:s, :, s:e, :].permute(2, 0, 3, 1))
         return out
 
 

@@ -39,7 +39,8 @@ def test_structured_declines_at_run_time_a_module_mixing_samples():
 @pytest.mark.parametrize("problem_id", ["mlp-relu-O3-x2None", "mlp-sigmoid-depth1-O4-x2None", "cnn-O4-x2None", "tutorial_cnn-O10-x2None"])
 @pytest.mark.parametrize("plugin_name", ["structured", "explicit_mlp"])
 def test_symmetric_kernels_from_three_blocks_equal_the_plain_sum(plugin_name, problem_id, monkeypatch):
-    """x2 = None: the upper blocks computed and the lower-left mirrored give the same kernel, odd N included."""
+    """x2 = None: the blocks on and above the diagonal computed and the lower ones mirrored give the same kernel,
+    odd N included, in halves and in as many blocks as samples."""
     from ntk_bench.bench.measurement.problems import BY_ID
     from ntk_bench.implementations.core import contractions as base
     from tests.conftest import supported_model
@@ -49,10 +50,16 @@ def test_symmetric_kernels_from_three_blocks_equal_the_plain_sum(plugin_name, pr
     model = supported_model(plugin, problem)
     x1, _ = problem.inputs()
     plain = implementations.get("jacobian_contraction").compute(model, x1)
-    monkeypatch.setattr(base, "SYMMETRIC_SPLIT_MIN_ROWS", 1)
-    for n in (x1.shape[0], x1.shape[0] - 1):
-        split = plugin.compute(model, x1[:n])
-        assert split.is_contiguous() and rel_err(split, plain[:n, :n]) <= 1e-12
+    monkeypatch.setattr(base, "SYMMETRIC_SPLIT_MIN_ROWS_CPU", 1)
+    calls = []
+    blocks = base.symmetric_blocks
+    monkeypatch.setattr(base, "symmetric_blocks", lambda rows, device: calls.append(rows) or blocks(rows, device))
+    for min_rows in (10**9, 1):  # halves; one sample a block
+        monkeypatch.setattr(base, "SYMMETRIC_BLOCK_MIN_ROWS", min_rows)
+        for n in (x1.shape[0], x1.shape[0] - 1):
+            split = plugin.compute(model, x1[:n])
+            assert split.is_contiguous() and rel_err(split, plain[:n, :n]) <= 1e-12
+    assert calls or "cnn" in problem_id  # the split was taken (the CNNs: Jacobian terms, tested below)
 
 
 @pytest.mark.parametrize("mode", implementations.MODES)
@@ -155,7 +162,7 @@ def test_explicit_mlp_factors_contract_to_its_kernel_and_refuse_another_model():
             plugin.factors_from_state(wrong_model, x, plugin.factors_state(fa))
 
 
-@pytest.mark.parametrize("rows", [(3, 2, 5), (40, 3, 7)])  # N·O under and over SYMMETRIC_JACOBIAN_MIN_ROWS
+@pytest.mark.parametrize("rows", [(3, 2, 5), (40, 3, 7), (97, 3, 7)])  # N·O under and over 64 (the split), 291 (5 blocks)
 def test_jacobian_blocks_in_either_row_order_and_symmetric_halves(rows):
     """KernelSum.add_jacobians gives J1 J2ᵀ for (N, O, P) blocks stored as (N, O, P) or as views of (O, N, P)
     (linear_jacobian's layout), mixed, and for a symmetric kernel (J2 is J1) from its upper blocks."""
