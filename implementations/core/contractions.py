@@ -99,7 +99,7 @@ def _gram_rows(a: torch.Tensor, b: torch.Tensor, same: bool) -> torch.Tensor:
     starts = block_starts(r, symmetric_blocks(r, a.device))
     out = torch.empty(r, r, dtype=a.dtype, device=a.device)
     for i0, i1 in zip(starts, starts[1:]):
-        torch.mm(a[i0:i1], a[i0:].T, out=out[i0:i1, i0:])
+        out[i0:i1, i0:] = a[i0:i1] @ a[i0:].T  # (not mm(out=): torch.compile takes no strided out= tensor)
         if i0:
             out[i0:i1, :i0] = out[:i0, i0:i1].T
     return out
@@ -167,8 +167,8 @@ class KernelSum:
         prod = prod.view(weight.shape[0], o, weight.shape[2], o)
         if self.acc is None:  # the first term, covering the whole kernel: its buffer becomes the sum
             self.acc = prod.mul_(weight)
-        elif overwrite:
-            torch.mul(prod, weight, out=self.acc[rows, :, cols, :])
+        elif overwrite:  # (not mul(out=): torch.compile takes no strided out= tensor)
+            self.acc[rows, :, cols, :].copy_(prod.mul_(weight))
         else:
             self.acc[rows, :, cols, :].addcmul_(prod, weight)
 

@@ -149,3 +149,21 @@ def test_a_declined_model_is_declined_under_the_variants_name():
     plugin = implementations.get("explicit_mlp_compiled")
     reason = plugin.supports(nn.Sequential(nn.Conv2d(1, 1, 3)))
     assert reason.startswith("explicit_mlp_compiled:") and "Conv2d" in reason
+
+
+@pytest.mark.parametrize("name", ["explicit_mlp_compiled", "jacobian_contraction_compiled"])
+def test_a_symmetric_kernel_in_row_blocks_compiles(name, monkeypatch):
+    """x2 = None from the blocks on and above the diagonal (as a large kernel is on the CPU) still compiles: the
+    blocks are written into slices of the sum, which torch.compile takes only as assignments, not as out=."""
+    from ntk_bench.implementations.core import contractions
+
+    monkeypatch.setattr(contractions, "SYMMETRIC_SPLIT_MIN_ROWS_CPU", 1)
+    monkeypatch.setattr(contractions, "SYMMETRIC_JACOBIAN_MIN_ROWS", 1)
+    monkeypatch.setattr(contractions, "SYMMETRIC_BLOCK_MIN_ROWS", 2)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x = torch.randn(7, 4, dtype=torch.float64)
+    plugin = implementations.get(name)
+    k = plugin.compute(model, x)
+    assert plugin.info().compiled, plugin.info().fallback
+    assert rel_err(k, bruteforce.ntk(model, x, None, "full")) <= 1e-10
