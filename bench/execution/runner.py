@@ -231,11 +231,11 @@ def predict_seconds(cases: list[Case], models: dict) -> dict[str, float]:
     return out
 
 
-def measured_paired_seconds(rows: list[dict], budget_s: float) -> float:
+def measured_paired_seconds(rows: list[dict], budget_s: float, warmup_s: float | None = None) -> float:
     """A group's paired job's predicted wall time from its cases' rows: each plugin's set-up and first call (its
-    ``first_call_s``: a jit compile, a plan) and its rounds at its calls' wall time. A CPU-clock median is turned
-    into wall time by the row's ``cpu_over_wall``: on a busy machine the rounds wait for a core as the case's
-    timed calls did."""
+    ``first_call_s``: a jit compile, a plan) and its rounds at its calls' wall time, with each block's untimed
+    calls (``warmup_s``, default ``paired.WARMUP_S``). A CPU-clock median is turned into wall time by the row's
+    ``cpu_over_wall``: on a busy machine the rounds wait for a core as the case's timed calls did."""
     from ..measurement import paired
 
     calls = []
@@ -245,7 +245,8 @@ def measured_paired_seconds(rows: list[dict], budget_s: float) -> float:
         if row.get("clock") == "cpu" and share:
             t /= max(0.05, min(1.0, share))
         calls.append(t)
-    return paired.predict_seconds(calls, budget_s) + sum(row.get("first_call_s") or 0.0 for row in rows)
+    warmup = paired.WARMUP_S if warmup_s is None else warmup_s
+    return paired.predict_seconds(calls, budget_s, warmup) + sum(row.get("first_call_s") or 0.0 for row in rows)
 
 
 def paired_budget(case: Case) -> float:

@@ -71,10 +71,10 @@ def group_id(case: Case) -> str:
     return f"paired/{case.problem.id}/{case.mode}/{case.dtype}/{case.device}{budget}"
 
 
-def predict_seconds(call_s: list[float], budget_s: float) -> float:
+def predict_seconds(call_s: list[float], budget_s: float, warmup_s: float = WARMUP_S) -> float:
     """A paired job's wall time: set-up and two warm-up calls each, then the rounds (the budget, or the minimum
-    rounds when those take longer), each block with its untimed warm-up."""
-    one_round = sum(max(t, MIN_BLOCK_S) + max(t, WARMUP_S) for t in call_s)
+    rounds when those take longer), each block after its untimed calls (``warmup_s``; none for 0)."""
+    one_round = sum(max(t, MIN_BLOCK_S) + (max(t, warmup_s) if warmup_s > 0 else 0.0) for t in call_s)
     return 1.0 + 2 * sum(call_s) + max(budget_s, MIN_ROUNDS * one_round)
 
 
@@ -242,7 +242,7 @@ def run_paired(group: PairedGroup, run_dir: Path) -> dict:
             return {**record, "status": failures.status_of(exc), "errors": errors,
                     "error": failures.error_text(exc)}
     record.update(status="ok", impls=list(times), rounds=len(next(iter(times.values()))), number=number,
-                  times_s=times, median_s={k: statistics.median(v) for k, v in times.items()}, errors=errors,
+                  warmup_s=WARMUP_S, times_s=times, median_s={k: statistics.median(v) for k, v in times.items()}, errors=errors,
                   wall_s=time.perf_counter() - t_start)
     record.update(machine.fields(usage, threads, first.device))
     return check_paired(record)

@@ -95,8 +95,9 @@ def test_a_paired_job_is_predicted_at_wall_time_with_its_first_calls_from_the_co
     predicted = actual = cpu_only = 0.0
     for record in paired.read_records(run).values():
         ok = [rows[cid] for name, cid in record["case_ids"].items() if name in record["impls"]]
-        predicted += runner.measured_paired_seconds(ok, record["budget_s"])
-        cpu_only += paired.predict_seconds([r["time_median_s"] for r in ok], record["budget_s"])
+        warmup = record.get("warmup_s") or 0.0  # (this run's blocks had none: it predates them)
+        predicted += runner.measured_paired_seconds(ok, record["budget_s"], warmup)
+        cpu_only += paired.predict_seconds([r["time_median_s"] for r in ok], record["budget_s"], warmup)
         actual += record["job_wall_s"]
     assert 1 / 1.5 < predicted / actual < 1.5
     assert actual / cpu_only > 2.5  # the CPU-time medians alone: the ETA's paired share far too low
