@@ -12,7 +12,8 @@ them (``auto`` left out). Everything is timed on process CPU time with one compu
 that the time other processes hold the cores is not counted.
 
 ``ratio``: per case, a fresh process times ours and neural-tangents' peer (its prepared, jitted run, as the runner
-times it) in alternating rounds (``paired.time_rounds``) after two warm-up calls each; the median over rounds of
+times it) in alternating rounds (as ``paired.time_rounds`` did before its per-block warm-up: these cases' calls
+take tenths of a second to seconds) after two warm-up calls each; the median over rounds of
 ours / peer with its 95% band (``paired.median_band``) is set against the baseline's ratio. The baseline's ratio is
 the ratio of two medians from separate processes of that run (wall clock, two threads), not a paired ratio: a
 weak comparison, given for orientation. ``--root OLD_CHECKOUT`` times the old code's plugins the same way (the
@@ -219,8 +220,8 @@ class _Server:
 
 def _rounds(calls: dict, budget_s: float, max_rounds: int, min_rounds: int = 7, block_s: float = 0.05):
     """({name: per-round CPU seconds per call}, {name: calls per block}): rounds of one block each, the order
-    reversed every other round, until ``budget_s`` CPU seconds are spent (as ``paired.time_rounds``, on the
-    process's CPU time; here so that a child on an old checkout needs nothing from it)."""
+    reversed every other round, until ``budget_s`` CPU seconds are spent (as ``paired.time_rounds``, without its
+    per-block warm-up, on the process's CPU time; here so that a child on an old checkout needs nothing from it)."""
     number = {}
     for name, fn in calls.items():
         c0 = time.process_time()

@@ -235,7 +235,8 @@ def measured_paired_seconds(rows: list[dict], budget_s: float, warmup_s: float |
     """A group's paired job's predicted wall time from its cases' rows: each plugin's set-up and first call (its
     ``first_call_s``: a jit compile, a plan) and its rounds at its calls' wall time, with each block's untimed
     calls (``warmup_s``, default ``paired.WARMUP_S``). A CPU-clock median is turned into wall time by the row's
-    ``cpu_over_wall``: on a busy machine the rounds wait for a core as the case's timed calls did."""
+    ``cpu_over_wall``: on a busy machine the rounds wait for a core as the case's timed calls did, and a peer whose
+    own threads ran beside the timed one (XLA's) took less wall time than CPU time."""
     from ..measurement import paired
 
     calls = []
@@ -243,7 +244,7 @@ def measured_paired_seconds(rows: list[dict], budget_s: float, warmup_s: float |
         t = row["time_median_s"]
         share = row.get("cpu_over_wall")
         if row.get("clock") == "cpu" and share:
-            t /= max(0.05, min(1.0, share))
+            t /= max(0.05, share)
         calls.append(t)
     warmup = paired.WARMUP_S if warmup_s is None else warmup_s
     return paired.predict_seconds(calls, budget_s, warmup) + sum(row.get("first_call_s") or 0.0 for row in rows)

@@ -4,11 +4,12 @@ Each case first runs in isolation (its status, first call, peak memory and agree
 a row). Then, per group of cases that compute the same kernel the same way (problem, mode, dtype, device, memory
 budget), the ones that were ``ok`` are timed again together (:func:`run_paired`, in a worker): each is set up
 and called once, then rounds of one block each, in an order that rotates and reverses from round to round, until
-the budget is spent (at least ``MIN_ROUNDS``). Each block is preceded by untimed calls of the same plugin
-(``WARMUP_S``, at least one): the plugin before it in the round leaves the caches, the allocator's free lists
-and the page tables full of its own data, and the first calls after a large neighbour run several times
-slower; timed from a cold start, a fast plugin's block would be charged for whichever neighbour preceded it. A slower machine, another process starting, a drifting clock hit
-every plugin of a round alike, so the ratio of two plugins' times in the same round measures the plugins, not
+the budget is spent (at least ``MIN_ROUNDS``). Each block is preceded by untimed calls of the same plugin for
+``WARMUP_S`` (at least one call; the budget counts them): the plugin before it in the round leaves the caches,
+the allocator's free lists and the page tables full of its own data, and the first calls after a large
+neighbour run several times slower; timed from a cold start, a fast plugin's block would be charged for
+whichever neighbour preceded it. A slower machine, another process starting, a drifting clock hit every plugin
+of a round alike, so the ratio of two plugins' times in the same round measures the plugins, not
 the moment; the median of those per-round ratios, with a distribution-free confidence band
 (:func:`median_band`), is what every "X over Y" of the report is. Two medians from separate processes are
 never divided by each other.
@@ -158,9 +159,9 @@ def read_records(run_dir: Path) -> dict[str, dict]:
 # -- the measurement (in a worker) --------------------------------------------------------------
 
 def _order(names: list[str], r: int) -> list[str]:
-    """Round r's order: rotated by r, reversed every other round (no plugin always first, or always after the
-    same one)."""
-    k = r % len(names)
+    """Round r's order: rotated by r // 2, reversed every other round (each plugin first in some round, and not
+    always after the same one: with two plugins a rotation by r and a reversal would cancel)."""
+    k = (r // 2) % len(names)
     order = names[k:] + names[:k]
     return order if r % 2 == 0 else order[::-1]
 
@@ -173,25 +174,27 @@ def time_rounds(calls: dict, budget_s: float, timer=time.perf_counter, min_round
     as many calls as last ``block_s``, and follows untimed calls of the same plugin lasting ``warmup_s`` (at least
     one; none for 0)."""
     names = list(calls)
-    number, warmup = {}, {}
+    number = {}
     for name in names:  # calls per block: fast calls repeated so that a block outlasts the clock's resolution
         t0 = time.perf_counter()
         calls[name]()
         if sync is not None:
             sync()
-        one = max(time.perf_counter() - t0, 1e-9)
-        number[name] = max(1, math.ceil(block_s / one))
-        warmup[name] = max(1, math.ceil(warmup_s / one)) if warmup_s > 0 else 0
+        number[name] = max(1, math.ceil(block_s / max(time.perf_counter() - t0, 1e-9)))
     times: dict[str, list[float]] = {name: [] for name in names}
     deadline = time.perf_counter() + budget_s
     r = 0
     while r < min_rounds or (r < max_rounds and time.perf_counter() < deadline):
         for name in _order(names, r):
             fn, n = calls[name], number[name]
-            for _ in range(warmup[name]):
-                fn()
-            if sync is not None:
-                sync()
+            if warmup_s > 0:  # (until the time has passed: a count from one call would come from a cold one)
+                end = time.perf_counter() + warmup_s
+                while True:
+                    fn()
+                    if sync is not None:
+                        sync()
+                    if time.perf_counter() >= end:
+                        break
             t0 = timer()
             for _ in range(n):
                 fn()
@@ -242,7 +245,7 @@ def run_paired(group: PairedGroup, run_dir: Path) -> dict:
             return {**record, "status": failures.status_of(exc), "errors": errors,
                     "error": failures.error_text(exc)}
     record.update(status="ok", impls=list(times), rounds=len(next(iter(times.values()))), number=number,
-                  warmup_s=WARMUP_S, times_s=times, median_s={k: statistics.median(v) for k, v in times.items()}, errors=errors,
-                  wall_s=time.perf_counter() - t_start)
+                  warmup_s=WARMUP_S, times_s=times, median_s={k: statistics.median(v) for k, v in times.items()},
+                  errors=errors, wall_s=time.perf_counter() - t_start)
     record.update(machine.fields(usage, threads, first.device))
     return check_paired(record)

@@ -213,8 +213,9 @@ class PairedRecord(MachineFields, WorkerFields):
     impls: list[str] | None = Field(None, description="The plugins timed in the rounds")
     rounds: int | None = Field(None, description="Rounds timed (a block of each plugin per round)")
     number: dict[str, int] | None = Field(None, description="plugin -> calls per block")
-    warmup_s: float | None = Field(None, description="Seconds of untimed calls of a plugin before each of its blocks "
-                                                     "(at least one call); absent: none (runs before the warm-up)")
+    warmup_s: float | None = Field(None, description="Seconds of untimed calls of a plugin before each of its "
+                                                     "blocks (at least one call); absent: not recorded (runs made "
+                                                     "before the warm-up existed had none)")
     times_s: dict[str, list[float]] | None = Field(None, description="plugin -> seconds per call of each round's "
                                                                      "block, round by round")
     median_s: dict[str, float] | None = Field(None, description="plugin -> the median of its times_s")

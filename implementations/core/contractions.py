@@ -58,7 +58,7 @@ def gradient_gram(g1: torch.Tensor, g2: torch.Tensor, mode: str) -> torch.Tensor
 # a CUDA graph capture, where the extra launches cost nothing at replay (results/2026-11-23-gpu/graph_check.txt);
 # there the split is in halves (3 of 4 blocks). On the CPU the GEMMs bound the call from a few hundred rows, and k
 # row blocks of at least SYMMETRIC_BLOCK_MIN_ROWS (up to SYMMETRIC_MAX_BLOCKS) cost (k + 1) / 2k of the work
-# (results/2026-12-07-symmetric-blocks).
+# (results/2026-12-07-small-vs-nt-finalists).
 SYMMETRIC_SPLIT_MIN_ROWS = 8192
 SYMMETRIC_SPLIT_MIN_ROWS_CAPTURED = 2048
 SYMMETRIC_SPLIT_MIN_ROWS_CPU = 512
@@ -83,8 +83,9 @@ def symmetric_blocks(rows: int, device: torch.device) -> int:
 
 
 def block_starts(n: int, k: int) -> list[int]:
-    """The first index of each of ``k`` near-equal blocks of ``range(n)`` (fewer where n < k), and n."""
-    return sorted({round(i * n / k) for i in range(min(k, n))} | {n})
+    """The first index of each of ``k`` near-equal blocks of ``range(n)`` (n blocks of one where n < k), and n."""
+    k = max(1, min(k, n))
+    return [round(i * n / k) for i in range(k)] + [n]
 
 
 SYMMETRIC_JACOBIAN_MIN_ROWS = 64

@@ -35,7 +35,10 @@ def _spin(seconds: float) -> None:
 
 def test_each_round_rotates_the_order_and_reverses_every_other():
     orders = [paired._order(["a", "b", "c"], r) for r in range(4)]
-    assert orders == [["a", "b", "c"], ["a", "c", "b"], ["c", "a", "b"], ["c", "b", "a"]]
+    assert orders == [["a", "b", "c"], ["c", "b", "a"], ["b", "c", "a"], ["a", "c", "b"]]
+    for names in (["a", "b"], ["a", "b", "c"], ["a", "b", "c", "d"]):  # each first and each last in some round
+        orders = [paired._order(names, r) for r in range(2 * len(names))]
+        assert {o[0] for o in orders} == {o[-1] for o in orders} == set(names)
 
 
 def test_a_two_fold_difference_is_measured_in_rounds_under_a_drifting_machine():

@@ -162,7 +162,7 @@ def test_explicit_mlp_factors_contract_to_its_kernel_and_refuse_another_model():
             plugin.factors_from_state(wrong_model, x, plugin.factors_state(fa))
 
 
-@pytest.mark.parametrize("rows", [(3, 2, 5), (40, 3, 7), (97, 3, 7)])  # N·O under and over 64 (the split), 291 (5 blocks)
+@pytest.mark.parametrize("rows", [(3, 2, 5), (40, 3, 7), (214, 3, 7)])  # N·O under 64, halves, 642 rows: 5 blocks
 def test_jacobian_blocks_in_either_row_order_and_symmetric_halves(rows):
     """KernelSum.add_jacobians gives J1 J2ᵀ for (N, O, P) blocks stored as (N, O, P) or as views of (O, N, P)
     (linear_jacobian's layout), mixed, and for a symmetric kernel (J2 is J1) from its upper blocks."""
