@@ -52,7 +52,56 @@ def _jax():
     import jax
 
     jax.config.update("jax_enable_x64", True)
+    _start_cpu_backend()
     return jax
+
+
+# The cores XLA's CPU runtime computes on in this process, once this module started JAX's backend (None before, or
+# when something else started it first: then nobody here knows).
+_XLA_THREADS: int | None = None
+
+
+def xla_threads() -> int | None:
+    """How many cores neural-tangents computes on in this process (see :func:`_start_cpu_backend`); None when
+    JAX's CPU backend has not started, or was started before this module could size it."""
+    return _XLA_THREADS
+
+
+def _start_cpu_backend() -> None:
+    """Start JAX's CPU backend; with ``NTK_BENCH_XLA_THREADS=T`` set, on T cores.
+
+    XLA's CPU runtime sizes its thread pool by the cores the starting thread may run on, whatever ``XLA_FLAGS``
+    say (``--xla_cpu_multi_thread_eigen=false`` still splits a dot over every core), and even a pool of one runs
+    part of each call beside the calling thread. So a process that times neural-tangents against torch at T threads
+    (the runner's workers on the CPU clock, the comparison scripts) sets the variable, and the whole process (every
+    thread, torch's included) is held to the first T of its cores from here on: both sides then compute on the same
+    T cores, and a CPU-clock time is the time of T cores. Unset, XLA uses every core the process may run on."""
+    global _XLA_THREADS
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        return
+    import jax
+
+    from ntk_bench.envvars import env
+
+    given = env("XLA_THREADS")
+    if given is not None and not (given.strip().isdigit() and int(given) >= 1):
+        raise ValueError(f"NTK_BENCH_XLA_THREADS must be a whole number of threads, 1 or more; got {given!r}")
+    try:
+        cores = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # (no affinity on this system: XLA takes what it takes)
+        jax.devices("cpu")
+        return
+    if given is not None and int(given) < len(cores):
+        cores = cores[:int(given)]
+        for tid in os.listdir("/proc/self/task"):  # (Linux sets a thread's affinity, not the process's)
+            try:
+                os.sched_setaffinity(int(tid), cores)
+            except OSError:  # (a thread that ended meanwhile)
+                pass
+    jax.devices("cpu")
+    _XLA_THREADS = len(cores)
 
 
 def _nt():

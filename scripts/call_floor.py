@@ -34,8 +34,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--json", type=Path, help="write the medians (seconds) here")
     args = ap.parse_args()
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+    os.environ["NTK_BENCH_XLA_THREADS"] = "1"  # neural-tangents on the one core torch's thread computes on
     torch.set_num_threads(1)
     from ntk_bench import implementations
     from ntk_bench.bench.measurement import paired

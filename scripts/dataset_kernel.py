@@ -4,7 +4,7 @@ derivatives under ``nt.batch`` on the same translated model, and our per-phase t
     python scripts/dataset_kernel.py --model cnn --N 256,512,1024 --out results/DIR [--threads 1]
 
 Both sides run in this process, alternating (ours, nt, nt, ours: the better of two each), at the same thread count
-(torch ``set_num_threads``; XLA's Eigen pool off and one intra-op thread when --threads 1), float32, trace mode.
+(torch ``set_num_threads``; neural-tangents on as many cores: ``NTK_BENCH_XLA_THREADS``), float32, trace mode.
 neural-tangents' time excludes its compilation (``nt.batch`` is called once first on the same shapes, then
 timed); ours is a fresh kernel each time (its plan and the oneDNN choice included), its tile phases recorded
 (``factors_s``: the per-sample forward/backward work, ``contract_s``: the contractions). The peak resident memory
@@ -96,9 +96,7 @@ def _model(name):
 def main() -> int:
     """The command line: see the module docstring."""
     args = _args()
-    if args.threads == 1:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+    os.environ["NTK_BENCH_XLA_THREADS"] = str(args.threads)  # neural-tangents on as many cores as torch's threads
     import numpy as np
     import torch
 

@@ -65,8 +65,7 @@ CASES = {
 }
 SLOW = {"resnet18_224"}  # seconds a call: oldnew runs at most 5 pairs of it
 SLOW_CALL_S = 1.0
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-              "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"}
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "NTK_BENCH_XLA_THREADS": "1"}
 
 
 def median_band(values, level: float = 0.95) -> tuple[float, float, float]:

@@ -214,9 +214,8 @@ def main() -> None:
 
     _keep_freed_memory()
     torch.set_num_threads(args.threads)
-    if args.threads == 1:  # (JAX to one thread too, as scripts/dataset_kernel.py does)
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+    # neural-tangents on as many cores as torch has threads (the process is held to them when JAX starts)
+    os.environ["NTK_BENCH_XLA_THREADS"] = str(args.threads)
     cases = [c for c in CASES if not args.cases or c[0] in args.cases]
     unknown = set(args.cases or ()) - {c[0] for c in CASES}
     if unknown:

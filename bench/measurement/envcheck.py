@@ -6,6 +6,8 @@ of the run (a slot's own setting wins): the runner says so in one line and
 records them in the header (``worker_env``), and the header's ``cpu_threads``
 is then the workers' thread count, as the rows' is.
 ``NTK_BENCH_WORKER_STARTUP_S`` is how long a worker may take to start.
+``NTK_BENCH_XLA_THREADS`` is how many cores neural-tangents computes on in a worker (``reference``; a CPU-clock run
+sets 1 where it is unset).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 from ntk_bench.envvars import env
 
 THREADS, CPUS, STARTUP = "NTK_BENCH_THREADS", "NTK_BENCH_CPUS", "NTK_BENCH_WORKER_STARTUP_S"
+XLA_THREADS = "NTK_BENCH_XLA_THREADS"
 DEFAULT_STARTUP_S = 300.0
 
 
@@ -66,6 +69,17 @@ def worker_env(environ=None) -> dict[str, str]:
                              f"({','.join(map(str, sorted(allowed))) if allowed else '?'})")
         out[CPUS] = ",".join(map(str, ids))
     return out
+
+
+def xla_threads(environ=None) -> int | None:
+    """``NTK_BENCH_XLA_THREADS`` as a positive whole number (None when unset); ValueError naming it otherwise."""
+    text = env(XLA_THREADS, environ=environ)
+    if text is None:
+        return None
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ValueError(f"{XLA_THREADS}={text!r}: expected a positive integer (the cores neural-tangents computes "
+                         f"on)")
+    return int(text)
 
 
 def worker_threads(env: dict[str, str]) -> int | None:

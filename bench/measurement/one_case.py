@@ -72,6 +72,9 @@ def _first_call(fn, to_torch, case, row):
         torch.cuda.synchronize()
     row["first_call_s"] = time.perf_counter() - t0
     _compile_fields(case, row)
+    xla_threads = getattr(implementations.get(case.impl), "xla_threads", None)
+    if xla_threads is not None:  # (a neural-tangents peer: the cores its XLA runtime computes on)
+        row["xla_threads"] = xla_threads()
     if case.impl == "auto":
         row["auto_pick"], row["auto_reason"] = implementations.get("auto").last_choice
     return kernel

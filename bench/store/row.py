@@ -146,6 +146,8 @@ class Row(MachineFields, WorkerFields):
     processes: int | None = Field(None, description="The regression gate's fresh processes whose blocks are pooled")
     compiled: bool | None = Field(None, description="True when the timed call ran a compiled (torch.compile) path")
     compile_s: float | None = Field(None, description="Seconds spent compiling, outside the timed calls")
+    xla_threads: int | None = Field(None, description="The cores neural-tangents' XLA runtime computed on (its "
+                                                      "peers' rows; NTK_BENCH_XLA_THREADS)")
     compile_fallback: str | None = Field(None, description="Why a compiled variant (*_compiled) ran its eager kernel "
                                                             "instead: a graph break, a compile error, a mismatch")
 

@@ -96,6 +96,13 @@ class NeuralTangentsPeer(NTKPlugin):
         run, to_torch = self._prepared(model, x1, x2, mode)
         return to_torch(run())
 
+    @staticmethod
+    def xla_threads() -> int | None:
+        """The cores neural-tangents computes on in this process (``reference.xla_threads``; None before it ran)."""
+        from ntk_bench import reference
+
+        return reference.xla_threads()
+
 
 def _dtype(model: nn.Module, x: torch.Tensor) -> str:
     """float32 or float64: x's dtype, or the model's for integer inputs (token ids)."""

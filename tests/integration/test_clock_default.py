@@ -42,3 +42,24 @@ def test_make_bench_passes_clock_auto_by_default():
     assert re.search(r"^CLOCK \?= auto$", makefile, re.MULTILINE)
     bench = makefile[makefile.index("\nbench:"):].split("\n\n")[0]
     assert "--clock $(CLOCK) $(BENCH_ARGS)" in bench  # BENCH_ARGS after it: a --clock there wins
+
+
+def test_a_cpu_clock_run_times_neural_tangents_on_one_core(tmp_path, nt_available):
+    """The CPU clock times torch on one thread; neural-tangents' XLA, which sizes its pool by the worker's cores, gets
+    one core too (NTK_BENCH_XLA_THREADS=1 for the run's workers), and its rows say so (``xla_threads``); a bad value
+    of the variable is refused in one line before any work."""
+    import os
+
+    from tests.helpers.runner_helpers import cli, cli_env
+
+    f = tmp_path / "s.json"
+    f.write_text(json.dumps({**SMALL, "impls": ["nt_structured_derivatives"]}))
+    env = {k: v for k, v in cli_env().items() if k != "NTK_BENCH_XLA_THREADS"}
+    out = cli("run", "--sweep", f, "--out", tmp_path / "run", "--clock", "cpu", "--no-progress", env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    _, rows = runner.read_results(tmp_path / "run" / "results.jsonl")
+    assert rows[0]["status"] == "ok" and rows[0]["xla_threads"] == 1
+    if len(os.sched_getaffinity(0)) >= 2:  # (held to one core: no more CPU than wall time)
+        assert rows[0]["cpu_over_wall"] < 1.1
+    bad = cli("run", "--sweep", f, "--out", tmp_path / "bad", "--clock", "cpu", env={**env, "NTK_BENCH_XLA_THREADS": "0"})
+    assert bad.returncode == 2 and "NTK_BENCH_XLA_THREADS='0': expected a positive integer" in bad.stderr

@@ -306,3 +306,52 @@ def test_peers_take_token_ids_and_refuse_budgets_and_untranslatable_models():
     assert plugin.supports(model) is None  # the verdict needs an input
     with pytest.raises(UnsupportedModelError, match="nt_structured_derivatives: .*i0e"):
         plugin.prepare(model, torch.randn(2, 3, dtype=torch.float64))
+
+
+_ON_CORES = r"""
+import os, sys, time
+import torch
+torch.set_num_threads(1)
+from ntk_bench import reference
+jax = reference._jax()
+import jax.numpy as jnp
+a = jnp.ones((1200, 1200), dtype=jnp.float32)
+f = jax.jit(lambda a: (a @ a).sum())
+f(a).block_until_ready()
+c0, w0 = time.process_time(), time.perf_counter()
+for _ in range(8):
+    f(a).block_until_ready()
+cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+held = {len(os.sched_getaffinity(int(t))) for t in os.listdir("/proc/self/task")}
+print(reference.xla_threads(), max(held), cpu / wall)
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_getaffinity") or len(__import__("os").sched_getaffinity(0)) < 2,
+                    reason="needs two cores to tell one from several")
+def test_neural_tangents_computes_on_the_cores_ntk_bench_xla_threads_gives(monkeypatch):
+    """XLA sizes its pool by the cores it may use, whatever XLA_FLAGS say: with NTK_BENCH_XLA_THREADS=1 the process
+    is held to one core when JAX starts (a large jitted dot then takes no more CPU than wall time); unset, XLA keeps
+    every core, and says so."""
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+
+    def run(value):
+        env = {k: v for k, v in os.environ.items() if k != "NTK_BENCH_XLA_THREADS"}
+        if value is not None:
+            env["NTK_BENCH_XLA_THREADS"] = value
+        out = subprocess.run([sys.executable, "-c", _ON_CORES], capture_output=True, text=True, cwd=ROOT, env=env,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        threads, held, cpu_over_wall = out.stdout.split()
+        return int(threads), int(held), float(cpu_over_wall)
+
+    threads, held, cpu_over_wall = run("1")
+    assert (threads, held) == (1, 1) and cpu_over_wall < 1.1
+    threads, held, _ = run(None)
+    assert (threads, held) == (cores, cores)
+    bad = subprocess.run([sys.executable, "-c", _ON_CORES], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "NTK_BENCH_XLA_THREADS": "two"}, timeout=300)
+    assert bad.returncode != 0 and "NTK_BENCH_XLA_THREADS must be a whole number of threads, 1 or more; got 'two'" \
+        in bad.stderr

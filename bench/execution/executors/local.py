@@ -103,14 +103,14 @@ class LocalExecutor(Executor):
     name = "local"
 
     def __init__(self, run_dir: Path, workers: int = 1, devices: list[str] | None = None, cuda_cases: bool = False,
-                 slots: list[Slot] | None = None):
+                 slots: list[Slot] | None = None, env: dict[str, str] | None = None):
         self.run_dir = Path(run_dir)
         self.slot_list = slots or plan_slots(workers, devices, cuda_cases)
         self.slots = len(self.slot_list)
         single = len(self.slot_list) == 1
         self.workers = {
             s.label: WorkerProcess(self.run_dir / ("worker.log" if single else f"worker-{s.label.replace(':', '')}.log"),
-                                   s.env(), label=s.label)
+                                   {**(env or {}), **s.env()}, label=s.label)
             for s in self.slot_list
         }
         self._queue: list[JobFuture] = []
