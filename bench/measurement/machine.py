@@ -27,11 +27,20 @@ FIELDS = ("load_avg_1m", "cpu_over_wall", "involuntary_switches", "cpu_threads",
 
 
 def cores() -> list[int] | None:
-    """The CPUs this process may run on (None where the system does not say)."""
-    try:
-        return sorted(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return None
+    """The CPUs this process was given (None where the system does not say): its affinity when first asked, which a
+    worker does as it starts, after its executor pinned it. A later hold of the process to fewer cores, for
+    neural-tangents' XLA at torch's thread count (``reference._start_cpu_backend``), is not counted: the load average
+    is the machine's, and the worker's own thread on the held core is still the one it was given."""
+    global _GIVEN
+    if _GIVEN is None:
+        try:
+            _GIVEN = sorted(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            return None
+    return list(_GIVEN)
+
+
+_GIVEN: list[int] | None = None
 
 
 def default_threads() -> int:

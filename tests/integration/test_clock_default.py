@@ -61,5 +61,7 @@ def test_a_cpu_clock_run_times_neural_tangents_on_one_core(tmp_path, nt_availabl
     assert rows[0]["status"] == "ok" and rows[0]["xla_threads"] == 1
     if len(os.sched_getaffinity(0)) >= 2:  # (held to one core: no more CPU than wall time)
         assert rows[0]["cpu_over_wall"] < 1.1
+    # the load average is weighed against the cores the worker was given, not the one it was held to
+    assert rows[0]["cores"] == len(os.sched_getaffinity(0)) and rows[0]["cpu_affinity"] == sorted(os.sched_getaffinity(0))
     bad = cli("run", "--sweep", f, "--out", tmp_path / "bad", "--clock", "cpu", env={**env, "NTK_BENCH_XLA_THREADS": "0"})
     assert bad.returncode == 2 and "NTK_BENCH_XLA_THREADS='0': expected a positive integer" in bad.stderr

@@ -160,6 +160,22 @@ def test_the_summary_first_line_counts_the_disturbed_rows_and_says_what_to_do(tm
     assert "1 of 2 timed rows ran on a busy machine" in first and "--clock cpu" not in first
 
 
+def test_a_later_hold_to_fewer_cores_leaves_the_cores_a_process_was_given():
+    """reference._start_cpu_backend holds a process to the cores neural-tangents may use; the rows' ``cores`` (what
+    the load average is weighed against) stay the ones the worker was given."""
+    import os
+
+    given = machine.cores()
+    if not hasattr(os, "sched_setaffinity") or not given or len(given) < 2:
+        pytest.skip("needs two cores to hold one")
+    try:
+        os.sched_setaffinity(0, given[:1])
+        assert machine.cores() == given
+        assert machine.fields(_Usage(1.0, 1.0, len(given) - 0.5), 1)["disturbed"] is None
+    finally:
+        os.sched_setaffinity(0, given)
+
+
 def test_worker_threads_default_to_the_cores_it_owns():
     assert machine.default_threads() == len(machine.cores() or range(1))
 
