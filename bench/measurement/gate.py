@@ -229,6 +229,7 @@ def _worker_env() -> dict:
 def main(argv=None) -> int:
     args = _parse(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))  # before torch is imported: its pools read it
+    os.environ.setdefault("NTK_BENCH_XLA_THREADS", str(args.threads))  # a peer's XLA at the same count (reference)
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.jit")
