@@ -161,9 +161,23 @@ def disturbed_line(rows, paired=()) -> str:
     if not timed:
         return "**Timing: the rows do not record the machine's state** (a run from before it was recorded)."
     if not bad and not bad_groups:
-        return f"**Timing: none of {len(timed)} timed rows was disturbed**{also.replace(', and', ', nor')}{load}."
+        nor = f", nor any of {len(groups)} paired groups" if groups else ""
+        return f"**Timing: none of {len(timed)} timed rows was disturbed**{nor}{load}.{_more_cores(timed)}"
     if all(r.get("clock") == "cpu" for r in timed):  # waiting for a core is not in these times already
         return (f"**Timing: {len(bad)} of {len(timed)} timed rows ran on a busy machine{also}**{load}: they are "
                 "CPU times on one thread, so waiting for a core is not counted, but other work still shared the "
-                "caches and memory bandwidth: compare paired ratios only, or run again on a quieter machine.")
-    return f"**Timing: {len(bad)} of {len(timed)} timed rows were disturbed{also}**{load}: {ADVICE}."
+                "caches and memory bandwidth: compare paired ratios only, or run again on a quieter machine."
+                f"{_more_cores(timed)}")
+    return f"**Timing: {len(bad)} of {len(timed)} timed rows were disturbed{also}**{load}: {ADVICE}.{_more_cores(timed)}"
+
+
+def _more_cores(rows) -> str:
+    """A sentence for neural-tangents rows whose XLA computed on more cores than torch had threads (``xla_threads``
+    above ``cpu_threads``): they were not timed at the same thread count; empty when there are none."""
+    more = [r for r in rows if _is_number(r.get("xla_threads")) and _is_number(r.get("cpu_threads"))
+            and r["xla_threads"] > r["cpu_threads"]]
+    if not more:
+        return ""
+    return (f" {len(more)} neural-tangents row(s) computed on more cores than torch had threads (`xla_threads` above "
+            "`cpu_threads`): they are not at the same thread count as ours; set NTK_BENCH_XLA_THREADS to the "
+            "threads (a CPU-clock run of the local executor does).")

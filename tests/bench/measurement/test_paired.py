@@ -290,3 +290,12 @@ def test_the_default_cpu_sweep_leaves_the_slow_calls_to_full():
         assert len({c.problem.n for c in quick if c.problem.arch == arch and c.mode == "full"}) >= 3
     assert len(quick) < len(full) / 3
 
+
+
+def test_the_first_line_says_when_neural_tangents_had_more_cores_than_torch_had_threads():
+    base = {"cpu_over_wall": 1.0, "load_avg_1m": 0.5, "disturbed": None, "clock": "cpu", "cpu_threads": 1}
+    fair = [{**base, "impl": "structured"}, {**base, "impl": "nt_structured_derivatives", "xla_threads": 1}]
+    line = machine.disturbed_line(fair, [{"cpu_over_wall": 1.0, "disturbed": None}])
+    assert "none of 2 timed rows was disturbed**, nor any of 1 paired groups" in line and "more cores" not in line
+    unfair = [*fair, {**base, "impl": "nt_jacobian_contraction", "xla_threads": 2}]
+    assert "1 neural-tangents row(s) computed on more cores than torch had threads" in machine.disturbed_line(unfair)
