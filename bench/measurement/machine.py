@@ -8,9 +8,11 @@ switches, the load average before and after); :func:`fields` turns that into a r
 
 - the process's CPU time was well under the wall time (``cpu_over_wall`` below ``MIN_CPU_OVER_WALL``, CPU
   cases only: a GPU call waits for the device, not for a core): the calls waited for a core;
-- the load average was above the cores this process may run on (``os.sched_getaffinity``): others wanted them.
+- the load average was above the cores this process was given (``os.sched_getaffinity``), or, for workers of
+  one run pinned to disjoint cores, all of theirs (``load_cores``): others wanted them.
 
-Its own threads count in the load average: one worker with two threads on two cores does not disturb itself.
+The run's own threads count in the load average: one worker with two threads on two cores, or two workers
+with one thread each on a core each, do not disturb themselves.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 import os
 import resource
 import time
+
+from ntk_bench.envvars import env
 
 # A CPU call whose process CPU time is below this fraction of its wall time spent the rest waiting for a core.
 MIN_CPU_OVER_WALL = 0.8
@@ -41,6 +45,16 @@ def cores() -> list[int] | None:
 
 
 _GIVEN: list[int] | None = None
+
+
+def load_cores() -> int | None:
+    """The cores a load average is weighed against: this process's (``cores``), or where its executor runs several
+    workers pinned to disjoint cores, all of theirs (``NTK_BENCH_RUN_CORES``): each worker's own thread is in the
+    load average the others read."""
+    owned = cores()
+    n = len(owned) if owned else os.cpu_count()
+    run = env("RUN_CORES")
+    return max(n or 0, int(run)) if run and run.isdigit() else n
 
 
 def default_threads() -> int:
@@ -136,8 +150,7 @@ def fields(usage: Usage, threads: int | None, device: str = "cpu") -> dict:
         "cpu_threads": threads,
         "cpu_affinity": owned,
         "cores": len(owned) if owned else os.cpu_count(),
-        "disturbed": disturbed(ratio, usage.load, len(owned) if owned else os.cpu_count(),
-                               "cpu" if str(device).startswith("cpu") else "cuda"),
+        "disturbed": disturbed(ratio, usage.load, load_cores(), "cpu" if str(device).startswith("cpu") else "cuda"),
     }
 
 

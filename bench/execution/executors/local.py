@@ -108,9 +108,13 @@ class LocalExecutor(Executor):
         self.slot_list = slots or plan_slots(workers, devices, cuda_cases)
         self.slots = len(self.slot_list)
         single = len(self.slot_list) == 1
+        # Workers pinned to disjoint cores count each other in the load average: they weigh it against the cores
+        # the run's workers own together (machine.load_cores), not their own.
+        pinned = {c for s in self.slot_list if s.cpus for c in s.cpus}
+        env = {**(env or {}), **({"NTK_BENCH_RUN_CORES": str(len(pinned))} if pinned else {})}
         self.workers = {
             s.label: WorkerProcess(self.run_dir / ("worker.log" if single else f"worker-{s.label.replace(':', '')}.log"),
-                                   {**(env or {}), **s.env()}, label=s.label)
+                                   {**env, **s.env()}, label=s.label)
             for s in self.slot_list
         }
         self._queue: list[JobFuture] = []

@@ -9,6 +9,7 @@ import json
 import statistics
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -299,3 +300,22 @@ def test_the_first_line_says_when_neural_tangents_had_more_cores_than_torch_had_
     assert "none of 2 timed rows was disturbed**, nor any of 1 paired groups" in line and "more cores" not in line
     unfair = [*fair, {**base, "impl": "nt_jacobian_contraction", "xla_threads": 2}]
     assert "1 neural-tangents row(s) computed on more cores than torch had threads" in machine.disturbed_line(unfair)
+
+
+def test_workers_pinned_to_a_core_each_do_not_count_each_other_as_disturbance(monkeypatch):
+    """Two workers of one run on a core each put a load of 2 on the machine by themselves: each weighs the load
+    against the cores the run's workers own together (NTK_BENCH_RUN_CORES, set by the local executor)."""
+    from ntk_bench.bench.execution.executors.local import LocalExecutor
+
+    own = len(machine.cores() or [0])
+    monkeypatch.delenv("NTK_BENCH_RUN_CORES", raising=False)
+    assert "core(s)" in machine.fields(_Usage(1.0, 1.0, own + 0.5), 1)["disturbed"]
+    monkeypatch.setenv("NTK_BENCH_RUN_CORES", str(own + 1))
+    assert machine.fields(_Usage(1.0, 1.0, own + 0.5), 1)["disturbed"] is None
+    assert f"on {own + 1} core(s)" in machine.fields(_Usage(1.0, 1.0, own + 1.5), 1)["disturbed"]
+    executor = LocalExecutor(Path("unused"), workers=2)
+    try:
+        envs = [w.env for w in executor.workers.values()]
+        assert all(e["NTK_BENCH_RUN_CORES"] == str(len({c for s in executor.slot_list for c in s.cpus})) for e in envs)
+    finally:
+        executor.close()
