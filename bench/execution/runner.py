@@ -231,23 +231,29 @@ def predict_seconds(cases: list[Case], models: dict) -> dict[str, float]:
     return out
 
 
-def measured_paired_seconds(rows: list[dict], budget_s: float, warmup_s: float | None = None) -> float:
+def measured_paired_seconds(rows: list[dict], budget_s: float, warmup_s: float | None = None,
+                            finals: bool = True) -> float:
     """A group's paired job's predicted wall time from its cases' rows: each plugin's set-up and first call (its
     ``first_call_s``: a jit compile, a plan) and its rounds at its calls' wall time, with each block's untimed
-    calls (``warmup_s``, default ``paired.WARMUP_S``). A CPU-clock median is turned into wall time by the row's
-    ``cpu_over_wall``: on a busy machine the rounds wait for a core as the case's timed calls did, and a peer whose
-    own threads ran beside the timed one (XLA's) took less wall time than CPU time."""
+    calls (``warmup_s``, default ``paired.WARMUP_S``), then the finalists' own rounds (``finals``: runs made before
+    them had none). A CPU-clock median is turned into wall time by the row's ``cpu_over_wall``: on a busy machine
+    the rounds wait for a core as the case's timed calls did, and a peer whose own threads ran beside the timed one
+    (XLA's) took less wall time than CPU time."""
     from ..measurement import paired
 
-    calls = []
-    for row in rows:
+    calls = {}
+    for i, row in enumerate(rows):
         t = row["time_median_s"]
         share = row.get("cpu_over_wall")
         if row.get("clock") == "cpu" and share:
             t /= max(0.05, share)
-        calls.append(t)
+        calls[row.get("impl") or f"#{i}"] = t
     warmup = paired.WARMUP_S if warmup_s is None else warmup_s
-    return paired.predict_seconds(calls, budget_s, warmup) + sum(row.get("first_call_s") or 0.0 for row in rows)
+    origins = {row.get("impl") or f"#{i}": row.get("origin") or "ours" for i, row in enumerate(rows)}
+    pair = paired.finalists(calls, origins) if finals else None
+    last = 0.0 if pair is None else paired.predict_seconds([calls[k] for k in pair], budget_s, warmup)
+    return paired.predict_seconds(list(calls.values()), budget_s, warmup) + last + \
+        sum(row.get("first_call_s") or 0.0 for row in rows)
 
 
 def paired_budget(case: Case) -> float:
@@ -256,20 +262,28 @@ def paired_budget(case: Case) -> float:
 
 
 def predict_paired(cases: list[Case], models: dict) -> dict[str, float]:
-    """Each group's paired timing's predicted wall time (the plugins that do not decline its model)."""
+    """Each group's paired timing's predicted wall time (the plugins that do not decline its model), its
+    finalists' own rounds included."""
     from ..measurement import paired
 
     auto = _auto()
-    calls: dict[str, list[float]] = {}
+    calls: dict[str, dict[str, float]] = {}
     first: dict[str, Case] = {}
     for case in cases:
         info = models.get(case.problem.model_key)
         gid = paired.group_id(case)
         first.setdefault(gid, case)
-        calls.setdefault(gid, [])
+        calls.setdefault(gid, {})
         if info is None or case.impl not in info.declined:
-            calls[gid].append(_call_seconds(case, info, auto) if auto is not None else case.time_budget_s)
-    return {gid: paired.predict_seconds(c, paired_budget(first[gid])) for gid, c in calls.items() if len(c) >= 2}
+            calls[gid][case.impl] = _call_seconds(case, info, auto) if auto is not None else case.time_budget_s
+    out = {}
+    for gid, c in calls.items():
+        if len(c) >= 2:
+            budget = paired_budget(first[gid])
+            pair = paired.finalists(c)
+            out[gid] = paired.predict_seconds(list(c.values()), budget) + \
+                (0.0 if pair is None else paired.predict_seconds([c[k] for k in pair], budget))
+    return out
 
 
 def estimate(cases: list[Case], models: dict, slots: int = 1) -> tuple[float, list[tuple[str, float]]]:
@@ -563,13 +577,16 @@ def _schedule(cases, todo, latest, out_dir, executor, results, summary, reporter
         if len(ok) < 2:
             pending_paired.discard(gid)
             return
-        calls = [rows_now[c.id]["time_median_s"] for c in ok]
+        calls = {c.impl: rows_now[c.id]["time_median_s"] for c in ok}
+        pair = paired.finalists(calls)
         firsts = sum(rows_now[c.id].get("first_call_s") or 0.0 for c in ok)
         budget = paired_budget(ok[0])
         group = paired.PairedGroup(tuple(ok), budget)
         eta.add(gid, measured_paired_seconds([rows_now[c.id] for c in ok], budget), "paired", measured=True)
         pending_paired.add(gid)
-        timeout = max(c.timeout_s for c in ok) + firsts + 3 * paired.predict_seconds(calls, budget)
+        rounds_s = paired.predict_seconds(list(calls.values()), budget) + \
+            (0.0 if pair is None else paired.predict_seconds([calls[k] for k in pair], budget))
+        timeout = max(c.timeout_s for c in ok) + firsts + 3 * rounds_s
         fut = executor.submit(Job("paired", group, timeout, plugins))
         inflight[fut] = ("paired", group)
         history.append(fut)

@@ -12,7 +12,10 @@ whichever neighbour preceded it. A slower machine, another process starting, a d
 of a round alike, so the ratio of two plugins' times in the same round measures the plugins, not
 the moment; the median of those per-round ratios, with a distribution-free confidence band
 (:func:`median_band`), is what every "X over Y" of the report is. Two medians from separate processes are
-never divided by each other.
+never divided by each other. Where a group holds more than our fastest and the fastest peer, those two are then
+timed again by themselves (``final_times_s``, the same budget): a slow third party (a Jacobian contraction of
+gigabytes) still leaves a fast plugin's first calls after it slower than the warm-up covers, and "ours against the
+peers" compares just those two (:func:`ratio` reads their own rounds).
 
 The records go to ``paired.jsonl`` in the run directory, one line per group (:func:`read_records`).
 """
@@ -102,9 +105,26 @@ def median_band(values, level: float = BAND_LEVEL) -> tuple[float, float, float]
     return med, xs[k - 1], xs[n - k]
 
 
+def finalists(median_s: dict[str, float], origins: dict[str, str] | None = None) -> tuple[str, str] | None:
+    """(our fastest, the fastest peer) by their medians, where the group holds others too; None otherwise.
+    ``origins``: plugin -> "ours" or "peer" (the registry's, where not given)."""
+    from ..sweeps import origin_of
+
+    if len(median_s) < 3:
+        return None
+    origin = {k: (origins or {}).get(k) or origin_of(k) for k in median_s}
+    ours = [k for k in median_s if origin[k] != "peer"]
+    peers = [k for k in median_s if origin[k] == "peer"]
+    if not ours or not peers:
+        return None
+    return min(ours, key=median_s.get), min(peers, key=median_s.get)
+
+
 def ratio(record: dict, a: str, b: str) -> tuple[float, float, float] | None:
-    """(median, low, high) of a's time over b's time in the same round, or None when either was not timed."""
-    times = record.get("times_s") or {}
+    """(median, low, high) of a's time over b's time in the same round, or None when either was not timed; the
+    finalists' own rounds (``final_times_s``) where the record has both there."""
+    final = record.get("final_times_s") or {}
+    times = final if a in final and b in final else record.get("times_s") or {}
     ta, tb = times.get(a), times.get(b)
     if not ta or not tb:
         return None
@@ -238,14 +258,19 @@ def run_paired(group: PairedGroup, run_dir: Path) -> dict:
             return {**record, "status": "error", "errors": errors,
                     "error": "fewer than two plugins could be called side by side"}
         try:
+            timer = timing.clock_for(first.clock, first.device)
             with machine.Usage() as usage:
-                times, number = time_rounds(calls, group.budget_s, timing.clock_for(first.clock, first.device),
-                                            sync=sync)
+                times, number = time_rounds(calls, group.budget_s, timer, sync=sync)
+                pair = finalists({k: statistics.median(v) for k, v in times.items()})
+                final = None if pair is None else time_rounds({k: calls[k] for k in pair}, group.budget_s, timer,
+                                                              sync=sync)[0]
         except Exception as exc:  # one of them failed mid-rounds (memory beside the others): the record says so
             return {**record, "status": failures.status_of(exc), "errors": errors,
                     "error": failures.error_text(exc)}
     record.update(status="ok", impls=list(times), rounds=len(next(iter(times.values()))), number=number,
                   warmup_s=WARMUP_S, times_s=times, median_s={k: statistics.median(v) for k, v in times.items()},
                   errors=errors, wall_s=time.perf_counter() - t_start)
+    if final is not None:
+        record["final_times_s"] = final
     record.update(machine.fields(usage, threads, first.device))
     return check_paired(record)

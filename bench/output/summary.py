@@ -260,9 +260,11 @@ def peers_section(df: pd.DataFrame, recs: dict[tuple, dict], md_table) -> list[s
     faster = sum(1 for b in bands if b[1] > 1)
     slower = sum(1 for b in bands if b[2] < 1)
     lines = ["## Ours against the peers (paired)", "",
-             "Per case, the fastest of our plugins (auto included) and the fastest peer, timed side by side in "
-             "the same rounds: `peer / ours` is the median over rounds of the peer's time over ours (above 1: "
-             "ours faster), with its 95% band; a column per peer likewise.", "",
+             "Per case, the fastest of our plugins (auto included) and the fastest peer of the rounds, timed "
+             "side by side, then (where the case has other plugins) the two again by themselves, so that no slow "
+             "third party runs between them: `peer / ours` is the median over those rounds of the peer's time over "
+             "ours (above 1: ours faster), with its 95% band; a column per peer likewise (the other peers from the "
+             "rounds of all).", "",
              f"- Ours faster in {faster} of {len(bands)} cases (the band above 1), the peer faster in {slower} "
              f"(the band below 1), undecided in {len(bands) - faster - slower}."]
     for p in peers:

@@ -221,6 +221,11 @@ class PairedRecord(MachineFields, WorkerFields):
     times_s: dict[str, list[float]] | None = Field(None, description="plugin -> seconds per call of each round's "
                                                                      "block, round by round")
     median_s: dict[str, float] | None = Field(None, description="plugin -> the median of its times_s")
+    final_times_s: dict[str, list[float]] | None = Field(None, description="Our fastest and the fastest peer of the "
+                                                                           "rounds, timed again by themselves: "
+                                                                           "plugin -> seconds per call, round by "
+                                                                           "round (absent: two plugins only, or a "
+                                                                           "run made before these rounds)")
     wall_s: float | None = Field(None, description="Seconds of the whole group's job in its worker")
     job_wall_s: float | None = Field(None, description="Seconds of the job as the runner saw it, not its worker's "
                                                        "start-up")

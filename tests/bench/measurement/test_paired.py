@@ -113,6 +113,42 @@ def test_a_run_times_the_ok_plugins_of_each_case_side_by_side_in_one_worker(tmp_
     assert (out / paired.PAIRED).read_text().count("\n") == 1
 
 
+def test_our_fastest_and_the_fastest_peer_are_timed_again_by_themselves(tmp_path):
+    """With a third plugin in the group, the record carries the finalists' own rounds, and "ours against the peers"
+    (``ratio`` of those two) reads them; other pairs read the all-plugin rounds."""
+
+    class PeerJC(implementations.NTKPlugin):
+        name, origin = "a_peer_jc", "peer"
+
+        def _kernel(self, model, x1, x2, mode):
+            return implementations.get("jacobian_contraction")._kernel(model, x1, x2, mode)
+
+    implementations.register(PeerJC())
+    try:
+        cases = sweeps.expand({**SMALL, "impls": [*SMALL["impls"], "a_peer_jc"]})
+        out = tmp_path / "run"
+        runner.run(cases, out, "s", executor=InlineExecutor(out))
+    finally:
+        implementations.unregister("a_peer_jc")
+    rec = next(iter(paired.read_records(out).values()))
+    ours = min(("explicit_mlp", "jacobian_contraction"), key=rec["median_s"].get)
+    assert rec["status"] == "ok" and set(rec["final_times_s"]) == {ours, "a_peer_jc"}
+    assert len(rec["final_times_s"][ours]) >= paired.MIN_ROUNDS
+    final = [a / b for a, b in zip(rec["final_times_s"]["a_peer_jc"], rec["final_times_s"][ours])]
+    assert paired.ratio(rec, "a_peer_jc", ours) == paired.median_band(final)
+    other = "jacobian_contraction" if ours == "explicit_mlp" else "explicit_mlp"
+    together = [a / b for a, b in zip(rec["times_s"][other], rec["times_s"][ours])]
+    assert paired.ratio(rec, other, ours) == paired.median_band(together)
+
+
+def test_the_finalists_are_our_fastest_and_the_fastest_peer_of_three_or_more():
+    med = {"a": 2.0, "b": 1.0, "p": 3.0, "q": 0.5}
+    origins = {"a": "ours", "b": "ours", "p": "peer", "q": "peer"}
+    assert paired.finalists(med, origins) == ("b", "q")
+    assert paired.finalists({"b": 1.0, "q": 0.5}, origins) is None  # two: their rounds are the finalists' already
+    assert paired.finalists({"a": 2.0, "b": 1.0, "c": 3.0}, {"a": "ours", "b": "ours", "c": "ours"}) is None
+
+
 def test_a_group_with_one_ok_plugin_gets_no_paired_rounds(tmp_path):
     cases = sweeps.expand({**SMALL, "impls": ["explicit_mlp"]})
     out = tmp_path / "run"
