@@ -305,7 +305,7 @@ def _executor(args, out: Path, cases):
         one_core = any(c.clock == "cpu" for c in cases) and "NTK_BENCH_XLA_THREADS" not in os.environ
         return make_executor("local", out, workers=args.workers, devices=devices,
                              cuda_cases=any(c.device != "cpu" for c in cases),
-                             env={"NTK_BENCH_XLA_THREADS": "1"} if one_core else None)
+                             cpu_env={"NTK_BENCH_XLA_THREADS": "1"} if one_core else None)
     if kind == "inline":
         return make_executor("inline", out)
     if kind == "ray":

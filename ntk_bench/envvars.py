@@ -40,3 +40,18 @@ def env(name: str, default: str | None = None, environ: Mapping[str, str] | None
                       stacklevel=2)
         return value
     return default
+
+
+def positive_int(name: str, environ: Mapping[str, str] | None = None) -> int | None:
+    """``NTK_BENCH_<name>`` as a whole number of 1 or more (None when unset); ValueError naming the variable and its
+    value otherwise."""
+    text = env(name, environ=environ)
+    if text is None:
+        return None
+    try:
+        value = int(text.strip(), 10) if text.strip().isascii() else 0
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{env_name(name)}={text!r}: expected a whole number, 1 or more")
+    return value

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -86,25 +87,41 @@ def _start_cpu_backend() -> None:
         return
     import jax
 
-    from ntk_bench.envvars import env
+    from ntk_bench.envvars import positive_int
 
-    given = env("XLA_THREADS")
-    if given is not None and not (given.strip().isdigit() and int(given) >= 1):
-        raise ValueError(f"NTK_BENCH_XLA_THREADS must be a whole number of threads, 1 or more; got {given!r}")
+    given = positive_int("XLA_THREADS")
     try:
         cores = sorted(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # (no affinity on this system: XLA takes what it takes)
         jax.devices("cpu")
         return
-    if given is not None and int(given) < len(cores):
-        cores = cores[:int(given)]
+    if given is not None and given < len(cores):
+        # from the core this thread runs on now: processes started side by side hold different cores
+        now = _current_cpu()
+        start = cores.index(now) if now in cores else 0
+        cores = sorted((cores[start:] + cores[:start])[:given])
         for tid in os.listdir("/proc/self/task"):  # (Linux sets a thread's affinity, not the process's)
             try:
                 os.sched_setaffinity(int(tid), cores)
             except OSError:  # (a thread that ended meanwhile)
                 pass
+        cores = sorted(os.sched_getaffinity(0))
+        if torch.get_num_threads() > len(cores):
+            warnings.warn(f"NTK_BENCH_XLA_THREADS={given} holds this process to {len(cores)} core(s) while torch "
+                          f"computes with {torch.get_num_threads()} threads: they wait for each other",
+                          RuntimeWarning, stacklevel=3)
     jax.devices("cpu")
     _XLA_THREADS = len(cores)
+
+
+def _current_cpu() -> int | None:
+    """The core the calling thread runs on (Linux's /proc; None elsewhere)."""
+    try:
+        with open("/proc/thread-self/stat") as f:
+            stat = f.read()
+        return int(stat[stat.rfind(")") + 2:].split()[36])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _nt():

@@ -400,6 +400,10 @@ def main() -> None:
     ap.add_argument("--child-ratio", help=argparse.SUPPRESS)
     ap.add_argument("--child-time", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if (args.child_ratio or args.child_serve or args.child_time) and hasattr(os, "sched_setaffinity"):
+        # One core for the child, held before anything starts a thread: an old checkout reads no
+        # NTK_BENCH_XLA_THREADS, and XLA sizes its pool by the cores the process may use.
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     if args.child_ratio:
         print(json.dumps(child_ratio(args.child_ratio, args.budget_s, args.max_rounds)))
         return

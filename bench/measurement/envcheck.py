@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 
-from ntk_bench.envvars import env
+from ntk_bench.envvars import env, positive_int
 
 THREADS, CPUS, STARTUP = "NTK_BENCH_THREADS", "NTK_BENCH_CPUS", "NTK_BENCH_WORKER_STARTUP_S"
 XLA_THREADS = "NTK_BENCH_XLA_THREADS"
@@ -73,13 +73,7 @@ def worker_env(environ=None) -> dict[str, str]:
 
 def xla_threads(environ=None) -> int | None:
     """``NTK_BENCH_XLA_THREADS`` as a positive whole number (None when unset); ValueError naming it otherwise."""
-    text = env(XLA_THREADS, environ=environ)
-    if text is None:
-        return None
-    if not text.strip().isdigit() or int(text) < 1:
-        raise ValueError(f"{XLA_THREADS}={text!r}: expected a positive integer (the cores neural-tangents computes "
-                         f"on)")
-    return int(text)
+    return positive_int(XLA_THREADS, environ=environ)
 
 
 def worker_threads(env: dict[str, str]) -> int | None:

@@ -21,7 +21,7 @@ import os
 import resource
 import time
 
-from ntk_bench.envvars import env
+from ntk_bench.envvars import positive_int
 
 # A CPU call whose process CPU time is below this fraction of its wall time spent the rest waiting for a core.
 MIN_CPU_OVER_WALL = 0.8
@@ -53,8 +53,11 @@ def load_cores() -> int | None:
     load average the others read."""
     owned = cores()
     n = len(owned) if owned else os.cpu_count()
-    run = env("RUN_CORES")
-    return max(n or 0, int(run)) if run and run.isdigit() else n
+    try:
+        run = positive_int("RUN_CORES")
+    except ValueError:  # (set by the local executor; a hand-made bad value is ignored, not a reason to lose a row)
+        run = None
+    return max(n or 0, run) if run else n
 
 
 def default_threads() -> int:

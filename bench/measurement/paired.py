@@ -15,7 +15,7 @@ the moment; the median of those per-round ratios, with a distribution-free confi
 never divided by each other. Where a group holds more than our fastest and the fastest peer, those two are then
 timed again by themselves (``final_times_s``, the same budget): a slow third party (a Jacobian contraction of
 gigabytes) still leaves a fast plugin's first calls after it slower than the warm-up covers, and "ours against the
-peers" compares just those two (:func:`ratio` reads their own rounds).
+peers" compares just those two (:func:`ratio` with ``final``).
 
 The records go to ``paired.jsonl`` in the run directory, one line per group (:func:`read_records`).
 """
@@ -120,11 +120,12 @@ def finalists(median_s: dict[str, float], origins: dict[str, str] | None = None)
     return min(ours, key=median_s.get), min(peers, key=median_s.get)
 
 
-def ratio(record: dict, a: str, b: str) -> tuple[float, float, float] | None:
-    """(median, low, high) of a's time over b's time in the same round, or None when either was not timed; the
-    finalists' own rounds (``final_times_s``) where the record has both there."""
-    final = record.get("final_times_s") or {}
-    times = final if a in final and b in final else record.get("times_s") or {}
+def ratio(record: dict, a: str, b: str, final: bool = False) -> tuple[float, float, float] | None:
+    """(median, low, high) of a's time over b's time in the same round, or None when either was not timed. From
+    the rounds of all, or with ``final`` from the finalists' own rounds (``final_times_s``) where the record has
+    both there (what "ours against the peers" reads: a table of every plugin keeps to one set of rounds)."""
+    finals = (record.get("final_times_s") or {}) if final else {}
+    times = finals if a in finals and b in finals else record.get("times_s") or {}
     ta, tb = times.get(a), times.get(b)
     if not ta or not tb:
         return None
@@ -225,6 +226,19 @@ def time_rounds(calls: dict, budget_s: float, timer=time.perf_counter, min_round
     return times, number
 
 
+def _final_rounds(times: dict, calls: dict, budget_s: float, timer, sync) -> tuple[dict | None, str | None]:
+    """(the finalists' own rounds or None, why they failed or None): a failure there keeps the rounds of all."""
+    from . import failures
+
+    pair = finalists({k: statistics.median(v) for k, v in times.items()})
+    if pair is None:
+        return None, None
+    try:
+        return time_rounds({k: calls[k] for k in pair}, budget_s, timer, sync=sync)[0], None
+    except Exception as exc:  # (memory, a plugin's failure on its n-th call): the ratio falls back to the rounds
+        return None, failures.error_text(exc)[:300]
+
+
 def run_paired(group: PairedGroup, run_dir: Path) -> dict:
     """Time the group's cases side by side (see the module docstring); return the record (never raises for a
     plugin's failure: it is left out, with its error)."""
@@ -261,9 +275,7 @@ def run_paired(group: PairedGroup, run_dir: Path) -> dict:
             timer = timing.clock_for(first.clock, first.device)
             with machine.Usage() as usage:
                 times, number = time_rounds(calls, group.budget_s, timer, sync=sync)
-                pair = finalists({k: statistics.median(v) for k, v in times.items()})
-                final = None if pair is None else time_rounds({k: calls[k] for k in pair}, group.budget_s, timer,
-                                                              sync=sync)[0]
+                final, final_error = _final_rounds(times, calls, group.budget_s, timer, sync)
         except Exception as exc:  # one of them failed mid-rounds (memory beside the others): the record says so
             return {**record, "status": failures.status_of(exc), "errors": errors,
                     "error": failures.error_text(exc)}
@@ -272,5 +284,7 @@ def run_paired(group: PairedGroup, run_dir: Path) -> dict:
                   errors=errors, wall_s=time.perf_counter() - t_start)
     if final is not None:
         record["final_times_s"] = final
+    if final_error is not None:
+        record["final_error"] = final_error
     record.update(machine.fields(usage, threads, first.device))
     return check_paired(record)

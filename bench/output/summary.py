@@ -238,12 +238,14 @@ def ours_vs_peers(df: pd.DataFrame, recs: dict[tuple, dict]) -> tuple[pd.DataFra
         if not ours or not peers:
             continue
         best, peer = min(ours, key=med.get), min(peers, key=med.get)
-        band = paired.ratio(rec, peer, best)
+        band = paired.ratio(rec, peer, best, final=True)
+        finals = rec.get("final_times_s") or {}
+        rounds = len(finals[best]) if best in finals and peer in finals else rec.get("rounds")
         row = {**dict(zip(CASE_KEYS, key)), "ours (fastest)": f"{best} {fmt_time(med[best])}",
                "fastest peer": f"{peer} {fmt_time(med[peer])}", "peer / ours": paired.fmt_ratio(band),
-               "_band": band, "rounds": rec.get("rounds")}
+               "_band": band, "rounds": rounds}
         for p in peers:
-            row[p] = paired.fmt_ratio(paired.ratio(rec, p, best))
+            row[p] = paired.fmt_ratio(paired.ratio(rec, p, best, final=True))
             if p not in peers_seen:
                 peers_seen.append(p)
         rows.append(row)
@@ -268,7 +270,8 @@ def peers_section(df: pd.DataFrame, recs: dict[tuple, dict], md_table) -> list[s
              f"- Ours faster in {faster} of {len(bands)} cases (the band above 1), the peer faster in {slower} "
              f"(the band below 1), undecided in {len(bands) - faster - slower}."]
     for p in peers:
-        rs = [paired.ratio(rec, p, min([i for i in rec['median_s'] if not _is_peer(i)], key=rec['median_s'].get))
+        rs = [paired.ratio(rec, p, min([i for i in rec['median_s'] if not _is_peer(i)], key=rec['median_s'].get),
+                           final=True)
               for rec in recs.values() if p in rec["median_s"] and any(not _is_peer(i) for i in rec["median_s"])]
         rs = [r for r in rs if r]
         if rs:

@@ -226,6 +226,8 @@ class PairedRecord(MachineFields, WorkerFields):
                                                                            "plugin -> seconds per call, round by "
                                                                            "round (absent: two plugins only, or a "
                                                                            "run made before these rounds)")
+    final_error: str | None = Field(None, description="Why the finalists' own rounds failed (the rounds of all "
+                                                      "stand)")
     wall_s: float | None = Field(None, description="Seconds of the whole group's job in its worker")
     job_wall_s: float | None = Field(None, description="Seconds of the job as the runner saw it, not its worker's "
                                                        "start-up")

@@ -64,4 +64,4 @@ def test_a_cpu_clock_run_times_neural_tangents_on_one_core(tmp_path, nt_availabl
     # the load average is weighed against the cores the worker was given, not the one it was held to
     assert rows[0]["cores"] == len(os.sched_getaffinity(0)) and rows[0]["cpu_affinity"] == sorted(os.sched_getaffinity(0))
     bad = cli("run", "--sweep", f, "--out", tmp_path / "bad", "--clock", "cpu", env={**env, "NTK_BENCH_XLA_THREADS": "0"})
-    assert bad.returncode == 2 and "NTK_BENCH_XLA_THREADS='0': expected a positive integer" in bad.stderr
+    assert bad.returncode == 2 and "NTK_BENCH_XLA_THREADS='0': expected a whole number, 1 or more" in bad.stderr

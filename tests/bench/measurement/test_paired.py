@@ -135,10 +135,23 @@ def test_our_fastest_and_the_fastest_peer_are_timed_again_by_themselves(tmp_path
     assert rec["status"] == "ok" and set(rec["final_times_s"]) == {ours, "a_peer_jc"}
     assert len(rec["final_times_s"][ours]) >= paired.MIN_ROUNDS
     final = [a / b for a, b in zip(rec["final_times_s"]["a_peer_jc"], rec["final_times_s"][ours])]
-    assert paired.ratio(rec, "a_peer_jc", ours) == paired.median_band(final)
+    assert paired.ratio(rec, "a_peer_jc", ours, final=True) == paired.median_band(final)
+    together = [a / b for a, b in zip(rec["times_s"]["a_peer_jc"], rec["times_s"][ours])]
+    assert paired.ratio(rec, "a_peer_jc", ours) == paired.median_band(together)  # a table of all: the rounds of all
     other = "jacobian_contraction" if ours == "explicit_mlp" else "explicit_mlp"
     together = [a / b for a, b in zip(rec["times_s"][other], rec["times_s"][ours])]
-    assert paired.ratio(rec, other, ours) == paired.median_band(together)
+    assert paired.ratio(rec, other, ours, final=True) == paired.median_band(together)
+
+
+def test_a_failure_in_the_finalists_rounds_keeps_the_rounds_of_all(monkeypatch):
+    calls = {"ours": lambda: None, "theirs": lambda: None, "slow": lambda: None}
+    real = paired.time_rounds
+    monkeypatch.setattr(paired, "time_rounds", lambda c, *a, **k: (_ for _ in ()).throw(MemoryError("no room"))
+                        if len(c) == 2 else real(c, *a, **k))
+    times, _ = paired.time_rounds(calls, 0.0, min_rounds=7, max_rounds=7)
+    monkeypatch.setattr(paired, "finalists", lambda med: ("ours", "theirs"))
+    final, why = paired._final_rounds(times, calls, 0.0, time.perf_counter, None)
+    assert final is None and "no room" in why
 
 
 def test_the_finalists_are_our_fastest_and_the_fastest_peer_of_three_or_more():
