@@ -75,8 +75,9 @@ def _start_cpu_backend() -> None:
     say (``--xla_cpu_multi_thread_eigen=false`` still splits a dot over every core), and even a pool of one runs
     part of each call beside the calling thread. So a process that times neural-tangents against torch at T threads
     (the runner's workers on the CPU clock, the comparison scripts) sets the variable, and the whole process (every
-    thread, torch's included) is held to the first T of its cores from here on: both sides then compute on the same
-    T cores, and a CPU-clock time is the time of T cores. Unset, XLA uses every core the process may run on."""
+    thread, torch's included) is held to T of its cores from here on, starting from the one the calling thread runs
+    on (processes started side by side hold different cores): both sides then compute on the same T cores, and a
+    CPU-clock time is the time of T cores. Unset, XLA uses every core the process may run on."""
     global _XLA_THREADS
     try:
         from jax._src import xla_bridge

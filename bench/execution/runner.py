@@ -241,18 +241,16 @@ def measured_paired_seconds(rows: list[dict], budget_s: float, warmup_s: float |
     (XLA's) took less wall time than CPU time."""
     from ..measurement import paired
 
-    calls = {}
+    calls, origins = {}, {}
     for i, row in enumerate(rows):
         t = row["time_median_s"]
         share = row.get("cpu_over_wall")
         if row.get("clock") == "cpu" and share:
             t /= max(0.05, share)
-        calls[row.get("impl") or f"#{i}"] = t
+        name = row.get("impl") or f"#{i}"
+        calls[name], origins[name] = t, row.get("origin") or "ours"
     warmup = paired.WARMUP_S if warmup_s is None else warmup_s
-    origins = {row.get("impl") or f"#{i}": row.get("origin") or "ours" for i, row in enumerate(rows)}
-    pair = paired.finalists(calls, origins) if finals else None
-    last = 0.0 if pair is None else paired.predict_seconds([calls[k] for k in pair], budget_s, warmup)
-    return paired.predict_seconds(list(calls.values()), budget_s, warmup) + last + \
+    return paired.predict_group_seconds(calls, budget_s, warmup, origins, finals) + \
         sum(row.get("first_call_s") or 0.0 for row in rows)
 
 
@@ -276,14 +274,7 @@ def predict_paired(cases: list[Case], models: dict) -> dict[str, float]:
         calls.setdefault(gid, {})
         if info is None or case.impl not in info.declined:
             calls[gid][case.impl] = _call_seconds(case, info, auto) if auto is not None else case.time_budget_s
-    out = {}
-    for gid, c in calls.items():
-        if len(c) >= 2:
-            budget = paired_budget(first[gid])
-            pair = paired.finalists(c)
-            out[gid] = paired.predict_seconds(list(c.values()), budget) + \
-                (0.0 if pair is None else paired.predict_seconds([c[k] for k in pair], budget))
-    return out
+    return {gid: paired.predict_group_seconds(c, paired_budget(first[gid])) for gid, c in calls.items() if len(c) >= 2}
 
 
 def estimate(cases: list[Case], models: dict, slots: int = 1) -> tuple[float, list[tuple[str, float]]]:
@@ -578,15 +569,12 @@ def _schedule(cases, todo, latest, out_dir, executor, results, summary, reporter
             pending_paired.discard(gid)
             return
         calls = {c.impl: rows_now[c.id]["time_median_s"] for c in ok}
-        pair = paired.finalists(calls)
         firsts = sum(rows_now[c.id].get("first_call_s") or 0.0 for c in ok)
         budget = paired_budget(ok[0])
         group = paired.PairedGroup(tuple(ok), budget)
         eta.add(gid, measured_paired_seconds([rows_now[c.id] for c in ok], budget), "paired", measured=True)
         pending_paired.add(gid)
-        rounds_s = paired.predict_seconds(list(calls.values()), budget) + \
-            (0.0 if pair is None else paired.predict_seconds([calls[k] for k in pair], budget))
-        timeout = max(c.timeout_s for c in ok) + firsts + 3 * rounds_s
+        timeout = max(c.timeout_s for c in ok) + firsts + 3 * paired.predict_group_seconds(calls, budget)
         fut = executor.submit(Job("paired", group, timeout, plugins))
         inflight[fut] = ("paired", group)
         history.append(fut)

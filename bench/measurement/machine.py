@@ -34,7 +34,7 @@ def cores() -> list[int] | None:
     """The CPUs this process was given (None where the system does not say): its affinity when first asked, which a
     worker does as it starts, after its executor pinned it. A later hold of the process to fewer cores, for
     neural-tangents' XLA at torch's thread count (``reference._start_cpu_backend``), is not counted: the load average
-    is the machine's, and the worker's own thread on the held core is still the one it was given."""
+    is weighed against the cores the worker was given, as before the hold."""
     global _GIVEN
     if _GIVEN is None:
         try:

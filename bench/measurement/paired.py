@@ -84,6 +84,15 @@ def predict_seconds(call_s: list[float], budget_s: float, warmup_s: float = WARM
 
 # -- the statistics ------------------------------------------------------------------------------
 
+def predict_group_seconds(call_s: dict[str, float], budget_s: float, warmup_s: float = WARMUP_S,
+                          origins: dict[str, str] | None = None, finals: bool = True) -> float:
+    """A group's paired job's rounds: :func:`predict_seconds` of all its plugins (plugin -> seconds a call), then
+    of its :func:`finalists` by themselves (``finals``: runs made before those rounds had none)."""
+    pair = finalists(call_s, origins) if finals else None
+    last = 0.0 if pair is None else predict_seconds([call_s[k] for k in pair], budget_s, warmup_s)
+    return predict_seconds(list(call_s.values()), budget_s, warmup_s) + last
+
+
 def median_band(values, level: float = BAND_LEVEL) -> tuple[float, float, float]:
     """(median, low, high) of ``values``: the band is the distribution-free confidence interval of the median at
     ``level`` (order statistics k and n+1-k, k from the binomial(n, 1/2) tail); with too few values for that
