@@ -301,11 +301,8 @@ def _executor(args, out: Path, cases):
             bad = [d for d in devices if d.startswith("cuda") and (count == 0 or int(d.split(":")[1]) >= count)]
             if bad:
                 raise ValueError(f"--devices {','.join(bad)}: this machine has {count} CUDA device(s)")
-        # On the CPU clock torch computes on one thread: neural-tangents on one core (reference._start_cpu_backend)
-        one_core = any(c.clock == "cpu" for c in cases) and "NTK_BENCH_XLA_THREADS" not in os.environ
         return make_executor("local", out, workers=args.workers, devices=devices,
-                             cuda_cases=any(c.device != "cpu" for c in cases),
-                             cpu_env={"NTK_BENCH_XLA_THREADS": "1"} if one_core else None)
+                             cuda_cases=any(c.device != "cpu" for c in cases))
     if kind == "inline":
         return make_executor("inline", out)
     if kind == "ray":

@@ -23,8 +23,10 @@ neural-tangents are imported on first use, with TensorFlow's and XLA's start-up 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import threading
 import warnings
 
 import numpy as np
@@ -74,10 +76,10 @@ def _start_cpu_backend() -> None:
     XLA's CPU runtime sizes its thread pool by the cores the starting thread may run on, whatever ``XLA_FLAGS``
     say (``--xla_cpu_multi_thread_eigen=false`` still splits a dot over every core), and even a pool of one runs
     part of each call beside the calling thread. So a process that times neural-tangents against torch at T threads
-    (the runner's workers on the CPU clock, the comparison scripts) sets the variable, and the whole process (every
-    thread, torch's included) is held to T of its cores from here on, starting from the one the calling thread runs
-    on (processes started side by side hold different cores): both sides then compute on the same T cores, and a
-    CPU-clock time is the time of T cores. Unset, XLA uses every core the process may run on."""
+    (the runner's jobs on the CPU clock, the comparison scripts) sets the variable, and the whole process (every
+    thread, torch's included) is held to T of its cores from here on (:func:`_hold`): both sides then compute on
+    the same T cores, and a CPU-clock time is the time of T cores. Unset, XLA uses every core the process may run
+    on."""
     global _XLA_THREADS
     try:
         from jax._src import xla_bridge
@@ -91,13 +93,83 @@ def _start_cpu_backend() -> None:
     from ntk_bench.envvars import positive_int
 
     given = positive_int("XLA_THREADS")
+    held = _hold(given) if given is not None else None
+    jax.devices("cpu")
+    try:
+        _XLA_THREADS = held or len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # (no affinity on this system: XLA takes what it takes)
+        _XLA_THREADS = None
+
+
+@contextlib.contextmanager
+def xla_threads_held(count: int):
+    """Inside: neural-tangents computes on ``count`` cores (``NTK_BENCH_XLA_THREADS``, unless the environment
+    already sets it): JAX's CPU backend starts held there, or, where it started before (a reference computed in
+    this process), every thread, XLA's pool included, is held now (the pool then takes turns on those cores:
+    measured, a call's CPU time equals its wall time, as when the backend starts held). After: the variable and
+    every thread's cores as they were, so a process that runs jobs in turn (the runner's own, with the inline
+    executor) is left as found."""
+    global _XLA_THREADS
+    from ntk_bench.envvars import positive_int
+
+    set_here = "NTK_BENCH_XLA_THREADS" not in os.environ
+    if set_here:
+        os.environ["NTK_BENCH_XLA_THREADS"] = str(count)
+    before = _affinities()
+    try:
+        given = positive_int("XLA_THREADS")
+        try:
+            from jax._src import xla_bridge
+
+            started = xla_bridge.backends_are_initialized()
+        except (ImportError, AttributeError):
+            started = False
+        if started and given is not None:
+            _XLA_THREADS = _hold(given) or _XLA_THREADS
+        yield
+    finally:
+        if set_here:
+            os.environ.pop("NTK_BENCH_XLA_THREADS", None)
+        _restore_affinities(before)
+
+
+def _affinities() -> dict[int, set[int]]:
+    """Every thread's cores, by thread id (empty where the system has no affinity)."""
+    found = {}
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                found[int(tid)] = os.sched_getaffinity(int(tid))
+            except OSError:  # (a thread that ended meanwhile)
+                pass
+    except (AttributeError, OSError):
+        pass
+    return found
+
+
+def _restore_affinities(before: dict[int, set[int]]) -> None:
+    """Each thread back to its cores in ``before``; a thread started since to those of the calling thread then."""
+    if not before:
+        return
+    default = before.get(threading.get_native_id(), next(iter(before.values())))
+    for tid, cores in _affinities().items():
+        want = before.get(tid, default)
+        if cores != want:
+            try:
+                os.sched_setaffinity(tid, want)
+            except OSError:
+                pass
+
+
+def _hold(given: int) -> int | None:
+    """Hold every thread of this process to ``given`` of its cores, starting from the one the calling thread runs
+    on (processes started side by side hold different cores); the cores it may use after (None where the system
+    has no affinity). Warns when torch computes with more threads than that."""
     try:
         cores = sorted(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # (no affinity on this system: XLA takes what it takes)
-        jax.devices("cpu")
-        return
-    if given is not None and given < len(cores):
-        # from the core this thread runs on now: processes started side by side hold different cores
+    except (AttributeError, OSError):
+        return None
+    if given < len(cores):
         now = _current_cpu()
         start = cores.index(now) if now in cores else 0
         cores = sorted((cores[start:] + cores[:start])[:given])
@@ -110,9 +182,8 @@ def _start_cpu_backend() -> None:
         if torch.get_num_threads() > len(cores):
             warnings.warn(f"NTK_BENCH_XLA_THREADS={given} holds this process to {len(cores)} core(s) while torch "
                           f"computes with {torch.get_num_threads()} threads: they wait for each other",
-                          RuntimeWarning, stacklevel=3)
-    jax.devices("cpu")
-    _XLA_THREADS = len(cores)
+                          RuntimeWarning, stacklevel=4)
+    return len(cores)
 
 
 def _current_cpu() -> int | None:

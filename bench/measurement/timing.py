@@ -13,6 +13,7 @@ import statistics
 import time
 
 CLOCKS = ("wall", "cpu")
+CPU_CLOCK_THREADS = 1  # torch's threads on the CPU clock: one, so that no thread waits for another
 
 
 def clock(name: str, device: str = "cpu"):
@@ -37,7 +38,7 @@ def threads_for(name: str):
 
     before = torch.get_num_threads()
     if name == "cpu":
-        torch.set_num_threads(1)
+        torch.set_num_threads(CPU_CLOCK_THREADS)
     try:
         yield torch.get_num_threads()
     finally:

@@ -7,6 +7,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from ntk_bench.bench import cli as cli_module
 from ntk_bench.bench.execution import runner
 
@@ -44,10 +46,13 @@ def test_make_bench_passes_clock_auto_by_default():
     assert "--clock $(CLOCK) $(BENCH_ARGS)" in bench  # BENCH_ARGS after it: a --clock there wins
 
 
-def test_a_cpu_clock_run_times_neural_tangents_on_one_core(tmp_path, nt_available):
-    """The CPU clock times torch on one thread; neural-tangents' XLA, which sizes its pool by the worker's cores, gets
-    one core too (NTK_BENCH_XLA_THREADS=1 for the run's workers), and its rows say so (``xla_threads``); a bad value
-    of the variable is refused in one line before any work."""
+@pytest.mark.parametrize("executor", ["local", "inline"])
+def test_a_cpu_clock_run_times_neural_tangents_on_one_core(tmp_path, nt_available, executor):
+    """The CPU clock times torch on one thread; neural-tangents' XLA, which sizes its pool by the process's cores,
+    gets one core too (NTK_BENCH_XLA_THREADS=1 for every job timed on the CPU clock, whichever executor runs it: in
+    the inline executor's process JAX has already started for the reference, unheld, and is held when the case
+    runs), and its rows say so (``xla_threads``); a bad value of the variable is refused in one line before any
+    work."""
     import os
 
     from tests.helpers.runner_helpers import cli, cli_env
@@ -55,7 +60,8 @@ def test_a_cpu_clock_run_times_neural_tangents_on_one_core(tmp_path, nt_availabl
     f = tmp_path / "s.json"
     f.write_text(json.dumps({**SMALL, "impls": ["nt_structured_derivatives"]}))
     env = {k: v for k, v in cli_env().items() if k != "NTK_BENCH_XLA_THREADS"}
-    out = cli("run", "--sweep", f, "--out", tmp_path / "run", "--clock", "cpu", "--no-progress", env=env)
+    out = cli("run", "--sweep", f, "--out", tmp_path / "run", "--clock", "cpu", "--no-progress",
+              "--executor", executor, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     _, rows = runner.read_results(tmp_path / "run" / "results.jsonl")
     assert rows[0]["status"] == "ok" and rows[0]["xla_threads"] == 1

@@ -355,3 +355,46 @@ def test_neural_tangents_computes_on_the_cores_ntk_bench_xla_threads_gives(monke
                          env={**os.environ, "NTK_BENCH_XLA_THREADS": "two"}, timeout=300)
     assert bad.returncode != 0 and "NTK_BENCH_XLA_THREADS='two': expected a whole number, 1 or more" \
         in bad.stderr
+
+
+_HELD_FOR_A_JOB = """
+import os, time
+import torch
+torch.set_num_threads(1)
+from ntk_bench import reference
+jax = reference._jax()  # started unheld, as by a reference computed in this process before a timed job
+import jax.numpy as jnp
+threads = lambda: {len(os.sched_getaffinity(int(t))) for t in os.listdir("/proc/self/task")}
+before = (sorted(os.sched_getaffinity(0)), reference.xla_threads(), os.environ.get("NTK_BENCH_XLA_THREADS"))
+f = jax.jit(lambda a: a @ a)
+a = jnp.ones((1200, 1200), dtype=jnp.float32)
+f(a).block_until_ready()
+with reference.xla_threads_held(1):
+    inside = (max(threads()), reference.xla_threads(), os.environ.get("NTK_BENCH_XLA_THREADS"))
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(8):
+        f(a).block_until_ready()
+    ratio = (time.process_time() - cpu) / (time.perf_counter() - wall)
+after = (sorted(os.sched_getaffinity(0)), max(threads()), os.environ.get("NTK_BENCH_XLA_THREADS"))
+print(repr((before, inside, ratio, after)))
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_getaffinity") or len(__import__("os").sched_getaffinity(0)) < 2,
+                    reason="needs two cores to tell one from several")
+def test_a_job_on_the_cpu_clock_holds_a_started_backend_and_leaves_the_process_as_found():
+    """A job timed on the CPU clock in a process whose JAX backend already started on every core (the inline
+    executor's, after computing the reference) is held to one core while it runs (its calls take no more CPU than
+    wall time), and after it the process's cores and environment are as they were."""
+    import ast
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "NTK_BENCH_XLA_THREADS"}
+    out = subprocess.run([sys.executable, "-c", _HELD_FOR_A_JOB], capture_output=True, text=True, cwd=ROOT, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, inside, ratio, after = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+    cores = sorted(os.sched_getaffinity(0))
+    assert before == (cores, len(cores), None)
+    assert inside == (1, 1, "1") and ratio < 1.1
+    assert after == (cores, len(cores), None)

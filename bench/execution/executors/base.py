@@ -11,6 +11,7 @@ an exception); the runner waits on the futures as they complete
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import socket
 import time
@@ -159,27 +160,48 @@ def run_job(wire: dict, run_dir: str | Path) -> dict:
             from ..tiles import run_band
 
             return run_band(job.payload)
-        gpu = env("GPU")
-        if job.task == "paired":
-            from ...measurement import paired
+        with _cpu_clock_cores(job):
+            gpu = env("GPU")
+            if job.task == "paired":
+                from ...measurement import paired
 
-            group = job.payload
-            if gpu is not None and group.device.startswith("cuda"):  # the one device this worker sees
-                group = dataclasses.replace(group, cases=tuple(dataclasses.replace(c, device="cuda:0")
-                                                               for c in group.cases))
-            return paired.run_paired(group, Path(run_dir))
-        case = job.payload
-        if gpu is not None and case.device.startswith("cuda"):
-            case = dataclasses.replace(case, device="cuda:0")
-        row = one_case.run_case(case, Path(run_dir))
-        if gpu is not None and case.device.startswith("cuda"):
-            row["gpu"] = int(gpu)
-        return row
+                group = job.payload
+                if gpu is not None and group.device.startswith("cuda"):  # the one device this worker sees
+                    group = dataclasses.replace(group, cases=tuple(dataclasses.replace(c, device="cuda:0")
+                                                                   for c in group.cases))
+                return paired.run_paired(group, Path(run_dir))
+            case = job.payload
+            if gpu is not None and case.device.startswith("cuda"):
+                case = dataclasses.replace(case, device="cuda:0")
+            row = one_case.run_case(case, Path(run_dir))
+            if gpu is not None and case.device.startswith("cuda"):
+                row["gpu"] = int(gpu)
+            return row
     except Exception as exc:  # a job that could not even run (a plugin module that fails, a bad payload)
         last = traceback.format_exc().strip().splitlines()[-1]
         from ...measurement import failures, one_case, references
 
         return error_row(failures.status_of(exc), f"{type(exc).__name__}: {exc}"[:500], traceback_tail=last[:300])
+
+
+def _cpu_clock_cores(job: Job):
+    """A job timed on the CPU clock times torch on one thread, so neural-tangents computes on one core too
+    (``reference.xla_threads_held``: ``NTK_BENCH_XLA_THREADS=1`` unless the environment says otherwise), whichever
+    executor runs it: a worker of this machine, the runner's own process, a Ray task or a SLURM job. The cores the
+    process was given are noted first (``machine.cores``): the load average is still weighed against them. Other
+    jobs: nothing."""
+    case = job.payload.first if job.task == "paired" else job.payload
+    if job.task not in ("case", "paired") or case.clock != "cpu" or case.device != "cpu":
+        return contextlib.nullcontext()
+    from ntk_bench import reference
+
+    from ...measurement import machine, timing
+
+    machine.cores()
+    both = contextlib.ExitStack()
+    both.enter_context(timing.threads_for("cpu"))  # (torch at its thread count first: the hold checks against it)
+    both.enter_context(reference.xla_threads_held(timing.CPU_CLOCK_THREADS))
+    return both
 
 
 def host() -> str:
