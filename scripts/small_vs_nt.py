@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -211,6 +210,7 @@ def main() -> None:
             print(cid, arch, json.dumps(params), f"N={n}")
         return
     from ntk_bench.bench.execution.worker import _keep_freed_memory
+    from ntk_bench.bench.measurement import environment
 
     _keep_freed_memory()
     torch.set_num_threads(args.threads)
@@ -220,7 +220,8 @@ def main() -> None:
     unknown = set(args.cases or ()) - {c[0] for c in CASES}
     if unknown:
         raise SystemExit(f"unknown cases {sorted(unknown)}; --list shows them")
-    meta = {"torch": torch.__version__, "threads": args.threads, "cpu": platform.processor() or platform.machine(),
+    meta = {"torch": torch.__version__, "threads": args.threads, "cpu": environment.cpu_name(),
+            "cpu_capability": environment.cpu_capability(),
             "load_before": os.getloadavg(), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
             "command": " ".join(sys.argv)}
     rows = []

@@ -32,12 +32,36 @@ def environment() -> dict:
         "torch": torch.__version__, "jax": version("jax"), "jaxlib": version("jaxlib"),
         "neural_tangents": version("neural-tangents"), "backpack": version("backpack-for-pytorch"),
         "numpy": version("numpy"), "python": platform.python_version(),
-        "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or platform.machine(),
+        "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else cpu_name(),
+        "cpu_capability": cpu_capability(),
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
         "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "git_commit": commit,
         "code_sha1": code_sha1(), "host": socket.gethostname(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def cpu_name() -> str:
+    """The CPU's model as the system names it (Linux's /proc/cpuinfo ``model name``), else what ``platform`` says
+    (often only the architecture, "x86_64"). Timings of one plugin against another differ by CPU, not only by
+    speed: on one, MKL's GEMM and oneDNN's are equals; on another, one is twice the other."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model Name", "cpu model") and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_capability() -> str | None:
+    """The vector instructions torch's CPU kernels use here ("AVX512", "AVX2", ...; None where torch does not say)."""
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def code_sha1() -> str:

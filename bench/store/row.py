@@ -256,7 +256,10 @@ class Header(BaseModel):
     backpack: str | None = Field(None, description="BackPACK's version")
     numpy: str | None = Field(None, description="numpy's version")
     python: str | None = Field(None, description="Python's version")
-    device_name: str | None = Field(None, description="The GPU's name, or the CPU's")
+    device_name: str | None = Field(None, description="The GPU's name, or the CPU's model (/proc/cpuinfo; runs "
+                                                      "before it was recorded say only the architecture)")
+    cpu_capability: str | None = Field(None, description="The vector instructions torch's CPU kernels use "
+                                                         "(AVX512, AVX2, ...)")
     cuda: str | None = Field(None, description="CUDA's version (None: no CUDA)")
     cpu_threads: int | None = Field(None, description="Torch threads of the runner (or of the workers, with "
                                                       "worker_env)")
