@@ -4,7 +4,8 @@ When it wins: small calls made many times. A small model's kernel in eager mode 
 each paying Python and dispatcher overhead larger than its arithmetic; Inductor fuses the elementwise work into
 a few generated C++ (or Triton) kernels around the GEMMs, and one compiled call costs one guard check and one
 wrapper call. When the arithmetic dominates (wide layers, large batches), compiling gains little: the GEMMs are
-the same library calls either way.
+the same library calls either way (a plugin that chooses between oneDNN's GEMM and MKL's keeps its choice in the
+compiled kernel: ``onednn.linear``).
 
 What it costs: seconds of compilation on the first call for a model, its input shapes, dtype and mode (more for
 transformers: tens of seconds), one more eager kernel on that first call (the compiled kernel is checked against
@@ -16,8 +17,8 @@ A plugin takes part by offering ``pure_kernel(model, x1, x2, mode)`` (the inputs
 plan the plugin makes per shapes; the function must not keep them): a function ``(model, x1, x2) -> kernel``
 (the model an argument, not kept in a closure: the cache is weak in the model) that
 ``torch.compile(fullgraph=True)`` can trace (no Python-side caches or side effects, no host syncs; parameters read
-from the model, so in-place updates are seen), and optionally ``compile_context()``: switches set around the
-compiled call (they are read while tracing and must hold when it runs). Without ``pure_kernel`` the plugin's
+from the model, so in-place updates are seen), and optionally ``compile_context(model, x1, x2, mode)``: switches
+set around the compiled call (read while tracing, or by an operator when it runs; they must hold when it runs). Without ``pure_kernel`` the plugin's
 ``_kernel`` itself is tried. Whatever fails (a graph break, a compile error, a compiled kernel that differs from
 the eager one by more than the dtype's tolerance) falls back to the eager kernel for that key, and the reason is
 kept (``info``).
@@ -88,10 +89,11 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-300))
 
 
-def _context(plugin):
-    """The plugin's ``compile_context()`` (global switches its pure kernel needs, set outside the compiled code)."""
+def _context(plugin, model, x1, x2, mode):
+    """The plugin's ``compile_context(model, x1, x2, mode)`` (global switches its pure kernel needs, set outside
+    the compiled code)."""
     context = getattr(plugin, "compile_context", None)
-    return context() if context is not None else contextlib.nullcontext()
+    return context(model, x1, x2, mode) if context is not None else contextlib.nullcontext()
 
 
 class Cache:
@@ -139,7 +141,7 @@ class Cache:
         if entry.failed is not None:
             self._local.info = Info(False, None, entry.failed)
             return plugin._kernel(model, x1, x2, mode)
-        with _context(plugin):
+        with _context(plugin, model, x1, x2, mode):
             if entry.checked:
                 self._local.info = Info(True)
                 return entry.fn(model, x1, x2)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from . import onednn
+
 
 def kernel_shape(n: int, m: int, o: int, mode: str) -> tuple[int, ...]:
     """The kernel's shape for N×M samples and O outputs in ``mode``: (N, M, O, O) full, (N, M) trace, (N, M, O)
@@ -48,7 +50,7 @@ def gradient_gram(g1: torch.Tensor, g2: torch.Tensor, mode: str) -> torch.Tensor
     o, n, c = g1.shape
     m = g2.shape[1]
     if mode == "trace":
-        return g1.transpose(0, 1).reshape(n, o * c) @ g2.transpose(0, 1).reshape(m, o * c).T
+        return onednn.gram(g1.transpose(0, 1).reshape(n, o * c), g2.transpose(0, 1).reshape(m, o * c))
     return torch.bmm(g1, g2.transpose(1, 2)).permute(1, 2, 0)
 
 
@@ -96,11 +98,11 @@ def _gram_rows(a: torch.Tensor, b: torch.Tensor, same: bool) -> torch.Tensor:
     the products of the row blocks on and above the diagonal only, the lower ones mirrored."""
     r = a.shape[0]
     if not same or r < SYMMETRIC_JACOBIAN_MIN_ROWS:
-        return a @ b.T
+        return onednn.gram(a, b)
     starts = block_starts(r, symmetric_blocks(r, a.device))
     out = torch.empty(r, r, dtype=a.dtype, device=a.device)
     for i0, i1 in zip(starts, starts[1:]):
-        out[i0:i1, i0:] = a[i0:i1] @ a[i0:].T  # (not mm(out=): torch.compile takes no strided out= tensor)
+        out[i0:i1, i0:] = onednn.gram(a[i0:i1], a[i0:])  # (not mm(out=): torch.compile takes no strided out= tensor)
         if i0:
             out[i0:i1, :i0] = out[:i0, i0:i1].T
     return out
@@ -142,7 +144,7 @@ class KernelSum:
             self._add_upper_blocks(xx, a1, n, o, block_starts(n, symmetric_blocks(n * o, a1.device)))
             return
         a2 = a1 if symmetric else g2.transpose(0, 1).reshape(m * o, c)
-        self._add_block(slice(None), slice(None), a1 @ a2.T, xx)
+        self._add_block(slice(None), slice(None), onednn.gram(a1, a2), xx)
 
     def add_scaled_gram(self, xx: torch.Tensor, w: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor,
                         symmetric: bool = False) -> None:
@@ -155,7 +157,7 @@ class KernelSum:
         narrower GEMM, which measured slower on the CPU.
         """
         if self.mode == "trace":
-            self.add(((d1 * (w * w).sum(0)) @ d2.T).mul_(xx))
+            self.add(onednn.gram(d1 * (w * w).sum(0), d2).mul_(xx))
             return
         g1 = w.unsqueeze(1) * d1
         self.add_gram(xx, g1, g1 if d2 is d1 else w.unsqueeze(1) * d2, symmetric=symmetric)
@@ -182,7 +184,7 @@ class KernelSum:
         if first:
             self.acc = torch.empty(n, o, n, o, dtype=a.dtype, device=a.device)
         for s, e in zip(starts, starts[1:]):
-            self._add_block(slice(s, e), slice(s, n), a[s * o: e * o] @ a[s * o:].T, xx, overwrite=first)
+            self._add_block(slice(s, e), slice(s, n), onednn.gram(a[s * o: e * o], a[s * o:]), xx, overwrite=first)
         self.starts = starts
 
     def add_identity_gram(self, xx: torch.Tensor, o: int) -> None:

@@ -21,13 +21,21 @@ from .module_walks import shape_keyed_cache
 
 @contextlib.contextmanager
 def enabled(flag: bool):
-    """oneDNN's CPU kernels on or off inside the block (torch.backends.mkldnn's global switch), restored after."""
-    before = torch._C._get_mkldnn_enabled()
+    """oneDNN's CPU kernels on or off inside the block (torch.backends.mkldnn's global switch), restored after.
+    Inside ``enabled(True)`` the Gram GEMMs (``gram``) go to oneDNN too: only where a plugin chose it."""
+    before, chosen = torch._C._get_mkldnn_enabled(), getattr(_CHOSEN, "flag", None)
     torch._C._set_mkldnn_enabled(flag)
+    _CHOSEN.flag = flag
     try:
         yield
     finally:
         torch._C._set_mkldnn_enabled(before)
+        _CHOSEN.flag = chosen
+
+
+# This thread's innermost ``enabled`` (None outside any): the Gram GEMMs take oneDNN only inside ``enabled(True)``,
+# since plugins without a backend trial share them and MKL's GEMM is the faster on some CPUs.
+_CHOSEN = threading.local()
 
 
 def usable(x: torch.Tensor) -> bool:
@@ -42,12 +50,57 @@ _LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias), by oneDNN's linear when it is switched on for float32 CPU tensors (``weight``
     may be a transposed view: ``linear(g, w.t())`` is ``g @ w``); no autograd through the oneDNN path. Under
-    ``torch.compile`` it is ``F.linear``: Inductor picks its own GEMM."""
+    ``torch.compile`` a GEMM of ``COMPILED_MIN_MACS`` or more goes through ``ntk_bench::linear``, which takes
+    oneDNN when it runs inside ``enabled(True)`` (a plugin's choice: ``compile_context``) and MKL's GEMM otherwise,
+    as Inductor would (on some CPUs twice oneDNN's time); smaller ones are Inductor's."""
     if torch.compiler.is_compiling():
+        if _COMPILED is not None and x.device.type == "cpu" and x.dtype == torch.float32 \
+                and not torch.is_grad_enabled() \
+                and x.numel() // max(1, x.shape[-1]) * weight.shape[0] * weight.shape[-1] >= COMPILED_MIN_MACS:
+            return _COMPILED(x, weight, bias)
         return F.linear(x, weight, bias)
     if _LINEAR is not None and usable(x) and weight.dtype == x.dtype and not torch.is_grad_enabled():
         return _LINEAR(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
+
+
+def gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a bᵀ for matrices (rows · rows): a Gram GEMM, by oneDNN's linear (x Wᵀ with W = b) inside ``enabled(True)``,
+    the plugin's backend trial (``on_faster_backend``) having found it faster for the model and shapes; MKL's
+    otherwise. On some CPUs oneDNN's GEMM takes half MKL's time, on others MKL's is the faster."""
+    if a.dim() == 2 and b.dim() == 2 and (torch.compiler.is_compiling() or getattr(_CHOSEN, "flag", None) is True):
+        return linear(a, b)  # (compiled: ``ntk_bench::linear`` decides when it runs)
+    return a @ b.T
+
+
+# A compiled GEMM this large (multiply-adds) calls oneDNN or MKL as the switch says when it runs; below it the
+# call's own overhead (a Python function) would cost more than a choice of library can gain.
+COMPILED_MIN_MACS = 1 << 20
+
+
+def _compiled_linear():
+    """``ntk_bench::linear``: ``linear`` as an operator that compiled code calls as it is (None where this torch
+    has no oneDNN linear or no ``torch.library.custom_op``)."""
+    if _LINEAR is None or not hasattr(torch.library, "custom_op"):
+        return None
+    existing = getattr(getattr(torch.ops, "ntk_bench", None), "linear", None)
+    if existing is not None:  # (this module loaded a second time, under another name: one operator)
+        return existing
+
+    @torch.library.custom_op("ntk_bench::linear", mutates_args=())
+    def compiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if getattr(_CHOSEN, "flag", None) is True and usable(x) and weight.dtype == x.dtype:
+            return _LINEAR(x, weight, bias, "none", [], "")
+        return F.linear(x, weight, bias)
+
+    @compiled_linear.register_fake
+    def _(x, weight, bias):
+        return x.new_empty(x.shape[:-1] + (weight.shape[0],))
+
+    return compiled_linear
+
+
+_COMPILED = _compiled_linear()
 
 
 def is_faster(run, repeats: int = 5, margin: float = 0.9, only_below_s: float = 0.05) -> bool:
@@ -88,6 +141,15 @@ def fixed_choice(flag: bool | None):
         yield
     finally:
         _FIXED.flag = before
+
+
+def choice(store, model, key: tuple, run) -> bool:
+    """Whether ``on_faster_backend`` runs ``model`` at ``key`` with oneDNN on: its cached answer, or a trial of
+    ``run`` (a fixed choice where one is set)."""
+    flag = getattr(_FIXED, "flag", None)
+    if flag is not None:
+        return flag
+    return shape_keyed_cache(store, model, key, lambda: is_faster(run))
 
 
 def on_faster_backend(store, model, key: tuple, run, prepare=None):

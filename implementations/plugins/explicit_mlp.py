@@ -16,6 +16,7 @@ and a tile costs only its Grams (``contract``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import weakref
@@ -166,6 +167,19 @@ class ExplicitMLP(NTKPlugin):
                 return self._recursion(model, x1, x2, mode)
 
         return kernel
+
+    def compile_context(self, model, x1, x2, mode):
+        """Around the compiled kernel: oneDNN's GEMMs or MKL's, as the eager kernel's trial found faster for this
+        model and shapes (the compiled kernel's large GEMMs choose when they run: ``onednn.linear``)."""
+        if not onednn.usable(x1):
+            return contextlib.nullcontext()
+        key = (tuple(x1.shape), None if x2 is None else tuple(x2.shape), mode)
+
+        def run():
+            with torch.no_grad():
+                self._recursion(model, x1, x2, mode)
+
+        return onednn.enabled(onednn.choice(_GEMM_BACKEND, model, key, run))
 
     def _recursion(self, model, x1, x2, mode):
         layers = _layers(model)

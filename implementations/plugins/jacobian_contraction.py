@@ -99,7 +99,7 @@ class JacobianContraction(NTKPlugin):
         return kernel
 
     @staticmethod
-    def compile_context():
+    def compile_context(model, x1, x2, mode):
         return composite_attention()
 
 

@@ -36,9 +36,9 @@ from .plan import Plan, Use, _Replan, discover, layer_costs, record, structure_k
 from .rules.base import Options
 from .rules.generic import GenericRule
 
-# CPU convolutions: oneDNN's or PyTorch's own kernels, whichever ran the kernel faster, per model and shapes
-# (``onednn.is_faster``).
-_CONV_BACKEND: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# CPU convolutions and Gram GEMMs: oneDNN's or PyTorch's own kernels (MKL's GEMM), whichever ran the kernel faster,
+# per model and shapes (``onednn.is_faster``).
+_BACKEND: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 # Jacobian-order blocks under this many numbers are concatenated (fewer, larger GEMMs); larger ones are contracted
 # one at a time (no copy, and only one layer's concatenation alive).
@@ -422,11 +422,10 @@ class Structured(NTKPlugin):
     # -- the kernel ----------------------------------------------------------------------------------------------
 
     def _kernel(self, model, x1, x2, mode):
-        if x1.device.type != "cpu" or not torch._C._get_mkldnn_enabled() or x1.dtype == torch.float64 or \
-                not any(isinstance(m, nn.modules.conv._ConvNd) for m in submodules(model)):  # (no fp64 in oneDNN)
+        if not onednn.usable(x1):  # (no float64 in oneDNN)
             return self._layer_sum(model, x1, x2, mode)
         key = (tuple(x1.shape), None if x2 is None else tuple(x2.shape), x1.dtype, mode)
-        return onednn.on_faster_backend(_CONV_BACKEND, model, key, lambda: self._layer_sum(model, x1, x2, mode),
+        return onednn.on_faster_backend(_BACKEND, model, key, lambda: self._layer_sum(model, x1, x2, mode),
                                         prepare=lambda: self.plan(model, x1))
 
     def _layer_sum(self, model, x1, x2, mode):

@@ -212,13 +212,13 @@ def test_structured_leaves_the_onednn_flag_as_it_was_and_agrees_on_both_backends
     model, (x1, x2) = problem.model(torch.float32), problem.inputs(torch.float32)
     plugin, before = implementations.get("structured"), torch._C._get_mkldnn_enabled()
     kernel = plugin.compute(model, x1, x2)
-    assert torch._C._get_mkldnn_enabled() == before and len(structured._CONV_BACKEND[model]) == 1
+    assert torch._C._get_mkldnn_enabled() == before and len(structured._BACKEND[model]) == 1
     for enabled in (True, False):
         with onednn.enabled(enabled):
             assert rel_err(plugin._layer_sum(model, x1, x2, "full"), kernel) <= 1e-5
-    assert model.double() not in structured._CONV_BACKEND or len(structured._CONV_BACKEND[model]) == 1
+    assert model.double() not in structured._BACKEND or len(structured._BACKEND[model]) == 1
     plugin.compute(model, x1.double(), x2.double())
-    assert len(structured._CONV_BACKEND[model]) == 1  # no trial in float64
+    assert len(structured._BACKEND[model]) == 1  # no trial in float64
 
 
 @pytest.mark.parametrize("mode", implementations.MODES)
