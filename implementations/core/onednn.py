@@ -68,8 +68,11 @@ def gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a bᵀ for matrices (rows · rows): a Gram GEMM, by oneDNN's linear (x Wᵀ with W = b) inside ``enabled(True)``,
     the plugin's backend trial (``on_faster_backend``) having found it faster for the model and shapes; MKL's
     otherwise. On some CPUs oneDNN's GEMM takes half MKL's time, on others MKL's is the faster."""
-    if a.dim() == 2 and b.dim() == 2 and (torch.compiler.is_compiling() or getattr(_CHOSEN, "flag", None) is True):
-        return linear(a, b)  # (compiled: ``ntk_bench::linear`` decides when it runs)
+    if torch.compiler.is_compiling():
+        return linear(a, b) if a.dim() == 2 and b.dim() == 2 else a @ b.T  # (``ntk_bench::linear`` chooses)
+    if getattr(_CHOSEN, "flag", None) is True and a.dim() == 2 and b.dim() == 2 and a.stride(-1) == 1 \
+            and b.stride(-1) == 1:  # (rows in place: no copy of either side into oneDNN's layout)
+        return linear(a, b)
     return a @ b.T
 
 
