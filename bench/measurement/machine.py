@@ -9,7 +9,11 @@ switches, the load average before and after); :func:`fields` turns that into a r
 - the process's CPU time was well under the wall time (``cpu_over_wall`` below ``MIN_CPU_OVER_WALL``, CPU
   cases only: a GPU call waits for the device, not for a core): the calls waited for a core;
 - the load average was above the cores this process was given (``os.sched_getaffinity``), or, for workers of
-  one run pinned to disjoint cores, all of theirs (``load_cores``): others wanted them.
+  one run pinned to disjoint cores, all of theirs (``load_cores``): others wanted them;
+- the machine's own speed changed while the calls were timed: a reference GEMM (:func:`speed_probe`), timed
+  before and after, took over ``MAX_SPEED_CHANGE`` times longer at one end than at the other. On a virtual
+  machine whose host is shared, speed changes that no load average shows (a fixed GEMM took from 1.9 to 3.6 ms
+  within a minute on the 2-core VM of results/2026-12-08-small-vs-nt-epyc, nothing else running on it).
 
 The run's own threads count in the load average: one worker with two threads on two cores, or two workers
 with one thread each on a core each, do not disturb themselves.
@@ -27,7 +31,10 @@ from ntk_bench.envvars import positive_int
 MIN_CPU_OVER_WALL = 0.8
 
 FIELDS = ("load_avg_1m", "cpu_over_wall", "involuntary_switches", "cpu_threads", "cpu_affinity", "cores",
-          "disturbed")
+          "probe_before_s", "probe_after_s", "disturbed")
+# The reference GEMM's time at one end of a timed stretch over its time at the other beyond which the machine's
+# speed changed while it was timed (two probes a fraction of a second apart differ by up to a third on a quiet VM).
+MAX_SPEED_CHANGE = 1.5
 
 
 def cores() -> list[int] | None:
@@ -112,11 +119,38 @@ def one_thread_share(probe_s: float = 0.5) -> float | None:
     return min(1.0, cpu / wall) if wall > 0 and cpu > 0 else None
 
 
+def speed_probe(repeats: int = 5) -> float | None:
+    """Seconds of a fixed float32 GEMM (256 × 384 × 384, on the CPU, with torch's current threads), the best of
+    ``repeats``: how fast this machine computes now, to set beside the same probe at another time. None where
+    torch cannot run it."""
+    try:
+        import torch
+
+        a = torch.ones(256, 384)
+        b = torch.ones(384, 384)
+        best = None
+        for _ in range(repeats + 1):  # (the first call warms the library up: not counted)
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            t = time.perf_counter() - t0
+            best = t if best is None else min(best, t)
+        return best
+    except Exception:  # (the probe says how the machine was; its failure costs the row nothing)
+        return None
+
+
 class Usage:
     """Wall time, process CPU time and involuntary context switches of the code run inside ``with Usage() as u``;
-    the load average is read at both ends (the larger is kept)."""
+    the load average is read at both ends (the larger is kept), and with ``probe`` the reference GEMM's time
+    (:func:`speed_probe`) too."""
+
+    def __init__(self, probe: bool = False):
+        self.probe = probe
+        self.probe_before_s = self.probe_after_s = None
 
     def __enter__(self) -> "Usage":
+        if self.probe:
+            self.probe_before_s = speed_probe()
         self.load_before = load_average()
         ru = resource.getrusage(resource.RUSAGE_SELF)
         self._ivcsw = ru.ru_nivcsw
@@ -130,15 +164,23 @@ class Usage:
         self.involuntary_switches = resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw - self._ivcsw
         loads = [v for v in (self.load_before, load_average()) if v is not None]
         self.load = max(loads) if loads else None
+        if self.probe:
+            self.probe_after_s = speed_probe()
 
 
-def disturbed(cpu_over_wall: float | None, load: float | None, n_cores: int | None, device: str = "cpu") -> str | None:
-    """Why a stretch of timed calls was disturbed, or None when nothing says it was."""
+def disturbed(cpu_over_wall: float | None, load: float | None, n_cores: int | None, device: str = "cpu",
+              probes: tuple[float | None, float | None] = (None, None)) -> str | None:
+    """Why a stretch of timed calls was disturbed, or None when nothing says it was; ``probes``: the reference
+    GEMM's seconds before and after it (CPU cases)."""
     why = []
     if device == "cpu" and cpu_over_wall is not None and cpu_over_wall < MIN_CPU_OVER_WALL:
         why.append(f"CPU time {cpu_over_wall:.0%} of wall time")
     if load is not None and n_cores and load > n_cores:
         why.append(f"load {load:.1f} on {n_cores} core(s)")
+    before, after = probes
+    if device == "cpu" and before and after and max(before, after) > MAX_SPEED_CHANGE * min(before, after):
+        why.append(f"the machine's speed changed while timed (a reference GEMM took {before * 1e3:.3g} ms before, "
+                   f"{after * 1e3:.3g} ms after)")
     return "; ".join(why) or None
 
 
@@ -153,7 +195,10 @@ def fields(usage: Usage, threads: int | None, device: str = "cpu") -> dict:
         "cpu_threads": threads,
         "cpu_affinity": owned,
         "cores": len(owned) if owned else os.cpu_count(),
-        "disturbed": disturbed(ratio, usage.load, load_cores(), "cpu" if str(device).startswith("cpu") else "cuda"),
+        "probe_before_s": getattr(usage, "probe_before_s", None),
+        "probe_after_s": getattr(usage, "probe_after_s", None),
+        "disturbed": disturbed(ratio, usage.load, load_cores(), "cpu" if str(device).startswith("cpu") else "cuda",
+                               (getattr(usage, "probe_before_s", None), getattr(usage, "probe_after_s", None))),
     }
 
 
@@ -176,6 +221,7 @@ def disturbed_line(rows, paired=()) -> str:
     also = f", and {len(bad_groups)} of {len(groups)} paired groups" if groups else ""
     if not timed:
         return "**Timing: the rows do not record the machine's state** (a run from before it was recorded)."
+    load += _speed_spread(timed + groups)
     if not bad and not bad_groups:
         nor = f", nor any of {len(groups)} paired groups" if groups else ""
         return f"**Timing: none of {len(timed)} timed rows was disturbed**{nor}{load}.{_more_cores(timed)}"
@@ -185,6 +231,18 @@ def disturbed_line(rows, paired=()) -> str:
                 "caches and memory bandwidth: compare paired ratios only, or run again on a quieter machine."
                 f"{_more_cores(timed)}")
     return f"**Timing: {len(bad)} of {len(timed)} timed rows were disturbed{also}**{load}: {ADVICE}.{_more_cores(timed)}"
+
+
+def _speed_spread(rows) -> str:
+    """", the machine's own speed varying …" where the reference GEMM (``probe_*_s``) took over
+    ``MAX_SPEED_CHANGE`` times longer at its slowest than at its fastest over the run; empty otherwise. Times
+    taken minutes apart then differ by as much whatever the code: compare paired ratios only."""
+    probes = [r[k] for r in rows for k in ("probe_before_s", "probe_after_s") if _is_number(r.get(k)) and r[k] > 0]
+    if len(probes) < 2 or max(probes) <= MAX_SPEED_CHANGE * min(probes):
+        return ""
+    return (f"; the machine's own speed varied by {max(probes) / min(probes):.1f}× over the run (a reference GEMM "
+            f"took {min(probes) * 1e3:.3g} to {max(probes) * 1e3:.3g} ms): times taken apart are not comparable, "
+            "paired ratios are")
 
 
 def _more_cores(rows) -> str:

@@ -214,7 +214,8 @@ def _run_case(case: Case, run_dir: Path) -> dict:
             row["cuda_graph_bytes"] = cuda_graphs.last_replay_bytes
             row["peak_mem_bytes"] += cuda_graphs.last_replay_bytes
 
-        with timing.threads_for(case.clock) as threads, machine.Usage() as usage:
+        with timing.threads_for(case.clock) as threads, \
+                machine.Usage(probe=not case.device.startswith("cuda")) as usage:
             if case.clock == "wall":
                 med, iqr, reps, blocks = time_blocks(fn, case.time_budget_s)
             else:

@@ -282,7 +282,7 @@ def run_paired(group: PairedGroup, run_dir: Path) -> dict:
                     "error": "fewer than two plugins could be called side by side"}
         try:
             timer = timing.clock_for(first.clock, first.device)
-            with machine.Usage() as usage:
+            with machine.Usage(probe=not first.device.startswith("cuda")) as usage:
                 times, number = time_rounds(calls, group.budget_s, timer, sync=sync)
                 final, final_error = _final_rounds(times, calls, group.budget_s, timer, sync)
         except Exception as exc:  # one of them failed mid-rounds (memory beside the others): the record says so

@@ -56,6 +56,9 @@ class MachineFields(_Strict):
     cpu_threads: int | None = Field(None, description="Torch threads the case was timed with")
     cpu_affinity: list[int] | None = Field(None, description="The cores the worker was pinned to")
     cores: int | None = Field(None, description="Cores the worker owned (its affinity, else the machine's)")
+    probe_before_s: float | None = Field(None, description="A reference GEMM's seconds just before the timed calls "
+                                                           "(machine.speed_probe; CPU cases)")
+    probe_after_s: float | None = Field(None, description="The same just after them")
     disturbed: str | None = Field(None, description="Why the timing is not to be trusted (a busy machine); empty "
                                                     "when it is")
 

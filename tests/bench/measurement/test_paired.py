@@ -368,3 +368,42 @@ def test_workers_pinned_to_a_core_each_do_not_count_each_other_as_disturbance(mo
         assert all(e["NTK_BENCH_RUN_CORES"] == str(len({c for s in executor.slot_list for c in s.cpus})) for e in envs)
     finally:
         executor.close()
+
+
+def test_a_change_of_the_machines_own_speed_while_timed_is_flagged(monkeypatch):
+    """A virtual machine whose host is shared changes speed with no load average to show it: the reference GEMM
+    timed before and after a case says so in the row, and the report's first line gives the run's spread."""
+    usage = _Usage(1.0, 1.0, 0.0)
+    usage.probe_before_s, usage.probe_after_s = 1.0e-3, 1.1e-3
+    steady = machine.fields(usage, 1)
+    assert steady["disturbed"] is None and steady["probe_before_s"] == 1.0e-3 and steady["probe_after_s"] == 1.1e-3
+    usage.probe_after_s = 2.0e-3
+    assert "the machine's speed changed while timed" in machine.fields(usage, 1)["disturbed"]
+    assert machine.fields(usage, 1, "cuda:0")["disturbed"] is None  # (a GPU's time is not the host's GEMM)
+    # measured: Usage(probe=True) times the probe at both ends, and the probe is a positive time
+    probes = iter([1.0e-3, 3.0e-3])
+    monkeypatch.setattr(machine, "speed_probe", lambda: next(probes))
+    with machine.Usage(probe=True) as measured:
+        pass
+    assert (measured.probe_before_s, measured.probe_after_s) == (1.0e-3, 3.0e-3)
+    monkeypatch.undo()
+    assert machine.speed_probe() > 0
+    base = {"cpu_over_wall": 1.0, "load_avg_1m": 0.5, "disturbed": None, "clock": "cpu", "cpu_threads": 1}
+    rows = [{**base, "probe_before_s": 1.0e-3, "probe_after_s": 1.1e-3},
+            {**base, "probe_before_s": 2.2e-3, "probe_after_s": 2.4e-3}]
+    line = machine.disturbed_line(rows)
+    assert "the machine's own speed varied by 2.4× over the run" in line and "paired ratios are" in line
+    assert "own speed" not in machine.disturbed_line(rows[:1])
+
+
+def test_a_case_records_the_reference_gemm_around_its_timed_calls(tmp_path):
+    import dataclasses
+
+    from ntk_bench.bench import sweeps
+    from ntk_bench.bench.measurement import one_case
+
+    sweep = {"name": "s", "impls": ["explicit_mlp"], "time_budget_s": 0.01,
+             "arch": [{"name": "mlp", "params": {"in_features": 4, "width": 8, "depth": 1}, "N": [3], "O": [2]}]}
+    case = dataclasses.replace(sweeps.expand(sweep)[0], clock="cpu")
+    row = one_case.run_case(case, tmp_path)
+    assert row["status"] in ("ok", "unchecked") and row["probe_before_s"] > 0 and row["probe_after_s"] > 0
