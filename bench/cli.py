@@ -301,8 +301,13 @@ def _executor(args, out: Path, cases):
             bad = [d for d in devices if d.startswith("cuda") and (count == 0 or int(d.split(":")[1]) >= count)]
             if bad:
                 raise ValueError(f"--devices {','.join(bad)}: this machine has {count} CUDA device(s)")
+        # Every job on the CPU clock holds neural-tangents to one core (executors.base._cpu_clock_cores); the CPU
+        # workers also start with it, so that JAX starts there for the references they compute first, and XLA's
+        # pool is one thread, not one per core taking turns on the one.
+        one_core = any(c.clock == "cpu" for c in cases) and "NTK_BENCH_XLA_THREADS" not in os.environ
         return make_executor("local", out, workers=args.workers, devices=devices,
-                             cuda_cases=any(c.device != "cpu" for c in cases))
+                             cuda_cases=any(c.device != "cpu" for c in cases),
+                             cpu_env={"NTK_BENCH_XLA_THREADS": "1"} if one_core else None)
     if kind == "inline":
         return make_executor("inline", out)
     if kind == "ray":

@@ -105,10 +105,10 @@ def _start_cpu_backend() -> None:
 def xla_threads_held(count: int):
     """Inside: neural-tangents computes on ``count`` cores (``NTK_BENCH_XLA_THREADS``, unless the environment
     already sets it): JAX's CPU backend starts held there, or, where it started before (a reference computed in
-    this process), every thread, XLA's pool included, is held now (the pool then takes turns on those cores:
-    measured, a call's CPU time equals its wall time, as when the backend starts held). After: the variable and
-    every thread's cores as they were, so a process that runs jobs in turn (the runner's own, with the inline
-    executor) is left as found."""
+    this process), every thread, XLA's pool included, is held at once (the pool then takes turns on those cores;
+    the test of this function checks that a call's CPU time is no more than its wall time). After: the variable
+    and every thread's cores as they were, so a process that runs jobs in turn (the runner's own, with the inline
+    executor) is left as found, and :func:`xla_threads` says the cores XLA may use again."""
     global _XLA_THREADS
     from ntk_bench.envvars import positive_int
 
@@ -118,19 +118,28 @@ def xla_threads_held(count: int):
     before = _affinities()
     try:
         given = positive_int("XLA_THREADS")
-        try:
-            from jax._src import xla_bridge
-
-            started = xla_bridge.backends_are_initialized()
-        except (ImportError, AttributeError):
-            started = False
-        if started and given is not None:
+        if _backend_started() and given is not None:
             _XLA_THREADS = _hold(given) or _XLA_THREADS
         yield
     finally:
         if set_here:
             os.environ.pop("NTK_BENCH_XLA_THREADS", None)
         _restore_affinities(before)
+        if _backend_started():
+            try:
+                _XLA_THREADS = len(os.sched_getaffinity(0))
+            except (AttributeError, OSError):
+                pass
+
+
+def _backend_started() -> bool:
+    """Whether JAX's CPU backend has started in this process (False where JAX is absent or does not say)."""
+    try:
+        from jax._src import xla_bridge
+
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):
+        return False
 
 
 def _affinities() -> dict[int, set[int]]:

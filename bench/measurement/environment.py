@@ -44,7 +44,7 @@ def environment() -> dict:
 def cpu_name() -> str:
     """The CPU's model as the system names it (Linux's /proc/cpuinfo ``model name``), else what ``platform`` says
     (often only the architecture, "x86_64"). Timings of one plugin against another differ by CPU, not only by
-    speed: on one, MKL's GEMM and oneDNN's are equals; on another, one is twice the other."""
+    speed: which of MKL's GEMM and oneDNN's is the faster, and by how much, is the CPU's."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

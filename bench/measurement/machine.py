@@ -11,9 +11,8 @@ switches, the load average before and after); :func:`fields` turns that into a r
 - the load average was above the cores this process was given (``os.sched_getaffinity``), or, for workers of
   one run pinned to disjoint cores, all of theirs (``load_cores``): others wanted them;
 - the machine's own speed changed while the calls were timed: a reference GEMM (:func:`speed_probe`), timed
-  before and after, took over ``MAX_SPEED_CHANGE`` times longer at one end than at the other. On a virtual
-  machine whose host is shared, speed changes that no load average shows (a fixed GEMM took from 1.9 to 3.6 ms
-  within a minute on the 2-core VM of results/2026-12-08-small-vs-nt-epyc, nothing else running on it).
+  before and after, took over ``MAX_SPEED_CHANGE`` times longer at one end than at the other. A virtual machine
+  whose host is shared changes speed with nothing in its load average to show it (docs/reports.md).
 
 The run's own threads count in the load average: one worker with two threads on two cores, or two workers
 with one thread each on a core each, do not disturb themselves.
@@ -33,7 +32,7 @@ MIN_CPU_OVER_WALL = 0.8
 FIELDS = ("load_avg_1m", "cpu_over_wall", "involuntary_switches", "cpu_threads", "cpu_affinity", "cores",
           "probe_before_s", "probe_after_s", "disturbed")
 # The reference GEMM's time at one end of a timed stretch over its time at the other beyond which the machine's
-# speed changed while it was timed (two probes a fraction of a second apart differ by up to a third on a quiet VM).
+# speed changed while it was timed: above the probe's own scatter on a quiet machine (docs/reports.md).
 MAX_SPEED_CHANGE = 1.5
 
 
@@ -120,20 +119,26 @@ def one_thread_share(probe_s: float = 0.5) -> float | None:
 
 
 def speed_probe(repeats: int = 5) -> float | None:
-    """Seconds of a fixed float32 GEMM (256 × 384 × 384, on the CPU, with torch's current threads), the best of
-    ``repeats``: how fast this machine computes now, to set beside the same probe at another time. None where
-    torch cannot run it."""
+    """Seconds of a fixed float32 GEMM (256 × 384 × 384, on the CPU, on one torch thread whatever the caller's
+    count), the best of ``repeats`` after one uncounted call: how fast this machine computes now, to set beside the
+    same probe at another time. None where torch cannot run it."""
     try:
         import torch
 
+        threads = torch.get_num_threads()
         a = torch.ones(256, 384)
         b = torch.ones(384, 384)
-        best = None
-        for _ in range(repeats + 1):  # (the first call warms the library up: not counted)
-            t0 = time.perf_counter()
-            torch.mm(a, b)
-            t = time.perf_counter() - t0
-            best = t if best is None else min(best, t)
+        torch.set_num_threads(1)
+        try:
+            torch.mm(a, b)  # (warms the library up)
+            best = None
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                torch.mm(a, b)
+                t = time.perf_counter() - t0
+                best = t if best is None else min(best, t)
+        finally:
+            torch.set_num_threads(threads)
         return best
     except Exception:  # (the probe says how the machine was; its failure costs the row nothing)
         return None

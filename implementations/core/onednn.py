@@ -52,7 +52,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     may be a transposed view: ``linear(g, w.t())`` is ``g @ w``); no autograd through the oneDNN path. Under
     ``torch.compile`` a GEMM of ``COMPILED_MIN_MACS`` or more goes through ``ntk_bench::linear``, which takes
     oneDNN when it runs inside ``enabled(True)`` (a plugin's choice: ``compile_context``) and MKL's GEMM otherwise,
-    as Inductor would (on some CPUs twice oneDNN's time); smaller ones are Inductor's."""
+    as Inductor would (on some CPUs far slower than oneDNN's); smaller ones are Inductor's."""
     if torch.compiler.is_compiling():
         if _COMPILED is not None and x.device.type == "cpu" and x.dtype == torch.float32 \
                 and not torch.is_grad_enabled() \
@@ -67,7 +67,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a bᵀ for matrices (rows · rows): a Gram GEMM, by oneDNN's linear (x Wᵀ with W = b) inside ``enabled(True)``,
     the plugin's backend trial (``on_faster_backend``) having found it faster for the model and shapes; MKL's
-    otherwise. On some CPUs oneDNN's GEMM takes half MKL's time, on others MKL's is the faster."""
+    otherwise. Which is faster depends on the CPU and the shapes (docs/algorithms.md)."""
     if torch.compiler.is_compiling():
         return linear(a, b) if a.dim() == 2 and b.dim() == 2 else a @ b.T  # (``ntk_bench::linear`` chooses)
     if getattr(_CHOSEN, "flag", None) is True and a.dim() == 2 and b.dim() == 2 and a.stride(-1) == 1 \

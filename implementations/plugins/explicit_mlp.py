@@ -160,8 +160,8 @@ class ExplicitMLP(NTKPlugin):
         return onednn.on_faster_backend(_GEMM_BACKEND, model, key, lambda: self._recursion(model, x1, x2, mode))
 
     def pure_kernel(self, model, x1, x2, mode):
-        """The recursion as a function of the inputs alone, for ``compiled`` (no backend trial: Inductor picks
-        the GEMMs)."""
+        """The recursion as a function of the inputs alone, for ``compiled`` (no backend trial inside: the large
+        GEMMs take the eager kernel's choice when they run, ``compile_context``; the small ones are Inductor's)."""
         def kernel(model, x1, x2):
             with torch.no_grad():
                 return self._recursion(model, x1, x2, mode)

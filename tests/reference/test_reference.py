@@ -375,7 +375,8 @@ with reference.xla_threads_held(1):
     for _ in range(8):
         f(a).block_until_ready()
     ratio = (time.process_time() - cpu) / (time.perf_counter() - wall)
-after = (sorted(os.sched_getaffinity(0)), max(threads()), os.environ.get("NTK_BENCH_XLA_THREADS"))
+after = (sorted(os.sched_getaffinity(0)), max(threads()), os.environ.get("NTK_BENCH_XLA_THREADS"),
+         reference.xla_threads())
 print(repr((before, inside, ratio, after)))
 """
 
@@ -397,4 +398,4 @@ def test_a_job_on_the_cpu_clock_holds_a_started_backend_and_leaves_the_process_a
     cores = sorted(os.sched_getaffinity(0))
     assert before == (cores, len(cores), None)
     assert inside == (1, 1, "1") and ratio < 1.1
-    assert after == (cores, len(cores), None)
+    assert after == (cores, len(cores), None, len(cores))

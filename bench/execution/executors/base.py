@@ -184,6 +184,7 @@ def run_job(wire: dict, run_dir: str | Path) -> dict:
         return error_row(failures.status_of(exc), f"{type(exc).__name__}: {exc}"[:500], traceback_tail=last[:300])
 
 
+@contextlib.contextmanager
 def _cpu_clock_cores(job: Job):
     """A job timed on the CPU clock times torch on one thread, so neural-tangents computes on one core too
     (``reference.xla_threads_held``: ``NTK_BENCH_XLA_THREADS=1`` unless the environment says otherwise), whichever
@@ -192,16 +193,16 @@ def _cpu_clock_cores(job: Job):
     jobs: nothing."""
     case = job.payload.first if job.task == "paired" else job.payload
     if job.task not in ("case", "paired") or case.clock != "cpu" or case.device != "cpu":
-        return contextlib.nullcontext()
+        yield
+        return
     from ntk_bench import reference
 
     from ...measurement import machine, timing
 
     machine.cores()
-    both = contextlib.ExitStack()
-    both.enter_context(timing.threads_for("cpu"))  # (torch at its thread count first: the hold checks against it)
-    both.enter_context(reference.xla_threads_held(timing.CPU_CLOCK_THREADS))
-    return both
+    # (torch at its thread count first: the hold checks against it)
+    with timing.threads_for("cpu"), reference.xla_threads_held(timing.CPU_CLOCK_THREADS):
+        yield
 
 
 def host() -> str:

@@ -98,12 +98,13 @@ def plan_slots(workers: int = 1, devices: list[str] | None = None, cuda_cases: b
 
 
 class LocalExecutor(Executor):
-    """Worker subprocesses on this machine, one per slot (see the module docstring)."""
+    """Worker subprocesses on this machine, one per slot (see the module docstring); ``cpu_env``: variables for the
+    workers that run CPU cases (a CUDA slot's worker times the GPU on the wall clock)."""
 
     name = "local"
 
     def __init__(self, run_dir: Path, workers: int = 1, devices: list[str] | None = None, cuda_cases: bool = False,
-                 slots: list[Slot] | None = None):
+                 slots: list[Slot] | None = None, cpu_env: dict[str, str] | None = None):
         self.run_dir = Path(run_dir)
         self.slot_list = slots or plan_slots(workers, devices, cuda_cases)
         self.slots = len(self.slot_list)
@@ -114,7 +115,7 @@ class LocalExecutor(Executor):
         env = {"NTK_BENCH_RUN_CORES": str(len(pinned))} if pinned else {}
         self.workers = {
             s.label: WorkerProcess(self.run_dir / ("worker.log" if single else f"worker-{s.label.replace(':', '')}.log"),
-                                   {**env, **s.env()}, label=s.label)
+                                   {**env, **((cpu_env or {}) if s.takes != "cuda" else {}), **s.env()}, label=s.label)
             for s in self.slot_list
         }
         self._queue: list[JobFuture] = []

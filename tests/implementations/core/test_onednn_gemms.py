@@ -46,7 +46,12 @@ def test_a_gram_takes_onednn_only_where_a_plugin_chose_it(onednn_calls):
         assert onednn_calls == [(6, 5)]
         onednn.gram(a, b)
         assert onednn_calls == [(6, 5)]  # the choice ends with its block
+        strided = torch.randn(5, 4).t()  # (rows not in place: MKL's, no copy into oneDNN's layout)
+        with onednn.enabled(True):
+            across = onednn.gram(a, strided)
+        assert onednn_calls == [(6, 5)]
     assert rel_err(chosen, a @ b.T) <= 1e-6 and rel_err(plain, a @ b.T) <= 1e-6
+    assert rel_err(across, a @ strided.T) <= 1e-6
 
 
 @pytest.mark.compile
