@@ -105,7 +105,7 @@ def gate_runs(tmp_path, runs: dict, budget: float) -> None:
         (tmp_path / f"subject_{name}.py").write_text(SUBJECT.format(subject=subject, others=others))
         procs[name] = subprocess.Popen(
             [sys.executable, "-m", "ntk_bench.bench.measurement.gate", "--out", str(tmp_path / name), "--sweep", str(sweep),
-             "--plugin", f"subject_{name}", "--processes", "1", "--rounds", "2", "--blocks", "5"],
+             "--plugin", f"subject_{name}", "--processes", "1", "--rounds", "3", "--blocks", "7"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
     for name, p in procs.items():
         _, err = p.communicate(timeout=400)
