@@ -124,11 +124,67 @@ def run_compare(a, b, *extra) -> int:
     return compare.run(args)
 
 
+# Where the same code timed twice differs by more than this in some case, the machine's noise is as large as the
+# tightest window checked below (a uniform 4/3 slowdown read between 1.1 and 1.5): a wrong verdict is then the
+# machine's.
+SAME_CODE_NOISE = 1.1
+
+
+@contextlib.contextmanager
+def speed_samples(every_s: float = 0.25):
+    """The machine's own speed while the block runs: the reference GEMM (``machine.speed_probe``) on this thread's
+    CPU time, every ``every_s`` seconds, from a thread of this process (which only waits for the gate runs)."""
+    import threading
+    import time
+
+    from ntk_bench.bench.measurement import machine
+
+    samples, stop = [], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            t = machine.speed_probe(timer=time.thread_time)
+            if t:
+                samples.append(t)
+            stop.wait(every_s)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield samples
+    finally:
+        stop.set()
+        thread.join()
+
+
 def test_the_gate_passes_the_same_code_and_fails_a_plugin_made_slower(tmp_path):
+    """On a machine whose own speed moves while the five runs are timed (a virtual machine on a shared host: the
+    reference GEMM's CPU time varying by over ``machine.MAX_SPEED_CHANGE``, or the same code timed twice differing
+    by over ``SAME_CODE_NOISE`` in a case), a wrong verdict is the machine's, not the gate's: the test then says it
+    cannot judge the gate there (a skip naming both and the failed check), rather than pass or fail it. Where
+    neither shows, every verdict must hold."""
+    from ntk_bench.bench.measurement import machine
+
+    with busy_loops(_cpus()), speed_samples() as samples:
+        gate_runs(tmp_path, {"A": (6, 3), "A2": (6, 3), "B15": (9, 3), "B3": (18, 3), "SLOW": (8, 4)}, budget=0.02)
+    try:
+        _check_verdicts(tmp_path)
+    except AssertionError as exc:
+        spread = max(samples) / min(samples) if len(samples) >= 2 else 1.0
+        same, _ = verdicts(tmp_path / "A", tmp_path / "A2")  # the same code twice: this machine's own noise
+        ratios = same["B/A"].to_numpy(float)
+        noise = float(np.exp(np.nanmax(np.abs(np.log(ratios))))) if np.isfinite(ratios).any() else float("inf")
+        if spread > machine.MAX_SPEED_CHANGE or noise > SAME_CODE_NOISE:
+            pytest.skip(f"this machine cannot judge the gate now: the same code timed twice differed by up to "
+                        f"{noise:.2f}x in one case, and a reference GEMM's CPU time varied {spread:.1f}x over "
+                        f"{len(samples)} samples while the runs were timed; the failed check: "
+                        f"{' '.join(str(exc).split())[:200]}")
+        raise
+
+
+def _check_verdicts(tmp_path):
     # A: the subject doing its work 6 times, the others 3 times; A2: the same code again; B15: the subject 1.5x
     # slower; B3: 3x; SLOW: every case 4/3 slower (the code of A on a slower machine)
-    with busy_loops(_cpus()):
-        gate_runs(tmp_path, {"A": (6, 3), "A2": (6, 3), "B15": (9, 3), "B3": (18, 3), "SLOW": (8, 4)}, budget=0.02)
     a = tmp_path / "A"
     res, _ = verdicts(a, tmp_path / "A2")
     assert len(res) == 6 and (res["status A"] == "ok").all() and res["judged"].all(), res.to_string()
