@@ -194,6 +194,7 @@ def fields(usage: Usage, threads: int | None, device: str = "cpu") -> dict:
     """A row's machine columns for the timed calls measured by ``usage`` (see the module docstring)."""
     owned = cores()
     ratio = usage.cpu_s / usage.wall_s if usage.wall_s > 0 else None
+    probes = (getattr(usage, "probe_before_s", None), getattr(usage, "probe_after_s", None))
     return {
         "load_avg_1m": usage.load,
         "cpu_over_wall": ratio,
@@ -201,10 +202,10 @@ def fields(usage: Usage, threads: int | None, device: str = "cpu") -> dict:
         "cpu_threads": threads,
         "cpu_affinity": owned,
         "cores": len(owned) if owned else os.cpu_count(),
-        "probe_before_s": getattr(usage, "probe_before_s", None),
-        "probe_after_s": getattr(usage, "probe_after_s", None),
+        "probe_before_s": probes[0],
+        "probe_after_s": probes[1],
         "disturbed": disturbed(ratio, usage.load, load_cores(), "cpu" if str(device).startswith("cpu") else "cuda",
-                               (getattr(usage, "probe_before_s", None), getattr(usage, "probe_after_s", None))),
+                               probes),
     }
 
 

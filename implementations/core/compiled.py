@@ -19,9 +19,9 @@ plan the plugin makes per shapes; the function must not keep them): a function `
 ``torch.compile(fullgraph=True)`` can trace (no Python-side caches or side effects, no host syncs; parameters read
 from the model, so in-place updates are seen), and optionally ``compile_context(model, x1, x2, mode)``: switches
 set around the compiled call (read while tracing, or by an operator when it runs; they must hold when it runs).
-Without ``pure_kernel`` the plugin's ``_kernel`` itself is tried. Whatever fails (a graph break, a compile error, a compiled kernel that differs from
-the eager one by more than the dtype's tolerance) falls back to the eager kernel for that key, and the reason is
-kept (``info``).
+Without ``pure_kernel`` the plugin's ``_kernel`` itself is tried. Whatever fails (a graph break, a compile error,
+a compiled kernel that differs from the eager one by more than the dtype's tolerance) falls back to the eager
+kernel for that key, and the reason is kept (``info``).
 
 Which to use: compilation is opt-in (the ``*_compiled`` variants, ``ntk(..., compile=True)``), not the default,
 because its first call costs seconds to a minute while the eager first call costs milliseconds; it pays off

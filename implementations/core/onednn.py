@@ -146,31 +146,27 @@ def fixed_choice(flag: bool | None):
         _FIXED.flag = before
 
 
-def choice(store, model, key: tuple, run) -> bool:
+def choice(store, model, key: tuple, run, prepare=None) -> bool:
     """Whether ``on_faster_backend`` runs ``model`` at ``key`` with oneDNN on: its cached answer, or a trial of
-    ``run`` (a fixed choice where one is set)."""
+    ``run`` (``prepare()`` first, once, outside the timed calls); a fixed choice where one is set."""
     flag = getattr(_FIXED, "flag", None)
     if flag is not None:
         return flag
-    return shape_keyed_cache(store, model, key, lambda: is_faster(run))
+
+    def trial():
+        if prepare is not None:
+            prepare()
+        return is_faster(run)
+
+    return shape_keyed_cache(store, model, key, trial)
 
 
 def on_faster_backend(store, model, key: tuple, run, prepare=None):
     """``run()`` with oneDNN on or off, whichever ran it faster on the first call for ``model`` and ``key``
     (``is_faster``, its answer cached in ``store`` per model, key and parameter shapes); ``prepare()`` first, once,
     outside the timed calls (a plan)."""
-    flag = getattr(_FIXED, "flag", None)
-    if flag is not None:
-        with enabled(flag):
-            return run()
     outs = []
-
-    def trial():
-        if prepare is not None:
-            prepare()
-        return is_faster(lambda: outs.append(run()))
-
-    use = shape_keyed_cache(store, model, key, trial)
+    use = choice(store, model, key, lambda: outs.append(run()), prepare)
     if outs and use:  # a slow call keeps oneDNN untried: its kernel is this call's
         return outs[-1]
     with enabled(use):
